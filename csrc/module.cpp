@@ -1,0 +1,141 @@
+// The only pybind11 file: turns Python buffers (CPU) or raw pointers (CUDA) into View2D,
+// checks them, releases the GIL and calls the kernels in cpu/ and cuda/.
+// Conventions: every operand arrives 2-D with an inner stride of one element (Python collapses
+// tensors to that form); bf16 arrives as int16 words, since numpy has no bf16.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/dtype.h"
+#include "common/parallel.h"
+#include "cpu/merge.h"
+#ifdef TRANSFEROPS_WITH_CUDA
+#include "cuda/merge.h"
+#endif
+
+namespace py = pybind11;
+using namespace transferops;
+
+namespace {
+
+DType dtype_of_format(std::string fmt, const std::string& what) {
+  if (!fmt.empty() && (fmt[0] == '<' || fmt[0] == '=' || fmt[0] == '@')) fmt.erase(0, 1);
+  if (fmt == "f") return DType::f32;
+  if (fmt == "d") return DType::f64;
+  if (fmt == "e") return DType::f16;
+  if (fmt == "h" || fmt == "H") return DType::bf16;
+  throw std::invalid_argument(what + ": unsupported buffer format '" + fmt +
+                              "' (expected float32, float64, float16, or bfloat16 as int16)");
+}
+
+// Keeps the buffer_info (and so the exporter's memory) alive while the view is in use.
+struct BufferView {
+  py::buffer_info info;
+  View2D view;
+};
+
+BufferView buffer_view(const py::buffer& b, const std::string& what, bool writable) {
+  BufferView bv{b.request(writable), {}};
+  const auto& info = bv.info;
+  if (info.ndim != 2) {
+    throw std::invalid_argument(what + ": expected a 2-D buffer, got " + std::to_string(info.ndim) + "-D");
+  }
+  View2D& v = bv.view;
+  v.dtype = dtype_of_format(info.format, what);
+  v.data = info.ptr;
+  v.rows = info.shape[0];
+  v.cols = info.shape[1];
+  if (v.cols > 1 && info.strides[1] != info.itemsize) {
+    throw std::invalid_argument(what + ": inner stride must be one element");
+  }
+  if (info.strides[0] % info.itemsize != 0) {
+    throw std::invalid_argument(what + ": row stride is not a whole number of elements");
+  }
+  v.row_stride = info.strides[0] / info.itemsize;
+  return bv;
+}
+
+void check_same_layout(const View2D& a, const View2D& b, const std::string& what) {
+  if (a.rows != b.rows || a.cols != b.cols || a.dtype != b.dtype) {
+    throw std::invalid_argument(what + ": expected [" + std::to_string(b.rows) + ", " +
+                                std::to_string(b.cols) + "] " + dtype_name(b.dtype) + ", got [" +
+                                std::to_string(a.rows) + ", " + std::to_string(a.cols) + "] " +
+                                dtype_name(a.dtype));
+  }
+}
+
+const double* weights_ptr(const std::optional<std::vector<double>>& w, size_t T) {
+  if (!w) return nullptr;
+  if (w->size() != T) {
+    throw std::invalid_argument("weights: expected " + std::to_string(T) + " values, got " +
+                                std::to_string(w->size()));
+  }
+  return w->data();
+}
+
+int64_t disjoint_merge(const std::vector<py::buffer>& tvs, const py::buffer& out,
+                       const std::optional<std::vector<double>>& weights, int rule) {
+  if (tvs.empty()) throw std::invalid_argument("task_vectors: expected at least one buffer");
+  if (rule != 0 && rule != 1) throw std::invalid_argument("rule: expected 0 (sum) or 1 (count)");
+  BufferView o = buffer_view(out, "out", true);
+  std::vector<BufferView> keep;
+  std::vector<View2D> views;
+  keep.reserve(tvs.size());
+  for (size_t t = 0; t < tvs.size(); ++t) {
+    const std::string what = "task_vectors[" + std::to_string(t) + "]";
+    keep.push_back(buffer_view(tvs[t], what, false));
+    check_same_layout(keep.back().view, o.view, what);
+    views.push_back(keep.back().view);
+  }
+  const double* w = weights_ptr(weights, tvs.size());
+  py::gil_scoped_release release;
+  return cpu::disjoint_merge(views, o.view, w, static_cast<cpu::SignRule>(rule));
+}
+
+#ifdef TRANSFEROPS_WITH_CUDA
+// (pointer, row_stride) pairs of device memory; rows, cols and dtype shared by all.
+View2D device_view(uintptr_t ptr, int64_t row_stride, int64_t rows, int64_t cols, int dtype) {
+  if (dtype < 0 || dtype > 3) throw std::invalid_argument("dtype: unknown code " + std::to_string(dtype));
+  return View2D{reinterpret_cast<void*>(ptr), static_cast<DType>(dtype), rows, cols, row_stride};
+}
+
+void cuda_disjoint_merge(const std::vector<std::pair<uintptr_t, int64_t>>& tvs, uintptr_t out,
+                         int64_t out_stride, int64_t rows, int64_t cols, int dtype,
+                         const std::optional<std::vector<double>>& weights, int rule,
+                         uintptr_t nonfinite, uintptr_t stream) {
+  std::vector<View2D> views;
+  for (const auto& [ptr, stride] : tvs) views.push_back(device_view(ptr, stride, rows, cols, dtype));
+  const double* w = weights_ptr(weights, tvs.size());
+  py::gil_scoped_release release;
+  cuda::disjoint_merge(views, device_view(out, out_stride, rows, cols, dtype), w, rule,
+                       reinterpret_cast<int64_t*>(nonfinite), stream);
+}
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "transferops native kernels (CPU; CUDA when built with TRANSFEROPS_CUDA)";
+  m.def("omp_max_threads", &max_threads, "OpenMP threads a parallel region uses (1 without OpenMP)");
+#ifdef TRANSFEROPS_OPENMP
+  m.attr("has_openmp") = true;
+#else
+  m.attr("has_openmp") = false;
+#endif
+#ifdef TRANSFEROPS_WITH_CUDA
+  m.attr("has_cuda") = true;
+  m.attr("cuda_max_tasks") = cuda::kMaxTasks;
+  m.def("cuda_disjoint_merge", &cuda_disjoint_merge, py::arg("task_vectors"), py::arg("out"),
+        py::arg("out_stride"), py::arg("rows"), py::arg("cols"), py::arg("dtype"),
+        py::arg("weights"), py::arg("rule"), py::arg("nonfinite"), py::arg("stream"));
+#else
+  m.attr("has_cuda") = false;
+#endif
+  m.def("disjoint_merge", &disjoint_merge, py::arg("task_vectors"), py::arg("out"),
+        py::arg("weights"), py::arg("rule"),
+        "TIES sign election + disjoint mean; returns the number of NaN/Inf inputs seen");
+}

@@ -1,0 +1,90 @@
+"""Argument validation shared by every op: each error names the argument, what was expected
+and what was given."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def tensor_list(tensors, name: str, *, dtypes=FLOAT_DTYPES) -> list[torch.Tensor]:
+    """A non-empty list of tensors of one shape, dtype and device: from a sequence of tensors,
+    or from one stacked tensor whose first dimension indexes them."""
+    if isinstance(tensors, torch.Tensor):
+        if tensors.dim() == 0:
+            raise ValueError(f"{name}: a stacked tensor needs a leading task dimension, got a 0-d tensor")
+        tensors = list(tensors.unbind(0))
+    elif isinstance(tensors, (list, tuple)):
+        tensors = list(tensors)
+    else:
+        raise TypeError(f"{name}: expected a sequence of tensors or a stacked tensor, got {type(tensors).__name__}")
+    if not tensors:
+        raise ValueError(f"{name}: expected at least one tensor, got none")
+    first = tensors[0]
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}]: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name}[{i}]: expected dtype in {[_dt(d) for d in dtypes]}, got {_dt(t.dtype)}")
+        for what, got, want in (("shape", t.shape, first.shape), ("dtype", t.dtype, first.dtype),
+                                ("device", t.device, first.device)):
+            if got != want:
+                raise ValueError(f"{name}[{i}]: {what} {got} differs from {name}[0]'s {want}")
+    return tensors
+
+
+def weight_list(weights, count: int, name: str = "weights") -> list[float] | None:
+    """None, or ``count`` finite floats from a sequence or a 1-D tensor."""
+    if weights is None:
+        return None
+    if isinstance(weights, torch.Tensor):
+        if weights.dim() != 1:
+            raise ValueError(f"{name}: expected a 1-D tensor of {count} values, got shape {tuple(weights.shape)}")
+        weights = weights.detach().cpu().double().tolist()
+    elif isinstance(weights, Sequence):
+        weights = [float(w) for w in weights]
+    else:
+        raise TypeError(f"{name}: expected a sequence of floats or a 1-D tensor, got {type(weights).__name__}")
+    if len(weights) != count:
+        raise ValueError(f"{name}: expected {count} values (one per task), got {len(weights)}")
+    bad = [i for i, w in enumerate(weights) if not math.isfinite(w)]
+    if bad:
+        raise ValueError(f"{name}: expected finite values, got {weights[bad[0]]} at index {bad[0]}")
+    return weights
+
+
+def choice(value, name: str, options: Sequence[str]) -> str:
+    if value not in options:
+        raise ValueError(f"{name}: expected one of {list(options)}, got {value!r}")
+    return value
+
+
+def raise_nonfinite(count: int, name: str) -> None:
+    """Kernels count NaN/Inf inputs as they read them; a nonzero count becomes this error."""
+    if count:
+        raise ValueError(f"{name}: expected finite values, found {count} NaN or Inf entries")
+
+
+def check_finite(tensors: Sequence[torch.Tensor], name: str) -> None:
+    raise_nonfinite(sum(int((~torch.isfinite(t)).sum()) for t in tensors), name)
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D view [rows, cols] of ``t`` with unit column stride, the layout every kernel takes.
+    Copies only when no such view of the same memory exists (e.g. a transposed tensor)."""
+    cols = t.shape[-1] if t.dim() else 1
+    if t.dim() <= 1 or t.stride(-1) == 1 or cols == 1:
+        try:
+            v = t.view(-1, cols)
+            if v.stride(1) == 1 or cols == 1:
+                return v
+        except RuntimeError:  # dimensions that cannot be merged without a copy
+            pass
+    return t.contiguous().view(-1, cols)
