@@ -1,0 +1,128 @@
+"""Checking any backend against the float64 reference: inputs, tolerances, poisoning, reports."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.utils.deterministic
+
+from transferops._backend import backend_reason
+
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# |out - ref| <= atol + rtol * |ref|, ref computed in float64 from the same (rounded) inputs.
+# Low-precision outputs are rounded once from an fp32 accumulator: 2 ulps of the output dtype.
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.bfloat16: dict(rtol=2 ** -7, atol=1e-5),
+    torch.float16: dict(rtol=2 ** -10, atol=1e-5),
+}
+
+
+def device_for(backend: str) -> torch.device:
+    return torch.device("cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu")
+
+
+def require_backend(backend: str) -> torch.device:
+    """The device to test ``backend`` on; skips the test with the reason if it cannot run."""
+    device = device_for(backend)
+    why = backend_reason(backend, device)
+    if why is not None:
+        pytest.skip(f"{backend}: {why}")
+    return device
+
+
+def randn(shape, dtype, gen, *, device="cpu", zeros=0.0, noncontig=False) -> torch.Tensor:
+    """Normal values with a fraction ``zeros`` of exact zeros; ``noncontig`` returns a strided
+    view (a column slice of a wider buffer) holding the same values."""
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if zeros:
+        x = x * (torch.rand(shape, generator=gen, dtype=torch.float64) >= zeros)
+    x = x.to(dtype)
+    if noncontig:
+        x = noncontiguous(x)
+    return x.to(device)
+
+
+def noncontiguous(x: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous layout (a strided slice of a wider buffer)."""
+    if x.dim() == 0:
+        return x
+    wide = torch.full((*x.shape[:-1], x.shape[-1] * 2 + 3), float("nan"), dtype=x.dtype, device=x.device)
+    view = wide[..., 3::2] if x.shape[-1] > 1 else wide[..., 3:4]
+    view.copy_(x)
+    assert not view.is_contiguous() or x.numel() <= 1
+    return view
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Inside, torch.empty fills new float tensors with NaN, so an output element an
+    implementation never writes shows up as NaN."""
+    was_det = torch.are_deterministic_algorithms_enabled()
+    was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    was_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_det, warn_only=was_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = was_fill
+
+
+def guarded_empty(shape, dtype, device="cpu", guard=64):
+    """An output view with NaN guard regions on both sides; call the returned check after the
+    kernel ran to assert nothing was written outside the view."""
+    n = int(torch.Size(shape).numel())
+    buf = torch.full((n + 2 * guard,), float("nan"), dtype=dtype, device=device)
+    view = buf[guard:guard + n].view(shape)
+
+    def check():
+        assert torch.isnan(buf[:guard]).all() and torch.isnan(buf[guard + n:]).all(), \
+            "kernel wrote outside its output"
+    return view, check
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, name: str = "output", **override):
+    """Compare ``out`` with the float64 reference under ``dtype``'s tolerances, with a report of
+    how many elements are off, where, and NaN/Inf counted separately."""
+    tol = {**TOLERANCES[dtype], **override}
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    o, r = out.detach().cpu().double(), ref.detach().cpu().double()
+    nonfinite_out, nonfinite_ref = (~torch.isfinite(o)).sum().item(), (~torch.isfinite(r)).sum().item()
+    err = (o - r).abs()
+    bad = ~(err <= tol["atol"] + tol["rtol"] * r.abs())  # NaN compares False, so counts as bad
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        worst = torch.where(torch.isfinite(err), err, torch.zeros_like(err)).max().item()
+        lines = [f"{name}: {int(bad.sum())} of {bad.numel()} elements off ({dtype}, {tol})",
+                 f"  NaN/Inf in output: {nonfinite_out}, in reference: {nonfinite_ref}",
+                 f"  max finite abs error: {worst:.3e}",
+                 *(f"  at {tuple(i)}: got {o[tuple(i)].item()!r}, expected {r[tuple(i)].item()!r}" for i in idx)]
+        raise AssertionError("\n".join(lines))
+
+
+def to_float64(tree):
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu().double()
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_float64(t) for t in tree)
+    return tree
+
+
+def assert_matches_reference(fn, inputs: tuple, kwargs: dict, *, backend: str, dtype: torch.dtype, **tol):
+    """Run ``fn(*inputs, backend=backend, **kwargs)`` with poisoned outputs and compare it with
+    ``fn`` on the float64 copies of the inputs under the reference backend."""
+    ref = fn(*to_float64(inputs), backend="reference", **kwargs)
+    with poisoned_outputs():
+        out = fn(*inputs, backend=backend, **kwargs)
+    assert out.dtype == dtype, f"output dtype {out.dtype}, expected {dtype}"
+    assert_close(out, ref, dtype, name=f"{getattr(fn, '__name__', fn)}[{backend}]", **tol)
+    return out
+
+
+__all__ = ["DTYPES", "TOLERANCES", "assert_close", "assert_matches_reference", "guarded_empty",
+           "noncontiguous", "poisoned_outputs", "randn", "require_backend"]
