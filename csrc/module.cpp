@@ -137,5 +137,5 @@ PYBIND11_MODULE(_native, m) {
 #endif
   m.def("disjoint_merge", &disjoint_merge, py::arg("task_vectors"), py::arg("out"),
         py::arg("weights"), py::arg("rule"),
-        "TIES sign election + disjoint mean; returns the number of NaN/Inf inputs seen");
+        "TIES sign election + disjoint mean; returns the number of positions where an input was NaN/Inf");
 }

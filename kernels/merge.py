@@ -22,7 +22,7 @@ def _disjoint_merge_kernel(base, offsets, strides, weights, out, out_stride, non
     neg_sum = tl.zeros([BLOCK], acc_t)
     pos_cnt = tl.zeros([BLOCK], acc_t)
     neg_cnt = tl.zeros([BLOCK], acc_t)
-    bad = tl.zeros([BLOCK], tl.int32)
+    nf = tl.zeros([BLOCK], acc_t)  # stays 0 unless some input at this position is NaN/Inf
     for t in range(0, T):
         off = tl.load(offsets + t)
         stride = tl.load(strides + t)
@@ -30,7 +30,7 @@ def _disjoint_merge_kernel(base, offsets, strides, weights, out, out_stride, non
         v = tl.load(base + off + row * stride + c, mask=mask, other=0.0).to(acc_t)
         pos = v > 0
         neg = v < 0
-        bad += ((v - v) != 0).to(tl.int32)
+        nf += v - v
         if COUNT:
             vote += pos.to(acc_t) - neg.to(acc_t)
         else:
@@ -41,7 +41,7 @@ def _disjoint_merge_kernel(base, offsets, strides, weights, out, out_stride, non
         neg_cnt += neg.to(acc_t)
     merged = tl.where(vote >= 0, pos_sum / tl.maximum(pos_cnt, 1.0), neg_sum / tl.maximum(neg_cnt, 1.0))
     tl.store(out + row * out_stride + c, merged.to(out.dtype.element_ty), mask=mask)
-    nbad = tl.sum(bad, axis=0)
+    nbad = tl.sum(((nf != 0) & mask).to(tl.int32), axis=0)
     if nbad > 0:
         tl.atomic_add(nonfinite, nbad)
 
@@ -49,7 +49,7 @@ def _disjoint_merge_kernel(base, offsets, strides, weights, out, out_stride, non
 def disjoint_merge(task_rows: list[torch.Tensor], out: torch.Tensor, weights: list[float] | None,
                    count: bool, block: int = 1024) -> int:
     """Launch over 2-D views [rows, cols] with unit column stride (all of one dtype and
-    device); writes ``out`` and returns how many inputs were NaN or Inf."""
+    device); writes ``out`` and returns at how many positions an input was NaN or Inf."""
     device = out.device
     base = task_rows[0]
     size = base.element_size()

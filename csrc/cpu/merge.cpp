@@ -32,32 +32,35 @@ int64_t disjoint_merge_typed(const std::vector<View2D>& tvs, const View2D& out,
     const int64_t r = item / col_blocks;
     const int64_t c0 = (item % col_blocks) * kBlock;
     const int64_t n = std::min(kBlock, out.cols - c0);
-    A vote[kBlock], pos_sum[kBlock], neg_sum[kBlock], pos_cnt[kBlock], neg_cnt[kBlock];
-    for (int64_t j = 0; j < n; ++j) vote[j] = pos_sum[j] = neg_sum[j] = pos_cnt[j] = neg_cnt[j] = A(0);
-    int64_t bad = 0;
+    A vote[kBlock], pos_sum[kBlock], neg_sum[kBlock], pos_cnt[kBlock], neg_cnt[kBlock], nf[kBlock];
+    for (int64_t j = 0; j < n; ++j) {
+      vote[j] = pos_sum[j] = neg_sum[j] = pos_cnt[j] = neg_cnt[j] = nf[j] = A(0);
+    }
+    // Branch-free selects only, so GCC vectorizes this loop under -fno-trapping-math
+    // (check with -fopt-info-vec).
     for (int t = 0; t < T; ++t) {
       const S* p = tvs[t].row<S>(r) + c0;
       const A wt = w[t];
       for (int64_t j = 0; j < n; ++j) {
         const A v = widen(p[j]);
-        const bool pos = v > A(0), neg = v < A(0);
-        bad += (v - v != A(0));  // true for NaN and +-Inf only
-        if constexpr (rule == SignRule::sum) {
-          vote[j] += v;
-        } else {
-          vote[j] += A(pos) - A(neg);
-        }
-        pos_sum[j] += pos ? wt * v : A(0);
-        neg_sum[j] += neg ? wt * v : A(0);
-        pos_cnt[j] += A(pos);
-        neg_cnt[j] += A(neg);
+        const A wv = wt * v;
+        const A pos = v > A(0) ? A(1) : A(0);
+        const A neg = v < A(0) ? A(1) : A(0);
+        vote[j] += rule == SignRule::sum ? v : pos - neg;
+        pos_sum[j] += v > A(0) ? wv : A(0);
+        neg_sum[j] += v < A(0) ? wv : A(0);
+        pos_cnt[j] += pos;
+        neg_cnt[j] += neg;
+        nf[j] += v - v;  // stays 0 unless some v is NaN or Inf
       }
     }
     S* o = out.row<S>(r) + c0;
+    int64_t bad = 0;
     for (int64_t j = 0; j < n; ++j) {
-      const A merged = vote[j] >= A(0) ? pos_sum[j] / std::max(pos_cnt[j], A(1))
-                                       : neg_sum[j] / std::max(neg_cnt[j], A(1));
-      o[j] = narrow<S>(merged);
+      const A p = pos_sum[j] / std::max(pos_cnt[j], A(1));
+      const A q = neg_sum[j] / std::max(neg_cnt[j], A(1));
+      o[j] = narrow<S>(vote[j] >= A(0) ? p : q);
+      bad += nf[j] != A(0);
     }
     nonfinite += bad;
   }

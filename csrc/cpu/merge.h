@@ -14,7 +14,8 @@ enum class SignRule : int { sum = 0, count = 1 };
 // s = sign(sum_t tv_t) (rule sum) or sign(sum_t sign(tv_t)) (rule count), and s = +1 when the
 // vote is exactly zero. Zeros never vote nor count. All views share rows, cols and dtype.
 // `weights` holds one weight per task, or is null for all ones.
-// Returns how many input elements were NaN or Inf (the output is then not meaningful).
+// Returns at how many element positions some input was NaN or Inf (the output is then not
+// meaningful).
 int64_t disjoint_merge(const std::vector<View2D>& task_vectors, const View2D& out,
                        const double* weights, SignRule rule);
 

@@ -38,11 +38,11 @@ __global__ void disjoint_merge_kernel(const __grid_constant__ MergeParams p) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / p.cols, c = i - r * p.cols;
-    A vote = 0, pos_sum = 0, neg_sum = 0, pos_cnt = 0, neg_cnt = 0;
+    A vote = 0, pos_sum = 0, neg_sum = 0, pos_cnt = 0, neg_cnt = 0, nf = 0;
     for (int t = 0; t < p.T; ++t) {
       const A v = widen(static_cast<const S*>(p.tv[t])[r * p.tv_stride[t] + c]);
       const bool pos = v > A(0), neg = v < A(0);
-      bad += (v - v != A(0));
+      nf += v - v;  // stays 0 unless some input here is NaN or Inf
       vote += p.rule == 0 ? v : A(pos) - A(neg);
       const A wv = A(p.w[t]) * v;
       pos_sum += pos ? wv : A(0);
@@ -52,6 +52,7 @@ __global__ void disjoint_merge_kernel(const __grid_constant__ MergeParams p) {
     }
     const A merged = vote >= A(0) ? pos_sum / max(pos_cnt, A(1)) : neg_sum / max(neg_cnt, A(1));
     static_cast<S*>(p.out)[r * p.out_stride + c] = narrow<S, A>(merged);
+    bad += nf != A(0);
   }
   if (bad) atomicAdd(p.nonfinite, bad);
 }

@@ -12,7 +12,7 @@ namespace transferops::cuda {
 constexpr int kMaxTasks = 64;
 
 // Same contract as cpu::disjoint_merge (rule 0 = sum, 1 = count); `nonfinite` is a device
-// int64 counter the kernel adds the number of NaN/Inf inputs to. Asynchronous on `stream`;
+// int64 counter the kernel adds the number of positions holding NaN/Inf to. Asynchronous on `stream`;
 // throws std::runtime_error if the launch fails.
 void disjoint_merge(const std::vector<View2D>& task_vectors, const View2D& out,
                     const double* weights, int rule, int64_t* nonfinite, uintptr_t stream);
