@@ -32,7 +32,7 @@ def _disjoint_merge_reference(tvs: list[torch.Tensor], weights: list[float] | No
 
 @disjoint_merge_op.register("native", dtypes=_DTYPES)
 def _disjoint_merge_native(tvs, weights, sign):
-    out = torch.empty(tvs[0].shape, dtype=tvs[0].dtype)
+    out = torch.empty_like(tvs[0], memory_format=torch.contiguous_format)
     bad = native_module().disjoint_merge([native_buffer(_checks.as_rows(t)) for t in tvs],
                                          native_buffer(_checks.as_rows(out)),
                                          weights, SIGN_RULES.index(sign))
@@ -44,7 +44,7 @@ def _disjoint_merge_native(tvs, weights, sign):
 def _disjoint_merge_triton(tvs, weights, sign):
     from .kernels import merge as kernels
 
-    out = torch.empty(tvs[0].shape, dtype=tvs[0].dtype, device=tvs[0].device)
+    out = torch.empty_like(tvs[0], memory_format=torch.contiguous_format)
     bad = kernels.disjoint_merge([_checks.as_rows(t) for t in tvs], _checks.as_rows(out), weights,
                                  count=sign == "count")
     _checks.raise_nonfinite(bad, "task_vectors")
@@ -59,7 +59,7 @@ def _cuda_task_limit(tvs, weights, sign):
 @disjoint_merge_op.register("cuda", dtypes=_DTYPES, limit=_cuda_task_limit)
 def _disjoint_merge_cuda(tvs, weights, sign):
     rows = [_checks.as_rows(t) for t in tvs]
-    out = torch.empty(tvs[0].shape, dtype=tvs[0].dtype, device=tvs[0].device)
+    out = torch.empty_like(tvs[0], memory_format=torch.contiguous_format)
     out_rows = _checks.as_rows(out)
     nonfinite = torch.zeros(1, dtype=torch.int64, device=out.device)
     native_module().cuda_disjoint_merge(
