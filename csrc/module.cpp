@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <optional>
+#include <tuple>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -77,23 +78,51 @@ const double* weights_ptr(const std::optional<std::vector<double>>& w, size_t T)
   return w->data();
 }
 
-int64_t disjoint_merge(const std::vector<py::buffer>& tvs, const py::buffer& out,
-                       const std::optional<std::vector<double>>& weights, int rule) {
-  if (tvs.empty()) throw std::invalid_argument("task_vectors: expected at least one buffer");
+// Buffers -> views, with the shape/dtype of each checked against `like` (or the first).
+std::vector<View2D> views_of(const std::vector<py::buffer>& bufs, const std::string& what,
+                             std::vector<BufferView>& keep, const View2D* like) {
+  if (bufs.empty()) throw std::invalid_argument(what + ": expected at least one buffer");
+  keep.reserve(bufs.size());
+  std::vector<View2D> views;
+  for (size_t i = 0; i < bufs.size(); ++i) {
+    const std::string name = what + "[" + std::to_string(i) + "]";
+    keep.push_back(buffer_view(bufs[i], name, false));
+    if (like) check_same_layout(keep.back().view, *like, name);
+    else if (keep.back().view.dtype != keep.front().view.dtype) {
+      throw std::invalid_argument(name + ": dtype differs from " + what + "[0]");
+    }
+    views.push_back(keep.back().view);
+  }
+  return views;
+}
+
+int64_t merge(const std::vector<py::buffer>& tvs, const py::buffer& out,
+              const std::optional<std::vector<double>>& weights,
+              const std::optional<std::vector<std::tuple<double, double, int64_t>>>& trims,
+              bool elect, int rule, bool weight_before_election) {
   if (rule != 0 && rule != 1) throw std::invalid_argument("rule: expected 0 (sum) or 1 (count)");
   BufferView o = buffer_view(out, "out", true);
   std::vector<BufferView> keep;
-  std::vector<View2D> views;
-  keep.reserve(tvs.size());
-  for (size_t t = 0; t < tvs.size(); ++t) {
-    const std::string what = "task_vectors[" + std::to_string(t) + "]";
-    keep.push_back(buffer_view(tvs[t], what, false));
-    check_same_layout(keep.back().view, o.view, what);
-    views.push_back(keep.back().view);
-  }
+  const std::vector<View2D> views = views_of(tvs, "task_vectors", keep, &o.view);
   const double* w = weights_ptr(weights, tvs.size());
+  std::vector<cpu::Trim> tr;
+  if (trims) {
+    if (trims->size() != tvs.size()) {
+      throw std::invalid_argument("trims: expected " + std::to_string(tvs.size()) + " entries");
+    }
+    for (const auto& [lo, hi, cut] : *trims) tr.push_back(cpu::Trim{lo, hi, cut});
+  }
+  const cpu::MergeSpec spec{elect, static_cast<cpu::SignRule>(rule), weight_before_election};
   py::gil_scoped_release release;
-  return cpu::disjoint_merge(views, o.view, w, static_cast<cpu::SignRule>(rule));
+  return cpu::merge(views, o.view, w, trims ? tr.data() : nullptr, spec);
+}
+
+std::tuple<double, int64_t, int64_t> abs_topk(const std::vector<py::buffer>& bufs, int64_t k) {
+  std::vector<BufferView> keep;
+  const std::vector<View2D> views = views_of(bufs, "tensors", keep, nullptr);
+  py::gil_scoped_release release;
+  const cpu::TopK t = cpu::abs_topk(views, k);
+  return {t.value, t.cut_view, t.cut_index};
 }
 
 #ifdef TRANSFEROPS_WITH_CUDA
@@ -135,7 +164,10 @@ PYBIND11_MODULE(_native, m) {
 #else
   m.attr("has_cuda") = false;
 #endif
-  m.def("disjoint_merge", &disjoint_merge, py::arg("task_vectors"), py::arg("out"),
-        py::arg("weights"), py::arg("rule"),
-        "TIES sign election + disjoint mean; returns the number of positions where an input was NaN/Inf");
+  m.def("merge", &merge, py::arg("task_vectors"), py::arg("out"), py::arg("weights"),
+        py::arg("trims"), py::arg("elect"), py::arg("rule"), py::arg("weight_before_election"),
+        "Fused trim + (TIES election and disjoint mean | weighted sum); returns the number of "
+        "positions where an input was NaN/Inf");
+  m.def("abs_topk", &abs_topk, py::arg("tensors"), py::arg("k"),
+        "Radix select of the k-th largest |x| over all buffers: (value, cut_view, cut_index)");
 }

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from transferops import BackendUnavailable, use_backend
+from transferops import BackendUnavailable, available_backends, use_backend
 from transferops._backend import native_module
-from transferops.merging import disjoint_merge, disjoint_merge_op
+from transferops.merging import MergeSpec, _topk_keep, disjoint_merge, magnitude_prune, merge_op, task_arithmetic, ties
 
-from _kit import DTYPES, assert_close, assert_matches_reference, guarded_empty, randn, require_backend
+from _kit import (DTYPES, assert_close, assert_matches_reference, guarded_empty, noncontiguous, randn,
+                  require_backend)
 
 _ROOT = Path(__file__).resolve().parents[1]
 # shared/ lies beside the checkout (developers, CI) or inside it (runs on a lent GPU).
@@ -36,6 +37,66 @@ def test_disjoint_merge_matches_reference(gen, backend, dtype, shape, layout, si
     tvs = _task_vectors(gen, T, shape, dtype, device, layout)
     weights = torch.rand(T, generator=gen, dtype=torch.float64).add(0.1).tolist() if weighted else None
     assert_matches_reference(disjoint_merge, (tvs,), dict(sign=sign, weights=weights), backend=backend, dtype=dtype)
+
+
+def _tied(shape, dtype, gen, device, layout):
+    """Multiples of 1/4 in [-1, 1]: exact in every dtype, many ties at any top-k threshold."""
+    x = (torch.randint(-4, 5, shape, generator=gen) / 4).to(dtype)
+    return (noncontiguous(x) if layout == "strided" else x).to(device)
+
+
+METHODS = {
+    "task_arithmetic": lambda tvs, w, **kw: task_arithmetic(tvs, weights=w, **kw),
+    "magnitude_prune": lambda tvs, w, **kw: magnitude_prune(tvs, density=0.3, weights=w, **kw),
+    "ties_peft_sum": lambda tvs, w, **kw: ties(tvs, density=0.3, weights=w, **kw),
+    "ties_peft_count": lambda tvs, w, **kw: ties(tvs, density=0.45, weights=w, sign="count", **kw),
+    "ties_mergekit_sum": lambda tvs, w, **kw: ties(tvs, density=0.2, weights=w, semantics="mergekit", **kw),
+    "ties_mergekit_count": lambda tvs, w, **kw: ties(tvs, density=0.7, weights=w, sign="count",
+                                                     semantics="mergekit", **kw),
+}
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("values", ["normal", "tied"])
+def test_methods_match_reference(gen, backend, method, dtype, shape, values):
+    """Every method on every backend that implements it keeps the same entries as the
+    reference, ties at the threshold included, and agrees to the dtype's rounding."""
+    device = require_backend(backend)
+    T = int(torch.randint(1, 6, (), generator=gen))
+    layout = ["contiguous", "strided"][int(torch.randint(0, 2, (), generator=gen))]
+    if values == "tied":
+        tvs = [_tied(shape, dtype, gen, device, layout) for _ in range(T)]
+    else:
+        tvs = [randn(shape, dtype, gen, device=device, noncontig=layout == "strided") for _ in range(T)]
+    weights = (torch.rand(T, generator=gen, dtype=torch.float64) * 2 - 0.5).tolist()
+    fn = METHODS[method]
+    try:
+        fn([t.cpu()[..., :1] for t in tvs[:1]], None, backend=backend)
+    except BackendUnavailable as e:
+        pytest.skip(str(e))
+    fn.__name__ = method
+    assert_matches_reference(lambda tvs, **kw: fn(tvs, weights, **kw), (tvs,), {}, backend=backend, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_native_trim_keeps_exactly_the_reference_entries(gen, dtype):
+    """The radix-select threshold and the tie cut reproduce the reference mask bit for bit:
+    with one task and no election the output is the trimmed input itself."""
+    require_backend("native")
+    for shape, values in [((1000,), "tied"), ((31, 77), "tied"), ((31, 77), "normal"), ((5,), "normal")]:
+        x = _tied(shape, dtype, gen, "cpu", "strided") if values == "tied" else randn(shape, dtype, gen)
+        (x if x.dim() == 1 else x[0])[:3] = torch.tensor([0.0, -0.0, 1e-40]).to(dtype)  # signed zeros, a subnormal
+        n = x.numel()
+        for k in sorted({0, 1, 2, n // 3, n // 2, n - 1, n}):
+            density = k / n
+            k_used = int(density * n)
+            got = magnitude_prune([x], density=density, backend="native")
+            want = x * _topk_keep(x.double(), k_used).to(dtype)
+            assert torch.equal(got, want), (shape, values, k)
+            assert int((got != 0).sum()) <= k_used
 
 
 def test_disjoint_merge_hand_example():
@@ -66,7 +127,7 @@ def test_kernels_write_only_their_output(gen, backend, dtype):
     elif backend == "native":
         from transferops._backend import native_buffer
 
-        assert native_module().disjoint_merge([native_buffer(t) for t in tvs], native_buffer(out), None, 0) == 0
+        assert native_module().merge([native_buffer(t) for t in tvs], native_buffer(out), None, None, True, 0, False) == 0
     else:
         pytest.skip("the cuda launcher allocates through torch; covered by the reference test")
     check()
@@ -126,7 +187,7 @@ def test_empty_tensors_give_an_empty_result():
 
 def test_auto_prefers_native_on_cpu():
     require_backend("native")
-    assert disjoint_merge_op.select(None, torch.device("cpu"), torch.float32)[0] == "native"
+    assert merge_op.select(None, torch.device("cpu"), torch.float32, ([], None, MergeSpec(None, True)))[0] == "native"
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +238,59 @@ def test_reproduces_peft_ties_away_from_threshold_ties(golden, method, sign, w):
         torch.testing.assert_close(merged[keep], expected[keep], rtol=1e-6, atol=1e-6)
         checked += int(keep.sum())
     assert checked > 3000
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("w", ["w1", "wnu"])
+def test_methods_reproduce_peft_golden(golden, backend, w):
+    """task_arithmetic on every tensor; the top-k methods on the tensors without ties at the
+    threshold (b, c), exactly as PEFT 0.21.2 computed them."""
+    require_backend(backend)
+    density = float(golden["density"])
+    weights = golden["weights_uniform" if w == "w1" else "weights_nonuniform"].tolist()
+    calls = {
+        "task_arithmetic": (lambda tvs: task_arithmetic(tvs, weights=weights, backend=backend), "abc"),
+        "magnitude_prune": (lambda tvs: magnitude_prune(tvs, density=density, weights=weights, backend=backend), "bc"),
+        "ties_total": (lambda tvs: ties(tvs, density=density, weights=weights, backend=backend), "bc"),
+        "ties_frequency": (lambda tvs: ties(tvs, density=density, weights=weights, sign="count", backend=backend), "bc"),
+    }
+    for method, (call, names) in calls.items():
+        for name in names:
+            expected = torch.from_numpy(golden[f"out/peft_{method}_{w}/{name}"] - golden[f"base/{name}"])
+            torch.testing.assert_close(call(_golden_tvs(golden, name)), expected, rtol=1e-6, atol=1e-6,
+                                       msg=lambda m: f"{method} {name}: {m}")
+
+
+def test_golden_tensor_a_really_has_threshold_ties(golden):
+    """The reason tensor a is left out above: its top-k threshold is shared by many entries."""
+    tv = _golden_tvs(golden, "a")[0].abs().flatten()
+    k = int(float(golden["density"]) * tv.numel())
+    assert int((tv == tv.kthvalue(tv.numel() - k + 1).values).sum()) > 10
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: ties([torch.ones(3)], density=1.5), ValueError, r"density: expected a number in \[0, 1\]"),
+    (lambda: ties([torch.ones(3)], density=float("nan")), ValueError, "density: expected a number"),
+    (lambda: ties([torch.ones(3)], density="x"), TypeError, "density: expected a number"),
+    (lambda: ties([torch.ones(3)], density=0.5, semantics="paper2"), ValueError, "semantics: expected one of"),
+    (lambda: magnitude_prune([torch.ones(3)], density=-0.1), ValueError, "density"),
+    (lambda: task_arithmetic([torch.ones(3), torch.ones(2)]), ValueError, r"task_vectors\[1\]: shape"),
+])
+def test_method_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_unimplemented_backend_is_named():
+    with use_backend("triton"), pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        if transferops_available("triton"):
+            with pytest.raises(BackendUnavailable, match="ties: backend 'triton' cannot run: triton does not implement density"):
+                ties([torch.ones(3)], density=0.5)
+
+
+def transferops_available(backend):
+    return available_backends("cpu")[backend] is None
 
 
 @pytest.mark.parametrize("method", ["total", "frequency"])

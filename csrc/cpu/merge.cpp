@@ -1,6 +1,9 @@
 #include "cpu/merge.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
 
 #include "common/dtype.h"
 #include "common/parallel.h"
@@ -12,54 +15,190 @@ namespace {
 // over them vectorize.
 constexpr int64_t kBlock = 512;
 
-// One pass over the inputs: the positive and negative sides are accumulated separately and the
-// elected sign picks one at the end, so no input is read twice. Each accumulator adds in task
-// order, so the result does not depend on the thread count or the blocking.
-template <class S, SignRule rule>
-int64_t disjoint_merge_typed(const std::vector<View2D>& tvs, const View2D& out,
-                             const double* weights) {
+// Work items are (row, column block) pairs, so a 1-D tensor still splits across threads.
+struct Blocks {
+  int64_t rows, cols, block, per_row;
+  Blocks(const View2D& v, int64_t b) : rows(v.rows), cols(v.cols), block(b), per_row((v.cols + b - 1) / b) {}
+  int64_t count() const { return rows * per_row; }
+  int64_t row(int64_t item) const { return item / per_row; }
+  int64_t col(int64_t item) const { return (item % per_row) * block; }
+  int64_t len(int64_t item) const { return std::min(block, cols - col(item)); }
+};
+
+// ---- radix select over the bits of |x| ----------------------------------------------------
+
+// The bits of |x| as an unsigned integer: for non-negative IEEE values, integer order is
+// value order, so selecting on bits selects on magnitudes.
+template <class S> struct AbsKey;
+template <> struct AbsKey<float> { using K = uint32_t; static constexpr int bits = 31; };
+template <> struct AbsKey<double> { using K = uint64_t; static constexpr int bits = 63; };
+template <> struct AbsKey<bf16> { using K = uint16_t; static constexpr int bits = 15; };
+template <> struct AbsKey<f16> { using K = uint16_t; static constexpr int bits = 15; };
+
+template <class S>
+inline typename AbsKey<S>::K abs_key(const S& x) {
+  typename AbsKey<S>::K k;
+  std::memcpy(&k, &x, sizeof(k));
+  return k & (std::numeric_limits<typename AbsKey<S>::K>::max() >> 1);
+}
+
+template <class S>
+double value_of_key(typename AbsKey<S>::K key) {
+  S x;
+  std::memcpy(&x, &key, sizeof(key));
+  return double(widen(x));
+}
+
+constexpr int kDigitBits = 11;
+
+// Counts, over all views, the digit at `shift` of the keys whose bits above the digit equal
+// `prefix`. Per-thread histograms are summed in a fixed order: integer sums, so exact anyway.
+template <class S>
+std::vector<int64_t> digit_histogram(const std::vector<View2D>& views, uint64_t prefix, int shift,
+                                     int dbits) {
+  using K = typename AbsKey<S>::K;
+  const int64_t bins = int64_t(1) << dbits;
+  const int high = shift + dbits;
+  std::vector<int64_t> hist(bins, 0);
+  for (const View2D& v : views) {
+    const Blocks b(v, 4096);
+#pragma omp parallel if (v.rows * v.cols > kParallelMinElements)
+    {
+      std::vector<int64_t> local(bins, 0);
+#pragma omp for schedule(static) nowait
+      for (int64_t item = 0; item < b.count(); ++item) {
+        const S* p = v.row<S>(b.row(item)) + b.col(item);
+        const int64_t n = b.len(item);
+        for (int64_t j = 0; j < n; ++j) {
+          const K key = abs_key(p[j]);
+          // high >= bits of K on the first pass: every key matches the empty prefix.
+          if (high >= int(8 * sizeof(K)) || (uint64_t(key) >> high) == prefix) {
+            ++local[(uint64_t(key) >> shift) & uint64_t(bins - 1)];
+          }
+        }
+      }
+#pragma omp critical
+      for (int64_t d = 0; d < bins; ++d) hist[d] += local[d];
+    }
+  }
+  return hist;
+}
+
+template <class S>
+TopK abs_topk_typed(const std::vector<View2D>& views, int64_t k) {
+  using K = typename AbsKey<S>::K;
+  const int nbits = AbsKey<S>::bits;
+  uint64_t prefix = 0;
+  int known = 0;
+  int64_t rank = k;  // the rank still to find among keys matching the prefix
+  int64_t ties = 0;
+  while (known < nbits) {
+    const int dbits = std::min(kDigitBits, nbits - known);
+    const int shift = nbits - known - dbits;
+    const std::vector<int64_t> hist = digit_histogram<S>(views, prefix, shift, dbits);
+    int64_t d = int64_t(hist.size()) - 1;
+    for (; d > 0 && hist[d] < rank; --d) rank -= hist[d];
+    prefix = (prefix << dbits) | uint64_t(d);
+    ties = hist[d];
+    known += dbits;
+  }
+  TopK t{value_of_key<S>(K(prefix)), int64_t(views.size()), 0};
+  if (rank == ties) return t;  // every tie at the threshold is kept
+  // Keep the first `rank` ties in flat order: find where the rank-th one is.
+  const K key = K(prefix);
+  for (size_t vi = 0; vi < views.size(); ++vi) {
+    const View2D& v = views[vi];
+    std::vector<int64_t> per_row(v.rows, 0);
+#pragma omp parallel for schedule(static) if (v.rows * v.cols > kParallelMinElements)
+    for (int64_t r = 0; r < v.rows; ++r) {
+      const S* p = v.row<S>(r);
+      int64_t c = 0;
+      for (int64_t j = 0; j < v.cols; ++j) c += abs_key(p[j]) == key;
+      per_row[r] = c;
+    }
+    for (int64_t r = 0; r < v.rows; ++r) {
+      if (per_row[r] < rank) {
+        rank -= per_row[r];
+        continue;
+      }
+      const S* p = v.row<S>(r);
+      for (int64_t j = 0; j < v.cols; ++j) {
+        if (abs_key(p[j]) == key && --rank == 0) {
+          t.cut_view = int64_t(vi);
+          t.cut_index = r * v.cols + j + 1;
+          return t;
+        }
+      }
+    }
+  }
+  throw std::logic_error("abs_topk: tie position not found");
+}
+
+// ---- the fused merge pass --------------------------------------------------------------------
+
+template <class S, SignRule rule, bool elect, bool wbefore>
+int64_t merge_typed(const std::vector<View2D>& tvs, const View2D& out, const double* weights,
+                    const Trim* trims) {
   using A = acc_t<S>;
   const int T = int(tvs.size());
-  std::vector<A> w(T, A(1));
-  if (weights) std::transform(weights, weights + T, w.begin(), [](double x) { return A(x); });
-  const int64_t col_blocks = (out.cols + kBlock - 1) / kBlock;
-  const int64_t items = out.rows * col_blocks;
+  std::vector<A> w(T, A(1)), lo(T, A(0)), hi(T, A(0));
+  std::vector<int64_t> cut(T, 0);
+  for (int t = 0; t < T; ++t) {
+    if (weights) w[t] = A(weights[t]);
+    if (trims) lo[t] = A(trims[t].lo), hi[t] = A(trims[t].hi), cut[t] = trims[t].cut;
+  }
+  const Blocks b(out, kBlock);
   int64_t nonfinite = 0;
 
 #pragma omp parallel for schedule(static) reduction(+ : nonfinite) \
     if (out.rows * out.cols > kParallelMinElements)
-  for (int64_t item = 0; item < items; ++item) {
-    const int64_t r = item / col_blocks;
-    const int64_t c0 = (item % col_blocks) * kBlock;
-    const int64_t n = std::min(kBlock, out.cols - c0);
-    A vote[kBlock], pos_sum[kBlock], neg_sum[kBlock], pos_cnt[kBlock], neg_cnt[kBlock], nf[kBlock];
+  for (int64_t item = 0; item < b.count(); ++item) {
+    const int64_t r = b.row(item), c0 = b.col(item), n = b.len(item);
+    const int64_t flat0 = r * out.cols + c0;
+    A vote[kBlock], pos_sum[kBlock], neg_sum[kBlock], pos_den[kBlock], neg_den[kBlock], nf[kBlock];
     for (int64_t j = 0; j < n; ++j) {
-      vote[j] = pos_sum[j] = neg_sum[j] = pos_cnt[j] = neg_cnt[j] = nf[j] = A(0);
+      vote[j] = pos_sum[j] = neg_sum[j] = pos_den[j] = neg_den[j] = nf[j] = A(0);
     }
-    // Branch-free selects only, so GCC vectorizes this loop under -fno-trapping-math
-    // (check with -fopt-info-vec).
     for (int t = 0; t < T; ++t) {
       const S* p = tvs[t].row<S>(r) + c0;
       const A wt = w[t];
-      for (int64_t j = 0; j < n; ++j) {
-        const A v = widen(p[j]);
-        const A wv = wt * v;
-        const A pos = v > A(0) ? A(1) : A(0);
-        const A neg = v < A(0) ? A(1) : A(0);
-        vote[j] += rule == SignRule::sum ? v : pos - neg;
-        pos_sum[j] += v > A(0) ? wv : A(0);
-        neg_sum[j] += v < A(0) ? wv : A(0);
-        pos_cnt[j] += pos;
-        neg_cnt[j] += neg;
-        nf[j] += v - v;  // stays 0 unless some v is NaN or Inf
-      }
+      const A dw = wbefore ? wt : A(1);
+      // Branch-free selects only, so GCC vectorizes this loop under -fno-trapping-math
+      // (check with -fopt-info-vec). [j0, j1) shares one magnitude bound.
+      auto accumulate = [&](int64_t j0, int64_t j1, A bound) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const A raw = widen(p[j]);
+          nf[j] += raw - raw;  // stays 0 unless some v is NaN or Inf
+          const A v = std::abs(raw) >= bound ? raw : A(0);
+          const A wv = wt * v;
+          if constexpr (!elect) {
+            pos_sum[j] += wv;
+          } else {
+            const A s = wbefore ? wv : v;  // what votes
+            const A pos = s > A(0) ? A(1) : A(0);
+            const A neg = s < A(0) ? A(1) : A(0);
+            vote[j] += rule == SignRule::sum ? s : pos - neg;
+            pos_sum[j] += s > A(0) ? wv : A(0);
+            neg_sum[j] += s < A(0) ? wv : A(0);
+            pos_den[j] += s > A(0) ? dw : A(0);
+            neg_den[j] += s < A(0) ? dw : A(0);
+          }
+        }
+      };
+      const int64_t split = std::clamp<int64_t>(cut[t] - flat0, 0, n);
+      accumulate(0, split, lo[t]);
+      accumulate(split, n, hi[t]);
     }
     S* o = out.row<S>(r) + c0;
     int64_t bad = 0;
     for (int64_t j = 0; j < n; ++j) {
-      const A p = pos_sum[j] / std::max(pos_cnt[j], A(1));
-      const A q = neg_sum[j] / std::max(neg_cnt[j], A(1));
-      o[j] = narrow<S>(vote[j] >= A(0) ? p : q);
+      if constexpr (elect) {
+        const A p = pos_sum[j] / (pos_den[j] == A(0) ? A(1) : pos_den[j]);
+        const A q = neg_sum[j] / (neg_den[j] == A(0) ? A(1) : neg_den[j]);
+        o[j] = narrow<S>(vote[j] >= A(0) ? p : q);
+      } else {
+        o[j] = narrow<S>(pos_sum[j]);
+      }
       bad += nf[j] != A(0);
     }
     nonfinite += bad;
@@ -69,12 +208,26 @@ int64_t disjoint_merge_typed(const std::vector<View2D>& tvs, const View2D& out,
 
 }  // namespace
 
-int64_t disjoint_merge(const std::vector<View2D>& tvs, const View2D& out, const double* weights,
-                       SignRule rule) {
-  return dispatch_float(out.dtype, [&](auto tag) {
+TopK abs_topk(const std::vector<View2D>& views, int64_t k) {
+  int64_t n = 0;
+  for (const View2D& v : views) n += v.rows * v.cols;
+  if (views.empty() || k <= 0) return TopK{std::numeric_limits<double>::infinity(), 0, 0};
+  if (k >= n) return TopK{0.0, int64_t(views.size()), 0};
+  return dispatch_float(views[0].dtype, [&](auto tag) { return abs_topk_typed<decltype(tag)>(views, k); });
+}
+
+int64_t merge(const std::vector<View2D>& tvs, const View2D& out, const double* weights,
+              const Trim* trims, MergeSpec spec) {
+  return dispatch_float(out.dtype, [&](auto tag) -> int64_t {
     using S = decltype(tag);
-    return rule == SignRule::sum ? disjoint_merge_typed<S, SignRule::sum>(tvs, out, weights)
-                                 : disjoint_merge_typed<S, SignRule::count>(tvs, out, weights);
+    if (!spec.elect) return merge_typed<S, SignRule::sum, false, false>(tvs, out, weights, trims);
+    const bool sum = spec.rule == SignRule::sum;
+    if (spec.weight_before_election) {
+      return sum ? merge_typed<S, SignRule::sum, true, true>(tvs, out, weights, trims)
+                 : merge_typed<S, SignRule::count, true, true>(tvs, out, weights, trims);
+    }
+    return sum ? merge_typed<S, SignRule::sum, true, false>(tvs, out, weights, trims)
+               : merge_typed<S, SignRule::count, true, false>(tvs, out, weights, trims);
   });
 }
 

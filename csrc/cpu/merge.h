@@ -9,14 +9,41 @@ namespace transferops::cpu {
 
 enum class SignRule : int { sum = 0, count = 1 };
 
-// TIES sign election and disjoint mean over already-trimmed task vectors (Yadav et al. 2023,
-// eq. 2-3): out = sum_t w_t tv_t [sign(tv_t) = s] / max(1, #{t : sign(tv_t) = s}), where
-// s = sign(sum_t tv_t) (rule sum) or sign(sum_t sign(tv_t)) (rule count), and s = +1 when the
-// vote is exactly zero. Zeros never vote nor count. All views share rows, cols and dtype.
-// `weights` holds one weight per task, or is null for all ones.
-// Returns at how many element positions some input was NaN or Inf (the output is then not
-// meaningful).
-int64_t disjoint_merge(const std::vector<View2D>& task_vectors, const View2D& out,
-                       const double* weights, SignRule rule);
+// Which entries a top-k trim keeps: |x| > value, or |x| == value at a flat position (views in
+// order, each row-major) before (cut_view, cut_index). The ties at the threshold are thereby
+// kept lowest position first, the same on every backend.
+struct TopK {
+  double value;
+  int64_t cut_view;
+  int64_t cut_index;
+};
+
+// Exact k-th largest |x| over all elements of `views` (one dtype), found by a radix select over
+// the bits of |x| (11-bit digits: 3 passes for float32, 2 for 16-bit types) with no sort and no
+// copy. k <= 0 keeps nothing (value +Inf); k >= the element count keeps everything (value 0).
+TopK abs_topk(const std::vector<View2D>& views, int64_t k);
+
+// Per task: entries kept by a trim are |v| >= lo at flat index < cut and |v| >= hi after it,
+// where hi is the next float above lo (so "> threshold"). No trim: lo = hi = 0.
+struct Trim {
+  double lo, hi;
+  int64_t cut;
+};
+
+struct MergeSpec {
+  bool elect;                   // TIES sign election + disjoint mean; false: weighted sum
+  SignRule rule;                // how the sign is elected
+  bool weight_before_election;  // mergekit: elect on w_t * tv_t and divide by the agreeing
+                                // weight; PEFT: elect on tv_t and divide by the agreeing count
+};
+
+// One pass over the task vectors (TIES-Merging, Yadav et al. 2023, eq. 1-3): trim each task
+// (optional), then either out = sum_t w_t tv_t, or elect s = sign of the vote (zero elects +1)
+// and out = (sum over agreeing t of w_t tv_t) / den, den = their count (PEFT) or their weight
+// (mergekit), 1 where it is 0. Zeros never vote nor count. All views share rows, cols, dtype.
+// `weights` and `trims` may be null (all ones, no trim).
+// Returns at how many element positions some input was NaN or Inf.
+int64_t merge(const std::vector<View2D>& task_vectors, const View2D& out, const double* weights,
+              const Trim* trims, MergeSpec spec);
 
 }  // namespace transferops::cpu

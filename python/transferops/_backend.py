@@ -135,35 +135,38 @@ class Op:
 
         return deco
 
-    def reason(self, backend: str, device: torch.device, dtype: torch.dtype, args, *, auto=False):
+    def reason(self, backend: str, device: torch.device, dtype: torch.dtype, args, *, auto=False, name=None):
+        name = name or self.name
         if backend not in self.impls:
-            return f"{self.name} has no {backend} implementation"
+            return f"{name} has no {backend} implementation"
         why = backend_reason(backend, device, auto=auto)
         if why is None and dtype not in self.dtypes[backend]:
             names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes[backend])
-            why = f"{backend} {self.name} takes {names}, got {str(dtype).removeprefix('torch.')}"
+            why = f"{backend} {name} takes {names}, got {str(dtype).removeprefix('torch.')}"
         if why is None and backend in self.limits:
             why = self.limits[backend](*args)
         return why
 
-    def select(self, backend: str | None, device: torch.device, dtype: torch.dtype, args=()):
-        """(backend name, implementation) for this call."""
+    def select(self, backend: str | None, device: torch.device, dtype: torch.dtype, args=(), name=None):
+        """(backend name, implementation) for this call; ``name`` is the public function that
+        messages name (default: the op's)."""
+        name = name or self.name
         forced = forced_backend(backend)
         if forced is not None:
-            why = self.reason(forced, device, dtype, args)
+            why = self.reason(forced, device, dtype, args, name=name)
             if why is not None:
-                raise BackendUnavailable(f"{self.name}: backend {forced!r} cannot run: {why}")
+                raise BackendUnavailable(f"{name}: backend {forced!r} cannot run: {why}")
             return forced, self.impls[forced]
         reasons = []
-        for name in self.order:
-            why = self.reason(name, device, dtype, args, auto=True)
+        for b in self.order:
+            why = self.reason(b, device, dtype, args, auto=True, name=name)
             if why is None:
-                return name, self.impls[name]
-            reasons.append(f"  {name}: {why}")
-        raise BackendUnavailable(f"{self.name}: no backend can run this call:\n" + "\n".join(reasons))
+                return b, self.impls[b]
+            reasons.append(f"  {b}: {why}")
+        raise BackendUnavailable(f"{name}: no backend can run this call:\n" + "\n".join(reasons))
 
-    def __call__(self, backend, device, dtype, *args):
-        _, impl = self.select(backend, device, dtype, args)
+    def __call__(self, backend, device, dtype, *args, name=None):
+        _, impl = self.select(backend, device, dtype, args, name=name)
         return impl(*args)
 
 

@@ -66,6 +66,17 @@ def choice(value, name: str, options: Sequence[str]) -> str:
     return value
 
 
+def fraction(value, name: str) -> float:
+    """A finite float in [0, 1]."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a number in [0, 1], got {type(value).__name__}") from None
+    if not 0.0 <= v <= 1.0:  # False for NaN too
+        raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
+    return v
+
+
 def raise_nonfinite(count: int, name: str) -> None:
     """Kernels count the element positions holding NaN/Inf as they read them (no extra pass);
     a nonzero count becomes this error."""

@@ -1,9 +1,19 @@
 """Merging: sign-elected reductions of task vectors (TIES and relatives).
 
-Each op has a pure-torch reference (float64, the readable spec) and fast backends with the
-same signature; the public function validates, picks a backend and runs it.
+Every method here is one configuration of a single fused pass (:class:`MergeSpec`): an
+optional per-task top-k trim by magnitude, then either a weighted sum or the TIES sign
+election with a disjoint mean. The reference backend is that pass written plainly in float64
+torch; the fast backends run it reading each input once, with no T x P temporaries.
+
+Ties at the top-k threshold: where several entries share the k-th largest magnitude, the
+ones at the lowest flat (row-major) positions are kept, on every backend. PEFT and mergekit
+keep whichever ``torch.topk``/``argsort`` returns first, which no other implementation can
+promise to follow; everywhere else the results agree with theirs exactly.
 """
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -11,53 +21,122 @@ from . import _checks
 from ._backend import Op, native_buffer, native_module
 
 SIGN_RULES = ("sum", "count")
+SEMANTICS = ("peft", "mergekit")
 _DTYPES = _checks.FLOAT_DTYPES
 
-disjoint_merge_op = Op("disjoint_merge", order=("triton", "cuda", "native", "reference"))
+
+@dataclass(frozen=True)
+class MergeSpec:
+    density: float | None  # keep the top int(density * numel) magnitudes per task; None: no trim
+    elect: bool  # TIES election + disjoint mean; False: weighted sum
+    sign: str = "sum"  # election rule, see SIGN_RULES
+    semantics: str = "peft"  # see SEMANTICS and ties()
+
+    @property
+    def weight_before_election(self) -> bool:
+        """mergekit votes with w_t * tv_t and divides by the agreeing weight."""
+        return self.semantics == "mergekit"
+
+    def keep_count(self, numel: int) -> int:
+        """How many entries a top-k trim keeps: int(density * numel); mergekit keeps at least
+        one of a non-empty tensor when density > 0."""
+        k = int(self.density * numel)
+        return max(1, k) if self.semantics == "mergekit" and self.density > 0 else k
 
 
-@disjoint_merge_op.register("reference", dtypes=_DTYPES)
-def _disjoint_merge_reference(tvs: list[torch.Tensor], weights: list[float] | None, sign: str) -> torch.Tensor:
+def _fused_only(what: str, **allowed):
+    """An Op limit: this backend runs only the specs whose fields equal ``allowed``."""
+    def limit(tvs, weights, spec):
+        bad = [k for k, v in allowed.items() if getattr(spec, k) != v]
+        return f"{what} does not implement {', '.join(bad)} yet" if bad else None
+    return limit
+
+
+merge_op = Op("merge", order=("triton", "cuda", "native", "reference"))
+
+
+def _topk_keep(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest |x|, ties at the threshold kept lowest flat index first."""
+    a = x.abs().flatten()
+    if k <= 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    if k >= a.numel():
+        return torch.ones_like(x, dtype=torch.bool)
+    threshold = a.kthvalue(a.numel() - k + 1).values
+    above = a > threshold
+    ties = a == threshold
+    keep = above | (ties & (ties.cumsum(0) <= k - above.sum()))
+    return keep.view(x.shape)
+
+
+@merge_op.register("reference", dtypes=_DTYPES)
+def _merge_reference(tvs: list[torch.Tensor], weights: list[float] | None, spec: MergeSpec) -> torch.Tensor:
     x = torch.stack([t.to(torch.float64) for t in tvs])  # [T, ...]
     _checks.raise_nonfinite(int((~torch.isfinite(x)).any(0).sum()), "task_vectors")
-    s = torch.sign(x)
-    vote = x.sum(0) if sign == "sum" else s.sum(0)
-    elected = torch.where(vote >= 0, 1.0, -1.0).to(torch.float64)
-    agree = s == elected  # zeros have sign 0: they never agree, so never count
+    if spec.density is not None:
+        k = spec.keep_count(x[0].numel())
+        x = x * torch.stack([_topk_keep(xt, k) for xt in x])
     w = torch.tensor(weights if weights is not None else [1.0] * len(tvs), dtype=torch.float64)
     w = w.view(-1, *([1] * (x.dim() - 1))).to(x.device)
-    merged = (w * x * agree).sum(0) / agree.sum(0).clamp(min=1)
+    if not spec.elect:
+        return (w * x).sum(0).to(tvs[0].dtype)
+    voter = w * x if spec.weight_before_election else x
+    s = torch.sign(voter)
+    vote = voter.sum(0) if spec.sign == "sum" else s.sum(0)
+    elected = torch.where(vote >= 0, 1.0, -1.0).to(torch.float64)
+    agree = s == elected  # zeros have sign 0: they never agree, so never count
+    den = ((w if spec.weight_before_election else 1.0) * agree).sum(0)
+    merged = (w * x * agree).sum(0) / torch.where(den == 0, 1.0, den)
     return merged.to(tvs[0].dtype)
 
 
-@disjoint_merge_op.register("native", dtypes=_DTYPES)
-def _disjoint_merge_native(tvs, weights, sign):
+def _native_trims(bufs, numel: int, spec: MergeSpec, dtype: torch.dtype):
+    """Per task (lo, hi, cut) for the fused pass: keep |v| >= lo before flat index ``cut`` and
+    |v| >= hi (the next float above lo, i.e. > lo) from it on."""
+    if spec.density is None:
+        return None
+    k = spec.keep_count(numel)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    trims = []
+    for b in bufs:
+        value, cut_view, cut_index = native_module().abs_topk([b], k)
+        lo = torch.tensor(value, dtype=acc)
+        hi = torch.nextafter(lo, torch.tensor(math.inf, dtype=acc))
+        trims.append((lo.item(), hi.item(), numel if cut_view >= 1 else cut_index))
+    return trims
+
+
+@merge_op.register("native", dtypes=_DTYPES)
+def _merge_native(tvs, weights, spec: MergeSpec):
     out = torch.empty_like(tvs[0], memory_format=torch.contiguous_format)
-    bad = native_module().disjoint_merge([native_buffer(_checks.as_rows(t)) for t in tvs],
-                                         native_buffer(_checks.as_rows(out)),
-                                         weights, SIGN_RULES.index(sign))
+    bufs = [native_buffer(_checks.as_rows(t)) for t in tvs]
+    bad = native_module().merge(bufs, native_buffer(_checks.as_rows(out)), weights,
+                                _native_trims(bufs, out.numel(), spec, out.dtype), spec.elect,
+                                SIGN_RULES.index(spec.sign), spec.weight_before_election)
     _checks.raise_nonfinite(bad, "task_vectors")
     return out
 
 
-@disjoint_merge_op.register("triton", dtypes=_DTYPES)
-def _disjoint_merge_triton(tvs, weights, sign):
+@merge_op.register("triton", dtypes=_DTYPES,
+                   limit=_fused_only("triton", density=None, elect=True, semantics="peft"))
+def _merge_triton(tvs, weights, spec: MergeSpec):
     from .kernels import merge as kernels
 
     out = torch.empty_like(tvs[0], memory_format=torch.contiguous_format)
     bad = kernels.disjoint_merge([_checks.as_rows(t) for t in tvs], _checks.as_rows(out), weights,
-                                 count=sign == "count")
+                                 count=spec.sign == "count")
     _checks.raise_nonfinite(bad, "task_vectors")
     return out
 
 
-def _cuda_task_limit(tvs, weights, sign):
+def _cuda_limit(tvs, weights, spec):
+    why = _fused_only("cuda", density=None, elect=True, semantics="peft")(tvs, weights, spec)
     limit = native_module().cuda_max_tasks
-    return None if len(tvs) <= limit else f"cuda disjoint_merge takes at most {limit} task vectors, got {len(tvs)}"
+    return why or (None if len(tvs) <= limit else f"cuda takes at most {limit} task vectors, got {len(tvs)}")
 
 
-@disjoint_merge_op.register("cuda", dtypes=_DTYPES, limit=_cuda_task_limit)
-def _disjoint_merge_cuda(tvs, weights, sign):
+@merge_op.register("cuda", dtypes=_DTYPES, limit=_cuda_limit)
+def _merge_cuda(tvs, weights, spec: MergeSpec):
     rows = [_checks.as_rows(t) for t in tvs]
     out = torch.empty_like(tvs[0], memory_format=torch.contiguous_format)
     out_rows = _checks.as_rows(out)
@@ -65,42 +144,83 @@ def _disjoint_merge_cuda(tvs, weights, sign):
     native_module().cuda_disjoint_merge(
         [(r.data_ptr(), r.stride(0)) for r in rows], out_rows.data_ptr(), out_rows.stride(0),
         out_rows.shape[0], out_rows.shape[1], _DTYPES.index(out.dtype), weights,
-        SIGN_RULES.index(sign), nonfinite.data_ptr(), torch.cuda.current_stream(out.device).cuda_stream)
+        SIGN_RULES.index(spec.sign), nonfinite.data_ptr(), torch.cuda.current_stream(out.device).cuda_stream)
     _checks.raise_nonfinite(int(nonfinite.item()), "task_vectors")
     return out
 
 
-def disjoint_merge(task_vectors, *, sign: str = "sum", weights=None, backend: str = "auto") -> torch.Tensor:
-    r"""TIES sign election and disjoint mean over already-trimmed task vectors.
+def _run(name: str, task_vectors, weights, spec: MergeSpec, backend: str) -> torch.Tensor:
+    tvs = _checks.tensor_list(task_vectors, "task_vectors")
+    weights = _checks.weight_list(weights, len(tvs))
+    if spec.density is not None:
+        _checks.fraction(spec.density, "density")
+    _checks.choice(spec.sign, "sign", SIGN_RULES)
+    if tvs[0].numel() == 0:
+        return torch.empty_like(tvs[0], memory_format=torch.contiguous_format)
+    tvs = [t.detach() for t in tvs]
+    return merge_op(backend, tvs[0].device, tvs[0].dtype, tvs, weights, spec, name=name)
 
-    Yadav et al., "TIES-Merging", NeurIPS 2023, eq. (2)-(3):
-    :math:`\gamma = \operatorname{sgn}(\sum_t \tau_t)`,
-    :math:`\tau = \sum_{t \in A} w_t \tau_t / |A|` with :math:`A = \{t : \operatorname{sgn}(\tau_t) = \gamma\}`.
 
-    Parameters
-    ----------
+_COMMON = """
     task_vectors : sequence of T tensors of one shape, dtype and device, or one tensor [T, ...]
-        Trimmed task vectors; exact zeros are "trimmed" entries and neither vote nor count.
-    sign : {"sum", "count"}
-        "sum" elects the sign of the summed values (the paper's mass rule, PEFT's "total");
-        "count" the sign of the summed signs (majority, PEFT's "frequency"). A vote of exactly
-        zero elects +1, as PEFT and mergekit do.
+        Task vectors tau_t = theta_t - theta_0.
     weights : T floats, optional
-        Applied after the election, and the mean divides by the count of agreeing entries
-        (PEFT's convention). None means all ones.
+        Per-task weights w_t (None: all ones).
     backend : str
         "auto", "reference", "native", "triton" or "cuda".
 
     Returns
     -------
     Tensor of the task vectors' shape, dtype and device. float32, bf16 and fp16 accumulate in
-    float32, float64 in float64. NaN or Inf in the inputs raises ValueError (counted
-    in element positions, each checked during the merge pass itself, not by an extra pass).
+    float32, float64 in float64. NaN or Inf in the inputs raises ValueError (counted in element
+    positions during the pass itself, not by an extra pass)."""
+
+
+def task_arithmetic(task_vectors, *, weights=None, backend: str = "auto") -> torch.Tensor:
+    r"""Task arithmetic (Ilharco et al., ICLR 2023): :math:`\sum_t w_t \tau_t`."""
+    return _run("task_arithmetic", task_vectors, weights, MergeSpec(density=None, elect=False), backend)
+
+
+def magnitude_prune(task_vectors, *, density: float, weights=None, backend: str = "auto") -> torch.Tensor:
+    r"""Keep each task vector's top ``int(density * numel)`` magnitudes, then
+    :math:`\sum_t w_t \operatorname{trim}(\tau_t)` (PEFT's ``magnitude_prune``)."""
+    return _run("magnitude_prune", task_vectors, weights, MergeSpec(density=density, elect=False), backend)
+
+
+def ties(task_vectors, *, density: float, weights=None, sign: str = "sum", semantics: str = "peft",
+         backend: str = "auto") -> torch.Tensor:
+    r"""TIES-Merging (Yadav et al., NeurIPS 2023, eq. 1-3) of already-subtracted task vectors.
+
+    Trim each :math:`\tau_t` to its top ``k = int(density * numel)`` magnitudes (ties at the
+    threshold: lowest flat index first), elect a sign per entry, and average the entries that
+    agree with it; zeros never vote nor count, and a vote of exactly zero elects +1.
+
+    ``sign="sum"`` elects the sign of the summed values (the paper's mass rule), ``"count"``
+    that of the summed signs (majority). ``semantics`` picks how weights enter:
+
+    - ``"peft"`` (PEFT 0.21 ``ties``): the vote uses the unweighted trimmed values; weights
+      multiply afterwards; the mean divides by the count of agreeing entries.
+    - ``"mergekit"`` (mergekit 0.1.5 ``ties``, normalize=True): the vote uses
+      :math:`w_t \tau_t` (a negative weight flips a task's votes); the mean divides by the sum
+      of the agreeing weights (1 where that is 0); the trim keeps at least one entry when
+      ``density > 0``.
+
+    With all weights equal to 1 the two agree.
     """
-    tvs = _checks.tensor_list(task_vectors, "task_vectors")
-    sign = _checks.choice(sign, "sign", SIGN_RULES)
-    weights = _checks.weight_list(weights, len(tvs))
-    if tvs[0].numel() == 0:
-        return torch.empty_like(tvs[0], memory_format=torch.contiguous_format)
-    tvs = [t.detach() for t in tvs]
-    return disjoint_merge_op(backend, tvs[0].device, tvs[0].dtype, tvs, weights, sign)
+    _checks.choice(semantics, "semantics", SEMANTICS)
+    spec = MergeSpec(density=density, elect=True, sign=sign, semantics=semantics)
+    return _run("ties", task_vectors, weights, spec, backend)
+
+
+def disjoint_merge(task_vectors, *, sign: str = "sum", weights=None, backend: str = "auto") -> torch.Tensor:
+    r"""TIES sign election and disjoint mean over already-trimmed task vectors (PEFT's
+    ``calculate_majority_sign_mask`` + ``disjoint_merge``), i.e. :func:`ties` without the trim:
+    :math:`\gamma = \operatorname{sgn}(\sum_t \tau_t)`,
+    :math:`\tau = \sum_{t \in A} w_t \tau_t / |A|` with :math:`A = \{t : \operatorname{sgn}(\tau_t) = \gamma\}`.
+    Exact zeros are trimmed entries. See :func:`ties` for ``sign``; weights apply after the
+    election."""
+    return _run("disjoint_merge", task_vectors, weights, MergeSpec(density=None, elect=True, sign=sign), backend)
+
+
+for _fn in (task_arithmetic, magnitude_prune, ties, disjoint_merge):
+    _fn.__doc__ = (_fn.__doc__ or "").rstrip() + "\n\n    Parameters\n    ----------" + _COMMON
