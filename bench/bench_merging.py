@@ -1,9 +1,14 @@
-"""disjoint_merge (TIES sign election + disjoint mean) against PEFT's and mergekit's TIES step.
+"""Merging methods against PEFT's and mergekit's implementations of the same math.
 
-The peers run exactly what their TIES merge runs after trimming, on the same trimmed task
-vectors, stacking included (their APIs take one [T, ...] tensor, so users pay for the stack).
-All weights are 1: mergekit weights before the election and divides by the agreeing weight,
-PEFT and transferops weight after it and divide by the agreeing count, which agree only then.
+- disjoint_merge: the TIES election + disjoint mean on already-trimmed task vectors, against
+  what the peers' TIES runs after trimming.
+- ties: the whole method (top-k trim + election + mean) on dense task vectors.
+- task_arithmetic: the weighted sum.
+
+Peers run on the same inputs, stacking included (their APIs take one [T, ...] tensor, so
+users pay for the stack). All weights are 1: mergekit weights before the election and divides
+by the agreeing weight, PEFT and transferops weight after it and divide by the agreeing
+count, which agree only then.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import functools
 import torch
 
 import transferops
-from transferops.merging import disjoint_merge
+from transferops.merging import disjoint_merge, task_arithmetic, ties
 
 from .harness import DTYPE_NAMES, Case, optional_import
 
@@ -20,12 +25,13 @@ DENSITY = 0.2  # TIES keeps the top 20% of each task vector; the rest are exact 
 SEED = 0
 
 
-def _task_vectors(T: int, P: int, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
+def _task_vectors(T: int, P: int, dtype: torch.dtype, device: str, trimmed: bool) -> list[torch.Tensor]:
     g = torch.Generator(device=device).manual_seed(SEED)
     tvs = []
     for _ in range(T):
         x = torch.randn(P, generator=g, device=device)
-        x.masked_fill_(torch.rand(P, generator=g, device=device) >= DENSITY, 0.0)
+        if trimmed:
+            x.masked_fill_(torch.rand(P, generator=g, device=device) >= DENSITY, 0.0)
         tvs.append(x.to(dtype))
     return tvs
 
@@ -36,6 +42,12 @@ def _peft_ties(merge_utils, tvs, weights):
     mask = merge_utils.calculate_majority_sign_mask(stacked, method="total")
     weighted = stacked * merge_utils.reshape_weight_task_tensors(stacked, weights)
     return merge_utils.disjoint_merge(weighted, mask)
+
+
+def _mergekit_full_ties(gta, sparsify, tvs, weights):
+    # mergekit ties: magnitude sparsification per task, then the election step below.
+    trimmed = [sparsify.sparsify(t, DENSITY, method=sparsify.SparsificationMethod.magnitude) for t in tvs]
+    return _mergekit_ties(gta, trimmed, weights)
 
 
 def _mergekit_ties(gta, tvs, weights):
@@ -52,6 +64,19 @@ def _mergekit_ties(gta, tvs, weights):
     return mixed
 
 
+def _off_threshold(tvs: list[torch.Tensor]):
+    """Entries where no task's |tau| equals its top-k threshold: there, which of the tied
+    entries each implementation keeps (topk/argsort order vs lowest index) cannot matter."""
+    def mask() -> torch.Tensor:
+        out = torch.ones_like(tvs[0], dtype=torch.bool)
+        for t in tvs:
+            a = t.abs().float()
+            k = int(DENSITY * a.numel())
+            out &= a != a.flatten().kthvalue(a.numel() - k + 1).values
+        return out
+    return mask
+
+
 def _backends(device: str) -> list[str]:
     cpu = torch.device(device).type == "cpu"
     # On CPU triton runs only interpreted (TRITON_INTERPRET=1), a test aid far too slow to time.
@@ -65,19 +90,19 @@ def _sizes(quick: bool, device: str) -> list[tuple[int, int]]:
 
 
 def cases(quick: bool, device: str):
-    """One case per (T, P, dtype); a generator, so only one case's task vectors are alive."""
+    """Cases per (T, P, dtype); a generator, so only one set of task vectors is alive."""
     peft = optional_import("peft.utils.merge_utils")
     mergekit = optional_import("mergekit.merge_methods.generalized_task_arithmetic")
+    sparsify = optional_import("mergekit.sparsify")
     backends = _backends(device)
     for T, P in _sizes(quick, device):
         for dtype in (torch.float32, torch.bfloat16):
-            tvs = _task_vectors(T, P, dtype, device)
+            size = f"T={T} P={P / 1e6:.1f}M {DTYPE_NAMES[dtype]}"
+            nbytes = (T + 1) * P * torch.tensor([], dtype=dtype).element_size()
             ones = torch.ones(T, dtype=dtype, device=device)
+            tvs = _task_vectors(T, P, dtype, device, trimmed=True)
             yield Case(
-                op="disjoint_merge",
-                size=f"T={T} P={P / 1e6:.1f}M {DTYPE_NAMES[dtype]}",
-                dtype=dtype,
-                bytes=(T + 1) * P * tvs[0].element_size(),
+                op="disjoint_merge", size=size, dtype=dtype, bytes=nbytes,
                 ours={b: functools.partial(disjoint_merge, tvs, backend=b) for b in backends},
                 peers={
                     "peer:peft": functools.partial(_peft_ties, peft, tvs, ones) if peft else None,
@@ -85,3 +110,22 @@ def cases(quick: bool, device: str):
                                       if mergekit else None),
                 },
             )
+            tvs = _task_vectors(T, P, dtype, device, trimmed=False)
+            yield Case(
+                op="ties", size=f"{size} d={DENSITY}", dtype=dtype, comparable=_off_threshold(tvs),
+                # Each task is read once per radix-select pass (3 for f32, 2 for 16-bit) and
+                # once more by the merge pass.
+                bytes=nbytes + T * P * (3 if dtype == torch.float32 else 2) * tvs[0].element_size(),
+                ours={b: functools.partial(ties, tvs, density=DENSITY, backend=b) for b in backends},
+                peers={
+                    "peer:peft": (functools.partial(peft.ties, tvs, ones, DENSITY) if peft else None),
+                    "peer:mergekit": (functools.partial(_mergekit_full_ties, mergekit, sparsify, tvs, ones)
+                                      if mergekit and sparsify else None),
+                },
+            )
+            yield Case(
+                op="task_arithmetic", size=size, dtype=dtype, bytes=nbytes,
+                ours={b: functools.partial(task_arithmetic, tvs, backend=b) for b in backends},
+                peers={"peer:peft": (functools.partial(peft.task_arithmetic, tvs, ones) if peft else None)},
+            )
+            del tvs
