@@ -99,6 +99,7 @@ std::vector<View2D> views_of(const std::vector<py::buffer>& bufs, const std::str
 int64_t merge(const std::vector<py::buffer>& tvs, const py::buffer& out,
               const std::optional<std::vector<double>>& weights,
               const std::optional<std::vector<std::tuple<double, double, int64_t>>>& trims,
+              const std::optional<std::tuple<uint64_t, uint32_t, uint64_t, double>>& dare,
               bool elect, int rule, bool weight_before_election) {
   if (rule != 0 && rule != 1) throw std::invalid_argument("rule: expected 0 (sum) or 1 (count)");
   BufferView o = buffer_view(out, "out", true);
@@ -112,9 +113,15 @@ int64_t merge(const std::vector<py::buffer>& tvs, const py::buffer& out,
     }
     for (const auto& [lo, hi, cut] : *trims) tr.push_back(cpu::Trim{lo, hi, cut});
   }
+  std::optional<cpu::Dare> dr;
+  if (dare) {
+    const auto& [seed, stream, keep_below, rescale] = *dare;
+    if (keep_below > (uint64_t(1) << 32)) throw std::invalid_argument("dare: keep_below exceeds 2^32");
+    dr = cpu::Dare{seed, stream, keep_below, rescale};
+  }
   const cpu::MergeSpec spec{elect, static_cast<cpu::SignRule>(rule), weight_before_election};
   py::gil_scoped_release release;
-  return cpu::merge(views, o.view, w, trims ? tr.data() : nullptr, spec);
+  return cpu::merge(views, o.view, w, trims ? tr.data() : nullptr, dr ? &*dr : nullptr, spec);
 }
 
 std::tuple<double, int64_t, int64_t> abs_topk(const std::vector<py::buffer>& bufs, int64_t k) {
@@ -165,7 +172,8 @@ PYBIND11_MODULE(_native, m) {
   m.attr("has_cuda") = false;
 #endif
   m.def("merge", &merge, py::arg("task_vectors"), py::arg("out"), py::arg("weights"),
-        py::arg("trims"), py::arg("elect"), py::arg("rule"), py::arg("weight_before_election"),
+        py::arg("trims"), py::arg("dare"), py::arg("elect"), py::arg("rule"),
+        py::arg("weight_before_election"),
         "Fused trim + (TIES election and disjoint mean | weighted sum); returns the number of "
         "positions where an input was NaN/Inf");
   m.def("abs_topk", &abs_topk, py::arg("tensors"), py::arg("k"),

@@ -6,7 +6,8 @@ import torch
 
 from transferops import BackendUnavailable, available_backends, use_backend
 from transferops._backend import native_module
-from transferops.merging import MergeSpec, _topk_keep, disjoint_merge, magnitude_prune, merge_op, task_arithmetic, ties
+from transferops.merging import (MergeSpec, _dare_keep, _fnv1a32, _philox_first, _topk_keep, dare_linear, dare_ties,
+                                 disjoint_merge, magnitude_prune, merge_op, task_arithmetic, ties)
 
 from _kit import (DTYPES, assert_close, assert_matches_reference, guarded_empty, noncontiguous, randn,
                   require_backend)
@@ -53,7 +54,40 @@ METHODS = {
     "ties_mergekit_sum": lambda tvs, w, **kw: ties(tvs, density=0.2, weights=w, semantics="mergekit", **kw),
     "ties_mergekit_count": lambda tvs, w, **kw: ties(tvs, density=0.7, weights=w, sign="count",
                                                      semantics="mergekit", **kw),
+    "dare_linear": lambda tvs, w, **kw: dare_linear(tvs, density=0.4, seed=2**40 + 3, weights=w, name="x", **kw),
+    "dare_ties_count": lambda tvs, w, **kw: dare_ties(tvs, density=0.6, seed=11, weights=w, sign="count", **kw),
 }
+
+
+def test_philox_known_answers():
+    """Random123's known-answer vectors for Philox4x32-10 (first output word)."""
+    M = 0xFFFFFFFF
+    cases = [((0, 0, 0, 0), (0, 0), 0x6627E8D5), ((M, M, M, M), (M, M), 0x408F276D),
+             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0), 0xD16CFE09)]
+    for ctr, key, want in cases:
+        assert int(_philox_first(*(torch.tensor([c]) for c in ctr), *key)) == want
+
+
+def test_dare_keep_rate_and_independence():
+    """Each mask keeps ~density of the entries (binomial, 6 sigma), and masks of different
+    tasks, names and seeds are different draws."""
+    n, d = 200_000, 0.3
+    base = MergeSpec(None, False, dare=d, seed=5, stream=0)
+    keep = _dare_keep((n,), base, 0)
+    assert abs(keep.float().mean().item() - d) < 6 * (d * (1 - d) / n) ** 0.5
+    for other in (_dare_keep((n,), base, 1), _dare_keep((n,), MergeSpec(None, False, dare=d, seed=6), 0),
+                  _dare_keep((n,), MergeSpec(None, False, dare=d, seed=5, stream=1), 0)):
+        both = (keep & other).float().mean().item()
+        assert abs(both - d * d) < 6 * (d * d * (1 - d * d) / n) ** 0.5
+
+
+def test_dare_mask_follows_logical_index_not_memory(gen):
+    """A strided view and its contiguous copy get the same mask."""
+    require_backend("native")
+    x = randn((40, 70), torch.float32, gen, noncontig=True)
+    a = dare_linear([x], density=0.5, seed=3, backend="native")
+    b = dare_linear([x.contiguous()], density=0.5, seed=3, backend="native")
+    assert torch.equal(a, b) and torch.equal(a != 0, _dare_keep(x.shape, MergeSpec(None, False, dare=0.5, seed=3, stream=_fnv1a32("")), 0))
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -127,7 +161,7 @@ def test_kernels_write_only_their_output(gen, backend, dtype):
     elif backend == "native":
         from transferops._backend import native_buffer
 
-        assert native_module().merge([native_buffer(t) for t in tvs], native_buffer(out), None, None, True, 0, False) == 0
+        assert native_module().merge([native_buffer(t) for t in tvs], native_buffer(out), None, None, None, True, 0, False) == 0
     else:
         pytest.skip("the cuda launcher allocates through torch; covered by the reference test")
     check()
@@ -204,8 +238,9 @@ def _golden_tvs(g, name):
 @pytest.mark.parametrize("backend", ["reference", "native"])
 @pytest.mark.parametrize("w", ["w1", "wnu"])
 def test_reproduces_peft_dare_ties(golden, backend, w):
-    """PEFT 0.21.2's dare_ties with its stored random masks: trim by mask, rescale by
-    1/density, then the sign election and disjoint mean under test."""
+    """PEFT 0.21.2's dare_ties and dare_linear with its stored random masks (which came from
+    torch's RNG, not ours): trim by mask, rescale by 1/density, then the election and
+    disjoint mean, or the weighted sum."""
     require_backend(backend)
     density = float(golden["density"])
     weights = golden["weights_uniform" if w == "w1" else "weights_nonuniform"].tolist()
@@ -215,6 +250,9 @@ def test_reproduces_peft_dare_ties(golden, backend, w):
         merged = disjoint_merge(tvs, sign="sum", weights=weights, backend=backend)
         expected = torch.from_numpy(golden[f"out/peft_dare_ties_{w}/{name}"] - golden[f"base/{name}"])
         torch.testing.assert_close(merged, expected, rtol=1e-6, atol=1e-6)
+        summed = task_arithmetic(tvs, weights=weights, backend=backend)  # dare_linear, same masks
+        expected = torch.from_numpy(golden[f"out/peft_dare_linear_{w}/{name}"] - golden[f"base/{name}"])
+        torch.testing.assert_close(summed, expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("method,sign", [("ties_total", "sum"), ("ties_frequency", "count")])
@@ -275,6 +313,10 @@ def test_golden_tensor_a_really_has_threshold_ties(golden):
     (lambda: ties([torch.ones(3)], density=0.5, semantics="paper2"), ValueError, "semantics: expected one of"),
     (lambda: magnitude_prune([torch.ones(3)], density=-0.1), ValueError, "density"),
     (lambda: task_arithmetic([torch.ones(3), torch.ones(2)]), ValueError, r"task_vectors\[1\]: shape"),
+    (lambda: dare_linear([torch.ones(3)], density=0.5, seed=-1), ValueError, r"seed: expected 0 <= seed < 2\*\*64"),
+    (lambda: dare_linear([torch.ones(3)], density=0.5, seed=1.5), TypeError, "seed: expected an int"),
+    (lambda: dare_ties([torch.ones(3)], density=2, seed=1), ValueError, "density"),
+    (lambda: dare_ties([torch.ones(3)], density=0.5, seed=1, name=3), TypeError, "name: expected a str"),
 ])
 def test_method_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):

@@ -4,9 +4,11 @@
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <type_traits>
 
 #include "common/dtype.h"
 #include "common/parallel.h"
+#include "common/philox.h"
 
 namespace transferops::cpu {
 namespace {
@@ -136,9 +138,9 @@ TopK abs_topk_typed(const std::vector<View2D>& views, int64_t k) {
 
 // ---- the fused merge pass --------------------------------------------------------------------
 
-template <class S, SignRule rule, bool elect, bool wbefore>
+template <class S, SignRule rule, bool elect, bool wbefore, bool dare>
 int64_t merge_typed(const std::vector<View2D>& tvs, const View2D& out, const double* weights,
-                    const Trim* trims) {
+                    const Trim* trims, const Dare* dr) {
   using A = acc_t<S>;
   const int T = int(tvs.size());
   std::vector<A> w(T, A(1)), lo(T, A(0)), hi(T, A(0));
@@ -147,6 +149,8 @@ int64_t merge_typed(const std::vector<View2D>& tvs, const View2D& out, const dou
     if (weights) w[t] = A(weights[t]);
     if (trims) lo[t] = A(trims[t].lo), hi[t] = A(trims[t].hi), cut[t] = trims[t].cut;
   }
+  const Dare d = dare ? *dr : Dare{0, 0, 0, 1.0};
+  const A rescale = A(d.rescale);
   const Blocks b(out, kBlock);
   int64_t nonfinite = 0;
 
@@ -169,7 +173,10 @@ int64_t merge_typed(const std::vector<View2D>& tvs, const View2D& out, const dou
         for (int64_t j = j0; j < j1; ++j) {
           const A raw = widen(p[j]);
           nf[j] += raw - raw;  // stays 0 unless some v is NaN or Inf
-          const A v = std::abs(raw) >= bound ? raw : A(0);
+          A v = std::abs(raw) >= bound ? raw : A(0);
+          if constexpr (dare) {
+            v = philox_keep(d.seed, d.stream, uint32_t(t), uint64_t(flat0 + j), d.keep_below) ? v / rescale : A(0);
+          }
           const A wv = wt * v;
           if constexpr (!elect) {
             pos_sum[j] += wv;
@@ -216,18 +223,28 @@ TopK abs_topk(const std::vector<View2D>& views, int64_t k) {
   return dispatch_float(views[0].dtype, [&](auto tag) { return abs_topk_typed<decltype(tag)>(views, k); });
 }
 
+// Calls f(std::true_type{}) or f(std::false_type{}): a runtime flag becomes a template one.
+template <class F>
+decltype(auto) with_flag(bool flag, F&& f) {
+  return flag ? f(std::true_type{}) : f(std::false_type{});
+}
+
 int64_t merge(const std::vector<View2D>& tvs, const View2D& out, const double* weights,
-              const Trim* trims, MergeSpec spec) {
+              const Trim* trims, const Dare* dare, MergeSpec spec) {
   return dispatch_float(out.dtype, [&](auto tag) -> int64_t {
     using S = decltype(tag);
-    if (!spec.elect) return merge_typed<S, SignRule::sum, false, false>(tvs, out, weights, trims);
-    const bool sum = spec.rule == SignRule::sum;
-    if (spec.weight_before_election) {
-      return sum ? merge_typed<S, SignRule::sum, true, true>(tvs, out, weights, trims)
-                 : merge_typed<S, SignRule::count, true, true>(tvs, out, weights, trims);
-    }
-    return sum ? merge_typed<S, SignRule::sum, true, false>(tvs, out, weights, trims)
-               : merge_typed<S, SignRule::count, true, false>(tvs, out, weights, trims);
+    return with_flag(spec.elect, [&](auto elect) {
+      // Without an election the sign rule and the weights' place do not matter: one instance.
+      return with_flag(elect && spec.rule == SignRule::count, [&](auto count) {
+        return with_flag(elect && spec.weight_before_election, [&](auto wbefore) {
+          return with_flag(dare != nullptr, [&](auto use_dare) {
+            constexpr SignRule rule = decltype(count)::value ? SignRule::count : SignRule::sum;
+            return merge_typed<S, rule, decltype(elect)::value, decltype(wbefore)::value,
+                               decltype(use_dare)::value>(tvs, out, weights, trims, dare);
+          });
+        });
+      });
+    });
   });
 }
 

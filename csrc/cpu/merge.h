@@ -30,6 +30,16 @@ struct Trim {
   int64_t cut;
 };
 
+// DARE (Yu et al., ICML 2024): keep each entry with probability keep_below / 2^32, drawn by
+// philox_keep(seed, stream, task index, flat element index), and divide survivors by
+// `rescale` (the density, PEFT; 1 for none).
+struct Dare {
+  uint64_t seed;
+  uint32_t stream;
+  uint64_t keep_below;
+  double rescale;
+};
+
 struct MergeSpec {
   bool elect;                   // TIES sign election + disjoint mean; false: weighted sum
   SignRule rule;                // how the sign is elected
@@ -38,12 +48,12 @@ struct MergeSpec {
 };
 
 // One pass over the task vectors (TIES-Merging, Yadav et al. 2023, eq. 1-3): trim each task
-// (optional), then either out = sum_t w_t tv_t, or elect s = sign of the vote (zero elects +1)
+// by magnitude and/or DARE (both optional), then either out = sum_t w_t tv_t, or elect s = sign of the vote (zero elects +1)
 // and out = (sum over agreeing t of w_t tv_t) / den, den = their count (PEFT) or their weight
 // (mergekit), 1 where it is 0. Zeros never vote nor count. All views share rows, cols, dtype.
-// `weights` and `trims` may be null (all ones, no trim).
+// `weights`, `trims` and `dare` may be null (all ones, no trim, no DARE).
 // Returns at how many element positions some input was NaN or Inf.
 int64_t merge(const std::vector<View2D>& task_vectors, const View2D& out, const double* weights,
-              const Trim* trims, MergeSpec spec);
+              const Trim* trims, const Dare* dare, MergeSpec spec);
 
 }  // namespace transferops::cpu

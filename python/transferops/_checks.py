@@ -77,6 +77,21 @@ def fraction(value, name: str) -> float:
     return v
 
 
+def seed(value, name: str = "seed") -> int:
+    """An integer in [0, 2^64)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if not 0 <= value < 2**64:
+        raise ValueError(f"{name}: expected 0 <= {name} < 2**64, got {value}")
+    return value
+
+
+def name(value, what: str = "name") -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what}: expected a str, got {type(value).__name__}")
+    return value
+
+
 def raise_nonfinite(count: int, name: str) -> None:
     """Kernels count the element positions holding NaN/Inf as they read them (no extra pass);
     a nonzero count becomes this error."""

@@ -31,6 +31,9 @@ class MergeSpec:
     elect: bool  # TIES election + disjoint mean; False: weighted sum
     sign: str = "sum"  # election rule, see SIGN_RULES
     semantics: str = "peft"  # see SEMANTICS and ties()
+    dare: float | None = None  # DARE keep probability (survivors divided by it); None: no DARE
+    seed: int = 0  # DARE: with `stream` (a hash of the tensor's name), keys the Philox counter
+    stream: int = 0
 
     @property
     def weight_before_election(self) -> bool:
@@ -54,6 +57,37 @@ def _fused_only(what: str, **allowed):
 
 merge_op = Op("merge", order=("triton", "cuda", "native", "reference"))
 
+_U32 = 0xFFFFFFFF
+
+
+def _fnv1a32(name: str) -> int:
+    """The DARE stream of a tensor: FNV-1a of its name, so each tensor of a model draws its
+    own mask from one seed."""
+    h = 0x811C9DC5
+    for byte in name.encode():
+        h = ((h ^ byte) * 0x01000193) & _U32
+    return h
+
+
+def _philox_first(c0, c1, c2, c3, k0: int, k1: int):
+    """First output word of Philox4x32-10 (Salmon et al., SC 2011) on int64 tensors holding
+    uint32 values. The products wrap modulo 2^64 in int64, which keeps their low 64 bits exact."""
+    for _ in range(10):
+        p0, p1 = c0 * 0xD2511F53, c2 * 0xCD9E8D57
+        c0, c1, c2, c3 = ((p1 >> 32) & _U32) ^ c1 ^ k0, p1 & _U32, ((p0 >> 32) & _U32) ^ c3 ^ k1, p0 & _U32
+        k0, k1 = (k0 + 0x9E3779B9) & _U32, (k1 + 0xBB67AE85) & _U32
+    return c0
+
+
+def _dare_keep(shape, spec: MergeSpec, task: int) -> torch.Tensor:
+    """DARE's keep mask of one task: element i kept iff philox(i, task, stream; seed) is below
+    keep probability * 2^32 (the native kernel draws the same numbers in place)."""
+    i = torch.arange(int(torch.Size(shape).numel()), dtype=torch.int64)
+    zeros = torch.zeros_like(i)
+    word = _philox_first(i & _U32, i >> 32, zeros + task, zeros + spec.stream,
+                         spec.seed & _U32, spec.seed >> 32)
+    return (word < int(spec.dare * 2**32)).view(shape)
+
 
 def _topk_keep(x: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest |x|, ties at the threshold kept lowest flat index first."""
@@ -76,6 +110,9 @@ def _merge_reference(tvs: list[torch.Tensor], weights: list[float] | None, spec:
     if spec.density is not None:
         k = spec.keep_count(x[0].numel())
         x = x * torch.stack([_topk_keep(xt, k) for xt in x])
+    if spec.dare is not None:
+        keep = torch.stack([_dare_keep(x[0].shape, spec, t) for t in range(len(tvs))]).to(x.device)
+        x = torch.where(keep, x / spec.dare, 0.0)
     w = torch.tensor(weights if weights is not None else [1.0] * len(tvs), dtype=torch.float64)
     w = w.view(-1, *([1] * (x.dim() - 1))).to(x.device)
     if not spec.elect:
@@ -110,15 +147,16 @@ def _native_trims(bufs, numel: int, spec: MergeSpec, dtype: torch.dtype):
 def _merge_native(tvs, weights, spec: MergeSpec):
     out = torch.empty_like(tvs[0], memory_format=torch.contiguous_format)
     bufs = [native_buffer(_checks.as_rows(t)) for t in tvs]
+    dare = None if spec.dare is None else (spec.seed, spec.stream, int(spec.dare * 2**32), spec.dare)
     bad = native_module().merge(bufs, native_buffer(_checks.as_rows(out)), weights,
-                                _native_trims(bufs, out.numel(), spec, out.dtype), spec.elect,
+                                _native_trims(bufs, out.numel(), spec, out.dtype), dare, spec.elect,
                                 SIGN_RULES.index(spec.sign), spec.weight_before_election)
     _checks.raise_nonfinite(bad, "task_vectors")
     return out
 
 
 @merge_op.register("triton", dtypes=_DTYPES,
-                   limit=_fused_only("triton", density=None, elect=True, semantics="peft"))
+                   limit=_fused_only("triton", density=None, elect=True, semantics="peft", dare=None))
 def _merge_triton(tvs, weights, spec: MergeSpec):
     from .kernels import merge as kernels
 
@@ -130,7 +168,7 @@ def _merge_triton(tvs, weights, spec: MergeSpec):
 
 
 def _cuda_limit(tvs, weights, spec):
-    why = _fused_only("cuda", density=None, elect=True, semantics="peft")(tvs, weights, spec)
+    why = _fused_only("cuda", density=None, elect=True, semantics="peft", dare=None)(tvs, weights, spec)
     limit = native_module().cuda_max_tasks
     return why or (None if len(tvs) <= limit else f"cuda takes at most {limit} task vectors, got {len(tvs)}")
 
@@ -152,8 +190,9 @@ def _merge_cuda(tvs, weights, spec: MergeSpec):
 def _run(name: str, task_vectors, weights, spec: MergeSpec, backend: str) -> torch.Tensor:
     tvs = _checks.tensor_list(task_vectors, "task_vectors")
     weights = _checks.weight_list(weights, len(tvs))
-    if spec.density is not None:
-        _checks.fraction(spec.density, "density")
+    for field in ("density", "dare"):
+        if getattr(spec, field) is not None:
+            _checks.fraction(getattr(spec, field), "density")
     _checks.choice(spec.sign, "sign", SIGN_RULES)
     if tvs[0].numel() == 0:
         return torch.empty_like(tvs[0], memory_format=torch.contiguous_format)
@@ -212,6 +251,29 @@ def ties(task_vectors, *, density: float, weights=None, sign: str = "sum", seman
     return _run("ties", task_vectors, weights, spec, backend)
 
 
+def dare_linear(task_vectors, *, density: float, seed: int, weights=None, name: str = "",
+                backend: str = "auto") -> torch.Tensor:
+    r"""DARE (Yu et al., "Language Models are Super Mario", ICML 2024) then task arithmetic:
+    drop each entry with probability ``1 - density``, divide survivors by ``density`` (PEFT's
+    rescale), and return :math:`\sum_t w_t \tilde\tau_t`.
+
+    The masks come from Philox4x32-10 keyed by (``seed``, FNV-1a of ``name``, task index,
+    flat element index): identical on every backend and thread count, never materialized.
+    Give each tensor of a model its ``name`` so that tensors get independent masks."""
+    spec = MergeSpec(density=None, elect=False, dare=density,
+                     seed=_checks.seed(seed), stream=_fnv1a32(_checks.name(name)))
+    return _run("dare_linear", task_vectors, weights, spec, backend)
+
+
+def dare_ties(task_vectors, *, density: float, seed: int, weights=None, sign: str = "sum", name: str = "",
+              backend: str = "auto") -> torch.Tensor:
+    """DARE's random drop and rescale (see :func:`dare_linear`), then the TIES election and
+    disjoint mean in PEFT's semantics (see :func:`ties`), in one pass."""
+    spec = MergeSpec(density=None, elect=True, sign=sign, dare=density,
+                     seed=_checks.seed(seed), stream=_fnv1a32(_checks.name(name)))
+    return _run("dare_ties", task_vectors, weights, spec, backend)
+
+
 def disjoint_merge(task_vectors, *, sign: str = "sum", weights=None, backend: str = "auto") -> torch.Tensor:
     r"""TIES sign election and disjoint mean over already-trimmed task vectors (PEFT's
     ``calculate_majority_sign_mask`` + ``disjoint_merge``), i.e. :func:`ties` without the trim:
@@ -222,5 +284,5 @@ def disjoint_merge(task_vectors, *, sign: str = "sum", weights=None, backend: st
     return _run("disjoint_merge", task_vectors, weights, MergeSpec(density=None, elect=True, sign=sign), backend)
 
 
-for _fn in (task_arithmetic, magnitude_prune, ties, disjoint_merge):
+for _fn in (task_arithmetic, magnitude_prune, ties, dare_linear, dare_ties, disjoint_merge):
     _fn.__doc__ = (_fn.__doc__ or "").rstrip() + "\n\n    Parameters\n    ----------" + _COMMON

@@ -1,0 +1,42 @@
+// Counter-based random numbers (Philox4x32-10, Salmon et al., SC 2011): the value for an element
+// is a pure function of (seed, stream, task, element index), so DARE masks are identical on
+// every backend, chunking and thread count, and are never stored. Mirrored in torch by
+// transferops.merging._philox_keep and in Triton by kernels/merge.py.
+#pragma once
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define TRANSFEROPS_HD __host__ __device__ __forceinline__
+#else
+#define TRANSFEROPS_HD inline
+#endif
+
+namespace transferops {
+
+// First 32-bit output of Philox4x32-10 with counter (c0, c1, c2, c3) and key (k0, k1).
+TRANSFEROPS_HD uint32_t philox_first(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                     uint32_t k0, uint32_t k1) {
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = uint64_t(0xD2511F53u) * c0;
+    const uint64_t p1 = uint64_t(0xCD9E8D57u) * c2;
+    const uint32_t n0 = uint32_t(p1 >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = uint32_t(p0 >> 32) ^ c3 ^ k1;
+    c1 = uint32_t(p1);
+    c3 = uint32_t(p0);
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+// DARE's keep decision for element `index` of task `task` in stream `stream` (a hash of the
+// tensor's name): kept with probability keep_below / 2^32.
+TRANSFEROPS_HD bool philox_keep(uint64_t seed, uint32_t stream, uint32_t task, uint64_t index,
+                                uint64_t keep_below) {
+  return philox_first(uint32_t(index), uint32_t(index >> 32), task, stream, uint32_t(seed),
+                      uint32_t(seed >> 32)) < keep_below;
+}
+
+}  // namespace transferops
