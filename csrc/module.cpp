@@ -99,7 +99,7 @@ std::vector<View2D> views_of(const std::vector<py::buffer>& bufs, const std::str
 int64_t merge(const std::vector<py::buffer>& tvs, const py::buffer& out,
               const std::optional<std::vector<double>>& weights,
               const std::optional<std::vector<std::tuple<double, double, int64_t>>>& trims,
-              const std::optional<std::tuple<uint64_t, uint32_t, uint64_t, double>>& dare,
+              const std::optional<std::tuple<uint64_t, uint32_t, uint64_t, double, int64_t>>& dare,
               bool elect, int rule, bool weight_before_election) {
   if (rule != 0 && rule != 1) throw std::invalid_argument("rule: expected 0 (sum) or 1 (count)");
   BufferView o = buffer_view(out, "out", true);
@@ -115,21 +115,35 @@ int64_t merge(const std::vector<py::buffer>& tvs, const py::buffer& out,
   }
   std::optional<cpu::Dare> dr;
   if (dare) {
-    const auto& [seed, stream, keep_below, rescale] = *dare;
+    const auto& [seed, stream, keep_below, rescale, offset] = *dare;
     if (keep_below > (uint64_t(1) << 32)) throw std::invalid_argument("dare: keep_below exceeds 2^32");
-    dr = cpu::Dare{seed, stream, keep_below, rescale};
+    dr = cpu::Dare{seed, stream, keep_below, rescale, offset};
   }
   const cpu::MergeSpec spec{elect, static_cast<cpu::SignRule>(rule), weight_before_election};
   py::gil_scoped_release release;
   return cpu::merge(views, o.view, w, trims ? tr.data() : nullptr, dr ? &*dr : nullptr, spec);
 }
 
-std::tuple<double, int64_t, int64_t> abs_topk(const std::vector<py::buffer>& bufs, int64_t k) {
+std::vector<int64_t> abs_digit_histogram(const std::vector<py::buffer>& bufs, uint64_t prefix, int shift,
+                                         int dbits) {
   std::vector<BufferView> keep;
   const std::vector<View2D> views = views_of(bufs, "tensors", keep, nullptr);
   py::gil_scoped_release release;
-  const cpu::TopK t = cpu::abs_topk(views, k);
-  return {t.value, t.cut_view, t.cut_index};
+  return cpu::abs_digit_histogram(views, prefix, shift, dbits);
+}
+
+int64_t abs_count_equal(const std::vector<py::buffer>& bufs, uint64_t key) {
+  std::vector<BufferView> keep;
+  const std::vector<View2D> views = views_of(bufs, "tensors", keep, nullptr);
+  py::gil_scoped_release release;
+  return cpu::abs_count_equal(views, key);
+}
+
+int64_t abs_equal_cut(const std::vector<py::buffer>& bufs, uint64_t key, int64_t rank) {
+  std::vector<BufferView> keep;
+  const std::vector<View2D> views = views_of(bufs, "tensors", keep, nullptr);
+  py::gil_scoped_release release;
+  return cpu::abs_equal_cut(views, key, rank);
 }
 
 #ifdef TRANSFEROPS_WITH_CUDA
@@ -176,6 +190,10 @@ PYBIND11_MODULE(_native, m) {
         py::arg("weight_before_election"),
         "Fused trim + (TIES election and disjoint mean | weighted sum); returns the number of "
         "positions where an input was NaN/Inf");
-  m.def("abs_topk", &abs_topk, py::arg("tensors"), py::arg("k"),
-        "Radix select of the k-th largest |x| over all buffers: (value, cut_view, cut_index)");
+  m.def("abs_digit_histogram", &abs_digit_histogram, py::arg("tensors"), py::arg("prefix"),
+        py::arg("shift"), py::arg("dbits"),
+        "Radix-select step: histogram of the digit at `shift` of the bits of |x|, over the "
+        "elements whose higher bits equal `prefix`");
+  m.def("abs_count_equal", &abs_count_equal, py::arg("tensors"), py::arg("key"));
+  m.def("abs_equal_cut", &abs_equal_cut, py::arg("tensors"), py::arg("key"), py::arg("rank"));
 }

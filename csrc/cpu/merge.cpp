@@ -44,26 +44,20 @@ inline typename AbsKey<S>::K abs_key(const S& x) {
   return k & (std::numeric_limits<typename AbsKey<S>::K>::max() >> 1);
 }
 
-template <class S>
-double value_of_key(typename AbsKey<S>::K key) {
-  S x;
-  std::memcpy(&x, &key, sizeof(key));
-  return double(widen(x));
-}
+constexpr int64_t kHistBlock = 4096;
 
-constexpr int kDigitBits = 11;
-
-// Counts, over all views, the digit at `shift` of the keys whose bits above the digit equal
-// `prefix`. Per-thread histograms are summed in a fixed order: integer sums, so exact anyway.
 template <class S>
 std::vector<int64_t> digit_histogram(const std::vector<View2D>& views, uint64_t prefix, int shift,
                                      int dbits) {
   using K = typename AbsKey<S>::K;
+  if (dbits < 1 || dbits > 16 || shift < 0 || shift + dbits > AbsKey<S>::bits) {
+    throw std::invalid_argument("abs_digit_histogram: digit out of the key's range");
+  }
   const int64_t bins = int64_t(1) << dbits;
   const int high = shift + dbits;
   std::vector<int64_t> hist(bins, 0);
   for (const View2D& v : views) {
-    const Blocks b(v, 4096);
+    const Blocks b(v, kHistBlock);
 #pragma omp parallel if (v.rows * v.cols > kParallelMinElements)
     {
       std::vector<int64_t> local(bins, 0);
@@ -72,52 +66,36 @@ std::vector<int64_t> digit_histogram(const std::vector<View2D>& views, uint64_t 
         const S* p = v.row<S>(b.row(item)) + b.col(item);
         const int64_t n = b.len(item);
         for (int64_t j = 0; j < n; ++j) {
-          const K key = abs_key(p[j]);
-          // high >= bits of K on the first pass: every key matches the empty prefix.
-          if (high >= int(8 * sizeof(K)) || (uint64_t(key) >> high) == prefix) {
-            ++local[(uint64_t(key) >> shift) & uint64_t(bins - 1)];
-          }
+          const uint64_t key = abs_key(p[j]);
+          // Shifting a key by its full width or more is undefined: the first digit has no prefix.
+          if (high >= int(8 * sizeof(K)) || (key >> high) == prefix) ++local[(key >> shift) & uint64_t(bins - 1)];
         }
       }
 #pragma omp critical
-      for (int64_t d = 0; d < bins; ++d) hist[d] += local[d];
+      for (int64_t d = 0; d < bins; ++d) hist[d] += local[d];  // integer sums: order-free
     }
   }
   return hist;
 }
 
 template <class S>
-TopK abs_topk_typed(const std::vector<View2D>& views, int64_t k) {
-  using K = typename AbsKey<S>::K;
-  const int nbits = AbsKey<S>::bits;
-  uint64_t prefix = 0;
-  int known = 0;
-  int64_t rank = k;  // the rank still to find among keys matching the prefix
-  int64_t ties = 0;
-  while (known < nbits) {
-    const int dbits = std::min(kDigitBits, nbits - known);
-    const int shift = nbits - known - dbits;
-    const std::vector<int64_t> hist = digit_histogram<S>(views, prefix, shift, dbits);
-    int64_t d = int64_t(hist.size()) - 1;
-    for (; d > 0 && hist[d] < rank; --d) rank -= hist[d];
-    prefix = (prefix << dbits) | uint64_t(d);
-    ties = hist[d];
-    known += dbits;
-  }
-  TopK t{value_of_key<S>(K(prefix)), int64_t(views.size()), 0};
-  if (rank == ties) return t;  // every tie at the threshold is kept
-  // Keep the first `rank` ties in flat order: find where the rank-th one is.
-  const K key = K(prefix);
-  for (size_t vi = 0; vi < views.size(); ++vi) {
-    const View2D& v = views[vi];
-    std::vector<int64_t> per_row(v.rows, 0);
+std::vector<int64_t> equal_per_row(const View2D& v, uint64_t key) {
+  std::vector<int64_t> per_row(v.rows, 0);
 #pragma omp parallel for schedule(static) if (v.rows * v.cols > kParallelMinElements)
-    for (int64_t r = 0; r < v.rows; ++r) {
-      const S* p = v.row<S>(r);
-      int64_t c = 0;
-      for (int64_t j = 0; j < v.cols; ++j) c += abs_key(p[j]) == key;
-      per_row[r] = c;
-    }
+  for (int64_t r = 0; r < v.rows; ++r) {
+    const S* p = v.row<S>(r);
+    int64_t c = 0;
+    for (int64_t j = 0; j < v.cols; ++j) c += uint64_t(abs_key(p[j])) == key;
+    per_row[r] = c;
+  }
+  return per_row;
+}
+
+template <class S>
+int64_t equal_cut(const std::vector<View2D>& views, uint64_t key, int64_t rank) {
+  int64_t before = 0;  // elements of the views already passed
+  for (const View2D& v : views) {
+    const std::vector<int64_t> per_row = equal_per_row<S>(v, key);
     for (int64_t r = 0; r < v.rows; ++r) {
       if (per_row[r] < rank) {
         rank -= per_row[r];
@@ -125,15 +103,12 @@ TopK abs_topk_typed(const std::vector<View2D>& views, int64_t k) {
       }
       const S* p = v.row<S>(r);
       for (int64_t j = 0; j < v.cols; ++j) {
-        if (abs_key(p[j]) == key && --rank == 0) {
-          t.cut_view = int64_t(vi);
-          t.cut_index = r * v.cols + j + 1;
-          return t;
-        }
+        if (uint64_t(abs_key(p[j])) == key && --rank == 0) return before + r * v.cols + j + 1;
       }
     }
+    before += v.rows * v.cols;
   }
-  throw std::logic_error("abs_topk: tie position not found");
+  throw std::invalid_argument("abs_equal_cut: fewer equal elements than the rank asked for");
 }
 
 // ---- the fused merge pass --------------------------------------------------------------------
@@ -149,7 +124,7 @@ int64_t merge_typed(const std::vector<View2D>& tvs, const View2D& out, const dou
     if (weights) w[t] = A(weights[t]);
     if (trims) lo[t] = A(trims[t].lo), hi[t] = A(trims[t].hi), cut[t] = trims[t].cut;
   }
-  const Dare d = dare ? *dr : Dare{0, 0, 0, 1.0};
+  const Dare d = dare ? *dr : Dare{0, 0, 0, 1.0, 0};
   const A rescale = A(d.rescale);
   const Blocks b(out, kBlock);
   int64_t nonfinite = 0;
@@ -175,7 +150,7 @@ int64_t merge_typed(const std::vector<View2D>& tvs, const View2D& out, const dou
           nf[j] += raw - raw;  // stays 0 unless some v is NaN or Inf
           A v = std::abs(raw) >= bound ? raw : A(0);
           if constexpr (dare) {
-            v = philox_keep(d.seed, d.stream, uint32_t(t), uint64_t(flat0 + j), d.keep_below) ? v / rescale : A(0);
+            v = philox_keep(d.seed, d.stream, uint32_t(t), uint64_t(d.offset + flat0 + j), d.keep_below) ? v / rescale : A(0);
           }
           const A wv = wt * v;
           if constexpr (!elect) {
@@ -215,12 +190,28 @@ int64_t merge_typed(const std::vector<View2D>& tvs, const View2D& out, const dou
 
 }  // namespace
 
-TopK abs_topk(const std::vector<View2D>& views, int64_t k) {
-  int64_t n = 0;
-  for (const View2D& v : views) n += v.rows * v.cols;
-  if (views.empty() || k <= 0) return TopK{std::numeric_limits<double>::infinity(), 0, 0};
-  if (k >= n) return TopK{0.0, int64_t(views.size()), 0};
-  return dispatch_float(views[0].dtype, [&](auto tag) { return abs_topk_typed<decltype(tag)>(views, k); });
+std::vector<int64_t> abs_digit_histogram(const std::vector<View2D>& views, uint64_t prefix,
+                                         int shift, int dbits) {
+  if (views.empty()) throw std::invalid_argument("abs_digit_histogram: no views");
+  return dispatch_float(views[0].dtype, [&](auto tag) {
+    return digit_histogram<decltype(tag)>(views, prefix, shift, dbits);
+  });
+}
+
+int64_t abs_count_equal(const std::vector<View2D>& views, uint64_t key) {
+  if (views.empty()) return 0;
+  return dispatch_float(views[0].dtype, [&](auto tag) {
+    int64_t n = 0;
+    for (const View2D& v : views) {
+      for (int64_t c : equal_per_row<decltype(tag)>(v, key)) n += c;
+    }
+    return n;
+  });
+}
+
+int64_t abs_equal_cut(const std::vector<View2D>& views, uint64_t key, int64_t rank) {
+  if (views.empty() || rank < 1) throw std::invalid_argument("abs_equal_cut: rank must be >= 1");
+  return dispatch_float(views[0].dtype, [&](auto tag) { return equal_cut<decltype(tag)>(views, key, rank); });
 }
 
 // Calls f(std::true_type{}) or f(std::false_type{}): a runtime flag becomes a template one.

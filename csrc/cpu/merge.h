@@ -9,19 +9,20 @@ namespace transferops::cpu {
 
 enum class SignRule : int { sum = 0, count = 1 };
 
-// Which entries a top-k trim keeps: |x| > value, or |x| == value at a flat position (views in
-// order, each row-major) before (cut_view, cut_index). The ties at the threshold are thereby
-// kept lowest position first, the same on every backend.
-struct TopK {
-  double value;
-  int64_t cut_view;
-  int64_t cut_index;
-};
-
-// Exact k-th largest |x| over all elements of `views` (one dtype), found by a radix select over
-// the bits of |x| (11-bit digits: 3 passes for float32, 2 for 16-bit types) with no sort and no
-// copy. k <= 0 keeps nothing (value +Inf); k >= the element count keeps everything (value 0).
-TopK abs_topk(const std::vector<View2D>& views, int64_t k);
+// Exact top-k of |x| without sorting, as a radix select over the bits of |x| driven by the
+// caller (so the data may stream from disk between passes). For non-negative IEEE values,
+// integer order of the bits is value order. `nbits` of a key: 31 (float32), 63 (float64),
+// 15 (bf16, fp16).
+//
+// Counts the digit of `dbits` bits at `shift` over every element of `views` whose key bits
+// above the digit equal `prefix`.
+std::vector<int64_t> abs_digit_histogram(const std::vector<View2D>& views, uint64_t prefix,
+                                         int shift, int dbits);
+// How many elements of `views` have key `key`.
+int64_t abs_count_equal(const std::vector<View2D>& views, uint64_t key);
+// The flat position (views in order, each row-major) just after the rank-th element (1-based)
+// with key `key`; throws if there are fewer.
+int64_t abs_equal_cut(const std::vector<View2D>& views, uint64_t key, int64_t rank);
 
 // Per task: entries kept by a trim are |v| >= lo at flat index < cut and |v| >= hi after it,
 // where hi is the next float above lo (so "> threshold"). No trim: lo = hi = 0.
@@ -32,12 +33,14 @@ struct Trim {
 
 // DARE (Yu et al., ICML 2024): keep each entry with probability keep_below / 2^32, drawn by
 // philox_keep(seed, stream, task index, flat element index), and divide survivors by
-// `rescale` (the density, PEFT; 1 for none).
+// `rescale` (the density, PEFT; 1 for none). `offset` is the flat index of the views' first
+// element in the whole tensor, so a tensor merged in chunks draws the same mask.
 struct Dare {
   uint64_t seed;
   uint32_t stream;
   uint64_t keep_below;
   double rescale;
+  int64_t offset;
 };
 
 struct MergeSpec {

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import _checks
@@ -34,6 +35,10 @@ class MergeSpec:
     dare: float | None = None  # DARE keep probability (survivors divided by it); None: no DARE
     seed: int = 0  # DARE: with `stream` (a hash of the tensor's name), keys the Philox counter
     stream: int = 0
+    # Set only when a tensor is merged in chunks: the whole tensor's top-k trims, one
+    # (lo, hi, cut) per task, and the chunk's first flat index (for the trims' cut and DARE).
+    trims: tuple | None = None
+    offset: int = 0
 
     @property
     def weight_before_election(self) -> bool:
@@ -82,11 +87,18 @@ def _philox_first(c0, c1, c2, c3, k0: int, k1: int):
 def _dare_keep(shape, spec: MergeSpec, task: int) -> torch.Tensor:
     """DARE's keep mask of one task: element i kept iff philox(i, task, stream; seed) is below
     keep probability * 2^32 (the native kernel draws the same numbers in place)."""
-    i = torch.arange(int(torch.Size(shape).numel()), dtype=torch.int64)
+    i = torch.arange(spec.offset, spec.offset + int(torch.Size(shape).numel()), dtype=torch.int64)
     zeros = torch.zeros_like(i)
     word = _philox_first(i & _U32, i >> 32, zeros + task, zeros + spec.stream,
                          spec.seed & _U32, spec.seed >> 32)
     return (word < int(spec.dare * 2**32)).view(shape)
+
+
+def _trim_keep(x: torch.Tensor, trim, offset: int) -> torch.Tensor:
+    """The mask of a precomputed trim (lo, hi, cut) on a chunk starting at flat ``offset``."""
+    lo, hi, cut = trim
+    idx = torch.arange(offset, offset + x.numel(), device=x.device).view(x.shape)
+    return torch.where(idx < cut, x.abs() >= lo, x.abs() >= hi)
 
 
 def _topk_keep(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -107,7 +119,9 @@ def _topk_keep(x: torch.Tensor, k: int) -> torch.Tensor:
 def _merge_reference(tvs: list[torch.Tensor], weights: list[float] | None, spec: MergeSpec) -> torch.Tensor:
     x = torch.stack([t.to(torch.float64) for t in tvs])  # [T, ...]
     _checks.raise_nonfinite(int((~torch.isfinite(x)).any(0).sum()), "task_vectors")
-    if spec.density is not None:
+    if spec.trims is not None:
+        x = x * torch.stack([_trim_keep(xt, tr, spec.offset) for xt, tr in zip(x, spec.trims)])
+    elif spec.density is not None:
         k = spec.keep_count(x[0].numel())
         x = x * torch.stack([_topk_keep(xt, k) for xt in x])
     if spec.dare is not None:
@@ -127,27 +141,64 @@ def _merge_reference(tvs: list[torch.Tensor], weights: list[float] | None, spec:
     return merged.to(tvs[0].dtype)
 
 
+_KEY_BITS = {torch.float32: 31, torch.float64: 63, torch.bfloat16: 15, torch.float16: 15}
+_KEY_INTS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
+             torch.float16: torch.int16}
+_DIGIT_BITS = 11  # 2048-bin histograms: 3 passes for float32, 2 for 16-bit types
+
+
+def _abs_topk(passes, k: int, numel: int, dtype: torch.dtype) -> tuple[float, float, int]:
+    """Exact top-k of |x| as a trim (lo, hi, cut) for the fused pass: a radix select over the
+    bits of |x| (integer order of the bits of a non-negative float is value order), with ties
+    at the threshold kept lowest flat index first. ``passes()`` returns a fresh iterable of
+    lists of native buffers covering the tensor in flat order: it is read once per digit, so
+    the data may stream from disk."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if k <= 0:
+        return math.inf, math.inf, 0
+    if k >= numel:
+        return 0.0, 0.0, numel
+    native = native_module()
+    nbits, prefix, known, rank, ties = _KEY_BITS[dtype], 0, 0, k, 0
+    while known < nbits:
+        dbits = min(_DIGIT_BITS, nbits - known)
+        shift = nbits - known - dbits
+        hist = sum(np.asarray(native.abs_digit_histogram(bufs, prefix, shift, dbits)) for bufs in passes())
+        d = len(hist) - 1
+        while d > 0 and hist[d] < rank:
+            rank -= int(hist[d])
+            d -= 1
+        prefix, ties, known = (prefix << dbits) | d, int(hist[d]), known + dbits
+    lo = torch.tensor([prefix], dtype=torch.int64).to(_KEY_INTS[dtype]).view(dtype).to(acc)
+    hi = torch.nextafter(lo, torch.tensor([math.inf], dtype=acc))
+    cut, before = numel, 0
+    if rank < ties:  # some ties at the threshold are dropped: find where the rank-th one is
+        for bufs in passes():
+            n = native.abs_count_equal(bufs, prefix)
+            if n >= rank:
+                cut = before + native.abs_equal_cut(bufs, prefix, rank)
+                break
+            rank -= n
+            before += sum(b.size for b in bufs)
+    return lo.item(), hi.item(), cut
+
+
 def _native_trims(bufs, numel: int, spec: MergeSpec, dtype: torch.dtype):
-    """Per task (lo, hi, cut) for the fused pass: keep |v| >= lo before flat index ``cut`` and
+    """Per task (lo, hi, cut): the fused pass keeps |v| >= lo before flat index ``cut`` and
     |v| >= hi (the next float above lo, i.e. > lo) from it on."""
+    if spec.trims is not None:
+        return [(lo, hi, cut - spec.offset) for lo, hi, cut in spec.trims]
     if spec.density is None:
         return None
     k = spec.keep_count(numel)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    trims = []
-    for b in bufs:
-        value, cut_view, cut_index = native_module().abs_topk([b], k)
-        lo = torch.tensor(value, dtype=acc)
-        hi = torch.nextafter(lo, torch.tensor(math.inf, dtype=acc))
-        trims.append((lo.item(), hi.item(), numel if cut_view >= 1 else cut_index))
-    return trims
+    return [_abs_topk(lambda b=b: [[b]], k, numel, dtype) for b in bufs]
 
 
 @merge_op.register("native", dtypes=_DTYPES)
 def _merge_native(tvs, weights, spec: MergeSpec):
     out = torch.empty_like(tvs[0], memory_format=torch.contiguous_format)
     bufs = [native_buffer(_checks.as_rows(t)) for t in tvs]
-    dare = None if spec.dare is None else (spec.seed, spec.stream, int(spec.dare * 2**32), spec.dare)
+    dare = None if spec.dare is None else (spec.seed, spec.stream, int(spec.dare * 2**32), spec.dare, spec.offset)
     bad = native_module().merge(bufs, native_buffer(_checks.as_rows(out)), weights,
                                 _native_trims(bufs, out.numel(), spec, out.dtype), dare, spec.elect,
                                 SIGN_RULES.index(spec.sign), spec.weight_before_election)
@@ -156,7 +207,7 @@ def _merge_native(tvs, weights, spec: MergeSpec):
 
 
 @merge_op.register("triton", dtypes=_DTYPES,
-                   limit=_fused_only("triton", density=None, elect=True, semantics="peft", dare=None))
+                   limit=_fused_only("triton", density=None, elect=True, semantics="peft", dare=None, trims=None))
 def _merge_triton(tvs, weights, spec: MergeSpec):
     from .kernels import merge as kernels
 
@@ -168,7 +219,7 @@ def _merge_triton(tvs, weights, spec: MergeSpec):
 
 
 def _cuda_limit(tvs, weights, spec):
-    why = _fused_only("cuda", density=None, elect=True, semantics="peft", dare=None)(tvs, weights, spec)
+    why = _fused_only("cuda", density=None, elect=True, semantics="peft", dare=None, trims=None)(tvs, weights, spec)
     limit = native_module().cuda_max_tasks
     return why or (None if len(tvs) <= limit else f"cuda takes at most {limit} task vectors, got {len(tvs)}")
 
