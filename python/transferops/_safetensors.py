@@ -8,6 +8,7 @@ data_offsets (relative to the end of the header), then the raw little-endian dat
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -186,7 +187,13 @@ class ShardedWriter:
             for name, dtype, shape, nbytes in shard:
                 self.where[name] = (i, base + header[name]["data_offsets"][0], nbytes, dtype)
             self.total += offset
-            f.truncate(base + offset)  # reserve the space now: a full disk fails here, early
+            try:  # reserve the space now, so that a full disk fails here, before any work
+                os.posix_fallocate(f.fileno(), 0, base + offset)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    self.abort()
+                    raise OSError(e.errno, f"{tmp}: cannot reserve {base + offset} bytes: {e.strerror}") from None
+                f.truncate(base + offset)
 
     def write(self, name: str, start_element: int, data: torch.Tensor) -> None:
         """Write ``data`` (flat, of the tensor's dtype) at element ``start_element`` of ``name``."""

@@ -1,4 +1,4 @@
-"""The ``transferops`` command: info | bench (more subcommands land with their hot paths)."""
+"""The ``transferops`` command: info | bench | merge (more land with their hot paths)."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,100 @@ def _bench(args) -> int:
     return 0
 
 
+def _size(text: str) -> int:
+    """'2GB', '512MiB', '1e9' -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    t = text.strip().upper()
+    num = t.rstrip("KMGTIB")
+    try:
+        return int(float(num) * units[t[len(num):]])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size like 2GB or 512MiB, got {text!r}") from None
+
+
+def _merge_config(path: str) -> dict:
+    """Our YAML (method, base, models: [{path, weight}], parameters) or mergekit's
+    (merge_method, base_model, models: [{model, parameters: {weight, density}}], parameters)."""
+    try:
+        import yaml
+    except ImportError:
+        raise SystemExit("transferops merge --config needs PyYAML (pip install pyyaml)") from None
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    params = dict(cfg.get("parameters") or {})
+    entries = cfg.get("models") or []
+    models, weights, densities = [], [], set()
+    for e in entries:
+        p = dict(e.get("parameters") or {})
+        models.append(str(e.get("path") or e.get("model")))
+        weights.append(float(e.get("weight", p.get("weight", 1.0))))
+        if "density" in p:
+            densities.add(float(p["density"]))
+    if len(densities) > 1:
+        raise SystemExit(f"{path}: per-model densities differ ({sorted(densities)}); transferops takes one")
+    base = cfg.get("base") or cfg.get("base_model")
+    method = cfg.get("method") or cfg.get("merge_method")
+    if not base or not method or not models:
+        raise SystemExit(f"{path}: expected a method (or merge_method), base (or base_model) and models")
+    out = {"method": method, "base": str(base), "models": models, "weights": weights}
+    if densities:
+        out["density"] = densities.pop()
+    for key in ("density", "lam", "sign", "semantics", "seed"):
+        if key in params:
+            out[key] = params[key]
+    if "lambda" in params:
+        out["lam"] = params["lambda"]
+    if cfg.get("merge_method"):  # mergekit's config: its semantics unless the file says otherwise
+        if method not in ("ties", "task_arithmetic"):
+            raise SystemExit(f"{path}: mergekit's {method!r} is not reproduced yet (its DARE rescales by "
+                             "L1 norm, ours by 1/density): use our config format to run ours")
+        if method == "ties" and params.get("normalize", True) is False:
+            raise SystemExit(f"{path}: mergekit ties with normalize: false is not reproduced yet")
+        out.setdefault("semantics", "mergekit")
+        if params.get("consensus_method") == "count":
+            out["sign"] = "count"
+    return out
+
+
+def _merge(args) -> int:
+    import time
+
+    from .merging import merge_files
+
+    cfg = _merge_config(args.config) if args.config else {}
+    base = args.base or cfg.get("base")
+    models = args.models or cfg.get("models") or []
+    if not base or not models:
+        raise SystemExit("transferops merge: give --base and at least one model (or --config)")
+    kw = dict(method=args.method or cfg.get("method"), lam=args.lam if args.lam is not None else cfg.get("lam", 1.0),
+              weights=args.weights or cfg.get("weights"),
+              density=args.density if args.density is not None else cfg.get("density"),
+              sign=args.sign or cfg.get("sign", "sum"), semantics=args.semantics or cfg.get("semantics", "peft"),
+              seed=args.seed if args.seed is not None else cfg.get("seed"))
+    if not kw["method"]:
+        raise SystemExit("transferops merge: --method is required")
+    started, last = time.perf_counter(), [0.0]
+
+    def progress(done, total, name):
+        now = time.perf_counter()
+        if args.quiet or (now - last[0] < 0.5 and done < total):
+            return
+        last[0] = now
+        rate = done / max(now - started, 1e-9) / 1e6
+        print(f"\r  merged {done / 1e6:,.0f} / {total / 1e6:,.0f} MB ({100 * done / max(total, 1):.0f}%, "
+              f"{rate:,.0f} MB/s) {name[-40:]:<40}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    try:
+        paths = merge_files(base, models, args.output, max_memory=args.max_memory, shard_size=args.shard_size,
+                            backend=args.backend, progress=progress, **kw)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"transferops merge: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(paths)} file(s) to {args.output} in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="transferops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,6 +126,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu, and cuda when present")
     p.add_argument("--json", metavar="FILE", help="also write the rows, machine and versions as JSON")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("merge", help="merge fine-tuned safetensors checkpoints into a base, streaming in bounded memory")
+    p.add_argument("models", nargs="*", help="fine-tuned checkpoints: .safetensors files or sharded folders")
+    p.add_argument("--base", help="the pretrained checkpoint the models were fine-tuned from")
+    p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
+    p.add_argument("--method", help="task_arithmetic | ties | magnitude_prune | dare_linear | dare_ties")
+    p.add_argument("--density", type=float, help="fraction kept by the trim (ties, magnitude_prune, dare_*)")
+    p.add_argument("--lam", type=float, help="scale of the merged task vector (default 1.0)")
+    p.add_argument("--weights", type=float, nargs="+", help="one weight per model")
+    p.add_argument("--sign", choices=["sum", "count"], help="TIES sign election rule (default sum)")
+    p.add_argument("--semantics", choices=["peft", "mergekit"], help="where weights enter TIES (default peft)")
+    p.add_argument("--seed", type=int, help="DARE random seed")
+    p.add_argument("--config", help="YAML config: ours, or mergekit's for the methods both have")
+    p.add_argument("--max-memory", type=_size, default=_size("2GiB"), help="working-memory budget (default 2GiB)")
+    p.add_argument("--shard-size", type=_size, default=_size("5GB"), help="largest output shard (default 5GB)")
+    p.add_argument("--backend", default="auto", help="auto | reference | native")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    p.set_defaults(func=_merge)
 
     args = parser.parse_args(argv)
     return args.func(args)

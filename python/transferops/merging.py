@@ -13,7 +13,7 @@ promise to follow; everywhere else the results agree with theirs exactly.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -337,3 +337,157 @@ def disjoint_merge(task_vectors, *, sign: str = "sum", weights=None, backend: st
 
 for _fn in (task_arithmetic, magnitude_prune, ties, dare_linear, dare_ties, disjoint_merge):
     _fn.__doc__ = (_fn.__doc__ or "").rstrip() + "\n\n    Parameters\n    ----------" + _COMMON
+
+
+# ---- whole models: state dicts in memory, or checkpoints streamed from disk ---------------------
+
+METHODS = ("task_arithmetic", "ties", "magnitude_prune", "dare_linear", "dare_ties")
+
+
+def method_spec(method: str, *, density=None, sign: str = "sum", semantics: str = "peft", seed=None) -> MergeSpec:
+    """The fused-pass configuration of a named method (see the function of the same name)."""
+    _checks.choice(method, "method", METHODS)
+    _checks.choice(sign, "sign", SIGN_RULES)
+    _checks.choice(semantics, "semantics", SEMANTICS)
+    if method != "task_arithmetic" and density is None:
+        raise ValueError(f"density: method {method!r} needs a density in [0, 1]")
+    if method.startswith("dare"):
+        if seed is None:
+            raise ValueError(f"seed: method {method!r} needs an integer seed for its random masks")
+        return MergeSpec(None, method == "dare_ties", sign=sign, dare=_checks.fraction(density, "density"),
+                         seed=_checks.seed(seed))
+    if method == "task_arithmetic":
+        return MergeSpec(None, False)
+    return MergeSpec(_checks.fraction(density, "density"), method == "ties", sign=sign, semantics=semantics)
+
+
+def _merge_tensor(name: str, base_read, model_reads, numel: int, dtype: torch.dtype, spec: MergeSpec,
+                  weights, lam: float, chunk: int, backend: str, emit) -> None:
+    """Merge one tensor chunk by chunk: tau_t = theta_t - theta_0 in the accumulation dtype
+    (float32, or float64 for float64 models), the method's fused pass, then
+    theta_0 + lam * merged in the model's dtype, handed to ``emit(start, flat_chunk)``.
+    A top-k trim over several chunks first finds each task's exact threshold over the whole
+    tensor, streaming it once per radix digit."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    spec = replace(spec, stream=_fnv1a32(name))
+    T = len(model_reads)
+
+    def tau(t: int, start: int, count: int) -> torch.Tensor:
+        return model_reads[t](start, count).to(acc) - base_read(start, count).to(acc)
+
+    ranges = [(s, min(chunk, numel - s)) for s in range(0, numel, chunk)]
+    if spec.density is not None and len(ranges) > 1:
+        k = spec.keep_count(numel)
+        spec = replace(spec, trims=tuple(
+            _abs_topk(lambda t=t: ([native_buffer(tau(t, s, c).view(1, -1))] for s, c in ranges), k, numel, acc)
+            for t in range(T)))
+    for s, c in ranges:
+        merged = merge_op(backend, torch.device("cpu"), acc, [tau(t, s, c) for t in range(T)], weights,
+                          replace(spec, offset=s), name="merge")
+        emit(s, (base_read(s, c).to(acc) + lam * merged).to(dtype))
+
+
+def _check_same(name: str, ref, others: list, what: str = "models") -> None:
+    for i, (shape, dtype) in enumerate(others):
+        if (shape, dtype) != ref:
+            raise ValueError(f"{what}[{i}]: tensor {name!r} is {tuple(shape)} {dtype}, "
+                             f"but the base has {tuple(ref[0])} {ref[1]}")
+
+
+def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=None, density=None,
+          sign: str = "sum", semantics: str = "peft", seed=None, backend: str = "auto") -> dict:
+    r"""Merge fine-tuned state dicts into ``base``: for every floating-point tensor,
+    :math:`\theta_0 + \lambda \cdot \mathrm{method}(\theta_1 - \theta_0, \dots, \theta_T - \theta_0)`
+    in the base's dtype (task vectors formed in float32, float64 for float64 models).
+    Other tensors (integer buffers) are copied from ``base``. ``method`` is one of
+    :data:`METHODS`; its arguments are those of the function of the same name, and DARE
+    draws each tensor's masks from ``seed`` and the tensor's name.
+    """
+    spec = method_spec(method, density=density, sign=sign, semantics=semantics, seed=seed)
+    if not models:
+        raise ValueError("models: expected at least one fine-tuned state dict")
+    weights = _checks.weight_list(weights, len(models))
+    out = {}
+    for name, b in base.items():
+        for i, m in enumerate(models):
+            if name not in m:
+                raise ValueError(f"models[{i}]: tensor {name!r} of the base is missing")
+        _check_same(name, (b.shape, b.dtype), [(m[name].shape, m[name].dtype) for m in models])
+        if b.dtype not in _DTYPES:
+            out[name] = b.clone()
+            continue
+        flat = [b.detach().reshape(-1)] + [m[name].detach().reshape(-1) for m in models]
+        reads = [lambda s, c, x=x: x[s:s + c] for x in flat]
+        result = torch.empty(b.numel(), dtype=b.dtype)
+        _merge_tensor(name, reads[0], reads[1:], b.numel(), b.dtype, spec, weights, lam,
+                      max(b.numel(), 1), backend, lambda s, x: result[s:s + x.numel()].copy_(x))
+        out[name] = result.view(b.shape)
+    for i, m in enumerate(models):
+        extra = sorted(set(m) - set(base))
+        if extra:
+            raise ValueError(f"models[{i}]: tensors absent from the base: {extra[:3]}")
+    return out
+
+
+def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=None, density=None,
+                sign: str = "sum", semantics: str = "peft", seed=None, max_memory: int = 2 << 30,
+                shard_size: int = 5 << 30, backend: str = "auto", progress=None) -> list:
+    """:func:`merge` over safetensors checkpoints (files, or folders of shards with
+    ``model.safetensors.index.json``), streamed tensor by tensor and in chunks of huge tensors
+    so that the working memory stays under about ``max_memory`` bytes whatever the model size.
+    Writes ``out`` (a folder) as safetensors shards of at most ``shard_size`` bytes, with an
+    index when there are several and metadata naming the method and its arguments. Inputs are
+    validated before anything is written; on any error no output file is left behind.
+    ``progress(done_bytes, total_bytes, name)`` is called after each tensor. Returns the
+    written paths."""
+    import json
+
+    from . import __version__
+    from ._safetensors import Checkpoint, ShardedWriter
+
+    spec = method_spec(method, density=density, sign=sign, semantics=semantics, seed=seed)
+    if not models:
+        raise ValueError("models: expected at least one fine-tuned checkpoint")
+    weights = _checks.weight_list(weights, len(models))
+    ckpts = [Checkpoint(base)] + [Checkpoint(m) for m in models]
+    try:
+        b, ms = ckpts[0], ckpts[1:]
+        for i, m in enumerate(ms):
+            if set(m.tensors) != set(b.tensors):
+                missing, extra = sorted(set(b.tensors) - set(m.tensors)), sorted(set(m.tensors) - set(b.tensors))
+                raise ValueError(f"models[{i}] ({m.path}): tensor names differ from the base "
+                                 f"(missing {missing[:3]}, extra {extra[:3]})")
+        for name, info in b.tensors.items():
+            _check_same(name, (info.shape, info.dtype), [(m.tensors[name].shape, m.tensors[name].dtype) for m in ms])
+        T = len(ms)
+        plan = [(n, i.dtype, i.shape) for n, i in b.tensors.items()]
+        meta = {"format": "pt", "merged_by": f"transferops {__version__}", "merge_method": method,
+                "merge_args": json.dumps({"lam": lam, "weights": weights, "density": density, "sign": sign,
+                                          "semantics": semantics, "seed": seed}),
+                "merge_inputs": json.dumps([str(c.path) for c in ckpts])}
+        writer = ShardedWriter(out, plan, shard_size, meta)
+        try:
+            total, done = sum(i.nbytes for i in b.tensors.values()), 0
+            for name, info in b.tensors.items():
+                emit = lambda s, x, name=name: writer.write(name, s, x)
+                if info.dtype not in _DTYPES:
+                    emit(0, b.read(name))
+                else:
+                    item = info.nbytes // max(info.numel, 1)
+                    per_element = (T + 2) * item + (T + 3) * (8 if info.dtype == torch.float64 else 4)
+                    chunk = max(1024, max_memory // per_element)
+                    if spec.density is not None and native_module() is None:
+                        chunk = max(info.numel, 1)  # exact streamed top-k needs the native module
+                    reads = [lambda s, c, m=m, name=name: m.read(name, s, c) for m in ckpts]
+                    _merge_tensor(name, reads[0], reads[1:], info.numel, info.dtype, spec, weights, lam,
+                                  chunk, backend, emit)
+                done += info.nbytes
+                if progress:
+                    progress(done, total, name)
+            return writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+    finally:
+        for c in ckpts:
+            c.close()
