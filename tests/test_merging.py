@@ -554,3 +554,26 @@ dtype: bfloat16
     want = merge(base, models, method="ties", density=0.3, weights=[0.7, 0.4], semantics="mergekit")
     got = _load_folder(tmp_path / "out")
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_native_isas_agree_bit_for_bit(gen, dtype):
+    """The AVX2 build of the kernels and the baseline one give identical bits (no FMA
+    contraction, same order of operations)."""
+    require_backend("native")
+    native = native_module()
+    if native.cpu_isa() != "avx2":
+        pytest.skip("this CPU or build has no AVX2 kernels")
+    tvs = [_tied((37, 301), dtype, gen, "cpu", "strided") for _ in range(3)] + [randn((37, 301), dtype, gen)]
+    weights = [0.3, -0.7, 1.1, 0.9]
+    outs = {}
+    try:
+        for isa in ("base", "avx2"):
+            native.set_cpu_isa(isa)
+            outs[isa] = [fn(tvs, weights, backend="native") for fn in METHODS.values()]
+    finally:
+        native.set_cpu_isa("avx2")
+    for (method, a), b in zip(zip(METHODS, outs["base"]), outs["avx2"]):
+        assert torch.equal(a, b), method
+    with pytest.raises(ValueError, match="isa: expected one of"):
+        native.set_cpu_isa("avx512")

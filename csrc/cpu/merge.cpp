@@ -4,13 +4,24 @@
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 
 #include "common/dtype.h"
 #include "common/parallel.h"
 #include "common/philox.h"
 
+// This file is compiled twice on x86-64: for the baseline ISA (namespace cpu::base) and with
+// -mavx2 (namespace cpu::avx2, TRANSFEROPS_ISA=avx2); merge() picks one at run time. Both use
+// -ffp-contract=off and the same per-element order of operations, so their results are
+// bit-identical.
+#ifndef TRANSFEROPS_ISA
+#define TRANSFEROPS_ISA base
+#define TRANSFEROPS_ISA_BASE 1
+#endif
+
 namespace transferops::cpu {
+namespace TRANSFEROPS_ISA {
 namespace {
 
 // Columns handled per work item: the per-column accumulators stay in L1 and the inner loops
@@ -190,38 +201,14 @@ int64_t merge_typed(const std::vector<View2D>& tvs, const View2D& out, const dou
 
 }  // namespace
 
-std::vector<int64_t> abs_digit_histogram(const std::vector<View2D>& views, uint64_t prefix,
-                                         int shift, int dbits) {
-  if (views.empty()) throw std::invalid_argument("abs_digit_histogram: no views");
-  return dispatch_float(views[0].dtype, [&](auto tag) {
-    return digit_histogram<decltype(tag)>(views, prefix, shift, dbits);
-  });
-}
-
-int64_t abs_count_equal(const std::vector<View2D>& views, uint64_t key) {
-  if (views.empty()) return 0;
-  return dispatch_float(views[0].dtype, [&](auto tag) {
-    int64_t n = 0;
-    for (const View2D& v : views) {
-      for (int64_t c : equal_per_row<decltype(tag)>(v, key)) n += c;
-    }
-    return n;
-  });
-}
-
-int64_t abs_equal_cut(const std::vector<View2D>& views, uint64_t key, int64_t rank) {
-  if (views.empty() || rank < 1) throw std::invalid_argument("abs_equal_cut: rank must be >= 1");
-  return dispatch_float(views[0].dtype, [&](auto tag) { return equal_cut<decltype(tag)>(views, key, rank); });
-}
-
 // Calls f(std::true_type{}) or f(std::false_type{}): a runtime flag becomes a template one.
 template <class F>
 decltype(auto) with_flag(bool flag, F&& f) {
   return flag ? f(std::true_type{}) : f(std::false_type{});
 }
 
-int64_t merge(const std::vector<View2D>& tvs, const View2D& out, const double* weights,
-              const Trim* trims, const Dare* dare, MergeSpec spec) {
+int64_t merge_impl(const std::vector<View2D>& tvs, const View2D& out, const double* weights,
+                   const Trim* trims, const Dare* dare, MergeSpec spec) {
   return dispatch_float(out.dtype, [&](auto tag) -> int64_t {
     using S = decltype(tag);
     return with_flag(spec.elect, [&](auto elect) {
@@ -238,5 +225,81 @@ int64_t merge(const std::vector<View2D>& tvs, const View2D& out, const double* w
     });
   });
 }
+
+}  // namespace TRANSFEROPS_ISA
+
+#ifdef TRANSFEROPS_ISA_BASE
+#ifdef TRANSFEROPS_HAVE_AVX2
+namespace avx2 {
+int64_t merge_impl(const std::vector<View2D>& tvs, const View2D& out, const double* weights,
+                   const Trim* trims, const Dare* dare, MergeSpec spec);
+}
+#endif
+
+namespace {
+std::string& isa_choice() {
+  static std::string isa = [] {
+#ifdef TRANSFEROPS_HAVE_AVX2
+    if (__builtin_cpu_supports("avx2")) return std::string("avx2");
+#endif
+    return std::string("base");
+  }();
+  return isa;
+}
+}  // namespace
+
+std::vector<int64_t> abs_digit_histogram(const std::vector<View2D>& views, uint64_t prefix,
+                                         int shift, int dbits) {
+  if (views.empty()) throw std::invalid_argument("abs_digit_histogram: no views");
+  return dispatch_float(views[0].dtype, [&](auto tag) {
+    return base::digit_histogram<decltype(tag)>(views, prefix, shift, dbits);
+  });
+}
+
+int64_t abs_count_equal(const std::vector<View2D>& views, uint64_t key) {
+  if (views.empty()) return 0;
+  return dispatch_float(views[0].dtype, [&](auto tag) {
+    int64_t n = 0;
+    for (const View2D& v : views) {
+      for (int64_t c : base::equal_per_row<decltype(tag)>(v, key)) n += c;
+    }
+    return n;
+  });
+}
+
+int64_t abs_equal_cut(const std::vector<View2D>& views, uint64_t key, int64_t rank) {
+  if (views.empty() || rank < 1) throw std::invalid_argument("abs_equal_cut: rank must be >= 1");
+  return dispatch_float(views[0].dtype, [&](auto tag) { return base::equal_cut<decltype(tag)>(views, key, rank); });
+}
+
+const char* cpu_isa() { return isa_choice().c_str(); }
+
+void set_cpu_isa(const std::string& isa) {
+#ifdef TRANSFEROPS_HAVE_AVX2
+  if (isa == "avx2" && !__builtin_cpu_supports("avx2")) throw std::invalid_argument("isa: this CPU has no AVX2");
+  if (isa == "avx2" || isa == "base") {
+    isa_choice() = isa;
+    return;
+  }
+#else
+  if (isa == "base") return;
+#endif
+  throw std::invalid_argument("isa: expected one of the compiled ISAs (base" +
+#ifdef TRANSFEROPS_HAVE_AVX2
+                              std::string(", avx2)")
+#else
+                              std::string(")")
+#endif
+                              + ", got '" + isa + "'");
+}
+
+int64_t merge(const std::vector<View2D>& tvs, const View2D& out, const double* weights,
+              const Trim* trims, const Dare* dare, MergeSpec spec) {
+#ifdef TRANSFEROPS_HAVE_AVX2
+  if (isa_choice() == "avx2") return avx2::merge_impl(tvs, out, weights, trims, dare, spec);
+#endif
+  return base::merge_impl(tvs, out, weights, trims, dare, spec);
+}
+#endif  // TRANSFEROPS_ISA_BASE
 
 }  // namespace transferops::cpu

@@ -1,6 +1,7 @@
 // CPU kernels of the merging hot path. Plain C++17: no Python headers, testable alone.
 #pragma once
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "common/view.h"
@@ -58,5 +59,10 @@ struct MergeSpec {
 // Returns at how many element positions some input was NaN or Inf.
 int64_t merge(const std::vector<View2D>& task_vectors, const View2D& out, const double* weights,
               const Trim* trims, const Dare* dare, MergeSpec spec);
+
+// The instruction set the CPU kernels run with: "avx2" where the CPU has it (and the build
+// compiled it), else "base". set_cpu_isa forces one (tests compare the two bit for bit).
+const char* cpu_isa();
+void set_cpu_isa(const std::string& isa);
 
 }  // namespace transferops::cpu

@@ -27,6 +27,7 @@ def info_dict() -> dict:
         "native_openmp": bool(native and native.has_openmp),
         "native_cuda": bool(native and native.has_cuda),
         "omp_threads": native.omp_max_threads() if native else None,
+        "native_cpu_isa": native.cpu_isa() if native else None,
         "torch_threads": torch.get_num_threads(),
         "backends": {dev: {b: backend_reason(b, torch.device(dev)) or "available" for b in BACKENDS}
                      for dev in devices},
