@@ -4,6 +4,9 @@
   what the peers' TIES runs after trimming.
 - ties: the whole method (top-k trim + election + mean) on dense task vectors.
 - task_arithmetic: the weighted sum.
+- merge (full runs): whole state dicts of ~50M parameters in realistic shapes (4096x11008,
+  4096x1024, vectors), theta_0 + ties(theta_t - theta_0); the peers get float32 task vectors
+  per tensor, as ours are formed.
 
 Peers run on the same inputs, stacking included (their APIs take one [T, ...] tensor, so
 users pay for the stack). All weights are 1: mergekit weights before the election and divides
@@ -17,7 +20,7 @@ import functools
 import torch
 
 import transferops
-from transferops.merging import disjoint_merge, task_arithmetic, ties
+from transferops.merging import disjoint_merge, merge, task_arithmetic, ties
 
 from .harness import DTYPE_NAMES, Case, optional_import
 
@@ -77,6 +80,53 @@ def _off_threshold(tvs: list[torch.Tensor]):
     return mask
 
 
+MODEL_SHAPES = {"mlp.up": (4096, 11008), "attn.k": (4096, 1024), "norm.a": (4096,), "norm.b": (4096,)}
+CHECKED = "mlp.up"  # the tensor whose result is checked against the reference
+
+
+def _state_dicts(T: int, dtype: torch.dtype, device: str):
+    g = torch.Generator(device=device).manual_seed(SEED)
+    base = {n: torch.randn(s, generator=g, device=device).to(dtype) for n, s in MODEL_SHAPES.items()}
+    models = [{n: (b.float() + 0.01 * torch.randn(b.shape, generator=g, device=device)).to(dtype)
+               for n, b in base.items()} for _ in range(T)]
+    return base, models
+
+
+def _per_tensor(peer_ties, base, models):
+    """What a user of a per-tensor TIES does over a model: tau in float32, ties, add back."""
+    out = None
+    for name, b in base.items():
+        tvs = [m[name].float() - b.float() for m in models]
+        merged = (b.float() + peer_ties(tvs)).to(b.dtype)
+        if name == CHECKED:
+            out = merged
+    return out
+
+
+def _model_case(T: int, dtype: torch.dtype, device: str, backends, peft, mergekit, sparsify) -> Case:
+    base, models = _state_dicts(T, dtype, device)
+    P = sum(b.numel() for b in base.values())
+    size = f"T={T} {P / 1e6:.0f}M {DTYPE_NAMES[dtype]} d={DENSITY}"
+    item = base[CHECKED].element_size()
+    # Each radix pass (3 for f32, 2 for 16-bit) reads theta_t and theta_0 per task; the merge
+    # pass reads every model and the base and writes the result.
+    passes = 3 if dtype == torch.float32 else 2
+    nbytes = (2 * T * passes + T + 2) * P * item
+    ones = torch.ones(T, device=device)
+    tvs_checked = [m[CHECKED].float() - base[CHECKED].float() for m in models]
+    return Case(
+        op="merge", size=size, dtype=dtype, bytes=nbytes, comparable=_off_threshold(tvs_checked),
+        ours={b: functools.partial(lambda b: merge(base, models, method="ties", density=DENSITY, backend=b)[CHECKED], b)
+              for b in backends},
+        peers={
+            "peer:peft": (functools.partial(_per_tensor, lambda tvs: peft.ties(tvs, ones, DENSITY), base, models)
+                          if peft else None),
+            "peer:mergekit": (functools.partial(_per_tensor, lambda tvs: _mergekit_full_ties(mergekit, sparsify, tvs, ones),
+                                                base, models) if mergekit and sparsify else None),
+        },
+    )
+
+
 def _backends(device: str) -> list[str]:
     cpu = torch.device(device).type == "cpu"
     # On CPU triton runs only interpreted (TRITON_INTERPRET=1), a test aid far too slow to time.
@@ -86,7 +136,7 @@ def _backends(device: str) -> list[str]:
 
 def _sizes(quick: bool, device: str) -> list[tuple[int, int]]:
     P = 64_000_000 if torch.device(device).type == "cuda" else (4_000_000 if quick else 16_000_000)
-    return [(4, P)] if quick else [(4, P), (8, P)]
+    return [(4, P)]
 
 
 def cases(quick: bool, device: str):
@@ -129,3 +179,7 @@ def cases(quick: bool, device: str):
                 peers={"peer:peft": (functools.partial(peft.task_arithmetic, tvs, ones) if peft else None)},
             )
             del tvs
+    if not quick:
+        for T in (2, 8):
+            for dtype in (torch.float32, torch.bfloat16):
+                yield _model_case(T, dtype, device, backends, peft, mergekit, sparsify)

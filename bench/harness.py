@@ -227,8 +227,9 @@ def run_case(case: Case, device: str, floors: Floors, s: Settings, notes: list[s
         if name == "reference" and first_s > REFERENCE_MAX_CALL_S:
             notes.append(f"reference not timed at {where}: one call took {first_s:.1f} s")
             continue
-        t = time_fn(fn, warmup=s.warmup, repeats=s.repeats, device=device, budget_s=s.budget_s,
-                    min_repeats=s.min_repeats)
+        slow = first_s > 1.0  # the checking call already warmed it; a few samples suffice
+        t = time_fn(fn, warmup=0 if slow else s.warmup, repeats=s.repeats, device=device, budget_s=s.budget_s,
+                    min_repeats=min(3, s.min_repeats) if slow else s.min_repeats)
         rows.append(Row(case.op, case.size, name, kind, device, DTYPE_NAMES[case.dtype], **t, matches=matches))
     # A peer that computes something else sets no bar.
     best = min((r.p50 for r in rows if r.kind == "peer" and r.matches is not False), default=None)

@@ -361,6 +361,19 @@ def method_spec(method: str, *, density=None, sign: str = "sum", semantics: str 
     return MergeSpec(_checks.fraction(density, "density"), method == "ties", sign=sign, semantics=semantics)
 
 
+# merge() works through tensors in chunks of this many elements, so its temporaries (the
+# float32 task vectors) stay O(chunk) rather than O(T x tensor).
+_IN_MEMORY_CHUNK = 1 << 22
+
+
+def _chunk_elements(spec: MergeSpec, numel: int, chunk: int) -> int:
+    """Elements per chunk: the streamed exact top-k needs the native module, else the whole
+    tensor is one chunk."""
+    if spec.density is not None and native_module() is None:
+        return max(numel, 1)
+    return chunk
+
+
 def _merge_tensor(name: str, base_read, model_reads, numel: int, dtype: torch.dtype, spec: MergeSpec,
                   weights, lam: float, chunk: int, backend: str, emit) -> None:
     """Merge one tensor chunk by chunk: tau_t = theta_t - theta_0 in the accumulation dtype
@@ -420,7 +433,8 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
         reads = [lambda s, c, x=x: x[s:s + c] for x in flat]
         result = torch.empty(b.numel(), dtype=b.dtype)
         _merge_tensor(name, reads[0], reads[1:], b.numel(), b.dtype, spec, weights, lam,
-                      max(b.numel(), 1), backend, lambda s, x: result[s:s + x.numel()].copy_(x))
+                      _chunk_elements(spec, b.numel(), _IN_MEMORY_CHUNK), backend,
+                      lambda s, x: result[s:s + x.numel()].copy_(x))
         out[name] = result.view(b.shape)
     for i, m in enumerate(models):
         extra = sorted(set(m) - set(base))
@@ -475,9 +489,7 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
                 else:
                     item = info.nbytes // max(info.numel, 1)
                     per_element = (T + 2) * item + (T + 3) * (8 if info.dtype == torch.float64 else 4)
-                    chunk = max(1024, max_memory // per_element)
-                    if spec.density is not None and native_module() is None:
-                        chunk = max(info.numel, 1)  # exact streamed top-k needs the native module
+                    chunk = _chunk_elements(spec, info.numel, max(1024, max_memory // per_element))
                     reads = [lambda s, c, m=m, name=name: m.read(name, s, c) for m in ckpts]
                     _merge_tensor(name, reads[0], reads[1:], info.numel, info.dtype, spec, weights, lam,
                                   chunk, backend, emit)
