@@ -378,15 +378,21 @@ def _merge_tensor(name: str, base_read, model_reads, numel: int, dtype: torch.dt
                   weights, lam: float, chunk: int, backend: str, emit) -> None:
     """Merge one tensor chunk by chunk: tau_t = theta_t - theta_0 in the accumulation dtype
     (float32, or float64 for float64 models), the method's fused pass, then
-    theta_0 + lam * merged in the model's dtype, handed to ``emit(start, flat_chunk)``.
+    theta_0 + lam * merged, handed (in the accumulation dtype) to ``emit(start, flat_chunk)``.
     A top-k trim over several chunks first finds each task's exact threshold over the whole
-    tensor, streaming it once per radix digit."""
+    tensor, streaming it once per radix digit. The task-vector buffers are allocated once per
+    tensor and reused by every chunk and pass (fresh buffers would page-fault each time)."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     spec = replace(spec, stream=_fnv1a32(name))
     T = len(model_reads)
+    taus = [torch.empty(min(chunk, numel), dtype=acc) for _ in range(T)]
 
     def tau(t: int, start: int, count: int) -> torch.Tensor:
-        return model_reads[t](start, count).to(acc) - base_read(start, count).to(acc)
+        buf = taus[t][:count]
+        if dtype == acc:
+            return torch.sub(model_reads[t](start, count), base_read(start, count), out=buf)
+        buf.copy_(model_reads[t](start, count))  # widen first: bf16 - bf16 would round to bf16
+        return buf.sub_(base_read(start, count))
 
     ranges = [(s, min(chunk, numel - s)) for s in range(0, numel, chunk)]
     if spec.density is not None and len(ranges) > 1:
@@ -397,7 +403,7 @@ def _merge_tensor(name: str, base_read, model_reads, numel: int, dtype: torch.dt
     for s, c in ranges:
         merged = merge_op(backend, torch.device("cpu"), acc, [tau(t, s, c) for t in range(T)], weights,
                           replace(spec, offset=s), name="merge")
-        emit(s, (base_read(s, c).to(acc) + lam * merged).to(dtype))
+        emit(s, merged.mul_(lam).add_(base_read(s, c)))
 
 
 def _check_same(name: str, ref, others: list, what: str = "models") -> None:
@@ -483,7 +489,7 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
         try:
             total, done = sum(i.nbytes for i in b.tensors.values()), 0
             for name, info in b.tensors.items():
-                emit = lambda s, x, name=name: writer.write(name, s, x)
+                emit = lambda s, x, name=name, dtype=info.dtype: writer.write(name, s, x.to(dtype))
                 if info.dtype not in _DTYPES:
                     emit(0, b.read(name))
                 else:
