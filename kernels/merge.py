@@ -1,4 +1,5 @@
-"""Triton kernels of the merging hot path."""
+"""Triton kernels of the merging hot path: the fused merge pass (see csrc/cpu/merge.cpp for
+the same algorithm on the CPU; both keep and drop the same entries)."""
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,24 @@ import triton.language as tl
 
 
 @triton.jit
-def _disjoint_merge_kernel(base, offsets, strides, weights, out, out_stride, nonfinite, T, cols,
-                           COUNT: tl.constexpr, IS_F64: tl.constexpr, BLOCK: tl.constexpr):
+def _philox_first(c0, c1, c2, c3, k0, k1):
+    # Philox4x32-10 (Salmon et al., SC 2011), first output word; uint32 lanes.
+    for _ in tl.static_range(10):
+        hi0 = tl.umulhi(c0, 0xD2511F53)
+        lo0 = c0 * 0xD2511F53
+        hi1 = tl.umulhi(c2, 0xCD9E8D57)
+        lo1 = c2 * 0xCD9E8D57
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0
+
+
+@triton.jit
+def _merge_kernel(base, offsets, strides, weights, out, out_stride, nonfinite, T, cols,
+                  seed_lo, seed_hi, stream, keep_below, rescale, index_offset,
+                  ELECT: tl.constexpr, COUNT: tl.constexpr, WBEFORE: tl.constexpr, DARE: tl.constexpr,
+                  IS_F64: tl.constexpr, BLOCK: tl.constexpr):
     # Task vectors are addressed as base + offsets[t] (in elements): one pointer argument
     # serves any number of separately allocated tensors, with no stacked copy.
     pid = tl.program_id(0).to(tl.int64)
@@ -20,36 +37,56 @@ def _disjoint_merge_kernel(base, offsets, strides, weights, out, out_stride, non
     vote = tl.zeros([BLOCK], acc_t)
     pos_sum = tl.zeros([BLOCK], acc_t)
     neg_sum = tl.zeros([BLOCK], acc_t)
-    pos_cnt = tl.zeros([BLOCK], acc_t)
-    neg_cnt = tl.zeros([BLOCK], acc_t)
+    pos_den = tl.zeros([BLOCK], acc_t)
+    neg_den = tl.zeros([BLOCK], acc_t)
     nf = tl.zeros([BLOCK], acc_t)  # stays 0 unless some input at this position is NaN/Inf
+    if DARE:
+        flat = (row * cols + c + index_offset).to(tl.uint64)
+        lo32 = (flat & 0xFFFFFFFF).to(tl.uint32)
+        hi32 = (flat >> 32).to(tl.uint32)
     for t in range(0, T):
         off = tl.load(offsets + t)
         stride = tl.load(strides + t)
         w = tl.load(weights + t).to(acc_t)
         v = tl.load(base + off + row * stride + c, mask=mask, other=0.0).to(acc_t)
-        pos = v > 0
-        neg = v < 0
         nf += v - v
-        if COUNT:
-            vote += pos.to(acc_t) - neg.to(acc_t)
+        if DARE:
+            zero = tl.zeros([BLOCK], tl.uint32)
+            word = _philox_first(lo32, hi32, zero + t, zero + stream.to(tl.uint32),
+                                 seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
+            v = tl.where(word.to(tl.int64) < keep_below, v / rescale, 0.0)
+        wv = w * v
+        if ELECT:
+            s = wv if WBEFORE else v
+            pos = s > 0
+            neg = s < 0
+            if COUNT:
+                vote += pos.to(acc_t) - neg.to(acc_t)
+            else:
+                vote += s
+            dw = w if WBEFORE else 1.0
+            pos_sum += tl.where(pos, wv, 0.0)
+            neg_sum += tl.where(neg, wv, 0.0)
+            pos_den += tl.where(pos, dw, 0.0)
+            neg_den += tl.where(neg, dw, 0.0)
         else:
-            vote += v
-        pos_sum += tl.where(pos, w * v, 0.0)
-        neg_sum += tl.where(neg, w * v, 0.0)
-        pos_cnt += pos.to(acc_t)
-        neg_cnt += neg.to(acc_t)
-    merged = tl.where(vote >= 0, pos_sum / tl.maximum(pos_cnt, 1.0), neg_sum / tl.maximum(neg_cnt, 1.0))
+            pos_sum += wv
+    if ELECT:
+        merged = tl.where(vote >= 0, pos_sum / tl.where(pos_den == 0, 1.0, pos_den),
+                          neg_sum / tl.where(neg_den == 0, 1.0, neg_den))
+    else:
+        merged = pos_sum
     tl.store(out + row * out_stride + c, merged.to(out.dtype.element_ty), mask=mask)
     nbad = tl.sum(((nf != 0) & mask).to(tl.int32), axis=0)
     if nbad > 0:
         tl.atomic_add(nonfinite, nbad)
 
 
-def disjoint_merge(task_rows: list[torch.Tensor], out: torch.Tensor, weights: list[float] | None,
-                   count: bool, block: int = 1024) -> int:
-    """Launch over 2-D views [rows, cols] with unit column stride (all of one dtype and
-    device); writes ``out`` and returns at how many positions an input was NaN or Inf."""
+def merge(task_rows: list[torch.Tensor], out: torch.Tensor, weights: list[float] | None, *, elect: bool,
+          count: bool, weight_before_election: bool, dare: tuple | None, block: int = 1024) -> int:
+    """Launch the fused pass over 2-D views [rows, cols] with unit column stride (all of one
+    dtype and device); ``dare`` is (seed, stream, keep_below, rescale, index_offset) or None.
+    Writes ``out`` and returns at how many positions an input was NaN or Inf."""
     device = out.device
     base = task_rows[0]
     size = base.element_size()
@@ -59,10 +96,12 @@ def disjoint_merge(task_rows: list[torch.Tensor], out: torch.Tensor, weights: li
     w = torch.tensor(weights if weights is not None else [1.0] * len(task_rows),
                      dtype=torch.float64, device=device)
     nonfinite = torch.zeros(1, dtype=torch.int32, device=device)
+    seed, stream, keep_below, rescale, index_offset = dare or (0, 0, 0, 1.0, 0)
     rows, cols = out.shape
     grid = (rows * triton.cdiv(cols, block),)
     if grid[0]:
-        _disjoint_merge_kernel[grid](base, offsets, strides, w, out, out.stride(0), nonfinite,
-                                     len(task_rows), cols, COUNT=count,
-                                     IS_F64=out.dtype == torch.float64, BLOCK=block)
+        _merge_kernel[grid](base, offsets, strides, w, out, out.stride(0), nonfinite, len(task_rows), cols,
+                            seed & 0xFFFFFFFF, seed >> 32, stream, keep_below, rescale, index_offset,
+                            ELECT=elect, COUNT=count, WBEFORE=weight_before_election, DARE=dare is not None,
+                            IS_F64=out.dtype == torch.float64, BLOCK=block)
     return int(nonfinite.item())

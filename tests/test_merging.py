@@ -157,7 +157,8 @@ def test_kernels_write_only_their_output(gen, backend, dtype):
     if backend == "triton":
         from transferops.kernels import merge as kernels
 
-        assert kernels.disjoint_merge(tvs, out, None, count=False, block=32) == 0
+        assert kernels.merge(tvs, out, None, elect=True, count=False, weight_before_election=False, dare=None,
+                             block=32) == 0
     elif backend == "native":
         from transferops._backend import native_buffer
 
@@ -327,7 +328,7 @@ def test_unimplemented_backend_is_named():
     with use_backend("triton"), pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
         if transferops_available("triton"):
-            with pytest.raises(BackendUnavailable, match="ties: backend 'triton' cannot run: triton does not implement density"):
+            with pytest.raises(BackendUnavailable, match="ties: backend 'triton' cannot run: triton does not implement density yet"):
                 ties([torch.ones(3)], density=0.5)
 
 

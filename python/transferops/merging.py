@@ -198,22 +198,26 @@ def _native_trims(bufs, numel: int, spec: MergeSpec, dtype: torch.dtype):
 def _merge_native(tvs, weights, spec: MergeSpec):
     out = torch.empty_like(tvs[0], memory_format=torch.contiguous_format)
     bufs = [native_buffer(_checks.as_rows(t)) for t in tvs]
-    dare = None if spec.dare is None else (spec.seed, spec.stream, int(spec.dare * 2**32), spec.dare, spec.offset)
     bad = native_module().merge(bufs, native_buffer(_checks.as_rows(out)), weights,
-                                _native_trims(bufs, out.numel(), spec, out.dtype), dare, spec.elect,
+                                _native_trims(bufs, out.numel(), spec, out.dtype), _dare_args(spec), spec.elect,
                                 SIGN_RULES.index(spec.sign), spec.weight_before_election)
     _checks.raise_nonfinite(bad, "task_vectors")
     return out
 
 
-@merge_op.register("triton", dtypes=_DTYPES,
-                   limit=_fused_only("triton", density=None, elect=True, semantics="peft", dare=None, trims=None))
+def _dare_args(spec: MergeSpec):
+    """(seed, stream, keep_below, rescale, index offset) for the fast kernels, or None."""
+    return None if spec.dare is None else (spec.seed, spec.stream, int(spec.dare * 2**32), spec.dare, spec.offset)
+
+
+@merge_op.register("triton", dtypes=_DTYPES, limit=_fused_only("triton", density=None, trims=None))
 def _merge_triton(tvs, weights, spec: MergeSpec):
     from .kernels import merge as kernels
 
     out = torch.empty_like(tvs[0], memory_format=torch.contiguous_format)
-    bad = kernels.disjoint_merge([_checks.as_rows(t) for t in tvs], _checks.as_rows(out), weights,
-                                 count=spec.sign == "count")
+    bad = kernels.merge([_checks.as_rows(t) for t in tvs], _checks.as_rows(out), weights, elect=spec.elect,
+                        count=spec.sign == "count", weight_before_election=spec.weight_before_election,
+                        dare=_dare_args(spec))
     _checks.raise_nonfinite(bad, "task_vectors")
     return out
 
