@@ -578,3 +578,34 @@ def test_native_isas_agree_bit_for_bit(gen, dtype):
         assert torch.equal(a, b), method
     with pytest.raises(ValueError, match="isa: expected one of"):
         native.set_cpu_isa("avx512")
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_global_scope_thresholds_the_whole_model(tmp_path, gen, backend):
+    """scope='global': one top-k per task over all float tensors together (ties: lowest
+    position in sorted-name order first), then PEFT's election per entry; streamed == in memory
+    although the files hold the tensors in another order."""
+    pytest.importorskip("safetensors")
+    from transferops.merging import merge, merge_files
+
+    require_backend("native")  # the global radix select streams through the native kernels
+    base, models = _models(gen, dtype=torch.float32)
+    names = sorted(n for n, v in base.items() if v.is_floating_point())  # the global order
+    got = merge(base, models, method="ties", density=0.15, lam=0.7, scope="global", backend=backend)
+    taus = [torch.cat([(m[n] - base[n]).flatten() for n in names]) for m in models]
+    k = int(0.15 * taus[0].numel())
+    trimmed = [t * _topk_keep(t.double(), k) for t in taus]
+    offset = 0
+    for n in names:
+        size = base[n].numel()
+        merged = disjoint_merge([t[offset:offset + size] for t in trimmed], backend="reference")
+        torch.testing.assert_close(got[n], base[n] + 0.7 * merged.view(base[n].shape), rtol=0, atol=1e-6)
+        offset += size
+    per_tensor = merge(base, models, method="ties", density=0.15, lam=0.7, backend=backend)
+    assert any(not torch.equal(got[n], per_tensor[n]) for n in names)
+
+    paths = [_save_sharded(base, tmp_path / "base")] + [_save_sharded(m, tmp_path / f"ft{i}") for i, m in enumerate(models)]
+    merge_files(paths[0], paths[1:], tmp_path / "out", method="ties", density=0.15, lam=0.7, scope="global",
+                max_memory=1 << 14, backend=backend)
+    streamed = _load_folder(tmp_path / "out")
+    assert all(torch.equal(streamed[n], got[n]) for n in base)

@@ -58,7 +58,7 @@ def _merge_config(path: str) -> dict:
     out = {"method": method, "base": str(base), "models": models, "weights": weights}
     if densities:
         out["density"] = densities.pop()
-    for key in ("density", "lam", "sign", "semantics", "seed"):
+    for key in ("density", "lam", "sign", "semantics", "seed", "scope"):
         if key in params:
             out[key] = params[key]
     if "lambda" in params:
@@ -89,7 +89,8 @@ def _merge(args) -> int:
               weights=args.weights or cfg.get("weights"),
               density=args.density if args.density is not None else cfg.get("density"),
               sign=args.sign or cfg.get("sign", "sum"), semantics=args.semantics or cfg.get("semantics", "peft"),
-              seed=args.seed if args.seed is not None else cfg.get("seed"))
+              seed=args.seed if args.seed is not None else cfg.get("seed"),
+              scope=args.scope or cfg.get("scope", "tensor"))
     if not kw["method"]:
         raise SystemExit("transferops merge: --method is required")
     started, last = time.perf_counter(), [0.0]
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sign", choices=["sum", "count"], help="TIES sign election rule (default sum)")
     p.add_argument("--semantics", choices=["peft", "mergekit"], help="where weights enter TIES (default peft)")
     p.add_argument("--seed", type=int, help="DARE random seed")
+    p.add_argument("--scope", choices=["tensor", "global"],
+                   help="top-k threshold per tensor (default) or over the whole model (TIES paper)")
     p.add_argument("--config", help="YAML config: ours, or mergekit's for the methods both have")
     p.add_argument("--max-memory", type=_size, default=_size("2GiB"), help="working-memory budget (default 2GiB)")
     p.add_argument("--shard-size", type=_size, default=_size("5GB"), help="largest output shard (default 5GB)")

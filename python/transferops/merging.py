@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import _checks
-from ._backend import Op, native_buffer, native_module
+from ._backend import BackendUnavailable, Op, native_buffer, native_module
 
 SIGN_RULES = ("sum", "count")
 SEMANTICS = ("peft", "mergekit")
@@ -378,36 +378,81 @@ def _chunk_elements(spec: MergeSpec, numel: int, chunk: int) -> int:
     return chunk
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tau(buf: torch.Tensor, model_read, base_read, start: int, count: int) -> torch.Tensor:
+    """theta_t - theta_0 for elements [start, start + count), written into ``buf``."""
+    buf = buf[:count]
+    theta = model_read(start, count)
+    if theta.dtype == buf.dtype:
+        return torch.sub(theta, base_read(start, count), out=buf)
+    buf.copy_(theta)  # widen first: bf16 - bf16 would round to bf16
+    return buf.sub_(base_read(start, count))
+
+
+def _chunks(numel: int, chunk: int):
+    return [(s, min(chunk, numel - s)) for s in range(0, numel, chunk)]
+
+
 def _merge_tensor(name: str, base_read, model_reads, numel: int, dtype: torch.dtype, spec: MergeSpec,
-                  weights, lam: float, chunk: int, backend: str, emit) -> None:
+                  weights, lam: float, chunk: int, backend: str, emit, trims=None) -> None:
     """Merge one tensor chunk by chunk: tau_t = theta_t - theta_0 in the accumulation dtype
     (float32, or float64 for float64 models), the method's fused pass, then
     theta_0 + lam * merged, handed (in the accumulation dtype) to ``emit(start, flat_chunk)``.
     A top-k trim over several chunks first finds each task's exact threshold over the whole
-    tensor, streaming it once per radix digit. The task-vector buffers are allocated once per
-    tensor and reused by every chunk and pass (fresh buffers would page-fault each time)."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tensor, streaming it once per radix digit (``trims`` given: already found, e.g. over the
+    whole model). The task-vector buffers are allocated once per tensor and reused by every
+    chunk and pass (fresh buffers would page-fault each time)."""
+    acc = _accumulation_dtype(dtype)
     spec = replace(spec, stream=_fnv1a32(name))
     T = len(model_reads)
     taus = [torch.empty(min(chunk, numel), dtype=acc) for _ in range(T)]
-
-    def tau(t: int, start: int, count: int) -> torch.Tensor:
-        buf = taus[t][:count]
-        if dtype == acc:
-            return torch.sub(model_reads[t](start, count), base_read(start, count), out=buf)
-        buf.copy_(model_reads[t](start, count))  # widen first: bf16 - bf16 would round to bf16
-        return buf.sub_(base_read(start, count))
-
-    ranges = [(s, min(chunk, numel - s)) for s in range(0, numel, chunk)]
-    if spec.density is not None and len(ranges) > 1:
+    ranges = _chunks(numel, chunk)
+    if trims is not None:
+        spec = replace(spec, trims=trims)
+    elif spec.density is not None and len(ranges) > 1:
         k = spec.keep_count(numel)
         spec = replace(spec, trims=tuple(
-            _abs_topk(lambda t=t: ([native_buffer(tau(t, s, c).view(1, -1))] for s, c in ranges), k, numel, acc)
+            _abs_topk(lambda t=t: ([native_buffer(_tau(taus[t], model_reads[t], base_read, s, c).view(1, -1))]
+                                   for s, c in ranges), k, numel, acc)
             for t in range(T)))
     for s, c in ranges:
-        merged = merge_op(backend, torch.device("cpu"), acc, [tau(t, s, c) for t in range(T)], weights,
-                          replace(spec, offset=s), name="merge")
+        tvs = [_tau(taus[t], model_reads[t], base_read, s, c) for t in range(T)]
+        merged = merge_op(backend, torch.device("cpu"), acc, tvs, weights, replace(spec, offset=s), name="merge")
         emit(s, merged.mul_(lam).add_(base_read(s, c)))
+
+
+def _global_trims(items, spec: MergeSpec, chunk_of, T: int) -> dict:
+    """One top-k threshold per task over all the float tensors of the model together (the TIES
+    paper's choice), streamed chunk by chunk, split into per-tensor trims. The tensors are
+    concatenated in sorted-name order, as the paper's code flattens them, so that the ties kept
+    at the threshold (lowest position first) do not depend on file or dict order. ``items``
+    holds (name, numel, dtype, reads), reads[0] the base's."""
+    if spec.density is None or not items:
+        return {}
+    items = sorted(items, key=lambda item: item[0])
+    accs = {_accumulation_dtype(dtype) for _, _, dtype, _ in items}
+    if len(accs) > 1:
+        raise ValueError("scope: 'global' needs the float tensors all float64 or none float64")
+    if native_module() is None:
+        raise BackendUnavailable("scope='global' needs the native module (its radix select streams the model)")
+    acc = accs.pop()
+    total = sum(numel for _, numel, _, _ in items)
+    buf = torch.empty(max(min(chunk_of(numel, dtype), numel) for _, numel, dtype, _ in items), dtype=acc)
+
+    def passes(t):
+        for _, numel, dtype, reads in items:
+            for s, c in _chunks(numel, chunk_of(numel, dtype)):
+                yield [native_buffer(_tau(buf, reads[t + 1], reads[0], s, c).view(1, -1))]
+
+    per_task = [_abs_topk(lambda t=t: passes(t), spec.keep_count(total), total, acc) for t in range(T)]
+    out, offset = {}, 0
+    for name, numel, _, _ in items:
+        out[name] = tuple((lo, hi, min(max(cut - offset, 0), numel)) for lo, hi, cut in per_task)
+        offset += numel
+    return out
 
 
 def _check_same(name: str, ref, others: list, what: str = "models") -> None:
@@ -417,45 +462,52 @@ def _check_same(name: str, ref, others: list, what: str = "models") -> None:
                              f"but the base has {tuple(ref[0])} {ref[1]}")
 
 
+SCOPES = ("tensor", "global")
+
+
 def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=None, density=None,
-          sign: str = "sum", semantics: str = "peft", seed=None, backend: str = "auto") -> dict:
+          sign: str = "sum", semantics: str = "peft", seed=None, scope: str = "tensor",
+          backend: str = "auto") -> dict:
     r"""Merge fine-tuned state dicts into ``base``: for every floating-point tensor,
     :math:`\theta_0 + \lambda \cdot \mathrm{method}(\theta_1 - \theta_0, \dots, \theta_T - \theta_0)`
     in the base's dtype (task vectors formed in float32, float64 for float64 models).
     Other tensors (integer buffers) are copied from ``base``. ``method`` is one of
     :data:`METHODS`; its arguments are those of the function of the same name, and DARE
-    draws each tensor's masks from ``seed`` and the tensor's name.
+    draws each tensor's masks from ``seed`` and the tensor's name. ``scope`` sets where the
+    top-k threshold of ties/magnitude_prune is taken: per tensor (PEFT, mergekit) or over all
+    float tensors of the model together (the TIES paper's code), with the same tie rule.
+    Temporaries stay O(chunk): tensors are processed 4M elements at a time.
     """
     spec = method_spec(method, density=density, sign=sign, semantics=semantics, seed=seed)
+    _checks.choice(scope, "scope", SCOPES)
     if not models:
         raise ValueError("models: expected at least one fine-tuned state dict")
     weights = _checks.weight_list(weights, len(models))
-    out = {}
-    for name, b in base.items():
-        for i, m in enumerate(models):
-            if name not in m:
-                raise ValueError(f"models[{i}]: tensor {name!r} of the base is missing")
-        _check_same(name, (b.shape, b.dtype), [(m[name].shape, m[name].dtype) for m in models])
-        if b.dtype not in _DTYPES:
-            out[name] = b.clone()
-            continue
-        flat = [b.detach().reshape(-1)] + [m[name].detach().reshape(-1) for m in models]
-        reads = [lambda s, c, x=x: x[s:s + c] for x in flat]
-        result = torch.empty(b.numel(), dtype=b.dtype)
-        _merge_tensor(name, reads[0], reads[1:], b.numel(), b.dtype, spec, weights, lam,
-                      _chunk_elements(spec, b.numel(), _IN_MEMORY_CHUNK), backend,
-                      lambda s, x: result[s:s + x.numel()].copy_(x))
-        out[name] = result.view(b.shape)
     for i, m in enumerate(models):
-        extra = sorted(set(m) - set(base))
-        if extra:
-            raise ValueError(f"models[{i}]: tensors absent from the base: {extra[:3]}")
-    return out
+        missing, extra = sorted(set(base) - set(m)), sorted(set(m) - set(base))
+        if missing or extra:
+            raise ValueError(f"models[{i}]: tensor names differ from the base (missing {missing[:3]}, extra {extra[:3]})")
+    for name, b in base.items():
+        _check_same(name, (b.shape, b.dtype), [(m[name].shape, m[name].dtype) for m in models])
+    chunk_of = lambda numel, dtype: _chunk_elements(spec, numel, _IN_MEMORY_CHUNK)
+    items = []
+    for name, b in base.items():
+        if b.dtype in _DTYPES:
+            flat = [b.detach().reshape(-1)] + [m[name].detach().reshape(-1) for m in models]
+            items.append((name, b.numel(), b.dtype, [lambda s, c, x=x: x[s:s + c] for x in flat]))
+    trims = _global_trims(items, spec, chunk_of, len(models)) if scope == "global" else {}
+    out = {name: b.clone() for name, b in base.items() if b.dtype not in _DTYPES}
+    for name, numel, dtype, reads in items:
+        result = torch.empty(numel, dtype=dtype)
+        _merge_tensor(name, reads[0], reads[1:], numel, dtype, spec, weights, lam, chunk_of(numel, dtype), backend,
+                      lambda s, x: result[s:s + x.numel()].copy_(x), trims.get(name))
+        out[name] = result.view(base[name].shape)
+    return {name: out[name] for name in base}
 
 
 def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=None, density=None,
-                sign: str = "sum", semantics: str = "peft", seed=None, max_memory: int = 2 << 30,
-                shard_size: int = 5 << 30, backend: str = "auto", progress=None) -> list:
+                sign: str = "sum", semantics: str = "peft", seed=None, scope: str = "tensor",
+                max_memory: int = 2 << 30, shard_size: int = 5 << 30, backend: str = "auto", progress=None) -> list:
     """:func:`merge` over safetensors checkpoints (files, or folders of shards with
     ``model.safetensors.index.json``), streamed tensor by tensor and in chunks of huge tensors
     so that the working memory stays under about ``max_memory`` bytes whatever the model size.
@@ -470,6 +522,7 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
     from ._safetensors import Checkpoint, ShardedWriter
 
     spec = method_spec(method, density=density, sign=sign, semantics=semantics, seed=seed)
+    _checks.choice(scope, "scope", SCOPES)
     if not models:
         raise ValueError("models: expected at least one fine-tuned checkpoint")
     weights = _checks.weight_list(weights, len(models))
@@ -487,22 +540,30 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
         plan = [(n, i.dtype, i.shape) for n, i in b.tensors.items()]
         meta = {"format": "pt", "merged_by": f"transferops {__version__}", "merge_method": method,
                 "merge_args": json.dumps({"lam": lam, "weights": weights, "density": density, "sign": sign,
-                                          "semantics": semantics, "seed": seed}),
+                                          "semantics": semantics, "seed": seed, "scope": scope}),
                 "merge_inputs": json.dumps([str(c.path) for c in ckpts])}
+
+        def chunk_of(numel: int, dtype: torch.dtype) -> int:
+            item = torch.tensor([], dtype=dtype).element_size()
+            per_element = (T + 2) * item + (T + 3) * _accumulation_dtype(dtype).itemsize
+            return _chunk_elements(spec, numel, max(1024, max_memory // per_element))
+
+        items = [(name, info.numel, info.dtype, [lambda s, c, m=m, name=name: m.read(name, s, c) for m in ckpts])
+                 for name, info in b.tensors.items() if info.dtype in _DTYPES]
+        trims = _global_trims(items, spec, chunk_of, T) if scope == "global" else {}
+        reads_of = {name: reads for name, _, _, reads in items}
         writer = ShardedWriter(out, plan, shard_size, meta)
         try:
             total, done = sum(i.nbytes for i in b.tensors.values()), 0
             for name, info in b.tensors.items():
-                emit = lambda s, x, name=name, dtype=info.dtype: writer.write(name, s, x.to(dtype))
                 if info.dtype not in _DTYPES:
-                    emit(0, b.read(name))
+                    writer.write(name, 0, b.read(name))
                 else:
-                    item = info.nbytes // max(info.numel, 1)
-                    per_element = (T + 2) * item + (T + 3) * (8 if info.dtype == torch.float64 else 4)
-                    chunk = _chunk_elements(spec, info.numel, max(1024, max_memory // per_element))
-                    reads = [lambda s, c, m=m, name=name: m.read(name, s, c) for m in ckpts]
+                    reads = reads_of[name]
                     _merge_tensor(name, reads[0], reads[1:], info.numel, info.dtype, spec, weights, lam,
-                                  chunk, backend, emit)
+                                  chunk_of(info.numel, info.dtype), backend,
+                                  lambda s, x, name=name, dtype=info.dtype: writer.write(name, s, x.to(dtype)),
+                                  trims.get(name))
                 done += info.nbytes
                 if progress:
                     progress(done, total, name)
