@@ -132,13 +132,6 @@ std::vector<int64_t> abs_digit_histogram(const std::vector<py::buffer>& bufs, ui
   return cpu::abs_digit_histogram(views, prefix, shift, dbits);
 }
 
-int64_t abs_count_equal(const std::vector<py::buffer>& bufs, uint64_t key) {
-  std::vector<BufferView> keep;
-  const std::vector<View2D> views = views_of(bufs, "tensors", keep, nullptr);
-  py::gil_scoped_release release;
-  return cpu::abs_count_equal(views, key);
-}
-
 int64_t abs_equal_cut(const std::vector<py::buffer>& bufs, uint64_t key, int64_t rank) {
   std::vector<BufferView> keep;
   const std::vector<View2D> views = views_of(bufs, "tensors", keep, nullptr);
@@ -196,6 +189,5 @@ PYBIND11_MODULE(_native, m) {
         py::arg("shift"), py::arg("dbits"),
         "Radix-select step: histogram of the digit at `shift` of the bits of |x|, over the "
         "elements whose higher bits equal `prefix`");
-  m.def("abs_count_equal", &abs_count_equal, py::arg("tensors"), py::arg("key"));
   m.def("abs_equal_cut", &abs_equal_cut, py::arg("tensors"), py::arg("key"), py::arg("rank"));
 }

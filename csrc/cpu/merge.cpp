@@ -89,37 +89,42 @@ std::vector<int64_t> digit_histogram(const std::vector<View2D>& views, uint64_t 
   return hist;
 }
 
+// Elements with key `key` per work item (row, column block), counted in parallel.
 template <class S>
-std::vector<int64_t> equal_per_row(const View2D& v, uint64_t key) {
-  std::vector<int64_t> per_row(v.rows, 0);
+std::vector<int64_t> equal_per_item(const View2D& v, const Blocks& b, uint64_t key) {
+  std::vector<int64_t> counts(b.count(), 0);
 #pragma omp parallel for schedule(static) if (v.rows * v.cols > kParallelMinElements)
-  for (int64_t r = 0; r < v.rows; ++r) {
-    const S* p = v.row<S>(r);
+  for (int64_t item = 0; item < b.count(); ++item) {
+    const S* p = v.row<S>(b.row(item)) + b.col(item);
     int64_t c = 0;
-    for (int64_t j = 0; j < v.cols; ++j) c += uint64_t(abs_key(p[j])) == key;
-    per_row[r] = c;
+    for (int64_t j = 0, n = b.len(item); j < n; ++j) c += uint64_t(abs_key(p[j])) == key;
+    counts[item] = c;
   }
-  return per_row;
+  return counts;
 }
 
+// One parallel counting pass, then a scan of the single block that holds the cut.
 template <class S>
 int64_t equal_cut(const std::vector<View2D>& views, uint64_t key, int64_t rank) {
-  int64_t before = 0;  // elements of the views already passed
+  int64_t before = 0, seen = 0;  // elements passed, equal ones among them
   for (const View2D& v : views) {
-    const std::vector<int64_t> per_row = equal_per_row<S>(v, key);
-    for (int64_t r = 0; r < v.rows; ++r) {
-      if (per_row[r] < rank) {
-        rank -= per_row[r];
+    const Blocks b(v, kHistBlock);
+    const std::vector<int64_t> counts = equal_per_item<S>(v, b, key);
+    for (int64_t item = 0; item < b.count(); ++item) {
+      if (seen + counts[item] < rank) {
+        seen += counts[item];
         continue;
       }
-      const S* p = v.row<S>(r);
-      for (int64_t j = 0; j < v.cols; ++j) {
-        if (uint64_t(abs_key(p[j])) == key && --rank == 0) return before + r * v.cols + j + 1;
+      const S* p = v.row<S>(b.row(item)) + b.col(item);
+      for (int64_t j = 0, n = b.len(item); j < n; ++j) {
+        if (uint64_t(abs_key(p[j])) == key && ++seen == rank) {
+          return before + b.row(item) * v.cols + b.col(item) + j + 1;
+        }
       }
     }
     before += v.rows * v.cols;
   }
-  throw std::invalid_argument("abs_equal_cut: fewer equal elements than the rank asked for");
+  return -seen;
 }
 
 // ---- the fused merge pass --------------------------------------------------------------------
@@ -256,19 +261,9 @@ std::vector<int64_t> abs_digit_histogram(const std::vector<View2D>& views, uint6
   });
 }
 
-int64_t abs_count_equal(const std::vector<View2D>& views, uint64_t key) {
-  if (views.empty()) return 0;
-  return dispatch_float(views[0].dtype, [&](auto tag) {
-    int64_t n = 0;
-    for (const View2D& v : views) {
-      for (int64_t c : base::equal_per_row<decltype(tag)>(v, key)) n += c;
-    }
-    return n;
-  });
-}
-
 int64_t abs_equal_cut(const std::vector<View2D>& views, uint64_t key, int64_t rank) {
-  if (views.empty() || rank < 1) throw std::invalid_argument("abs_equal_cut: rank must be >= 1");
+  if (rank < 1) throw std::invalid_argument("abs_equal_cut: rank must be >= 1");
+  if (views.empty()) return 0;
   return dispatch_float(views[0].dtype, [&](auto tag) { return base::equal_cut<decltype(tag)>(views, key, rank); });
 }
 

@@ -19,10 +19,9 @@ enum class SignRule : int { sum = 0, count = 1 };
 // above the digit equal `prefix`.
 std::vector<int64_t> abs_digit_histogram(const std::vector<View2D>& views, uint64_t prefix,
                                          int shift, int dbits);
-// How many elements of `views` have key `key`.
-int64_t abs_count_equal(const std::vector<View2D>& views, uint64_t key);
 // The flat position (views in order, each row-major) just after the rank-th element (1-based)
-// with key `key`; throws if there are fewer.
+// with key `key`; if there are fewer, minus their count (so a caller streaming chunks can
+// subtract it from the rank and go on).
 int64_t abs_equal_cut(const std::vector<View2D>& views, uint64_t key, int64_t rank);
 
 // Per task: entries kept by a trim are |v| >= lo at flat index < cut and |v| >= hi after it,

@@ -174,11 +174,11 @@ def _abs_topk(passes, k: int, numel: int, dtype: torch.dtype) -> tuple[float, fl
     cut, before = numel, 0
     if rank < ties:  # some ties at the threshold are dropped: find where the rank-th one is
         for bufs in passes():
-            n = native.abs_count_equal(bufs, prefix)
-            if n >= rank:
-                cut = before + native.abs_equal_cut(bufs, prefix, rank)
+            pos = native.abs_equal_cut(bufs, prefix, rank)
+            if pos > 0:
+                cut = before + pos
                 break
-            rank -= n
+            rank += pos  # pos = -(ties in this chunk)
             before += sum(b.size for b in bufs)
     return lo.item(), hi.item(), cut
 
