@@ -141,6 +141,11 @@ def _merge_reference(tvs: list[torch.Tensor], weights: list[float] | None, spec:
     return merged.to(tvs[0].dtype)
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Task vectors and accumulators: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 _KEY_BITS = {torch.float32: 31, torch.float64: 63, torch.bfloat16: 15, torch.float16: 15}
 _KEY_INTS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
              torch.float16: torch.int16}
@@ -153,7 +158,7 @@ def _abs_topk(passes, k: int, numel: int, dtype: torch.dtype) -> tuple[float, fl
     at the threshold kept lowest flat index first. ``passes()`` returns a fresh iterable of
     lists of native buffers covering the tensor in flat order: it is read once per digit, so
     the data may stream from disk."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = _accumulation_dtype(dtype)
     if k <= 0:
         return math.inf, math.inf, 0
     if k >= numel:
@@ -245,10 +250,6 @@ def _merge_cuda(tvs, weights, spec: MergeSpec):
 def _run(name: str, task_vectors, weights, spec: MergeSpec, backend: str) -> torch.Tensor:
     tvs = _checks.tensor_list(task_vectors, "task_vectors")
     weights = _checks.weight_list(weights, len(tvs))
-    for field in ("density", "dare"):
-        if getattr(spec, field) is not None:
-            _checks.fraction(getattr(spec, field), "density")
-    _checks.choice(spec.sign, "sign", SIGN_RULES)
     if tvs[0].numel() == 0:
         return torch.empty_like(tvs[0], memory_format=torch.contiguous_format)
     tvs = [t.detach() for t in tvs]
@@ -270,15 +271,35 @@ _COMMON = """
     positions during the pass itself, not by an extra pass)."""
 
 
+METHODS = ("task_arithmetic", "ties", "magnitude_prune", "dare_linear", "dare_ties")
+
+
+def method_spec(method: str, *, density=None, sign: str = "sum", semantics: str = "peft", seed=None) -> MergeSpec:
+    """The fused-pass configuration of a named method (see the function of the same name)."""
+    _checks.choice(method, "method", METHODS)
+    _checks.choice(sign, "sign", SIGN_RULES)
+    _checks.choice(semantics, "semantics", SEMANTICS)
+    if method != "task_arithmetic" and density is None:
+        raise ValueError(f"density: method {method!r} needs a density in [0, 1]")
+    if method.startswith("dare"):
+        if seed is None:
+            raise ValueError(f"seed: method {method!r} needs an integer seed for its random masks")
+        return MergeSpec(None, method == "dare_ties", sign=sign, dare=_checks.fraction(density, "density"),
+                         seed=_checks.seed(seed))
+    if method == "task_arithmetic":
+        return MergeSpec(None, False)
+    return MergeSpec(_checks.fraction(density, "density"), method == "ties", sign=sign, semantics=semantics)
+
+
 def task_arithmetic(task_vectors, *, weights=None, backend: str = "auto") -> torch.Tensor:
     r"""Task arithmetic (Ilharco et al., ICLR 2023): :math:`\sum_t w_t \tau_t`."""
-    return _run("task_arithmetic", task_vectors, weights, MergeSpec(density=None, elect=False), backend)
+    return _run("task_arithmetic", task_vectors, weights, method_spec("task_arithmetic"), backend)
 
 
 def magnitude_prune(task_vectors, *, density: float, weights=None, backend: str = "auto") -> torch.Tensor:
     r"""Keep each task vector's top ``int(density * numel)`` magnitudes, then
     :math:`\sum_t w_t \operatorname{trim}(\tau_t)` (PEFT's ``magnitude_prune``)."""
-    return _run("magnitude_prune", task_vectors, weights, MergeSpec(density=density, elect=False), backend)
+    return _run("magnitude_prune", task_vectors, weights, method_spec("magnitude_prune", density=density), backend)
 
 
 def ties(task_vectors, *, density: float, weights=None, sign: str = "sum", semantics: str = "peft",
@@ -301,8 +322,7 @@ def ties(task_vectors, *, density: float, weights=None, sign: str = "sum", seman
 
     With all weights equal to 1 the two agree.
     """
-    _checks.choice(semantics, "semantics", SEMANTICS)
-    spec = MergeSpec(density=density, elect=True, sign=sign, semantics=semantics)
+    spec = method_spec("ties", density=density, sign=sign, semantics=semantics)
     return _run("ties", task_vectors, weights, spec, backend)
 
 
@@ -315,8 +335,7 @@ def dare_linear(task_vectors, *, density: float, seed: int, weights=None, name: 
     The masks come from Philox4x32-10 keyed by (``seed``, FNV-1a of ``name``, task index,
     flat element index): identical on every backend and thread count, never materialized.
     Give each tensor of a model its ``name`` so that tensors get independent masks."""
-    spec = MergeSpec(density=None, elect=False, dare=density,
-                     seed=_checks.seed(seed), stream=_fnv1a32(_checks.name(name)))
+    spec = replace(method_spec("dare_linear", density=density, seed=seed), stream=_fnv1a32(_checks.name(name)))
     return _run("dare_linear", task_vectors, weights, spec, backend)
 
 
@@ -324,8 +343,8 @@ def dare_ties(task_vectors, *, density: float, seed: int, weights=None, sign: st
               backend: str = "auto") -> torch.Tensor:
     """DARE's random drop and rescale (see :func:`dare_linear`), then the TIES election and
     disjoint mean in PEFT's semantics (see :func:`ties`), in one pass."""
-    spec = MergeSpec(density=None, elect=True, sign=sign, dare=density,
-                     seed=_checks.seed(seed), stream=_fnv1a32(_checks.name(name)))
+    spec = replace(method_spec("dare_ties", density=density, sign=sign, seed=seed),
+                   stream=_fnv1a32(_checks.name(name)))
     return _run("dare_ties", task_vectors, weights, spec, backend)
 
 
@@ -336,7 +355,8 @@ def disjoint_merge(task_vectors, *, sign: str = "sum", weights=None, backend: st
     :math:`\tau = \sum_{t \in A} w_t \tau_t / |A|` with :math:`A = \{t : \operatorname{sgn}(\tau_t) = \gamma\}`.
     Exact zeros are trimmed entries. See :func:`ties` for ``sign``; weights apply after the
     election."""
-    return _run("disjoint_merge", task_vectors, weights, MergeSpec(density=None, elect=True, sign=sign), backend)
+    spec = MergeSpec(density=None, elect=True, sign=_checks.choice(sign, "sign", SIGN_RULES))
+    return _run("disjoint_merge", task_vectors, weights, spec, backend)
 
 
 for _fn in (task_arithmetic, magnitude_prune, ties, dare_linear, dare_ties, disjoint_merge):
@@ -344,26 +364,6 @@ for _fn in (task_arithmetic, magnitude_prune, ties, dare_linear, dare_ties, disj
 
 
 # ---- whole models: state dicts in memory, or checkpoints streamed from disk ---------------------
-
-METHODS = ("task_arithmetic", "ties", "magnitude_prune", "dare_linear", "dare_ties")
-
-
-def method_spec(method: str, *, density=None, sign: str = "sum", semantics: str = "peft", seed=None) -> MergeSpec:
-    """The fused-pass configuration of a named method (see the function of the same name)."""
-    _checks.choice(method, "method", METHODS)
-    _checks.choice(sign, "sign", SIGN_RULES)
-    _checks.choice(semantics, "semantics", SEMANTICS)
-    if method != "task_arithmetic" and density is None:
-        raise ValueError(f"density: method {method!r} needs a density in [0, 1]")
-    if method.startswith("dare"):
-        if seed is None:
-            raise ValueError(f"seed: method {method!r} needs an integer seed for its random masks")
-        return MergeSpec(None, method == "dare_ties", sign=sign, dare=_checks.fraction(density, "density"),
-                         seed=_checks.seed(seed))
-    if method == "task_arithmetic":
-        return MergeSpec(None, False)
-    return MergeSpec(_checks.fraction(density, "density"), method == "ties", sign=sign, semantics=semantics)
-
 
 # merge() works through tensors in chunks of this many elements, so its temporaries (the
 # float32 task vectors) stay O(chunk) rather than O(T x tensor).
@@ -376,10 +376,6 @@ def _chunk_elements(spec: MergeSpec, numel: int, chunk: int) -> int:
     if spec.density is not None and native_module() is None:
         return max(numel, 1)
     return chunk
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _tau(buf: torch.Tensor, model_read, base_read, start: int, count: int) -> torch.Tensor:
@@ -455,11 +451,18 @@ def _global_trims(items, spec: MergeSpec, chunk_of, T: int) -> dict:
     return out
 
 
-def _check_same(name: str, ref, others: list, what: str = "models") -> None:
-    for i, (shape, dtype) in enumerate(others):
-        if (shape, dtype) != ref:
-            raise ValueError(f"{what}[{i}]: tensor {name!r} is {tuple(shape)} {dtype}, "
-                             f"but the base has {tuple(ref[0])} {ref[1]}")
+def _check_compatible(base: dict, models: list[dict], labels: list[str]) -> None:
+    """Every model has the base's tensor names, shapes and dtypes; ``base`` and ``models``
+    map names to (shape, dtype), ``labels`` name the models in the names error."""
+    for label, m in zip(labels, models):
+        missing, extra = sorted(set(base) - set(m)), sorted(set(m) - set(base))
+        if missing or extra:
+            raise ValueError(f"{label}: tensor names differ from the base (missing {missing[:3]}, extra {extra[:3]})")
+    for name, ref in base.items():
+        for i, m in enumerate(models):
+            if tuple(m[name]) != tuple(ref):
+                raise ValueError(f"models[{i}]: tensor {name!r} is {tuple(m[name][0])} {m[name][1]}, "
+                                 f"but the base has {tuple(ref[0])} {ref[1]}")
 
 
 SCOPES = ("tensor", "global")
@@ -483,12 +486,8 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
     if not models:
         raise ValueError("models: expected at least one fine-tuned state dict")
     weights = _checks.weight_list(weights, len(models))
-    for i, m in enumerate(models):
-        missing, extra = sorted(set(base) - set(m)), sorted(set(m) - set(base))
-        if missing or extra:
-            raise ValueError(f"models[{i}]: tensor names differ from the base (missing {missing[:3]}, extra {extra[:3]})")
-    for name, b in base.items():
-        _check_same(name, (b.shape, b.dtype), [(m[name].shape, m[name].dtype) for m in models])
+    layout = lambda sd: {name: (tuple(t.shape), t.dtype) for name, t in sd.items()}
+    _check_compatible(layout(base), [layout(m) for m in models], [f"models[{i}]" for i in range(len(models))])
     chunk_of = lambda numel, dtype: _chunk_elements(spec, numel, _IN_MEMORY_CHUNK)
     items = []
     for name, b in base.items():
@@ -529,13 +528,8 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
     ckpts = [Checkpoint(base)] + [Checkpoint(m) for m in models]
     try:
         b, ms = ckpts[0], ckpts[1:]
-        for i, m in enumerate(ms):
-            if set(m.tensors) != set(b.tensors):
-                missing, extra = sorted(set(b.tensors) - set(m.tensors)), sorted(set(m.tensors) - set(b.tensors))
-                raise ValueError(f"models[{i}] ({m.path}): tensor names differ from the base "
-                                 f"(missing {missing[:3]}, extra {extra[:3]})")
-        for name, info in b.tensors.items():
-            _check_same(name, (info.shape, info.dtype), [(m.tensors[name].shape, m.tensors[name].dtype) for m in ms])
+        layout = lambda c: {name: (info.shape, info.dtype) for name, info in c.tensors.items()}
+        _check_compatible(layout(b), [layout(m) for m in ms], [f"models[{i}] ({m.path})" for i, m in enumerate(ms)])
         T = len(ms)
         plan = [(n, i.dtype, i.shape) for n, i in b.tensors.items()]
         meta = {"format": "pt", "merged_by": f"transferops {__version__}", "merge_method": method,
