@@ -108,10 +108,11 @@ def _model_case(T: int, dtype: torch.dtype, device: str, backends, peft, mergeki
     P = sum(b.numel() for b in base.values())
     size = f"T={T} {P / 1e6:.0f}M {DTYPE_NAMES[dtype]} d={DENSITY}"
     item = base[CHECKED].element_size()
-    # Each radix pass (3 for f32, 2 for 16-bit) reads theta_t and theta_0 per task; the merge
-    # pass reads every model and the base and writes the result.
-    passes = 3 if dtype == torch.float32 else 2
-    nbytes = (2 * T * passes + T + 2) * P * item
+    # Both radix passes (tau is float32 for both dtypes: 31-bit keys, two 16-bit digits) and the
+    # merge pass read every model and the base once (tau is formed inside them); the merge pass
+    # writes the result. The pass that finds where threshold ties are cut, when some are, reads
+    # up to one model and the base more: not counted, so the GB/s shown is a lower bound.
+    nbytes = (3 * (T + 1) + 1) * P * item
     ones = torch.ones(T, device=device)
     tvs_checked = [m[CHECKED].float() - base[CHECKED].float() for m in models]
     return Case(
@@ -163,9 +164,9 @@ def cases(quick: bool, device: str):
             tvs = _task_vectors(T, P, dtype, device, trimmed=False)
             yield Case(
                 op="ties", size=f"{size} d={DENSITY}", dtype=dtype, comparable=_off_threshold(tvs),
-                # Each task is read once per radix-select pass (3 for f32, 2 for 16-bit) and
-                # once more by the merge pass.
-                bytes=nbytes + T * P * (3 if dtype == torch.float32 else 2) * tvs[0].element_size(),
+                # Each task is read once per radix-select pass (2 for f32, 1 for 16-bit keys) and
+                # once more by the merge pass (tie-cut passes not counted).
+                bytes=nbytes + T * P * (2 if dtype == torch.float32 else 1) * tvs[0].element_size(),
                 ours={b: functools.partial(ties, tvs, density=DENSITY, backend=b) for b in backends},
                 peers={
                     "peer:peft": (functools.partial(peft.ties, tvs, ones, DENSITY) if peft else None),

@@ -2,6 +2,7 @@
 // checks them, releases the GIL and calls the kernels in cpu/ and cuda/.
 // Conventions: every operand arrives 2-D with an inner stride of one element (Python collapses
 // tensors to that form); bf16 arrives as int16 words, since numpy has no bf16.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -96,15 +97,29 @@ std::vector<View2D> views_of(const std::vector<py::buffer>& bufs, const std::str
   return views;
 }
 
-int64_t merge(const std::vector<py::buffer>& tvs, const py::buffer& out,
-              const std::optional<std::vector<double>>& weights,
-              const std::optional<std::vector<std::tuple<double, double, int64_t>>>& trims,
-              const std::optional<std::tuple<uint64_t, uint32_t, uint64_t, double, int64_t>>& dare,
-              bool elect, int rule, bool weight_before_election) {
+// With `base`, `tvs` are models theta_t (see cpu::merge). `out` None: a counting pass.
+std::tuple<int64_t, int64_t> merge(
+    const std::vector<py::buffer>& tvs, const std::optional<py::buffer>& base, const std::optional<py::buffer>& out,
+    const std::optional<std::vector<double>>& weights,
+    const std::optional<std::vector<std::tuple<double, double, int64_t>>>& trims,
+    const std::optional<std::tuple<uint64_t, uint32_t, uint64_t, double, int64_t>>& dare, bool elect, int rule,
+    bool weight_before_election, int zero_sign, double lam) {
   if (rule != 0 && rule != 1) throw std::invalid_argument("rule: expected 0 (sum) or 1 (count)");
-  BufferView o = buffer_view(out, "out", true);
+  if (zero_sign != 1 && zero_sign != -1) throw std::invalid_argument("zero_sign: expected 1 or -1");
   std::vector<BufferView> keep;
-  const std::vector<View2D> views = views_of(tvs, "task_vectors", keep, &o.view);
+  const std::vector<View2D> views = views_of(tvs, "task_vectors", keep, nullptr);
+  std::optional<BufferView> o, b;
+  View2D out_view = views[0];
+  out_view.data = nullptr;
+  if (out) {
+    o = buffer_view(*out, "out", true);
+    check_same_layout(o->view, views[0], "out");
+    out_view = o->view;
+  }
+  if (base) {
+    b = buffer_view(*base, "base", false);
+    check_same_layout(b->view, views[0], "base");
+  }
   const double* w = weights_ptr(weights, tvs.size());
   std::vector<cpu::Trim> tr;
   if (trims) {
@@ -119,24 +134,43 @@ int64_t merge(const std::vector<py::buffer>& tvs, const py::buffer& out,
     if (keep_below > (uint64_t(1) << 32)) throw std::invalid_argument("dare: keep_below exceeds 2^32");
     dr = cpu::Dare{seed, stream, keep_below, rescale, offset};
   }
-  const cpu::MergeSpec spec{elect, static_cast<cpu::SignRule>(rule), weight_before_election};
+  const cpu::MergeSpec spec{elect, static_cast<cpu::SignRule>(rule), weight_before_election, zero_sign, lam};
   py::gil_scoped_release release;
-  return cpu::merge(views, o.view, w, trims ? tr.data() : nullptr, dr ? &*dr : nullptr, spec);
+  const cpu::MergeResult r = cpu::merge(views, b ? &b->view : nullptr, out_view, w, trims ? tr.data() : nullptr,
+                                        dr ? &*dr : nullptr, spec);
+  return {r.nonfinite, r.sign_sum};
 }
 
-std::vector<int64_t> abs_digit_histogram(const std::vector<py::buffer>& bufs, uint64_t prefix, int shift,
-                                         int dbits) {
+// A numpy array [T, 2^dbits]: up to 65536 bins per task, which a Python list would box one by one.
+py::array_t<int64_t> abs_digit_histograms(const std::vector<py::buffer>& tasks, const std::optional<py::buffer>& base,
+                                          const std::vector<uint64_t>& prefixes, int shift, int dbits) {
   std::vector<BufferView> keep;
-  const std::vector<View2D> views = views_of(bufs, "tensors", keep, nullptr);
-  py::gil_scoped_release release;
-  return cpu::abs_digit_histogram(views, prefix, shift, dbits);
+  const std::vector<View2D> views = views_of(tasks, "tasks", keep, nullptr);
+  for (size_t i = 1; i < views.size(); ++i) check_same_layout(views[i], views[0], "tasks[" + std::to_string(i) + "]");
+  std::optional<BufferView> b;
+  if (base) {
+    b = buffer_view(*base, "base", false);
+    check_same_layout(b->view, views[0], "base");
+  }
+  std::vector<int64_t> hist;
+  {
+    py::gil_scoped_release release;
+    hist = cpu::abs_digit_histograms(views, b ? &b->view : nullptr, prefixes, shift, dbits);
+  }
+  py::array_t<int64_t> out({py::ssize_t(views.size()), py::ssize_t(1) << dbits});
+  std::copy(hist.begin(), hist.end(), out.mutable_data());
+  return out;
 }
 
-int64_t abs_equal_cut(const std::vector<py::buffer>& bufs, uint64_t key, int64_t rank) {
-  std::vector<BufferView> keep;
-  const std::vector<View2D> views = views_of(bufs, "tensors", keep, nullptr);
+int64_t abs_equal_cut(const py::buffer& tensor, const std::optional<py::buffer>& base, uint64_t key, int64_t rank) {
+  const BufferView v = buffer_view(tensor, "tensor", false);
+  std::optional<BufferView> b;
+  if (base) {
+    b = buffer_view(*base, "base", false);
+    check_same_layout(b->view, v.view, "base");
+  }
   py::gil_scoped_release release;
-  return cpu::abs_equal_cut(views, key, rank);
+  return cpu::abs_equal_cut(v.view, b ? &b->view : nullptr, key, rank);
 }
 
 #ifdef TRANSFEROPS_WITH_CUDA
@@ -180,14 +214,16 @@ PYBIND11_MODULE(_native, m) {
 #else
   m.attr("has_cuda") = false;
 #endif
-  m.def("merge", &merge, py::arg("task_vectors"), py::arg("out"), py::arg("weights"),
+  m.def("merge", &merge, py::arg("task_vectors"), py::arg("base"), py::arg("out"), py::arg("weights"),
         py::arg("trims"), py::arg("dare"), py::arg("elect"), py::arg("rule"),
-        py::arg("weight_before_election"),
-        "Fused trim + (TIES election and disjoint mean | weighted sum); returns the number of "
-        "positions where an input was NaN/Inf");
-  m.def("abs_digit_histogram", &abs_digit_histogram, py::arg("tensors"), py::arg("prefix"),
+        py::arg("weight_before_election"), py::arg("zero_sign"), py::arg("lam"),
+        "Fused trim + (TIES election and disjoint mean | weighted sum), optionally forming the task "
+        "vectors from models and a base; returns (positions where an input was NaN/Inf, sum of the "
+        "elected signs)");
+  m.def("abs_digit_histograms", &abs_digit_histograms, py::arg("tasks"), py::arg("base"), py::arg("prefixes"),
         py::arg("shift"), py::arg("dbits"),
-        "Radix-select step: histogram of the digit at `shift` of the bits of |x|, over the "
-        "elements whose higher bits equal `prefix`");
-  m.def("abs_equal_cut", &abs_equal_cut, py::arg("tensors"), py::arg("key"), py::arg("rank"));
+        "Radix-select step for T tasks in one pass: per task, the histogram of the digit at `shift` "
+        "of the bits of |x| (x = task - base with a base) over the elements whose higher bits equal "
+        "its prefix");
+  m.def("abs_equal_cut", &abs_equal_cut, py::arg("tensor"), py::arg("base"), py::arg("key"), py::arg("rank"));
 }

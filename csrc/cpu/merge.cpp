@@ -55,83 +55,130 @@ inline typename AbsKey<S>::K abs_key(const S& x) {
   return k & (std::numeric_limits<typename AbsKey<S>::K>::max() >> 1);
 }
 
+// Element j of a task vector: the stored value, or with models given (diff) theta - theta_0
+// formed in the accumulation type, so no task-vector buffer is ever written.
+template <class S, bool diff>
+inline auto tau(const S* p, const S* q, int64_t j) {
+  if constexpr (diff) return widen(p[j]) - widen(q[j]);
+  else return p[j];
+}
+template <class S, bool diff> using Tau = std::conditional_t<diff, acc_t<S>, S>;
+
 constexpr int64_t kHistBlock = 4096;
 
-template <class S>
-std::vector<int64_t> digit_histogram(const std::vector<View2D>& views, uint64_t prefix, int shift,
-                                     int dbits) {
-  using K = typename AbsKey<S>::K;
-  if (dbits < 1 || dbits > 16 || shift < 0 || shift + dbits > AbsKey<S>::bits) {
-    throw std::invalid_argument("abs_digit_histogram: digit out of the key's range");
+// Histograms of the digit at `shift` for T tasks in one pass, so the shared base (diff) is read
+// once for all of them; each task matches its own prefix. `hist` is [T][bins].
+template <class S, bool diff>
+void digit_histograms(const std::vector<View2D>& tasks, const View2D* base, const std::vector<uint64_t>& prefixes,
+                      int shift, int dbits, std::vector<int64_t>& hist) {
+  using V = Tau<S, diff>;
+  using K = typename AbsKey<V>::K;
+  const View2D& v = tasks[0];
+  if (uint64_t(v.rows * v.cols) > std::numeric_limits<uint32_t>::max()) {
+    throw std::invalid_argument("abs_digit_histograms: a view of 2^32 elements or more (split it)");
   }
+  const int T = int(tasks.size());
   const int64_t bins = int64_t(1) << dbits;
   const int high = shift + dbits;
-  std::vector<int64_t> hist(bins, 0);
-  for (const View2D& v : views) {
-    const Blocks b(v, kHistBlock);
+  // The first digit has no higher bits to match (and a shift by the key's width is undefined).
+  const bool first = high == AbsKey<V>::bits;
+  // Two interleaved copies per task on the unconditional first digit: runs of equal digits
+  // (common: magnitudes cluster) then do not wait on the previous increment of one counter.
+  const int copies = first ? 2 : 1;
+  const Blocks b(v, kHistBlock);
 #pragma omp parallel if (v.rows * v.cols > kParallelMinElements)
-    {
-      std::vector<int64_t> local(bins, 0);
+  {
+    std::vector<uint32_t> local(size_t(T) * copies * bins, 0);
+    acc_t<S> base_block[kHistBlock];
+    K keys[kHistBlock];
 #pragma omp for schedule(static) nowait
-      for (int64_t item = 0; item < b.count(); ++item) {
-        const S* p = v.row<S>(b.row(item)) + b.col(item);
-        const int64_t n = b.len(item);
-        for (int64_t j = 0; j < n; ++j) {
-          const uint64_t key = abs_key(p[j]);
-          // Shifting a key by its full width or more is undefined: the first digit has no prefix.
-          if (high >= int(8 * sizeof(K)) || (key >> high) == prefix) ++local[(key >> shift) & uint64_t(bins - 1)];
+    for (int64_t item = 0; item < b.count(); ++item) {
+      const int64_t r = b.row(item), c = b.col(item), n = b.len(item);
+      if constexpr (diff) {
+        const S* q = base->row<S>(r) + c;
+        for (int64_t j = 0; j < n; ++j) base_block[j] = widen(q[j]);
+      }
+      for (int t = 0; t < T; ++t) {
+        const S* p = tasks[t].row<S>(r) + c;
+        for (int64_t j = 0; j < n; ++j) {  // vectorizes
+          if constexpr (diff) keys[j] = abs_key(V(widen(p[j]) - base_block[j]));
+          else keys[j] = abs_key(p[j]);
+        }
+        uint32_t* h = local.data() + size_t(t) * copies * bins;
+        if (first) {
+          int64_t j = 0;
+          for (; j + 1 < n; j += 2) {
+            ++h[keys[j] >> shift];
+            ++h[bins + (keys[j + 1] >> shift)];
+          }
+          if (j < n) ++h[keys[j] >> shift];
+        } else {
+          // Few keys match a prefix (about 1 in 300 past the first digit): a vectorized count
+          // per 64 keys skips most of them without a branch per key.
+          const K prefix = K(prefixes[t]);
+          for (int64_t j0 = 0; j0 < n; j0 += 64) {
+            const int64_t j1 = std::min<int64_t>(n, j0 + 64);
+            int hits = 0;
+            for (int64_t j = j0; j < j1; ++j) hits += K(keys[j] >> high) == prefix;
+            if (hits == 0) continue;
+            for (int64_t j = j0; j < j1; ++j) {
+              if (K(keys[j] >> high) == prefix) ++h[(keys[j] >> shift) & K(bins - 1)];
+            }
+          }
         }
       }
+    }
 #pragma omp critical
-      for (int64_t d = 0; d < bins; ++d) hist[d] += local[d];  // integer sums: order-free
+    for (int t = 0; t < T; ++t) {
+      const uint32_t* h = local.data() + size_t(t) * copies * bins;
+      int64_t* out = hist.data() + size_t(t) * bins;
+      for (int64_t d = 0; d < bins; ++d) out[d] += h[d] + (first ? h[bins + d] : 0);  // order-free
     }
   }
-  return hist;
 }
 
 // Elements with key `key` per work item (row, column block), counted in parallel.
-template <class S>
-std::vector<int64_t> equal_per_item(const View2D& v, const Blocks& b, uint64_t key) {
+template <class S, bool diff>
+std::vector<int64_t> equal_per_item(const View2D& v, const View2D* base, const Blocks& b, uint64_t key) {
   std::vector<int64_t> counts(b.count(), 0);
 #pragma omp parallel for schedule(static) if (v.rows * v.cols > kParallelMinElements)
   for (int64_t item = 0; item < b.count(); ++item) {
     const S* p = v.row<S>(b.row(item)) + b.col(item);
+    const S* q = diff ? base->row<S>(b.row(item)) + b.col(item) : nullptr;
     int64_t c = 0;
-    for (int64_t j = 0, n = b.len(item); j < n; ++j) c += uint64_t(abs_key(p[j])) == key;
+    for (int64_t j = 0, n = b.len(item); j < n; ++j) c += uint64_t(abs_key(tau<S, diff>(p, q, j))) == key;
     counts[item] = c;
   }
   return counts;
 }
 
 // One parallel counting pass, then a scan of the single block that holds the cut.
-template <class S>
-int64_t equal_cut(const std::vector<View2D>& views, uint64_t key, int64_t rank) {
-  int64_t before = 0, seen = 0;  // elements passed, equal ones among them
-  for (const View2D& v : views) {
-    const Blocks b(v, kHistBlock);
-    const std::vector<int64_t> counts = equal_per_item<S>(v, b, key);
-    for (int64_t item = 0; item < b.count(); ++item) {
-      if (seen + counts[item] < rank) {
-        seen += counts[item];
-        continue;
-      }
-      const S* p = v.row<S>(b.row(item)) + b.col(item);
-      for (int64_t j = 0, n = b.len(item); j < n; ++j) {
-        if (uint64_t(abs_key(p[j])) == key && ++seen == rank) {
-          return before + b.row(item) * v.cols + b.col(item) + j + 1;
-        }
+template <class S, bool diff>
+int64_t equal_cut(const View2D& v, const View2D* base, uint64_t key, int64_t rank) {
+  const Blocks b(v, kHistBlock);
+  const std::vector<int64_t> counts = equal_per_item<S, diff>(v, base, b, key);
+  int64_t seen = 0;
+  for (int64_t item = 0; item < b.count(); ++item) {
+    if (seen + counts[item] < rank) {
+      seen += counts[item];
+      continue;
+    }
+    const S* p = v.row<S>(b.row(item)) + b.col(item);
+    const S* q = diff ? base->row<S>(b.row(item)) + b.col(item) : nullptr;
+    for (int64_t j = 0, n = b.len(item); j < n; ++j) {
+      if (uint64_t(abs_key(tau<S, diff>(p, q, j))) == key && ++seen == rank) {
+        return b.row(item) * v.cols + b.col(item) + j + 1;
       }
     }
-    before += v.rows * v.cols;
   }
   return -seen;
 }
 
 // ---- the fused merge pass --------------------------------------------------------------------
 
-template <class S, SignRule rule, bool elect, bool wbefore, bool dare>
-int64_t merge_typed(const std::vector<View2D>& tvs, const View2D& out, const double* weights,
-                    const Trim* trims, const Dare* dr) {
+template <class S, SignRule rule, bool elect, bool wbefore, bool dare, bool diff>
+MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, const View2D& out,
+                        const double* weights, const Trim* trims, const Dare* dr, MergeSpec spec) {
   using A = acc_t<S>;
   const int T = int(tvs.size());
   std::vector<A> w(T, A(1)), lo(T, A(0)), hi(T, A(0));
@@ -141,15 +188,19 @@ int64_t merge_typed(const std::vector<View2D>& tvs, const View2D& out, const dou
     if (trims) lo[t] = A(trims[t].lo), hi[t] = A(trims[t].hi), cut[t] = trims[t].cut;
   }
   const Dare d = dare ? *dr : Dare{0, 0, 0, 1.0, 0};
-  const A rescale = A(d.rescale);
-  const Blocks b(out, kBlock);
-  int64_t nonfinite = 0;
+  const A rescale = A(d.rescale), lam = A(spec.lam);
+  const bool zero_elects_plus = spec.zero_sign > 0;
+  const bool store = out.data != nullptr;
+  const Blocks b(tvs[0], kBlock);
+  const int64_t cols = tvs[0].cols;
+  int64_t nonfinite = 0, sign_sum = 0;
 
-#pragma omp parallel for schedule(static) reduction(+ : nonfinite) \
-    if (out.rows * out.cols > kParallelMinElements)
+#pragma omp parallel for schedule(static) reduction(+ : nonfinite, sign_sum) \
+    if (b.rows * b.cols > kParallelMinElements)
   for (int64_t item = 0; item < b.count(); ++item) {
     const int64_t r = b.row(item), c0 = b.col(item), n = b.len(item);
-    const int64_t flat0 = r * out.cols + c0;
+    const int64_t flat0 = r * cols + c0;
+    const S* base_row = diff ? base->row<S>(r) + c0 : nullptr;
     A vote[kBlock], pos_sum[kBlock], neg_sum[kBlock], pos_den[kBlock], neg_den[kBlock], nf[kBlock];
     for (int64_t j = 0; j < n; ++j) {
       vote[j] = pos_sum[j] = neg_sum[j] = pos_den[j] = neg_den[j] = nf[j] = A(0);
@@ -162,7 +213,7 @@ int64_t merge_typed(const std::vector<View2D>& tvs, const View2D& out, const dou
       // (check with -fopt-info-vec). [j0, j1) shares one magnitude bound.
       auto accumulate = [&](int64_t j0, int64_t j1, A bound) {
         for (int64_t j = j0; j < j1; ++j) {
-          const A raw = widen(p[j]);
+          const A raw = widen(tau<S, diff>(p, base_row, j));
           nf[j] += raw - raw;  // stays 0 unless some v is NaN or Inf
           A v = std::abs(raw) >= bound ? raw : A(0);
           if constexpr (dare) {
@@ -187,21 +238,29 @@ int64_t merge_typed(const std::vector<View2D>& tvs, const View2D& out, const dou
       accumulate(0, split, lo[t]);
       accumulate(split, n, hi[t]);
     }
+    // Separate simple loops, each of which vectorizes.
+    int64_t bad = 0, signs = 0;
+    for (int64_t j = 0; j < n; ++j) bad += nf[j] != A(0);
+    if constexpr (elect) {
+      for (int64_t j = 0; j < n; ++j) signs += (vote[j] > A(0)) - (vote[j] < A(0));
+    }
+    nonfinite += bad;
+    sign_sum += signs;
+    if (!store) continue;
     S* o = out.row<S>(r) + c0;
-    int64_t bad = 0;
+    const A zero_vote = zero_elects_plus ? A(1) : A(-1);
     for (int64_t j = 0; j < n; ++j) {
+      A m = pos_sum[j];
       if constexpr (elect) {
         const A p = pos_sum[j] / (pos_den[j] == A(0) ? A(1) : pos_den[j]);
         const A q = neg_sum[j] / (neg_den[j] == A(0) ? A(1) : neg_den[j]);
-        o[j] = narrow<S>(vote[j] >= A(0) ? p : q);
-      } else {
-        o[j] = narrow<S>(pos_sum[j]);
+        m = (vote[j] == A(0) ? zero_vote : vote[j]) > A(0) ? p : q;
       }
-      bad += nf[j] != A(0);
+      if constexpr (diff) m = lam * m + widen(base_row[j]);
+      o[j] = narrow<S>(m);
     }
-    nonfinite += bad;
   }
-  return nonfinite;
+  return {nonfinite, sign_sum};
 }
 
 }  // namespace
@@ -212,18 +271,21 @@ decltype(auto) with_flag(bool flag, F&& f) {
   return flag ? f(std::true_type{}) : f(std::false_type{});
 }
 
-int64_t merge_impl(const std::vector<View2D>& tvs, const View2D& out, const double* weights,
-                   const Trim* trims, const Dare* dare, MergeSpec spec) {
-  return dispatch_float(out.dtype, [&](auto tag) -> int64_t {
+MergeResult merge_impl(const std::vector<View2D>& tvs, const View2D* base, const View2D& out,
+                       const double* weights, const Trim* trims, const Dare* dare, MergeSpec spec) {
+  return dispatch_float(tvs[0].dtype, [&](auto tag) -> MergeResult {
     using S = decltype(tag);
     return with_flag(spec.elect, [&](auto elect) {
       // Without an election the sign rule and the weights' place do not matter: one instance.
       return with_flag(elect && spec.rule == SignRule::count, [&](auto count) {
         return with_flag(elect && spec.weight_before_election, [&](auto wbefore) {
           return with_flag(dare != nullptr, [&](auto use_dare) {
-            constexpr SignRule rule = decltype(count)::value ? SignRule::count : SignRule::sum;
-            return merge_typed<S, rule, decltype(elect)::value, decltype(wbefore)::value,
-                               decltype(use_dare)::value>(tvs, out, weights, trims, dare);
+            return with_flag(base != nullptr, [&](auto diff) {
+              constexpr SignRule rule = decltype(count)::value ? SignRule::count : SignRule::sum;
+              return merge_typed<S, rule, decltype(elect)::value, decltype(wbefore)::value,
+                                 decltype(use_dare)::value, decltype(diff)::value>(tvs, base, out, weights,
+                                                                                  trims, dare, spec);
+            });
           });
         });
       });
@@ -236,8 +298,8 @@ int64_t merge_impl(const std::vector<View2D>& tvs, const View2D& out, const doub
 #ifdef TRANSFEROPS_ISA_BASE
 #ifdef TRANSFEROPS_HAVE_AVX2
 namespace avx2 {
-int64_t merge_impl(const std::vector<View2D>& tvs, const View2D& out, const double* weights,
-                   const Trim* trims, const Dare* dare, MergeSpec spec);
+MergeResult merge_impl(const std::vector<View2D>& tvs, const View2D* base, const View2D& out,
+                       const double* weights, const Trim* trims, const Dare* dare, MergeSpec spec);
 }
 #endif
 
@@ -253,18 +315,31 @@ std::string& isa_choice() {
 }
 }  // namespace
 
-std::vector<int64_t> abs_digit_histogram(const std::vector<View2D>& views, uint64_t prefix,
-                                         int shift, int dbits) {
-  if (views.empty()) throw std::invalid_argument("abs_digit_histogram: no views");
-  return dispatch_float(views[0].dtype, [&](auto tag) {
-    return base::digit_histogram<decltype(tag)>(views, prefix, shift, dbits);
+std::vector<int64_t> abs_digit_histograms(const std::vector<View2D>& tasks, const View2D* base,
+                                          const std::vector<uint64_t>& prefixes, int shift, int dbits) {
+  if (tasks.empty()) throw std::invalid_argument("abs_digit_histograms: no tasks");
+  if (prefixes.size() != tasks.size()) throw std::invalid_argument("abs_digit_histograms: one prefix per task");
+  return dispatch_float(tasks[0].dtype, [&](auto tag) {
+    using S = decltype(tag);
+    return base::with_flag(base != nullptr, [&](auto diff) {
+      constexpr bool D = decltype(diff)::value;
+      if (dbits < 1 || dbits > 16 || shift < 0 || shift + dbits > base::AbsKey<base::Tau<S, D>>::bits) {
+        throw std::invalid_argument("abs_digit_histograms: digit out of the key's range");
+      }
+      std::vector<int64_t> hist(tasks.size() << dbits, 0);
+      base::digit_histograms<S, D>(tasks, base, prefixes, shift, dbits, hist);
+      return hist;
+    });
   });
 }
 
-int64_t abs_equal_cut(const std::vector<View2D>& views, uint64_t key, int64_t rank) {
+int64_t abs_equal_cut(const View2D& view, const View2D* base, uint64_t key, int64_t rank) {
   if (rank < 1) throw std::invalid_argument("abs_equal_cut: rank must be >= 1");
-  if (views.empty()) return 0;
-  return dispatch_float(views[0].dtype, [&](auto tag) { return base::equal_cut<decltype(tag)>(views, key, rank); });
+  return dispatch_float(view.dtype, [&](auto tag) {
+    return base::with_flag(base != nullptr, [&](auto diff) {
+      return base::equal_cut<decltype(tag), decltype(diff)::value>(view, base, key, rank);
+    });
+  });
 }
 
 const char* cpu_isa() { return isa_choice().c_str(); }
@@ -288,12 +363,12 @@ void set_cpu_isa(const std::string& isa) {
                               + ", got '" + isa + "'");
 }
 
-int64_t merge(const std::vector<View2D>& tvs, const View2D& out, const double* weights,
-              const Trim* trims, const Dare* dare, MergeSpec spec) {
+MergeResult merge(const std::vector<View2D>& tvs, const View2D* base, const View2D& out, const double* weights,
+                  const Trim* trims, const Dare* dare, MergeSpec spec) {
 #ifdef TRANSFEROPS_HAVE_AVX2
-  if (isa_choice() == "avx2") return avx2::merge_impl(tvs, out, weights, trims, dare, spec);
+  if (isa_choice() == "avx2") return avx2::merge_impl(tvs, base, out, weights, trims, dare, spec);
 #endif
-  return base::merge_impl(tvs, out, weights, trims, dare, spec);
+  return base::merge_impl(tvs, base, out, weights, trims, dare, spec);
 }
 #endif  // TRANSFEROPS_ISA_BASE
 

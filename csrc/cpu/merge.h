@@ -15,14 +15,18 @@ enum class SignRule : int { sum = 0, count = 1 };
 // integer order of the bits is value order. `nbits` of a key: 31 (float32), 63 (float64),
 // 15 (bf16, fp16).
 //
-// Counts the digit of `dbits` bits at `shift` over every element of `views` whose key bits
-// above the digit equal `prefix`.
-std::vector<int64_t> abs_digit_histogram(const std::vector<View2D>& views, uint64_t prefix,
-                                         int shift, int dbits);
-// The flat position (views in order, each row-major) just after the rank-th element (1-based)
-// with key `key`; if there are fewer, minus their count (so a caller streaming chunks can
-// subtract it from the rank and go on).
-int64_t abs_equal_cut(const std::vector<View2D>& views, uint64_t key, int64_t rank);
+// With `base` (same layout) the values are view - base formed in the accumulation type
+// (float32; float64 for float64), whose keys then have 31 (63) bits.
+//
+// Histograms, one per task ([T][2^dbits], flattened), of the digit of `dbits` bits at `shift`
+// over the elements of tasks[t] whose key bits above the digit equal prefixes[t]. One pass for
+// all tasks, reading a shared base once. All views share rows, cols and dtype.
+std::vector<int64_t> abs_digit_histograms(const std::vector<View2D>& tasks, const View2D* base,
+                                          const std::vector<uint64_t>& prefixes, int shift, int dbits);
+// The flat (row-major) position just after the rank-th element (1-based) of `view` with key
+// `key`; if there are fewer, minus their count (so a caller streaming chunks can subtract it
+// from the rank and go on).
+int64_t abs_equal_cut(const View2D& view, const View2D* base, uint64_t key, int64_t rank);
 
 // Per task: entries kept by a trim are |v| >= lo at flat index < cut and |v| >= hi after it,
 // where hi is the next float above lo (so "> threshold"). No trim: lo = hi = 0.
@@ -48,16 +52,26 @@ struct MergeSpec {
   SignRule rule;                // how the sign is elected
   bool weight_before_election;  // mergekit: elect on w_t * tv_t and divide by the agreeing
                                 // weight; PEFT: elect on tv_t and divide by the agreeing count
+  int zero_sign;                // the sign a vote of exactly 0 elects: +1 (PEFT, mergekit) or
+                                // -1 (the TIES paper's code, when its majority is not positive)
+  double lam;                   // with a base: out = base + lam * merged
+};
+
+struct MergeResult {
+  int64_t nonfinite;  // element positions where some input was NaN or Inf
+  int64_t sign_sum;   // sum over positions of sign(vote) (election only): the TIES paper's
+                      // code elects the sign of this sum where a vote is exactly 0
 };
 
 // One pass over the task vectors (TIES-Merging, Yadav et al. 2023, eq. 1-3): trim each task
 // by magnitude and/or DARE (both optional), then either out = sum_t w_t tv_t, or elect s = sign of the vote (zero elects +1)
 // and out = (sum over agreeing t of w_t tv_t) / den, den = their count (PEFT) or their weight
 // (mergekit), 1 where it is 0. Zeros never vote nor count. All views share rows, cols, dtype.
-// `weights`, `trims` and `dare` may be null (all ones, no trim, no DARE).
-// Returns at how many element positions some input was NaN or Inf.
-int64_t merge(const std::vector<View2D>& task_vectors, const View2D& out, const double* weights,
-              const Trim* trims, const Dare* dare, MergeSpec spec);
+// `weights`, `trims` and `dare` may be null (all ones, no trim, no DARE). With `base`, the
+// views hold models theta_t: tv_t = theta_t - base is formed in the accumulation type and
+// out = base + lam * merged. An `out` with null data is not written (a counting pass).
+MergeResult merge(const std::vector<View2D>& task_vectors, const View2D* base, const View2D& out,
+                  const double* weights, const Trim* trims, const Dare* dare, MergeSpec spec);
 
 // The instruction set the CPU kernels run with: "avx2" where the CPU has it (and the build
 // compiled it), else "base". set_cpu_isa forces one (tests compare the two bit for bit).

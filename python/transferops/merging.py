@@ -39,6 +39,7 @@ class MergeSpec:
     # (lo, hi, cut) per task, and the chunk's first flat index (for the trims' cut and DARE).
     trims: tuple | None = None
     offset: int = 0
+    lam: float = 1.0  # merging models onto a base: base + lam * merged
 
     @property
     def weight_before_election(self) -> bool:
@@ -54,7 +55,7 @@ class MergeSpec:
 
 def _fused_only(what: str, **allowed):
     """An Op limit: this backend runs only the specs whose fields equal ``allowed``."""
-    def limit(tvs, weights, spec):
+    def limit(tvs, weights, spec, *_):
         bad = [k for k, v in allowed.items() if getattr(spec, k) != v]
         return f"{what} does not implement {', '.join(bad)} yet" if bad else None
     return limit
@@ -115,7 +116,35 @@ def _topk_keep(x: torch.Tensor, k: int) -> torch.Tensor:
     return keep.view(x.shape)
 
 
+def _with_base(merged: torch.Tensor, base: torch.Tensor, spec: MergeSpec) -> torch.Tensor:
+    """base + lam * merged, rounded as the fused kernels round: merged and the sum in the
+    accumulation dtype, one rounding to the base's dtype."""
+    acc = _accumulation_dtype(base.dtype)
+    return (merged.to(acc) * spec.lam + base.to(acc)).to(base.dtype)
+
+
+def _task_vectors(models, base):
+    """theta_t - theta_0 in the accumulation dtype, as the fused kernels form them."""
+    acc = _accumulation_dtype(base.dtype)
+    return [m.to(acc) - base.to(acc) for m in models]
+
+
+def _unfused_base(impl):
+    """An impl of task vectors made to take what every impl takes, (tvs, weights, spec, base,
+    out): with ``base``, ``tvs`` are models theta_t, the task vectors are theta_t - base and
+    the result is base + spec.lam * merged in base's dtype; ``out`` receives the result. This
+    one forms the task vectors first; the native kernel fuses both."""
+    def run(tvs, weights, spec: MergeSpec, base=None, out=None):
+        if base is None:
+            result = impl(tvs, weights, spec)
+        else:
+            result = _with_base(impl(_task_vectors(tvs, base), weights, spec), base, spec)
+        return result if out is None else out.copy_(result)
+    return run
+
+
 @merge_op.register("reference", dtypes=_DTYPES)
+@_unfused_base
 def _merge_reference(tvs: list[torch.Tensor], weights: list[float] | None, spec: MergeSpec) -> torch.Tensor:
     x = torch.stack([t.to(torch.float64) for t in tvs])  # [T, ...]
     _checks.raise_nonfinite(int((~torch.isfinite(x)).any(0).sum()), "task_vectors")
@@ -149,63 +178,82 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 _KEY_BITS = {torch.float32: 31, torch.float64: 63, torch.bfloat16: 15, torch.float16: 15}
 _KEY_INTS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
              torch.float16: torch.int16}
-_DIGIT_BITS = 11  # 2048-bin histograms: 3 passes for float32, 2 for 16-bit types
 
 
-def _abs_topk(passes, k: int, numel: int, dtype: torch.dtype) -> tuple[float, float, int]:
-    """Exact top-k of |x| as a trim (lo, hi, cut) for the fused pass: a radix select over the
-    bits of |x| (integer order of the bits of a non-negative float is value order), with ties
-    at the threshold kept lowest flat index first. ``passes()`` returns a fresh iterable of
-    lists of native buffers covering the tensor in flat order: it is read once per digit, so
-    the data may stream from disk."""
+def _digit_bits(chunk: int) -> int:
+    """65536-bin histograms (2 passes for float32, 1 for 16-bit keys) over large chunks:
+    magnitudes cluster, so the bins in use stay in cache whatever the width and wider digits
+    just save passes. Small chunks (small tensors, or a tight memory budget) take 2048 bins,
+    whose per-thread copies (2 x 4 bytes x bins per task) then cost less to zero, merge and hold."""
+    return 16 if chunk >= 1 << 20 else 11
+
+
+def _abs_topks(passes, k: int, numel: int, dtype: torch.dtype, tasks: int, chunk: int) -> list:
+    """Exact top-k of |x| of each of ``tasks`` tensors as trims (lo, hi, cut) for the fused
+    pass: a radix select over the bits of |x| (integer order of the bits of a non-negative
+    float is value order), ties at the threshold kept lowest flat index first.
+    ``passes(which)`` returns a fresh iterable of (buffers of the tasks ``which``, base)
+    covering the tensors in flat order, base None or a buffer: then x is buffer - base, formed
+    in ``dtype``. Each digit reads every task in one pass (a base once), so the data may stream
+    from disk; ``chunk`` is the largest chunk's size."""
     acc = _accumulation_dtype(dtype)
     if k <= 0:
-        return math.inf, math.inf, 0
+        return [(math.inf, math.inf, 0)] * tasks
     if k >= numel:
-        return 0.0, 0.0, numel
+        return [(0.0, 0.0, numel)] * tasks
     native = native_module()
-    nbits, prefix, known, rank, ties = _KEY_BITS[dtype], 0, 0, k, 0
+    nbits, known, digit = _KEY_BITS[dtype], 0, _digit_bits(chunk)
+    prefix, rank, ties = [0] * tasks, [k] * tasks, [0] * tasks
+    everyone = range(tasks)
     while known < nbits:
-        dbits = min(_DIGIT_BITS, nbits - known)
+        dbits = min(digit, nbits - known)
         shift = nbits - known - dbits
-        hist = sum(np.asarray(native.abs_digit_histogram(bufs, prefix, shift, dbits)) for bufs in passes())
-        d = len(hist) - 1
-        while d > 0 and hist[d] < rank:
-            rank -= int(hist[d])
-            d -= 1
-        prefix, ties, known = (prefix << dbits) | d, int(hist[d]), known + dbits
-    lo = torch.tensor([prefix], dtype=torch.int64).to(_KEY_INTS[dtype]).view(dtype).to(acc)
-    hi = torch.nextafter(lo, torch.tensor([math.inf], dtype=acc))
-    cut, before = numel, 0
-    if rank < ties:  # some ties at the threshold are dropped: find where the rank-th one is
-        for bufs in passes():
-            pos = native.abs_equal_cut(bufs, prefix, rank)
-            if pos > 0:
-                cut = before + pos
-                break
-            rank += pos  # pos = -(ties in this chunk)
-            before += sum(b.size for b in bufs)
-    return lo.item(), hi.item(), cut
+        hist = sum(native.abs_digit_histograms(bufs, base, prefix, shift, dbits) for bufs, base in passes(everyone))
+        for t in everyone:
+            above = np.cumsum(hist[t, ::-1])  # above[i]: elements in the top i + 1 digits
+            i = int(np.searchsorted(above, rank[t]))  # the first top-(i + 1) holding >= rank elements
+            rank[t] -= int(above[i - 1]) if i else 0
+            d = hist.shape[1] - 1 - i
+            prefix[t], ties[t] = (prefix[t] << dbits) | d, int(hist[t, d])
+        known += dbits
+    trims = []
+    for t in everyone:
+        lo = torch.tensor([prefix[t]], dtype=torch.int64).to(_KEY_INTS[dtype]).view(dtype).to(acc)
+        hi = torch.nextafter(lo, torch.tensor([math.inf], dtype=acc))
+        cut, before, r = numel, 0, rank[t]
+        if r < ties[t]:  # some ties at the threshold are dropped: find where the r-th one is
+            for (buf,), base in passes([t]):
+                pos = native.abs_equal_cut(buf, base, prefix[t], r)
+                if pos > 0:
+                    cut = before + pos
+                    break
+                r += pos  # pos = -(ties in this chunk)
+                before += buf.size
+        trims.append((lo.item(), hi.item(), cut))
+    return trims
 
 
-def _native_trims(bufs, numel: int, spec: MergeSpec, dtype: torch.dtype):
+def _native_trims(bufs, base, numel: int, spec: MergeSpec, dtype: torch.dtype):
     """Per task (lo, hi, cut): the fused pass keeps |v| >= lo before flat index ``cut`` and
     |v| >= hi (the next float above lo, i.e. > lo) from it on."""
     if spec.trims is not None:
         return [(lo, hi, cut - spec.offset) for lo, hi, cut in spec.trims]
     if spec.density is None:
         return None
-    k = spec.keep_count(numel)
-    return [_abs_topk(lambda b=b: [[b]], k, numel, dtype) for b in bufs]
+    return _abs_topks(lambda which: [([bufs[t] for t in which], base)], spec.keep_count(numel), numel, dtype,
+                      len(bufs), numel)
 
 
 @merge_op.register("native", dtypes=_DTYPES)
-def _merge_native(tvs, weights, spec: MergeSpec):
-    out = torch.empty_like(tvs[0], memory_format=torch.contiguous_format)
+def _merge_native(tvs, weights, spec: MergeSpec, base=None, out=None):
+    if out is None:
+        out = torch.empty_like(tvs[0] if base is None else base, memory_format=torch.contiguous_format)
     bufs = [native_buffer(_checks.as_rows(t)) for t in tvs]
-    bad = native_module().merge(bufs, native_buffer(_checks.as_rows(out)), weights,
-                                _native_trims(bufs, out.numel(), spec, out.dtype), _dare_args(spec), spec.elect,
-                                SIGN_RULES.index(spec.sign), spec.weight_before_election)
+    base_buf = None if base is None else native_buffer(_checks.as_rows(base))
+    bad, _ = native_module().merge(
+        bufs, base_buf, native_buffer(_checks.as_rows(out)), weights,
+        _native_trims(bufs, base_buf, out.numel(), spec, _accumulation_dtype(out.dtype) if base is not None else out.dtype),
+        _dare_args(spec), spec.elect, SIGN_RULES.index(spec.sign), spec.weight_before_election, 1, spec.lam)
     _checks.raise_nonfinite(bad, "task_vectors")
     return out
 
@@ -216,6 +264,7 @@ def _dare_args(spec: MergeSpec):
 
 
 @merge_op.register("triton", dtypes=_DTYPES, limit=_fused_only("triton", density=None, trims=None))
+@_unfused_base
 def _merge_triton(tvs, weights, spec: MergeSpec):
     from .kernels import merge as kernels
 
@@ -227,13 +276,14 @@ def _merge_triton(tvs, weights, spec: MergeSpec):
     return out
 
 
-def _cuda_limit(tvs, weights, spec):
+def _cuda_limit(tvs, weights, spec, *_):
     why = _fused_only("cuda", density=None, elect=True, semantics="peft", dare=None, trims=None)(tvs, weights, spec)
     limit = native_module().cuda_max_tasks
     return why or (None if len(tvs) <= limit else f"cuda takes at most {limit} task vectors, got {len(tvs)}")
 
 
 @merge_op.register("cuda", dtypes=_DTYPES, limit=_cuda_limit)
+@_unfused_base
 def _merge_cuda(tvs, weights, spec: MergeSpec):
     rows = [_checks.as_rows(t) for t in tvs]
     out = torch.empty_like(tvs[0], memory_format=torch.contiguous_format)
@@ -365,8 +415,8 @@ for _fn in (task_arithmetic, magnitude_prune, ties, dare_linear, dare_ties, disj
 
 # ---- whole models: state dicts in memory, or checkpoints streamed from disk ---------------------
 
-# merge() works through tensors in chunks of this many elements, so its temporaries (the
-# float32 task vectors) stay O(chunk) rather than O(T x tensor).
+# merge() works through tensors in chunks of this many elements, so temporaries stay O(chunk)
+# rather than O(T x tensor): none on the fused native path, the task vectors elsewhere.
 _IN_MEMORY_CHUNK = 1 << 22
 
 
@@ -378,46 +428,42 @@ def _chunk_elements(spec: MergeSpec, numel: int, chunk: int) -> int:
     return chunk
 
 
-def _tau(buf: torch.Tensor, model_read, base_read, start: int, count: int) -> torch.Tensor:
-    """theta_t - theta_0 for elements [start, start + count), written into ``buf``."""
-    buf = buf[:count]
-    theta = model_read(start, count)
-    if theta.dtype == buf.dtype:
-        return torch.sub(theta, base_read(start, count), out=buf)
-    buf.copy_(theta)  # widen first: bf16 - bf16 would round to bf16
-    return buf.sub_(base_read(start, count))
-
-
 def _chunks(numel: int, chunk: int):
     return [(s, min(chunk, numel - s)) for s in range(0, numel, chunk)]
 
 
 def _merge_tensor(name: str, base_read, model_reads, numel: int, dtype: torch.dtype, spec: MergeSpec,
-                  weights, lam: float, chunk: int, backend: str, emit, trims=None) -> None:
-    """Merge one tensor chunk by chunk: tau_t = theta_t - theta_0 in the accumulation dtype
-    (float32, or float64 for float64 models), the method's fused pass, then
-    theta_0 + lam * merged, handed (in the accumulation dtype) to ``emit(start, flat_chunk)``.
+                  weights, lam: float, chunk: int, backend: str, target, emit=None, trims=None) -> None:
+    """Merge one tensor chunk by chunk with the method's fused pass, which forms
+    tau_t = theta_t - theta_0 in the accumulation dtype (float32, or float64 for float64 models)
+    and writes theta_0 + lam * merged in ``dtype`` into ``target(start, count)`` (a flat
+    tensor), then calls ``emit(start, that tensor)``.
     A top-k trim over several chunks first finds each task's exact threshold over the whole
     tensor, streaming it once per radix digit (``trims`` given: already found, e.g. over the
-    whole model). The task-vector buffers are allocated once per tensor and reused by every
-    chunk and pass (fresh buffers would page-fault each time)."""
-    acc = _accumulation_dtype(dtype)
-    spec = replace(spec, stream=_fnv1a32(name))
-    T = len(model_reads)
-    taus = [torch.empty(min(chunk, numel), dtype=acc) for _ in range(T)]
+    whole model)."""
+    spec = replace(spec, stream=_fnv1a32(name), lam=lam)
     ranges = _chunks(numel, chunk)
     if trims is not None:
         spec = replace(spec, trims=trims)
     elif spec.density is not None and len(ranges) > 1:
-        k = spec.keep_count(numel)
-        spec = replace(spec, trims=tuple(
-            _abs_topk(lambda t=t: ([native_buffer(_tau(taus[t], model_reads[t], base_read, s, c).view(1, -1))]
-                                   for s, c in ranges), k, numel, acc)
-            for t in range(T)))
+        spec = replace(spec, trims=tuple(_abs_topks(_model_passes([(model_reads, base_read, s, c) for s, c in ranges]),
+                                                     spec.keep_count(numel), numel, _accumulation_dtype(dtype),
+                                                     len(model_reads), chunk)))
     for s, c in ranges:
-        tvs = [_tau(taus[t], model_reads[t], base_read, s, c) for t in range(T)]
-        merged = merge_op(backend, torch.device("cpu"), acc, tvs, weights, replace(spec, offset=s), name="merge")
-        emit(s, merged.mul_(lam).add_(base_read(s, c)))
+        merged = merge_op(backend, torch.device("cpu"), dtype, [read(s, c) for read in model_reads], weights,
+                          replace(spec, offset=s), base_read(s, c), target(s, c), name="merge")
+        if emit:
+            emit(s, merged)
+
+
+def _model_passes(pieces):
+    """``passes`` for :func:`_abs_topks` over chunks (model_reads, base_read, start, count) in
+    order: the native histograms form theta_t - theta_0 themselves."""
+    def passes(which):
+        for model_reads, base_read, s, c in pieces:
+            yield ([native_buffer(model_reads[t](s, c).view(1, -1)) for t in which],
+                   native_buffer(base_read(s, c).view(1, -1)))
+    return passes
 
 
 def _global_trims(items, spec: MergeSpec, chunk_of, T: int) -> dict:
@@ -436,14 +482,10 @@ def _global_trims(items, spec: MergeSpec, chunk_of, T: int) -> dict:
         raise BackendUnavailable("scope='global' needs the native module (its radix select streams the model)")
     acc = accs.pop()
     total = sum(numel for _, numel, _, _ in items)
-    buf = torch.empty(max(min(chunk_of(numel, dtype), numel) for _, numel, dtype, _ in items), dtype=acc)
 
-    def passes(t):
-        for _, numel, dtype, reads in items:
-            for s, c in _chunks(numel, chunk_of(numel, dtype)):
-                yield [native_buffer(_tau(buf, reads[t + 1], reads[0], s, c).view(1, -1))]
-
-    per_task = [_abs_topk(lambda t=t: passes(t), spec.keep_count(total), total, acc) for t in range(T)]
+    pieces = [(reads[1:], reads[0], s, c) for _, numel, dtype, reads in items
+              for s, c in _chunks(numel, chunk_of(numel, dtype))]
+    per_task = _abs_topks(_model_passes(pieces), spec.keep_count(total), total, acc, T, max(c for *_, c in pieces))
     out, offset = {}, 0
     for name, numel, _, _ in items:
         out[name] = tuple((lo, hi, min(max(cut - offset, 0), numel)) for lo, hi, cut in per_task)
@@ -499,7 +541,7 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
     for name, numel, dtype, reads in items:
         result = torch.empty(numel, dtype=dtype)
         _merge_tensor(name, reads[0], reads[1:], numel, dtype, spec, weights, lam, chunk_of(numel, dtype), backend,
-                      lambda s, x: result[s:s + x.numel()].copy_(x), trims.get(name))
+                      lambda s, c: result[s:s + c], trims=trims.get(name))
         out[name] = result.view(base[name].shape)
     return {name: out[name] for name in base}
 
@@ -539,6 +581,8 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
 
         def chunk_of(numel: int, dtype: torch.dtype) -> int:
             item = torch.tensor([], dtype=dtype).element_size()
+            # T + 1 chunks read and 1 written; T + 3 accumulation-dtype temporaries where the
+            # backend forms the task vectors before merging (the fused native pass has none).
             per_element = (T + 2) * item + (T + 3) * _accumulation_dtype(dtype).itemsize
             return _chunk_elements(spec, numel, max(1024, max_memory // per_element))
 
@@ -553,11 +597,11 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
                 if info.dtype not in _DTYPES:
                     writer.write(name, 0, b.read(name))
                 else:
-                    reads = reads_of[name]
-                    _merge_tensor(name, reads[0], reads[1:], info.numel, info.dtype, spec, weights, lam,
-                                  chunk_of(info.numel, info.dtype), backend,
-                                  lambda s, x, name=name, dtype=info.dtype: writer.write(name, s, x.to(dtype)),
-                                  trims.get(name))
+                    reads, chunk = reads_of[name], chunk_of(info.numel, info.dtype)
+                    out = torch.empty(min(chunk, info.numel), dtype=info.dtype)  # reused by every chunk
+                    _merge_tensor(name, reads[0], reads[1:], info.numel, info.dtype, spec, weights, lam, chunk,
+                                  backend, lambda s, c: out[:c], lambda s, x, name=name: writer.write(name, s, x),
+                                  trims=trims.get(name))
                 done += info.nbytes
                 if progress:
                     progress(done, total, name)
