@@ -54,6 +54,8 @@ METHODS = {
     "ties_mergekit_sum": lambda tvs, w, **kw: ties(tvs, density=0.2, weights=w, semantics="mergekit", **kw),
     "ties_mergekit_count": lambda tvs, w, **kw: ties(tvs, density=0.7, weights=w, sign="count",
                                                      semantics="mergekit", **kw),
+    "ties_paper_sum": lambda tvs, w, **kw: ties(tvs, density=0.3, weights=w, semantics="paper", **kw),
+    "ties_paper_count": lambda tvs, w, **kw: ties(tvs, density=0.5, weights=w, sign="count", semantics="paper", **kw),
     "dare_linear": lambda tvs, w, **kw: dare_linear(tvs, density=0.4, seed=2**40 + 3, weights=w, name="x", **kw),
     "dare_ties_count": lambda tvs, w, **kw: dare_ties(tvs, density=0.6, seed=11, weights=w, sign="count", **kw),
 }
@@ -260,6 +262,62 @@ def test_reproduces_peft_dare_ties(golden, backend, w):
         torch.testing.assert_close(summed, expected, rtol=1e-6, atol=1e-6)
 
 
+def _paper_ties(tvs: torch.Tensor, density: float) -> torch.Tensor:
+    """The TIES authors' merge of stacked task vectors [T, P], as their code computes it: the
+    (P - int(P * density))-th smallest magnitude per row as threshold, kept with every tie;
+    sign of the column sums, zeros replaced by the sign of their sum (0 stays 0, and a 0 sign
+    keeps the negative entries); mean over the nonzero agreeing entries."""
+    P = tvs.shape[1]
+    kth = tvs.abs().kthvalue(P - int(P * density), dim=1, keepdim=True).values
+    trimmed = tvs * (tvs.abs() >= kth)
+    signs = torch.sign(trimmed.sum(0))
+    signs[signs == 0] = torch.sign(signs.sum())
+    selected = trimmed * torch.where(signs > 0, trimmed > 0, trimmed < 0)
+    return selected.sum(0) / (selected != 0).sum(0).clamp(min=1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("majority", [1, -1, 0])
+def test_paper_semantics_reproduce_the_authors_code(gen, backend, majority):
+    """Ties at the threshold all kept, and exact-zero votes take the majority sign (each of
+    its three cases, forced by construction), bit for bit in float64."""
+    require_backend(backend)
+    tvs = torch.stack([_tied((401,), torch.float64, gen, "cpu", "contiguous") for _ in range(3)])
+    # Columns 0-5 cancel exactly (+a, -a, 0); the rest decide the majority of the signs.
+    tvs[:, :6] = torch.tensor([[1.0], [-1.0], [0.0]])
+    tvs[:, 6:] = tvs[:, 6:].abs() * majority if majority else tvs[:, 6:] * torch.tensor([[1.0], [-1.0], [0.0]])
+    want = _paper_ties(tvs, 0.3)
+    got = ties(list(tvs), density=0.3, semantics="paper", backend=backend)
+    assert torch.equal(got, want)
+    assert int((want[:6] != 0).sum()) == 6  # the zero votes did elect a side
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_paper_semantics_over_the_whole_model(tmp_path, gen, backend):
+    """merge(scope='global', semantics='paper') = the authors' pipeline on the sorted, flattened
+    model; streamed from sharded files in tiny chunks it gives the same bits."""
+    pytest.importorskip("safetensors")
+    from transferops.merging import merge, merge_files
+
+    require_backend("native")
+    base, models = _models(gen, dtype=torch.float32)
+    names = sorted(n for n, v in base.items() if v.is_floating_point())
+    flat = lambda sd: torch.cat([sd[n].flatten() for n in names])
+    merged = _paper_ties(torch.stack([flat(m) - flat(base) for m in models]).double(), 0.2)
+    got = merge(base, models, method="ties", density=0.2, lam=0.5, scope="global", semantics="paper", backend=backend)
+    offset = 0
+    for n in names:
+        size = base[n].numel()
+        want = base[n] + 0.5 * merged[offset:offset + size].float().view(base[n].shape)
+        torch.testing.assert_close(got[n], want, rtol=0, atol=1e-6)
+        offset += size
+    paths = [_save_sharded(base, tmp_path / "base")] + [_save_sharded(m, tmp_path / f"ft{i}") for i, m in enumerate(models)]
+    merge_files(paths[0], paths[1:], tmp_path / "out", method="ties", density=0.2, lam=0.5, scope="global",
+                semantics="paper", max_memory=1 << 14, backend=backend)
+    streamed = _load_folder(tmp_path / "out")
+    assert all(torch.equal(streamed[n], got[n]) for n in got)
+
+
 @pytest.mark.parametrize("method,sign", [("ties_total", "sum"), ("ties_frequency", "count")])
 @pytest.mark.parametrize("w", ["w1", "wnu"])
 def test_reproduces_peft_ties_away_from_threshold_ties(golden, method, sign, w):
@@ -398,6 +456,7 @@ def _load_folder(folder: Path) -> dict:
 
 
 MODEL_METHODS = [("ties", dict(density=0.2)), ("ties", dict(density=0.3, semantics="mergekit", sign="count")),
+                 ("ties", dict(density=0.25, semantics="paper")),
                  ("dare_ties", dict(density=0.5, seed=1)), ("dare_linear", dict(density=0.7, seed=2**33)),
                  ("magnitude_prune", dict(density=0.1)), ("task_arithmetic", {})]
 

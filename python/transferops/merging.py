@@ -22,7 +22,7 @@ from . import _checks
 from ._backend import BackendUnavailable, Op, native_buffer, native_module
 
 SIGN_RULES = ("sum", "count")
-SEMANTICS = ("peft", "mergekit")
+SEMANTICS = ("peft", "mergekit", "paper")
 _DTYPES = _checks.FLOAT_DTYPES
 
 
@@ -40,6 +40,10 @@ class MergeSpec:
     trims: tuple | None = None
     offset: int = 0
     lam: float = 1.0  # merging models onto a base: base + lam * merged
+    # The sign a vote of exactly 0 elects: +1 (PEFT, mergekit); None ("paper"): the sign of the
+    # sum of the elected signs over the input, -1 where that is 0 too; set to +1 or -1 when the
+    # input is a chunk of a larger scope, whose majority is then found by a pass of its own.
+    zero_sign: int | None = 1
 
     @property
     def weight_before_election(self) -> bool:
@@ -47,10 +51,19 @@ class MergeSpec:
         return self.semantics == "mergekit"
 
     def keep_count(self, numel: int) -> int:
-        """How many entries a top-k trim keeps: int(density * numel); mergekit keeps at least
-        one of a non-empty tensor when density > 0."""
+        """The rank of the top-k trim's threshold: int(density * numel); mergekit keeps at
+        least one of a non-empty tensor when density > 0; the paper's code thresholds at the
+        (int(density * numel) + 1)-th largest magnitude and keeps every tie (see keep_ties)."""
         k = int(self.density * numel)
+        if self.semantics == "paper":
+            return min(k + 1, numel)
         return max(1, k) if self.semantics == "mergekit" and self.density > 0 else k
+
+    @property
+    def keep_ties(self) -> bool:
+        """Keep every entry tied with the threshold (the paper's |x| >= kth value), rather than
+        exactly k entries (lowest flat index first among the ties)."""
+        return self.semantics == "paper"
 
 
 def _fused_only(what: str, **allowed):
@@ -102,18 +115,27 @@ def _trim_keep(x: torch.Tensor, trim, offset: int) -> torch.Tensor:
     return torch.where(idx < cut, x.abs() >= lo, x.abs() >= hi)
 
 
-def _topk_keep(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k largest |x|, ties at the threshold kept lowest flat index first."""
+def _topk_keep(x: torch.Tensor, k: int, keep_ties: bool = False) -> torch.Tensor:
+    """Boolean mask of the k largest |x|, ties at the threshold kept lowest flat index first
+    (or all kept: ``keep_ties``)."""
     a = x.abs().flatten()
     if k <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
     if k >= a.numel():
         return torch.ones_like(x, dtype=torch.bool)
     threshold = a.kthvalue(a.numel() - k + 1).values
+    if keep_ties:
+        return (a >= threshold).view(x.shape)
     above = a > threshold
     ties = a == threshold
     keep = above | (ties & (ties.cumsum(0) <= k - above.sum()))
     return keep.view(x.shape)
+
+
+def _majority(sign_sum: int) -> int:
+    """The paper code's sign for exactly-zero votes: that of the summed elected signs; where
+    that is 0 as well its mask keeps the negative entries."""
+    return 1 if sign_sum > 0 else -1
 
 
 def _with_base(merged: torch.Tensor, base: torch.Tensor, spec: MergeSpec) -> torch.Tensor:
@@ -143,27 +165,35 @@ def _unfused_base(impl):
     return run
 
 
-@merge_op.register("reference", dtypes=_DTYPES)
-@_unfused_base
-def _merge_reference(tvs: list[torch.Tensor], weights: list[float] | None, spec: MergeSpec) -> torch.Tensor:
+def _reference_votes(tvs: list[torch.Tensor], weights: list[float] | None, spec: MergeSpec):
+    """The reference pass up to the vote, in float64: (trimmed x [T, ...], w, signs of the
+    voters, vote)."""
     x = torch.stack([t.to(torch.float64) for t in tvs])  # [T, ...]
     _checks.raise_nonfinite(int((~torch.isfinite(x)).any(0).sum()), "task_vectors")
     if spec.trims is not None:
         x = x * torch.stack([_trim_keep(xt, tr, spec.offset) for xt, tr in zip(x, spec.trims)])
     elif spec.density is not None:
         k = spec.keep_count(x[0].numel())
-        x = x * torch.stack([_topk_keep(xt, k) for xt in x])
+        x = x * torch.stack([_topk_keep(xt, k, spec.keep_ties) for xt in x])
     if spec.dare is not None:
         keep = torch.stack([_dare_keep(x[0].shape, spec, t) for t in range(len(tvs))]).to(x.device)
         x = torch.where(keep, x / spec.dare, 0.0)
     w = torch.tensor(weights if weights is not None else [1.0] * len(tvs), dtype=torch.float64)
     w = w.view(-1, *([1] * (x.dim() - 1))).to(x.device)
-    if not spec.elect:
-        return (w * x).sum(0).to(tvs[0].dtype)
     voter = w * x if spec.weight_before_election else x
     s = torch.sign(voter)
     vote = voter.sum(0) if spec.sign == "sum" else s.sum(0)
-    elected = torch.where(vote >= 0, 1.0, -1.0).to(torch.float64)
+    return x, w, s, vote
+
+
+@merge_op.register("reference", dtypes=_DTYPES)
+@_unfused_base
+def _merge_reference(tvs: list[torch.Tensor], weights: list[float] | None, spec: MergeSpec) -> torch.Tensor:
+    x, w, s, vote = _reference_votes(tvs, weights, spec)
+    if not spec.elect:
+        return (w * x).sum(0).to(tvs[0].dtype)
+    zero = spec.zero_sign if spec.zero_sign is not None else _majority(int(torch.sign(vote).sum()))
+    elected = torch.where(vote > 0, 1.0, torch.where(vote < 0, -1.0, float(zero))).to(torch.float64)
     agree = s == elected  # zeros have sign 0: they never agree, so never count
     den = ((w if spec.weight_before_election else 1.0) * agree).sum(0)
     merged = (w * x * agree).sum(0) / torch.where(den == 0, 1.0, den)
@@ -188,10 +218,10 @@ def _digit_bits(chunk: int) -> int:
     return 16 if chunk >= 1 << 20 else 11
 
 
-def _abs_topks(passes, k: int, numel: int, dtype: torch.dtype, tasks: int, chunk: int) -> list:
+def _abs_topks(passes, k: int, numel: int, dtype: torch.dtype, tasks: int, chunk: int, keep_ties: bool) -> list:
     """Exact top-k of |x| of each of ``tasks`` tensors as trims (lo, hi, cut) for the fused
     pass: a radix select over the bits of |x| (integer order of the bits of a non-negative
-    float is value order), ties at the threshold kept lowest flat index first.
+    float is value order), ties at the threshold kept lowest flat index first (or all kept).
     ``passes(which)`` returns a fresh iterable of (buffers of the tasks ``which``, base)
     covering the tensors in flat order, base None or a buffer: then x is buffer - base, formed
     in ``dtype``. Each digit reads every task in one pass (a base once), so the data may stream
@@ -221,7 +251,7 @@ def _abs_topks(passes, k: int, numel: int, dtype: torch.dtype, tasks: int, chunk
         lo = torch.tensor([prefix[t]], dtype=torch.int64).to(_KEY_INTS[dtype]).view(dtype).to(acc)
         hi = torch.nextafter(lo, torch.tensor([math.inf], dtype=acc))
         cut, before, r = numel, 0, rank[t]
-        if r < ties[t]:  # some ties at the threshold are dropped: find where the r-th one is
+        if r < ties[t] and not keep_ties:  # some ties are dropped: find where the r-th one is
             for (buf,), base in passes([t]):
                 pos = native.abs_equal_cut(buf, base, prefix[t], r)
                 if pos > 0:
@@ -241,7 +271,7 @@ def _native_trims(bufs, base, numel: int, spec: MergeSpec, dtype: torch.dtype):
     if spec.density is None:
         return None
     return _abs_topks(lambda which: [([bufs[t] for t in which], base)], spec.keep_count(numel), numel, dtype,
-                      len(bufs), numel)
+                      len(bufs), numel, spec.keep_ties)
 
 
 @merge_op.register("native", dtypes=_DTYPES)
@@ -250,12 +280,21 @@ def _merge_native(tvs, weights, spec: MergeSpec, base=None, out=None):
         out = torch.empty_like(tvs[0] if base is None else base, memory_format=torch.contiguous_format)
     bufs = [native_buffer(_checks.as_rows(t)) for t in tvs]
     base_buf = None if base is None else native_buffer(_checks.as_rows(base))
-    bad, _ = native_module().merge(
-        bufs, base_buf, native_buffer(_checks.as_rows(out)), weights,
-        _native_trims(bufs, base_buf, out.numel(), spec, _accumulation_dtype(out.dtype) if base is not None else out.dtype),
-        _dare_args(spec), spec.elect, SIGN_RULES.index(spec.sign), spec.weight_before_election, 1, spec.lam)
+    key_dtype = out.dtype if base is None else _accumulation_dtype(out.dtype)
+    spec = replace(spec, trims=_native_trims(bufs, base_buf, out.numel(), spec, key_dtype))
+    if spec.zero_sign is None:  # the paper's majority: a counting pass first
+        spec = replace(spec, zero_sign=_majority(_native_pass(bufs, base_buf, None, weights, spec)[1]))
+    bad, _ = _native_pass(bufs, base_buf, native_buffer(_checks.as_rows(out)), weights, spec)
     _checks.raise_nonfinite(bad, "task_vectors")
     return out
+
+
+def _native_pass(bufs, base_buf, out_buf, weights, spec: MergeSpec):
+    """One native merge pass; ``spec.trims`` already chunk-relative. Returns (positions with a
+    NaN/Inf input, sum of the elected signs); ``out_buf`` None: count only."""
+    return native_module().merge(bufs, base_buf, out_buf, weights, spec.trims, _dare_args(spec), spec.elect,
+                                 SIGN_RULES.index(spec.sign), spec.weight_before_election,
+                                 1 if spec.zero_sign is None else spec.zero_sign, spec.lam)
 
 
 def _dare_args(spec: MergeSpec):
@@ -338,7 +377,8 @@ def method_spec(method: str, *, density=None, sign: str = "sum", semantics: str 
                          seed=_checks.seed(seed))
     if method == "task_arithmetic":
         return MergeSpec(None, False)
-    return MergeSpec(_checks.fraction(density, "density"), method == "ties", sign=sign, semantics=semantics)
+    return MergeSpec(_checks.fraction(density, "density"), method == "ties", sign=sign, semantics=semantics,
+                     zero_sign=None if semantics == "paper" else 1)
 
 
 def task_arithmetic(task_vectors, *, weights=None, backend: str = "auto") -> torch.Tensor:
@@ -361,7 +401,7 @@ def ties(task_vectors, *, density: float, weights=None, sign: str = "sum", seman
     agree with it; zeros never vote nor count, and a vote of exactly zero elects +1.
 
     ``sign="sum"`` elects the sign of the summed values (the paper's mass rule), ``"count"``
-    that of the summed signs (majority). ``semantics`` picks how weights enter:
+    that of the summed signs (majority). ``semantics`` picks the anchor to reproduce:
 
     - ``"peft"`` (PEFT 0.21 ``ties``): the vote uses the unweighted trimmed values; weights
       multiply afterwards; the mean divides by the count of agreeing entries.
@@ -369,8 +409,15 @@ def ties(task_vectors, *, density: float, weights=None, sign: str = "sum", seman
       :math:`w_t \tau_t` (a negative weight flips a task's votes); the mean divides by the sum
       of the agreeing weights (1 where that is 0); the trim keeps at least one entry when
       ``density > 0``.
+    - ``"paper"`` (the TIES authors' code, ``topk_values_mask`` + ``resolve_sign`` +
+      ``disjoint_merge``): the trim keeps every :math:`|\tau| \ge` the
+      ``(int(density * numel) + 1)``-th largest magnitude, ties included (so at least one
+      more entry than the others); a vote of exactly zero elects the sign of the sum of all
+      elected signs of the input (over the whole model with ``merge(scope="global")``, as
+      the paper runs it), and the negative side where that sum is zero too. Weights as PEFT
+      (the paper has none).
 
-    With all weights equal to 1 the two agree.
+    With all weights equal to 1 and no ties at the threshold, "peft" and "mergekit" agree.
     """
     spec = method_spec("ties", density=density, sign=sign, semantics=semantics)
     return _run("ties", task_vectors, weights, spec, backend)
@@ -440,20 +487,41 @@ def _merge_tensor(name: str, base_read, model_reads, numel: int, dtype: torch.dt
     tensor), then calls ``emit(start, that tensor)``.
     A top-k trim over several chunks first finds each task's exact threshold over the whole
     tensor, streaming it once per radix digit (``trims`` given: already found, e.g. over the
-    whole model)."""
+    whole model; then ``spec.zero_sign`` is too)."""
     spec = replace(spec, stream=_fnv1a32(name), lam=lam)
     ranges = _chunks(numel, chunk)
+    pieces = [(model_reads, base_read, s, c) for s, c in ranges]
     if trims is not None:
         spec = replace(spec, trims=trims)
     elif spec.density is not None and len(ranges) > 1:
-        spec = replace(spec, trims=tuple(_abs_topks(_model_passes([(model_reads, base_read, s, c) for s, c in ranges]),
-                                                     spec.keep_count(numel), numel, _accumulation_dtype(dtype),
-                                                     len(model_reads), chunk)))
+        spec = replace(spec, trims=tuple(_abs_topks(_model_passes(pieces), spec.keep_count(numel), numel,
+                                                     _accumulation_dtype(dtype), len(model_reads), chunk,
+                                                     spec.keep_ties)))
+    if spec.zero_sign is None and len(ranges) > 1:
+        spec = replace(spec, zero_sign=_scope_majority([p + (dtype, spec.trims) for p in pieces], weights, spec, backend))
     for s, c in ranges:
         merged = merge_op(backend, torch.device("cpu"), dtype, [read(s, c) for read in model_reads], weights,
                           replace(spec, offset=s), base_read(s, c), target(s, c), name="merge")
         if emit:
             emit(s, merged)
+
+
+def _scope_majority(pieces, weights, spec: MergeSpec, backend: str) -> int:
+    """The paper's sign for zero votes over a scope merged in pieces (model_reads, base_read,
+    start, count, dtype, whole-tensor trims): a counting pass, native where the merge runs
+    native."""
+    total = 0
+    for model_reads, base_read, s, c, dtype, trims in pieces:
+        native = merge_op.select(backend, torch.device("cpu"), dtype, ([], weights, spec), name="merge")[0] == "native"
+        models, base, piece = [read(s, c) for read in model_reads], base_read(s, c), replace(spec, offset=s, trims=trims)
+        if native:
+            bufs = [native_buffer(_checks.as_rows(m)) for m in models]
+            trims = _native_trims(bufs, None, c, piece, dtype)
+            total += _native_pass(bufs, native_buffer(_checks.as_rows(base)), None, weights,
+                                  replace(piece, trims=trims, zero_sign=1))[1]
+        else:
+            total += int(torch.sign(_reference_votes(_task_vectors(models, base), weights, piece)[3]).sum())
+    return _majority(total)
 
 
 def _model_passes(pieces):
@@ -466,14 +534,15 @@ def _model_passes(pieces):
     return passes
 
 
-def _global_trims(items, spec: MergeSpec, chunk_of, T: int) -> dict:
+def _global_trims(items, spec: MergeSpec, chunk_of, weights, backend: str) -> tuple[dict, MergeSpec]:
     """One top-k threshold per task over all the float tensors of the model together (the TIES
-    paper's choice), streamed chunk by chunk, split into per-tensor trims. The tensors are
-    concatenated in sorted-name order, as the paper's code flattens them, so that the ties kept
-    at the threshold (lowest position first) do not depend on file or dict order. ``items``
-    holds (name, numel, dtype, reads), reads[0] the base's."""
+    paper's choice), streamed chunk by chunk, split into per-tensor trims; and ``spec`` with
+    the paper's zero-vote sign, when it asks for it, taken over the whole model too. The
+    tensors are concatenated in sorted-name order, as the paper's code flattens them, so that
+    the ties kept at the threshold (lowest position first) do not depend on file or dict order.
+    ``items`` holds (name, numel, dtype, reads), reads[0] the base's."""
     if spec.density is None or not items:
-        return {}
+        return {}, spec
     items = sorted(items, key=lambda item: item[0])
     accs = {_accumulation_dtype(dtype) for _, _, dtype, _ in items}
     if len(accs) > 1:
@@ -485,12 +554,17 @@ def _global_trims(items, spec: MergeSpec, chunk_of, T: int) -> dict:
 
     pieces = [(reads[1:], reads[0], s, c) for _, numel, dtype, reads in items
               for s, c in _chunks(numel, chunk_of(numel, dtype))]
-    per_task = _abs_topks(_model_passes(pieces), spec.keep_count(total), total, acc, T, max(c for *_, c in pieces))
+    per_task = _abs_topks(_model_passes(pieces), spec.keep_count(total), total, acc, len(items[0][3]) - 1,
+                          max(c for *_, c in pieces), spec.keep_ties)
     out, offset = {}, 0
     for name, numel, _, _ in items:
         out[name] = tuple((lo, hi, min(max(cut - offset, 0), numel)) for lo, hi, cut in per_task)
         offset += numel
-    return out
+    if spec.zero_sign is None:
+        spec = replace(spec, zero_sign=_scope_majority(
+            [(reads[1:], reads[0], s, c, dtype, out[name]) for name, numel, dtype, reads in items
+             for s, c in _chunks(numel, chunk_of(numel, dtype))], weights, spec, backend))
+    return out, spec
 
 
 def _check_compatible(base: dict, models: list[dict], labels: list[str]) -> None:
@@ -536,7 +610,7 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
         if b.dtype in _DTYPES:
             flat = [b.detach().reshape(-1)] + [m[name].detach().reshape(-1) for m in models]
             items.append((name, b.numel(), b.dtype, [lambda s, c, x=x: x[s:s + c] for x in flat]))
-    trims = _global_trims(items, spec, chunk_of, len(models)) if scope == "global" else {}
+    trims, spec = _global_trims(items, spec, chunk_of, weights, backend) if scope == "global" else ({}, spec)
     out = {name: b.clone() for name, b in base.items() if b.dtype not in _DTYPES}
     for name, numel, dtype, reads in items:
         result = torch.empty(numel, dtype=dtype)
@@ -588,7 +662,7 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
 
         items = [(name, info.numel, info.dtype, [lambda s, c, m=m, name=name: m.read(name, s, c) for m in ckpts])
                  for name, info in b.tensors.items() if info.dtype in _DTYPES]
-        trims = _global_trims(items, spec, chunk_of, T) if scope == "global" else {}
+        trims, spec = _global_trims(items, spec, chunk_of, weights, backend) if scope == "global" else ({}, spec)
         reads_of = {name: reads for name, _, _, reads in items}
         writer = ShardedWriter(out, plan, shard_size, meta)
         try:
