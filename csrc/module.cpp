@@ -101,7 +101,7 @@ std::vector<View2D> views_of(const std::vector<py::buffer>& bufs, const std::str
 std::tuple<int64_t, int64_t> merge(
     const std::vector<py::buffer>& tvs, const std::optional<py::buffer>& base, const std::optional<py::buffer>& out,
     const std::optional<std::vector<double>>& weights,
-    const std::optional<std::vector<std::tuple<double, double, int64_t>>>& trims,
+    const std::optional<std::vector<std::tuple<double, double, int64_t, double, double, int64_t>>>& trims,
     const std::optional<std::tuple<uint64_t, uint32_t, uint64_t, double, int64_t>>& dare, bool elect, int rule,
     bool weight_before_election, int zero_sign, double lam) {
   if (rule != 0 && rule != 1) throw std::invalid_argument("rule: expected 0 (sum) or 1 (count)");
@@ -126,7 +126,7 @@ std::tuple<int64_t, int64_t> merge(
     if (trims->size() != tvs.size()) {
       throw std::invalid_argument("trims: expected " + std::to_string(tvs.size()) + " entries");
     }
-    for (const auto& [lo, hi, cut] : *trims) tr.push_back(cpu::Trim{lo, hi, cut});
+    for (const auto& [lo, hi, cut, dlo, dhi, dcut] : *trims) tr.push_back(cpu::Trim{lo, hi, cut, dlo, dhi, dcut});
   }
   std::optional<cpu::Dare> dr;
   if (dare) {

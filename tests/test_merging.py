@@ -6,7 +6,7 @@ import torch
 
 from transferops import BackendUnavailable, available_backends, use_backend
 from transferops._backend import native_module
-from transferops.merging import (MergeSpec, _dare_keep, _fnv1a32, _philox_first, _topk_keep, dare_linear, dare_ties,
+from transferops.merging import (MergeSpec, _dare_keep, breadcrumbs, breadcrumbs_ties, _fnv1a32, _philox_first, _topk_keep, dare_linear, dare_ties,
                                  disjoint_merge, magnitude_prune, merge_op, task_arithmetic, ties)
 
 from _kit import (DTYPES, assert_close, assert_matches_reference, guarded_empty, noncontiguous, randn,
@@ -56,6 +56,9 @@ METHODS = {
                                                      semantics="mergekit", **kw),
     "ties_paper_sum": lambda tvs, w, **kw: ties(tvs, density=0.3, weights=w, semantics="paper", **kw),
     "ties_paper_count": lambda tvs, w, **kw: ties(tvs, density=0.5, weights=w, sign="count", semantics="paper", **kw),
+    "breadcrumbs": lambda tvs, w, **kw: breadcrumbs(tvs, density=0.4, gamma=0.1, weights=w, **kw),
+    "breadcrumbs_ties": lambda tvs, w, **kw: breadcrumbs_ties(tvs, density=0.3, gamma=0.05, weights=w,
+                                                              semantics="mergekit", **kw),
     "dare_linear": lambda tvs, w, **kw: dare_linear(tvs, density=0.4, seed=2**40 + 3, weights=w, name="x", **kw),
     "dare_ties_count": lambda tvs, w, **kw: dare_ties(tvs, density=0.6, seed=11, weights=w, sign="count", **kw),
 }
@@ -318,6 +321,20 @@ def test_paper_semantics_over_the_whole_model(tmp_path, gen, backend):
     assert all(torch.equal(streamed[n], got[n]) for n in got)
 
 
+@pytest.mark.parametrize("density,gamma", [(0.3, 0.1), (0.9, 0.2), (0.5, 0.0)])
+def test_breadcrumbs_matches_mergekit_away_from_ties(gen, density, gamma):
+    """mergekit's magnitude_outliers (a sort) on distinct magnitudes, its outlier count cut
+    back where the kept entries would run out (0.9 + 0.2 > 1), and gamma = 0."""
+    sparsify = pytest.importorskip("mergekit.sparsify")
+    tvs = [torch.randn(37, 29, generator=gen) for _ in range(3)]
+    w = [1.0, 0.5, 2.0]
+    want = sum(wt * sparsify.magnitude_outliers(t, density=density, gamma=gamma) for wt, t in zip(w, tvs))
+    for backend in ("reference", "native"):
+        require_backend(backend)
+        got = breadcrumbs(tvs, density=density, gamma=gamma, weights=w, backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("method,sign", [("ties_total", "sum"), ("ties_frequency", "count")])
 @pytest.mark.parametrize("w", ["w1", "wnu"])
 def test_reproduces_peft_ties_away_from_threshold_ties(golden, method, sign, w):
@@ -456,7 +473,7 @@ def _load_folder(folder: Path) -> dict:
 
 
 MODEL_METHODS = [("ties", dict(density=0.2)), ("ties", dict(density=0.3, semantics="mergekit", sign="count")),
-                 ("ties", dict(density=0.25, semantics="paper")),
+                 ("ties", dict(density=0.25, semantics="paper")), ("breadcrumbs_ties", dict(density=0.3, gamma=0.1)),
                  ("dare_ties", dict(density=0.5, seed=1)), ("dare_linear", dict(density=0.7, seed=2**33)),
                  ("magnitude_prune", dict(density=0.1)), ("task_arithmetic", {})]
 

@@ -181,11 +181,12 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
                         const double* weights, const Trim* trims, const Dare* dr, MergeSpec spec) {
   using A = acc_t<S>;
   const int T = int(tvs.size());
-  std::vector<A> w(T, A(1)), lo(T, A(0)), hi(T, A(0));
-  std::vector<int64_t> cut(T, 0);
+  const A inf = std::numeric_limits<A>::infinity();
+  std::vector<A> w(T, A(1));
+  std::vector<Trim> tr(T, Trim{0, 0, 0, inf, inf, 0});
   for (int t = 0; t < T; ++t) {
     if (weights) w[t] = A(weights[t]);
-    if (trims) lo[t] = A(trims[t].lo), hi[t] = A(trims[t].hi), cut[t] = trims[t].cut;
+    if (trims) tr[t] = trims[t];
   }
   const Dare d = dare ? *dr : Dare{0, 0, 0, 1.0, 0};
   const A rescale = A(d.rescale), lam = A(spec.lam);
@@ -210,12 +211,14 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
       const A wt = w[t];
       const A dw = wbefore ? wt : A(1);
       // Branch-free selects only, so GCC vectorizes this loop under -fno-trapping-math
-      // (check with -fopt-info-vec). [j0, j1) shares one magnitude bound.
-      auto accumulate = [&](int64_t j0, int64_t j1, A bound) {
+      // (check with -fopt-info-vec). [j0, j1) shares its magnitude bounds: kept from `bound`
+      // up, dropped again from `drop` up.
+      auto accumulate = [&](int64_t j0, int64_t j1, A bound, A drop) {
         for (int64_t j = j0; j < j1; ++j) {
           const A raw = widen(tau<S, diff>(p, base_row, j));
           nf[j] += raw - raw;  // stays 0 unless some v is NaN or Inf
-          A v = std::abs(raw) >= bound ? raw : A(0);
+          const A mag = std::abs(raw);
+          A v = mag >= bound && mag < drop ? raw : A(0);
           if constexpr (dare) {
             v = philox_keep(d.seed, d.stream, uint32_t(t), uint64_t(d.offset + flat0 + j), d.keep_below) ? v / rescale : A(0);
           }
@@ -234,9 +237,15 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
           }
         }
       };
-      const int64_t split = std::clamp<int64_t>(cut[t] - flat0, 0, n);
-      accumulate(0, split, lo[t]);
-      accumulate(split, n, hi[t]);
+      // The two cuts split the block in up to three runs of constant bounds.
+      const Trim& m = tr[t];
+      const int64_t keep_at = std::clamp<int64_t>(m.cut - flat0, 0, n);
+      const int64_t drop_at = std::clamp<int64_t>(m.drop_cut - flat0, 0, n);
+      const int64_t edges[4] = {0, std::min(keep_at, drop_at), std::max(keep_at, drop_at), n};
+      for (int e = 0; e < 3; ++e) {
+        accumulate(edges[e], edges[e + 1], A(edges[e] < keep_at ? m.lo : m.hi),
+                   A(edges[e] < drop_at ? m.drop_lo : m.drop_hi));
+      }
     }
     // Separate simple loops, each of which vectorizes.
     int64_t bad = 0, signs = 0;

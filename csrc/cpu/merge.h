@@ -29,10 +29,14 @@ std::vector<int64_t> abs_digit_histograms(const std::vector<View2D>& tasks, cons
 int64_t abs_equal_cut(const View2D& view, const View2D* base, uint64_t key, int64_t rank);
 
 // Per task: entries kept by a trim are |v| >= lo at flat index < cut and |v| >= hi after it,
-// where hi is the next float above lo (so "> threshold"). No trim: lo = hi = 0.
+// where hi is the next float above lo (so "> threshold"), i.e. a top-k set; entries of a
+// second, smaller top-k set (the same form, drop_*) are dropped again (Model Breadcrumbs'
+// outliers). No trim: lo = hi = 0; no drop: drop_lo = drop_hi = +inf.
 struct Trim {
   double lo, hi;
   int64_t cut;
+  double drop_lo, drop_hi;
+  int64_t drop_cut;
 };
 
 // DARE (Yu et al., ICML 2024): keep each entry with probability keep_below / 2^32, drawn by

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .merging import METHODS, SEMANTICS
+
 
 def _info(args) -> int:
     from ._info import info
@@ -58,17 +60,21 @@ def _merge_config(path: str) -> dict:
     out = {"method": method, "base": str(base), "models": models, "weights": weights}
     if densities:
         out["density"] = densities.pop()
-    for key in ("density", "lam", "sign", "semantics", "seed", "scope"):
+    for key in ("density", "lam", "sign", "semantics", "seed", "gamma", "scope"):
         if key in params:
             out[key] = params[key]
     if "lambda" in params:
         out["lam"] = params["lambda"]
     if cfg.get("merge_method"):  # mergekit's config: its semantics unless the file says otherwise
-        if method not in ("ties", "task_arithmetic"):
+        if method not in ("ties", "task_arithmetic", "breadcrumbs", "breadcrumbs_ties"):
             raise SystemExit(f"{path}: mergekit's {method!r} is not reproduced yet (its DARE rescales by "
                              "L1 norm, ours by 1/density): use our config format to run ours")
-        if method == "ties" and params.get("normalize", True) is False:
-            raise SystemExit(f"{path}: mergekit ties with normalize: false is not reproduced yet")
+        # mergekit's defaults: ties normalizes, breadcrumbs_ties does not (it sums).
+        if method in ("ties", "breadcrumbs_ties") and params.get("normalize", method == "ties") is False:
+            raise SystemExit(f"{path}: mergekit {method} with normalize: false (a sum of the agreeing "
+                             "entries) is not reproduced yet")
+        if params.get("rescale"):
+            raise SystemExit(f"{path}: mergekit's rescale (to the L1 norm) is not reproduced yet")
         out.setdefault("semantics", "mergekit")
         if params.get("consensus_method") == "count":
             out["sign"] = "count"
@@ -90,6 +96,7 @@ def _merge(args) -> int:
               density=args.density if args.density is not None else cfg.get("density"),
               sign=args.sign or cfg.get("sign", "sum"), semantics=args.semantics or cfg.get("semantics", "peft"),
               seed=args.seed if args.seed is not None else cfg.get("seed"),
+              gamma=args.gamma if args.gamma is not None else cfg.get("gamma"),
               scope=args.scope or cfg.get("scope", "tensor"))
     if not kw["method"]:
         raise SystemExit("transferops merge: --method is required")
@@ -132,12 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("models", nargs="*", help="fine-tuned checkpoints: .safetensors files or sharded folders")
     p.add_argument("--base", help="the pretrained checkpoint the models were fine-tuned from")
     p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
-    p.add_argument("--method", help="task_arithmetic | ties | magnitude_prune | dare_linear | dare_ties")
-    p.add_argument("--density", type=float, help="fraction kept by the trim (ties, magnitude_prune, dare_*)")
+    p.add_argument("--method", help=" | ".join(METHODS))
+    p.add_argument("--density", type=float, help="fraction kept by the trim (all but task_arithmetic)")
+    p.add_argument("--gamma", type=float, help="breadcrumbs: fraction of the largest magnitudes dropped (default 0.01)")
     p.add_argument("--lam", type=float, help="scale of the merged task vector (default 1.0)")
     p.add_argument("--weights", type=float, nargs="+", help="one weight per model")
     p.add_argument("--sign", choices=["sum", "count"], help="TIES sign election rule (default sum)")
-    p.add_argument("--semantics", choices=["peft", "mergekit"], help="where weights enter TIES (default peft)")
+    p.add_argument("--semantics", choices=SEMANTICS, help="which anchor TIES reproduces (default peft)")
     p.add_argument("--seed", type=int, help="DARE random seed")
     p.add_argument("--scope", choices=["tensor", "global"],
                    help="top-k threshold per tensor (default) or over the whole model (TIES paper)")

@@ -36,7 +36,8 @@ class MergeSpec:
     seed: int = 0  # DARE: with `stream` (a hash of the tensor's name), keys the Philox counter
     stream: int = 0
     # Set only when a tensor is merged in chunks: the whole tensor's top-k trims, one
-    # (lo, hi, cut) per task, and the chunk's first flat index (for the trims' cut and DARE).
+    # (lo, hi, cut, drop_lo, drop_hi, drop_cut) per task (see _trims), and the chunk's first
+    # flat index (for the trims' cuts and DARE).
     trims: tuple | None = None
     offset: int = 0
     lam: float = 1.0  # merging models onto a base: base + lam * merged
@@ -44,6 +45,7 @@ class MergeSpec:
     # sum of the elected signs over the input, -1 where that is 0 too; set to +1 or -1 when the
     # input is a chunk of a larger scope, whose majority is then found by a pass of its own.
     zero_sign: int | None = 1
+    gamma: float | None = None  # Model Breadcrumbs: the top fraction of magnitudes dropped
 
     @property
     def weight_before_election(self) -> bool:
@@ -58,6 +60,12 @@ class MergeSpec:
         if self.semantics == "paper":
             return min(k + 1, numel)
         return max(1, k) if self.semantics == "mergekit" and self.density > 0 else k
+
+    def drop_count(self, numel: int) -> int:
+        """Breadcrumbs: how many of the largest magnitudes are dropped, int(gamma * numel), fewer
+        where the kept int(density * numel) would otherwise run out of entries (mergekit's
+        ``magnitude_outliers``)."""
+        return 0 if self.gamma is None else min(int(self.gamma * numel), numel - self.keep_count(numel))
 
     @property
     def keep_ties(self) -> bool:
@@ -109,10 +117,11 @@ def _dare_keep(shape, spec: MergeSpec, task: int) -> torch.Tensor:
 
 
 def _trim_keep(x: torch.Tensor, trim, offset: int) -> torch.Tensor:
-    """The mask of a precomputed trim (lo, hi, cut) on a chunk starting at flat ``offset``."""
-    lo, hi, cut = trim
+    """The mask of a precomputed trim (see _trims) on a chunk starting at flat ``offset``."""
+    lo, hi, cut, drop_lo, drop_hi, drop_cut = trim
     idx = torch.arange(offset, offset + x.numel(), device=x.device).view(x.shape)
-    return torch.where(idx < cut, x.abs() >= lo, x.abs() >= hi)
+    a = x.abs()
+    return torch.where(idx < cut, a >= lo, a >= hi) & ~torch.where(idx < drop_cut, a >= drop_lo, a >= drop_hi)
 
 
 def _topk_keep(x: torch.Tensor, k: int, keep_ties: bool = False) -> torch.Tensor:
@@ -173,8 +182,8 @@ def _reference_votes(tvs: list[torch.Tensor], weights: list[float] | None, spec:
     if spec.trims is not None:
         x = x * torch.stack([_trim_keep(xt, tr, spec.offset) for xt, tr in zip(x, spec.trims)])
     elif spec.density is not None:
-        k = spec.keep_count(x[0].numel())
-        x = x * torch.stack([_topk_keep(xt, k, spec.keep_ties) for xt in x])
+        k, g = spec.keep_count(x[0].numel()), spec.drop_count(x[0].numel())
+        x = x * torch.stack([_topk_keep(xt, k + g, spec.keep_ties) & ~_topk_keep(xt, g) for xt in x])
     if spec.dare is not None:
         keep = torch.stack([_dare_keep(x[0].shape, spec, t) for t in range(len(tvs))]).to(x.device)
         x = torch.where(keep, x / spec.dare, 0.0)
@@ -263,15 +272,32 @@ def _abs_topks(passes, k: int, numel: int, dtype: torch.dtype, tasks: int, chunk
     return trims
 
 
+def _trims(passes, numel: int, dtype: torch.dtype, tasks: int, chunk: int, spec: MergeSpec) -> list:
+    """Per task (lo, hi, cut, drop_lo, drop_hi, drop_cut) of a tensor of ``numel`` elements
+    (``passes`` and the rest as :func:`_abs_topks`): the fused pass keeps |v| >= lo before flat
+    index ``cut`` and |v| >= hi (the next float above lo, i.e. > lo) from it on, and drops
+    what the drop_* trim (breadcrumbs' top outliers, else nothing) would keep."""
+    k, g = spec.keep_count(numel), spec.drop_count(numel)
+    keep = _abs_topks(passes, k + g, numel, dtype, tasks, chunk, spec.keep_ties)
+    drop = _abs_topks(passes, g, numel, dtype, tasks, chunk, False) if g else [(math.inf, math.inf, 0)] * tasks
+    return [a + b for a, b in zip(keep, drop)]
+
+
+def _shift_trims(trims, offset: int, numel: int | None = None) -> tuple:
+    """Whole-scope trims seen from a piece starting at flat ``offset`` (cuts clamped to the
+    piece's ``numel`` when given)."""
+    clamp = (lambda c: c) if numel is None else (lambda c: min(max(c, 0), numel))
+    return tuple((lo, hi, clamp(cut - offset), dlo, dhi, clamp(dcut - offset))
+                 for lo, hi, cut, dlo, dhi, dcut in trims)
+
+
 def _native_trims(bufs, base, numel: int, spec: MergeSpec, dtype: torch.dtype):
-    """Per task (lo, hi, cut): the fused pass keeps |v| >= lo before flat index ``cut`` and
-    |v| >= hi (the next float above lo, i.e. > lo) from it on."""
+    """The chunk's trims for the native pass, found here unless ``spec`` brings them."""
     if spec.trims is not None:
-        return [(lo, hi, cut - spec.offset) for lo, hi, cut in spec.trims]
+        return _shift_trims(spec.trims, spec.offset)
     if spec.density is None:
         return None
-    return _abs_topks(lambda which: [([bufs[t] for t in which], base)], spec.keep_count(numel), numel, dtype,
-                      len(bufs), numel, spec.keep_ties)
+    return _trims(lambda which: [([bufs[t] for t in which], base)], numel, dtype, len(bufs), numel, spec)
 
 
 @merge_op.register("native", dtypes=_DTYPES)
@@ -360,12 +386,18 @@ _COMMON = """
     positions during the pass itself, not by an extra pass)."""
 
 
-METHODS = ("task_arithmetic", "ties", "magnitude_prune", "dare_linear", "dare_ties")
+METHODS = ("task_arithmetic", "ties", "magnitude_prune", "dare_linear", "dare_ties", "breadcrumbs",
+           "breadcrumbs_ties")
 
 
-def method_spec(method: str, *, density=None, sign: str = "sum", semantics: str = "peft", seed=None) -> MergeSpec:
+def method_spec(method: str, *, density=None, sign: str = "sum", semantics: str = "peft", seed=None,
+                gamma=None) -> MergeSpec:
     """The fused-pass configuration of a named method (see the function of the same name)."""
     _checks.choice(method, "method", METHODS)
+    if method.startswith("breadcrumbs"):
+        gamma = _checks.fraction(0.01 if gamma is None else gamma, "gamma")
+    elif gamma is not None:
+        raise ValueError(f"gamma: only the breadcrumbs methods drop the largest magnitudes, not {method!r}")
     _checks.choice(sign, "sign", SIGN_RULES)
     _checks.choice(semantics, "semantics", SEMANTICS)
     if method != "task_arithmetic" and density is None:
@@ -377,8 +409,8 @@ def method_spec(method: str, *, density=None, sign: str = "sum", semantics: str 
                          seed=_checks.seed(seed))
     if method == "task_arithmetic":
         return MergeSpec(None, False)
-    return MergeSpec(_checks.fraction(density, "density"), method == "ties", sign=sign, semantics=semantics,
-                     zero_sign=None if semantics == "paper" else 1)
+    return MergeSpec(_checks.fraction(density, "density"), method in ("ties", "breadcrumbs_ties"), sign=sign,
+                     semantics=semantics, zero_sign=None if semantics == "paper" else 1, gamma=gamma)
 
 
 def task_arithmetic(task_vectors, *, weights=None, backend: str = "auto") -> torch.Tensor:
@@ -445,6 +477,27 @@ def dare_ties(task_vectors, *, density: float, seed: int, weights=None, sign: st
     return _run("dare_ties", task_vectors, weights, spec, backend)
 
 
+def breadcrumbs(task_vectors, *, density: float, gamma: float = 0.01, weights=None,
+                backend: str = "auto") -> torch.Tensor:
+    r"""Model Breadcrumbs (Davari & Belilovsky, ECCV 2024, sec. 3): drop each task vector's
+    largest ``int(gamma * numel)`` magnitudes (outliers) and keep the next
+    ``int(density * numel)``, dropping the small rest, then :math:`\sum_t w_t \tilde\tau_t`.
+    As mergekit 0.1.5 ``breadcrumbs`` (``magnitude_outliers``): fewer outliers are dropped
+    where the kept entries would otherwise run out; ties at either threshold are kept lowest
+    flat index first (mergekit: its sort's order)."""
+    spec = method_spec("breadcrumbs", density=density, gamma=gamma)
+    return _run("breadcrumbs", task_vectors, weights, spec, backend)
+
+
+def breadcrumbs_ties(task_vectors, *, density: float, gamma: float = 0.01, weights=None, sign: str = "sum",
+                     semantics: str = "peft", backend: str = "auto") -> torch.Tensor:
+    """The breadcrumbs trim (see :func:`breadcrumbs`), then the TIES election and disjoint mean
+    of :func:`ties` in the given ``semantics`` ("mergekit": its ``breadcrumbs_ties`` with
+    normalize=True; its default, normalize=False, sums the agreeing entries instead)."""
+    spec = method_spec("breadcrumbs_ties", density=density, gamma=gamma, sign=sign, semantics=semantics)
+    return _run("breadcrumbs_ties", task_vectors, weights, spec, backend)
+
+
 def disjoint_merge(task_vectors, *, sign: str = "sum", weights=None, backend: str = "auto") -> torch.Tensor:
     r"""TIES sign election and disjoint mean over already-trimmed task vectors (PEFT's
     ``calculate_majority_sign_mask`` + ``disjoint_merge``), i.e. :func:`ties` without the trim:
@@ -456,7 +509,8 @@ def disjoint_merge(task_vectors, *, sign: str = "sum", weights=None, backend: st
     return _run("disjoint_merge", task_vectors, weights, spec, backend)
 
 
-for _fn in (task_arithmetic, magnitude_prune, ties, dare_linear, dare_ties, disjoint_merge):
+for _fn in (task_arithmetic, magnitude_prune, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties,
+            disjoint_merge):
     _fn.__doc__ = (_fn.__doc__ or "").rstrip() + "\n\n    Parameters\n    ----------" + _COMMON
 
 
@@ -494,9 +548,8 @@ def _merge_tensor(name: str, base_read, model_reads, numel: int, dtype: torch.dt
     if trims is not None:
         spec = replace(spec, trims=trims)
     elif spec.density is not None and len(ranges) > 1:
-        spec = replace(spec, trims=tuple(_abs_topks(_model_passes(pieces), spec.keep_count(numel), numel,
-                                                     _accumulation_dtype(dtype), len(model_reads), chunk,
-                                                     spec.keep_ties)))
+        spec = replace(spec, trims=tuple(_trims(_model_passes(pieces), numel, _accumulation_dtype(dtype),
+                                                 len(model_reads), chunk, spec)))
     if spec.zero_sign is None and len(ranges) > 1:
         spec = replace(spec, zero_sign=_scope_majority([p + (dtype, spec.trims) for p in pieces], weights, spec, backend))
     for s, c in ranges:
@@ -554,11 +607,10 @@ def _global_trims(items, spec: MergeSpec, chunk_of, weights, backend: str) -> tu
 
     pieces = [(reads[1:], reads[0], s, c) for _, numel, dtype, reads in items
               for s, c in _chunks(numel, chunk_of(numel, dtype))]
-    per_task = _abs_topks(_model_passes(pieces), spec.keep_count(total), total, acc, len(items[0][3]) - 1,
-                          max(c for *_, c in pieces), spec.keep_ties)
+    per_task = _trims(_model_passes(pieces), total, acc, len(items[0][3]) - 1, max(c for *_, c in pieces), spec)
     out, offset = {}, 0
     for name, numel, _, _ in items:
-        out[name] = tuple((lo, hi, min(max(cut - offset, 0), numel)) for lo, hi, cut in per_task)
+        out[name] = _shift_trims(per_task, offset, numel)
         offset += numel
     if spec.zero_sign is None:
         spec = replace(spec, zero_sign=_scope_majority(
@@ -585,7 +637,7 @@ SCOPES = ("tensor", "global")
 
 
 def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=None, density=None,
-          sign: str = "sum", semantics: str = "peft", seed=None, scope: str = "tensor",
+          sign: str = "sum", semantics: str = "peft", seed=None, gamma=None, scope: str = "tensor",
           backend: str = "auto") -> dict:
     r"""Merge fine-tuned state dicts into ``base``: for every floating-point tensor,
     :math:`\theta_0 + \lambda \cdot \mathrm{method}(\theta_1 - \theta_0, \dots, \theta_T - \theta_0)`
@@ -597,7 +649,7 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
     float tensors of the model together (the TIES paper's code), with the same tie rule.
     Temporaries stay O(chunk): tensors are processed 4M elements at a time.
     """
-    spec = method_spec(method, density=density, sign=sign, semantics=semantics, seed=seed)
+    spec = method_spec(method, density=density, sign=sign, semantics=semantics, seed=seed, gamma=gamma)
     _checks.choice(scope, "scope", SCOPES)
     if not models:
         raise ValueError("models: expected at least one fine-tuned state dict")
@@ -621,7 +673,7 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
 
 
 def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=None, density=None,
-                sign: str = "sum", semantics: str = "peft", seed=None, scope: str = "tensor",
+                sign: str = "sum", semantics: str = "peft", seed=None, gamma=None, scope: str = "tensor",
                 max_memory: int = 2 << 30, shard_size: int = 5 << 30, backend: str = "auto", progress=None) -> list:
     """:func:`merge` over safetensors checkpoints (files, or folders of shards with
     ``model.safetensors.index.json``), streamed tensor by tensor and in chunks of huge tensors
@@ -636,7 +688,7 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
     from . import __version__
     from ._safetensors import Checkpoint, ShardedWriter
 
-    spec = method_spec(method, density=density, sign=sign, semantics=semantics, seed=seed)
+    spec = method_spec(method, density=density, sign=sign, semantics=semantics, seed=seed, gamma=gamma)
     _checks.choice(scope, "scope", SCOPES)
     if not models:
         raise ValueError("models: expected at least one fine-tuned checkpoint")
@@ -650,7 +702,7 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
         plan = [(n, i.dtype, i.shape) for n, i in b.tensors.items()]
         meta = {"format": "pt", "merged_by": f"transferops {__version__}", "merge_method": method,
                 "merge_args": json.dumps({"lam": lam, "weights": weights, "density": density, "sign": sign,
-                                          "semantics": semantics, "seed": seed, "scope": scope}),
+                                          "semantics": semantics, "seed": seed, "gamma": gamma, "scope": scope}),
                 "merge_inputs": json.dumps([str(c.path) for c in ckpts])}
 
         def chunk_of(numel: int, dtype: torch.dtype) -> int:
