@@ -141,6 +141,19 @@ std::tuple<int64_t, int64_t> merge(
   return {r.nonfinite, r.sign_sum};
 }
 
+std::tuple<int64_t, int64_t> fisher_average(const std::vector<py::buffer>& models, const std::vector<py::buffer>& fishers,
+                                            const py::buffer& out, const std::optional<std::vector<double>>& weights,
+                                            double eps) {
+  BufferView o = buffer_view(out, "out", true);
+  std::vector<BufferView> keep_m, keep_f;
+  const std::vector<View2D> mv = views_of(models, "models", keep_m, &o.view);
+  const std::vector<View2D> fv = views_of(fishers, "fishers", keep_f, &o.view);
+  const double* w = weights_ptr(weights, models.size());
+  py::gil_scoped_release release;
+  const cpu::FisherResult r = cpu::fisher_average(mv, fv, o.view, w, eps);
+  return {r.nonfinite, r.negative};
+}
+
 // A numpy array [T, 2^dbits]: up to 65536 bins per task, which a Python list would box one by one.
 py::array_t<int64_t> abs_digit_histograms(const std::vector<py::buffer>& tasks, const std::optional<py::buffer>& base,
                                           const std::vector<uint64_t>& prefixes, int shift, int dbits) {
@@ -220,6 +233,8 @@ PYBIND11_MODULE(_native, m) {
         "Fused trim + (TIES election and disjoint mean | weighted sum), optionally forming the task "
         "vectors from models and a base; returns (positions where an input was NaN/Inf, sum of the "
         "elected signs)");
+  m.def("fisher_average", &fisher_average, py::arg("models"), py::arg("fishers"), py::arg("out"), py::arg("weights"),
+        py::arg("eps"), "Fisher merging in one pass; returns (positions with NaN/Inf, positions with a negative Fisher)");
   m.def("abs_digit_histograms", &abs_digit_histograms, py::arg("tasks"), py::arg("base"), py::arg("prefixes"),
         py::arg("shift"), py::arg("dbits"),
         "Radix-select step for T tasks in one pass: per task, the histogram of the digit at `shift` "

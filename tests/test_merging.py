@@ -6,7 +6,7 @@ import torch
 
 from transferops import BackendUnavailable, available_backends, use_backend
 from transferops._backend import native_module
-from transferops.merging import (MergeSpec, _dare_keep, breadcrumbs, breadcrumbs_ties, _fnv1a32, _philox_first, _topk_keep, dare_linear, dare_ties,
+from transferops.merging import (MergeSpec, _dare_keep, breadcrumbs, breadcrumbs_ties, fisher_average, _fnv1a32, _philox_first, _topk_keep, dare_linear, dare_ties,
                                  disjoint_merge, magnitude_prune, merge_op, task_arithmetic, ties)
 
 from _kit import (DTYPES, assert_close, assert_matches_reference, guarded_empty, noncontiguous, randn,
@@ -62,6 +62,50 @@ METHODS = {
     "dare_linear": lambda tvs, w, **kw: dare_linear(tvs, density=0.4, seed=2**40 + 3, weights=w, name="x", **kw),
     "dare_ties_count": lambda tvs, w, **kw: dare_ties(tvs, density=0.6, seed=11, weights=w, sign="count", **kw),
 }
+
+
+@pytest.mark.parametrize("backend", ["native"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_fisher_average_matches_reference(gen, backend, dtype, shape):
+    """Fishers with exact zeros (floored), on contiguous and strided views, weighted."""
+    require_backend(backend)
+    T = int(torch.randint(1, 5, (), generator=gen))
+    models = [randn(shape, dtype, gen, noncontig=t % 2 == 1) for t in range(T)]
+    fishers = [randn(shape, dtype, gen, zeros=0.3).abs() for _ in range(T)]
+    weights = (torch.rand(T, generator=gen, dtype=torch.float64) + 0.1).tolist()
+    assert_matches_reference(lambda m, f, **kw: fisher_average(m, f, weights=weights, eps=1e-3, **kw),
+                             (models, fishers), {}, backend=backend, dtype=dtype)
+
+
+def test_fisher_average_by_hand():
+    """(2*1*1 + 1*3*4) / (2*1 + 1*3) = 14/5; an entry both Fishers know nothing of (floored)
+    gets the weighted mean (2*1 + 1*4) / 3 = 2."""
+    models = [torch.tensor([1.0, 1.0]), torch.tensor([4.0, 4.0])]
+    fishers = [torch.tensor([1.0, 0.0]), torch.tensor([3.0, 0.0])]
+    for backend in ("reference", "native"):
+        require_backend(backend)
+        got = fisher_average(models, fishers, weights=[2.0, 1.0], eps=1e-12, backend=backend)
+        torch.testing.assert_close(got, torch.tensor([14 / 5, 2.0]))
+    sd = fisher_average([{"w": models[0], "step": torch.tensor(3)}, {"w": models[1], "step": torch.tensor(5)}],
+                        [{"w": fishers[0]}, {"w": fishers[1]}], weights=[2.0, 1.0], eps=1e-12)
+    torch.testing.assert_close(sd["w"], torch.tensor([14 / 5, 2.0]))
+    assert sd["step"].item() == 3
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("call,match", [
+    (lambda b: fisher_average([torch.ones(3)], [-torch.ones(3)], backend=b), "fishers: 3 positions hold a negative"),
+    (lambda b: fisher_average([torch.tensor([1.0, float("nan")])], [torch.ones(2)], backend=b), "models/fishers"),
+    (lambda b: fisher_average([torch.ones(3)], [torch.ones(3)], eps=0.0, backend=b), "eps: expected a positive"),
+    (lambda b: fisher_average([torch.ones(3)], [torch.ones(4)], backend=b), "fishers: expected 1 tensors"),
+    (lambda b: fisher_average([torch.ones(3)] * 2, [torch.ones(3)] * 2, weights=[1.0, 0.0], backend=b),
+     "weights: Fisher merging needs positive"),
+])
+def test_fisher_average_bad_input(backend, call, match):
+    require_backend(backend)
+    with pytest.raises(ValueError, match=match):
+        call(backend)
 
 
 def test_philox_known_answers():
@@ -523,6 +567,22 @@ def test_fused_model_merge_matches_reference_on_a_large_tensor(gen, dtype):
     kw = dict(method="ties", density=0.2, lam=0.9, weights=[1.0, 0.5, 2.0])
     got, want = merge(base, models, backend="native", **kw)["w"], merge(base, models, backend="reference", **kw)["w"]
     assert_close(got, want, dtype)
+
+
+def test_block_weights_compose_per_parameter_block(gen):
+    """aTLAS-style: one coefficient per task and block, first matching pattern wins; a tensor
+    no pattern covers is an error naming it."""
+    from transferops.merging import merge
+
+    base, models = _models(gen, dtype=torch.float32)
+    blocks = {"layer.*": [0.5, -1.0, 2.0], "*": [1.0, 0.25, 0.0]}
+    got = merge(base, models, method="task_arithmetic", weights=blocks, lam=0.5)
+    for name in ("layer.w", "layer.b", "emb"):
+        w = blocks["layer.*"] if name.startswith("layer.") else blocks["*"]
+        want = base[name] + 0.5 * sum(wt * (m[name] - base[name]) for wt, m in zip(w, models))
+        torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="no pattern matches tensor 'emb'"):
+        merge(base, models, method="task_arithmetic", weights={"layer.*": [1.0] * 3})
 
 
 def test_cli_merges_a_multishard_bf16_checkpoint_under_a_memory_cap(tmp_path, gen):

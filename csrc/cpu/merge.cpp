@@ -272,6 +272,45 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
   return {nonfinite, sign_sum};
 }
 
+// Fisher merging, one pass: numerator and denominator accumulate per column block.
+template <class S>
+FisherResult fisher_typed(const std::vector<View2D>& models, const std::vector<View2D>& fishers, const View2D& out,
+                          const double* weights, double eps) {
+  using A = acc_t<S>;
+  const int T = int(models.size());
+  const Blocks b(out, kBlock);
+  const A floor = A(eps);
+  int64_t nonfinite = 0, negative = 0;
+#pragma omp parallel for schedule(static) reduction(+ : nonfinite, negative) \
+    if (out.rows * out.cols > kParallelMinElements)
+  for (int64_t item = 0; item < b.count(); ++item) {
+    const int64_t r = b.row(item), c0 = b.col(item), n = b.len(item);
+    A num[kBlock], den[kBlock], nf[kBlock], neg[kBlock];
+    for (int64_t j = 0; j < n; ++j) num[j] = den[j] = nf[j] = neg[j] = A(0);
+    for (int t = 0; t < T; ++t) {
+      const S* p = models[t].row<S>(r) + c0;
+      const S* f = fishers[t].row<S>(r) + c0;
+      const A w = weights ? A(weights[t]) : A(1);
+      for (int64_t j = 0; j < n; ++j) {  // vectorizes
+        const A theta = widen(p[j]), fisher = widen(f[j]);
+        nf[j] += (theta - theta) + (fisher - fisher);  // 0 unless some input is NaN or Inf
+        neg[j] += fisher < A(0) ? A(1) : A(0);
+        const A wf = w * (fisher < floor ? floor : fisher);
+        num[j] += wf * theta;
+        den[j] += wf;
+      }
+    }
+    int64_t bad = 0, below = 0;
+    for (int64_t j = 0; j < n; ++j) bad += nf[j] != A(0);
+    for (int64_t j = 0; j < n; ++j) below += neg[j] != A(0);
+    nonfinite += bad;
+    negative += below;
+    S* o = out.row<S>(r) + c0;
+    for (int64_t j = 0; j < n; ++j) o[j] = narrow<S>(num[j] / den[j]);
+  }
+  return {nonfinite, negative};
+}
+
 }  // namespace
 
 // Calls f(std::true_type{}) or f(std::false_type{}): a runtime flag becomes a template one.
@@ -302,6 +341,11 @@ MergeResult merge_impl(const std::vector<View2D>& tvs, const View2D* base, const
   });
 }
 
+FisherResult fisher_impl(const std::vector<View2D>& models, const std::vector<View2D>& fishers, const View2D& out,
+                         const double* weights, double eps) {
+  return dispatch_float(out.dtype, [&](auto tag) { return fisher_typed<decltype(tag)>(models, fishers, out, weights, eps); });
+}
+
 }  // namespace TRANSFEROPS_ISA
 
 #ifdef TRANSFEROPS_ISA_BASE
@@ -309,6 +353,8 @@ MergeResult merge_impl(const std::vector<View2D>& tvs, const View2D* base, const
 namespace avx2 {
 MergeResult merge_impl(const std::vector<View2D>& tvs, const View2D* base, const View2D& out,
                        const double* weights, const Trim* trims, const Dare* dare, MergeSpec spec);
+FisherResult fisher_impl(const std::vector<View2D>& models, const std::vector<View2D>& fishers, const View2D& out,
+                         const double* weights, double eps);
 }
 #endif
 
@@ -378,6 +424,17 @@ MergeResult merge(const std::vector<View2D>& tvs, const View2D* base, const View
   if (isa_choice() == "avx2") return avx2::merge_impl(tvs, base, out, weights, trims, dare, spec);
 #endif
   return base::merge_impl(tvs, base, out, weights, trims, dare, spec);
+}
+
+FisherResult fisher_average(const std::vector<View2D>& models, const std::vector<View2D>& fishers, const View2D& out,
+                            const double* weights, double eps) {
+  if (models.empty() || fishers.size() != models.size()) {
+    throw std::invalid_argument("fisher_average: expected one Fisher per model, and at least one model");
+  }
+#ifdef TRANSFEROPS_HAVE_AVX2
+  if (isa_choice() == "avx2") return avx2::fisher_impl(models, fishers, out, weights, eps);
+#endif
+  return base::fisher_impl(models, fishers, out, weights, eps);
 }
 #endif  // TRANSFEROPS_ISA_BASE
 

@@ -77,6 +77,17 @@ struct MergeResult {
 MergeResult merge(const std::vector<View2D>& task_vectors, const View2D* base, const View2D& out,
                   const double* weights, const Trim* trims, const Dare* dare, MergeSpec spec);
 
+struct FisherResult {
+  int64_t nonfinite;  // element positions where some model or Fisher value was NaN or Inf
+  int64_t negative;   // element positions where some Fisher value was negative
+};
+
+// Fisher merging (Matena & Raffel, NeurIPS 2022, eq. 3) in one pass:
+// out = sum_t w_t F_t theta_t / sum_t w_t F_t with F_t floored at eps > 0 (w_t > 0), so the
+// denominator never vanishes and entries no model is informed about get the weighted mean.
+FisherResult fisher_average(const std::vector<View2D>& models, const std::vector<View2D>& fishers, const View2D& out,
+                            const double* weights, double eps);
+
 // The instruction set the CPU kernels run with: "avx2" where the CPU has it (and the build
 // compiled it), else "base". set_cpu_isa forces one (tests compare the two bit for bit).
 const char* cpu_isa();

@@ -12,7 +12,9 @@ promise to follow; everywhere else the results agree with theirs exactly.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -514,6 +516,81 @@ for _fn in (task_arithmetic, magnitude_prune, ties, dare_linear, dare_ties, brea
     _fn.__doc__ = (_fn.__doc__ or "").rstrip() + "\n\n    Parameters\n    ----------" + _COMMON
 
 
+fisher_op = Op("fisher_average", order=("native", "reference"))
+
+
+@fisher_op.register("reference", dtypes=_DTYPES)
+def _fisher_reference(models, fishers, weights, eps: float) -> torch.Tensor:
+    theta = torch.stack([m.to(torch.float64) for m in models])
+    fisher = torch.stack([f.to(torch.float64) for f in fishers])
+    _checks.raise_nonfinite(int((~(torch.isfinite(theta) & torch.isfinite(fisher))).any(0).sum()), "models/fishers")
+    _raise_negative(int((fisher < 0).any(0).sum()))
+    w = torch.tensor(weights if weights is not None else [1.0] * len(models), dtype=torch.float64)
+    wf = w.view(-1, *([1] * (theta.dim() - 1))) * fisher.clamp(min=eps)
+    return ((wf * theta).sum(0) / wf.sum(0)).to(models[0].dtype)
+
+
+@fisher_op.register("native", dtypes=_DTYPES)
+def _fisher_native(models, fishers, weights, eps: float) -> torch.Tensor:
+    out = torch.empty_like(models[0], memory_format=torch.contiguous_format)
+    bad, negative = native_module().fisher_average(
+        [native_buffer(_checks.as_rows(m)) for m in models], [native_buffer(_checks.as_rows(f)) for f in fishers],
+        native_buffer(_checks.as_rows(out)), weights, eps)
+    _checks.raise_nonfinite(bad, "models/fishers")
+    _raise_negative(negative)
+    return out
+
+
+def _raise_negative(count: int) -> None:
+    if count:
+        raise ValueError(f"fishers: {count} positions hold a negative value; a Fisher information (e.g. mean "
+                         "squared gradients) is never negative")
+
+
+def fisher_average(models, fishers, *, weights=None, eps: float = 1e-6, backend: str = "auto"):
+    r"""Fisher merging (Matena & Raffel, NeurIPS 2022, eq. 3):
+    :math:`\theta^* = \sum_t w_t F_t \theta_t / \sum_t w_t F_t`, per entry, with the diagonal
+    Fishers floored at ``eps`` (as the authors' ``fisher_floor``) so that entries no model is
+    informed about get the weighted mean instead of 0/0.
+
+    ``models`` and ``fishers``: T tensors each (one shape, dtype and device), or T state dicts;
+    with dicts, every floating-point tensor of the first model is merged (a tensor without
+    Fishers is averaged with weights ``w_t``) and the others are copied from ``models[0]``.
+    ``weights``: T positive floats (None: all ones). float32/bf16/fp16 accumulate in float32.
+    NaN/Inf in either input and negative Fishers raise ValueError.
+    """
+    if not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
+        raise ValueError(f"eps: expected a positive finite Fisher floor, got {eps!r}")
+    if isinstance(models, Sequence) and models and isinstance(models[0], Mapping):
+        if not isinstance(fishers, Sequence) or len(fishers) != len(models):
+            raise ValueError(f"fishers: expected {len(models)} state dicts, one per model")
+        layout = lambda sd: {name: (tuple(t.shape), t.dtype) for name, t in sd.items()}
+        _check_compatible(layout(models[0]), [layout(m) for m in models[1:]], [f"models[{i + 1}]" for i in range(len(models) - 1)])
+        out = {}
+        for name, first in models[0].items():
+            if first.dtype not in _DTYPES:
+                out[name] = first.clone()
+                continue
+            ts = [m[name] for m in models]
+            fs = [f[name] for f in fishers] if all(name in f for f in fishers) else [torch.ones_like(first)] * len(ts)
+            out[name] = fisher_average(ts, fs, weights=weights, eps=eps, backend=backend)
+        return out
+    models = [t.detach() for t in _checks.tensor_list(models, "models")]
+    fishers = [t.detach() for t in _checks.tensor_list(fishers, "fishers")]
+    if len(fishers) != len(models) or fishers[0].shape != models[0].shape or fishers[0].dtype != models[0].dtype \
+            or fishers[0].device != models[0].device:
+        raise ValueError(f"fishers: expected {len(models)} tensors of the models' shape {tuple(models[0].shape)}, "
+                         f"dtype and device, got {len(fishers)} of {tuple(fishers[0].shape)} {fishers[0].dtype} "
+                         f"on {fishers[0].device}")
+    weights = _checks.weight_list(weights, len(models))
+    if weights is not None and min(weights) <= 0:
+        raise ValueError(f"weights: Fisher merging needs positive weights, got {weights}")
+    if models[0].numel() == 0:
+        return torch.empty_like(models[0], memory_format=torch.contiguous_format)
+    return fisher_op(backend, models[0].device, models[0].dtype, models, fishers, weights, float(eps),
+                     name="fisher_average")
+
+
 # ---- whole models: state dicts in memory, or checkpoints streamed from disk ---------------------
 
 # merge() works through tensors in chunks of this many elements, so temporaries stay O(chunk)
@@ -551,7 +628,7 @@ def _merge_tensor(name: str, base_read, model_reads, numel: int, dtype: torch.dt
         spec = replace(spec, trims=tuple(_trims(_model_passes(pieces), numel, _accumulation_dtype(dtype),
                                                  len(model_reads), chunk, spec)))
     if spec.zero_sign is None and len(ranges) > 1:
-        spec = replace(spec, zero_sign=_scope_majority([p + (dtype, spec.trims) for p in pieces], weights, spec, backend))
+        spec = replace(spec, zero_sign=_scope_majority([p + (dtype, spec.trims, weights) for p in pieces], spec, backend))
     for s, c in ranges:
         merged = merge_op(backend, torch.device("cpu"), dtype, [read(s, c) for read in model_reads], weights,
                           replace(spec, offset=s), base_read(s, c), target(s, c), name="merge")
@@ -559,12 +636,12 @@ def _merge_tensor(name: str, base_read, model_reads, numel: int, dtype: torch.dt
             emit(s, merged)
 
 
-def _scope_majority(pieces, weights, spec: MergeSpec, backend: str) -> int:
+def _scope_majority(pieces, spec: MergeSpec, backend: str) -> int:
     """The paper's sign for zero votes over a scope merged in pieces (model_reads, base_read,
-    start, count, dtype, whole-tensor trims): a counting pass, native where the merge runs
-    native."""
+    start, count, dtype, whole-tensor trims, weights): a counting pass, native where the merge
+    runs native."""
     total = 0
-    for model_reads, base_read, s, c, dtype, trims in pieces:
+    for model_reads, base_read, s, c, dtype, trims, weights in pieces:
         native = merge_op.select(backend, torch.device("cpu"), dtype, ([], weights, spec), name="merge")[0] == "native"
         models, base, piece = [read(s, c) for read in model_reads], base_read(s, c), replace(spec, offset=s, trims=trims)
         if native:
@@ -587,7 +664,7 @@ def _model_passes(pieces):
     return passes
 
 
-def _global_trims(items, spec: MergeSpec, chunk_of, weights, backend: str) -> tuple[dict, MergeSpec]:
+def _global_trims(items, spec: MergeSpec, chunk_of, weights_of, backend: str) -> tuple[dict, MergeSpec]:
     """One top-k threshold per task over all the float tensors of the model together (the TIES
     paper's choice), streamed chunk by chunk, split into per-tensor trims; and ``spec`` with
     the paper's zero-vote sign, when it asks for it, taken over the whole model too. The
@@ -614,8 +691,8 @@ def _global_trims(items, spec: MergeSpec, chunk_of, weights, backend: str) -> tu
         offset += numel
     if spec.zero_sign is None:
         spec = replace(spec, zero_sign=_scope_majority(
-            [(reads[1:], reads[0], s, c, dtype, out[name]) for name, numel, dtype, reads in items
-             for s, c in _chunks(numel, chunk_of(numel, dtype))], weights, spec, backend))
+            [(reads[1:], reads[0], s, c, dtype, out[name], weights_of(name)) for name, numel, dtype, reads in items
+             for s, c in _chunks(numel, chunk_of(numel, dtype))], spec, backend))
     return out, spec
 
 
@@ -636,6 +713,29 @@ def _check_compatible(base: dict, models: list[dict], labels: list[str]) -> None
 SCOPES = ("tensor", "global")
 
 
+def _block_weights(weights, T: int):
+    """name -> the T task weights of that tensor. ``weights``: None, T floats for every tensor,
+    or, aTLAS-style (Zhang et al., NeurIPS 2024: one coefficient per task and parameter block),
+    a mapping from fnmatch patterns of tensor names to T floats, the first matching pattern
+    applying (put a "*" last for a default). A tensor no pattern matches is an error."""
+    if not isinstance(weights, Mapping):
+        fixed = _checks.weight_list(weights, T)
+        return lambda name: fixed
+    table = [(str(p), _checks.weight_list(w, T, f"weights[{p!r}]")) for p, w in weights.items()]
+
+    def of(name: str):
+        for pattern, w in table:
+            if fnmatch.fnmatchcase(name, pattern):
+                return w
+        raise ValueError(f"weights: no pattern matches tensor {name!r} (patterns: {[p for p, _ in table]}); "
+                         "add '*' for a default")
+    return of
+
+
+def _jsonable(weights):
+    return dict(weights) if isinstance(weights, Mapping) else weights
+
+
 def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=None, density=None,
           sign: str = "sum", semantics: str = "peft", seed=None, gamma=None, scope: str = "tensor",
           backend: str = "auto") -> dict:
@@ -647,13 +747,15 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
     draws each tensor's masks from ``seed`` and the tensor's name. ``scope`` sets where the
     top-k threshold of ties/magnitude_prune is taken: per tensor (PEFT, mergekit) or over all
     float tensors of the model together (the TIES paper's code), with the same tie rule.
-    Temporaries stay O(chunk): tensors are processed 4M elements at a time.
+    ``weights``: T floats, or per parameter block (aTLAS-style) a mapping from name patterns
+    to T floats (see :func:`_block_weights`). Temporaries stay O(chunk): tensors are processed
+    4M elements at a time, and the native pass forms the task vectors itself.
     """
     spec = method_spec(method, density=density, sign=sign, semantics=semantics, seed=seed, gamma=gamma)
     _checks.choice(scope, "scope", SCOPES)
     if not models:
         raise ValueError("models: expected at least one fine-tuned state dict")
-    weights = _checks.weight_list(weights, len(models))
+    weights_of = _block_weights(weights, len(models))
     layout = lambda sd: {name: (tuple(t.shape), t.dtype) for name, t in sd.items()}
     _check_compatible(layout(base), [layout(m) for m in models], [f"models[{i}]" for i in range(len(models))])
     chunk_of = lambda numel, dtype: _chunk_elements(spec, numel, _IN_MEMORY_CHUNK)
@@ -662,11 +764,11 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
         if b.dtype in _DTYPES:
             flat = [b.detach().reshape(-1)] + [m[name].detach().reshape(-1) for m in models]
             items.append((name, b.numel(), b.dtype, [lambda s, c, x=x: x[s:s + c] for x in flat]))
-    trims, spec = _global_trims(items, spec, chunk_of, weights, backend) if scope == "global" else ({}, spec)
+    trims, spec = _global_trims(items, spec, chunk_of, weights_of, backend) if scope == "global" else ({}, spec)
     out = {name: b.clone() for name, b in base.items() if b.dtype not in _DTYPES}
     for name, numel, dtype, reads in items:
         result = torch.empty(numel, dtype=dtype)
-        _merge_tensor(name, reads[0], reads[1:], numel, dtype, spec, weights, lam, chunk_of(numel, dtype), backend,
+        _merge_tensor(name, reads[0], reads[1:], numel, dtype, spec, weights_of(name), lam, chunk_of(numel, dtype), backend,
                       lambda s, c: result[s:s + c], trims=trims.get(name))
         out[name] = result.view(base[name].shape)
     return {name: out[name] for name in base}
@@ -692,7 +794,7 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
     _checks.choice(scope, "scope", SCOPES)
     if not models:
         raise ValueError("models: expected at least one fine-tuned checkpoint")
-    weights = _checks.weight_list(weights, len(models))
+    weights_of = _block_weights(weights, len(models))
     ckpts = [Checkpoint(base)] + [Checkpoint(m) for m in models]
     try:
         b, ms = ckpts[0], ckpts[1:]
@@ -701,7 +803,7 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
         T = len(ms)
         plan = [(n, i.dtype, i.shape) for n, i in b.tensors.items()]
         meta = {"format": "pt", "merged_by": f"transferops {__version__}", "merge_method": method,
-                "merge_args": json.dumps({"lam": lam, "weights": weights, "density": density, "sign": sign,
+                "merge_args": json.dumps({"lam": lam, "weights": _jsonable(weights), "density": density, "sign": sign,
                                           "semantics": semantics, "seed": seed, "gamma": gamma, "scope": scope}),
                 "merge_inputs": json.dumps([str(c.path) for c in ckpts])}
 
@@ -714,7 +816,7 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
 
         items = [(name, info.numel, info.dtype, [lambda s, c, m=m, name=name: m.read(name, s, c) for m in ckpts])
                  for name, info in b.tensors.items() if info.dtype in _DTYPES]
-        trims, spec = _global_trims(items, spec, chunk_of, weights, backend) if scope == "global" else ({}, spec)
+        trims, spec = _global_trims(items, spec, chunk_of, weights_of, backend) if scope == "global" else ({}, spec)
         reads_of = {name: reads for name, _, _, reads in items}
         writer = ShardedWriter(out, plan, shard_size, meta)
         try:
@@ -725,7 +827,7 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
                 else:
                     reads, chunk = reads_of[name], chunk_of(info.numel, info.dtype)
                     out = torch.empty(min(chunk, info.numel), dtype=info.dtype)  # reused by every chunk
-                    _merge_tensor(name, reads[0], reads[1:], info.numel, info.dtype, spec, weights, lam, chunk,
+                    _merge_tensor(name, reads[0], reads[1:], info.numel, info.dtype, spec, weights_of(name), lam, chunk,
                                   backend, lambda s, c: out[:c], lambda s, x, name=name: writer.write(name, s, x),
                                   trims=trims.get(name))
                 done += info.nbytes
