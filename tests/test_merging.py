@@ -6,7 +6,8 @@ import torch
 
 from transferops import BackendUnavailable, available_backends, use_backend
 from transferops._backend import native_module
-from transferops.merging import (MergeSpec, _dare_keep, breadcrumbs, breadcrumbs_ties, fisher_average, _fnv1a32, _philox_first, _topk_keep, dare_linear, dare_ties,
+from transferops.merging import (MergeSpec, _dare_keep, _della_keep_probability, breadcrumbs, breadcrumbs_ties,
+                                 della, della_linear, fisher_average, _fnv1a32, _philox_first, _topk_keep, dare_linear, dare_ties,
                                  disjoint_merge, magnitude_prune, merge_op, task_arithmetic, ties)
 
 from _kit import (DTYPES, assert_close, assert_matches_reference, guarded_empty, noncontiguous, randn,
@@ -106,6 +107,52 @@ def test_fisher_average_bad_input(backend, call, match):
     require_backend(backend)
     with pytest.raises(ValueError, match=match):
         call(backend)
+
+
+def test_della_keep_probabilities_by_hand():
+    """Per row: magnitude ranks 0, 2, 1 map to density - eps, + eps, and the middle; equal
+    magnitudes rank by index; a one-entry row gets density - eps."""
+    p = _della_keep_probability(torch.tensor([[0.1, -3.0, 2.0], [1.0, -1.0, 0.5]]), 0.5, 0.2)
+    torch.testing.assert_close(p, torch.tensor([[0.3, 0.7, 0.5], [0.5, 0.7, 0.3]], dtype=torch.float64))
+    torch.testing.assert_close(_della_keep_probability(torch.tensor([4.0]), 0.5, 0.2),
+                               torch.tensor([0.3], dtype=torch.float64))
+
+
+def test_della_keeps_by_rank_and_is_unbiased(gen):
+    """Over a large row the smallest decile survives at about density - 0.9 eps and the largest
+    at about density + 0.9 eps; survivors divided by their probability keep the sum unbiased;
+    masks are a function of (seed, name) only."""
+    x = torch.randn(1, 200_000, generator=gen, dtype=torch.float64)
+    out = della_linear([x], density=0.4, epsilon=0.2, seed=5, name="w")
+    order = x.abs().argsort(dim=1)[0]
+    kept = (out[0, order] != 0).double()
+    tenth = x.shape[1] // 10
+    assert abs(kept[:tenth].mean() - (0.4 - 0.18)) < 0.01 and abs(kept[-tenth:].mean() - (0.4 + 0.18)) < 0.01
+    assert abs(float((out - x).sum())) < 5 * float(x.abs().sum()) / x.numel() ** 0.5
+    assert torch.equal(out, della_linear([x], density=0.4, epsilon=0.2, seed=5, name="w"))
+    assert not torch.equal(out, della_linear([x], density=0.4, epsilon=0.2, seed=5, name="v"))
+
+
+def test_della_elects_like_ties_after_magprune(gen):
+    """della = MagPrune (same draws as della_linear) + PEFT's election and disjoint mean."""
+    tvs = [torch.randn(9, 40, generator=gen, dtype=torch.float64) for _ in range(3)]
+    from transferops.merging import _draws
+
+    spec = MergeSpec(None, False, seed=2, stream=_fnv1a32("a"))
+    pruned = []
+    for t, x in enumerate(tvs):
+        p = _della_keep_probability(x, 0.5, 0.1)
+        u = _draws(x.shape, spec, t) / 2.0**32
+        pruned.append(torch.where(u < p, x / p, 0.0))
+    want = disjoint_merge(pruned, backend="reference")
+    torch.testing.assert_close(della(tvs, density=0.5, epsilon=0.1, seed=2, name="a"), want, rtol=0, atol=0)
+
+
+def test_della_names_its_missing_backends():
+    with pytest.raises(BackendUnavailable, match="native does not implement della"):
+        della([torch.ones(4)], density=0.5, epsilon=0.1, seed=0, backend="native")
+    with pytest.raises(ValueError, match="epsilon: method 'della' needs 0 <= epsilon < density"):
+        della([torch.ones(4)], density=0.5, epsilon=0.6, seed=0)
 
 
 def test_philox_known_answers():
@@ -518,6 +565,7 @@ def _load_folder(folder: Path) -> dict:
 
 MODEL_METHODS = [("ties", dict(density=0.2)), ("ties", dict(density=0.3, semantics="mergekit", sign="count")),
                  ("ties", dict(density=0.25, semantics="paper")), ("breadcrumbs_ties", dict(density=0.3, gamma=0.1)),
+                 ("della", dict(density=0.5, epsilon=0.2, seed=4)),
                  ("dare_ties", dict(density=0.5, seed=1)), ("dare_linear", dict(density=0.7, seed=2**33)),
                  ("magnitude_prune", dict(density=0.1)), ("task_arithmetic", {})]
 
@@ -531,6 +579,8 @@ def test_merge_files_streams_exactly_the_in_memory_merge(tmp_path, gen, method, 
     from transferops.merging import merge, merge_files
 
     require_backend(backend)
+    if method == "della" and backend == "native":
+        pytest.skip("della runs on the reference backend only")
     base, models = _models(gen)
     paths = [_save_sharded(base, tmp_path / "base")] + [_save_sharded(m, tmp_path / f"ft{i}") for i, m in enumerate(models)]
     want = merge(base, models, method=method, lam=0.8, weights=[1.0, 0.5, 0.7], backend=backend, **kw)

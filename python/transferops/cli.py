@@ -60,7 +60,7 @@ def _merge_config(path: str) -> dict:
     out = {"method": method, "base": str(base), "models": models, "weights": weights}
     if densities:
         out["density"] = densities.pop()
-    for key in ("density", "lam", "sign", "semantics", "seed", "gamma", "scope"):
+    for key in ("density", "lam", "sign", "semantics", "seed", "gamma", "epsilon", "scope"):
         if key in params:
             out[key] = params[key]
     if "lambda" in params:
@@ -97,6 +97,7 @@ def _merge(args) -> int:
               sign=args.sign or cfg.get("sign", "sum"), semantics=args.semantics or cfg.get("semantics", "peft"),
               seed=args.seed if args.seed is not None else cfg.get("seed"),
               gamma=args.gamma if args.gamma is not None else cfg.get("gamma"),
+              epsilon=args.epsilon if args.epsilon is not None else cfg.get("epsilon"),
               scope=args.scope or cfg.get("scope", "tensor"))
     if not kw["method"]:
         raise SystemExit("transferops merge: --method is required")
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", type=float, nargs="+", help="one weight per model")
     p.add_argument("--sign", choices=["sum", "count"], help="TIES sign election rule (default sum)")
     p.add_argument("--semantics", choices=SEMANTICS, help="which anchor TIES reproduces (default peft)")
-    p.add_argument("--seed", type=int, help="DARE random seed")
+    p.add_argument("--seed", type=int, help="DARE/DELLA random seed")
+    p.add_argument("--epsilon", type=float, help="della: keep probabilities spread density -/+ epsilon by rank")
     p.add_argument("--scope", choices=["tensor", "global"],
                    help="top-k threshold per tensor (default) or over the whole model (TIES paper)")
     p.add_argument("--config", help="YAML config: ours, or mergekit's for the methods both have")

@@ -48,6 +48,7 @@ class MergeSpec:
     # input is a chunk of a larger scope, whose majority is then found by a pass of its own.
     zero_sign: int | None = 1
     gamma: float | None = None  # Model Breadcrumbs: the top fraction of magnitudes dropped
+    della: tuple | None = None  # DELLA's (density, epsilon): keep probabilities by rank, see below
 
     @property
     def weight_before_election(self) -> bool:
@@ -108,14 +109,30 @@ def _philox_first(c0, c1, c2, c3, k0: int, k1: int):
     return c0
 
 
-def _dare_keep(shape, spec: MergeSpec, task: int) -> torch.Tensor:
-    """DARE's keep mask of one task: element i kept iff philox(i, task, stream; seed) is below
-    keep probability * 2^32 (the native kernel draws the same numbers in place)."""
+def _draws(shape, spec: MergeSpec, task: int) -> torch.Tensor:
+    """The random words (uint32 values in int64) of one task: philox(i, task, stream; seed) for
+    flat element index i, the native kernel drawing the same numbers in place."""
     i = torch.arange(spec.offset, spec.offset + int(torch.Size(shape).numel()), dtype=torch.int64)
     zeros = torch.zeros_like(i)
-    word = _philox_first(i & _U32, i >> 32, zeros + task, zeros + spec.stream,
-                         spec.seed & _U32, spec.seed >> 32)
-    return (word < int(spec.dare * 2**32)).view(shape)
+    return _philox_first(i & _U32, i >> 32, zeros + task, zeros + spec.stream,
+                         spec.seed & _U32, spec.seed >> 32).view(shape)
+
+
+def _dare_keep(shape, spec: MergeSpec, task: int) -> torch.Tensor:
+    """DARE's keep mask of one task: element i kept iff its draw is below keep probability * 2^32."""
+    return _draws(shape, spec, task) < int(spec.dare * 2**32)
+
+
+def _della_keep_probability(x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's MagPrune (Deep et al. 2024, sec. 3.1) keep probabilities, as mergekit's
+    della_magprune ranks them: per row (the last dimension; a 1-D tensor is one row), the
+    magnitude rank r = 0..n-1 (equal magnitudes: lower index ranks lower) maps linearly to
+    density - epsilon .. density + epsilon; a row of one entry gets density - epsilon."""
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+    n = rows.shape[1]
+    ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(torch.float64)
+    spread = ranks / (n - 1) if n > 1 else torch.zeros_like(ranks)
+    return (density - epsilon + 2 * epsilon * spread).view(x.shape)
 
 
 def _trim_keep(x: torch.Tensor, trim, offset: int) -> torch.Tensor:
@@ -189,6 +206,10 @@ def _reference_votes(tvs: list[torch.Tensor], weights: list[float] | None, spec:
     if spec.dare is not None:
         keep = torch.stack([_dare_keep(x[0].shape, spec, t) for t in range(len(tvs))]).to(x.device)
         x = torch.where(keep, x / spec.dare, 0.0)
+    if spec.della is not None:
+        p = torch.stack([_della_keep_probability(xt, *spec.della) for xt in x])
+        u = torch.stack([_draws(x[0].shape, spec, t) for t in range(len(tvs))]).to(x.device) / 2.0**32
+        x = torch.where(u < p, x / p, 0.0)
     w = torch.tensor(weights if weights is not None else [1.0] * len(tvs), dtype=torch.float64)
     w = w.view(-1, *([1] * (x.dim() - 1))).to(x.device)
     voter = w * x if spec.weight_before_election else x
@@ -302,7 +323,7 @@ def _native_trims(bufs, base, numel: int, spec: MergeSpec, dtype: torch.dtype):
     return _trims(lambda which: [([bufs[t] for t in which], base)], numel, dtype, len(bufs), numel, spec)
 
 
-@merge_op.register("native", dtypes=_DTYPES)
+@merge_op.register("native", dtypes=_DTYPES, limit=_fused_only("native", della=None))
 def _merge_native(tvs, weights, spec: MergeSpec, base=None, out=None):
     if out is None:
         out = torch.empty_like(tvs[0] if base is None else base, memory_format=torch.contiguous_format)
@@ -330,7 +351,7 @@ def _dare_args(spec: MergeSpec):
     return None if spec.dare is None else (spec.seed, spec.stream, int(spec.dare * 2**32), spec.dare, spec.offset)
 
 
-@merge_op.register("triton", dtypes=_DTYPES, limit=_fused_only("triton", density=None, trims=None))
+@merge_op.register("triton", dtypes=_DTYPES, limit=_fused_only("triton", density=None, trims=None, della=None))
 @_unfused_base
 def _merge_triton(tvs, weights, spec: MergeSpec):
     from .kernels import merge as kernels
@@ -344,7 +365,8 @@ def _merge_triton(tvs, weights, spec: MergeSpec):
 
 
 def _cuda_limit(tvs, weights, spec, *_):
-    why = _fused_only("cuda", density=None, elect=True, semantics="peft", dare=None, trims=None)(tvs, weights, spec)
+    why = _fused_only("cuda", density=None, elect=True, semantics="peft", dare=None, trims=None, della=None)(
+        tvs, weights, spec)
     limit = native_module().cuda_max_tasks
     return why or (None if len(tvs) <= limit else f"cuda takes at most {limit} task vectors, got {len(tvs)}")
 
@@ -389,11 +411,11 @@ _COMMON = """
 
 
 METHODS = ("task_arithmetic", "ties", "magnitude_prune", "dare_linear", "dare_ties", "breadcrumbs",
-           "breadcrumbs_ties")
+           "breadcrumbs_ties", "della", "della_linear")
 
 
 def method_spec(method: str, *, density=None, sign: str = "sum", semantics: str = "peft", seed=None,
-                gamma=None) -> MergeSpec:
+                gamma=None, epsilon=None) -> MergeSpec:
     """The fused-pass configuration of a named method (see the function of the same name)."""
     _checks.choice(method, "method", METHODS)
     if method.startswith("breadcrumbs"):
@@ -404,9 +426,18 @@ def method_spec(method: str, *, density=None, sign: str = "sum", semantics: str 
     _checks.choice(semantics, "semantics", SEMANTICS)
     if method != "task_arithmetic" and density is None:
         raise ValueError(f"density: method {method!r} needs a density in [0, 1]")
+    if epsilon is not None and not method.startswith("della"):
+        raise ValueError(f"epsilon: only the della methods spread keep probabilities, not {method!r}")
+    if method.startswith(("dare", "della")) and seed is None:
+        raise ValueError(f"seed: method {method!r} needs an integer seed for its random masks")
+    if method.startswith("della"):
+        density = _checks.fraction(density, "density")
+        if epsilon is None or not 0 <= epsilon < density or density + epsilon > 1:
+            raise ValueError(f"epsilon: method {method!r} needs 0 <= epsilon < density and density + epsilon <= 1 "
+                             f"(keep probabilities density -/+ epsilon), got epsilon={epsilon!r}, density={density}")
+        return MergeSpec(None, method == "della", sign=sign, della=(density, float(epsilon)),
+                         seed=_checks.seed(seed))
     if method.startswith("dare"):
-        if seed is None:
-            raise ValueError(f"seed: method {method!r} needs an integer seed for its random masks")
         return MergeSpec(None, method == "dare_ties", sign=sign, dare=_checks.fraction(density, "density"),
                          seed=_checks.seed(seed))
     if method == "task_arithmetic":
@@ -500,6 +531,28 @@ def breadcrumbs_ties(task_vectors, *, density: float, gamma: float = 0.01, weigh
     return _run("breadcrumbs_ties", task_vectors, weights, spec, backend)
 
 
+def della(task_vectors, *, density: float, epsilon: float, seed: int, weights=None, sign: str = "sum", name: str = "",
+          backend: str = "auto") -> torch.Tensor:
+    r"""DELLA-Merging (Deep et al., 2024): MagPrune then the TIES election and disjoint mean of
+    :func:`ties` (PEFT semantics). MagPrune keeps each entry with a probability that grows
+    linearly with its magnitude rank within its row, from ``density - epsilon`` (smallest) to
+    ``density + epsilon`` (largest), as mergekit's ``della_magprune`` ranks (ties: lower index
+    ranks lower), and divides survivors by their probability (the paper's rescale; mergekit
+    rescales to the L1 norm instead). Draws as :func:`dare_linear` (``seed``, ``name``).
+    Runs on the reference backend only for now (the ranks need a sort per row)."""
+    spec = replace(method_spec("della", density=density, epsilon=epsilon, sign=sign, seed=seed),
+                   stream=_fnv1a32(_checks.name(name)))
+    return _run("della", task_vectors, weights, spec, backend)
+
+
+def della_linear(task_vectors, *, density: float, epsilon: float, seed: int, weights=None, name: str = "",
+                 backend: str = "auto") -> torch.Tensor:
+    """DELLA's MagPrune (see :func:`della`), then the weighted sum :math:`\\sum_t w_t \\tilde\\tau_t`."""
+    spec = replace(method_spec("della_linear", density=density, epsilon=epsilon, seed=seed),
+                   stream=_fnv1a32(_checks.name(name)))
+    return _run("della_linear", task_vectors, weights, spec, backend)
+
+
 def disjoint_merge(task_vectors, *, sign: str = "sum", weights=None, backend: str = "auto") -> torch.Tensor:
     r"""TIES sign election and disjoint mean over already-trimmed task vectors (PEFT's
     ``calculate_majority_sign_mask`` + ``disjoint_merge``), i.e. :func:`ties` without the trim:
@@ -511,8 +564,8 @@ def disjoint_merge(task_vectors, *, sign: str = "sum", weights=None, backend: st
     return _run("disjoint_merge", task_vectors, weights, spec, backend)
 
 
-for _fn in (task_arithmetic, magnitude_prune, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties,
-            disjoint_merge):
+for _fn in (task_arithmetic, magnitude_prune, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della,
+            della_linear, disjoint_merge):
     _fn.__doc__ = (_fn.__doc__ or "").rstrip() + "\n\n    Parameters\n    ----------" + _COMMON
 
 
@@ -601,8 +654,8 @@ _IN_MEMORY_CHUNK = 1 << 22
 def _chunk_elements(spec: MergeSpec, numel: int, chunk: int) -> int:
     """Elements per chunk: the streamed exact top-k needs the native module, else the whole
     tensor is one chunk."""
-    if spec.density is not None and native_module() is None:
-        return max(numel, 1)
+    if (spec.density is not None and native_module() is None) or spec.della is not None:
+        return max(numel, 1)  # della ranks whole rows
     return chunk
 
 
@@ -737,7 +790,7 @@ def _jsonable(weights):
 
 
 def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=None, density=None,
-          sign: str = "sum", semantics: str = "peft", seed=None, gamma=None, scope: str = "tensor",
+          sign: str = "sum", semantics: str = "peft", seed=None, gamma=None, epsilon=None, scope: str = "tensor",
           backend: str = "auto") -> dict:
     r"""Merge fine-tuned state dicts into ``base``: for every floating-point tensor,
     :math:`\theta_0 + \lambda \cdot \mathrm{method}(\theta_1 - \theta_0, \dots, \theta_T - \theta_0)`
@@ -751,7 +804,7 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
     to T floats (see :func:`_block_weights`). Temporaries stay O(chunk): tensors are processed
     4M elements at a time, and the native pass forms the task vectors itself.
     """
-    spec = method_spec(method, density=density, sign=sign, semantics=semantics, seed=seed, gamma=gamma)
+    spec = method_spec(method, density=density, sign=sign, semantics=semantics, seed=seed, gamma=gamma, epsilon=epsilon)
     _checks.choice(scope, "scope", SCOPES)
     if not models:
         raise ValueError("models: expected at least one fine-tuned state dict")
@@ -775,7 +828,7 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
 
 
 def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=None, density=None,
-                sign: str = "sum", semantics: str = "peft", seed=None, gamma=None, scope: str = "tensor",
+                sign: str = "sum", semantics: str = "peft", seed=None, gamma=None, epsilon=None, scope: str = "tensor",
                 max_memory: int = 2 << 30, shard_size: int = 5 << 30, backend: str = "auto", progress=None) -> list:
     """:func:`merge` over safetensors checkpoints (files, or folders of shards with
     ``model.safetensors.index.json``), streamed tensor by tensor and in chunks of huge tensors
@@ -790,7 +843,7 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
     from . import __version__
     from ._safetensors import Checkpoint, ShardedWriter
 
-    spec = method_spec(method, density=density, sign=sign, semantics=semantics, seed=seed, gamma=gamma)
+    spec = method_spec(method, density=density, sign=sign, semantics=semantics, seed=seed, gamma=gamma, epsilon=epsilon)
     _checks.choice(scope, "scope", SCOPES)
     if not models:
         raise ValueError("models: expected at least one fine-tuned checkpoint")
@@ -804,7 +857,8 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
         plan = [(n, i.dtype, i.shape) for n, i in b.tensors.items()]
         meta = {"format": "pt", "merged_by": f"transferops {__version__}", "merge_method": method,
                 "merge_args": json.dumps({"lam": lam, "weights": _jsonable(weights), "density": density, "sign": sign,
-                                          "semantics": semantics, "seed": seed, "gamma": gamma, "scope": scope}),
+                                          "semantics": semantics, "seed": seed, "gamma": gamma, "epsilon": epsilon,
+                                          "scope": scope}),
                 "merge_inputs": json.dumps([str(c.path) for c in ckpts])}
 
         def chunk_of(numel: int, dtype: torch.dtype) -> int:
