@@ -206,47 +206,60 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
     for (int64_t j = 0; j < n; ++j) {
       vote[j] = pos_sum[j] = neg_sum[j] = pos_den[j] = neg_den[j] = nf[j] = A(0);
     }
-    for (int t = 0; t < T; ++t) {
-      const S* p = tvs[t].row<S>(r) + c0;
-      const A wt = w[t];
-      const A dw = wbefore ? wt : A(1);
-      // Branch-free selects only, so GCC vectorizes this loop under -fno-trapping-math
-      // (check with -fopt-info-vec). [j0, j1) shares its magnitude bounds: kept from `bound`
-      // up, dropped again from `drop` up.
-      auto accumulate = [&](int64_t j0, int64_t j1, A bound, A drop) {
-        for (int64_t j = j0; j < j1; ++j) {
-          const A raw = widen(tau<S, diff>(p, base_row, j));
-          nf[j] += raw - raw;  // stays 0 unless some v is NaN or Inf
+    // Tasks are taken up to four per sweep over the block: the accumulators are loaded and
+    // stored once per sweep, not per task (at eight tasks their traffic, not the inputs',
+    // bounded the pass). The additions keep task order, so results do not depend on grouping.
+    auto sweep = [&](int t0, auto group) {
+      constexpr int G = decltype(group)::value;
+      const S* p[G];
+      A wt[G], dw[G], lo[G], hi[G], drop_lo[G], drop_hi[G];
+      int keep_at[G], drop_at[G];  // where each trim's cuts fall in the block
+      for (int g = 0; g < G; ++g) {
+        const Trim& m = tr[t0 + g];
+        p[g] = tvs[t0 + g].row<S>(r) + c0;
+        wt[g] = w[t0 + g];
+        dw[g] = wbefore ? w[t0 + g] : A(1);
+        lo[g] = A(m.lo), hi[g] = A(m.hi), drop_lo[g] = A(m.drop_lo), drop_hi[g] = A(m.drop_hi);
+        keep_at[g] = int(std::clamp<int64_t>(m.cut - flat0, 0, n));
+        drop_at[g] = int(std::clamp<int64_t>(m.drop_cut - flat0, 0, n));
+      }
+      // Branch-free selects only, so GCC vectorizes this loop under -fno-trapping-math (check
+      // with -fopt-info-vec). An entry is kept from `bound` up and dropped again from `drop` up.
+      for (int j = 0; j < int(n); ++j) {
+        A vt = vote[j], ps = pos_sum[j], ns = neg_sum[j], pd = pos_den[j], nd = neg_den[j], bad = nf[j];
+        for (int g = 0; g < G; ++g) {
+          const A raw = widen(tau<S, diff>(p[g], base_row, j));
+          bad += raw - raw;  // stays 0 unless some v is NaN or Inf
           const A mag = std::abs(raw);
+          const A bound = j < keep_at[g] ? lo[g] : hi[g];
+          const A drop = j < drop_at[g] ? drop_lo[g] : drop_hi[g];
           A v = mag >= bound && mag < drop ? raw : A(0);
           if constexpr (dare) {
-            v = philox_keep(d.seed, d.stream, uint32_t(t), uint64_t(d.offset + flat0 + j), d.keep_below) ? v / rescale : A(0);
+            v = philox_keep(d.seed, d.stream, uint32_t(t0 + g), uint64_t(d.offset + flat0 + j), d.keep_below)
+                    ? v / rescale : A(0);
           }
-          const A wv = wt * v;
+          const A wv = wt[g] * v;
           if constexpr (!elect) {
-            pos_sum[j] += wv;
+            ps += wv;
           } else {
             const A s = wbefore ? wv : v;  // what votes
             const A pos = s > A(0) ? A(1) : A(0);
             const A neg = s < A(0) ? A(1) : A(0);
-            vote[j] += rule == SignRule::sum ? s : pos - neg;
-            pos_sum[j] += s > A(0) ? wv : A(0);
-            neg_sum[j] += s < A(0) ? wv : A(0);
-            pos_den[j] += s > A(0) ? dw : A(0);
-            neg_den[j] += s < A(0) ? dw : A(0);
+            vt += rule == SignRule::sum ? s : pos - neg;
+            ps += s > A(0) ? wv : A(0);
+            ns += s < A(0) ? wv : A(0);
+            pd += s > A(0) ? dw[g] : A(0);
+            nd += s < A(0) ? dw[g] : A(0);
           }
         }
-      };
-      // The two cuts split the block in up to three runs of constant bounds.
-      const Trim& m = tr[t];
-      const int64_t keep_at = std::clamp<int64_t>(m.cut - flat0, 0, n);
-      const int64_t drop_at = std::clamp<int64_t>(m.drop_cut - flat0, 0, n);
-      const int64_t edges[4] = {0, std::min(keep_at, drop_at), std::max(keep_at, drop_at), n};
-      for (int e = 0; e < 3; ++e) {
-        accumulate(edges[e], edges[e + 1], A(edges[e] < keep_at ? m.lo : m.hi),
-                   A(edges[e] < drop_at ? m.drop_lo : m.drop_hi));
+        vote[j] = vt, pos_sum[j] = ps, neg_sum[j] = ns, pos_den[j] = pd, neg_den[j] = nd, nf[j] = bad;
       }
-    }
+    };
+    int t0 = 0;
+    for (; t0 + 4 <= T; t0 += 4) sweep(t0, std::integral_constant<int, 4>{});
+    if (T - t0 == 3) sweep(t0, std::integral_constant<int, 3>{});
+    if (T - t0 == 2) sweep(t0, std::integral_constant<int, 2>{});
+    if (T - t0 == 1) sweep(t0, std::integral_constant<int, 1>{});
     // Separate simple loops, each of which vectorizes.
     int64_t bad = 0, signs = 0;
     for (int64_t j = 0; j < n; ++j) bad += nf[j] != A(0);
