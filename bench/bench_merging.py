@@ -4,6 +4,11 @@
   what the peers' TIES runs after trimming.
 - ties: the whole method (top-k trim + election + mean) on dense task vectors.
 - task_arithmetic: the weighted sum.
+- dare_ties: DARE's random drop and rescale + the election, against PEFT's dare_ties. Masks
+  come from different generators (ours Philox, theirs torch.bernoulli), so no entry can be
+  compared: the row times the same work, and the tests check the math.
+- fisher_average: sum F theta / sum F (floored Fishers), against the torch expression a user
+  writes (no peer library ships it).
 - merge (full runs): whole state dicts of ~50M parameters in realistic shapes (4096x11008,
   4096x1024, vectors), theta_0 + ties(theta_t - theta_0); the peers get float32 task vectors
   per tensor, as ours are formed.
@@ -20,7 +25,7 @@ import functools
 import torch
 
 import transferops
-from transferops.merging import disjoint_merge, merge, task_arithmetic, ties
+from transferops.merging import dare_ties, disjoint_merge, fisher_average, merge, task_arithmetic, ties
 
 from .harness import DTYPE_NAMES, Case, optional_import
 
@@ -65,6 +70,13 @@ def _mergekit_ties(gta, tvs, weights):
     divisor[divisor == 0] = 1
     mixed /= divisor
     return mixed
+
+
+def _eager_fisher(models, fishers, eps: float = 1e-6) -> torch.Tensor:
+    """Fisher merging as one writes it in torch: float32 stacks, floor, two reductions."""
+    f = torch.stack([x.float() for x in fishers]).clamp_(min=eps)
+    theta = torch.stack([m.float() for m in models])
+    return ((f * theta).sum(0) / f.sum(0)).to(models[0].dtype)
 
 
 def _off_threshold(tvs: list[torch.Tensor]):
@@ -179,7 +191,19 @@ def cases(quick: bool, device: str):
                 ours={b: functools.partial(task_arithmetic, tvs, backend=b) for b in backends},
                 peers={"peer:peft": (functools.partial(peft.task_arithmetic, tvs, ones) if peft else None)},
             )
-            del tvs
+            yield Case(
+                op="dare_ties", size=f"{size} d={DENSITY}", dtype=dtype, bytes=nbytes,
+                comparable=lambda: torch.zeros(P, dtype=torch.bool, device=device),
+                ours={b: functools.partial(dare_ties, tvs, density=DENSITY, seed=SEED, backend=b) for b in backends},
+                peers={"peer:peft": (functools.partial(peft.dare_ties, tvs, ones, DENSITY) if peft else None)},
+            )
+            fishers = [t.abs() for t in reversed(tvs)]
+            yield Case(
+                op="fisher_average", size=size, dtype=dtype, bytes=nbytes + T * P * tvs[0].element_size(),
+                ours={b: functools.partial(fisher_average, tvs, fishers, backend=b) for b in backends},
+                peers={"peer:torch": functools.partial(_eager_fisher, tvs, fishers)},
+            )
+            del tvs, fishers
     if not quick:
         for T in (2, 8):
             for dtype in (torch.float32, torch.bfloat16):

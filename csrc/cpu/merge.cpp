@@ -190,6 +190,8 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
   }
   const Dare d = dare ? *dr : Dare{0, 0, 0, 1.0, 0};
   const A rescale = A(d.rescale), lam = A(spec.lam);
+  const bool keep_all = d.keep_below >= (uint64_t(1) << 32);
+  const uint32_t keep_below = keep_all ? 0u : uint32_t(d.keep_below);
   const bool zero_elects_plus = spec.zero_sign > 0;
   const bool store = out.data != nullptr;
   const Blocks b(tvs[0], kBlock);
@@ -202,6 +204,8 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
     const int64_t r = b.row(item), c0 = b.col(item), n = b.len(item);
     const int64_t flat0 = r * cols + c0;
     const S* base_row = diff ? base->row<S>(r) + c0 : nullptr;
+    const uint64_t index0 = uint64_t(d.offset + flat0);
+    const uint32_t index_lo = uint32_t(index0), index_hi = uint32_t(index0 >> 32);
     A vote[kBlock], pos_sum[kBlock], neg_sum[kBlock], pos_den[kBlock], neg_den[kBlock], nf[kBlock];
     for (int64_t j = 0; j < n; ++j) {
       vote[j] = pos_sum[j] = neg_sum[j] = pos_den[j] = neg_den[j] = nf[j] = A(0);
@@ -235,8 +239,10 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
           const A drop = j < drop_at[g] ? drop_lo[g] : drop_hi[g];
           A v = mag >= bound && mag < drop ? raw : A(0);
           if constexpr (dare) {
-            v = philox_keep(d.seed, d.stream, uint32_t(t0 + g), uint64_t(d.offset + flat0 + j), d.keep_below)
-                    ? v / rescale : A(0);
+            // The flat index in 32-bit halves (the low half may wrap inside a block).
+            const uint32_t lo32 = index_lo + uint32_t(j);
+            const uint32_t hi32 = index_hi + (lo32 < index_lo ? 1u : 0u);
+            v = philox_keep(d.seed, d.stream, uint32_t(t0 + g), lo32, hi32, keep_below, keep_all) ? v / rescale : A(0);
           }
           const A wv = wt[g] * v;
           if constexpr (!elect) {
