@@ -1,4 +1,4 @@
-"""The ``transferops`` command: info | bench | merge (more land with their hot paths)."""
+"""The ``transferops`` command: info | bench | merge | rank (more land with their hot paths)."""
 from __future__ import annotations
 
 import argparse
@@ -122,6 +122,85 @@ def _merge(args) -> int:
     return 0
 
 
+def _load_array(path: str, what: str):
+    """The array in a .npy/.npz/.pt/.safetensors file: the only one it holds, or the one named
+    "features"/"labels" (``what``)."""
+    import numpy as np
+    import torch
+
+    suffix = path.rsplit(".", 1)[-1].lower()
+    try:
+        if suffix == "npy":
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        if suffix == "npz":
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        elif suffix == "pt":
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            arrays = obj if isinstance(obj, dict) else {what: obj}
+        elif suffix == "safetensors":
+            from safetensors.torch import load_file
+
+            arrays = load_file(path)
+        else:
+            raise SystemExit(f"{path}: expected a .npy, .npz, .pt or .safetensors file")
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"{path}: cannot read: {e}") from None
+    if what in arrays:
+        x = arrays[what]
+    elif len(arrays) == 1:
+        x = next(iter(arrays.values()))
+    else:
+        raise SystemExit(f"{path}: holds {sorted(arrays)}; name the array {what!r} or keep one per file")
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+
+
+RANK_SCORES = ("logme", "hscore", "hscore_shrinkage")
+
+
+def _rank(args) -> int:
+    import json
+    import time
+    from pathlib import Path
+
+    from . import transferability as tr
+
+    labels = _load_array(args.labels, "labels")
+    scorers = {"logme": lambda f: tr.logme(f, labels, regression=args.regression, compat=args.compat),
+               "hscore": lambda f: tr.hscore(f, labels), "hscore_shrinkage": lambda f: tr.hscore(f, labels, shrinkage=True)}
+    wanted = args.scores or (["logme"] if args.regression else list(RANK_SCORES))
+    if args.regression and set(wanted) - {"logme"}:
+        raise SystemExit("transferops rank: with --regression only logme applies")
+    rows = []
+    try:
+        for path in args.features:
+            feats = _load_array(path, "features")
+            row = {"model": Path(path).name, "N": int(feats.shape[0]), "D": int(feats.shape[-1])}
+            for name in wanted:
+                t0 = time.perf_counter()
+                row[name] = float(scorers[name](feats))
+                row[f"{name}_s"] = time.perf_counter() - t0
+            rows.append(row)
+    except (ValueError, TypeError) as e:
+        print(f"transferops rank: error: {e}", file=sys.stderr)
+        return 2
+    rows.sort(key=lambda r: -r[wanted[0]])
+    width = max(len(r["model"]) for r in rows)
+    print(f"{'rank':>4}  {'model':<{width}}  " + "  ".join(f"{n:>16} {'time':>8}" for n in wanted))
+    for i, r in enumerate(rows, 1):
+        print(f"{i:>4}  {r['model']:<{width}}  " + "  ".join(f"{r[n]:>16.6g} {r[n + '_s'] * 1e3:>6.0f}ms" for n in wanted))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.csv:
+        import csv
+
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="transferops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", help="auto | reference | native")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=_merge)
+
+    p = sub.add_parser("rank", help="rank candidate models' features for a labeled target task by transferability")
+    p.add_argument("features", nargs="+", help="one file per model: [N, D] features (.npy .npz .pt .safetensors)")
+    p.add_argument("--labels", required=True, help="class ids [N] (or targets [N, K] with --regression), same formats")
+    p.add_argument("--scores", nargs="+", choices=RANK_SCORES, help="default: all that apply; the first sorts")
+    p.add_argument("--regression", action="store_true", help="labels are real-valued targets (LogME only)")
+    p.add_argument("--compat", choices=["corrected", "official"], default="corrected",
+                   help="LogME: corrected (default) or the official code's scores, defect included")
+    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    p.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    p.set_defaults(func=_rank)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,0 +1,340 @@
+"""Transferability: LogME and the model-selection scores, for many candidate models at once.
+
+Every score takes the target task's labels and, per candidate model, what that model gives on
+the target inputs (features, or source-class probabilities), and returns float64 scores: a
+0-d tensor for one model, [M] for several (higher is better for every score).
+
+LogME (You et al., ICML 2021; the fixed-point solver of You et al., JMLR 2022, Alg. 2): the
+log marginal evidence per sample of Bayesian linear regression y = F w + noise with prior
+w ~ N(0, 1/alpha), noise ~ N(0, 1/beta), maximized over alpha and beta, averaged over the
+one-hot class indicators (or regression targets). With F^T F = V diag(sigma) V^T of rank k and
+x = the projection of y on F's left singular vectors, the evidence is (eq. 2 of the ICML paper)
+
+    L = D/2 log(alpha) + N/2 log(beta) - 1/2 sum_i log(alpha + beta sigma_i)
+        - beta/2 |y - F m|^2 - alpha/2 |m|^2 - N/2 log(2 pi),
+
+the sum running over all D eigenvalues (sigma_i = 0 past the rank). The fixed point iterates
+t = alpha / beta: gamma = sum sigma/(sigma + t), alpha = gamma / |m|^2, beta = (N - gamma) /
+|y - F m|^2.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ._backend import Op
+
+COMPAT = ("corrected", "official")
+
+# The official fixed point: alpha = beta = 1, at most 11 updates, stop when t moved by <= 1e-3
+# relative; 1e-5 is added to the update denominators.
+_OFFICIAL_ITERATIONS = 11
+_OFFICIAL_TOL = 1e-3
+_OFFICIAL_DAMP = 1e-5
+_OFFICIAL_RANK_CUT = 1e-10  # singular values of F at or below this are dropped (N > D only)
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+
+def _as_tensor(x, name: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x)
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    raise TypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(x).__name__}")
+
+
+def _feature_list(features, name: str = "features") -> tuple[list[torch.Tensor], bool]:
+    """Per-model [N, D_m] tensors, and whether the caller gave several models (a batch [M, N, D]
+    or a list). Every model must see the same N samples."""
+    if isinstance(features, (list, tuple)):
+        if not features:
+            raise ValueError(f"{name}: expected at least one model's features, got an empty list")
+        feats, many = [_as_tensor(f, f"{name}[{i}]") for i, f in enumerate(features)], True
+    else:
+        f = _as_tensor(features, name)
+        if f.dim() not in (2, 3):
+            raise ValueError(f"{name}: expected [N, D], [M, N, D] or a list of [N, D_m], got shape {tuple(f.shape)}")
+        feats, many = (list(f.unbind(0)) if f.dim() == 3 else [f]), f.dim() == 3
+    for i, f in enumerate(feats):
+        what = f"{name}[{i}]" if many else name
+        if f.dim() != 2:
+            raise ValueError(f"{what}: expected a 2-D [N, D] tensor, got shape {tuple(f.shape)}")
+        if not (f.is_floating_point() or f.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{what}: expected a float dtype, got {f.dtype}")
+        if f.shape[0] != feats[0].shape[0]:
+            raise ValueError(f"{what}: {f.shape[0]} samples, but {name}[0] has {feats[0].shape[0]}")
+        if f.shape[0] < 2 or f.shape[1] < 1:
+            raise ValueError(f"{what}: expected at least 2 samples and 1 feature, got shape {tuple(f.shape)}")
+        bad = int((~torch.isfinite(f.double())).sum()) if f.is_floating_point() else 0
+        if bad:
+            raise ValueError(f"{what}: expected finite features, found NaN or Inf in {bad} entries")
+    return feats, many
+
+
+def _class_labels(labels, N: int, name: str = "labels") -> torch.Tensor:
+    """Integer class ids [N] in [0, C); C = max + 1 (absent classes included, as the official
+    LogME code counts them); at least two classes must occur."""
+    y = _as_tensor(labels, name).reshape(-1) if not isinstance(labels, (list, tuple)) else torch.tensor(labels)
+    if y.numel() != N:
+        raise ValueError(f"{name}: expected {N} labels (one per sample), got {y.numel()}")
+    if y.is_floating_point():
+        if not bool(torch.isfinite(y).all()) or not bool((y == y.round()).all()):
+            raise ValueError(f"{name}: expected integer class ids, got non-integer values "
+                             "(use regression=True for real-valued targets)")
+        y = y.long()
+    elif y.dtype == torch.bool or y.is_complex():
+        raise TypeError(f"{name}: expected integer class ids, got {y.dtype}")
+    y = y.long()
+    if int(y.min()) < 0:
+        raise ValueError(f"{name}: class ids must be >= 0, got {int(y.min())}")
+    if y.unique().numel() < 2:
+        raise ValueError(f"{name}: expected at least two classes, got only class {int(y[0])}")
+    return y
+
+
+def _targets(labels, N: int, regression: bool, name: str = "labels") -> torch.Tensor:
+    """float64 targets [N, K]: one-hot class indicators, or the regression targets."""
+    if not regression:
+        y = _class_labels(labels, N, name)
+        return torch.nn.functional.one_hot(y, int(y.max()) + 1).double()
+    y = _as_tensor(labels, name)
+    if not y.is_floating_point():
+        y = y.double()
+    y = y.double().reshape(N, -1) if y.dim() == 1 or y.shape[0] == N else None
+    if y is None or y.shape[0] != N:
+        raise ValueError(f"{name}: expected regression targets [N] or [N, K] with N = {N}, got shape "
+                         f"{tuple(_as_tensor(labels, name).shape)}")
+    bad = int((~torch.isfinite(y)).sum())
+    if bad:
+        raise ValueError(f"{name}: expected finite regression targets, found NaN or Inf in {bad} entries")
+    return y
+
+
+# ---- LogME -----------------------------------------------------------------------------------
+
+
+def _spectrum(F: torch.Tensor, Y: torch.Tensor, compat: str):
+    """(sigma [k], X [k, K], basis, scale) from one symmetric eigensolve of the smaller Gram
+    matrix: sigma the nonzero eigenvalues of F^T F, X the targets projected on the matching left
+    singular vectors of F, and the posterior mean weights of a target are
+    m = basis @ (scale * x / (t + sigma)). Official: N > D decomposes F^T F and drops singular
+    values <= 1e-10; N <= D uses F F^T (thin SVD), nothing dropped. Corrected drops singular
+    values below max(N, D) * eps * the largest (numpy's matrix_rank) either way."""
+    N, D = F.shape
+    if N > D:
+        sigma, V = torch.linalg.eigh(F.T @ F)
+        s = sigma.clamp(min=0).sqrt()
+        cut = _OFFICIAL_RANK_CUT if compat == "official" else float(s.max()) * max(N, D) * torch.finfo(F.dtype).eps
+        keep = s > cut
+        s, V = s[keep], V[:, keep]
+        return s * s, (V.T @ (F.T @ Y)) / s[:, None], V, s
+    sigma, U = torch.linalg.eigh(F @ F.T)
+    sigma = sigma.clamp(min=0)
+    if compat != "official":
+        keep = sigma.sqrt() > float(sigma.max().sqrt()) * max(N, D) * torch.finfo(F.dtype).eps
+        sigma, U = sigma[keep], U[:, keep]
+    return sigma, U.T @ Y, F.T @ U, torch.ones_like(sigma)
+
+
+def _fixed_point(sigma: torch.Tensor, X: torch.Tensor, y2: torch.Tensor, N: int, D: int, compat: str):
+    """The fixed-point iterations of every target (column of X) at once, each frozen once it
+    converges as the official per-class loop breaks. Returns (evidence / N, alpha, beta, t)
+    per target, t = alpha/beta at the start of the last update (what the official m uses), and
+    the evidence with the new alpha, beta but the last update's residual and |m|^2 terms."""
+    sig = sigma[:, None]
+    x2 = X * X
+    res_x2 = y2 - x2.sum(0)
+    K = X.shape[1]
+    alpha = torch.ones(K, dtype=torch.float64, device=X.device)
+    beta = torch.ones_like(alpha)
+    t_used, m2_used, res2_used = torch.ones_like(alpha), torch.zeros_like(alpha), torch.zeros_like(alpha)
+    active = torch.ones(K, dtype=torch.bool, device=X.device)
+    for _ in range(_OFFICIAL_ITERATIONS):
+        t = alpha / beta
+        gamma = (sig / (sig + t)).sum(0)
+        m2 = (sig * x2 / (t + sig) ** 2).sum(0)
+        res2 = (x2 / (1 + sig / t) ** 2).sum(0) + res_x2
+        new_alpha = gamma / (m2 + _OFFICIAL_DAMP)
+        new_beta = (N - gamma) / (res2 + _OFFICIAL_DAMP)
+        alpha, beta = torch.where(active, new_alpha, alpha), torch.where(active, new_beta, beta)
+        t_used, m2_used, res2_used = (torch.where(active, t, t_used), torch.where(active, m2, m2_used),
+                                      torch.where(active, res2, res2_used))
+        active = active & ((new_alpha / new_beta - t).abs() / t > _OFFICIAL_TOL)
+        if not bool(active.any()):
+            break
+    logdet = torch.log(alpha + beta * sig).sum(0)
+    if compat != "official":  # the eigenvalues past the rank are 0: each adds log(alpha)
+        logdet = logdet + (D - sigma.numel()) * torch.log(alpha)
+    evidence = (D / 2 * torch.log(alpha) + N / 2 * torch.log(beta) - 0.5 * logdet - beta / 2 * res2_used
+                - alpha / 2 * m2_used - N / 2 * math.log(2 * math.pi))
+    return evidence / N, alpha, beta, t_used
+
+
+logme_op = Op("logme", order=("reference",))
+
+
+@logme_op.register("reference", dtypes=(torch.float64,))
+def _logme_reference(feats: list[torch.Tensor], Y: torch.Tensor, compat: str, with_params: bool):
+    scores, params = [], []
+    for f in feats:
+        F = f.to(torch.float64)
+        N, D = F.shape
+        sigma, X, basis, scale = _spectrum(F, Y, compat)
+        evidence, alpha, beta, t = _fixed_point(sigma, X, (Y * Y).sum(0), N, D, compat)
+        scores.append(evidence.mean())
+        if with_params:
+            m = (basis @ (scale[:, None] * X / (t + sigma[:, None]))).T  # [K, D]
+            params.append({"alpha": alpha, "beta": beta, "m": m, "evidence": evidence})
+    return torch.stack(scores), params
+
+
+def logme(features, labels, *, regression: bool = False, compat: str = "corrected", return_params: bool = False,
+          backend: str = "auto"):
+    """LogME scores of candidate models for a labeled target task (higher is better).
+
+    Parameters
+    ----------
+    features : [N, D] tensor (one model), [M, N, D] tensor or a list of [N, D_m] tensors (one per
+        model), any float dtype (computed in float64), or numpy arrays.
+    labels : class ids [N] (classes 0..max, absent ones included as in the official code), or
+        with ``regression=True`` real targets [N] or [N, K].
+    compat : "corrected" (default) or "official". "official" reproduces thuml/LogME's
+        ``LogME.fit`` (the fixed-point solver) to float64 rounding, including its defect for
+        rank k < D (always when N < D, upstream issue #23): its log-determinant sums log(alpha +
+        beta sigma_i) over the k nonzero eigenvalues only, dropping (D - k) log(alpha), which
+        inflates scores (8.96 instead of 0.87 on the N=200, D=512 golden case). "corrected"
+        keeps that term, and drops singular values below max(N, D) * eps * the largest (the
+        official code drops those <= 1e-10, and none when N <= D).
+    return_params : also return, per model, a dict of float64 tensors ``alpha`` [K], ``beta``
+        [K], ``m`` [K, D] (posterior mean weights) and ``evidence`` [K] (per target).
+
+    Returns
+    -------
+    float64 scores, 0-d for one [N, D] model and [M] otherwise; with ``return_params``,
+    (scores, params) where params is one dict, or a list of M dicts.
+    """
+    if compat not in COMPAT:
+        raise ValueError(f"compat: expected one of {list(COMPAT)}, got {compat!r}")
+    feats, many = _feature_list(features)
+    N = feats[0].shape[0]
+    Y = _targets(labels, N, regression).to(feats[0].device)
+    scores, params = logme_op(backend, feats[0].device, torch.float64, feats, Y, compat, return_params, name="logme")
+    scores = scores if many else scores[0]
+    if return_params:
+        return scores, (params if many else params[0])
+    return scores
+
+
+# ---- scores from source-model predictions ------------------------------------------------------
+
+
+def leep(source_probs, labels):
+    """LEEP (Nguyen et al., ICML 2020, eq. 2): with the empirical joint
+    P(y, z) = 1/N sum_i theta(x_i)_z [y_i = y] of target labels and source-class probabilities,
+    LEEP = 1/N sum_i log sum_z P(y_i | z) theta(x_i)_z.
+
+    ``source_probs``: [N, Z] (one model), [M, N, Z] or a list of [N, Z_m]: each row a
+    probability vector (non-negative, summing to 1 within 1e-3). Returns float64 scores, 0-d or
+    [M]. A source class no sample gives mass to has no P(y | z) and is skipped."""
+    probs, many = _feature_list(source_probs, "source_probs")
+    y = _class_labels(labels, probs[0].shape[0])
+    scores = []
+    for i, p in enumerate(probs):
+        p = p.to(torch.float64)
+        what = f"source_probs[{i}]" if many else "source_probs"
+        if bool((p < 0).any()) or float((p.sum(1) - 1).abs().max()) > 1e-3:
+            raise ValueError(f"{what}: expected rows of probabilities (>= 0, summing to 1); apply softmax to logits")
+        onehot = torch.nn.functional.one_hot(y.to(p.device), int(y.max()) + 1).double()
+        joint = onehot.T @ p / p.shape[0]  # [C, Z]
+        mass = joint.sum(0)
+        cond = torch.where(mass > 0, joint / mass.clamp(min=torch.finfo(torch.float64).tiny), 0.0)  # P(y | z)
+        expected = (p @ cond.T).gather(1, y.to(p.device)[:, None])[:, 0]
+        scores.append(torch.log(expected).mean())
+    scores = torch.stack(scores)
+    return scores if many else scores[0]
+
+
+def nce(source_labels, labels):
+    """NCE (Tran et al., ICCV 2019, eq. 4): the negative conditional entropy -H(Y | Z) of the
+    target labels given the source model's predicted labels, from their empirical joint.
+
+    ``source_labels``: source class ids [N] (e.g. the argmax of the source model's outputs),
+    [M, N] or a list of [N]. Returns float64 scores, 0-d or [M]."""
+    if isinstance(source_labels, (list, tuple)):
+        zs, many = [_as_tensor(z, f"source_labels[{i}]") for i, z in enumerate(source_labels)], True
+    else:
+        z = _as_tensor(source_labels, "source_labels")
+        zs, many = (list(z.unbind(0)) if z.dim() == 2 else [z]), z.dim() == 2
+    y = _class_labels(labels, zs[0].numel())
+    scores = []
+    for i, z in enumerate(zs):
+        what = f"source_labels[{i}]" if many else "source_labels"
+        if z.is_floating_point() and not bool((z == z.round()).all()):
+            raise ValueError(f"{what}: expected integer source class ids")
+        if z.numel() != y.numel():
+            raise ValueError(f"{what}: expected {y.numel()} labels, got {z.numel()}")
+        z = z.reshape(-1).long().cpu()
+        if int(z.min()) < 0:
+            raise ValueError(f"{what}: class ids must be >= 0")
+        joint = torch.zeros(int(y.max()) + 1, int(z.max()) + 1, dtype=torch.float64)
+        joint.index_put_((y.cpu(), z), torch.full((z.numel(),), 1.0 / z.numel(), dtype=torch.float64), accumulate=True)
+        pz = joint.sum(0, keepdim=True)
+        cond = joint / pz.clamp(min=torch.finfo(torch.float64).tiny)
+        scores.append(torch.xlogy(joint, cond).sum())  # sum P(y, z) log P(y | z), 0 log 0 = 0
+    scores = torch.stack(scores)
+    return scores if many else scores[0]
+
+
+# ---- scores from features ---------------------------------------------------------------------
+
+
+def _ledoit_wolf(Xc: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Ledoit & Wolf (2004) shrinkage of the empirical covariance (1/N) Xc^T Xc of centered
+    rows towards mu I, mu its mean eigenvalue: (covariance, shrinkage in [0, 1]), as
+    scikit-learn's LedoitWolf computes them."""
+    N, D = Xc.shape
+    emp = Xc.T @ Xc / N
+    mu = float(torch.trace(emp)) / D
+    X2 = Xc * Xc
+    beta_sum = float((X2.T @ X2).sum())
+    delta_sum = float((emp * emp).sum())
+    beta = (beta_sum / N - delta_sum) / (D * N)
+    delta = (delta_sum - 2 * mu * float(torch.trace(emp)) + D * mu * mu) / D
+    shrink = 0.0 if beta == 0 else min(beta, delta) / delta
+    cov = (1 - shrink) * emp + shrink * mu * torch.eye(D, dtype=emp.dtype, device=emp.device)
+    return cov, shrink
+
+
+def hscore(features, labels, *, shrinkage: bool = False):
+    """H-score (Bao et al., ICIP 2019, def. 2): tr(cov(f)^+ cov(E[f | y])), with np.cov's N - 1
+    normalization and a pseudo-inverse (relative cutoff 1e-15, as the LogME repository's
+    reference code). ``shrinkage=True``: the regularized H-score (Ibrahim et al., ICLR 2023):
+    cov(f) replaced by its Ledoit-Wolf shrinkage with coefficient a (1/N normalization, as
+    scikit-learn), and cov(E[f | y]) scaled by (1 - a).
+
+    ``features`` as :func:`logme`; ``labels`` class ids [N]. Returns float64 scores, 0-d or [M]."""
+    feats, many = _feature_list(features)
+    y = _class_labels(labels, feats[0].shape[0])
+    scores = []
+    for f in feats:
+        F = f.to(torch.float64)
+        N = F.shape[0]
+        onehot = torch.nn.functional.one_hot(y.to(F.device), int(y.max()) + 1).double()
+        counts = onehot.sum(0)
+        means = (onehot.T @ F) / counts.clamp(min=1)[:, None]  # class means (absent classes unused)
+        G = means[y.to(F.device)]  # E[f | y] per sample
+        Gc = G - G.mean(0)
+        cov_g = Gc.T @ Gc / (N - 1)
+        Fc = F - F.mean(0)
+        if shrinkage:
+            cov_f, a = _ledoit_wolf(Fc)
+            cov_g = (1 - a) * cov_g
+        else:
+            cov_f = Fc.T @ Fc / (N - 1)
+        scores.append(torch.trace(torch.linalg.pinv(cov_f, rtol=1e-15, hermitian=True) @ cov_g))
+    scores = torch.stack(scores)
+    return scores if many else scores[0]

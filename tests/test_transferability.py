@@ -1,0 +1,208 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from transferops.transferability import hscore, leep, logme, nce
+
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+CASES = ["logme_n600_d128_k10", "logme_n200_d512_k7"]
+
+
+@pytest.fixture(scope="module")
+def golden():
+    if not (GOLDEN / "logme_golden.json").exists():
+        pytest.skip(f"golden data not found at {GOLDEN}")
+    facts = {c["file"].removesuffix(".npz"): c for c in json.loads((GOLDEN / "logme_golden.json").read_text())["cases"]}
+    return {name: (dict(np.load(GOLDEN / f"{name}.npz")), facts[name]) for name in CASES}
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("task", ["cls", "reg"])
+def test_logme_official_reproduces_the_official_code(golden, case, task):
+    """Scores within 1e-8 relative of thuml/LogME's LogME.fit, alpha, beta and the posterior
+    mean weights too (the N=200 < D=512 case included, with its rank defect)."""
+    d, facts = golden[case]
+    labels, regression = (d["labels"], False) if task == "cls" else (d["reg_targets"], True)
+    score, params = logme(d["features"], labels, regression=regression, compat="official", return_params=True)
+    assert score.dtype == torch.float64 and score.dim() == 0
+    assert _rel(score, facts[f"logme_{task}"]) < 1e-8
+    assert _rel(params["alpha"], d[f"logme_{task}_alphas"].ravel()) < 1e-8
+    assert _rel(params["beta"], d[f"logme_{task}_betas"].ravel()) < 1e-8
+    assert _rel(params["m"], d[f"logme_{task}_ms"]) < 1e-8
+
+
+def test_logme_corrected_keeps_the_rank_term(golden):
+    """Full rank (N > D): both modes agree. Rank k < D: corrected adds (D - k) log(alpha) back,
+    8.964 -> about 0.869 on the golden case (the README's figure)."""
+    d, facts = golden["logme_n600_d128_k10"]
+    assert _rel(logme(d["features"], d["labels"]), facts["logme_cls"]) < 1e-8
+    d, facts = golden["logme_n200_d512_k7"]
+    corrected, params = logme(d["features"], d["labels"], return_params=True)
+    assert abs(float(corrected) - 0.869) < 1e-3 and facts["logme_cls"] > 8.9
+    # The defect is exactly the missing term: official - corrected = mean over classes of
+    # (D - N) log(alpha) / (2N).
+    D, N = d["features"].shape[1], d["features"].shape[0]
+    official = logme(d["features"], d["labels"], compat="official")
+    gap = float(((D - N) * torch.log(params["alpha"]) / (2 * N)).mean())
+    assert abs(float(official - corrected) - gap) < 1e-9
+
+
+def _evidence_direct(F: torch.Tensor, y: torch.Tensor, alpha: float, beta: float) -> float:
+    """The LogME evidence at (alpha, beta) from its definition with D x D matrices (no
+    spectrum): A = alpha I + beta F^T F, m = beta A^-1 F^T y."""
+    N, D = F.shape
+    A = alpha * torch.eye(D, dtype=torch.float64) + beta * F.T @ F
+    m = beta * torch.linalg.solve(A, F.T @ y)
+    return float((D / 2 * np.log(alpha) + N / 2 * np.log(beta) - 0.5 * torch.logdet(A)
+                  - beta / 2 * ((y - F @ m) ** 2).sum() - alpha / 2 * (m * m).sum() - N / 2 * np.log(2 * np.pi)) / N)
+
+
+@pytest.mark.parametrize("N,D", [(300, 40), (40, 90)])
+def test_logme_corrected_is_the_evidence_at_its_fixed_point(N, D):
+    """Independent check of the corrected mode: at the returned alpha, beta, the evidence
+    computed from its definition (a D x D solve and log-determinant) agrees with ours to the
+    fixed point's own tolerance, for N > D and N < D alike."""
+    g = torch.Generator().manual_seed(3)
+    F = torch.randn(N, D, generator=g, dtype=torch.float64) @ torch.randn(D, D, generator=g, dtype=torch.float64) / D
+    y = torch.randint(0, 3, (N,), generator=g)
+    _, params = logme(F, y, return_params=True)
+    for c in range(3):
+        target = (y == c).double()
+        direct = _evidence_direct(F, target, float(params["alpha"][c]), float(params["beta"][c]))
+        assert abs(direct - float(params["evidence"][c])) < 1e-3 * max(1.0, abs(direct))
+
+
+def test_logme_batches_models_and_accepts_every_float_dtype():
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(120, d, generator=g) for d in (16, 200, 16)]
+    y = torch.randint(0, 4, (120,), generator=g)
+    each = torch.stack([logme(f, y) for f in feats])
+    torch.testing.assert_close(logme(feats, y), each, rtol=0, atol=0)
+    torch.testing.assert_close(logme(torch.stack([feats[0], feats[2]]), y), each[[0, 2]], rtol=0, atol=0)
+    for dtype in (torch.float64, torch.bfloat16, torch.float16):
+        x = feats[0].to(dtype)
+        torch.testing.assert_close(logme(x, y), logme(x.double(), y), rtol=0, atol=0)
+    assert logme(feats[0].numpy(), y.numpy()).dtype == torch.float64
+
+
+def test_logme_degenerate_but_valid_inputs_give_finite_scores():
+    """Constant features (rank 1), an absent class (official convention: classes 0..max), a
+    single regression target: finite, documented results, never NaN."""
+    y = torch.tensor([0, 0, 2, 2, 0, 2])
+    assert torch.isfinite(logme(torch.ones(6, 5), y))
+    assert torch.isfinite(logme(torch.randn(6, 3), y))
+    assert torch.isfinite(logme(torch.randn(6, 3), torch.randn(6), regression=True))
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: logme(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), [0, 1]), ValueError, "features: expected finite"),
+    (lambda: logme(torch.randn(5, 3), [0, 1, 0]), ValueError, "labels: expected 5 labels"),
+    (lambda: logme(torch.randn(4, 3), [0, 1, -1, 0]), ValueError, "labels: class ids must be >= 0"),
+    (lambda: logme(torch.randn(4, 3), torch.tensor([0.0, 1.5, 1.0, 0.0])), ValueError, "labels: expected integer"),
+    (lambda: logme(torch.randn(4, 3), [1, 1, 1, 1]), ValueError, "labels: expected at least two classes"),
+    (lambda: logme(torch.randn(1, 3), [0]), ValueError, "at least 2 samples"),
+    (lambda: logme([torch.randn(4, 3), torch.randn(5, 3)], [0, 1, 0, 1]), ValueError, r"features\[1\]: 5 samples"),
+    (lambda: logme(torch.randn(4, 3), [0, 1, 0, 1], compat="icml"), ValueError, "compat: expected one of"),
+    (lambda: logme(torch.randn(4, 3), torch.randn(3, 2), regression=True), ValueError, "labels: expected regression"),
+    (lambda: leep(torch.randn(4, 3), [0, 1, 0, 1]), ValueError, "source_probs: expected rows of probabilities"),
+])
+def test_bad_input_is_a_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_leep_and_nce_reproduce_the_official_code(golden, case):
+    d, facts = golden[case]
+    assert _rel(leep(d["source_probs"], d["labels"]), facts["leep"]) < 1e-10
+    assert _rel(nce(d["source_probs"].argmax(1), d["labels"]), facts["nce"]) < 1e-10
+    probs = torch.from_numpy(d["source_probs"])
+    both = leep([probs, probs.flip(1)], d["labels"])
+    assert both.shape == (2,) and _rel(both[0], facts["leep"]) < 1e-10
+
+
+def test_nce_by_hand():
+    """Z perfectly predicts Y: H(Y|Z) = 0. Z independent of a balanced binary Y: -log 2."""
+    y = torch.tensor([0, 1, 0, 1])
+    assert float(nce(torch.tensor([5, 3, 5, 3]), y)) == 0.0
+    assert abs(float(nce(torch.tensor([0, 0, 1, 1]), y)) + np.log(2)) < 1e-15
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_hscore_matches_its_definition(golden, case):
+    """tr(pinv(cov f) cov(E[f|y])) computed with numpy's cov and pinv."""
+    d, _ = golden[case]
+    f, y = d["features"].astype(np.float64), d["labels"]
+    g = np.zeros_like(f)
+    for c in range(int(y.max()) + 1):
+        if (y == c).any():
+            g[y == c] = f[y == c].mean(0)
+    want = np.trace(np.linalg.pinv(np.cov(f, rowvar=False), rcond=1e-15) @ np.cov(g, rowvar=False))
+    assert _rel(hscore(d["features"], y), want) < 1e-8
+
+
+def test_regularized_hscore_matches_scikit_learn(golden):
+    sklearn = pytest.importorskip("sklearn.covariance")
+    d, _ = golden["logme_n600_d128_k10"]
+    f, y = d["features"].astype(np.float64), d["labels"]
+    lw = sklearn.LedoitWolf().fit(f)
+    g = np.zeros_like(f)
+    for c in range(int(y.max()) + 1):
+        g[y == c] = f[y == c].mean(0)
+    want = np.trace(np.linalg.pinv(lw.covariance_, rcond=1e-15) @ ((1 - lw.shrinkage_) * np.cov(g, rowvar=False)))
+    assert _rel(hscore(d["features"], y, shrinkage=True), want) < 1e-8
+
+
+def test_regularized_hscore_shrinks_towards_the_mean_eigenvalue():
+    """Many more features than samples: the empirical covariance is singular and the
+    shrinkage coefficient is strictly between 0 and 1; the score stays finite and below the
+    unregularized one's dimension bound (C - 1)."""
+    from transferops.transferability import _ledoit_wolf
+
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(20, 60, generator=g, dtype=torch.float64)
+    cov, a = _ledoit_wolf(f - f.mean(0))
+    assert 0 < a < 1
+    assert torch.linalg.eigvalsh(cov).min() > 0
+    y = torch.arange(20) % 3
+    assert 0 < float(hscore(f, y, shrinkage=True)) < 2
+
+
+def test_cli_ranks_models_by_quality(tmp_path, capsys):
+    """Three extractors of decreasing quality (class signal drowned in more noise) in three file
+    formats: every score ranks them in that order; the JSON holds the same table."""
+    from transferops.cli import main
+
+    g = torch.Generator().manual_seed(7)
+    y = torch.randint(0, 5, (400,), generator=g)
+    signal = torch.nn.functional.one_hot(y, 5).float() @ torch.randn(5, 32, generator=g)
+    paths = []
+    for i, (noise, fmt) in enumerate([(0.3, "npy"), (1.5, "pt"), (6.0, "npz")]):
+        f = (signal + noise * torch.randn(400, 32, generator=g)).numpy()
+        p = tmp_path / f"m{i}.{fmt}"
+        if fmt == "npy":
+            np.save(p, f)
+        elif fmt == "pt":
+            torch.save({"features": torch.from_numpy(f)}, p)
+        else:
+            np.savez(p, features=f)
+        paths.append(str(p))
+    np.save(tmp_path / "y.npy", y.numpy())
+    out = tmp_path / "rank.json"
+    assert main(["rank", "--labels", str(tmp_path / "y.npy"), *reversed(paths), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["model"] for r in rows] == ["m0.npy", "m1.pt", "m2.npz"]
+    for score in ("logme", "hscore", "hscore_shrinkage"):
+        assert rows[0][score] > rows[1][score] > rows[2][score], score
+    assert "m0.npy" in capsys.readouterr().out
+    np.save(tmp_path / "short.npy", y.numpy()[:10])
+    assert main(["rank", "--labels", str(tmp_path / "short.npy"), paths[0]]) == 2
+    assert "labels: expected 400 labels" in capsys.readouterr().err
