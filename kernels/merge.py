@@ -1,5 +1,6 @@
-"""Triton kernels of the merging hot path: the fused merge pass (see csrc/cpu/merge.cpp for
-the same algorithm on the CPU; both keep and drop the same entries)."""
+"""Triton kernels of the merging hot path: the fused merge pass and the radix select's digit
+histograms (see csrc/cpu/merge.cpp for the same algorithms on the CPU; both keep and drop the
+same entries)."""
 from __future__ import annotations
 
 import torch
@@ -23,9 +24,9 @@ def _philox_first(c0, c1, c2, c3, k0, k1):
 
 @triton.jit
 def _merge_kernel(base, offsets, strides, weights, out, out_stride, nonfinite, T, cols,
-                  seed_lo, seed_hi, stream, keep_below, rescale, index_offset,
+                  seed_lo, seed_hi, stream, keep_below, rescale, index_offset, bounds, cuts,
                   ELECT: tl.constexpr, COUNT: tl.constexpr, WBEFORE: tl.constexpr, DARE: tl.constexpr,
-                  IS_F64: tl.constexpr, BLOCK: tl.constexpr):
+                  TRIM: tl.constexpr, IS_F64: tl.constexpr, BLOCK: tl.constexpr):
     # Task vectors are addressed as base + offsets[t] (in elements): one pointer argument
     # serves any number of separately allocated tensors, with no stacked copy.
     pid = tl.program_id(0).to(tl.int64)
@@ -40,16 +41,23 @@ def _merge_kernel(base, offsets, strides, weights, out, out_stride, nonfinite, T
     pos_den = tl.zeros([BLOCK], acc_t)
     neg_den = tl.zeros([BLOCK], acc_t)
     nf = tl.zeros([BLOCK], acc_t)  # stays 0 unless some input at this position is NaN/Inf
+    flat = row * cols + c + index_offset  # the element's index in the whole tensor
     if DARE:
-        flat = (row * cols + c + index_offset).to(tl.uint64)
-        lo32 = (flat & 0xFFFFFFFF).to(tl.uint32)
-        hi32 = (flat >> 32).to(tl.uint32)
+        lo32 = (flat.to(tl.uint64) & 0xFFFFFFFF).to(tl.uint32)
+        hi32 = (flat.to(tl.uint64) >> 32).to(tl.uint32)
     for t in range(0, T):
         off = tl.load(offsets + t)
         stride = tl.load(strides + t)
         w = tl.load(weights + t).to(acc_t)
         v = tl.load(base + off + row * stride + c, mask=mask, other=0.0).to(acc_t)
         nf += v - v
+        if TRIM:
+            # Kept: |v| >= lo before the cut, > lo (>= hi) from it; then dropped again by the
+            # second (breadcrumbs) top-k set, of the same form. See cpu::Trim.
+            mag = tl.abs(v)
+            bound = tl.where(flat < tl.load(cuts + 2 * t), tl.load(bounds + 4 * t), tl.load(bounds + 4 * t + 1))
+            drop = tl.where(flat < tl.load(cuts + 2 * t + 1), tl.load(bounds + 4 * t + 2), tl.load(bounds + 4 * t + 3))
+            v = tl.where((mag >= bound.to(acc_t)) & (mag < drop.to(acc_t)), v, 0.0)
         if DARE:
             zero = tl.zeros([BLOCK], tl.uint32)
             word = _philox_first(lo32, hi32, zero + t, zero + stream.to(tl.uint32),
@@ -83,9 +91,10 @@ def _merge_kernel(base, offsets, strides, weights, out, out_stride, nonfinite, T
 
 
 def merge(task_rows: list[torch.Tensor], out: torch.Tensor, weights: list[float] | None, *, elect: bool,
-          count: bool, weight_before_election: bool, dare: tuple | None, block: int = 1024) -> int:
+          count: bool, weight_before_election: bool, dare: tuple | None, trims=None, block: int = 1024) -> int:
     """Launch the fused pass over 2-D views [rows, cols] with unit column stride (all of one
-    dtype and device); ``dare`` is (seed, stream, keep_below, rescale, index_offset) or None.
+    dtype and device); ``dare`` is (seed, stream, keep_below, rescale, index_offset) or None,
+    ``trims`` one (lo, hi, cut, drop_lo, drop_hi, drop_cut) per task (cpu::Trim) or None.
     Writes ``out`` and returns at how many positions an input was NaN or Inf."""
     device = out.device
     base = task_rows[0]
@@ -97,11 +106,56 @@ def merge(task_rows: list[torch.Tensor], out: torch.Tensor, weights: list[float]
                      dtype=torch.float64, device=device)
     nonfinite = torch.zeros(1, dtype=torch.int32, device=device)
     seed, stream, keep_below, rescale, index_offset = dare or (0, 0, 0, 1.0, 0)
+    bound_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32  # the bounds are acc values
+    bounds = torch.tensor([[lo, hi, dlo, dhi] for lo, hi, _, dlo, dhi, _ in trims or [(0, 0, 0, 0, 0, 0)]],
+                          dtype=bound_dtype, device=device)
+    cuts = torch.tensor([[cut, dcut] for _, _, cut, _, _, dcut in trims or [(0, 0, 0, 0, 0, 0)]],
+                        dtype=torch.int64, device=device)
     rows, cols = out.shape
     grid = (rows * triton.cdiv(cols, block),)
     if grid[0]:
         _merge_kernel[grid](base, offsets, strides, w, out, out.stride(0), nonfinite, len(task_rows), cols,
-                            seed & 0xFFFFFFFF, seed >> 32, stream, keep_below, rescale, index_offset,
+                            seed & 0xFFFFFFFF, seed >> 32, stream, keep_below, rescale, index_offset, bounds, cuts,
                             ELECT=elect, COUNT=count, WBEFORE=weight_before_election, DARE=dare is not None,
-                            IS_F64=out.dtype == torch.float64, BLOCK=block)
+                            TRIM=trims is not None, IS_F64=out.dtype == torch.float64, BLOCK=block)
     return int(nonfinite.item())
+
+
+@triton.jit
+def _digit_histogram_kernel(base, offsets, strides, prefixes, hist, cols, shift, high, bins,
+                            KEY_INT: tl.constexpr, KEY_MASK: tl.constexpr, FIRST: tl.constexpr, BLOCK: tl.constexpr):
+    # One task per program column: the digit of the bits of |x| at `shift`, counted (global
+    # atomics) over the elements whose bits above the digit equal the task's prefix.
+    t = tl.program_id(1)
+    pid = tl.program_id(0).to(tl.int64)
+    col_blocks = tl.cdiv(cols, BLOCK)
+    row = pid // col_blocks
+    c = (pid % col_blocks) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < cols
+    v = tl.load(base + tl.load(offsets + t) + row * tl.load(strides + t) + c, mask=mask, other=0.0)
+    key = (v.to(KEY_INT, bitcast=True) & KEY_MASK).to(tl.int64)
+    digit = (key >> shift) & (bins - 1)
+    ok = mask if FIRST else mask & ((key >> high) == tl.load(prefixes + t))
+    tl.atomic_add(hist + t * bins + digit, 1, mask=ok)
+
+
+_KEY_INT = {torch.float32: tl.int32, torch.float64: tl.int64, torch.bfloat16: tl.int16, torch.float16: tl.int16}
+
+
+def abs_digit_histograms(task_rows: list[torch.Tensor], prefixes: list[int], shift: int, dbits: int, key_bits: int,
+                         block: int = 1024) -> torch.Tensor:
+    """The radix select's step (cpu::abs_digit_histograms without a base): int64 [T, 2^dbits]
+    on the tensors' device."""
+    device, base = task_rows[0].device, task_rows[0]
+    size = base.element_size()
+    offsets = torch.tensor([(t.data_ptr() - base.data_ptr()) // size for t in task_rows], dtype=torch.int64,
+                           device=device)
+    strides = torch.tensor([t.stride(0) for t in task_rows], dtype=torch.int64, device=device)
+    hist = torch.zeros(len(task_rows), 1 << dbits, dtype=torch.int64, device=device)
+    rows, cols = base.shape
+    grid = (rows * triton.cdiv(cols, block), len(task_rows))
+    if grid[0]:
+        _digit_histogram_kernel[grid](base, offsets, strides, torch.tensor(prefixes, dtype=torch.int64, device=device),
+                                      hist, cols, shift, shift + dbits, 1 << dbits, KEY_INT=_KEY_INT[base.dtype],
+                                      KEY_MASK=(1 << key_bits) - 1, FIRST=shift + dbits == key_bits, BLOCK=block)
+    return hist

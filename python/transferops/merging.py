@@ -250,27 +250,62 @@ def _digit_bits(chunk: int) -> int:
     return 16 if chunk >= 1 << 20 else 11
 
 
-def _abs_topks(passes, k: int, numel: int, dtype: torch.dtype, tasks: int, chunk: int, keep_ties: bool) -> list:
+class _NativeSelect:
+    """The radix select's two steps on native buffers (CPU)."""
+    @staticmethod
+    def histograms(bufs, base, prefixes, shift: int, dbits: int) -> np.ndarray:
+        return native_module().abs_digit_histograms(bufs, base, prefixes, shift, dbits)
+
+    @staticmethod
+    def cut(buf, base, key: int, rank: int) -> int:
+        return native_module().abs_equal_cut(buf, base, key, rank)
+
+    @staticmethod
+    def size(buf) -> int:
+        return buf.size
+
+
+class _TritonSelect:
+    """The same steps on 2-D device tensors (task vectors, no base): Triton histograms, the tie
+    cut with torch on the device."""
+    @staticmethod
+    def histograms(bufs, base, prefixes, shift: int, dbits: int) -> np.ndarray:
+        from .kernels import merge as kernels
+
+        return kernels.abs_digit_histograms(bufs, prefixes, shift, dbits, _KEY_BITS[bufs[0].dtype]).cpu().numpy()
+
+    @staticmethod
+    def cut(buf, base, key: int, rank: int) -> int:
+        keys = buf.contiguous().view(_KEY_INTS[buf.dtype]).flatten().to(torch.int64) & ((1 << _KEY_BITS[buf.dtype]) - 1)
+        at = torch.nonzero(keys == key).flatten()
+        return int(at[rank - 1]) + 1 if at.numel() >= rank else -at.numel()
+
+    @staticmethod
+    def size(buf) -> int:
+        return buf.numel()
+
+
+def _abs_topks(passes, k: int, numel: int, dtype: torch.dtype, tasks: int, chunk: int, keep_ties: bool,
+               engine=_NativeSelect) -> list:
     """Exact top-k of |x| of each of ``tasks`` tensors as trims (lo, hi, cut) for the fused
     pass: a radix select over the bits of |x| (integer order of the bits of a non-negative
     float is value order), ties at the threshold kept lowest flat index first (or all kept).
     ``passes(which)`` returns a fresh iterable of (buffers of the tasks ``which``, base)
     covering the tensors in flat order, base None or a buffer: then x is buffer - base, formed
     in ``dtype``. Each digit reads every task in one pass (a base once), so the data may stream
-    from disk; ``chunk`` is the largest chunk's size."""
+    from disk; ``chunk`` is the largest chunk's size. ``engine`` runs the steps."""
     acc = _accumulation_dtype(dtype)
     if k <= 0:
         return [(math.inf, math.inf, 0)] * tasks
     if k >= numel:
         return [(0.0, 0.0, numel)] * tasks
-    native = native_module()
     nbits, known, digit = _KEY_BITS[dtype], 0, _digit_bits(chunk)
     prefix, rank, ties = [0] * tasks, [k] * tasks, [0] * tasks
     everyone = range(tasks)
     while known < nbits:
         dbits = min(digit, nbits - known)
         shift = nbits - known - dbits
-        hist = sum(native.abs_digit_histograms(bufs, base, prefix, shift, dbits) for bufs, base in passes(everyone))
+        hist = sum(engine.histograms(bufs, base, prefix, shift, dbits) for bufs, base in passes(everyone))
         for t in everyone:
             above = np.cumsum(hist[t, ::-1])  # above[i]: elements in the top i + 1 digits
             i = int(np.searchsorted(above, rank[t]))  # the first top-(i + 1) holding >= rank elements
@@ -285,24 +320,25 @@ def _abs_topks(passes, k: int, numel: int, dtype: torch.dtype, tasks: int, chunk
         cut, before, r = numel, 0, rank[t]
         if r < ties[t] and not keep_ties:  # some ties are dropped: find where the r-th one is
             for (buf,), base in passes([t]):
-                pos = native.abs_equal_cut(buf, base, prefix[t], r)
+                pos = engine.cut(buf, base, prefix[t], r)
                 if pos > 0:
                     cut = before + pos
                     break
                 r += pos  # pos = -(ties in this chunk)
-                before += buf.size
+                before += engine.size(buf)
         trims.append((lo.item(), hi.item(), cut))
     return trims
 
 
-def _trims(passes, numel: int, dtype: torch.dtype, tasks: int, chunk: int, spec: MergeSpec) -> list:
+def _trims(passes, numel: int, dtype: torch.dtype, tasks: int, chunk: int, spec: MergeSpec,
+           engine=_NativeSelect) -> list:
     """Per task (lo, hi, cut, drop_lo, drop_hi, drop_cut) of a tensor of ``numel`` elements
     (``passes`` and the rest as :func:`_abs_topks`): the fused pass keeps |v| >= lo before flat
     index ``cut`` and |v| >= hi (the next float above lo, i.e. > lo) from it on, and drops
     what the drop_* trim (breadcrumbs' top outliers, else nothing) would keep."""
     k, g = spec.keep_count(numel), spec.drop_count(numel)
-    keep = _abs_topks(passes, k + g, numel, dtype, tasks, chunk, spec.keep_ties)
-    drop = _abs_topks(passes, g, numel, dtype, tasks, chunk, False) if g else [(math.inf, math.inf, 0)] * tasks
+    keep = _abs_topks(passes, k + g, numel, dtype, tasks, chunk, spec.keep_ties, engine)
+    drop = _abs_topks(passes, g, numel, dtype, tasks, chunk, False, engine) if g else [(math.inf, math.inf, 0)] * tasks
     return [a + b for a, b in zip(keep, drop)]
 
 
@@ -351,15 +387,23 @@ def _dare_args(spec: MergeSpec):
     return None if spec.dare is None else (spec.seed, spec.stream, int(spec.dare * 2**32), spec.dare, spec.offset)
 
 
-@merge_op.register("triton", dtypes=_DTYPES, limit=_fused_only("triton", density=None, trims=None, della=None))
+@merge_op.register("triton", dtypes=_DTYPES, limit=_fused_only("triton", della=None, zero_sign=1))
 @_unfused_base
 def _merge_triton(tvs, weights, spec: MergeSpec):
     from .kernels import merge as kernels
 
+    rows = [_checks.as_rows(t) for t in tvs]
     out = torch.empty_like(tvs[0], memory_format=torch.contiguous_format)
-    bad = kernels.merge([_checks.as_rows(t) for t in tvs], _checks.as_rows(out), weights, elect=spec.elect,
-                        count=spec.sign == "count", weight_before_election=spec.weight_before_election,
-                        dare=_dare_args(spec))
+    numel = out.numel()
+    if spec.trims is not None:
+        trims = _shift_trims(spec.trims, spec.offset)
+    elif spec.density is not None:
+        trims = _trims(lambda which: [([rows[t] for t in which], None)], numel, out.dtype, len(rows), numel, spec,
+                       _TritonSelect)
+    else:
+        trims = None
+    bad = kernels.merge(rows, _checks.as_rows(out), weights, elect=spec.elect, count=spec.sign == "count",
+                        weight_before_election=spec.weight_before_election, dare=_dare_args(spec), trims=trims)
     _checks.raise_nonfinite(bad, "task_vectors")
     return out
 
