@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 #include <stdexcept>
@@ -15,6 +16,7 @@
 #include "common/dtype.h"
 #include "common/parallel.h"
 #include "cpu/merge.h"
+#include "cpu/transferability.h"
 #ifdef TRANSFEROPS_WITH_CUDA
 #include "cuda/merge.h"
 #endif
@@ -186,6 +188,40 @@ int64_t abs_equal_cut(const py::buffer& tensor, const std::optional<py::buffer>&
   return cpu::abs_equal_cut(v.view, b ? &b->view : nullptr, key, rank);
 }
 
+using Vector = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+// See cpu::logme_fixed_point. Returns (evidence, alpha, beta, t_used, z or None), [K] each and
+// z [K, n].
+py::tuple logme_fixed_point(const Vector& diag, const Vector& off, const Vector& sigma, int64_t first,
+                            int64_t extra_log_alpha, int64_t samples, int64_t dim, bool gram_of_features,
+                            const py::buffer& projected, const Vector& y2, int max_iter, double tol, double damp,
+                            bool with_z) {
+  const int64_t n = diag.size();
+  if (off.size() != std::max<int64_t>(n - 1, 0) || sigma.size() != n) {
+    throw std::invalid_argument("logme_fixed_point: expected diag [n], off [n - 1], sigma [n]");
+  }
+  BufferView c = buffer_view(projected, "projected", false);
+  if (c.view.dtype != DType::f64) throw std::invalid_argument("projected: expected float64");
+  const int64_t K = c.view.rows;
+  if (y2.size() != K) throw std::invalid_argument("y2: expected one value per target");
+  Vector evidence(K), alpha(K), beta(K), t_used(K);
+  std::optional<py::array_t<double>> z;
+  View2D z_view;
+  if (with_z) {
+    z = py::array_t<double>({K, n});
+    z_view = View2D{z->mutable_data(), DType::f64, K, n, n};
+  }
+  const cpu::LogmeSpectrum s{diag.data(), off.data(), sigma.data(), n, first, extra_log_alpha, samples, dim,
+                             gram_of_features};
+  double *e = evidence.mutable_data(), *a = alpha.mutable_data(), *b = beta.mutable_data(),
+         *t = t_used.mutable_data();
+  {
+    py::gil_scoped_release release;
+    cpu::logme_fixed_point(s, {max_iter, tol, damp}, c.view, y2.data(), e, a, b, t, with_z ? &z_view : nullptr);
+  }
+  return py::make_tuple(evidence, alpha, beta, t_used, z ? py::object(*z) : py::object(py::none()));
+}
+
 #ifdef TRANSFEROPS_WITH_CUDA
 // (pointer, row_stride) pairs of device memory; rows, cols and dtype shared by all.
 View2D device_view(uintptr_t ptr, int64_t row_stride, int64_t rows, int64_t cols, int dtype) {
@@ -240,5 +276,9 @@ PYBIND11_MODULE(_native, m) {
         "Radix-select step for T tasks in one pass: per task, the histogram of the digit at `shift` "
         "of the bits of |x| (x = task - base with a base) over the elements whose higher bits equal "
         "its prefix");
+  m.def("logme_fixed_point", &logme_fixed_point, py::arg("diag"), py::arg("off"), py::arg("sigma"), py::arg("first"),
+        py::arg("extra_log_alpha"), py::arg("samples"), py::arg("dim"), py::arg("gram_of_features"),
+        py::arg("projected"), py::arg("y2"), py::arg("max_iter"), py::arg("tol"), py::arg("damp"), py::arg("with_z"),
+        "LogME's fixed point for every target of one model on its tridiagonalized Gram matrix");
   m.def("abs_equal_cut", &abs_equal_cut, py::arg("tensor"), py::arg("base"), py::arg("key"), py::arg("rank"));
 }

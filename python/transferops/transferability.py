@@ -24,7 +24,7 @@ import math
 import numpy as np
 import torch
 
-from ._backend import Op
+from ._backend import Op, _import, native_module
 
 COMPAT = ("corrected", "official")
 
@@ -69,7 +69,7 @@ def _feature_list(features, name: str = "features") -> tuple[list[torch.Tensor],
             raise ValueError(f"{what}: {f.shape[0]} samples, but {name}[0] has {feats[0].shape[0]}")
         if f.shape[0] < 2 or f.shape[1] < 1:
             raise ValueError(f"{what}: expected at least 2 samples and 1 feature, got shape {tuple(f.shape)}")
-        bad = int((~torch.isfinite(f.double())).sum()) if f.is_floating_point() else 0
+        bad = int((~torch.isfinite(f)).sum()) if f.is_floating_point() else 0
         if bad:
             raise ValueError(f"{what}: expected finite features, found NaN or Inf in {bad} entries")
     return feats, many
@@ -174,7 +174,12 @@ def _fixed_point(sigma: torch.Tensor, X: torch.Tensor, y2: torch.Tensor, N: int,
     return evidence / N, alpha, beta, t_used
 
 
-logme_op = Op("logme", order=("reference",))
+def _scipy_reason(*_) -> str | None:
+    return None if _import("scipy.linalg")[0] is not None else \
+        "native logme calls LAPACK through scipy, which is not installed (pip install scipy)"
+
+
+logme_op = Op("logme", order=("native", "reference"))
 
 
 @logme_op.register("reference", dtypes=(torch.float64,))
@@ -190,6 +195,90 @@ def _logme_reference(feats: list[torch.Tensor], Y: torch.Tensor, compat: str, wi
             m = (basis @ (scale[:, None] * X / (t + sigma[:, None]))).T  # [K, D]
             params.append({"alpha": alpha, "beta": beta, "m": m, "evidence": evidence})
     return torch.stack(scores), params
+
+
+class _Gram:
+    """A float64 Gram matrix H (lower triangle) reduced to tridiagonal T = Q^T H Q by LAPACK's
+    sytrd, and T's eigenvalues (sterf): the eigenvalues-only solve, with Q kept as reflectors
+    so targets can be projected without forming any eigenvector."""
+
+    def __init__(self, H: np.ndarray):
+        lapack = _import("scipy.linalg")[0].lapack
+        n = H.shape[0]
+        lwork = max(int(lapack.dsytrd_lwork(n, lower=1)[0]), 1)
+        self.reflectors, self.diag, self.off, self.tau, info = lapack.dsytrd(H, lower=1, lwork=lwork, overwrite_a=1)
+        _lapack_ok(info, "sytrd")
+        sigma, info = lapack.dsterf(self.diag, self.off)
+        _lapack_ok(info, "sterf")
+        self.sigma = np.clip(sigma, 0.0, None)
+
+    def apply_q(self, X: np.ndarray, trans: str) -> np.ndarray:
+        """Q^T X ("T") or Q X ("N") for X [n, K]; Q = H(1)...H(n-1) acts on rows 1.. as the Q of
+        a QR factorization of the reflectors' block (LAPACK's lower sytrd storage)."""
+        out = np.array(X, dtype=np.float64, order="F")
+        if out.shape[0] > 1 and out.shape[1]:
+            lapack = _import("scipy.linalg")[0].lapack
+            a = self.reflectors[1:, :-1]
+            lwork = max(int(lapack.dormqr("L", trans, a, self.tau, out[1:], -1)[1][0]), 1)
+            out[1:], _, info = lapack.dormqr("L", trans, a, self.tau, out[1:], lwork)
+            _lapack_ok(info, "ormqr")
+        return out
+
+
+def _lapack_ok(info: int, routine: str) -> None:
+    if info != 0:
+        raise RuntimeError(f"logme: LAPACK {routine} failed (info={info})")
+
+
+def _logme_from_gram(gram: _Gram, projected: np.ndarray, y2: np.ndarray, N: int, D: int, of_features: bool,
+                     compat: str, with_params: bool):
+    """Evidence per target from a Gram matrix H = F^T F (``of_features``, projected = F^T Y) or
+    F F^T (projected = Y), as :func:`_fixed_point` but with O(n) tridiagonal solves per update
+    instead of eigenvectors (see cpu::LogmeSpectrum). The same rank cuts as :func:`_spectrum`:
+    the eigenvalues below it stay out of gamma and the log-determinant (corrected mode counts
+    them as log(alpha), the (D - k) term)."""
+    s = np.sqrt(gram.sigma)
+    if compat == "official":
+        cut = _OFFICIAL_RANK_CUT if of_features else -1.0
+    else:
+        cut = float(s.max()) * max(N, D) * np.finfo(np.float64).eps
+    n = gram.sigma.size
+    first = int(np.searchsorted(s, cut, side="right"))  # sigma ascending: [first, n) kept
+    extra = 0 if compat == "official" else D - (n - first)
+    C = gram.apply_q(projected, "T")
+    evidence, alpha, beta, t, z = native_module().logme_fixed_point(
+        gram.diag, gram.off, gram.sigma, first, extra, N, D, of_features, np.ascontiguousarray(C.T), y2,
+        _OFFICIAL_ITERATIONS, _OFFICIAL_TOL, _OFFICIAL_DAMP, with_params)
+    params = None
+    if with_params:
+        Qz = gram.apply_q(z.T, "N")
+        params = {"alpha": alpha, "beta": beta, "evidence": evidence, "Qz": Qz}
+    return evidence, params
+
+
+def _params_tensors(p: dict, m: np.ndarray) -> dict:
+    return {"alpha": torch.from_numpy(p["alpha"]), "beta": torch.from_numpy(p["beta"]),
+            "m": torch.from_numpy(np.ascontiguousarray(m)), "evidence": torch.from_numpy(p["evidence"])}
+
+
+@logme_op.register("native", dtypes=(torch.float64,), limit=_scipy_reason)
+def _logme_native(feats: list[torch.Tensor], Y: torch.Tensor, compat: str, with_params: bool):
+    blas = _import("scipy.linalg")[0].blas
+    Yn = Y.numpy()
+    y2 = (Yn * Yn).sum(0)
+    scores, params = [], []
+    for f in feats:
+        F = f.to(torch.float64).contiguous().numpy()
+        N, D = F.shape
+        of_features = N > D
+        # syrk fills one triangle: half the GEMM's flops. F.T is F's memory in Fortran order.
+        gram = _Gram(blas.dsyrk(1.0, F.T, trans=0 if of_features else 1, lower=1))
+        evidence, p = _logme_from_gram(gram, F.T @ Yn if of_features else Yn, y2, N, D, of_features, compat,
+                                       with_params)
+        scores.append(float(evidence.mean()))
+        if with_params:
+            params.append(_params_tensors(p, (p["Qz"] if of_features else F.T @ p["Qz"]).T))
+    return torch.tensor(scores, dtype=torch.float64), params
 
 
 def logme(features, labels, *, regression: bool = False, compat: str = "corrected", return_params: bool = False,
@@ -208,7 +297,10 @@ def logme(features, labels, *, regression: bool = False, compat: str = "correcte
         beta sigma_i) over the k nonzero eigenvalues only, dropping (D - k) log(alpha), which
         inflates scores (8.96 instead of 0.87 on the N=200, D=512 golden case). "corrected"
         keeps that term, and drops singular values below max(N, D) * eps * the largest (the
-        official code drops those <= 1e-10, and none when N <= D).
+        official code drops those <= 1e-10, and none when N <= D). With rank-deficient features and
+        N > D, which null eigenvalues clear that absolute cut depends on rounding, in the
+        official code as here, so official scores of such inputs differ between backends; the
+        corrected mode does not have this problem.
     return_params : also return, per model, a dict of float64 tensors ``alpha`` [K], ``beta``
         [K], ``m`` [K, D] (posterior mean weights) and ``evidence`` [K] (per target).
 
