@@ -1,12 +1,14 @@
 """Transferability scores against the official LogME algorithm.
 
-- logme: ours (per model one Gram matrix and one symmetric eigensolve, the fixed point of all
-  classes at once) against the official algorithm as thuml/LogME runs it: float64 numpy, a
+- logme: ours (native: per model one syrk Gram matrix, its tridiagonal reduction and
+  eigenvalues, the targets projected through the reflectors, the fixed point of all classes
+  at once in C++; reference: a full eigendecomposition) against the official algorithm as thuml/LogME runs it: float64 numpy, a
   full SVD of F^T F (N > D) or a thin SVD of F (N <= D), the left singular vectors formed,
   then a Python loop over classes. It is re-implemented here from that description (the
   official package is not on PyPI); scores must agree.
-- logme-floor: the physical floor the issue sets for one model: the float64 Gram matrix plus
-  an eigenvalues-only symmetric solve of it, measured in the same run.
+- floor (each logme case's %floor): the float64 Gram matrix (BLAS syrk, the faster of syrk
+  and torch's GEMM here) plus an eigenvalues-only symmetric solve of it (torch eigvalsh),
+  measured in the same run.
 - logme M=8: eight models in one call against eight calls.
 """
 from __future__ import annotations
@@ -58,9 +60,14 @@ def _official_algorithm(F: np.ndarray, y: np.ndarray) -> torch.Tensor:
 
 
 def _floor(F: torch.Tensor) -> torch.Tensor:
-    F = F.double()
-    G = F.T @ F if F.shape[0] > F.shape[1] else F @ F.T
-    return torch.linalg.eigvalsh(G)
+    """F float64. On the CPU syrk is the faster Gram (half a GEMM's flops)."""
+    gram_of_features = F.shape[0] > F.shape[1]
+    if F.is_cuda:
+        return torch.linalg.eigvalsh(F.T @ F if gram_of_features else F @ F.T)
+    from scipy.linalg import blas
+
+    G = blas.dsyrk(1.0, F.numpy().T, trans=0 if gram_of_features else 1, lower=1)
+    return torch.linalg.eigvalsh(torch.from_numpy(G), UPLO="L")
 
 
 def _features(N: int, D: int, K: int, device: str, g: torch.Generator):
@@ -80,22 +87,23 @@ def _sizes(quick: bool) -> list[tuple[int, int, int]]:
 
 def cases(quick: bool, device: str):
     g = torch.Generator().manual_seed(SEED)
+    fast = "native" if torch.device(device).type == "cpu" else "reference"
     for N, D, K in _sizes(quick):
         F, y = _features(N, D, K, device, g)
         size = f"N={N} D={D} K={K}"
         nbytes = N * D * F.element_size()
         gram_flops = 2 * N * D * min(N, D)
         yield Case(op="logme", size=size, dtype=torch.float64, bytes=nbytes, flops=gram_flops,
-                   ours={"reference": functools.partial(logme, F, y, compat="official")},
+                   ours={"reference": functools.partial(logme, F, y, compat="official"),
+                         fast: functools.partial(logme, F, y, compat="official", backend=fast)},
                    peers={"peer:official-algorithm": functools.partial(_official_algorithm, F.cpu().numpy(),
-                                                                        y.cpu().numpy())})
-        yield Case(op="logme-floor", size=size, dtype=torch.float64, bytes=nbytes, flops=gram_flops,
-                   ours={"gram+eigvalsh": functools.partial(_floor, F)}, peers={}, expected="gram+eigvalsh")
+                                                                        y.cpu().numpy())},
+                   floor=("floor:gram+eigvalsh", functools.partial(_floor, F.double())))
         del F
     N, D, K, M = (2000, 256, 10, 8) if quick else (4000, 512, 20, 8)
     models = [_features(N, D, K, device, torch.Generator().manual_seed(SEED))[0] * (m + 1) for m in range(M)]
     y = _features(N, D, K, device, torch.Generator().manual_seed(SEED))[1]
     yield Case(op=f"logme M={M}", size=f"N={N} D={D} K={K}", dtype=torch.float64, bytes=M * N * D * 4,
                flops=M * 2 * N * D * min(N, D),
-               ours={"reference": functools.partial(logme, models, y)},
-               peers={"peer:one-call-per-model": lambda: torch.stack([logme(f, y) for f in models])})
+               ours={fast: functools.partial(logme, models, y, backend=fast)}, expected=fast,
+               peers={"peer:one-call-per-model": lambda: torch.stack([logme(f, y, backend=fast) for f in models])})

@@ -69,6 +69,9 @@ class Case:
     # Entries where implementations may legitimately differ are left out of the check: a
     # function returning the bool mask of entries to compare (None: all of them).
     comparable: Callable[[], torch.Tensor] | None = None
+    # An op-specific floor measured in the same run, (name, callable): its median replaces the
+    # bandwidth/GEMM model in the case's %floor (LogME: the Gram matrix + eigenvalues only).
+    floor: tuple[str, Callable[[], object]] | None = None
 
 
 @dataclass
@@ -231,9 +234,16 @@ def run_case(case: Case, device: str, floors: Floors, s: Settings, notes: list[s
         t = time_fn(fn, warmup=0 if slow else s.warmup, repeats=s.repeats, device=device, budget_s=s.budget_s,
                     min_repeats=min(3, s.min_repeats) if slow else s.min_repeats)
         rows.append(Row(case.op, case.size, name, kind, device, DTYPE_NAMES[case.dtype], **t, matches=matches))
+    floor_s = floors.time(case)
+    if case.floor is not None:
+        name, fn = case.floor
+        fn()
+        t = time_fn(fn, warmup=s.warmup, repeats=s.repeats, device=device, budget_s=s.budget_s,
+                    min_repeats=s.min_repeats)
+        rows.append(Row(case.op, case.size, name, "floor", device, DTYPE_NAMES[case.dtype], **t))
+        floor_s = t["p50"]
     # A peer that computes something else sets no bar.
     best = min((r.p50 for r in rows if r.kind == "peer" and r.matches is not False), default=None)
-    floor_s = floors.time(case)
     for r in rows:
         r.gbps = case.bytes / r.p50 / 1e9
         r.gflops = case.flops / r.p50 / 1e9 if case.flops else None
@@ -301,7 +311,7 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
         for r in here:
             print(line.format(*_cells(r)), file=out)
         floors = [f"copy {r['gbps']:.3g} GB/s" if r["op"] == "floor:copy"
-                  else f"gemm {r['dtype']} {r['gflops']:.4g} GFLOP/s" for r in here if r["kind"] == "floor"]
+                  else f"gemm {r['dtype']} {r['gflops']:.4g} GFLOP/s" for r in here if r["op"].startswith("floor:")]
         if floors:
             print(f"floors ({device}): " + ", ".join(floors), file=out)
     if any(r["matches"] is False for r in rows):

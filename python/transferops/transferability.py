@@ -273,11 +273,12 @@ def _logme_native(feats: list[torch.Tensor], Y: torch.Tensor, compat: str, with_
         of_features = N > D
         # syrk fills one triangle: half the GEMM's flops. F.T is F's memory in Fortran order.
         gram = _Gram(blas.dsyrk(1.0, F.T, trans=0 if of_features else 1, lower=1))
-        evidence, p = _logme_from_gram(gram, F.T @ Yn if of_features else Yn, y2, N, D, of_features, compat,
-                                       with_params)
+        # F^T through scipy's BLAS, not numpy's: one OpenBLAS thread pool (see __init__).
+        evidence, p = _logme_from_gram(gram, blas.dgemm(1.0, F.T, Yn) if of_features else Yn, y2, N, D,
+                                       of_features, compat, with_params)
         scores.append(float(evidence.mean()))
         if with_params:
-            params.append(_params_tensors(p, (p["Qz"] if of_features else F.T @ p["Qz"]).T))
+            params.append(_params_tensors(p, (p["Qz"] if of_features else blas.dgemm(1.0, F.T, p["Qz"])).T))
     return torch.tensor(scores, dtype=torch.float64), params
 
 
