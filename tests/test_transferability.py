@@ -250,3 +250,47 @@ def test_cli_ranks_models_by_quality(tmp_path, capsys):
     np.save(tmp_path / "short.npy", y.numpy()[:10])
     assert main(["rank", "--labels", str(tmp_path / "short.npy"), paths[0]]) == 2
     assert "labels: expected 400 labels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("compat", ["corrected", "official"])
+@pytest.mark.parametrize("N,D,regression", [(230, 40, False), (60, 90, False), (150, 12, True)])
+def test_logme_stream_matches_logme_on_the_whole(compat, N, D, regression):
+    """Chunks of uneven sizes (one of them missing classes) against one call on all rows."""
+    if compat == "official" and N <= D:
+        pytest.skip("official streams only N > D (tested as an error below)")
+    from transferops.transferability import LogMEStream
+
+    F, y = _correlated_features(N, D, 4, N + D)
+    labels = torch.randn(N, 2, dtype=torch.float64) if regression else y
+    if not regression:
+        labels = torch.where(torch.arange(N) < 20, y % 2, y)  # the first chunk sees classes 0 and 1 only
+    other = torch.randn(N, 7)
+    stream = LogMEStream(regression=regression, compat=compat)
+    for lo, hi in [(0, 20), (20, 21), (21, N)]:
+        stream.update([F[lo:hi], other[lo:hi]], labels[lo:hi])
+    scores, params = stream.score(return_params=True)
+    want, want_params = logme([F, other], labels, regression=regression, compat=compat, return_params=True)
+    torch.testing.assert_close(scores, want, rtol=1e-9, atol=0)
+    for got, ref in zip(params, want_params):
+        torch.testing.assert_close(got["alpha"], ref["alpha"], rtol=1e-8, atol=0)
+        assert float((got["m"] - ref["m"]).abs().max()) <= 1e-8 * float(ref["m"].abs().max())
+
+
+def test_logme_stream_bad_input():
+    from transferops.transferability import LogMEStream
+
+    stream = LogMEStream(compat="official")
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        stream.score()
+    stream.update(torch.randn(5, 8), [0, 0, 0, 0, 0])
+    with pytest.raises(ValueError, match="features: expected models of widths \\[8\\]"):
+        stream.update(torch.randn(5, 9), [0, 1, 0, 1, 0])
+    with pytest.raises(ValueError, match="at least two classes over all updates"):
+        stream.score()
+    stream.update(torch.randn(3, 8), [1, 1, 0])
+    with pytest.raises(ValueError, match=r"compat='official' streams only when N > D \(N = 8, D = 8\)"):
+        stream.score()
+    with pytest.raises(ValueError, match="features: expected finite"):
+        stream.update(torch.full((2, 8), float("inf")), [0, 1])
+    with pytest.raises(ValueError, match="compat: expected one of"):
+        LogMEStream(compat="icml")
