@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from transferops.transferability import hscore, leep, logme, nce
+from transferops.transferability import gbc, hscore, leep, logme, nce, transrate
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 CASES = ["logme_n600_d128_k10", "logme_n200_d512_k7"]
@@ -157,6 +157,10 @@ def test_logme_degenerate_but_valid_inputs_give_finite_scores():
     (lambda: logme(torch.randn(4, 3), [0, 1, 0, 1], compat="icml"), ValueError, "compat: expected one of"),
     (lambda: logme(torch.randn(4, 3), torch.randn(3, 2), regression=True), ValueError, "labels: expected regression"),
     (lambda: leep(torch.randn(4, 3), [0, 1, 0, 1]), ValueError, "source_probs: expected rows of probabilities"),
+    (lambda: gbc(torch.randn(4, 3), [0, 1, 0, 1], gaussian_type="full"), ValueError, "gaussian_type: expected one of"),
+    (lambda: gbc(torch.randn(4, 3), [0, 0, 0, 0]), ValueError, "labels: expected at least two classes"),
+    (lambda: transrate(torch.randn(4, 3), [0, 1, 0, 1], eps=0), ValueError, "eps: expected a positive number"),
+    (lambda: transrate(torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), [0, 1]), ValueError, "features: expected finite"),
 ])
 def test_bad_input_is_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
@@ -244,7 +248,7 @@ def test_cli_ranks_models_by_quality(tmp_path, capsys):
     assert main(["rank", "--labels", str(tmp_path / "y.npy"), *reversed(paths), "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [r["model"] for r in rows] == ["m0.npy", "m1.pt", "m2.npz"]
-    for score in ("logme", "hscore", "hscore_shrinkage"):
+    for score in ("logme", "hscore", "hscore_shrinkage", "gbc", "transrate"):
         assert rows[0][score] > rows[1][score] > rows[2][score], score
     assert "m0.npy" in capsys.readouterr().out
     np.save(tmp_path / "short.npy", y.numpy()[:10])
@@ -294,3 +298,64 @@ def test_logme_stream_bad_input():
         stream.update(torch.full((2, 8), float("inf")), [0, 1])
     with pytest.raises(ValueError, match="compat: expected one of"):
         LogMEStream(compat="icml")
+
+
+def _gbc_by_definition(F: np.ndarray, y: np.ndarray, spherical: bool) -> float:
+    """GBC with explicit covariance matrices, class by class (the paper's eqs. 3-5)."""
+    stats = {}
+    for c in np.unique(y):
+        rows = F[y == c]
+        var = np.maximum(rows.var(0), 1e-4)
+        stats[c] = (rows.mean(0), np.eye(F.shape[1]) * (var.mean() if spherical else var))
+    total = 0.0
+    for a in stats:
+        for b in stats:
+            if a == b:
+                continue
+            (mu1, S1), (mu2, S2) = stats[a], stats[b]
+            S = (S1 + S2) / 2
+            diff = mu1 - mu2
+            if spherical:  # the authors' code keeps one log term of the scalar variances
+                log_term = np.log(S[0, 0]) - 0.5 * np.log(S1[0, 0]) - 0.5 * np.log(S2[0, 0])
+            else:
+                log_term = np.log(np.linalg.det(S) / np.sqrt(np.linalg.det(S1) * np.linalg.det(S2)))
+            total += np.exp(-(diff @ np.linalg.inv(S) @ diff / 8 + 0.5 * log_term))
+    return -total
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_gbc_matches_its_definition(spherical):
+    g = torch.Generator().manual_seed(11)
+    y = torch.randint(1, 6, (90,), generator=g)  # class 0 absent: GBC uses the classes that occur
+    y[0] = 5
+    F = torch.randn(6, 7, generator=g, dtype=torch.float64)[y] * 0.8 + torch.randn(90, 7, generator=g, dtype=torch.float64)
+    F[:, 3] = 1.0  # a constant feature: variance floored, not log(0)
+    got = gbc(F, y, gaussian_type="spherical" if spherical else "diagonal")
+    want = _gbc_by_definition(F.numpy(), y.numpy(), spherical)
+    assert abs(float(got) - want) <= 1e-10 * abs(want)
+    assert got.dtype == torch.float64 and float(got) < 0
+
+
+def _transrate_by_definition(Z: np.ndarray, y: np.ndarray, eps: float) -> float:
+    """TransRate with D x D log-determinants, class by class (the paper's eq. 6 as its authors'
+    code evaluates it)."""
+    def rate(X):
+        if len(X) == 0:
+            return 0.0
+        return 0.5 * np.linalg.slogdet(np.eye(X.shape[1]) + X.T @ X / (len(X) * eps))[1]
+    Z = Z - Z.mean(0)
+    C = int(y.max()) + 1
+    return rate(Z) - sum(rate(Z[y == c]) for c in range(C)) / C
+
+
+@pytest.mark.parametrize("N,D", [(200, 12), (30, 50)])
+def test_transrate_matches_its_definition(N, D):
+    g = torch.Generator().manual_seed(N)
+    y = torch.randint(0, 4, (N,), generator=g)
+    y[y == 2] = 3  # an absent class counts in C with rate 0
+    F = torch.randn(4, D, generator=g, dtype=torch.float64)[y] + torch.randn(N, D, generator=g, dtype=torch.float64)
+    for eps in (1e-4, 0.5):
+        want = _transrate_by_definition(F.numpy(), y.numpy(), eps)
+        assert abs(float(transrate(F, y, eps=eps)) - want) <= 1e-9 * abs(want)
+    many = transrate([F, F[:, :5].float()], y)
+    assert many.shape == (2,) and float(many[0]) == float(transrate(F, y))

@@ -17,12 +17,12 @@ _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 from . import merging, transferability
 from ._backend import BACKENDS, BackendUnavailable, available_backends, use_backend
 from ._info import info
-from .transferability import hscore, leep, logme, nce
+from .transferability import LogMEStream, gbc, hscore, leep, logme, nce, transrate
 
 try:
     __version__ = _version("transferops")
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["BACKENDS", "BackendUnavailable", "available_backends", "hscore", "info", "leep", "logme", "merging", "nce",
-           "transferability", "use_backend"]
+__all__ = ["BACKENDS", "BackendUnavailable", "LogMEStream", "available_backends", "gbc", "hscore", "info", "leep",
+           "logme", "merging", "nce", "transferability", "transrate", "use_backend"]

@@ -533,3 +533,83 @@ def hscore(features, labels, *, shrinkage: bool = False):
         scores.append(torch.trace(torch.linalg.pinv(cov_f, rtol=1e-15, hermitian=True) @ cov_g))
     scores = torch.stack(scores)
     return scores if many else scores[0]
+
+
+def _present_classes(F: torch.Tensor, y: torch.Tensor):
+    """(ids, counts, means [C', D]) of the classes that occur in ``y``."""
+    ids, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
+    sums = torch.zeros(ids.numel(), F.shape[1], dtype=F.dtype, device=F.device).index_add_(0, inverse, F)
+    return ids, inverse, counts, sums / counts[:, None]
+
+
+GBC_TYPES = ("diagonal", "spherical")
+_GBC_MIN_VARIANCE = 1e-4  # the authors' floor on each class's per-feature variance
+
+
+def gbc(features, labels, *, gaussian_type: str = "diagonal"):
+    """GBC (Pándy et al., CVPR 2022, eqs. 3-5): each class that occurs is a Gaussian
+    N(mu_c, diag(v_c)) with the class's mean and per-feature variance (1/n_c, floored at 1e-4 as
+    the authors' code does), and GBC = -sum_{c != c'} exp(-D_B(c, c')), with the Bhattacharyya
+    distance D_B = 1/8 sum_d (mu_c - mu_c')^2 / v + 1/2 (sum_d log v - 1/2 sum_d log v_c
+    - 1/2 sum_d log v_c'), v = (v_c + v_c') / 2. ``gaussian_type="spherical"`` replaces each v_c by
+    its mean over features and, as the authors' code, keeps one log term (not D of them).
+    The paper reduces features to 64 dimensions with PCA first; pass reduced features for that.
+
+    ``features`` as :func:`logme`; ``labels`` class ids [N]. Returns float64 scores (<= 0, higher
+    is better), 0-d or [M]."""
+    if gaussian_type not in GBC_TYPES:
+        raise ValueError(f"gaussian_type: expected one of {list(GBC_TYPES)}, got {gaussian_type!r}")
+    feats, many = _feature_list(features)
+    y = _class_labels(labels, feats[0].shape[0])
+    scores = []
+    for f in feats:
+        F = f.to(torch.float64)
+        _, inverse, counts, means = _present_classes(F, y.to(F.device))
+        var = torch.zeros_like(means).index_add_(0, inverse, (F - means[inverse]) ** 2) / counts[:, None]
+        var = var.clamp(min=_GBC_MIN_VARIANCE)
+        if gaussian_type == "spherical":
+            var = var.mean(1, keepdim=True)
+        log_det = torch.log(var).sum(1)  # [C]
+        total = torch.zeros((), dtype=torch.float64, device=F.device)
+        for c in range(means.shape[0]):  # one class against all: [C, D] at a time, never [C, C, D]
+            avg = (var[c] + var) / 2
+            distance = (((means[c] - means) ** 2 / avg).sum(1) / 8
+                        + 0.5 * (torch.log(avg).sum(1) - 0.5 * log_det[c] - 0.5 * log_det))
+            coefficient = torch.exp(-distance)
+            total = total + coefficient.sum() - coefficient[c]
+        scores.append(-total)
+    scores = torch.stack(scores)
+    return scores if many else scores[0]
+
+
+def _coding_rate(Z: torch.Tensor, eps: float) -> torch.Tensor:
+    """1/2 log det(I + Z^T Z / (n eps)) of rows Z [n, D], through the smaller Gram matrix
+    (Z^T Z and Z Z^T share their nonzero eigenvalues); 0 for no rows."""
+    n = Z.shape[0]
+    if n == 0:
+        return torch.zeros((), dtype=Z.dtype, device=Z.device)
+    G = Z.T @ Z if n > Z.shape[1] else Z @ Z.T
+    return 0.5 * torch.log1p(torch.linalg.eigvalsh(G).clamp(min=0) / (n * eps)).sum()
+
+
+def transrate(features, labels, *, eps: float = 1e-4):
+    """TransRate (Huang et al., ICML 2022, eq. 6): the coding rate of the centered features
+    minus their rate given the label, TrR = R(Z, eps) - 1/C sum_c R(Z_c, eps), with
+    R(Z, eps) = 1/2 log det(I + Z^T Z / (n eps)) as the authors' code (and TLlib) compute it:
+    classes 0..max (an absent class contributes 0 but counts in C), eps = 1e-4.
+
+    ``features`` as :func:`logme`; ``labels`` class ids [N]. Returns float64 scores, 0-d or [M]."""
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps: expected a positive number, got {eps!r}")
+    feats, many = _feature_list(features)
+    y = _class_labels(labels, feats[0].shape[0])
+    C = int(y.max()) + 1
+    scores = []
+    for f in feats:
+        Z = f.to(torch.float64)
+        Z = Z - Z.mean(0)
+        yd = y.to(Z.device)
+        conditional = sum(_coding_rate(Z[yd == c], eps) for c in range(C)) / C
+        scores.append(_coding_rate(Z, eps) - conditional)
+    scores = torch.stack(scores)
+    return scores if many else scores[0]
