@@ -188,6 +188,70 @@ int64_t abs_equal_cut(const py::buffer& tensor, const std::optional<py::buffer>&
   return cpu::abs_equal_cut(v.view, b ? &b->view : nullptr, key, rank);
 }
 
+cpu::Lapack lapack_of(const py::dict& capsules) {
+  auto get = [&](const char* name) {
+    if (!capsules.contains(name)) throw std::invalid_argument(std::string("lapack: missing ") + name);
+    PyObject* cap = py::object(capsules[name]).ptr();
+    void* ptr = PyCapsule_GetPointer(cap, PyCapsule_GetName(cap));
+    if (!ptr) throw py::error_already_set();
+    return ptr;
+  };
+  cpu::Lapack l{};
+  l.sytrd = reinterpret_cast<decltype(l.sytrd)>(get("dsytrd"));
+  l.sterf = reinterpret_cast<decltype(l.sterf)>(get("dsterf"));
+  l.ormqr = reinterpret_cast<decltype(l.ormqr)>(get("dormqr"));
+  return l;
+}
+
+// A writable, column-major float64 matrix with `rows` rows (in-place LAPACK operand).
+double* fortran_matrix(const py::array& a, int64_t rows, const std::string& what) {
+  if (a.ndim() != 2 || !py::isinstance<py::array_t<double>>(a) || !(a.flags() & py::array::f_style) ||
+      !a.writeable() || a.shape(0) != rows) {
+    throw std::invalid_argument(what + ": expected a writable column-major float64 matrix with " +
+                                std::to_string(rows) + " rows");
+  }
+  return static_cast<double*>(const_cast<void*>(a.data()));
+}
+
+// See cpu::tridiagonalize: grams[i] (n_i x n_i) and projected[i] (n_i x K_i) change in place;
+// returns (diag, off, tau, sigma) per problem.
+py::list tridiagonalize(const py::dict& lapack, const std::vector<py::array>& grams,
+                        const std::vector<py::array>& projected, bool across_models) {
+  if (grams.size() != projected.size()) throw std::invalid_argument("projected: expected one matrix per Gram matrix");
+  const cpu::Lapack l = lapack_of(lapack);
+  std::vector<cpu::Tridiagonal> problems;
+  py::list out;
+  for (size_t i = 0; i < grams.size(); ++i) {
+    const int64_t n = grams[i].ndim() == 2 ? grams[i].shape(0) : -1;
+    const std::string at = "[" + std::to_string(i) + "]";
+    double* g = fortran_matrix(grams[i], n, "grams" + at);
+    if (n < 1 || grams[i].shape(1) != n) throw std::invalid_argument("grams" + at + ": expected a square matrix");
+    double* c = fortran_matrix(projected[i], n, "projected" + at);
+    py::array_t<double> diag(n), off(std::max<int64_t>(n - 1, 0)), tau(std::max<int64_t>(n - 1, 0)), sigma(n);
+    problems.push_back({g, n, c, projected[i].shape(1), diag.mutable_data(), off.mutable_data(), tau.mutable_data(),
+                        sigma.mutable_data()});
+    out.append(py::make_tuple(diag, off, tau, sigma));
+  }
+  {
+    py::gil_scoped_release release;
+    cpu::tridiagonalize(l, problems, across_models);
+  }
+  return out;
+}
+
+// See cpu::apply_q: X (n x K, column-major) <- Q X or Q^T X in place.
+void tridiagonal_apply_q(const py::dict& lapack, const py::array& gram, const py::array_t<double>& tau,
+                         const py::array& X, bool transpose) {
+  const int64_t n = gram.ndim() == 2 ? gram.shape(0) : -1;
+  cpu::Tridiagonal p{fortran_matrix(gram, n, "gram"), n, nullptr, 0, nullptr, nullptr,
+                     const_cast<double*>(tau.data()), nullptr};
+  if (tau.size() != std::max<int64_t>(n - 1, 0)) throw std::invalid_argument("tau: expected n - 1 values");
+  double* x = fortran_matrix(X, n, "X");
+  const cpu::Lapack l = lapack_of(lapack);
+  py::gil_scoped_release release;
+  cpu::apply_q(l, p, x, X.shape(1), transpose);
+}
+
 using Vector = py::array_t<double, py::array::c_style | py::array::forcecast>;
 
 // See cpu::logme_fixed_point. Returns (evidence, alpha, beta, t_used, z or None), [K] each and
@@ -276,6 +340,10 @@ PYBIND11_MODULE(_native, m) {
         "Radix-select step for T tasks in one pass: per task, the histogram of the digit at `shift` "
         "of the bits of |x| (x = task - base with a base) over the elements whose higher bits equal "
         "its prefix");
+  m.def("tridiagonalize", &tridiagonalize, py::arg("lapack"), py::arg("grams"), py::arg("projected"),
+        py::arg("across_models"), "sytrd + sterf of Gram matrices and Q^T of their targets, in place (LAPACK from scipy)");
+  m.def("tridiagonal_apply_q", &tridiagonal_apply_q, py::arg("lapack"), py::arg("gram"), py::arg("tau"), py::arg("X"),
+        py::arg("transpose"), "Q X or Q^T X in place, Q from tridiagonalize");
   m.def("logme_fixed_point", &logme_fixed_point, py::arg("diag"), py::arg("off"), py::arg("sigma"), py::arg("first"),
         py::arg("extra_log_alpha"), py::arg("samples"), py::arg("dim"), py::arg("gram_of_features"),
         py::arg("projected"), py::arg("y2"), py::arg("max_iter"), py::arg("tol"), py::arg("damp"), py::arg("with_z"),

@@ -120,8 +120,13 @@ def test_logme_native_matches_reference(compat, N, D, K, rank, regression):
 def test_logme_native_runs_models_of_different_widths_in_one_call():
     feats = [_correlated_features(150, d, 4, d)[0] for d in (8, 150, 300)]
     y = _correlated_features(150, 8, 4, 8)[1]
-    torch.testing.assert_close(logme(feats, y, backend="native"), logme(feats, y, backend="reference"),
-                               rtol=1e-9, atol=0)
+    """Three models: a pair reduced side by side on two threads, then one alone."""
+    (got, got_params), (want, want_params) = (logme(feats, y, backend=b, return_params=True)
+                                              for b in ("native", "reference"))
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=0)
+    for p, q in zip(got_params, want_params):
+        torch.testing.assert_close(p["alpha"], q["alpha"], rtol=1e-9, atol=0)
+        assert float((p["m"] - q["m"]).abs().max()) <= 1e-8 * float(q["m"].abs().max())
 
 
 def test_logme_batches_models_and_accepts_every_float_dtype():

@@ -1,7 +1,10 @@
 #include "cpu/transferability.h"
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "common/parallel.h"
@@ -90,6 +93,77 @@ void logme_fixed_point(const LogmeSpectrum& s, const FixedPointRule& rule, const
       }
     }
   }
+}
+
+namespace {
+
+int lapack_int(int64_t v, const char* what) {
+  if (v < 0 || v > std::numeric_limits<int>::max()) {
+    throw std::invalid_argument(std::string(what) + ": too large for LAPACK's 32-bit sizes");
+  }
+  return static_cast<int>(v);
+}
+
+void check_info(int info, const char* routine) {
+  if (info != 0) throw std::runtime_error(std::string("LAPACK ") + routine + " failed (info=" + std::to_string(info) + ")");
+}
+
+}  // namespace
+
+void apply_q(const Lapack& lapack, const Tridiagonal& p, double* X, int64_t K, bool transpose) {
+  // Lower sytrd storage: Q = H(1)...H(n-1) acts on rows 1.. as the Q of a QR factorization whose
+  // reflectors are the columns 0..n-2 below the diagonal, i.e. the block at (1, 0).
+  if (p.n < 2 || K == 0) return;
+  char side = 'L', trans = transpose ? 'T' : 'N';
+  int m = lapack_int(p.n - 1, "n"), cols = lapack_int(K, "K"), k = m, ld = lapack_int(p.n, "n"), lwork = -1, info = 0;
+  double query = 0.0;
+  lapack.ormqr(&side, &trans, &m, &cols, &k, p.gram + 1, &ld, p.tau, X + 1, &ld, &query, &lwork, &info);
+  check_info(info, "ormqr");
+  lwork = std::max(1, static_cast<int>(query));
+  std::vector<double> work(lwork);
+  lapack.ormqr(&side, &trans, &m, &cols, &k, p.gram + 1, &ld, p.tau, X + 1, &ld, work.data(), &lwork, &info);
+  check_info(info, "ormqr");
+}
+
+namespace {
+
+void reduce_one(const Lapack& lapack, const Tridiagonal& p) {
+  char uplo = 'L';
+  int n = lapack_int(p.n, "n"), lwork = -1, info = 0;
+  double query = 0.0;
+  lapack.sytrd(&uplo, &n, p.gram, &n, p.diag, p.off, p.tau, &query, &lwork, &info);
+  check_info(info, "sytrd");
+  lwork = std::max(1, static_cast<int>(query));
+  std::vector<double> work(lwork);
+  lapack.sytrd(&uplo, &n, p.gram, &n, p.diag, p.off, p.tau, work.data(), &lwork, &info);
+  check_info(info, "sytrd");
+  std::copy(p.diag, p.diag + p.n, p.sigma);  // sterf overwrites its inputs: T is still needed
+  std::vector<double> off(p.off, p.off + std::max<int64_t>(p.n - 1, 0));
+  lapack.sterf(&n, p.sigma, off.data(), &info);
+  check_info(info, "sterf");
+  apply_q(lapack, p, p.projected, p.K, true);
+}
+
+}  // namespace
+
+void tridiagonalize(const Lapack& lapack, const std::vector<Tridiagonal>& problems, bool across_models) {
+  const int64_t M = static_cast<int64_t>(problems.size());
+  (void)across_models;  // read only by the OpenMP pragma
+  std::string error;
+#ifdef TRANSFEROPS_OPENMP
+#pragma omp parallel for schedule(dynamic, 1) if (across_models && M > 1)
+#endif
+  for (int64_t i = 0; i < M; ++i) {
+    try {
+      reduce_one(lapack, problems[i]);
+    } catch (const std::exception& e) {  // an exception must not leave an OpenMP region
+#ifdef TRANSFEROPS_OPENMP
+#pragma omp critical
+#endif
+      error = e.what();
+    }
+  }
+  if (!error.empty()) throw std::runtime_error(error);
 }
 
 }  // namespace transferops::cpu

@@ -1,6 +1,7 @@
 // CPU kernels of the transferability hot path. Plain C++17: no Python headers, testable alone.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "common/view.h"
 
@@ -37,5 +38,37 @@ struct FixedPointRule {
 void logme_fixed_point(const LogmeSpectrum& s, const FixedPointRule& rule, const View2D& projected,
                        const double* y2, double* evidence, double* alpha, double* beta, double* t_used,
                        const View2D* z);
+
+// LAPACK entry points, taken at run time from scipy.linalg.cython_lapack (the module links no
+// LAPACK of its own): LP64 Fortran conventions, column-major, everything by pointer.
+struct Lapack {
+  void (*sytrd)(char* uplo, int* n, double* a, int* lda, double* d, double* e, double* tau, double* work,
+                int* lwork, int* info);
+  void (*sterf)(int* n, double* d, double* e, int* info);
+  void (*ormqr)(char* side, char* trans, int* m, int* n, int* k, double* a, int* lda, double* tau, double* c,
+                int* ldc, double* work, int* lwork, int* info);
+};
+
+// One Gram matrix H (n x n, column-major, lower triangle) to reduce in place: on return `gram`
+// holds the reflectors, diag/off/tau the tridiagonal form, sigma its eigenvalues (ascending), and
+// the K columns of `projected` (n x K, column-major) are multiplied by Q^T.
+struct Tridiagonal {
+  double* gram;
+  int64_t n;
+  double* projected;
+  int64_t K;
+  double* diag;   // [n]
+  double* off;    // [n - 1]
+  double* tau;    // [n - 1]
+  double* sigma;  // [n]
+};
+
+// Reduces every problem; with `across_models` the problems run on OpenMP threads (LAPACK itself
+// should then be single-threaded: the caller limits BLAS threads). Throws std::runtime_error
+// naming the routine if LAPACK reports an error.
+void tridiagonalize(const Lapack& lapack, const std::vector<Tridiagonal>& problems, bool across_models);
+
+// X (n x K, column-major) <- Q X (transpose false) or Q^T X, Q from a reduced problem.
+void apply_q(const Lapack& lapack, const Tridiagonal& problem, double* X, int64_t K, bool transpose);
 
 }  // namespace transferops::cpu

@@ -19,7 +19,10 @@ t = alpha / beta: gamma = sum sigma/(sigma + t), alpha = gamma / |m|^2, beta = (
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -206,62 +209,78 @@ def _logme_reference(feats: list[torch.Tensor], Y: torch.Tensor, classes, compat
     return torch.stack(scores), params
 
 
-class _Gram:
-    """A float64 Gram matrix H (lower triangle) reduced to tridiagonal T = Q^T H Q by LAPACK's
-    sytrd, and T's eigenvalues (sterf): the eigenvalues-only solve, with Q kept as reflectors
-    so targets can be projected without forming any eigenvector."""
+@functools.lru_cache(maxsize=None)
+def _lapack() -> dict:
+    """scipy's LAPACK routines as capsules (scipy.linalg.cython_lapack) for the native module,
+    which links no LAPACK of its own."""
+    from scipy.linalg import cython_lapack
 
-    def __init__(self, H: np.ndarray):
-        lapack = _import("scipy.linalg")[0].lapack
-        n = H.shape[0]
-        lwork = max(int(lapack.dsytrd_lwork(n, lower=1)[0]), 1)
-        self.reflectors, self.diag, self.off, self.tau, info = lapack.dsytrd(H, lower=1, lwork=lwork, overwrite_a=1)
-        _lapack_ok(info, "sytrd")
-        sigma, info = lapack.dsterf(self.diag, self.off)
-        _lapack_ok(info, "sterf")
-        self.sigma = np.clip(sigma, 0.0, None)
+    return {name: cython_lapack.__pyx_capi__[name] for name in ("dsytrd", "dsterf", "dormqr")}
 
-    def apply_q(self, X: np.ndarray, trans: str) -> np.ndarray:
-        """Q^T X ("T") or Q X ("N") for X [n, K]; Q = H(1)...H(n-1) acts on rows 1.. as the Q of
-        a QR factorization of the reflectors' block (LAPACK's lower sytrd storage)."""
+
+@dataclass
+class _Reduced:
+    """A float64 Gram matrix H reduced in place to tridiagonal T = Q^T H Q (LAPACK sytrd, Q kept
+    as reflectors in ``gram``), T's eigenvalues (sterf, ascending, clamped at 0) and the targets
+    multiplied by Q^T: an eigenvalues-only solve that still projects, with no eigenvector formed."""
+    gram: np.ndarray
+    diag: np.ndarray
+    off: np.ndarray
+    tau: np.ndarray
+    sigma: np.ndarray
+    projected: np.ndarray  # Q^T (targets) [n, K]
+
+    def apply_q(self, X: np.ndarray) -> np.ndarray:
+        """Q X for X [n, K]."""
         out = np.array(X, dtype=np.float64, order="F")
-        if out.shape[0] > 1 and out.shape[1]:
-            lapack = _import("scipy.linalg")[0].lapack
-            a = self.reflectors[1:, :-1]
-            lwork = max(int(lapack.dormqr("L", trans, a, self.tau, out[1:], -1)[1][0]), 1)
-            out[1:], _, info = lapack.dormqr("L", trans, a, self.tau, out[1:], lwork)
-            _lapack_ok(info, "ormqr")
+        native_module().tridiagonal_apply_q(_lapack(), self.gram, self.tau, out, False)
         return out
 
 
-def _lapack_ok(info: int, routine: str) -> None:
-    if info != 0:
-        raise RuntimeError(f"logme: LAPACK {routine} failed (info={info})")
+# Up to this size one thread reduces a Gram matrix faster than two (D=1024: 44 vs 60 ms; at
+# D=2048 two win, 0.24 vs 0.40 s; measured on a 2-core EPYC).
+_SINGLE_THREAD_SYTRD = 1024
 
 
-def _logme_from_gram(gram: _Gram, projected: np.ndarray, y2: np.ndarray, N: int, D: int, of_features: bool,
-                     compat: str, with_params: bool):
-    """Evidence per target from a Gram matrix H = F^T F (``of_features``, projected = F^T Y) or
-    F F^T (projected = Y), as :func:`_fixed_point` but with O(n) tridiagonal solves per update
+def _reduce(grams: list[np.ndarray], targets: list[np.ndarray]) -> list[_Reduced]:
+    """Reduce Gram matrices (column-major, lower triangle; overwritten) and project their targets
+    ([n, K] each). Several run on the OpenMP threads, one model each, with single-threaded
+    LAPACK: sytrd is half matrix-vector products, which two threads of one call share badly
+    (measured at D=512: 22 ms with 2 threads, 6.5 ms with 1); so does one small matrix."""
+    projected = [np.array(t, dtype=np.float64, order="F") for t in targets]
+    across_models = len(grams) > 1
+    if across_models or grams[0].shape[0] <= _SINGLE_THREAD_SYTRD:
+        from threadpoolctl import threadpool_limits
+
+        limit = threadpool_limits(1, user_api="blas")
+    else:
+        limit = contextlib.nullcontext()
+    with limit:
+        out = native_module().tridiagonalize(_lapack(), grams, projected, across_models)
+    return [_Reduced(g, d, e, tau, np.clip(sigma, 0.0, None), p)
+            for g, p, (d, e, tau, sigma) in zip(grams, projected, out)]
+
+
+def _logme_evidence(red: _Reduced, y2: np.ndarray, N: int, D: int, of_features: bool, compat: str,
+                    with_params: bool):
+    """Evidence per target from a reduced Gram matrix H = F^T F (``of_features``, targets F^T Y)
+    or F F^T (targets Y), as :func:`_fixed_point` but with O(n) tridiagonal solves per update
     instead of eigenvectors (see cpu::LogmeSpectrum). The same rank cuts as :func:`_spectrum`:
     the eigenvalues below it stay out of gamma and the log-determinant (corrected mode counts
-    them as log(alpha), the (D - k) term)."""
-    s = np.sqrt(gram.sigma)
+    them as log(alpha), the (D - k) term). With ``with_params`` also alpha, beta and Q z, from
+    which the posterior mean weights are m = Q z (F^T F) or F^T Q z (F F^T)."""
+    s = np.sqrt(red.sigma)
     if compat == "official":
         cut = _OFFICIAL_RANK_CUT if of_features else -1.0
     else:
         cut = float(s.max()) * max(N, D) * np.finfo(np.float64).eps
-    n = gram.sigma.size
+    n = red.sigma.size
     first = int(np.searchsorted(s, cut, side="right"))  # sigma ascending: [first, n) kept
     extra = 0 if compat == "official" else D - (n - first)
-    C = gram.apply_q(projected, "T")
-    evidence, alpha, beta, t, z = native_module().logme_fixed_point(
-        gram.diag, gram.off, gram.sigma, first, extra, N, D, of_features, np.ascontiguousarray(C.T), y2,
+    evidence, alpha, beta, _, z = native_module().logme_fixed_point(
+        red.diag, red.off, red.sigma, first, extra, N, D, of_features, np.ascontiguousarray(red.projected.T), y2,
         _OFFICIAL_ITERATIONS, _OFFICIAL_TOL, _OFFICIAL_DAMP, with_params)
-    params = None
-    if with_params:
-        Qz = gram.apply_q(z.T, "N")
-        params = {"alpha": alpha, "beta": beta, "evidence": evidence, "Qz": Qz}
+    params = {"alpha": alpha, "beta": beta, "evidence": evidence, "Qz": red.apply_q(z.T)} if with_params else None
     return evidence, params
 
 
@@ -282,25 +301,30 @@ def _features_times_targets(F64: torch.Tensor, Y: torch.Tensor, classes: torch.T
 @logme_op.register("native", dtypes=(torch.float64,), limit=_scipy_reason)
 def _logme_native(feats: list[torch.Tensor], Y: torch.Tensor, classes: torch.Tensor | None, compat: str,
                   with_params: bool):
-    """``classes``: the class ids behind one-hot ``Y`` (None for regression targets)."""
+    """``classes``: the class ids behind one-hot ``Y`` (None for regression targets). Models go
+    in groups of one per OpenMP thread: the Gram matrices one after the other (syrk uses every
+    core well), then the group's reductions side by side (see :func:`_reduce`)."""
     blas = _import("scipy.linalg")[0].blas
     Yn = Y.numpy()
     y2 = (Yn * Yn).sum(0)
+    group = native_module().omp_max_threads() if len(feats) > 1 else 1
     scores, params = [], []
-    for f in feats:
-        F64 = f.to(torch.float64).contiguous()
-        F = F64.numpy()
-        N, D = F.shape
-        of_features = N > D
-        # syrk fills one triangle: half the GEMM's flops. F.T is F's memory in Fortran order.
-        gram = _Gram(blas.dsyrk(1.0, F.T, trans=0 if of_features else 1, lower=1))
-        projected = _features_times_targets(F64, Y, classes) if of_features else Yn
-        evidence, p = _logme_from_gram(gram, projected, y2, N, D, of_features, compat, with_params)
-        scores.append(float(evidence.mean()))
-        if with_params:
-            params.append(_params_tensors(p, (p["Qz"] if of_features else blas.dgemm(1.0, F.T, p["Qz"])).T))
+    for start in range(0, len(feats), group):
+        models, grams, targets = [], [], []
+        for f in feats[start:start + group]:
+            F64 = f.to(torch.float64).contiguous()
+            N, D = F64.shape
+            of_features = N > D
+            # syrk fills one triangle: half the GEMM's flops. F.T is F's memory in Fortran order.
+            grams.append(blas.dsyrk(1.0, F64.numpy().T, trans=0 if of_features else 1, lower=1))
+            targets.append(_features_times_targets(F64, Y, classes) if of_features else Yn)
+            models.append((F64 if with_params and not of_features else None, N, D, of_features))
+        for (F64, N, D, of_features), red in zip(models, _reduce(grams, targets)):
+            evidence, p = _logme_evidence(red, y2, N, D, of_features, compat, with_params)
+            scores.append(float(evidence.mean()))
+            if with_params:
+                params.append(_params_tensors(p, (p["Qz"] if of_features else blas.dgemm(1.0, F64.numpy().T, p["Qz"])).T))
     return torch.tensor(scores, dtype=torch.float64), params
-
 
 
 class LogMEStream:
@@ -371,8 +395,8 @@ class LogMEStream:
             if self.compat == "official" and self.samples <= D:
                 raise ValueError(f"compat='official' streams only when N > D (N = {self.samples}, D = {D}); "
                                  "use compat='corrected' or logme() on the whole features")
-            evidence, p = _logme_from_gram(_Gram(G.copy(order="F")), B, self.y2, self.samples, D, True, self.compat,
-                                           return_params)
+            red = _reduce([G.copy(order="F")], [B])[0]
+            evidence, p = _logme_evidence(red, self.y2, self.samples, D, True, self.compat, return_params)
             scores.append(float(evidence.mean()))
             if return_params:
                 params.append(_params_tensors(p, p["Qz"].T))
