@@ -6,9 +6,9 @@
   full SVD of F^T F (N > D) or a thin SVD of F (N <= D), the left singular vectors formed,
   then a Python loop over classes. It is re-implemented here from that description (the
   official package is not on PyPI); scores must agree.
-- floor (each logme case's %floor): the float64 Gram matrix (BLAS syrk, the faster of syrk
-  and torch's GEMM here) plus an eigenvalues-only symmetric solve of it (torch eigvalsh),
-  measured in the same run.
+- floor (each logme case's %floor): the float64 Gram matrix of the float32 features as given
+  (widened to float64, then BLAS syrk, the faster of syrk and torch's GEMM here) plus an
+  eigenvalues-only symmetric solve of it (torch eigvalsh), measured in the same run.
 - logme M=8: eight models in one call against eight calls.
 """
 from __future__ import annotations
@@ -60,7 +60,9 @@ def _official_algorithm(F: np.ndarray, y: np.ndarray) -> torch.Tensor:
 
 
 def _floor(F: torch.Tensor) -> torch.Tensor:
-    """F float64. On the CPU syrk is the faster Gram (half a GEMM's flops)."""
+    """From the features as logme gets them. On the CPU syrk is the faster Gram (half a GEMM's
+    flops)."""
+    F = F.double()
     gram_of_features = F.shape[0] > F.shape[1]
     if F.is_cuda:
         return torch.linalg.eigvalsh(F.T @ F if gram_of_features else F @ F.T)
@@ -98,7 +100,7 @@ def cases(quick: bool, device: str):
                          fast: functools.partial(logme, F, y, compat="official", backend=fast)},
                    peers={"peer:official-algorithm": functools.partial(_official_algorithm, F.cpu().numpy(),
                                                                         y.cpu().numpy())},
-                   floor=("floor:gram+eigvalsh", functools.partial(_floor, F.double())))
+                   floor=("floor:gram+eigvalsh", functools.partial(_floor, F)))
         del F
     N, D, K, M = (2000, 256, 10, 8) if quick else (4000, 512, 20, 8)
     models = [_features(N, D, K, device, torch.Generator().manual_seed(SEED))[0] * (m + 1) for m in range(M)]
