@@ -14,9 +14,10 @@ from importlib.metadata import PackageNotFoundError, version as _version
 # it has no effect if the caller loaded scipy first, and a caller's own setting wins.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-from . import merging, transferability
+from . import merging, ot, transferability
 from ._backend import BACKENDS, BackendUnavailable, available_backends, use_backend
 from ._info import info
+from .ot import SinkhornResult, sinkhorn, sinkhorn_cost_matrix, sinkhorn_divergence
 from .transferability import LogMEStream, gbc, hscore, leep, logme, nce, transrate
 
 try:
@@ -24,5 +25,6 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["BACKENDS", "BackendUnavailable", "LogMEStream", "available_backends", "gbc", "hscore", "info", "leep",
-           "logme", "merging", "nce", "transferability", "transrate", "use_backend"]
+__all__ = ["BACKENDS", "BackendUnavailable", "LogMEStream", "SinkhornResult", "available_backends", "gbc", "hscore",
+           "info", "leep", "logme", "merging", "nce", "ot", "sinkhorn", "sinkhorn_cost_matrix", "sinkhorn_divergence",
+           "transferability", "transrate", "use_backend"]

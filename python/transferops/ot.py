@@ -1,0 +1,315 @@
+"""Entropic optimal transport: log-domain Sinkhorn for point clouds and cost matrices, batched,
+balanced or unbalanced, with divergences and envelope-theorem gradients.
+
+Conventions (POT's): cost C_ij = |x_i - y_j|^2 (``cost="sqeuclidean"``, POT's ``ot.dist``) or
+half of it (``"sqeuclidean_half"``, GeomLoss's). With potentials f, g the plan is
+
+    P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps),
+
+``transport_cost`` = <C, P> (what ``ot.sinkhorn2`` returns) and ``ot_eps`` = <C, P> +
+eps KL(P | a x b), KL the generalized one (sum P log(P / ab) - sum P + sum ab). The log-domain
+updates (Peyré & Cuturi, Computational OT, 2019, eq. 4.43-4.44 with the reference measure a x b):
+
+    f_i = -lam eps log sum_j b_j exp((g_j - C_ij) / eps),
+    g_j = -lam eps log sum_i a_i exp((f_i - C_ij) / eps),
+
+lam = 1 for balanced OT, and rho / (rho + eps) with ``reach=rho``: the marginal constraints
+relaxed to rho KL(P 1 | a) + rho KL(P^T 1 | b) (Chizat et al. 2018; POT's
+``sinkhorn_unbalanced`` with ``reg_m=rho`` and ``reg_type="kl"``). After a g update the column
+marginal is exact (balanced) or optimal, so convergence is measured on the rows: the L1 error
+sum_i |(P 1)_i - a_i exp(-f_i / rho)| relative to the mass of a (the exponential is 1 when
+balanced).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ._backend import Op
+
+COSTS = {"sqeuclidean": 1.0, "sqeuclidean_half": 0.5}
+CHECK_EVERY = 10  # iterations between two marginal-error checks
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+
+def _finite_float(value, name: str, *, positive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+            (positive and value <= 0):
+        raise ValueError(f"{name}: expected a finite number{' > 0' if positive else ''}, got {value!r}")
+    return float(value)
+
+
+def _points(x, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"{name}: expected points [n, d] or a batch [B, n, d], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a float dtype, got {x.dtype}")
+    if x.shape[-2] == 0 or x.shape[-1] == 0:
+        raise ValueError(f"{name}: expected at least one point of at least one coordinate, got shape {tuple(x.shape)}")
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"{name}: expected finite values, found NaN or Inf in {bad} entries")
+    return x
+
+
+def _weights(w, n_shape: tuple[int, ...], like: torch.Tensor, name: str) -> torch.Tensor:
+    """[B, n] non-negative weights with positive mass per problem (uniform 1/n when None)."""
+    B, n = n_shape
+    if w is None:
+        return torch.full((B, n), 1.0 / n, dtype=torch.float64, device=like.device)
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(w).__name__}")
+    w = w.to(device=like.device, dtype=torch.float64)  # differentiable: gradients reach the caller's weights
+    if w.dim() == 1:
+        w = w.expand(B, -1)
+    if tuple(w.shape) != (B, n):
+        raise ValueError(f"{name}: expected {n} weights per problem ([{n}] or [{B}, {n}]), got shape {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{name}: expected finite weights, found NaN or Inf")
+    if bool((w < 0).any()):
+        raise ValueError(f"{name}: expected non-negative weights, got a minimum of {float(w.min()):g}")
+    if bool((w.sum(-1) <= 0).any()):
+        raise ValueError(f"{name}: expected a positive total mass in every problem, got zero")
+    return w
+
+
+def cost_matrix(x: torch.Tensor, y: torch.Tensor, cost: str = "sqeuclidean") -> torch.Tensor:
+    """C [.., N, M] in float64: scale * |x_i - y_j|^2 through |x|^2 + |y|^2 - 2 x.y (POT's
+    ``ot.dist`` expansion), clamped at 0."""
+    x, y = x.to(torch.float64), y.to(torch.float64)
+    sq = (x * x).sum(-1)[..., :, None] + (y * y).sum(-1)[..., None, :] - 2 * x @ y.transpose(-1, -2)
+    return COSTS[cost] * sq.clamp(min=0)
+
+
+# ---- the solver --------------------------------------------------------------------------------
+
+
+@dataclass
+class SinkhornResult:
+    """Potentials and values of one problem (0-d values) or a batch ([B] values, [B, n] f/g).
+
+    ``plan()`` materializes P; ``apply(V)`` returns P @ V, one block of rows at a time."""
+    f: torch.Tensor
+    g: torch.Tensor
+    transport_cost: torch.Tensor
+    ot_eps: torch.Tensor
+    n_iter: torch.Tensor
+    marginal_error: torch.Tensor
+    converged: torch.Tensor
+    _log_plan: object = None  # rows (i0, i1) -> log P[..., i0:i1, :] in float64
+
+    def plan(self) -> torch.Tensor:
+        return self._log_plan(0, None).exp()
+
+    def apply(self, V: torch.Tensor, block: int = 1024) -> torch.Tensor:
+        n = self.f.shape[-1]
+        rows = [self._log_plan(i, min(i + block, n)).exp() @ V.to(torch.float64) for i in range(0, n, block)]
+        return torch.cat(rows, dim=-2)
+
+
+def _row_lse(M: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(M, dim=-1)
+
+
+def _sinkhorn_loop(C: torch.Tensor, la: torch.Tensor, lb: torch.Tensor, eps: float, lam: float, rho: float | None,
+                   tol: float, max_iter: int, schedule: list[float], symmetric: bool = False):
+    """Log-domain iterations for every problem of the batch, each frozen once it converges.
+    ``schedule``: the eps values of an eps-scaling warm start (one update each), then eps.
+    ``symmetric`` (x = y, a = b): f = g, updated by averaging f with its update, which converges
+    where alternating updates oscillate (Feydy et al. 2019, sec. 3)."""
+    B, N, M = C.shape
+    f = torch.zeros(B, N, dtype=torch.float64, device=C.device)
+    g = torch.zeros(B, M, dtype=torch.float64, device=C.device)
+    mass = la.exp().sum(-1)
+
+    def update_f(g, e, lam_e):
+        return -lam_e * e * _row_lse(lb[:, None, :] + (g[:, None, :] - C) / e)
+
+    def update_g(f, e, lam_e):
+        return -lam_e * e * _row_lse((la[:, :, None] + (f[:, :, None] - C) / e).transpose(1, 2))
+
+    for e in schedule:
+        lam_e = 1.0 if rho is None else rho / (rho + e)
+        f = update_f(g, e, lam_e)
+        g = update_g(f, e, lam_e)
+    active = torch.ones(B, dtype=torch.bool, device=C.device)
+    n_iter = torch.zeros(B, dtype=torch.int64, device=C.device)
+    error = torch.full((B,), math.inf, dtype=torch.float64, device=C.device)
+    for it in range(1, max_iter + 1):
+        if symmetric:
+            f = g = torch.where(active[:, None], (f + update_f(g, eps, lam)) / 2, f)
+        else:
+            f = torch.where(active[:, None], update_f(g, eps, lam), f)
+            g = torch.where(active[:, None], update_g(f, eps, lam), g)
+        n_iter += active
+        if it % CHECK_EVERY == 0 or it == max_iter:
+            row = (la + f / eps + _row_lse(lb[:, None, :] + (g[:, None, :] - C) / eps)).exp()
+            target = la.exp() if rho is None else (la - f / rho).exp()
+            error = torch.where(active, (row - target).abs().sum(-1) / mass, error)
+            active = active & ~(error <= tol)
+            if not bool(active.any()):
+                break
+    return f, g, n_iter, error
+
+
+def _generalized_kl(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor, dim) -> torch.Tensor:
+    """sum p log(p / q) - sum p + sum q over ``dim`` (p = 0 terms contribute q only)."""
+    return (torch.where(p > 0, p * (log_p - log_q), 0.0) - p + log_q.exp()).sum(dim)
+
+
+def _values(C, la, lb, f, g, eps, rho):
+    """(transport_cost, ot_eps): <C, P> and the primal objective <C, P> + eps KL(P | a x b)
+    (+ rho KL(P 1 | a) + rho KL(P^T 1 | b) when unbalanced)."""
+    log_ab = la[:, :, None] + lb[:, None, :]
+    log_p = log_ab + (f[:, :, None] + g[:, None, :] - C) / eps
+    P = log_p.exp()
+    transport = (P * C).sum((-1, -2))
+    value = transport + eps * _generalized_kl(P, log_p, log_ab, (-1, -2))
+    if rho is not None:
+        rows, cols = P.sum(-1), P.sum(-2)
+        value = value + rho * (_generalized_kl(rows, rows.log(), la, -1) + _generalized_kl(cols, cols.log(), lb, -1))
+    return transport, value
+
+
+sinkhorn_op = Op("sinkhorn", order=("reference",))
+
+
+@sinkhorn_op.register("reference", dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
+def _sinkhorn_reference(C, a, b, eps, rho, tol, max_iter, schedule, symmetric):
+    la, lb = a.log(), b.log()
+    lam = 1.0 if rho is None else rho / (rho + eps)
+    f, g, n_iter, error = _sinkhorn_loop(C, la, lb, eps, lam, rho, tol, max_iter, schedule, symmetric)
+    transport, value = _values(C, la, lb, f, g, eps, rho)
+    return f, g, transport, value, n_iter, error
+
+
+def _schedule(eps: float, eps_scaling, C: torch.Tensor) -> list[float]:
+    """eps-scaling: from the largest cost down to eps by factors of ``eps_scaling`` (one update
+    per value, as GeomLoss anneals), or nothing."""
+    if eps_scaling is None:
+        return []
+    q = _finite_float(eps_scaling, "eps_scaling")
+    if not q < 1:
+        raise ValueError(f"eps_scaling: expected a factor in (0, 1), got {eps_scaling!r}")
+    out, e = [], float(C.max())
+    while e > eps:
+        out.append(e)
+        e *= q
+    return out
+
+
+def _dual_surrogate(C, a, b, f, g, eps, rho):
+    """Zero in value, with the gradient of ot_eps in C, a and b (envelope theorem: the dual
+    objective at the optimal potentials, held fixed). The dual is <a, f> + <b, g> (balanced), or
+    rho <a, 1 - exp(-f/rho)> + rho <b, 1 - exp(-g/rho)> (unbalanced), minus
+    eps <a x b, exp((f + g - C)/eps) - 1>; its C-gradient is the plan, no iteration is
+    differentiated, and memory stays that of one plan."""
+    f, g = f.detach(), g.detach()
+    if rho is None:
+        dual = (a * f).sum(-1) + (b * g).sum(-1)
+    else:
+        dual = rho * ((a * -torch.expm1(-f / rho)).sum(-1) + (b * -torch.expm1(-g / rho)).sum(-1))
+    coupling = a[:, :, None] * b[:, None, :] * torch.expm1((f[:, :, None] + g[:, None, :] - C) / eps)
+    dual = dual - eps * coupling.sum((-1, -2))
+    return dual - dual.detach()
+
+
+def _solve(C: torch.Tensor, a, b, *, eps, tol, max_iter, eps_scaling, reach, batched: bool, backend: str,
+           log_plan_of, symmetric: bool = False) -> SinkhornResult:
+    eps = _finite_float(eps, "eps")
+    tol = _finite_float(tol, "tol")
+    rho = None if reach is None else _finite_float(reach, "reach")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter: expected an int >= 1, got {max_iter!r}")
+    B, N, M = C.shape
+    a = _weights(a, (B, N), C, "a")
+    b = _weights(b, (B, M), C, "b")
+    if rho is None and bool(((a.sum(-1) - b.sum(-1)).abs() > 1e-6 * a.sum(-1)).any()):
+        raise ValueError("a, b: balanced OT needs equal masses in each problem "
+                         f"(got {a.sum(-1).tolist()} and {b.sum(-1).tolist()}); pass reach= for unbalanced OT")
+    f, g, transport, value, n_iter, error = sinkhorn_op(backend, C.device, C.dtype, C.detach(), a.detach(), b.detach(),
+                                                        eps, rho, tol, max_iter, _schedule(eps, eps_scaling, C.detach()),
+                                                        symmetric)
+    if C.requires_grad or a.requires_grad or b.requires_grad:
+        value = value + _dual_surrogate(C, a, b, f, g, eps, rho)
+    converged = error <= tol
+    if not bool(converged.all()):
+        warnings.warn(f"sinkhorn: {int((~converged).sum())} of {B} problems did not reach tol={tol:g} in "
+                      f"{max_iter} iterations (largest marginal error {float(error.max()):.3g}); "
+                      "see result.converged", RuntimeWarning, stacklevel=3)
+    la, lb = a.log(), b.log()
+
+    def log_plan(i0, i1):
+        rows = slice(i0, i1)
+        return (la[:, rows, None] + lb[:, None, :]
+                + (f[:, rows, None] + g[:, None, :] - log_plan_of(rows)) / eps)
+
+    squeeze = (lambda t: t) if batched else (lambda t: t[0])
+    return SinkhornResult(squeeze(f), squeeze(g), squeeze(transport), squeeze(value), squeeze(n_iter),
+                          squeeze(error), squeeze(converged),
+                          _log_plan=lambda i0, i1: squeeze(log_plan(i0, i1)))
+
+
+def sinkhorn(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean", tol: float = 1e-4,
+             max_iter: int = 10000, eps_scaling: float | None = None, reach: float | None = None,
+             backend: str = "auto") -> SinkhornResult:
+    """Entropic OT between point clouds x [N, d] and y [M, d] (or batches [B, N, d], [B, M, d])
+    with weights a [N], b [M] (or [B, N], [B, M]; uniform when None; zero weights pad ragged
+    batches). ``cost``: "sqeuclidean" |x - y|^2 or "sqeuclidean_half" |x - y|^2 / 2.
+    ``tol``: the L1 marginal error relative to the mass at which a problem stops (each problem
+    of a batch stops on its own); ``max_iter``; ``eps_scaling``: anneal eps from the largest
+    cost by this factor first; ``reach``: unbalanced OT with KL-relaxed marginals of strength
+    ``reach``. Returns a :class:`SinkhornResult`; problems that did not converge are flagged in
+    ``converged`` and warned about. See the module docstring for the equations."""
+    if cost not in COSTS:
+        raise ValueError(f"cost: expected one of {list(COSTS)}, got {cost!r}")
+    x, y = _points(x, "x"), _points(y, "y")
+    if x.dim() != y.dim() or x.shape[-1] != y.shape[-1] or (x.dim() == 3 and x.shape[0] != y.shape[0]):
+        raise ValueError(f"x, y: expected [N, d] and [M, d] (or [B, N, d] and [B, M, d]) with the same d and B, "
+                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.device != y.device:
+        raise ValueError(f"x, y: expected one device, got {x.device} and {y.device}")
+    batched = x.dim() == 3
+    xb, yb = (x, y) if batched else (x[None], y[None])
+    C = cost_matrix(xb, yb, cost)
+    return _solve(C, a, b, eps=eps, tol=tol, max_iter=max_iter, eps_scaling=eps_scaling, reach=reach,
+                  batched=batched, backend=backend, log_plan_of=lambda rows: C[:, rows],
+                  symmetric=x is y and a is b)
+
+
+def sinkhorn_cost_matrix(C, a=None, b=None, *, eps: float, tol: float = 1e-4, max_iter: int = 10000,
+                         eps_scaling: float | None = None, reach: float | None = None,
+                         backend: str = "auto") -> SinkhornResult:
+    """Entropic OT for a given cost matrix C [N, M] (or [B, N, M]); arguments and result as
+    :func:`sinkhorn`."""
+    if not isinstance(C, torch.Tensor):
+        raise TypeError(f"C: expected a torch.Tensor, got {type(C).__name__}")
+    if C.dim() not in (2, 3) or C.shape[-1] == 0 or C.shape[-2] == 0:
+        raise ValueError(f"C: expected a non-empty cost matrix [N, M] or [B, N, M], got shape {tuple(C.shape)}")
+    if not C.is_floating_point():
+        raise TypeError(f"C: expected a float dtype, got {C.dtype}")
+    bad = int((~torch.isfinite(C)).sum())
+    if bad:
+        raise ValueError(f"C: expected finite costs, found NaN or Inf in {bad} entries")
+    batched = C.dim() == 3
+    Cb = (C if batched else C[None]).to(torch.float64)
+    return _solve(Cb, a, b, eps=eps, tol=tol, max_iter=max_iter, eps_scaling=eps_scaling, reach=reach,
+                  batched=batched, backend=backend, log_plan_of=lambda rows: Cb[:, rows])
+
+
+def sinkhorn_divergence(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean", tol: float = 1e-4,
+                        max_iter: int = 10000, eps_scaling: float | None = None,
+                        backend: str = "auto") -> torch.Tensor:
+    """The debiased Sinkhorn divergence OT_eps(a, b) - OT_eps(a, a) / 2 - OT_eps(b, b) / 2
+    (Genevay et al. 2018; Feydy et al. 2019), with ``ot_eps`` values (balanced OT only). The two
+    symmetric problems take the averaged update (see :func:`_sinkhorn_loop`)."""
+    kw = dict(eps=eps, cost=cost, tol=tol, max_iter=max_iter, eps_scaling=eps_scaling, backend=backend)
+    return (sinkhorn(x, y, a, b, **kw).ot_eps - sinkhorn(x, x, a, a, **kw).ot_eps / 2
+            - sinkhorn(y, y, b, b, **kw).ot_eps / 2)

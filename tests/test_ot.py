@@ -1,0 +1,158 @@
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from transferops.ot import cost_matrix, sinkhorn, sinkhorn_cost_matrix, sinkhorn_divergence
+
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+POINT_CLOUDS = ["ot_pc_n200_m300_d64_rand", "ot_pc_n64_m48_d64_unif"]
+
+
+def _golden(name: str) -> dict:
+    path = GOLDEN / f"{name}.npz"
+    if not path.exists():
+        pytest.skip(f"golden data not found at {path}")
+    return {k: (torch.from_numpy(v) if v.dtype.kind == "f" and v.ndim else v) for k, v in np.load(path).items()}
+
+
+def _rel(a, b) -> float:
+    return abs(float(a) - float(b)) / abs(float(b))
+
+
+@pytest.mark.parametrize("name", POINT_CLOUDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-8), (torch.float32, 1e-4)])
+def test_point_clouds_match_pot(name, dtype, tol):
+    """POT's sinkhorn_log (float64, converged to 1e-11): transport cost, ot_eps, the potentials
+    (up to the constant they are defined up to) and the divergence."""
+    d = _golden(name)
+    x, y, a, b = (d[k].to(dtype) for k in "xyab")
+    eps = float(d["eps"])
+    r = sinkhorn(x, y, a, b, eps=eps, tol=1e-12 if dtype == torch.float64 else 1e-7)
+    assert bool(r.converged) and float(r.marginal_error) <= 1e-7
+    assert _rel(r.transport_cost, d["transport_cost"]) < tol
+    assert _rel(r.ot_eps, d["ot_eps_kl"]) < tol
+    shift = float((r.f - d["f"]).mean())
+    torch.testing.assert_close(r.f - shift, d["f"], rtol=0, atol=tol * 10)
+    torch.testing.assert_close(r.g + shift, d["g"], rtol=0, atol=tol * 10)
+    div = sinkhorn_divergence(x, y, a, b, eps=eps, tol=1e-12 if dtype == torch.float64 else 1e-7)
+    assert _rel(div, d["sinkhorn_divergence"]) < tol
+
+
+def test_cost_matrix_and_unbalanced_match_pot():
+    d = _golden("ot_costmatrix_128x96_uniformcost_eps002")
+    r = sinkhorn_cost_matrix(d["C"], d["a"], d["b"], eps=float(d["eps"]), tol=1e-12)
+    assert _rel(r.transport_cost, d["transport_cost"]) < 1e-8
+    # POT's scalings: P = diag(u) K diag(v), so log u_i = log a_i + f_i / eps up to a constant
+    log_u = d["a"].log() + r.f / float(d["eps"])
+    torch.testing.assert_close(log_u - log_u.mean(), d["log_u"] - d["log_u"].mean(), rtol=0, atol=1e-7)
+    d = _golden("ot_unbalanced_n200_m250_rho1")
+    r = sinkhorn(d["x"], d["y"], d["a"], d["b"], eps=float(d["eps"]), reach=float(d["reg_m"]), tol=1e-13)
+    assert _rel(r.transport_cost, d["sinkhorn_unbalanced2"]) < 1e-8
+    P = r.plan()
+    assert float((P - d["plan"]).abs().max()) <= 1e-8 * float(d["plan"].abs().max())
+    torch.testing.assert_close(r.apply(torch.eye(P.shape[1], dtype=torch.float64)), P, rtol=0, atol=1e-15)
+
+
+def test_transport_cost_approaches_emd_as_eps_shrinks():
+    d = _golden("ot_pc_n64_m48_d64_unif")
+    gaps = []
+    for eps in (0.05, 0.02, 0.008):
+        r = sinkhorn(d["x"], d["y"], eps=eps, tol=1e-6, eps_scaling=0.8)
+        assert bool(r.converged), eps
+        gaps.append(float(r.transport_cost) - float(d["emd2"]))
+    assert gaps[0] > gaps[1] > gaps[2] >= -1e-9 and gaps[2] < 0.25 * gaps[0], gaps
+
+
+def test_batches_with_padding_equal_separate_problems():
+    """A ragged batch padded with zero-weight points: each problem equals its own solve, and
+    each stops on its own (different iteration counts)."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [(7, 5), (3, 9), (9, 9)]
+    x = torch.randn(3, 9, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(3, 9, 4, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5])[:, None, None]
+    a, b = torch.zeros(3, 9, dtype=torch.float64), torch.zeros(3, 9, dtype=torch.float64)
+    for i, (n, m) in enumerate(sizes):
+        a[i, :n], b[i, :m] = 1.0 / n, 1.0 / m
+    batch = sinkhorn(x, y, a, b, eps=0.5, tol=1e-10)
+    for i, (n, m) in enumerate(sizes):
+        one = sinkhorn(x[i, :n], y[i, :m], eps=0.5, tol=1e-10)
+        assert _rel(batch.ot_eps[i], one.ot_eps) < 1e-9 and _rel(batch.transport_cost[i], one.transport_cost) < 1e-9
+        assert int(batch.n_iter[i]) == int(one.n_iter)
+    assert bool(batch.converged.all()) and len(set(batch.n_iter.tolist())) > 1
+
+
+def test_eps_scaling_and_half_cost_keep_the_answer():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 3, generator=g, dtype=torch.float64), torch.randn(30, 3, generator=g, dtype=torch.float64)
+    plain = sinkhorn(x, y, eps=0.05, tol=1e-10)
+    scaled = sinkhorn(x, y, eps=0.05, tol=1e-10, eps_scaling=0.5)
+    assert bool(plain.converged) and bool(scaled.converged)
+    assert _rel(scaled.ot_eps, plain.ot_eps) < 1e-8 and int(scaled.n_iter) < int(plain.n_iter)
+    half = sinkhorn(x, y, eps=0.025, cost="sqeuclidean_half", tol=1e-10)  # C/2 with eps/2: the same plan
+    assert _rel(half.transport_cost * 2, plain.transport_cost) < 1e-8
+    C = cost_matrix(x, y)
+    assert _rel(sinkhorn_cost_matrix(C, eps=0.05, tol=1e-10).ot_eps, plain.ot_eps) < 1e-12
+
+
+def test_gradients_by_the_envelope_theorem():
+    """d ot_eps / d(x, y, a, b) against central finite differences of converged solves, along
+    directions that keep the masses equal when balanced."""
+    g = torch.Generator().manual_seed(2)
+    inputs = {"x": torch.randn(6, 2, generator=g, dtype=torch.float64),
+              "y": torch.randn(5, 2, generator=g, dtype=torch.float64),
+              "a": torch.rand(6, generator=g, dtype=torch.float64) + 0.5,
+              "b": torch.rand(5, generator=g, dtype=torch.float64) + 0.5}
+    inputs["b"] *= inputs["a"].sum() / inputs["b"].sum()
+
+    def value(reach, **kw):
+        return sinkhorn(kw["x"], kw["y"], kw["a"], kw["b"], eps=0.2, tol=1e-13, reach=reach).ot_eps
+
+    for reach in (None, 0.7):
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        grads = dict(zip(leaves, torch.autograd.grad(value(reach, **leaves), list(leaves.values()))))
+        for name, t in inputs.items():
+            direction = torch.randn(t.shape, generator=g, dtype=torch.float64)
+            if reach is None and name in "ab":
+                direction -= direction.mean()
+            h = 1e-6
+            up = value(reach, **{**inputs, name: t + h * direction})
+            down = value(reach, **{**inputs, name: t - h * direction})
+            assert abs(float(up - down) / (2 * h) - float((grads[name] * direction).sum())) < 1e-6, (reach, name)
+
+
+def test_nonconvergence_is_reported_and_warned():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(30, 2, generator=g), torch.randn(30, 2, generator=g)
+    with pytest.warns(RuntimeWarning, match="1 of 1 problems did not reach tol=1e-12 in 5 iterations"):
+        r = sinkhorn(x, y, eps=0.01, tol=1e-12, max_iter=5)
+    assert not bool(r.converged) and int(r.n_iter) == 5 and float(r.marginal_error) > 1e-12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bool(sinkhorn(x, y, eps=0.5).converged)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: sinkhorn(torch.tensor([[float("nan")]]), torch.ones(1, 1), eps=1), ValueError, "x: expected finite"),
+    (lambda: sinkhorn(torch.ones(2, 3), torch.ones(2, 4), eps=1), ValueError, "x, y: expected .* the same d"),
+    (lambda: sinkhorn(torch.ones(2, 3), torch.ones(2, 3), eps=0), ValueError, "eps: expected a finite number > 0"),
+    (lambda: sinkhorn(torch.ones(2, 3), torch.ones(2, 3), eps=float("inf")), ValueError, "eps: expected a finite"),
+    (lambda: sinkhorn(torch.ones(2, 3), torch.ones(2, 3), torch.tensor([1.0, -1.0]), eps=1), ValueError,
+     "a: expected non-negative weights"),
+    (lambda: sinkhorn(torch.ones(2, 3), torch.ones(2, 3), torch.zeros(2), eps=1), ValueError, "a: expected a positive"),
+    (lambda: sinkhorn(torch.ones(2, 3), torch.ones(2, 3), torch.ones(3), eps=1), ValueError, "a: expected 2 weights"),
+    (lambda: sinkhorn(torch.ones(2, 3), torch.ones(2, 3), torch.ones(2), eps=1), ValueError,
+     "balanced OT needs equal masses"),
+    (lambda: sinkhorn(torch.ones(0, 3), torch.ones(2, 3), eps=1), ValueError, "x: expected at least one point"),
+    (lambda: sinkhorn(torch.ones(2, 3), torch.ones(2, 3), eps=1, cost="l1"), ValueError, "cost: expected one of"),
+    (lambda: sinkhorn(torch.ones(2, 3), torch.ones(2, 3), eps=1, max_iter=0), ValueError, "max_iter: expected an int"),
+    (lambda: sinkhorn(torch.ones(2, 3), torch.ones(2, 3), eps=1, eps_scaling=2.0), ValueError, "eps_scaling"),
+    (lambda: sinkhorn(torch.ones(2, 3), torch.ones(2, 3), eps=1, reach=-1.0), ValueError, "reach: expected"),
+    (lambda: sinkhorn(torch.ones(2, 3, dtype=torch.int64), torch.ones(2, 3), eps=1), TypeError, "x: expected a float"),
+    (lambda: sinkhorn_cost_matrix(torch.ones(2, 3).fill_(float("inf")), eps=1), ValueError, "C: expected finite"),
+])
+def test_bad_input_is_a_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
