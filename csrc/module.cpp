@@ -16,6 +16,7 @@
 #include "common/dtype.h"
 #include "common/parallel.h"
 #include "cpu/merge.h"
+#include "cpu/ot.h"
 #include "cpu/transferability.h"
 #ifdef TRANSFEROPS_WITH_CUDA
 #include "cuda/merge.h"
@@ -252,6 +253,26 @@ void tridiagonal_apply_q(const py::dict& lapack, const py::array& gram, const py
   cpu::apply_q(l, p, x, X.shape(1), transpose);
 }
 
+// See cpu::sinkhorn_matrix: f and g are read as the start and written back. Returns (n_iter,
+// error), one per problem.
+py::tuple sinkhorn_matrix(const py::buffer& C, int64_t N, const py::buffer& a, const py::buffer& b, const py::buffer& f,
+                          const py::buffer& g, double eps, double lam, double rho, double tol, double omega,
+                          int64_t max_iter, int64_t check_every, bool symmetric, const std::vector<double>& schedule) {
+  const BufferView c = buffer_view(C, "C", false), av = buffer_view(a, "a", false), bv = buffer_view(b, "b", false);
+  BufferView fv = buffer_view(f, "f", true), gv = buffer_view(g, "g", true);
+  py::array_t<int64_t> n_iter(av.view.rows);
+  py::array_t<double> error(av.view.rows);
+  const cpu::SinkhornSettings s{eps, lam, rho, tol, omega, max_iter, check_every, symmetric, schedule.data(),
+                                static_cast<int64_t>(schedule.size())};
+  int64_t* it = n_iter.mutable_data();
+  double* err = error.mutable_data();
+  {
+    py::gil_scoped_release release;
+    cpu::sinkhorn_matrix(c.view, N, av.view, bv.view, fv.view, gv.view, s, it, err);
+  }
+  return py::make_tuple(n_iter, error);
+}
+
 using Vector = py::array_t<double, py::array::c_style | py::array::forcecast>;
 
 // See cpu::logme_fixed_point. Returns (evidence, alpha, beta, t_used, z or None), [K] each and
@@ -340,6 +361,10 @@ PYBIND11_MODULE(_native, m) {
         "Radix-select step for T tasks in one pass: per task, the histogram of the digit at `shift` "
         "of the bits of |x| (x = task - base with a base) over the elements whose higher bits equal "
         "its prefix");
+  m.def("sinkhorn_matrix", &sinkhorn_matrix, py::arg("C"), py::arg("N"), py::arg("a"), py::arg("b"), py::arg("f"),
+        py::arg("g"), py::arg("eps"), py::arg("lam"), py::arg("rho"), py::arg("tol"), py::arg("omega"),
+        py::arg("max_iter"), py::arg("check_every"), py::arg("symmetric"), py::arg("schedule"),
+        "stabilized kernel-domain Sinkhorn on cost matrices [B * N, M]");
   m.def("tridiagonalize", &tridiagonalize, py::arg("lapack"), py::arg("grams"), py::arg("projected"),
         py::arg("across_models"), "sytrd + sterf of Gram matrices and Q^T of their targets, in place (LAPACK from scipy)");
   m.def("tridiagonal_apply_q", &tridiagonal_apply_q, py::arg("lapack"), py::arg("gram"), py::arg("tau"), py::arg("X"),

@@ -9,6 +9,7 @@ from transferops.ot import cost_matrix, sinkhorn, sinkhorn_cost_matrix, sinkhorn
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 POINT_CLOUDS = ["ot_pc_n200_m300_d64_rand", "ot_pc_n64_m48_d64_unif"]
+BACKENDS = ["reference", "native"]
 
 
 def _golden(name: str) -> dict:
@@ -22,34 +23,37 @@ def _rel(a, b) -> float:
     return abs(float(a) - float(b)) / abs(float(b))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", POINT_CLOUDS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-8), (torch.float32, 1e-4)])
-def test_point_clouds_match_pot(name, dtype, tol):
+def test_point_clouds_match_pot(name, dtype, tol, backend):
     """POT's sinkhorn_log (float64, converged to 1e-11): transport cost, ot_eps, the potentials
     (up to the constant they are defined up to) and the divergence."""
     d = _golden(name)
     x, y, a, b = (d[k].to(dtype) for k in "xyab")
     eps = float(d["eps"])
-    r = sinkhorn(x, y, a, b, eps=eps, tol=1e-12 if dtype == torch.float64 else 1e-7)
+    r = sinkhorn(x, y, a, b, eps=eps, tol=1e-12 if dtype == torch.float64 else 1e-7, backend=backend)
     assert bool(r.converged) and float(r.marginal_error) <= 1e-7
     assert _rel(r.transport_cost, d["transport_cost"]) < tol
     assert _rel(r.ot_eps, d["ot_eps_kl"]) < tol
     shift = float((r.f - d["f"]).mean())
     torch.testing.assert_close(r.f - shift, d["f"], rtol=0, atol=tol * 10)
     torch.testing.assert_close(r.g + shift, d["g"], rtol=0, atol=tol * 10)
-    div = sinkhorn_divergence(x, y, a, b, eps=eps, tol=1e-12 if dtype == torch.float64 else 1e-7)
+    div = sinkhorn_divergence(x, y, a, b, eps=eps, tol=1e-12 if dtype == torch.float64 else 1e-7, backend=backend)
     assert _rel(div, d["sinkhorn_divergence"]) < tol
 
 
-def test_cost_matrix_and_unbalanced_match_pot():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cost_matrix_and_unbalanced_match_pot(backend):
     d = _golden("ot_costmatrix_128x96_uniformcost_eps002")
-    r = sinkhorn_cost_matrix(d["C"], d["a"], d["b"], eps=float(d["eps"]), tol=1e-12)
+    r = sinkhorn_cost_matrix(d["C"], d["a"], d["b"], eps=float(d["eps"]), tol=1e-12, backend=backend)
     assert _rel(r.transport_cost, d["transport_cost"]) < 1e-8
     # POT's scalings: P = diag(u) K diag(v), so log u_i = log a_i + f_i / eps up to a constant
     log_u = d["a"].log() + r.f / float(d["eps"])
     torch.testing.assert_close(log_u - log_u.mean(), d["log_u"] - d["log_u"].mean(), rtol=0, atol=1e-7)
     d = _golden("ot_unbalanced_n200_m250_rho1")
-    r = sinkhorn(d["x"], d["y"], d["a"], d["b"], eps=float(d["eps"]), reach=float(d["reg_m"]), tol=1e-13)
+    r = sinkhorn(d["x"], d["y"], d["a"], d["b"], eps=float(d["eps"]), reach=float(d["reg_m"]), tol=1e-13,
+                 backend=backend)
     assert _rel(r.transport_cost, d["sinkhorn_unbalanced2"]) < 1e-8
     P = r.plan()
     assert float((P - d["plan"]).abs().max()) <= 1e-8 * float(d["plan"].abs().max())
@@ -66,7 +70,8 @@ def test_transport_cost_approaches_emd_as_eps_shrinks():
     assert gaps[0] > gaps[1] > gaps[2] >= -1e-9 and gaps[2] < 0.25 * gaps[0], gaps
 
 
-def test_batches_with_padding_equal_separate_problems():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batches_with_padding_equal_separate_problems(backend):
     """A ragged batch padded with zero-weight points: each problem equals its own solve, and
     each stops on its own (different iteration counts)."""
     g = torch.Generator().manual_seed(0)
@@ -76,9 +81,9 @@ def test_batches_with_padding_equal_separate_problems():
     a, b = torch.zeros(3, 9, dtype=torch.float64), torch.zeros(3, 9, dtype=torch.float64)
     for i, (n, m) in enumerate(sizes):
         a[i, :n], b[i, :m] = 1.0 / n, 1.0 / m
-    batch = sinkhorn(x, y, a, b, eps=0.5, tol=1e-10)
+    batch = sinkhorn(x, y, a, b, eps=0.5, tol=1e-10, backend=backend)
     for i, (n, m) in enumerate(sizes):
-        one = sinkhorn(x[i, :n], y[i, :m], eps=0.5, tol=1e-10)
+        one = sinkhorn(x[i, :n], y[i, :m], eps=0.5, tol=1e-10, backend=backend)
         assert _rel(batch.ot_eps[i], one.ot_eps) < 1e-9 and _rel(batch.transport_cost[i], one.transport_cost) < 1e-9
         assert int(batch.n_iter[i]) == int(one.n_iter)
     assert bool(batch.converged.all()) and len(set(batch.n_iter.tolist())) > 1
@@ -156,3 +161,37 @@ def test_nonconvergence_is_reported_and_warned():
 def test_bad_input_is_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("N,M,reach,symmetric,scaling", [
+    (37, 23, None, False, None), (64, 64, None, True, None), (29, 41, 0.3, False, None), (50, 31, None, False, 0.6),
+    (300, 200, None, False, None),
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_native_matches_reference(N, M, reach, symmetric, scaling, dtype):
+    """Fresh clustered clouds with a small eps (exp(-C/eps) spans 1e-40 and less, so the kernel
+    needs absorption and the log-domain fallback): the native
+    kernel-domain solver against the log-domain reference, same iteration counts; non-contiguous
+    inputs; float32 keeps its kernel in float32."""
+    g = torch.Generator().manual_seed(N * M)
+    centers = torch.randn(4, 3, generator=g, dtype=torch.float64) * 3
+    x = (centers[torch.randint(0, 4, (N,), generator=g)] + torch.randn(N, 3, generator=g, dtype=torch.float64))
+    y = x if symmetric else (centers[torch.randint(0, 4, (M,), generator=g)]
+                             + torch.randn(M, 3, generator=g, dtype=torch.float64))
+    a = torch.rand(N, generator=g, dtype=torch.float64) + 0.1
+    b = a if symmetric else torch.rand(M, generator=g, dtype=torch.float64) + 0.1
+    if reach is None and not symmetric:
+        b = b * a.sum() / b.sum()
+    wide = torch.zeros(N, 6, dtype=dtype)
+    wide[:, ::2] = x.to(dtype)
+    xs = wide[:, ::2]
+    ys = xs if symmetric else y.to(dtype)
+    eps = 0.05 * float(cost_matrix(x, y).mean())  # as the benchmarks: eps = 0.05 on costs of mean 1
+    kw = dict(eps=eps, tol=1e-9 if dtype == torch.float64 else 1e-5, reach=reach, eps_scaling=scaling)
+    want = sinkhorn(xs, ys, a, b if not symmetric else a, backend="reference", **kw)
+    got = sinkhorn(xs, ys, a, b if not symmetric else a, backend="native", **kw)
+    rtol = 1e-9 if dtype == torch.float64 else 1e-4
+    assert bool(got.converged) and bool(want.converged)
+    assert _rel(got.ot_eps, want.ot_eps) < rtol and _rel(got.transport_cost, want.transport_cost) < rtol
+    if dtype == torch.float64:
+        assert abs(int(got.n_iter) - int(want.n_iter)) <= 10

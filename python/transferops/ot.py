@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._backend import Op
+from ._backend import Op, native_buffer, native_module
 
 COSTS = {"sqeuclidean": 1.0, "sqeuclidean_half": 0.5}
 CHECK_EVERY = 10  # iterations between two marginal-error checks
@@ -78,6 +78,10 @@ def _weights(w, n_shape: tuple[int, ...], like: torch.Tensor, name: str) -> torc
     if bool((w.sum(-1) <= 0).any()):
         raise ValueError(f"{name}: expected a positive total mass in every problem, got zero")
     return w
+
+
+def _working_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def cost_matrix(x: torch.Tensor, y: torch.Tensor, cost: str = "sqeuclidean") -> torch.Tensor:
@@ -178,16 +182,33 @@ def _values(C, la, lb, f, g, eps, rho):
     return transport, value
 
 
-sinkhorn_op = Op("sinkhorn", order=("reference",))
+sinkhorn_op = Op("sinkhorn", order=("native", "reference"))
+# Over-relaxation of the native iterations: F <- (1 - w) F + w F_update. 1 is plain Sinkhorn.
+OMEGA = 1.0
 
 
-@sinkhorn_op.register("reference", dtypes=(torch.float64, torch.float32, torch.float16, torch.bfloat16))
+@sinkhorn_op.register("reference", dtypes=(torch.float64, torch.float32))
 def _sinkhorn_reference(C, a, b, eps, rho, tol, max_iter, schedule, symmetric):
+    C = C.double()
     la, lb = a.log(), b.log()
     lam = 1.0 if rho is None else rho / (rho + eps)
     f, g, n_iter, error = _sinkhorn_loop(C, la, lb, eps, lam, rho, tol, max_iter, schedule, symmetric)
     transport, value = _values(C, la, lb, f, g, eps, rho)
     return f, g, transport, value, n_iter, error
+
+
+@sinkhorn_op.register("native", dtypes=(torch.float64, torch.float32))
+def _sinkhorn_native(C, a, b, eps, rho, tol, max_iter, schedule, symmetric):
+    B, N, M = C.shape
+    f = torch.zeros(B, N, dtype=torch.float64)
+    g = torch.zeros(B, M, dtype=torch.float64)
+    lam = 1.0 if rho is None else rho / (rho + eps)
+    n_iter, error = native_module().sinkhorn_matrix(
+        native_buffer(C.contiguous().view(B * N, M)), N, native_buffer(a.contiguous()), native_buffer(b.contiguous()),
+        native_buffer(f), native_buffer(g), eps, lam, -1.0 if rho is None else rho, tol, OMEGA, max_iter, CHECK_EVERY,
+        symmetric, schedule)
+    transport, value = _values(C.double(), a.log(), b.log(), f, g, eps, rho)
+    return f, g, transport, value, torch.from_numpy(n_iter), torch.from_numpy(error)
 
 
 def _schedule(eps: float, eps_scaling, C: torch.Tensor) -> list[float]:
@@ -221,8 +242,8 @@ def _dual_surrogate(C, a, b, f, g, eps, rho):
     return dual - dual.detach()
 
 
-def _solve(C: torch.Tensor, a, b, *, eps, tol, max_iter, eps_scaling, reach, batched: bool, backend: str,
-           log_plan_of, symmetric: bool = False) -> SinkhornResult:
+def _solve(C: torch.Tensor, a, b, *, dtype: torch.dtype, eps, tol, max_iter, eps_scaling, reach, batched: bool,
+           backend: str, log_plan_of, symmetric: bool = False) -> SinkhornResult:
     eps = _finite_float(eps, "eps")
     tol = _finite_float(tol, "tol")
     rho = None if reach is None else _finite_float(reach, "reach")
@@ -234,9 +255,11 @@ def _solve(C: torch.Tensor, a, b, *, eps, tol, max_iter, eps_scaling, reach, bat
     if rho is None and bool(((a.sum(-1) - b.sum(-1)).abs() > 1e-6 * a.sum(-1)).any()):
         raise ValueError("a, b: balanced OT needs equal masses in each problem "
                          f"(got {a.sum(-1).tolist()} and {b.sum(-1).tolist()}); pass reach= for unbalanced OT")
-    f, g, transport, value, n_iter, error = sinkhorn_op(backend, C.device, C.dtype, C.detach(), a.detach(), b.detach(),
-                                                        eps, rho, tol, max_iter, _schedule(eps, eps_scaling, C.detach()),
-                                                        symmetric)
+    # The solvers see C in the working precision (float32 for float32/16-bit inputs);
+    # values and gradients come from float64 C.
+    work = C.detach().to(dtype)
+    f, g, transport, value, n_iter, error = sinkhorn_op(backend, C.device, dtype, work, a.detach(), b.detach(), eps,
+                                                        rho, tol, max_iter, _schedule(eps, eps_scaling, work), symmetric)
     if C.requires_grad or a.requires_grad or b.requires_grad:
         value = value + _dual_surrogate(C, a, b, f, g, eps, rho)
     converged = error <= tol
@@ -279,9 +302,9 @@ def sinkhorn(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean", tol
     batched = x.dim() == 3
     xb, yb = (x, y) if batched else (x[None], y[None])
     C = cost_matrix(xb, yb, cost)
-    return _solve(C, a, b, eps=eps, tol=tol, max_iter=max_iter, eps_scaling=eps_scaling, reach=reach,
-                  batched=batched, backend=backend, log_plan_of=lambda rows: C[:, rows],
-                  symmetric=x is y and a is b)
+    return _solve(C, a, b, dtype=_working_dtype(x.dtype, y.dtype), eps=eps, tol=tol, max_iter=max_iter,
+                  eps_scaling=eps_scaling, reach=reach, batched=batched, backend=backend,
+                  log_plan_of=lambda rows: C[:, rows], symmetric=x is y and a is b)
 
 
 def sinkhorn_cost_matrix(C, a=None, b=None, *, eps: float, tol: float = 1e-4, max_iter: int = 10000,
@@ -300,8 +323,9 @@ def sinkhorn_cost_matrix(C, a=None, b=None, *, eps: float, tol: float = 1e-4, ma
         raise ValueError(f"C: expected finite costs, found NaN or Inf in {bad} entries")
     batched = C.dim() == 3
     Cb = (C if batched else C[None]).to(torch.float64)
-    return _solve(Cb, a, b, eps=eps, tol=tol, max_iter=max_iter, eps_scaling=eps_scaling, reach=reach,
-                  batched=batched, backend=backend, log_plan_of=lambda rows: Cb[:, rows])
+    return _solve(Cb, a, b, dtype=_working_dtype(C.dtype), eps=eps, tol=tol, max_iter=max_iter,
+                  eps_scaling=eps_scaling, reach=reach, batched=batched, backend=backend,
+                  log_plan_of=lambda rows: Cb[:, rows])
 
 
 def sinkhorn_divergence(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean", tol: float = 1e-4,

@@ -1,0 +1,264 @@
+#include "cpu/ot.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/parallel.h"
+
+namespace transferops::cpu {
+
+namespace {
+
+// A scaling whose log leaves [-kAbsorb, kAbsorb] is folded into the potentials (K rebuilt):
+// e^50 is far from both ends of float32 and float64.
+constexpr double kAbsorb = 50.0;
+
+// One problem's state. T: the kernel's storage (float for float32 costs, double otherwise).
+template <class T>
+struct Problem {
+  const T* C;
+  int64_t N, M, ldc;
+  const double *a, *b;
+  double *f, *g;     // absorbed potentials
+  std::vector<double> F, G;  // full potentials F = f + eps log u, G = g + eps log v
+  std::vector<double> u, v;  // kernel-domain scalings
+  std::vector<T> K;          // exp((f_i + g_j - C_ij) / eps)
+  std::vector<double> la, lb;
+  double mass;
+};
+
+inline double neg_inf() { return -std::numeric_limits<double>::infinity(); }
+
+template <class T>
+void build_kernel(Problem<T>& p, double eps, bool parallel) {
+#ifdef TRANSFEROPS_OPENMP
+#pragma omp parallel for schedule(static) if (parallel)
+#endif
+  for (int64_t i = 0; i < p.N; ++i) {
+    const T* c = p.C + i * p.ldc;
+    T* k = p.K.data() + i * p.M;
+    for (int64_t j = 0; j < p.M; ++j) k[j] = T(std::exp((p.f[i] + p.g[j] - double(c[j])) / eps));
+  }
+  std::fill(p.u.begin(), p.u.end(), 1.0);
+  std::fill(p.v.begin(), p.v.end(), 1.0);
+}
+
+// Exact log-domain c-transform of row i: -eps log sum_j b_j exp((G_j - C_ij) / eps).
+template <class T>
+double row_transform(const Problem<T>& p, int64_t i, double eps) {
+  const T* c = p.C + i * p.ldc;
+  double mx = neg_inf();
+  for (int64_t j = 0; j < p.M; ++j) mx = std::max(mx, p.lb[j] + (p.G[j] - double(c[j])) / eps);
+  if (mx == neg_inf()) return 0.0;
+  double sum = 0.0;
+  for (int64_t j = 0; j < p.M; ++j) sum += std::exp(p.lb[j] + (p.G[j] - double(c[j])) / eps - mx);
+  return -eps * (mx + std::log(sum));
+}
+
+template <class T>
+double col_transform(const Problem<T>& p, int64_t j, double eps) {
+  double mx = neg_inf();
+  for (int64_t i = 0; i < p.N; ++i) mx = std::max(mx, p.la[i] + (p.F[i] - double(p.C[i * p.ldc + j])) / eps);
+  if (mx == neg_inf()) return 0.0;
+  double sum = 0.0;
+  for (int64_t i = 0; i < p.N; ++i) sum += std::exp(p.la[i] + (p.F[i] - double(p.C[i * p.ldc + j])) / eps - mx);
+  return -eps * (mx + std::log(sum));
+}
+
+// s_i = sum_j K_ij w_j (rows, `transpose` false) or s_j = sum_i K_ij w_i, combined in a fixed
+// order so results do not depend on the thread count.
+template <class T>
+void kernel_apply(const Problem<T>& p, const std::vector<double>& w, std::vector<double>& s, bool transpose,
+                  bool parallel) {
+  if (!transpose) {
+#ifdef TRANSFEROPS_OPENMP
+#pragma omp parallel for schedule(static) if (parallel)
+#endif
+    for (int64_t i = 0; i < p.N; ++i) {
+      const T* k = p.K.data() + i * p.M;
+      double acc = 0.0;
+      for (int64_t j = 0; j < p.M; ++j) acc += double(k[j]) * w[j];
+      s[i] = acc;
+    }
+    return;
+  }
+  const int threads = parallel ? max_threads() : 1;
+  std::vector<double> partial(size_t(threads) * p.M, 0.0);
+#ifdef TRANSFEROPS_OPENMP
+#pragma omp parallel num_threads(threads) if (parallel)
+#endif
+  {
+#ifdef TRANSFEROPS_OPENMP
+    const int t = parallel ? omp_get_thread_num() : 0;
+#else
+    const int t = 0;
+#endif
+    double* acc = partial.data() + size_t(t) * p.M;
+    const int64_t lo = p.N * t / threads, hi = p.N * (t + 1) / threads;
+    for (int64_t i = lo; i < hi; ++i) {
+      const T* k = p.K.data() + i * p.M;
+      const double wi = w[i];
+      if (wi == 0.0) continue;
+      for (int64_t j = 0; j < p.M; ++j) acc[j] += double(k[j]) * wi;
+    }
+  }
+  for (int64_t j = 0; j < p.M; ++j) {
+    double acc = 0.0;
+    for (int t = 0; t < threads; ++t) acc += partial[size_t(t) * p.M + j];
+    s[j] = acc;
+  }
+}
+
+struct Half {
+  const double* weights_other;  // b for rows, a for columns
+  bool rows;
+};
+
+// One half-iteration: F (rows) or G (columns) from the other side's scalings. Returns whether
+// some scaling left the absorption range.
+template <class T>
+bool update(Problem<T>& p, const SinkhornSettings& s, bool rows, double omega, std::vector<double>& w,
+            std::vector<double>& sums, bool parallel) {
+  const int64_t n = rows ? p.N : p.M, m = rows ? p.M : p.N;
+  const double* other_w = rows ? p.b : p.a;
+  const std::vector<double>& other_scale = rows ? p.v : p.u;
+  for (int64_t j = 0; j < m; ++j) w[j] = other_w[j] * other_scale[j];
+  kernel_apply(p, w, sums, !rows, parallel);
+  std::vector<double>& full = rows ? p.F : p.G;
+  std::vector<double>& scale = rows ? p.u : p.v;
+  const double* absorbed = rows ? p.f : p.g;
+  bool out_of_range = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const double sum = sums[i];
+    // An underflowed (or denormal) sum has lost its digits: take the exact log-domain update.
+    const double target = sum > 1e-280 && (sizeof(T) == 8 || sum > 1e-30)
+                              ? s.lam * (absorbed[i] - s.eps * std::log(sum))
+                              : s.lam * (rows ? row_transform(p, i, s.eps) : col_transform(p, i, s.eps));
+    full[i] = (1.0 - omega) * full[i] + omega * target;
+    const double log_scale = (full[i] - absorbed[i]) / s.eps;
+    scale[i] = std::exp(log_scale);
+    out_of_range |= !(std::fabs(log_scale) <= kAbsorb);
+  }
+  return out_of_range;
+}
+
+template <class T>
+void absorb(Problem<T>& p, double eps, bool parallel) {
+  std::copy(p.F.begin(), p.F.end(), p.f);
+  std::copy(p.G.begin(), p.G.end(), p.g);
+  build_kernel(p, eps, parallel);
+}
+
+template <class T>
+double row_error(Problem<T>& p, const SinkhornSettings& s, std::vector<double>& w, std::vector<double>& sums,
+                 bool parallel) {
+  for (int64_t j = 0; j < p.M; ++j) w[j] = p.b[j] * p.v[j];
+  kernel_apply(p, w, sums, false, parallel);
+  double err = 0.0;
+  for (int64_t i = 0; i < p.N; ++i) {
+    const double target = s.rho > 0 ? p.a[i] * std::exp(-p.F[i] / s.rho) : p.a[i];
+    err += std::fabs(p.a[i] * p.u[i] * sums[i] - target);
+  }
+  return err / p.mass;
+}
+
+template <class T>
+void solve(Problem<T>& p, const SinkhornSettings& s, int64_t* n_iter, double* error, bool parallel) {
+  p.F.assign(p.f, p.f + p.N);
+  p.G.assign(p.g, p.g + p.M);
+  p.u.assign(p.N, 1.0);
+  p.v.assign(p.M, 1.0);
+  p.la.resize(p.N);
+  p.lb.resize(p.M);
+  for (int64_t i = 0; i < p.N; ++i) p.la[i] = p.a[i] > 0 ? std::log(p.a[i]) : neg_inf();
+  for (int64_t j = 0; j < p.M; ++j) p.lb[j] = p.b[j] > 0 ? std::log(p.b[j]) : neg_inf();
+  p.mass = 0.0;
+  for (int64_t i = 0; i < p.N; ++i) p.mass += p.a[i];
+  for (int64_t k = 0; k < s.schedule_len; ++k) {  // eps-scaling: exact log-domain updates
+    const double e = s.schedule[k];
+    const double lam = s.rho > 0 ? s.rho / (s.rho + e) : 1.0;
+    for (int64_t i = 0; i < p.N; ++i) p.F[i] = lam * row_transform(p, i, e);
+    for (int64_t j = 0; j < p.M; ++j) p.G[j] = s.symmetric ? p.F[j] : lam * col_transform(p, j, e);
+  }
+  std::copy(p.F.begin(), p.F.end(), p.f);
+  std::copy(p.G.begin(), p.G.end(), p.g);
+  p.K.resize(size_t(p.N) * p.M);
+  build_kernel(p, s.eps, parallel);
+  std::vector<double> w(std::max(p.N, p.M)), sums(std::max(p.N, p.M));
+  double err = std::numeric_limits<double>::infinity();
+  int64_t it = 0;
+  while (it < s.max_iter) {
+    ++it;
+    bool out = update(p, s, true, s.symmetric ? 0.5 : s.omega, w, sums, parallel);
+    if (s.symmetric) {
+      std::copy(p.F.begin(), p.F.end(), p.G.begin());
+      std::copy(p.u.begin(), p.u.end(), p.v.begin());
+    } else {
+      out |= update(p, s, false, s.omega, w, sums, parallel);
+    }
+    if (out) absorb(p, s.eps, parallel);
+    if (it % s.check_every == 0 || it == s.max_iter) {
+      err = row_error(p, s, w, sums, parallel);
+      if (err <= s.tol) break;
+    }
+  }
+  std::copy(p.F.begin(), p.F.end(), p.f);
+  std::copy(p.G.begin(), p.G.end(), p.g);
+  *n_iter = it;
+  *error = err;
+}
+
+template <class T>
+void sinkhorn_typed(const View2D& C, int64_t N, const View2D& a, const View2D& b, const View2D& f, const View2D& g,
+                    const SinkhornSettings& s, int64_t* n_iter, double* error) {
+  const int64_t B = a.rows, M = C.cols;
+  // Several problems: one per thread. One problem: the threads share its rows.
+  const bool across = B > 1;
+  const bool inside = !across && N * M > kParallelMinElements;
+  std::string failure;
+#ifdef TRANSFEROPS_OPENMP
+#pragma omp parallel for schedule(dynamic, 1) if (across)
+#endif
+  for (int64_t k = 0; k < B; ++k) {
+    try {
+      Problem<T> p{C.row<const T>(k * N), N, M, C.row_stride, a.row<const double>(k), b.row<const double>(k),
+                   f.row<double>(k), g.row<double>(k), {}, {}, {}, {}, {}, {}, {}, 0.0};
+      solve(p, s, n_iter + k, error + k, inside);
+    } catch (const std::exception& e) {  // (allocation) an exception must not leave the region
+#ifdef TRANSFEROPS_OPENMP
+#pragma omp critical
+#endif
+      failure = e.what();
+    }
+  }
+  if (!failure.empty()) throw std::runtime_error(failure);
+}
+
+}  // namespace
+
+void sinkhorn_matrix(const View2D& C, int64_t N, const View2D& a, const View2D& b, const View2D& f, const View2D& g,
+                     const SinkhornSettings& s, int64_t* n_iter, double* error) {
+  if (N < 1 || C.rows != a.rows * N || a.cols != N || b.cols != C.cols || b.rows != a.rows || f.rows != a.rows ||
+      f.cols != N || g.rows != a.rows || g.cols != C.cols) {
+    throw std::invalid_argument("sinkhorn: C [B * N, M], a and f [B, N], b and g [B, M] do not match");
+  }
+  if (a.dtype != DType::f64 || b.dtype != DType::f64 || f.dtype != DType::f64 || g.dtype != DType::f64) {
+    throw std::invalid_argument("sinkhorn: weights and potentials must be float64");
+  }
+  if (!(s.eps > 0) || !(s.tol > 0) || s.max_iter < 1 || s.check_every < 1) {
+    throw std::invalid_argument("sinkhorn: expected eps > 0, tol > 0, max_iter >= 1, check_every >= 1");
+  }
+  if (C.dtype == DType::f32) {
+    sinkhorn_typed<float>(C, N, a, b, f, g, s, n_iter, error);
+  } else if (C.dtype == DType::f64) {
+    sinkhorn_typed<double>(C, N, a, b, f, g, s, n_iter, error);
+  } else {
+    throw std::invalid_argument("sinkhorn: C must be float32 or float64");
+  }
+}
+
+}  // namespace transferops::cpu

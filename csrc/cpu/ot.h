@@ -1,0 +1,34 @@
+// CPU kernels of the Sinkhorn hot path. Plain C++17: no Python headers, testable alone.
+#pragma once
+#include <cstdint>
+
+#include "common/view.h"
+
+namespace transferops::cpu {
+
+// Entropic OT on given cost matrices, one problem per block of rows: C is [B * N, M] (float32
+// or float64), a [B, N] and b [B, M] the weights (zero for padding), f [B, N] and g [B, M] the
+// potentials (read as the start, written back), P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps).
+//
+// Iterations run in the kernel domain, P = diag(u) K diag(v) with K_ij = exp((f_i + g_j -
+// C_ij)/eps) stored in C's dtype; a scaling whose log leaves [-kAbsorb, kAbsorb] is absorbed
+// into the potentials and K rebuilt, so nothing overflows; a row or column whose kernel sum
+// underflows takes the exact log-domain update instead. Each update is the log-domain one,
+//   F_i = lam (f_i - eps log sum_j K_ij b_j v_j),   G_j likewise,
+// relaxed by omega (F <- (1 - omega) F + omega F_update; 1 is plain Sinkhorn). `symmetric`
+// (x = y, a = b): g = f and F <- (F + F_update) / 2. Every `check_every` iterations (and at the
+// last) the L1 error of the rows, sum_i |(P 1)_i - a_i exp(-f_i / rho)| / sum a (rho <= 0:
+// balanced, the exponential is 1), stops a problem at <= tol. `schedule` eps values first take
+// one exact log-domain update each (eps-scaling).
+struct SinkhornSettings {
+  double eps, lam, rho, tol, omega;
+  int64_t max_iter, check_every;
+  bool symmetric;
+  const double* schedule;
+  int64_t schedule_len;
+};
+
+void sinkhorn_matrix(const View2D& C, int64_t N, const View2D& a, const View2D& b, const View2D& f, const View2D& g,
+                     const SinkhornSettings& s, int64_t* n_iter, double* error);
+
+}  // namespace transferops::cpu
