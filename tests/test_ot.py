@@ -171,8 +171,8 @@ def test_bad_input_is_a_clear_error(call, error, match):
 def test_native_matches_reference(N, M, reach, symmetric, scaling, dtype):
     """Fresh clustered clouds with a small eps (exp(-C/eps) spans 1e-40 and less, so the kernel
     needs absorption and the log-domain fallback): the native
-    kernel-domain solver against the log-domain reference, same iteration counts; non-contiguous
-    inputs; float32 keeps its kernel in float32."""
+    kernel-domain solver (over-relaxed) against the log-domain reference; non-contiguous inputs;
+    float32 keeps its kernel in float32."""
     g = torch.Generator().manual_seed(N * M)
     centers = torch.randn(4, 3, generator=g, dtype=torch.float64) * 3
     x = (centers[torch.randint(0, 4, (N,), generator=g)] + torch.randn(N, 3, generator=g, dtype=torch.float64))
@@ -187,11 +187,10 @@ def test_native_matches_reference(N, M, reach, symmetric, scaling, dtype):
     xs = wide[:, ::2]
     ys = xs if symmetric else y.to(dtype)
     eps = 0.05 * float(cost_matrix(x, y).mean())  # as the benchmarks: eps = 0.05 on costs of mean 1
-    kw = dict(eps=eps, tol=1e-9 if dtype == torch.float64 else 1e-5, reach=reach, eps_scaling=scaling)
+    kw = dict(eps=eps, tol=1e-11 if dtype == torch.float64 else 1e-5, reach=reach, eps_scaling=scaling)
     want = sinkhorn(xs, ys, a, b if not symmetric else a, backend="reference", **kw)
     got = sinkhorn(xs, ys, a, b if not symmetric else a, backend="native", **kw)
     rtol = 1e-9 if dtype == torch.float64 else 1e-4
     assert bool(got.converged) and bool(want.converged)
     assert _rel(got.ot_eps, want.ot_eps) < rtol and _rel(got.transport_cost, want.transport_cost) < rtol
-    if dtype == torch.float64:
-        assert abs(int(got.n_iter) - int(want.n_iter)) <= 10
+    assert int(got.n_iter) <= int(want.n_iter)  # over-relaxed: the same fixed point in fewer iterations

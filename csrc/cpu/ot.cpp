@@ -69,6 +69,23 @@ double col_transform(const Problem<T>& p, int64_t j, double eps) {
   return -eps * (mx + std::log(sum));
 }
 
+// sum_j k_j w_j in kLanes interleaved partial sums (a fixed order the compiler vectorizes
+// without reassociating: no -ffast-math), float32 products summed in double.
+constexpr int kLanes = 8;
+
+template <class T>
+double dot(const T* k, const double* w, int64_t n) {
+  double acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += double(k[j + l]) * w[j + l];
+  }
+  double total = 0.0;
+  for (; j < n; ++j) total += double(k[j]) * w[j];
+  for (int l = 0; l < kLanes; ++l) total += acc[l];
+  return total;
+}
+
 // s_i = sum_j K_ij w_j (rows, `transpose` false) or s_j = sum_i K_ij w_i, combined in a fixed
 // order so results do not depend on the thread count.
 template <class T>
@@ -78,12 +95,7 @@ void kernel_apply(const Problem<T>& p, const std::vector<double>& w, std::vector
 #ifdef TRANSFEROPS_OPENMP
 #pragma omp parallel for schedule(static) if (parallel)
 #endif
-    for (int64_t i = 0; i < p.N; ++i) {
-      const T* k = p.K.data() + i * p.M;
-      double acc = 0.0;
-      for (int64_t j = 0; j < p.M; ++j) acc += double(k[j]) * w[j];
-      s[i] = acc;
-    }
+    for (int64_t i = 0; i < p.N; ++i) s[i] = dot(p.K.data() + i * p.M, w.data(), p.M);
     return;
   }
   const int threads = parallel ? max_threads() : 1;
@@ -189,21 +201,37 @@ void solve(Problem<T>& p, const SinkhornSettings& s, int64_t* n_iter, double* er
   p.K.resize(size_t(p.N) * p.M);
   build_kernel(p, s.eps, parallel);
   std::vector<double> w(std::max(p.N, p.M)), sums(std::max(p.N, p.M));
-  double err = std::numeric_limits<double>::infinity();
+  double err = std::numeric_limits<double>::infinity(), previous = err;
+  double omega = 1.0;
+  int checks = 0;
+  bool relaxable = s.omega > 1.0 && !s.symmetric;
   int64_t it = 0;
   while (it < s.max_iter) {
     ++it;
-    bool out = update(p, s, true, s.symmetric ? 0.5 : s.omega, w, sums, parallel);
+    bool out = update(p, s, true, s.symmetric ? 0.5 : omega, w, sums, parallel);
     if (s.symmetric) {
       std::copy(p.F.begin(), p.F.end(), p.G.begin());
       std::copy(p.u.begin(), p.u.end(), p.v.begin());
     } else {
-      out |= update(p, s, false, s.omega, w, sums, parallel);
+      out |= update(p, s, false, omega, w, sums, parallel);
     }
     if (out) absorb(p, s.eps, parallel);
     if (it % s.check_every == 0 || it == s.max_iter) {
       err = row_error(p, s, w, sums, parallel);
       if (err <= s.tol) break;
+      ++checks;
+      // Over-relaxation, tuned once from plain Sinkhorn's observed rate r per iteration (past
+      // the first check's transient): omega = 2 / (1 + sqrt(1 - r)), the optimal SOR factor of
+      // the linearized iteration (Lehmann et al. 2021). An error that grows drops back to
+      // omega = 1 for good. The fixed point, hence the answer, is the same.
+      if (relaxable && omega == 1.0 && checks == 3 && err < previous) {
+        const double rate = std::pow(err / previous, 1.0 / double(s.check_every));
+        omega = std::min(s.omega, 2.0 / (1.0 + std::sqrt(1.0 - rate)));
+      } else if (omega > 1.0 && !(err < previous)) {
+        omega = 1.0;
+        relaxable = false;
+      }
+      previous = err;
     }
   }
   std::copy(p.F.begin(), p.F.end(), p.f);
@@ -216,9 +244,11 @@ template <class T>
 void sinkhorn_typed(const View2D& C, int64_t N, const View2D& a, const View2D& b, const View2D& f, const View2D& g,
                     const SinkhornSettings& s, int64_t* n_iter, double* error) {
   const int64_t B = a.rows, M = C.cols;
-  // Several problems: one per thread. One problem: the threads share its rows.
+  // Several problems: one per thread. One problem: the threads share its rows when it is big
+  // enough; below ~4M entries the regions' wake-ups cost more than a second core gives (measured
+  // at N = M = 1000 on 2 cores: 0.65 ms an iteration either way, 0.31 vs 0.14 ms at 500).
   const bool across = B > 1;
-  const bool inside = !across && N * M > kParallelMinElements;
+  const bool inside = !across && N * M >= (int64_t(1) << 22);
   std::string failure;
 #ifdef TRANSFEROPS_OPENMP
 #pragma omp parallel for schedule(dynamic, 1) if (across)
