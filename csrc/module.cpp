@@ -254,23 +254,23 @@ void tridiagonal_apply_q(const py::dict& lapack, const py::array& gram, const py
 }
 
 // See cpu::sinkhorn_matrix: f and g are read as the start and written back. Returns (n_iter,
-// error), one per problem.
+// error, transport_cost, ot_eps), one each per problem.
 py::tuple sinkhorn_matrix(const py::buffer& C, int64_t N, const py::buffer& a, const py::buffer& b, const py::buffer& f,
                           const py::buffer& g, double eps, double lam, double rho, double tol, double omega,
                           int64_t max_iter, int64_t check_every, bool symmetric, const std::vector<double>& schedule) {
   const BufferView c = buffer_view(C, "C", false), av = buffer_view(a, "a", false), bv = buffer_view(b, "b", false);
   BufferView fv = buffer_view(f, "f", true), gv = buffer_view(g, "g", true);
   py::array_t<int64_t> n_iter(av.view.rows);
-  py::array_t<double> error(av.view.rows);
+  py::array_t<double> error(av.view.rows), transport(av.view.rows), value(av.view.rows);
   const cpu::SinkhornSettings s{eps, lam, rho, tol, omega, max_iter, check_every, symmetric, schedule.data(),
                                 static_cast<int64_t>(schedule.size())};
   int64_t* it = n_iter.mutable_data();
-  double* err = error.mutable_data();
+  double *err = error.mutable_data(), *cost = transport.mutable_data(), *val = value.mutable_data();
   {
     py::gil_scoped_release release;
-    cpu::sinkhorn_matrix(c.view, N, av.view, bv.view, fv.view, gv.view, s, it, err);
+    cpu::sinkhorn_matrix(c.view, N, av.view, bv.view, fv.view, gv.view, s, it, err, cost, val);
   }
-  return py::make_tuple(n_iter, error);
+  return py::make_tuple(n_iter, error, transport, value);
 }
 
 using Vector = py::array_t<double, py::array::c_style | py::array::forcecast>;

@@ -69,33 +69,40 @@ double col_transform(const Problem<T>& p, int64_t j, double eps) {
   return -eps * (mx + std::log(sum));
 }
 
-// sum_j k_j w_j in kLanes interleaved partial sums (a fixed order the compiler vectorizes
-// without reassociating: no -ffast-math), float32 products summed in double.
+// Products and short partial sums run in the kernel's type T (8 float lanes vectorize twice as
+// wide as double ones); every kFlush terms the lanes are added into double totals, which bounds
+// a float32 partial sum's rounding to kFlush / 8 terms. Sums are in a fixed order: results do
+// not depend on the thread count, and the compiler vectorizes without reassociating.
 constexpr int kLanes = 8;
+constexpr int64_t kFlush = 512;
 
 template <class T>
-double dot(const T* k, const double* w, int64_t n) {
-  double acc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += double(k[j + l]) * w[j + l];
-  }
+double dot(const T* k, const T* w, int64_t n) {
   double total = 0.0;
-  for (; j < n; ++j) total += double(k[j]) * w[j];
-  for (int l = 0; l < kLanes; ++l) total += acc[l];
+  for (int64_t start = 0; start < n; start += kFlush) {
+    const int64_t end = std::min(n, start + kFlush);
+    T acc[kLanes] = {};
+    int64_t j = start;
+    for (; j + kLanes <= end; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l) acc[l] += k[j + l] * w[j + l];
+    }
+    for (; j < end; ++j) acc[0] += k[j] * w[j];
+    for (int l = 0; l < kLanes; ++l) total += double(acc[l]);
+  }
   return total;
 }
 
-// s_i = sum_j K_ij w_j (rows, `transpose` false) or s_j = sum_i K_ij w_i, combined in a fixed
-// order so results do not depend on the thread count.
+// s_i = sum_j K_ij w_j (rows, `transpose` false) or s_j = sum_i K_ij w_i.
 template <class T>
 void kernel_apply(const Problem<T>& p, const std::vector<double>& w, std::vector<double>& s, bool transpose,
                   bool parallel) {
+  const int64_t n_in = transpose ? p.N : p.M;
+  std::vector<T> wt(w.begin(), w.begin() + n_in);
   if (!transpose) {
 #ifdef TRANSFEROPS_OPENMP
 #pragma omp parallel for schedule(static) if (parallel)
 #endif
-    for (int64_t i = 0; i < p.N; ++i) s[i] = dot(p.K.data() + i * p.M, w.data(), p.M);
+    for (int64_t i = 0; i < p.N; ++i) s[i] = dot(p.K.data() + i * p.M, wt.data(), p.M);
     return;
   }
   const int threads = parallel ? max_threads() : 1;
@@ -110,12 +117,17 @@ void kernel_apply(const Problem<T>& p, const std::vector<double>& w, std::vector
     const int t = 0;
 #endif
     double* acc = partial.data() + size_t(t) * p.M;
+    std::vector<T> block(p.M);
     const int64_t lo = p.N * t / threads, hi = p.N * (t + 1) / threads;
-    for (int64_t i = lo; i < hi; ++i) {
-      const T* k = p.K.data() + i * p.M;
-      const double wi = w[i];
-      if (wi == 0.0) continue;
-      for (int64_t j = 0; j < p.M; ++j) acc[j] += double(k[j]) * wi;
+    for (int64_t start = lo; start < hi; start += kFlush / kLanes) {
+      std::fill(block.begin(), block.end(), T(0));
+      for (int64_t i = start; i < std::min(hi, start + kFlush / kLanes); ++i) {
+        const T* k = p.K.data() + i * p.M;
+        const T wi = wt[i];
+        if (wi == T(0)) continue;
+        for (int64_t j = 0; j < p.M; ++j) block[j] += k[j] * wi;
+      }
+      for (int64_t j = 0; j < p.M; ++j) acc[j] += double(block[j]);
     }
   }
   for (int64_t j = 0; j < p.M; ++j) {
@@ -178,8 +190,51 @@ double row_error(Problem<T>& p, const SinkhornSettings& s, std::vector<double>& 
   return err / p.mass;
 }
 
+// sum_i p_i log(p_i / q_i) - sum p + sum q.
+double generalized_kl(const std::vector<double>& p, const double* q, int64_t n) {
+  double kl = 0.0;
+  for (int64_t i = 0; i < n; ++i) kl += (p[i] > 0 ? p[i] * std::log(p[i] / q[i]) : 0.0) - p[i] + q[i];
+  return kl;
+}
+
+// <C, P> and ot_eps of the final state, with P = diag(a u) K diag(b v) read from the stored
+// kernel: eps KL(P | a x b) = sum_i F_i r_i + sum_j G_j c_j - <C, P> - eps (sum P - sum a sum b)
+// for the marginals r, c of P, so ot_eps needs one pass for <C, P> and the marginals.
 template <class T>
-void solve(Problem<T>& p, const SinkhornSettings& s, int64_t* n_iter, double* error, bool parallel) {
+void values(Problem<T>& p, const SinkhornSettings& s, double* transport, double* value) {
+  std::vector<double> r(p.N), c(p.M, 0.0), bv(p.M);
+  for (int64_t j = 0; j < p.M; ++j) bv[j] = p.b[j] * p.v[j];
+  double cost = 0.0;
+  for (int64_t i = 0; i < p.N; ++i) {
+    const double au = p.a[i] * p.u[i];
+    if (au == 0.0) {
+      r[i] = 0.0;
+      continue;
+    }
+    const T* k = p.K.data() + i * p.M;
+    const T* ci = p.C + i * p.ldc;
+    double row = 0.0, row_cost = 0.0;
+    for (int64_t j = 0; j < p.M; ++j) {
+      const double pij = au * double(k[j]) * bv[j];
+      row += pij;
+      row_cost += pij * double(ci[j]);
+      c[j] += pij;
+    }
+    r[i] = row;
+    cost += row_cost;
+  }
+  double dual = 0.0, mass_p = 0.0, mass_b = 0.0;
+  for (int64_t i = 0; i < p.N; ++i) dual += p.F[i] * r[i], mass_p += r[i];
+  for (int64_t j = 0; j < p.M; ++j) dual += p.G[j] * c[j], mass_b += p.b[j];
+  double objective = dual - s.eps * (mass_p - p.mass * mass_b);
+  if (s.rho > 0) objective += s.rho * (generalized_kl(r, p.a, p.N) + generalized_kl(c, p.b, p.M));
+  *transport = cost;
+  *value = objective;
+}
+
+template <class T>
+void solve(Problem<T>& p, const SinkhornSettings& s, int64_t* n_iter, double* error, double* transport, double* value,
+           bool parallel) {
   p.F.assign(p.f, p.f + p.N);
   p.G.assign(p.g, p.g + p.M);
   p.u.assign(p.N, 1.0);
@@ -238,11 +293,12 @@ void solve(Problem<T>& p, const SinkhornSettings& s, int64_t* n_iter, double* er
   std::copy(p.G.begin(), p.G.end(), p.g);
   *n_iter = it;
   *error = err;
+  values(p, s, transport, value);
 }
 
 template <class T>
 void sinkhorn_typed(const View2D& C, int64_t N, const View2D& a, const View2D& b, const View2D& f, const View2D& g,
-                    const SinkhornSettings& s, int64_t* n_iter, double* error) {
+                    const SinkhornSettings& s, int64_t* n_iter, double* error, double* transport, double* value) {
   const int64_t B = a.rows, M = C.cols;
   // Several problems: one per thread. One problem: the threads share its rows when it is big
   // enough; below ~4M entries the regions' wake-ups cost more than a second core gives (measured
@@ -257,7 +313,7 @@ void sinkhorn_typed(const View2D& C, int64_t N, const View2D& a, const View2D& b
     try {
       Problem<T> p{C.row<const T>(k * N), N, M, C.row_stride, a.row<const double>(k), b.row<const double>(k),
                    f.row<double>(k), g.row<double>(k), {}, {}, {}, {}, {}, {}, {}, 0.0};
-      solve(p, s, n_iter + k, error + k, inside);
+      solve(p, s, n_iter + k, error + k, transport + k, value + k, inside);
     } catch (const std::exception& e) {  // (allocation) an exception must not leave the region
 #ifdef TRANSFEROPS_OPENMP
 #pragma omp critical
@@ -271,7 +327,7 @@ void sinkhorn_typed(const View2D& C, int64_t N, const View2D& a, const View2D& b
 }  // namespace
 
 void sinkhorn_matrix(const View2D& C, int64_t N, const View2D& a, const View2D& b, const View2D& f, const View2D& g,
-                     const SinkhornSettings& s, int64_t* n_iter, double* error) {
+                     const SinkhornSettings& s, int64_t* n_iter, double* error, double* transport, double* value) {
   if (N < 1 || C.rows != a.rows * N || a.cols != N || b.cols != C.cols || b.rows != a.rows || f.rows != a.rows ||
       f.cols != N || g.rows != a.rows || g.cols != C.cols) {
     throw std::invalid_argument("sinkhorn: C [B * N, M], a and f [B, N], b and g [B, M] do not match");
@@ -283,9 +339,9 @@ void sinkhorn_matrix(const View2D& C, int64_t N, const View2D& a, const View2D& 
     throw std::invalid_argument("sinkhorn: expected eps > 0, tol > 0, max_iter >= 1, check_every >= 1");
   }
   if (C.dtype == DType::f32) {
-    sinkhorn_typed<float>(C, N, a, b, f, g, s, n_iter, error);
+    sinkhorn_typed<float>(C, N, a, b, f, g, s, n_iter, error, transport, value);
   } else if (C.dtype == DType::f64) {
-    sinkhorn_typed<double>(C, N, a, b, f, g, s, n_iter, error);
+    sinkhorn_typed<double>(C, N, a, b, f, g, s, n_iter, error, transport, value);
   } else {
     throw std::invalid_argument("sinkhorn: C must be float32 or float64");
   }

@@ -20,7 +20,8 @@ namespace transferops::cpu {
 // (x = y, a = b): g = f and F <- (F + F_update) / 2. Every `check_every` iterations (and at the
 // last) the L1 error of the rows, sum_i |(P 1)_i - a_i exp(-f_i / rho)| / sum a (rho <= 0:
 // balanced, the exponential is 1), stops a problem at <= tol. `schedule` eps values first take
-// one exact log-domain update each (eps-scaling).
+// one exact log-domain update each (eps-scaling). Per problem: the iterations run, the last
+// error, <C, P> and ot_eps = <C, P> + eps KL(P | a x b) (+ rho KL(P 1 | a) + rho KL(P^T 1 | b)).
 struct SinkhornSettings {
   double eps, lam, rho, tol, omega;
   int64_t max_iter, check_every;
@@ -30,6 +31,6 @@ struct SinkhornSettings {
 };
 
 void sinkhorn_matrix(const View2D& C, int64_t N, const View2D& a, const View2D& b, const View2D& f, const View2D& g,
-                     const SinkhornSettings& s, int64_t* n_iter, double* error);
+                     const SinkhornSettings& s, int64_t* n_iter, double* error, double* transport, double* value);
 
 }  // namespace transferops::cpu

@@ -84,10 +84,11 @@ def _working_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def cost_matrix(x: torch.Tensor, y: torch.Tensor, cost: str = "sqeuclidean") -> torch.Tensor:
-    """C [.., N, M] in float64: scale * |x_i - y_j|^2 through |x|^2 + |y|^2 - 2 x.y (POT's
+def cost_matrix(x: torch.Tensor, y: torch.Tensor, cost: str = "sqeuclidean",
+                dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """C [.., N, M] in ``dtype``: scale * |x_i - y_j|^2 through |x|^2 + |y|^2 - 2 x.y (POT's
     ``ot.dist`` expansion), clamped at 0."""
-    x, y = x.to(torch.float64), y.to(torch.float64)
+    x, y = x.to(dtype), y.to(dtype)
     sq = (x * x).sum(-1)[..., :, None] + (y * y).sum(-1)[..., None, :] - 2 * x @ y.transpose(-1, -2)
     return COSTS[cost] * sq.clamp(min=0)
 
@@ -204,12 +205,11 @@ def _sinkhorn_native(C, a, b, eps, rho, tol, max_iter, schedule, symmetric):
     f = torch.zeros(B, N, dtype=torch.float64)
     g = torch.zeros(B, M, dtype=torch.float64)
     lam = 1.0 if rho is None else rho / (rho + eps)
-    n_iter, error = native_module().sinkhorn_matrix(
+    n_iter, error, transport, value = native_module().sinkhorn_matrix(
         native_buffer(C.contiguous().view(B * N, M)), N, native_buffer(a.contiguous()), native_buffer(b.contiguous()),
         native_buffer(f), native_buffer(g), eps, lam, -1.0 if rho is None else rho, tol, OMEGA, max_iter, CHECK_EVERY,
         symmetric, schedule)
-    transport, value = _values(C.double(), a.log(), b.log(), f, g, eps, rho)
-    return f, g, transport, value, torch.from_numpy(n_iter), torch.from_numpy(error)
+    return f, g, *(torch.from_numpy(t) for t in (transport, value, n_iter, error))
 
 
 def _schedule(eps: float, eps_scaling, C: torch.Tensor) -> list[float]:
@@ -302,8 +302,10 @@ def sinkhorn(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean", tol
         raise ValueError(f"x, y: expected one device, got {x.device} and {y.device}")
     batched = x.dim() == 3
     xb, yb = (x, y) if batched else (x[None], y[None])
-    C = cost_matrix(xb, yb, cost)
-    return _solve(C, a, b, dtype=_working_dtype(x.dtype, y.dtype), eps=eps, tol=tol, max_iter=max_iter,
+    dtype = _working_dtype(x.dtype, y.dtype)
+    # float32 work computes its costs in float32 too, unless gradients need float64 ones
+    C = cost_matrix(xb, yb, cost, torch.float64 if x.requires_grad or y.requires_grad else dtype)
+    return _solve(C, a, b, dtype=dtype, eps=eps, tol=tol, max_iter=max_iter,
                   eps_scaling=eps_scaling, reach=reach, batched=batched, backend=backend,
                   log_plan_of=lambda rows: C[:, rows], symmetric=x is y and a is b)
 
