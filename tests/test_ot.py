@@ -194,3 +194,37 @@ def test_native_matches_reference(N, M, reach, symmetric, scaling, dtype):
     assert bool(got.converged) and bool(want.converged)
     assert _rel(got.ot_eps, want.ot_eps) < rtol and _rel(got.transport_cost, want.transport_cost) < rtol
     assert int(got.n_iter) <= int(want.n_iter)  # over-relaxed: the same fixed point in fewer iterations
+
+
+def test_pot_compat_is_a_drop_in():
+    """transferops.compat.pot against POT itself: same signatures, numpy in and out, same values
+    at a tight stopThr (POT's sinkhorn_log, which converges where the kernel form would not)."""
+    ot = pytest.importorskip("ot")
+    from transferops.compat import pot
+
+    g = np.random.default_rng(0)
+    x, y = g.normal(size=(40, 5)), g.normal(size=(30, 5)) + 0.5
+    a, b = g.random(40) + 0.1, g.random(30) + 0.1
+    a, b = a / a.sum(), b / b.sum()
+    M = ot.dist(x, y)
+    M /= M.mean()
+    want = ot.sinkhorn2(a, b, M, 0.05, method="sinkhorn_log", stopThr=1e-13, numItermax=100000)
+    got = pot.sinkhorn2(a, b, M, 0.05, stopThr=1e-13, numItermax=100000)
+    assert isinstance(got, np.ndarray) and abs(float(got) - float(want)) < 1e-8 * float(want)
+    P = pot.sinkhorn(a, b, M, 0.05, stopThr=1e-13, numItermax=100000)
+    np.testing.assert_allclose(P, ot.sinkhorn(a, b, M, 0.05, method="sinkhorn_log", stopThr=1e-13,
+                                              numItermax=100000), rtol=0, atol=1e-10)
+    uniform = pot.sinkhorn2([], [], torch.from_numpy(M), 0.05, stopThr=1e-12, numItermax=100000)
+    assert isinstance(uniform, torch.Tensor)
+    assert abs(float(uniform) - float(ot.sinkhorn2([], [], M, 0.05, method="sinkhorn_log", stopThr=1e-13,
+                                                   numItermax=100000))) < 1e-7
+    un = pot.sinkhorn_unbalanced2(a, b * 1.5, M, 0.05, 1.0, stopThr=1e-13, numItermax=100000)
+    ref = ot.sinkhorn_unbalanced2(a, b * 1.5, M, 0.05, 1.0, method="sinkhorn_stabilized", stopThr=1e-13,
+                                  numItermax=100000)
+    assert abs(float(un) - float(ref)) < 1e-7 * abs(float(ref))
+    eps = 0.05 * float(ot.dist(x, y).mean())
+    emp = pot.empirical_sinkhorn2(x, y, eps, a, b, stopThr=1e-12, numIterMax=100000)
+    want = ot.sinkhorn2(a, b, ot.dist(x, y), eps, method="sinkhorn_log", stopThr=1e-13, numItermax=100000)
+    assert abs(float(emp) - float(want)) < 1e-7 * float(want)
+    with pytest.raises(ValueError, match="b: expected one histogram"):
+        pot.sinkhorn2(a, np.stack([b, b], 1), M, 0.05)

@@ -1,0 +1,111 @@
+"""POT's Sinkhorn entry points (``ot.sinkhorn``, ``ot.sinkhorn2``, ``ot.sinkhorn_unbalanced``,
+``ot.sinkhorn_unbalanced2``, ``ot.bregman.empirical_sinkhorn2``) with POT's signatures, run by
+:mod:`transferops.ot`. Switch with one import: ``from transferops.compat import pot as ot``.
+
+Same semantics as POT 0.9 for one histogram pair: empty ``a``/``b`` mean uniform weights, ``M``
+is the cost matrix, ``reg`` is eps, the entropy is KL(P | a x b), ``reg_m`` relaxes the
+marginals with KL terms (POT's ``reg_type="kl"``), numpy in gives numpy out and torch in gives
+torch out. Every ``method`` ("sinkhorn", "sinkhorn_log", "sinkhorn_stabilized", ...) runs the
+same log-stable solver, which returns the answer every one of them converges to. Differences:
+``stopThr`` bounds the L1 error of the marginals relative to the mass (POT: the L2 norm of the
+error, a looser test); several target histograms at once (``b`` of shape [M, k]) are not
+supported (solve a batch with :func:`transferops.sinkhorn_cost_matrix` instead).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import ot as _ot
+
+
+def _tensor(x, name: str):
+    if isinstance(x, torch.Tensor):
+        return x, False
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x), True
+    if isinstance(x, (list, tuple)):
+        return torch.tensor(x, dtype=torch.float64), True
+    raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
+
+
+def _weights(w, n: int, name: str, like: torch.Tensor):
+    w, _ = _tensor(w, name)
+    if w.numel() == 0:
+        return None
+    if w.dim() != 1:
+        raise ValueError(f"{name}: expected one histogram [{n}] (several at once are not supported), "
+                         f"got shape {tuple(w.shape)}")
+    return w.to(like.device)
+
+
+def _solve(a, b, M, reg, reach, numItermax, stopThr):
+    C, numpy_in = _tensor(M, "M")
+    if C.dim() != 2:
+        raise ValueError(f"M: expected a cost matrix [n, m], got shape {tuple(C.shape)}")
+    result = _ot.sinkhorn_cost_matrix(C, _weights(a, C.shape[0], "a", C), _weights(b, C.shape[1], "b", C), eps=reg,
+                                      tol=stopThr, max_iter=numItermax, reach=reach)
+    return result, C, numpy_in
+
+
+def _out(t: torch.Tensor, numpy_in: bool, like: torch.Tensor):
+    t = t.to(like.dtype)
+    return t.numpy() if numpy_in else t
+
+
+def _log(result, numpy_in: bool):
+    log = {"niter": int(result.n_iter), "err": [float(result.marginal_error)],
+           "log_u": result.f / 1.0, "log_v": result.g / 1.0}
+    return {k: (v.numpy() if numpy_in and isinstance(v, torch.Tensor) else v) for k, v in log.items()}
+
+
+def sinkhorn(a, b, M, reg, method="sinkhorn", numItermax=1000, stopThr=1e-9, verbose=False, log=False, warn=True,
+             **kwargs):
+    """The entropic plan P [n, m] (``ot.sinkhorn``); with ``log`` also a dict (``niter``,
+    ``err``, and the potentials f, g under ``log_u``/``log_v`` as P = a_i b_j exp((f_i + g_j -
+    M_ij) / reg))."""
+    result, C, numpy_in = _solve(a, b, M, reg, None, numItermax, stopThr)
+    P = _out(result.plan(), numpy_in, C)
+    return (P, _log(result, numpy_in)) if log else P
+
+
+def sinkhorn2(a, b, M, reg, method="sinkhorn", numItermax=1000, stopThr=1e-9, verbose=False, log=False, warn=True,
+              **kwargs):
+    """<M, P> of the entropic plan (``ot.sinkhorn2``); with ``log`` also the dict of :func:`sinkhorn`."""
+    result, C, numpy_in = _solve(a, b, M, reg, None, numItermax, stopThr)
+    value = _out(result.transport_cost, numpy_in, C)
+    return (value, _log(result, numpy_in)) if log else value
+
+
+def sinkhorn_unbalanced(a, b, M, reg, reg_m, method="sinkhorn", reg_type="kl", numItermax=1000, stopThr=1e-6,
+                        verbose=False, log=False, **kwargs):
+    """The unbalanced plan (``ot.sinkhorn_unbalanced`` with KL marginal penalties ``reg_m``)."""
+    if reg_type != "kl":
+        raise ValueError(f"reg_type: only 'kl' (POT's default) is supported, got {reg_type!r}")
+    result, C, numpy_in = _solve(a, b, M, reg, reg_m, numItermax, stopThr)
+    P = _out(result.plan(), numpy_in, C)
+    return (P, _log(result, numpy_in)) if log else P
+
+
+def sinkhorn_unbalanced2(a, b, M, reg, reg_m, method="sinkhorn", reg_type="kl", numItermax=1000, stopThr=1e-6,
+                         verbose=False, log=False, **kwargs):
+    """<M, P> of the unbalanced plan (``ot.sinkhorn_unbalanced2``, POT's default ``returnCost="linear"``)."""
+    if reg_type != "kl":
+        raise ValueError(f"reg_type: only 'kl' (POT's default) is supported, got {reg_type!r}")
+    result, C, numpy_in = _solve(a, b, M, reg, reg_m, numItermax, stopThr)
+    value = _out(result.transport_cost, numpy_in, C)
+    return (value, _log(result, numpy_in)) if log else value
+
+
+def empirical_sinkhorn2(X_s, X_t, reg, a=None, b=None, metric="sqeuclidean", numIterMax=10000, stopThr=1e-9,
+                        verbose=False, log=False, warn=True, **kwargs):
+    """<C, P> between point clouds (``ot.bregman.empirical_sinkhorn2``), costs |x - y|^2."""
+    if metric != "sqeuclidean":
+        raise ValueError(f"metric: only 'sqeuclidean' is supported, got {metric!r}")
+    x, numpy_in = _tensor(X_s, "X_s")
+    y, _ = _tensor(X_t, "X_t")
+    a = None if a is None else _weights(a, x.shape[0], "a", x)
+    b = None if b is None else _weights(b, y.shape[0], "b", y)
+    result = _ot.sinkhorn(x, y, a, b, eps=reg, tol=stopThr, max_iter=numIterMax)
+    value = _out(result.transport_cost, numpy_in, x)
+    return (value, _log(result, numpy_in)) if log else value
