@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <functional>
 #include <optional>
 #include <tuple>
 #include <stdexcept>
@@ -273,6 +274,45 @@ py::tuple sinkhorn_matrix(const py::buffer& C, int64_t N, const py::buffer& a, c
   return py::make_tuple(n_iter, error, transport, value);
 }
 
+// See cpu::sinkhorn_points (BLAS from scipy.linalg.cython_blas capsules). `progress` (None or a
+// callable(problem, iteration, error)) runs at each check; Ctrl-C stops the solve there.
+py::tuple sinkhorn_points(const py::buffer& x, const py::buffer& y, int64_t N, double scale, const py::dict& blas,
+                          const py::buffer& a, const py::buffer& b, const py::buffer& f, const py::buffer& g, double eps,
+                          double lam, double rho, double tol, double omega, int64_t max_iter, int64_t check_every,
+                          bool symmetric, const std::vector<double>& schedule, const py::object& progress) {
+  const BufferView xv = buffer_view(x, "x", false), yv = buffer_view(y, "y", false), av = buffer_view(a, "a", false),
+                   bv = buffer_view(b, "b", false);
+  BufferView fv = buffer_view(f, "f", true), gv = buffer_view(g, "g", true);
+  auto pointer = [&](const char* name) {
+    if (!blas.contains(name)) throw std::invalid_argument(std::string("blas: missing ") + name);
+    PyObject* cap = py::object(blas[name]).ptr();
+    void* ptr = PyCapsule_GetPointer(cap, PyCapsule_GetName(cap));
+    if (!ptr) throw py::error_already_set();
+    return ptr;
+  };
+  cpu::Gemm gemm{};
+  gemm.sgemm = reinterpret_cast<decltype(gemm.sgemm)>(pointer("sgemm"));
+  gemm.dgemm = reinterpret_cast<decltype(gemm.dgemm)>(pointer("dgemm"));
+  const int64_t B = av.view.rows;
+  py::array_t<int64_t> n_iter(B);
+  py::array_t<double> error(B), transport(B), value(B);
+  const cpu::SinkhornSettings s{eps, lam, rho, tol, omega, max_iter, check_every, symmetric, schedule.data(),
+                                static_cast<int64_t>(schedule.size())};
+  std::function<void(int64_t, int64_t, double)> report = [&](int64_t k, int64_t it, double err) {
+    py::gil_scoped_acquire acquire;
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    if (!progress.is_none()) progress(k, it, err);
+  };
+  int64_t* it = n_iter.mutable_data();
+  double *err = error.mutable_data(), *cost = transport.mutable_data(), *val = value.mutable_data();
+  {
+    py::gil_scoped_release release;
+    cpu::sinkhorn_points(xv.view, yv.view, N, scale, gemm, av.view, bv.view, fv.view, gv.view, s, it, err, cost, val,
+                         report);
+  }
+  return py::make_tuple(n_iter, error, transport, value);
+}
+
 using Vector = py::array_t<double, py::array::c_style | py::array::forcecast>;
 
 // See cpu::logme_fixed_point. Returns (evidence, alpha, beta, t_used, z or None), [K] each and
@@ -365,6 +405,10 @@ PYBIND11_MODULE(_native, m) {
         py::arg("g"), py::arg("eps"), py::arg("lam"), py::arg("rho"), py::arg("tol"), py::arg("omega"),
         py::arg("max_iter"), py::arg("check_every"), py::arg("symmetric"), py::arg("schedule"),
         "stabilized kernel-domain Sinkhorn on cost matrices [B * N, M]");
+  m.def("sinkhorn_points", &sinkhorn_points, py::arg("x"), py::arg("y"), py::arg("N"), py::arg("scale"), py::arg("blas"),
+        py::arg("a"), py::arg("b"), py::arg("f"), py::arg("g"), py::arg("eps"), py::arg("lam"), py::arg("rho"),
+        py::arg("tol"), py::arg("omega"), py::arg("max_iter"), py::arg("check_every"), py::arg("symmetric"),
+        py::arg("schedule"), py::arg("progress"), "log-domain Sinkhorn on point clouds, costs recomputed in tiles");
   m.def("tridiagonalize", &tridiagonalize, py::arg("lapack"), py::arg("grams"), py::arg("projected"),
         py::arg("across_models"), "sytrd + sterf of Gram matrices and Q^T of their targets, in place (LAPACK from scipy)");
   m.def("tridiagonal_apply_q", &tridiagonal_apply_q, py::arg("lapack"), py::arg("gram"), py::arg("tau"), py::arg("X"),

@@ -228,3 +228,55 @@ def test_pot_compat_is_a_drop_in():
     assert abs(float(emp) - float(want)) < 1e-7 * float(want)
     with pytest.raises(ValueError, match="b: expected one histogram"):
         pot.sinkhorn2(a, np.stack([b, b], 1), M, 0.05)
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """Every point-cloud problem solved online (costs recomputed in tiles, never stored)."""
+    import transferops.ot
+
+    monkeypatch.setattr(transferops.ot, "MATERIALIZE_BYTES", 0)
+
+
+@pytest.mark.parametrize("name", POINT_CLOUDS)
+def test_online_matches_pot_and_the_stored_costs(online, name):
+    d = _golden(name)
+    x, y, a, b = (d[k] for k in "xyab")
+    eps = float(d["eps"])
+    r = sinkhorn(x, y, a, b, eps=eps, tol=1e-12, progress=False)
+    assert _rel(r.transport_cost, d["transport_cost"]) < 1e-8 and _rel(r.ot_eps, d["ot_eps_kl"]) < 1e-8
+    assert _rel(sinkhorn_divergence(x, y, a, b, eps=eps, tol=1e-12), d["sinkhorn_divergence"]) < 1e-8
+    P = r.plan()  # rows recomputed from the points
+    torch.testing.assert_close(P.sum(1), a, rtol=1e-9, atol=0)
+    r32 = sinkhorn(x.float(), y.float(), a, b, eps=eps, tol=1e-6, progress=False)
+    assert _rel(r32.transport_cost, d["transport_cost"]) < 1e-4
+
+
+def test_online_batches_unbalanced_scaling_and_progress(online, capsys):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 70, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(2, 1100, 3, generator=g, dtype=torch.float64)  # more columns than one tile
+    a = torch.ones(2, 70, dtype=torch.float64) / 70
+    a[1, 60:] = 0  # padding
+    a[1] /= a[1].sum()
+    b = torch.rand(2, 1100, generator=g, dtype=torch.float64) * 1.5 / 1100
+    import transferops.ot
+
+    for reach, scaling in [(None, None), (0.5, None), (None, 0.5)]:
+        bb = b / b.sum(-1, keepdim=True) if reach is None else b
+        got = sinkhorn(x, y, a, bb, eps=0.3, tol=1e-10, reach=reach, eps_scaling=scaling, progress=True)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(transferops.ot, "MATERIALIZE_BYTES", 1 << 40)
+            want = sinkhorn(x, y, a, bb, eps=0.3, tol=1e-10, reach=reach, eps_scaling=scaling)
+        torch.testing.assert_close(got.ot_eps, want.ot_eps, rtol=1e-9, atol=0)
+        torch.testing.assert_close(got.transport_cost, want.transport_cost, rtol=1e-9, atol=0)
+        assert got.n_iter.tolist() == want.n_iter.tolist()
+    mp = pytest.MonkeyPatch()
+    mp.setattr(transferops.ot, "PROGRESS_EVERY_S", 0.0)
+    sinkhorn(x, y, a, b / b.sum(-1, keepdim=True), eps=0.3, progress=True)
+    mp.undo()
+    assert "sinkhorn 70x1100: problem 2/2, iteration 10, marginal error" in capsys.readouterr().err
+    with pytest.raises(NotImplementedError, match="gradients of problems solved online"):
+        sinkhorn(x[0].requires_grad_(), y[0], eps=0.3)
+    with pytest.raises(transferops.BackendUnavailable, match="the reference stores the 1 x 70 x 1100 costs"):
+        sinkhorn(x[0].detach(), y[0], eps=0.3, backend="reference")

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -190,11 +191,45 @@ double row_error(Problem<T>& p, const SinkhornSettings& s, std::vector<double>& 
   return err / p.mass;
 }
 
+// Over-relaxation, tuned once from plain Sinkhorn's observed rate r per iteration (past the
+// first check's transient): omega = 2 / (1 + sqrt(1 - r)), the optimal SOR factor of the
+// linearized iteration (Lehmann et al. 2021). An error that grows drops back to omega = 1 for
+// good. The fixed point, hence the answer, is the same.
+struct Relaxation {
+  double omega = 1.0, previous = std::numeric_limits<double>::infinity();
+  int checks = 0;
+  bool relaxable;
+  explicit Relaxation(const SinkhornSettings& s) : relaxable(s.omega > 1.0 && !s.symmetric) {}
+  void observe(double err, const SinkhornSettings& s) {
+    ++checks;
+    if (relaxable && omega == 1.0 && checks == 3 && err < previous) {
+      const double rate = std::pow(err / previous, 1.0 / double(s.check_every));
+      omega = std::min(s.omega, 2.0 / (1.0 + std::sqrt(1.0 - rate)));
+    } else if (omega > 1.0 && !(err < previous)) {
+      omega = 1.0;
+      relaxable = false;
+    }
+    previous = err;
+  }
+};
+
 // sum_i p_i log(p_i / q_i) - sum p + sum q.
 double generalized_kl(const std::vector<double>& p, const double* q, int64_t n) {
   double kl = 0.0;
   for (int64_t i = 0; i < n; ++i) kl += (p[i] > 0 ? p[i] * std::log(p[i] / q[i]) : 0.0) - p[i] + q[i];
   return kl;
+}
+
+// ot_eps from the potentials F, G and the marginals r, c of P (see values()).
+double objective(const SinkhornSettings& s, const std::vector<double>& F, const std::vector<double>& G,
+                 const std::vector<double>& r, const std::vector<double>& c, const double* a, const double* b) {
+  const int64_t N = int64_t(F.size()), M = int64_t(G.size());
+  double dual = 0.0, mass_p = 0.0, mass_a = 0.0, mass_b = 0.0;
+  for (int64_t i = 0; i < N; ++i) dual += F[i] * r[i], mass_p += r[i], mass_a += a[i];
+  for (int64_t j = 0; j < M; ++j) dual += G[j] * c[j], mass_b += b[j];
+  double value = dual - s.eps * (mass_p - mass_a * mass_b);
+  if (s.rho > 0) value += s.rho * (generalized_kl(r, a, N) + generalized_kl(c, b, M));
+  return value;
 }
 
 // <C, P> and ot_eps of the final state, with P = diag(a u) K diag(b v) read from the stored
@@ -223,13 +258,8 @@ void values(Problem<T>& p, const SinkhornSettings& s, double* transport, double*
     r[i] = row;
     cost += row_cost;
   }
-  double dual = 0.0, mass_p = 0.0, mass_b = 0.0;
-  for (int64_t i = 0; i < p.N; ++i) dual += p.F[i] * r[i], mass_p += r[i];
-  for (int64_t j = 0; j < p.M; ++j) dual += p.G[j] * c[j], mass_b += p.b[j];
-  double objective = dual - s.eps * (mass_p - p.mass * mass_b);
-  if (s.rho > 0) objective += s.rho * (generalized_kl(r, p.a, p.N) + generalized_kl(c, p.b, p.M));
   *transport = cost;
-  *value = objective;
+  *value = objective(s, p.F, p.G, r, c, p.a, p.b);
 }
 
 template <class T>
@@ -256,37 +286,23 @@ void solve(Problem<T>& p, const SinkhornSettings& s, int64_t* n_iter, double* er
   p.K.resize(size_t(p.N) * p.M);
   build_kernel(p, s.eps, parallel);
   std::vector<double> w(std::max(p.N, p.M)), sums(std::max(p.N, p.M));
-  double err = std::numeric_limits<double>::infinity(), previous = err;
-  double omega = 1.0;
-  int checks = 0;
-  bool relaxable = s.omega > 1.0 && !s.symmetric;
+  double err = std::numeric_limits<double>::infinity();
+  Relaxation relax(s);
   int64_t it = 0;
   while (it < s.max_iter) {
     ++it;
-    bool out = update(p, s, true, s.symmetric ? 0.5 : omega, w, sums, parallel);
+    bool out = update(p, s, true, s.symmetric ? 0.5 : relax.omega, w, sums, parallel);
     if (s.symmetric) {
       std::copy(p.F.begin(), p.F.end(), p.G.begin());
       std::copy(p.u.begin(), p.u.end(), p.v.begin());
     } else {
-      out |= update(p, s, false, omega, w, sums, parallel);
+      out |= update(p, s, false, relax.omega, w, sums, parallel);
     }
     if (out) absorb(p, s.eps, parallel);
     if (it % s.check_every == 0 || it == s.max_iter) {
       err = row_error(p, s, w, sums, parallel);
       if (err <= s.tol) break;
-      ++checks;
-      // Over-relaxation, tuned once from plain Sinkhorn's observed rate r per iteration (past
-      // the first check's transient): omega = 2 / (1 + sqrt(1 - r)), the optimal SOR factor of
-      // the linearized iteration (Lehmann et al. 2021). An error that grows drops back to
-      // omega = 1 for good. The fixed point, hence the answer, is the same.
-      if (relaxable && omega == 1.0 && checks == 3 && err < previous) {
-        const double rate = std::pow(err / previous, 1.0 / double(s.check_every));
-        omega = std::min(s.omega, 2.0 / (1.0 + std::sqrt(1.0 - rate)));
-      } else if (omega > 1.0 && !(err < previous)) {
-        omega = 1.0;
-        relaxable = false;
-      }
-      previous = err;
+      relax.observe(err, s);
     }
   }
   std::copy(p.F.begin(), p.F.end(), p.f);
@@ -344,6 +360,313 @@ void sinkhorn_matrix(const View2D& C, int64_t N, const View2D& a, const View2D& 
     sinkhorn_typed<double>(C, N, a, b, f, g, s, n_iter, error, transport, value);
   } else {
     throw std::invalid_argument("sinkhorn: C must be float32 or float64");
+  }
+}
+
+namespace {
+
+// ---- point clouds, costs recomputed in tiles ----------------------------------------------------
+
+// exp(x) for x <= 709 (inputs below -708 are clamped there) in plain arithmetic the compiler
+// vectorizes: x = k ln2 + r with |r| <= ln2 / 2, a degree-12 Taylor polynomial of e^r (relative
+// error below 2e-16), times 2^k assembled in the exponent bits from a magic-number rounding, so
+// no float-to-int conversion (SSE2/AVX2 have none for 64-bit integers).
+void exp_array(const double* x, double* out, int64_t n) {
+  constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2^52: t - kMagic rounds to an integer
+  constexpr double kLog2e = 1.4426950408889634, kLn2Hi = 6.93147180369123816490e-01,
+                   kLn2Lo = 1.90821492927058770002e-10;
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = std::max(x[i], -708.0);
+    const double t = v * kLog2e + kMagic;
+    const double k = t - kMagic;
+    const double r = (v - k * kLn2Hi) - k * kLn2Lo;
+    double q = 1.0 / 479001600.0;
+    q = q * r + 1.0 / 39916800.0;
+    q = q * r + 1.0 / 3628800.0;
+    q = q * r + 1.0 / 362880.0;
+    q = q * r + 1.0 / 40320.0;
+    q = q * r + 1.0 / 5040.0;
+    q = q * r + 1.0 / 720.0;
+    q = q * r + 1.0 / 120.0;
+    q = q * r + 1.0 / 24.0;
+    q = q * r + 1.0 / 6.0;
+    q = q * r + 0.5;
+    q = q * r + 1.0;
+    q = q * r + 1.0;
+    uint64_t bits;
+    std::memcpy(&bits, &t, sizeof bits);
+    bits = (bits + 1023) << 52;  // the low bits of t hold k; 2^k's exponent field is k + 1023
+    double scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    out[i] = q * scale;
+  }
+}
+
+double lane_max(const double* z, int64_t n) {
+  double m[kLanes];
+  std::fill(m, m + kLanes, neg_inf());
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) m[l] = z[j + l] > m[l] ? z[j + l] : m[l];
+  }
+  double out = neg_inf();
+  for (; j < n; ++j) out = std::max(out, z[j]);
+  for (int l = 0; l < kLanes; ++l) out = std::max(out, m[l]);
+  return out;
+}
+
+double lane_sum(const double* z, int64_t n) {
+  double acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += z[j + l];
+  }
+  double out = 0.0;
+  for (; j < n; ++j) out += z[j];
+  for (int l = 0; l < kLanes; ++l) out += acc[l];
+  return out;
+}
+
+template <class T>
+struct Cloud {
+  const T* pts;
+  int64_t n, ld;
+  std::vector<double> norms;  // scale * |p|^2
+};
+
+template <class T>
+Cloud<T> cloud(const T* pts, int64_t n, int64_t ld, int64_t d, double scale) {
+  Cloud<T> c{pts, n, ld, std::vector<double>(n)};
+  for (int64_t i = 0; i < n; ++i) {
+    double acc = 0.0;
+    for (int64_t k = 0; k < d; ++k) acc += double(pts[i * ld + k]) * double(pts[i * ld + k]);
+    c.norms[i] = scale * acc;
+  }
+  return c;
+}
+
+constexpr int64_t kRowBlock = 64, kColBlock = 1024;
+
+// tile [np x nq] (row-major) = P . Q^T, for rows of P and Q with leading dimensions ldp, ldq.
+void gemm_tile(const Gemm& g, const float* q, int64_t ldq, int64_t nq, const float* p, int64_t ldp, int64_t np,
+               int64_t d, float* tile) {
+  char ta = 'T', tb = 'N';
+  int m = int(nq), n = int(np), k = int(d), lda = int(ldq), ldb = int(ldp), ldc = int(nq);
+  float one = 1.0f, zero = 0.0f;
+  g.sgemm(&ta, &tb, &m, &n, &k, &one, const_cast<float*>(q), &lda, const_cast<float*>(p), &ldb, &zero, tile, &ldc);
+}
+
+void gemm_tile(const Gemm& g, const double* q, int64_t ldq, int64_t nq, const double* p, int64_t ldp, int64_t np,
+               int64_t d, double* tile) {
+  char ta = 'T', tb = 'N';
+  int m = int(nq), n = int(np), k = int(d), lda = int(ldq), ldb = int(ldp), ldc = int(nq);
+  double one = 1.0, zero = 0.0;
+  g.dgemm(&ta, &tb, &m, &n, &k, &one, const_cast<double*>(q), &lda, const_cast<double*>(p), &ldb, &zero, tile, &ldc);
+}
+
+// Calls visit(block, i0, ni, j0, nj, tile, thread) for every tile of C between P's rows and
+// Q's rows, tile[r * nj + j] = scale-free dot products P_{i0+r} . Q_{j0+j}; row blocks are
+// shared among the OpenMP threads (each owns its rows' results).
+template <class T, class Visit>
+void for_each_tile(const Gemm& g, const Cloud<T>& P, const Cloud<T>& Q, int64_t d, bool parallel, Visit&& visit) {
+  const int64_t blocks = (P.n + kRowBlock - 1) / kRowBlock;
+#ifdef TRANSFEROPS_OPENMP
+#pragma omp parallel if (parallel)
+#endif
+  {
+#ifdef TRANSFEROPS_OPENMP
+    const int thread = omp_get_thread_num();
+#else
+    const int thread = 0;
+#endif
+    std::vector<T> tile(size_t(kRowBlock) * kColBlock);
+#ifdef TRANSFEROPS_OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t i0 = blk * kRowBlock, ni = std::min(kRowBlock, P.n - i0);
+      for (int64_t j0 = 0; j0 < Q.n; j0 += kColBlock) {
+        const int64_t nj = std::min(kColBlock, Q.n - j0);
+        gemm_tile(g, Q.pts + j0 * Q.ld, Q.ld, nj, P.pts + i0 * P.ld, P.ld, ni, d, tile.data());
+        visit(blk, i0, ni, j0, nj, tile.data(), thread);
+      }
+    }
+  }
+}
+
+// out_i = log sum_j exp(lw_j + (pot_j - C_ij) / eps) for every point i of P against Q, with
+// C_ij = |p_i|^2 + |q_j|^2 - 2 scale p_i.q_j (norms pre-scaled), by a running max.
+template <class T>
+void lse_pass(const Gemm& g, const Cloud<T>& P, const Cloud<T>& Q, int64_t d, double scale, const std::vector<double>& lw,
+              const std::vector<double>& pot, double eps, std::vector<double>& out, bool parallel) {
+  std::vector<double> h(Q.n);
+  for (int64_t j = 0; j < Q.n; ++j) h[j] = lw[j] + (pot[j] - Q.norms[j]) / eps;
+  const double alpha = 2.0 * scale / eps;
+  std::vector<double> mx(P.n, neg_inf()), sum(P.n, 0.0);
+  const int threads = parallel ? max_threads() : 1;
+  std::vector<std::vector<double>> z(threads, std::vector<double>(kColBlock)), e(threads, std::vector<double>(kColBlock));
+  for_each_tile(g, P, Q, d, parallel, [&](int64_t, int64_t i0, int64_t ni, int64_t j0, int64_t nj, const T* tile,
+                                          int thread) {
+    double* zt = z[thread].data();
+    double* et = e[thread].data();
+    for (int64_t r = 0; r < ni; ++r) {
+      const int64_t i = i0 + r;
+      const double beta = P.norms[i] / eps;
+      const T* t = tile + r * nj;
+      for (int64_t j = 0; j < nj; ++j) zt[j] = h[j0 + j] + alpha * double(t[j]) - beta;
+      const double m = lane_max(zt, nj);
+      if (m == neg_inf()) continue;
+      if (m > mx[i]) {
+        sum[i] *= std::exp(mx[i] - m);
+        mx[i] = m;
+      }
+      for (int64_t j = 0; j < nj; ++j) zt[j] -= mx[i];
+      exp_array(zt, et, nj);
+      sum[i] += lane_sum(et, nj);
+    }
+  });
+  for (int64_t i = 0; i < P.n; ++i) out[i] = mx[i] == neg_inf() ? neg_inf() : mx[i] + std::log(sum[i]);
+}
+
+template <class T>
+struct PointProblem {
+  Cloud<T> X, Y;
+  int64_t d;
+  double scale;
+  const double *a, *b;
+  double *f, *g;
+};
+
+template <class T>
+void solve_points(const Gemm& gm, PointProblem<T>& p, const SinkhornSettings& s, int64_t problem, int64_t* n_iter,
+                  double* error, double* transport, double* value,
+                  const std::function<void(int64_t, int64_t, double)>& progress) {
+  const int64_t N = p.X.n, M = p.Y.n;
+  std::vector<double> la(N), lb(M), F(p.f, p.f + N), G(p.g, p.g + M), L(N), Lc(M);
+  double mass = 0.0;
+  for (int64_t i = 0; i < N; ++i) la[i] = p.a[i] > 0 ? std::log(p.a[i]) : neg_inf(), mass += p.a[i];
+  for (int64_t j = 0; j < M; ++j) lb[j] = p.b[j] > 0 ? std::log(p.b[j]) : neg_inf();
+  const bool parallel = true;
+  auto update_rows = [&](double e, double lam, double omega) {  // F <- (1 - w) F + w lam (-e LSE)
+    lse_pass(gm, p.X, p.Y, p.d, p.scale, lb, G, e, L, parallel);
+    for (int64_t i = 0; i < N; ++i) F[i] = (1.0 - omega) * F[i] + omega * lam * (-e * L[i]);
+  };
+  auto update_cols = [&](double e, double lam, double omega) {
+    if (s.symmetric) {
+      G = F;
+      return;
+    }
+    lse_pass(gm, p.Y, p.X, p.d, p.scale, la, F, e, Lc, parallel);
+    for (int64_t j = 0; j < M; ++j) G[j] = (1.0 - omega) * G[j] + omega * lam * (-e * Lc[j]);
+  };
+  for (int64_t k = 0; k < s.schedule_len; ++k) {
+    const double e = s.schedule[k];
+    const double lam = s.rho > 0 ? s.rho / (s.rho + e) : 1.0;
+    update_rows(e, lam, 1.0);
+    update_cols(e, lam, 1.0);
+  }
+  // The row error of a state needs the row sums of the next update: it is taken from that pass.
+  auto row_error = [&]() {
+    double err = 0.0;
+    for (int64_t i = 0; i < N; ++i) {
+      const double target = s.rho > 0 ? p.a[i] * std::exp(-F[i] / s.rho) : p.a[i];
+      err += std::fabs((p.a[i] > 0 ? std::exp(la[i] + F[i] / s.eps + L[i]) : 0.0) - target);
+    }
+    return err / mass;
+  };
+  Relaxation relax(s);
+  double err = std::numeric_limits<double>::infinity();
+  int64_t it = 0;
+  for (;;) {
+    lse_pass(gm, p.X, p.Y, p.d, p.scale, lb, G, s.eps, L, parallel);
+    if (it > 0 && (it % s.check_every == 0 || it == s.max_iter)) {
+      err = row_error();
+      progress(problem, it, err);
+      if (err <= s.tol || it == s.max_iter) break;
+      relax.observe(err, s);
+    }
+    ++it;
+    const double omega = s.symmetric ? 0.5 : relax.omega;
+    for (int64_t i = 0; i < N; ++i) F[i] = (1.0 - omega) * F[i] + omega * s.lam * (-s.eps * L[i]);
+    update_cols(s.eps, s.lam, relax.omega);
+  }
+  // Values: the marginals of P and <C, P>, in one more pass over the tiles.
+  const int threads = max_threads();
+  std::vector<double> r(N, 0.0), cost_rows(N, 0.0);
+  std::vector<std::vector<double>> c(threads, std::vector<double>(M, 0.0));
+  std::vector<std::vector<double>> z(threads, std::vector<double>(kColBlock)), e(threads, std::vector<double>(kColBlock)),
+      cij(threads, std::vector<double>(kColBlock));
+  for_each_tile(gm, p.X, p.Y, p.d, parallel, [&](int64_t, int64_t i0, int64_t ni, int64_t j0, int64_t nj, const T* tile,
+                                                 int thread) {
+    double *zt = z[thread].data(), *et = e[thread].data(), *ct = cij[thread].data(), *col = c[thread].data();
+    for (int64_t rr = 0; rr < ni; ++rr) {
+      const int64_t i = i0 + rr;
+      if (p.a[i] == 0.0) continue;
+      const T* t = tile + rr * nj;
+      for (int64_t j = 0; j < nj; ++j) {
+        ct[j] = std::max(0.0, p.X.norms[i] + p.Y.norms[j0 + j] - 2.0 * p.scale * double(t[j]));
+        zt[j] = la[i] + lb[j0 + j] + (F[i] + G[j0 + j] - ct[j]) / s.eps;
+      }
+      exp_array(zt, et, nj);
+      double row = 0.0, row_cost = 0.0;
+      for (int64_t j = 0; j < nj; ++j) {
+        const double pij = lb[j0 + j] == neg_inf() ? 0.0 : et[j];
+        row += pij;
+        row_cost += pij * ct[j];
+        col[j0 + j] += pij;
+      }
+      r[i] += row;
+      cost_rows[i] += row_cost;
+    }
+  });
+  std::vector<double> cols(M, 0.0);
+  for (int t = 0; t < threads; ++t) {
+    for (int64_t j = 0; j < M; ++j) cols[j] += c[t][j];
+  }
+  double cost = 0.0;
+  for (int64_t i = 0; i < N; ++i) cost += cost_rows[i];
+  std::copy(F.begin(), F.end(), p.f);
+  std::copy(G.begin(), G.end(), p.g);
+  *n_iter = it;
+  *error = err;
+  *transport = cost;
+  *value = objective(s, F, G, r, cols, p.a, p.b);
+}
+
+template <class T>
+void points_typed(const View2D& x, const View2D& y, int64_t N, double scale, const Gemm& gemm, const View2D& a,
+                  const View2D& b, const View2D& f, const View2D& g, const SinkhornSettings& s, int64_t* n_iter,
+                  double* error, double* transport, double* value,
+                  const std::function<void(int64_t, int64_t, double)>& progress) {
+  const int64_t B = a.rows, M = b.cols, d = x.cols;
+  for (int64_t k = 0; k < B; ++k) {
+    PointProblem<T> p{cloud(x.row<const T>(k * N), N, x.row_stride, d, scale),
+                      cloud(y.row<const T>(k * M), M, y.row_stride, d, scale), d, scale, a.row<const double>(k),
+                      b.row<const double>(k), f.row<double>(k), g.row<double>(k)};
+    solve_points(gemm, p, s, k, n_iter + k, error + k, transport + k, value + k, progress);
+  }
+}
+
+}  // namespace
+
+void sinkhorn_points(const View2D& x, const View2D& y, int64_t N, double scale, const Gemm& gemm, const View2D& a,
+                     const View2D& b, const View2D& f, const View2D& g, const SinkhornSettings& s, int64_t* n_iter,
+                     double* error, double* transport, double* value,
+                     const std::function<void(int64_t, int64_t, double)>& progress) {
+  const int64_t B = a.rows, M = b.cols;
+  if (N < 1 || x.rows != B * N || a.cols != N || y.rows != B * M || y.cols != x.cols || x.dtype != y.dtype ||
+      b.rows != B || f.rows != B || f.cols != N || g.rows != B || g.cols != M) {
+    throw std::invalid_argument("sinkhorn: x [B * N, d], y [B * M, d], a and f [B, N], b and g [B, M] do not match");
+  }
+  if (!(s.eps > 0) || !(s.tol > 0) || s.max_iter < 1 || s.check_every < 1) {
+    throw std::invalid_argument("sinkhorn: expected eps > 0, tol > 0, max_iter >= 1, check_every >= 1");
+  }
+  if (x.dtype == DType::f32) {
+    points_typed<float>(x, y, N, scale, gemm, a, b, f, g, s, n_iter, error, transport, value, progress);
+  } else if (x.dtype == DType::f64) {
+    points_typed<double>(x, y, N, scale, gemm, a, b, f, g, s, n_iter, error, transport, value, progress);
+  } else {
+    throw std::invalid_argument("sinkhorn: points must be float32 or float64");
   }
 }
 

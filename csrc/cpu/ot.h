@@ -1,6 +1,7 @@
 // CPU kernels of the Sinkhorn hot path. Plain C++17: no Python headers, testable alone.
 #pragma once
 #include <cstdint>
+#include <functional>
 
 #include "common/view.h"
 
@@ -32,5 +33,24 @@ struct SinkhornSettings {
 
 void sinkhorn_matrix(const View2D& C, int64_t N, const View2D& a, const View2D& b, const View2D& f, const View2D& g,
                      const SinkhornSettings& s, int64_t* n_iter, double* error, double* transport, double* value);
+
+// BLAS GEMM entry points, taken at run time from scipy.linalg.cython_blas (column-major, LP64).
+struct Gemm {
+  void (*sgemm)(char* ta, char* tb, int* m, int* n, int* k, float* alpha, float* a, int* lda, float* b, int* ldb,
+                float* beta, float* c, int* ldc);
+  void (*dgemm)(char* ta, char* tb, int* m, int* n, int* k, double* alpha, double* a, int* lda, double* b, int* ldb,
+                double* beta, double* c, int* ldc);
+};
+
+// The same problems and iterations for point clouds without any N x M matrix: x [B * N, d] and
+// y [B * M, d] (float32 or float64), C_ij = scale |x_i - y_j|^2 recomputed at every update in
+// tiles (x.y by GEMM, then exp and the row sums), so memory is O((N + M) d). Updates are
+// log-domain (no kernel to store), with the same relaxation, error and values as
+// sinkhorn_matrix. `progress(problem, iteration, error)` runs on the calling thread after each
+// check. The caller keeps BLAS single-threaded: OpenMP threads share each update's rows.
+void sinkhorn_points(const View2D& x, const View2D& y, int64_t N, double scale, const Gemm& gemm, const View2D& a,
+                     const View2D& b, const View2D& f, const View2D& g, const SinkhornSettings& s, int64_t* n_iter,
+                     double* error, double* transport, double* value,
+                     const std::function<void(int64_t, int64_t, double)>& progress);
 
 }  // namespace transferops::cpu

@@ -22,9 +22,14 @@ balanced).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import sys
+import time
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -32,6 +37,24 @@ from ._backend import Op, native_buffer, native_module
 
 COSTS = {"sqeuclidean": 1.0, "sqeuclidean_half": 0.5}
 CHECK_EVERY = 10  # iterations between two marginal-error checks
+# Point clouds whose B x N x M costs take more than this are solved online: costs recomputed in
+# tiles at every update, memory O((N + M) d) (native backend).
+MATERIALIZE_BYTES = 1 << 28
+
+
+class _Points(NamedTuple):
+    """Point clouds [B, N, d], [B, M, d] in the working dtype, standing for the costs
+    scale * |x_i - y_j|^2 that are never stored whole."""
+    x: torch.Tensor
+    y: torch.Tensor
+    scale: float
+
+    def rows(self, rows: slice) -> torch.Tensor:
+        return self.scale * cost_matrix(self.x[:, rows], self.y)
+
+    def max_cost(self) -> float:
+        """An upper bound of the costs (for the eps-scaling schedule)."""
+        return self.scale * float(self.x.double().norm(dim=-1).max() + self.y.double().norm(dim=-1).max()) ** 2
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -189,8 +212,16 @@ sinkhorn_op = Op("sinkhorn", order=("native", "reference"))
 OMEGA = 1.9
 
 
-@sinkhorn_op.register("reference", dtypes=(torch.float64, torch.float32))
-def _sinkhorn_reference(C, a, b, eps, rho, tol, max_iter, schedule, symmetric):
+def _reference_fits(costs, *_) -> str | None:
+    if isinstance(costs, _Points):
+        B, N, M = costs.x.shape[0], costs.x.shape[1], costs.y.shape[1]
+        return (f"the reference stores the {B} x {N} x {M} costs ({B * N * M * 8 / 2**30:.1f} GiB in float64); "
+                "the native backend solves this problem online")
+    return None
+
+
+@sinkhorn_op.register("reference", dtypes=(torch.float64, torch.float32), limit=_reference_fits)
+def _sinkhorn_reference(C, a, b, eps, rho, tol, max_iter, schedule, symmetric, progress):
     C = C.double()
     la, lb = a.log(), b.log()
     lam = 1.0 if rho is None else rho / (rho + eps)
@@ -199,20 +230,55 @@ def _sinkhorn_reference(C, a, b, eps, rho, tol, max_iter, schedule, symmetric):
     return f, g, transport, value, n_iter, error
 
 
+@functools.lru_cache(maxsize=None)
+def _blas() -> dict:
+    """scipy's GEMMs as capsules (scipy.linalg.cython_blas) for the native online solver."""
+    from scipy.linalg import cython_blas
+
+    return {name: cython_blas.__pyx_capi__[name] for name in ("sgemm", "dgemm")}
+
+
+PROGRESS_EVERY_S = 2.0
+
+
+def _progress_printer(B: int, N: int, M: int):
+    """A progress callback for long solves: one line on stderr at most every PROGRESS_EVERY_S."""
+    start, last = time.perf_counter(), [0.0]
+
+    def report(problem: int, iteration: int, error: float) -> None:
+        now = time.perf_counter() - start
+        if now - last[0] >= PROGRESS_EVERY_S:
+            last[0] = now
+            print(f"sinkhorn {N}x{M}: problem {problem + 1}/{B}, iteration {iteration}, marginal error {error:.3g}, "
+                  f"{now:.0f} s", file=sys.stderr, flush=True)
+    return report
+
+
 @sinkhorn_op.register("native", dtypes=(torch.float64, torch.float32))
-def _sinkhorn_native(C, a, b, eps, rho, tol, max_iter, schedule, symmetric):
-    B, N, M = C.shape
+def _sinkhorn_native(costs, a, b, eps, rho, tol, max_iter, schedule, symmetric, progress):
+    lam = 1.0 if rho is None else rho / (rho + eps)
+    settings = (eps, lam, -1.0 if rho is None else rho, tol, OMEGA, max_iter, CHECK_EVERY, symmetric, schedule)
+    weights = (native_buffer(a.contiguous()), native_buffer(b.contiguous()))
+    B, N, M = a.shape[0], a.shape[1], b.shape[1]
     f = torch.zeros(B, N, dtype=torch.float64)
     g = torch.zeros(B, M, dtype=torch.float64)
-    lam = 1.0 if rho is None else rho / (rho + eps)
-    n_iter, error, transport, value = native_module().sinkhorn_matrix(
-        native_buffer(C.contiguous().view(B * N, M)), N, native_buffer(a.contiguous()), native_buffer(b.contiguous()),
-        native_buffer(f), native_buffer(g), eps, lam, -1.0 if rho is None else rho, tol, OMEGA, max_iter, CHECK_EVERY,
-        symmetric, schedule)
+    if isinstance(costs, _Points):
+        from threadpoolctl import threadpool_limits
+
+        x, y = (native_buffer(t.contiguous().view(-1, t.shape[-1])) for t in (costs.x, costs.y))
+        blas = _blas()  # loads scipy's OpenBLAS before the limit, which applies to loaded libraries only
+        with threadpool_limits(1, user_api="blas"):  # the OpenMP threads share the tiles, one GEMM each
+            out = native_module().sinkhorn_points(x, y, N, costs.scale, blas, *weights, native_buffer(f),
+                                                  native_buffer(g), *settings,
+                                                  _progress_printer(B, N, M) if progress else None)
+    else:
+        out = native_module().sinkhorn_matrix(native_buffer(costs.contiguous().view(B * N, M)), N, *weights,
+                                              native_buffer(f), native_buffer(g), *settings)
+    n_iter, error, transport, value = out
     return f, g, *(torch.from_numpy(t) for t in (transport, value, n_iter, error))
 
 
-def _schedule(eps: float, eps_scaling, C: torch.Tensor) -> list[float]:
+def _schedule(eps: float, eps_scaling, costs) -> list[float]:
     """eps-scaling: from the largest cost down to eps by factors of ``eps_scaling`` (one update
     per value, as GeomLoss anneals), or nothing."""
     if eps_scaling is None:
@@ -220,7 +286,7 @@ def _schedule(eps: float, eps_scaling, C: torch.Tensor) -> list[float]:
     q = _finite_float(eps_scaling, "eps_scaling")
     if not q < 1:
         raise ValueError(f"eps_scaling: expected a factor in (0, 1), got {eps_scaling!r}")
-    out, e = [], float(C.max())
+    out, e = [], costs.max_cost() if isinstance(costs, _Points) else float(costs.max())
     while e > eps:
         out.append(e)
         e *= q
@@ -243,25 +309,32 @@ def _dual_surrogate(C, a, b, f, g, eps, rho):
     return dual - dual.detach()
 
 
-def _solve(C: torch.Tensor, a, b, *, dtype: torch.dtype, eps, tol, max_iter, eps_scaling, reach, batched: bool,
-           backend: str, log_plan_of, symmetric: bool = False) -> SinkhornResult:
+def _solve(C, a, b, *, dtype: torch.dtype, eps, tol, max_iter, eps_scaling, reach, batched: bool,
+           backend: str, log_plan_of, symmetric: bool = False, progress: bool = False) -> SinkhornResult:
+    """``C``: the costs [B, N, M] (float64, maybe requiring grad), or :class:`_Points`."""
     eps = _finite_float(eps, "eps")
     tol = _finite_float(tol, "tol")
     rho = None if reach is None else _finite_float(reach, "reach")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter: expected an int >= 1, got {max_iter!r}")
-    B, N, M = C.shape
-    a = _weights(a, (B, N), C, "a")
-    b = _weights(b, (B, M), C, "b")
+    points = isinstance(C, _Points)
+    B, N, M = (C.x.shape[0], C.x.shape[1], C.y.shape[1]) if points else C.shape
+    like = C.x if points else C
+    a = _weights(a, (B, N), like, "a")
+    b = _weights(b, (B, M), like, "b")
     if rho is None and bool(((a.sum(-1) - b.sum(-1)).abs() > 1e-6 * a.sum(-1)).any()):
         raise ValueError("a, b: balanced OT needs equal masses in each problem "
                          f"(got {a.sum(-1).tolist()} and {b.sum(-1).tolist()}); pass reach= for unbalanced OT")
     # The solvers see C in the working precision (float32 for float32/16-bit inputs);
     # values and gradients come from float64 C.
-    work = C.detach().to(dtype)
-    f, g, transport, value, n_iter, error = sinkhorn_op(backend, C.device, dtype, work, a.detach(), b.detach(), eps,
-                                                        rho, tol, max_iter, _schedule(eps, eps_scaling, work), symmetric)
-    if C.requires_grad or a.requires_grad or b.requires_grad:
+    work = C if points else C.detach().to(dtype)
+    f, g, transport, value, n_iter, error = sinkhorn_op(backend, like.device, dtype, work, a.detach(), b.detach(), eps,
+                                                        rho, tol, max_iter, _schedule(eps, eps_scaling, work), symmetric,
+                                                        progress)
+    if a.requires_grad or b.requires_grad or (not points and C.requires_grad):
+        if points:
+            raise NotImplementedError("sinkhorn: gradients of problems solved online (costs above MATERIALIZE_BYTES) "
+                                      "are not implemented yet")
         value = value + _dual_surrogate(C, a, b, f, g, eps, rho)
     converged = error <= tol
     if not bool(converged.all()):
@@ -283,7 +356,7 @@ def _solve(C: torch.Tensor, a, b, *, dtype: torch.dtype, eps, tol, max_iter, eps
 
 def sinkhorn(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean", tol: float = 1e-4,
              max_iter: int = 10000, eps_scaling: float | None = None, reach: float | None = None,
-             backend: str = "auto") -> SinkhornResult:
+             progress: bool | None = None, backend: str = "auto") -> SinkhornResult:
     """Entropic OT between point clouds x [N, d] and y [M, d] (or batches [B, N, d], [B, M, d])
     with weights a [N], b [M] (or [B, N], [B, M]; uniform when None; zero weights pad ragged
     batches). ``cost``: "sqeuclidean" |x - y|^2 or "sqeuclidean_half" |x - y|^2 / 2.
@@ -291,7 +364,11 @@ def sinkhorn(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean", tol
     of a batch stops on its own); ``max_iter``; ``eps_scaling``: anneal eps from the largest
     cost by this factor first; ``reach``: unbalanced OT with KL-relaxed marginals of strength
     ``reach``. Returns a :class:`SinkhornResult`; problems that did not converge are flagged in
-    ``converged`` and warned about. See the module docstring for the equations."""
+    ``converged`` and warned about. See the module docstring for the equations.
+
+    Costs that would take more than ``MATERIALIZE_BYTES`` (256 MiB) are never stored: the native
+    backend recomputes them in tiles at every update (memory O((N + M) d)) and, with
+    ``progress`` (default: on for such problems), reports on stderr; Ctrl-C stops it."""
     if cost not in COSTS:
         raise ValueError(f"cost: expected one of {list(COSTS)}, got {cost!r}")
     x, y = _points(x, "x"), _points(y, "y")
@@ -303,11 +380,20 @@ def sinkhorn(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean", tol
     batched = x.dim() == 3
     xb, yb = (x, y) if batched else (x[None], y[None])
     dtype = _working_dtype(x.dtype, y.dtype)
-    # float32 work computes its costs in float32 too, unless gradients need float64 ones
-    C = cost_matrix(xb, yb, cost, torch.float64 if x.requires_grad or y.requires_grad else dtype)
-    return _solve(C, a, b, dtype=dtype, eps=eps, tol=tol, max_iter=max_iter,
-                  eps_scaling=eps_scaling, reach=reach, batched=batched, backend=backend,
-                  log_plan_of=lambda rows: C[:, rows], symmetric=x is y and a is b)
+    online = xb.shape[0] * xb.shape[1] * yb.shape[1] * (8 if dtype == torch.float64 else 4) > MATERIALIZE_BYTES
+    if online:
+        if x.requires_grad or y.requires_grad:
+            raise NotImplementedError(f"sinkhorn: gradients of problems solved online (costs above "
+                                      f"{MATERIALIZE_BYTES >> 20} MiB) are not implemented yet")
+        C = _Points(xb.detach().to(dtype).contiguous(), yb.detach().to(dtype).contiguous(), COSTS[cost])
+        log_plan_of = C.rows
+    else:
+        # float32 work computes its costs in float32 too, unless gradients need float64 ones
+        C = cost_matrix(xb, yb, cost, torch.float64 if x.requires_grad or y.requires_grad else dtype)
+        log_plan_of = lambda rows: C[:, rows]  # noqa: E731
+    return _solve(C, a, b, dtype=dtype, eps=eps, tol=tol, max_iter=max_iter, eps_scaling=eps_scaling, reach=reach,
+                  batched=batched, backend=backend, log_plan_of=log_plan_of, symmetric=x is y and a is b,
+                  progress=online if progress is None else progress)
 
 
 def sinkhorn_cost_matrix(C, a=None, b=None, *, eps: float, tol: float = 1e-4, max_iter: int = 10000,
