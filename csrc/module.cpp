@@ -190,18 +190,20 @@ int64_t abs_equal_cut(const py::buffer& tensor, const std::optional<py::buffer>&
   return cpu::abs_equal_cut(v.view, b ? &b->view : nullptr, key, rank);
 }
 
+// The C function behind capsules[name] (scipy's cython_lapack / cython_blas exports).
+void* capsule_pointer(const py::dict& capsules, const char* name, const char* what) {
+  if (!capsules.contains(name)) throw std::invalid_argument(std::string(what) + ": missing " + name);
+  PyObject* cap = py::object(capsules[name]).ptr();
+  void* ptr = PyCapsule_GetPointer(cap, PyCapsule_GetName(cap));
+  if (!ptr) throw py::error_already_set();
+  return ptr;
+}
+
 cpu::Lapack lapack_of(const py::dict& capsules) {
-  auto get = [&](const char* name) {
-    if (!capsules.contains(name)) throw std::invalid_argument(std::string("lapack: missing ") + name);
-    PyObject* cap = py::object(capsules[name]).ptr();
-    void* ptr = PyCapsule_GetPointer(cap, PyCapsule_GetName(cap));
-    if (!ptr) throw py::error_already_set();
-    return ptr;
-  };
   cpu::Lapack l{};
-  l.sytrd = reinterpret_cast<decltype(l.sytrd)>(get("dsytrd"));
-  l.sterf = reinterpret_cast<decltype(l.sterf)>(get("dsterf"));
-  l.ormqr = reinterpret_cast<decltype(l.ormqr)>(get("dormqr"));
+  l.sytrd = reinterpret_cast<decltype(l.sytrd)>(capsule_pointer(capsules, "dsytrd", "lapack"));
+  l.sterf = reinterpret_cast<decltype(l.sterf)>(capsule_pointer(capsules, "dsterf", "lapack"));
+  l.ormqr = reinterpret_cast<decltype(l.ormqr)>(capsule_pointer(capsules, "dormqr", "lapack"));
   return l;
 }
 
@@ -283,16 +285,9 @@ py::tuple sinkhorn_points(const py::buffer& x, const py::buffer& y, int64_t N, d
   const BufferView xv = buffer_view(x, "x", false), yv = buffer_view(y, "y", false), av = buffer_view(a, "a", false),
                    bv = buffer_view(b, "b", false);
   BufferView fv = buffer_view(f, "f", true), gv = buffer_view(g, "g", true);
-  auto pointer = [&](const char* name) {
-    if (!blas.contains(name)) throw std::invalid_argument(std::string("blas: missing ") + name);
-    PyObject* cap = py::object(blas[name]).ptr();
-    void* ptr = PyCapsule_GetPointer(cap, PyCapsule_GetName(cap));
-    if (!ptr) throw py::error_already_set();
-    return ptr;
-  };
   cpu::Gemm gemm{};
-  gemm.sgemm = reinterpret_cast<decltype(gemm.sgemm)>(pointer("sgemm"));
-  gemm.dgemm = reinterpret_cast<decltype(gemm.dgemm)>(pointer("dgemm"));
+  gemm.sgemm = reinterpret_cast<decltype(gemm.sgemm)>(capsule_pointer(blas, "sgemm", "blas"));
+  gemm.dgemm = reinterpret_cast<decltype(gemm.dgemm)>(capsule_pointer(blas, "dgemm", "blas"));
   const int64_t B = av.view.rows;
   py::array_t<int64_t> n_iter(B);
   py::array_t<double> error(B), transport(B), value(B);

@@ -226,6 +226,11 @@ def test_pot_compat_is_a_drop_in():
     emp = pot.empirical_sinkhorn2(x, y, eps, a, b, stopThr=1e-12, numIterMax=100000)
     want = ot.sinkhorn2(a, b, ot.dist(x, y), eps, method="sinkhorn_log", stopThr=1e-13, numItermax=100000)
     assert abs(float(emp) - float(want)) < 1e-7 * float(want)
+    _, log = pot.sinkhorn2(a, b, M, 0.05, stopThr=1e-13, numItermax=100000, log=True)
+    _, want_log = ot.sinkhorn(a, b, M, 0.05, method="sinkhorn_log", stopThr=1e-13, numItermax=100000, log=True)
+    shift = (log["log_u"] - want_log["log_u"]).mean()
+    np.testing.assert_allclose(log["log_u"] - shift, want_log["log_u"], rtol=0, atol=1e-7)
+    np.testing.assert_allclose(log["log_v"] + shift, want_log["log_v"], rtol=0, atol=1e-7)
     with pytest.raises(ValueError, match="b: expected one histogram"):
         pot.sinkhorn2(a, np.stack([b, b], 1), M, 0.05)
 

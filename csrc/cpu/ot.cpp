@@ -370,62 +370,44 @@ namespace {
 
 // ---- point clouds, costs recomputed in tiles ----------------------------------------------------
 
-// exp(x) for x <= 709 (inputs below -708 are clamped there) in plain arithmetic the compiler
-// vectorizes: x = k ln2 + r with |r| <= ln2 / 2, a degree-12 Taylor polynomial of e^r (relative
-// error below 2e-16), times 2^k assembled in the exponent bits from a magic-number rounding, so
-// no float-to-int conversion (SSE2/AVX2 have none for 64-bit integers).
-void exp_array(const double* x, double* out, int64_t n) {
-  constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2^52: t - kMagic rounds to an integer
-  constexpr double kLog2e = 1.4426950408889634, kLn2Hi = 6.93147180369123816490e-01,
-                   kLn2Lo = 1.90821492927058770002e-10;
-  for (int64_t i = 0; i < n; ++i) {
-    const double v = std::max(x[i], -708.0);
-    const double t = v * kLog2e + kMagic;
-    const double k = t - kMagic;
-    const double r = (v - k * kLn2Hi) - k * kLn2Lo;
-    double q = 1.0 / 479001600.0;
-    q = q * r + 1.0 / 39916800.0;
-    q = q * r + 1.0 / 3628800.0;
-    q = q * r + 1.0 / 362880.0;
-    q = q * r + 1.0 / 40320.0;
-    q = q * r + 1.0 / 5040.0;
-    q = q * r + 1.0 / 720.0;
-    q = q * r + 1.0 / 120.0;
-    q = q * r + 1.0 / 24.0;
-    q = q * r + 1.0 / 6.0;
-    q = q * r + 0.5;
-    q = q * r + 1.0;
-    q = q * r + 1.0;
-    uint64_t bits;
-    std::memcpy(&bits, &t, sizeof bits);
-    bits = (bits + 1023) << 52;  // the low bits of t hold k; 2^k's exponent field is k + 1023
-    double scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    out[i] = q * scale;
-  }
-}
+// exp(x) in plain arithmetic the compiler vectorizes: x = k ln2 + r with |r| <= ln2 / 2, a Taylor
+// polynomial of e^r, times 2^k assembled in the exponent bits from a magic-number rounding, so no
+// float-to-int conversion (SSE2/AVX2 have none for 64-bit integers). Inputs below `lowest` are
+// clamped there; inputs must stay below the largest finite exponent.
+template <class T> struct ExpConstants;
+template <> struct ExpConstants<double> {  // degree 12: relative error below 2e-16
+  using Bits = uint64_t;
+  static constexpr double magic = 6755399441055744.0;  // 1.5 * 2^52: t - magic rounds to an integer
+  static constexpr double lowest = -708.0, log2e = 1.4426950408889634, ln2_hi = 6.93147180369123816490e-01,
+                          ln2_lo = 1.90821492927058770002e-10;
+  static constexpr int degree = 12, mantissa = 52;
+  static constexpr Bits bias = 1023;
+};
+template <> struct ExpConstants<float> {  // degree 6: relative error below 2e-7, twice the lanes
+  using Bits = uint32_t;
+  static constexpr float magic = 12582912.0f;  // 1.5 * 2^23
+  static constexpr float lowest = -87.0f, log2e = 1.44269504f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+  static constexpr int degree = 6, mantissa = 23;
+  static constexpr Bits bias = 127;
+};
 
-// The float32 twin for float32 work: a degree-6 polynomial (relative error below 2e-7),
-// four or eight lanes per vector instead of two.
-void exp_array(const float* x, float* out, int64_t n) {
-  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
-  constexpr float kLog2e = 1.44269504f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+template <class T>
+void exp_array(const T* x, T* out, int64_t n) {
+  using E = ExpConstants<T>;
+  T inverse_factorial[E::degree + 1];
+  inverse_factorial[0] = T(1);
+  for (int k = 1; k <= E::degree; ++k) inverse_factorial[k] = inverse_factorial[k - 1] / T(k);
   for (int64_t i = 0; i < n; ++i) {
-    const float v = std::max(x[i], -87.0f);
-    const float t = v * kLog2e + kMagic;
-    const float k = t - kMagic;
-    const float r = (v - k * kLn2Hi) - k * kLn2Lo;
-    float q = 1.0f / 720.0f;
-    q = q * r + 1.0f / 120.0f;
-    q = q * r + 1.0f / 24.0f;
-    q = q * r + 1.0f / 6.0f;
-    q = q * r + 0.5f;
-    q = q * r + 1.0f;
-    q = q * r + 1.0f;
-    uint32_t bits;
+    const T v = std::max(x[i], E::lowest);
+    const T t = v * E::log2e + E::magic;
+    const T k = t - E::magic;
+    const T r = (v - k * E::ln2_hi) - k * E::ln2_lo;
+    T q = inverse_factorial[E::degree];
+    for (int p = E::degree - 1; p >= 0; --p) q = q * r + inverse_factorial[p];
+    typename E::Bits bits;
     std::memcpy(&bits, &t, sizeof bits);
-    bits = (bits + 127) << 23;
-    float scale;
+    bits = (bits + E::bias) << E::mantissa;  // the low bits of t hold k; 2^k's exponent field is k + bias
+    T scale;
     std::memcpy(&scale, &bits, sizeof scale);
     out[i] = q * scale;
   }

@@ -22,7 +22,6 @@ balanced).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import sys

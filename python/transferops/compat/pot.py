@@ -29,23 +29,24 @@ def _tensor(x, name: str):
     raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
 
 
-def _weights(w, n: int, name: str, like: torch.Tensor):
-    w, _ = _tensor(w, name)
+def _weights(w, n: int, name: str, like: torch.Tensor) -> torch.Tensor:
+    """float64 weights [n]; None or empty (POT's ``[]``) mean uniform."""
+    w, _ = _tensor([] if w is None else w, name)
     if w.numel() == 0:
-        return None
+        return torch.full((n,), 1.0 / n, dtype=torch.float64, device=like.device)
     if w.dim() != 1:
         raise ValueError(f"{name}: expected one histogram [{n}] (several at once are not supported), "
                          f"got shape {tuple(w.shape)}")
-    return w.to(like.device)
+    return w.to(device=like.device, dtype=torch.float64)
 
 
 def _solve(a, b, M, reg, reach, numItermax, stopThr):
     C, numpy_in = _tensor(M, "M")
     if C.dim() != 2:
         raise ValueError(f"M: expected a cost matrix [n, m], got shape {tuple(C.shape)}")
-    result = _ot.sinkhorn_cost_matrix(C, _weights(a, C.shape[0], "a", C), _weights(b, C.shape[1], "b", C), eps=reg,
-                                      tol=stopThr, max_iter=numItermax, reach=reach)
-    return result, C, numpy_in
+    a, b = _weights(a, C.shape[0], "a", C), _weights(b, C.shape[1], "b", C)
+    result = _ot.sinkhorn_cost_matrix(C, a, b, eps=reg, tol=stopThr, max_iter=numItermax, reach=reach)
+    return result, C, numpy_in, a, b
 
 
 def _out(t: torch.Tensor, numpy_in: bool, like: torch.Tensor):
@@ -53,10 +54,24 @@ def _out(t: torch.Tensor, numpy_in: bool, like: torch.Tensor):
     return t.numpy() if numpy_in else t
 
 
-def _log(result, numpy_in: bool):
-    log = {"niter": int(result.n_iter), "err": [float(result.marginal_error)],
-           "log_u": result.f / 1.0, "log_v": result.g / 1.0}
-    return {k: (v.numpy() if numpy_in and isinstance(v, torch.Tensor) else v) for k, v in log.items()}
+def _log(result, a: torch.Tensor, b: torch.Tensor, reg: float, numpy_in: bool) -> dict:
+    """POT's log dict: ``niter``, ``err``, and ``log_u``, ``log_v`` with P = diag(e^log_u)
+    exp(-M / reg) diag(e^log_v), i.e. log_u = log a + f / reg (up to the constant the two share)."""
+    logs = {"niter": int(result.n_iter), "err": [float(result.marginal_error)],
+            "log_u": a.log() + result.f / reg, "log_v": b.log() + result.g / reg}
+    return {k: (v.numpy() if numpy_in and isinstance(v, torch.Tensor) else v) for k, v in logs.items()}
+
+
+def _entry(a, b, M, reg, reach, numItermax, stopThr, log, plan: bool):
+    """The plan or <M, P>, with POT's log dict on request."""
+    result, C, numpy_in, a, b = _solve(a, b, M, reg, reach, numItermax, stopThr)
+    out = _out(result.plan() if plan else result.transport_cost, numpy_in, C)
+    return (out, _log(result, a, b, reg, numpy_in)) if log else out
+
+
+def _kl_only(reg_type) -> None:
+    if reg_type != "kl":
+        raise ValueError(f"reg_type: only 'kl' (POT's default) is supported, got {reg_type!r}")
 
 
 def sinkhorn(a, b, M, reg, method="sinkhorn", numItermax=1000, stopThr=1e-9, verbose=False, log=False, warn=True,
@@ -64,37 +79,27 @@ def sinkhorn(a, b, M, reg, method="sinkhorn", numItermax=1000, stopThr=1e-9, ver
     """The entropic plan P [n, m] (``ot.sinkhorn``); with ``log`` also a dict (``niter``,
     ``err``, and the potentials f, g under ``log_u``/``log_v`` as P = a_i b_j exp((f_i + g_j -
     M_ij) / reg))."""
-    result, C, numpy_in = _solve(a, b, M, reg, None, numItermax, stopThr)
-    P = _out(result.plan(), numpy_in, C)
-    return (P, _log(result, numpy_in)) if log else P
+    return _entry(a, b, M, reg, None, numItermax, stopThr, log, plan=True)
 
 
 def sinkhorn2(a, b, M, reg, method="sinkhorn", numItermax=1000, stopThr=1e-9, verbose=False, log=False, warn=True,
               **kwargs):
     """<M, P> of the entropic plan (``ot.sinkhorn2``); with ``log`` also the dict of :func:`sinkhorn`."""
-    result, C, numpy_in = _solve(a, b, M, reg, None, numItermax, stopThr)
-    value = _out(result.transport_cost, numpy_in, C)
-    return (value, _log(result, numpy_in)) if log else value
+    return _entry(a, b, M, reg, None, numItermax, stopThr, log, plan=False)
 
 
 def sinkhorn_unbalanced(a, b, M, reg, reg_m, method="sinkhorn", reg_type="kl", numItermax=1000, stopThr=1e-6,
                         verbose=False, log=False, **kwargs):
     """The unbalanced plan (``ot.sinkhorn_unbalanced`` with KL marginal penalties ``reg_m``)."""
-    if reg_type != "kl":
-        raise ValueError(f"reg_type: only 'kl' (POT's default) is supported, got {reg_type!r}")
-    result, C, numpy_in = _solve(a, b, M, reg, reg_m, numItermax, stopThr)
-    P = _out(result.plan(), numpy_in, C)
-    return (P, _log(result, numpy_in)) if log else P
+    _kl_only(reg_type)
+    return _entry(a, b, M, reg, reg_m, numItermax, stopThr, log, plan=True)
 
 
 def sinkhorn_unbalanced2(a, b, M, reg, reg_m, method="sinkhorn", reg_type="kl", numItermax=1000, stopThr=1e-6,
                          verbose=False, log=False, **kwargs):
     """<M, P> of the unbalanced plan (``ot.sinkhorn_unbalanced2``, POT's default ``returnCost="linear"``)."""
-    if reg_type != "kl":
-        raise ValueError(f"reg_type: only 'kl' (POT's default) is supported, got {reg_type!r}")
-    result, C, numpy_in = _solve(a, b, M, reg, reg_m, numItermax, stopThr)
-    value = _out(result.transport_cost, numpy_in, C)
-    return (value, _log(result, numpy_in)) if log else value
+    _kl_only(reg_type)
+    return _entry(a, b, M, reg, reg_m, numItermax, stopThr, log, plan=False)
 
 
 def empirical_sinkhorn2(X_s, X_t, reg, a=None, b=None, metric="sqeuclidean", numIterMax=10000, stopThr=1e-9,
@@ -104,8 +109,7 @@ def empirical_sinkhorn2(X_s, X_t, reg, a=None, b=None, metric="sqeuclidean", num
         raise ValueError(f"metric: only 'sqeuclidean' is supported, got {metric!r}")
     x, numpy_in = _tensor(X_s, "X_s")
     y, _ = _tensor(X_t, "X_t")
-    a = None if a is None else _weights(a, x.shape[0], "a", x)
-    b = None if b is None else _weights(b, y.shape[0], "b", y)
+    a, b = _weights(a, x.shape[0], "a", x), _weights(b, y.shape[0], "b", y)
     result = _ot.sinkhorn(x, y, a, b, eps=reg, tol=stopThr, max_iter=numIterMax)
     value = _out(result.transport_cost, numpy_in, x)
-    return (value, _log(result, numpy_in)) if log else value
+    return (value, _log(result, a, b, reg, numpy_in)) if log else value
