@@ -285,3 +285,71 @@ def test_online_batches_unbalanced_scaling_and_progress(online, capsys):
         sinkhorn(x[0].requires_grad_(), y[0], eps=0.3)
     with pytest.raises(transferops.BackendUnavailable, match="the reference stores the 1 x 70 x 1100 costs"):
         sinkhorn(x[0].detach(), y[0], eps=0.3, backend="reference")
+
+
+@pytest.mark.parametrize("inner", ["gaussian", "exact"])
+def test_dataset_distance_matches_an_explicit_construction(inner):
+    """OTDD against its definition built by hand: Bures distances through scipy's sqrtm (or POT's
+    Sinkhorn between the class samples), the label-augmented cost, and POT's Sinkhorn on it."""
+    ot = pytest.importorskip("ot")
+    from scipy.linalg import sqrtm
+
+    from transferops.ot import dataset_distance
+
+    g = torch.Generator().manual_seed(4)
+    ys, yt = torch.randint(0, 3, (60,), generator=g), torch.randint(1, 4, (50,), generator=g)  # 0 only in source
+    Xs = torch.randn(60, 4, generator=g, dtype=torch.float64) + ys[:, None]
+    Xt = torch.randn(50, 4, generator=g, dtype=torch.float64) * 1.3 + yt[:, None] * 0.8
+    eps = 0.5
+    W = np.zeros((3, 4))
+    for c in range(3):
+        for c2 in range(1, 4):
+            A, B = Xs[ys == c].numpy(), Xt[yt == c2].numpy()
+            if inner == "gaussian":
+                S1, S2 = np.cov(A.T), np.cov(B.T)
+                root = sqrtm(S1)
+                W[c, c2] = (((A.mean(0) - B.mean(0)) ** 2).sum() + np.trace(S1) + np.trace(S2)
+                            - 2 * np.trace(sqrtm(root @ S2 @ root)).real)
+            else:
+                W[c, c2] = ot.sinkhorn2(np.full(len(A), 1 / len(A)), np.full(len(B), 1 / len(B)), ot.dist(A, B),
+                                        eps, method="sinkhorn_log", stopThr=1e-12, numItermax=100000)
+    C = ot.dist(Xs.numpy(), Xt.numpy()) + W[ys.numpy()][:, yt.numpy()]
+    want = ot.sinkhorn2(np.full(60, 1 / 60), np.full(50, 1 / 50), C, eps, method="sinkhorn_log", stopThr=1e-12,
+                        numItermax=100000)
+    got, label_w = dataset_distance(Xs, ys, Xt, yt, eps=eps, inner=inner, tol=1e-11, return_label_distances=True)
+    np.testing.assert_allclose(label_w[:, 1:].numpy(), W[:, 1:], rtol=1e-6 if inner == "exact" else 1e-9, atol=1e-9)
+    assert abs(float(got.transport_cost) - float(want)) < 1e-6 * float(want)
+
+
+def test_dataset_distance_sees_classes_not_label_names():
+    """Renaming the classes changes nothing (the ground cost compares class distributions);
+    swapping the features of two classes does."""
+    from transferops.ot import dataset_distance
+
+    g = torch.Generator().manual_seed(6)
+    y = torch.randint(0, 3, (90,), generator=g)
+    X = torch.randn(90, 3, generator=g, dtype=torch.float64) + 3 * y[:, None]
+    same = float(dataset_distance(X, y, X, y, eps=0.2).transport_cost)
+    renamed = float(dataset_distance(X, y, X, (y + 1) % 3, eps=0.2).transport_cost)
+    mixed = y.clone()
+    mixed[:45] = (y[:45] + 1) % 3  # half the points change class: the classes' distributions change
+    assert abs(renamed - same) < 1e-9 and float(dataset_distance(X, y, X, mixed, eps=0.2).transport_cost) > same + 1
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda d: d(torch.ones(3, 2), torch.tensor([0, 1, 0]), torch.ones(2, 3), torch.tensor([0, 1]), eps=1.0),
+     ValueError, "Xs, Xt: expected features of one width"),
+    (lambda d: d(torch.ones(3, 2), torch.tensor([0, 1]), torch.ones(2, 2), torch.tensor([0, 1]), eps=1.0),
+     ValueError, "ys: expected 3 labels"),
+    (lambda d: d(torch.ones(2, 2), torch.tensor([0.5, 1.0]), torch.ones(2, 2), torch.tensor([0, 1]), eps=1.0),
+     TypeError, "ys: expected integer class ids"),
+    (lambda d: d(torch.ones(2, 2), torch.tensor([0, -1]), torch.ones(2, 2), torch.tensor([0, 1]), eps=1.0),
+     ValueError, "ys: class ids must be >= 0"),
+    (lambda d: d(torch.ones(2, 2), torch.tensor([0, 1]), torch.ones(2, 2), torch.tensor([0, 1]), eps=1.0, inner="x"),
+     ValueError, "inner: expected one of"),
+])
+def test_dataset_distance_bad_input(call, error, match):
+    from transferops.ot import dataset_distance
+
+    with pytest.raises(error, match=match):
+        call(dataset_distance)

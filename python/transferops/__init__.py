@@ -17,7 +17,7 @@ _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 from . import merging, ot, transferability
 from ._backend import BACKENDS, BackendUnavailable, available_backends, use_backend
 from ._info import info
-from .ot import SinkhornResult, sinkhorn, sinkhorn_cost_matrix, sinkhorn_divergence
+from .ot import SinkhornResult, dataset_distance, sinkhorn, sinkhorn_cost_matrix, sinkhorn_divergence
 from .transferability import LogMEStream, gbc, hscore, leep, logme, nce, transrate
 
 try:
@@ -25,6 +25,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["BACKENDS", "BackendUnavailable", "LogMEStream", "SinkhornResult", "available_backends", "gbc", "hscore",
+__all__ = ["BACKENDS", "BackendUnavailable", "LogMEStream", "SinkhornResult", "available_backends", "dataset_distance",
+           "gbc", "hscore",
            "info", "leep", "logme", "merging", "nce", "ot", "sinkhorn", "sinkhorn_cost_matrix", "sinkhorn_divergence",
            "transferability", "transrate", "use_backend"]
