@@ -379,3 +379,30 @@ def test_demo_ranks_extractors_like_their_linear_probes():
     assert len(result["rows"]) == 8
     for score in ("logme", "hscore", "hscore_shrinkage", "gbc"):
         assert result["kendall_tau"][score] >= 0.6, (score, result["kendall_tau"])
+
+
+def test_otce_matches_a_plan_built_by_pot():
+    """The label joint and conditional entropy from POT's own plan (sinkhorn_log at the same eps),
+    and, as eps shrinks, from the exact coupling (ot.emd) the paper uses."""
+    ot = pytest.importorskip("ot")
+    from transferops.transferability import otce
+
+    g = torch.Generator().manual_seed(9)
+    ys, yt = torch.randint(0, 3, (40,), generator=g), torch.randint(0, 4, (30,), generator=g)
+    Xs = torch.randn(40, 5, generator=g, dtype=torch.float64) + ys[:, None]
+    Xt = torch.randn(30, 5, generator=g, dtype=torch.float64) + yt[:, None] * 0.7
+
+    def by_hand(P):
+        joint = np.zeros((3, 4))
+        np.add.at(joint, (ys.numpy()[:, None], yt.numpy()[None, :]), P)
+        cond = joint / joint.sum(1, keepdims=True)
+        return float(np.sum(joint[joint > 0] * np.log(cond[joint > 0])))
+
+    M = ot.dist(Xs.numpy(), Xt.numpy())
+    a, b = np.full(40, 1 / 40), np.full(30, 1 / 30)
+    score, parts = otce(Xs, ys, Xt, yt, eps=0.5, tol=1e-12, return_parts=True)
+    P = ot.sinkhorn(a, b, M, 0.5, method="sinkhorn_log", stopThr=1e-13, numItermax=100000)
+    assert abs(float(score) - by_hand(P)) < 1e-9
+    assert abs(float(parts["domain_difference"]) - float((P * M).sum())) < 1e-9
+    exact = by_hand(ot.emd(a, b, M))
+    assert abs(float(otce(Xs, ys, Xt, yt, eps=0.1, tol=1e-6)) - exact) < 0.05 * abs(exact)

@@ -637,3 +637,34 @@ def transrate(features, labels, *, eps: float = 1e-4):
         scores.append(_coding_rate(Z, eps) - conditional)
     scores = torch.stack(scores)
     return scores if many else scores[0]
+
+
+def otce(source_features, source_labels, target_features, target_labels, *, eps: float, tol: float = 1e-6,
+         return_parts: bool = False):
+    """OT-based NCE (Tan et al., CVPR 2021, eqs. 4-6; the score their code recommends): couple
+    the source and target samples by entropic OT on |x_s - x_t|^2 (uniform weights; the paper
+    takes the exact coupling, the limit eps -> 0), form the joint distribution of labels
+    P(y_s, y_t) = sum_ij P_ij [ys_i = y_s][yt_j = y_t], and return -H(Y_t | Y_s) (higher is better).
+
+    ``source_features`` [Ns, d] with class ids ``source_labels`` [Ns]; the same for the target.
+    With ``return_parts``, also a dict: ``conditional_entropy``, ``domain_difference`` (the
+    transport cost, OTCE's W_D) and ``joint`` [source classes, target classes]."""
+    from .ot import sinkhorn
+
+    Xs, _ = _feature_list(source_features, "source_features")
+    Xt, _ = _feature_list(target_features, "target_features")
+    if len(Xs) != 1 or len(Xt) != 1:
+        raise ValueError("otce: expected one source and one target feature matrix [n, d]")
+    Xs, Xt = Xs[0].to(torch.float64), Xt[0].to(torch.float64)
+    ys = _class_labels(source_labels, Xs.shape[0], "source_labels", min_classes=1)
+    yt = _class_labels(target_labels, Xt.shape[0], "target_labels", min_classes=1)
+    result = sinkhorn(Xs, Xt, eps=eps, tol=tol)
+    source_onehot = torch.nn.functional.one_hot(ys.to(Xs.device), int(ys.max()) + 1).double()
+    target_onehot = torch.nn.functional.one_hot(yt.to(Xs.device), int(yt.max()) + 1).double()
+    joint = source_onehot.T @ result.apply(target_onehot)  # [Cs, Ct], never the N x M plan
+    marginal = joint.sum(1, keepdim=True)
+    entropy = -torch.xlogy(joint, joint / marginal.clamp(min=torch.finfo(torch.float64).tiny)).sum()
+    score = -entropy
+    if return_parts:
+        return score, {"conditional_entropy": entropy, "domain_difference": result.transport_cost, "joint": joint}
+    return score
