@@ -30,6 +30,9 @@ struct Problem {
   std::vector<T> K;          // exp((f_i + g_j - C_ij) / eps)
   std::vector<double> la, lb;
   double mass;
+  // Scratch of kernel_apply, kept across the thousands of calls of a solve.
+  std::vector<T> wt, block;
+  std::vector<double> partial;
 };
 
 inline double neg_inf() { return -std::numeric_limits<double>::infinity(); }
@@ -95,10 +98,11 @@ double dot(const T* k, const T* w, int64_t n) {
 
 // s_i = sum_j K_ij w_j (rows, `transpose` false) or s_j = sum_i K_ij w_i.
 template <class T>
-void kernel_apply(const Problem<T>& p, const std::vector<double>& w, std::vector<double>& s, bool transpose,
+void kernel_apply(Problem<T>& p, const std::vector<double>& w, std::vector<double>& s, bool transpose,
                   bool parallel) {
   const int64_t n_in = transpose ? p.N : p.M;
-  std::vector<T> wt(w.begin(), w.begin() + n_in);
+  std::vector<T>& wt = p.wt;
+  wt.assign(w.begin(), w.begin() + n_in);
   if (!transpose) {
 #ifdef TRANSFEROPS_OPENMP
 #pragma omp parallel for schedule(static) if (parallel)
@@ -107,7 +111,9 @@ void kernel_apply(const Problem<T>& p, const std::vector<double>& w, std::vector
     return;
   }
   const int threads = parallel ? max_threads() : 1;
-  std::vector<double> partial(size_t(threads) * p.M, 0.0);
+  std::vector<double>& partial = p.partial;
+  partial.assign(size_t(threads) * p.M, 0.0);
+  p.block.resize(size_t(threads) * p.M);
 #ifdef TRANSFEROPS_OPENMP
 #pragma omp parallel num_threads(threads) if (parallel)
 #endif
@@ -118,10 +124,10 @@ void kernel_apply(const Problem<T>& p, const std::vector<double>& w, std::vector
     const int t = 0;
 #endif
     double* acc = partial.data() + size_t(t) * p.M;
-    std::vector<T> block(p.M);
+    T* block = p.block.data() + size_t(t) * p.M;
     const int64_t lo = p.N * t / threads, hi = p.N * (t + 1) / threads;
     for (int64_t start = lo; start < hi; start += kFlush / kLanes) {
-      std::fill(block.begin(), block.end(), T(0));
+      std::fill(block, block + p.M, T(0));
       for (int64_t i = start; i < std::min(hi, start + kFlush / kLanes); ++i) {
         const T* k = p.K.data() + i * p.M;
         const T wi = wt[i];

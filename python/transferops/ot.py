@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import _checks
 from ._backend import Op, native_buffer, native_module
 
 COSTS = {"sqeuclidean": 1.0, "sqeuclidean_half": 0.5}
@@ -75,7 +76,7 @@ def _points(x, name: str) -> torch.Tensor:
         raise TypeError(f"{name}: expected a float dtype, got {x.dtype}")
     if x.shape[-2] == 0 or x.shape[-1] == 0:
         raise ValueError(f"{name}: expected at least one point of at least one coordinate, got shape {tuple(x.shape)}")
-    bad = int((~torch.isfinite(x)).sum())
+    bad = _checks.count_nonfinite(x)
     if bad:
         raise ValueError(f"{name}: expected finite values, found NaN or Inf in {bad} entries")
     return x
@@ -406,7 +407,7 @@ def sinkhorn_cost_matrix(C, a=None, b=None, *, eps: float, tol: float = 1e-4, ma
         raise ValueError(f"C: expected a non-empty cost matrix [N, M] or [B, N, M], got shape {tuple(C.shape)}")
     if not C.is_floating_point():
         raise TypeError(f"C: expected a float dtype, got {C.dtype}")
-    bad = int((~torch.isfinite(C)).sum())
+    bad = _checks.count_nonfinite(C)
     if bad:
         raise ValueError(f"C: expected finite costs, found NaN or Inf in {bad} entries")
     batched = C.dim() == 3

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import _checks
 from ._backend import Op, _import, native_module
 
 COMPAT = ("corrected", "official")
@@ -73,18 +74,10 @@ def _feature_list(features, name: str = "features", *, min_samples: int = 2) -> 
         if f.shape[0] < min_samples or f.shape[1] < 1:
             raise ValueError(f"{what}: expected at least {min_samples} sample{'s' if min_samples > 1 else ''} and 1 "
                              f"feature, got shape {tuple(f.shape)}")
-        bad = _count_nonfinite(f) if f.is_floating_point() else 0
+        bad = _checks.count_nonfinite(f) if f.is_floating_point() else 0
         if bad:
             raise ValueError(f"{what}: expected finite features, found NaN or Inf in {bad} entries")
     return feats, many
-
-
-def _count_nonfinite(t: torch.Tensor) -> int:
-    """How many entries of float tensor ``t`` are NaN or Inf. A NaN or Inf anywhere makes the sum
-    NaN or Inf, so one reduction clears finite inputs (50x faster than counting on 10M floats);
-    the count runs only when the sum is not finite (a NaN/Inf, or a finite overflow)."""
-    total = t.sum(dtype=torch.float64) if t.element_size() < 4 else t.sum()
-    return 0 if bool(torch.isfinite(total)) else int((~torch.isfinite(t)).sum())
 
 
 def _class_labels(labels, N: int, name: str = "labels", *, min_classes: int = 2) -> torch.Tensor:
@@ -120,7 +113,7 @@ def _targets(labels, N: int, regression: bool, name: str = "labels", *, min_clas
     if y is None or y.shape[0] != N:
         raise ValueError(f"{name}: expected regression targets [N] or [N, K] with N = {N}, got shape "
                          f"{tuple(_as_tensor(labels, name).shape)}")
-    bad = _count_nonfinite(y)
+    bad = _checks.count_nonfinite(y)
     if bad:
         raise ValueError(f"{name}: expected finite regression targets, found NaN or Inf in {bad} entries")
     return y
