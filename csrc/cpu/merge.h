@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "common/view.h"
+#include "cpu/isa.h"
 
 namespace transferops::cpu {
 
@@ -87,10 +88,5 @@ struct FisherResult {
 // denominator never vanishes and entries no model is informed about get the weighted mean.
 FisherResult fisher_average(const std::vector<View2D>& models, const std::vector<View2D>& fishers, const View2D& out,
                             const double* weights, double eps);
-
-// The instruction set the CPU kernels run with: "avx2" where the CPU has it (and the build
-// compiled it), else "base". set_cpu_isa forces one (tests compare the two bit for bit).
-const char* cpu_isa();
-void set_cpu_isa(const std::string& isa);
 
 }  // namespace transferops::cpu

@@ -9,8 +9,17 @@
 #include <vector>
 
 #include "common/parallel.h"
+#include "cpu/isa.h"
+
+// Compiled twice on x86-64, as merge.cpp: the baseline ISA (namespace cpu::base) and -mavx2
+// (cpu::avx2). Sums run in fixed lanes and -ffp-contract=off holds, so both give the same bits.
+#ifndef TRANSFEROPS_ISA
+#define TRANSFEROPS_ISA base
+#define TRANSFEROPS_ISA_BASE 1
+#endif
 
 namespace transferops::cpu {
+namespace TRANSFEROPS_ISA {
 
 namespace {
 
@@ -351,8 +360,9 @@ void sinkhorn_typed(const View2D& C, int64_t N, const View2D& a, const View2D& b
 
 }  // namespace
 
-void sinkhorn_matrix(const View2D& C, int64_t N, const View2D& a, const View2D& b, const View2D& f, const View2D& g,
-                     const SinkhornSettings& s, int64_t* n_iter, double* error, double* transport, double* value) {
+void sinkhorn_matrix_impl(const View2D& C, int64_t N, const View2D& a, const View2D& b, const View2D& f,
+                          const View2D& g, const SinkhornSettings& s, int64_t* n_iter, double* error, double* transport,
+                          double* value) {
   if (N < 1 || C.rows != a.rows * N || a.cols != N || b.cols != C.cols || b.rows != a.rows || f.rows != a.rows ||
       f.cols != N || g.rows != a.rows || g.cols != C.cols) {
     throw std::invalid_argument("sinkhorn: C [B * N, M], a and f [B, N], b and g [B, M] do not match");
@@ -671,10 +681,10 @@ void points_typed(const View2D& x, const View2D& y, int64_t N, double scale, con
 
 }  // namespace
 
-void sinkhorn_points(const View2D& x, const View2D& y, int64_t N, double scale, const Gemm& gemm, const View2D& a,
-                     const View2D& b, const View2D& f, const View2D& g, const SinkhornSettings& s, int64_t* n_iter,
-                     double* error, double* transport, double* value,
-                     const std::function<void(int64_t, int64_t, double)>& progress) {
+void sinkhorn_points_impl(const View2D& x, const View2D& y, int64_t N, double scale, const Gemm& gemm,
+                          const View2D& a, const View2D& b, const View2D& f, const View2D& g,
+                          const SinkhornSettings& s, int64_t* n_iter, double* error, double* transport, double* value,
+                          const std::function<void(int64_t, int64_t, double)>& progress) {
   const int64_t B = a.rows, M = b.cols;
   if (N < 1 || x.rows != B * N || a.cols != N || y.rows != B * M || y.cols != x.cols || x.dtype != y.dtype ||
       b.rows != B || f.rows != B || f.cols != N || g.rows != B || g.cols != M) {
@@ -691,5 +701,41 @@ void sinkhorn_points(const View2D& x, const View2D& y, int64_t N, double scale, 
     throw std::invalid_argument("sinkhorn: points must be float32 or float64");
   }
 }
+
+}  // namespace TRANSFEROPS_ISA
+
+#ifdef TRANSFEROPS_ISA_BASE
+#ifdef TRANSFEROPS_HAVE_AVX2
+namespace avx2 {
+void sinkhorn_matrix_impl(const View2D& C, int64_t N, const View2D& a, const View2D& b, const View2D& f,
+                          const View2D& g, const SinkhornSettings& s, int64_t* n_iter, double* error, double* transport,
+                          double* value);
+void sinkhorn_points_impl(const View2D& x, const View2D& y, int64_t N, double scale, const Gemm& gemm,
+                          const View2D& a, const View2D& b, const View2D& f, const View2D& g,
+                          const SinkhornSettings& s, int64_t* n_iter, double* error, double* transport, double* value,
+                          const std::function<void(int64_t, int64_t, double)>& progress);
+}  // namespace avx2
+#endif
+
+void sinkhorn_matrix(const View2D& C, int64_t N, const View2D& a, const View2D& b, const View2D& f, const View2D& g,
+                     const SinkhornSettings& s, int64_t* n_iter, double* error, double* transport, double* value) {
+#ifdef TRANSFEROPS_HAVE_AVX2
+  if (std::string(cpu_isa()) == "avx2") return avx2::sinkhorn_matrix_impl(C, N, a, b, f, g, s, n_iter, error, transport, value);
+#endif
+  base::sinkhorn_matrix_impl(C, N, a, b, f, g, s, n_iter, error, transport, value);
+}
+
+void sinkhorn_points(const View2D& x, const View2D& y, int64_t N, double scale, const Gemm& gemm, const View2D& a,
+                     const View2D& b, const View2D& f, const View2D& g, const SinkhornSettings& s, int64_t* n_iter,
+                     double* error, double* transport, double* value,
+                     const std::function<void(int64_t, int64_t, double)>& progress) {
+#ifdef TRANSFEROPS_HAVE_AVX2
+  if (std::string(cpu_isa()) == "avx2") {
+    return avx2::sinkhorn_points_impl(x, y, N, scale, gemm, a, b, f, g, s, n_iter, error, transport, value, progress);
+  }
+#endif
+  base::sinkhorn_points_impl(x, y, N, scale, gemm, a, b, f, g, s, n_iter, error, transport, value, progress);
+}
+#endif  // TRANSFEROPS_ISA_BASE
 
 }  // namespace transferops::cpu
