@@ -374,7 +374,8 @@ def test_native_isas_agree_bit_for_bit(dtype, materialize, monkeypatch):
     try:
         for isa in ("base", "avx2"):
             native.set_cpu_isa(isa)
-            outs[isa] = sinkhorn(x, y, eps=0.2, tol=1e-8, backend="native", progress=False)
+            outs[isa] = sinkhorn(x, y, eps=0.2, tol=1e-8 if dtype == torch.float64 else 1e-5, backend="native",
+                                 progress=False)
     finally:
         native.set_cpu_isa("avx2")
     for field in ("f", "g", "transport_cost", "ot_eps", "n_iter"):
