@@ -4,6 +4,14 @@
 #pragma once
 #include <string>
 
+// The namespace this translation unit's kernels go in: `base`, or the ISA the build passes
+// (TRANSFEROPS_ISA=avx2 for the second compilation); TRANSFEROPS_ISA_BASE marks the baseline
+// one, which also holds the run-time dispatch.
+#ifndef TRANSFEROPS_ISA
+#define TRANSFEROPS_ISA base
+#define TRANSFEROPS_ISA_BASE 1
+#endif
+
 namespace transferops::cpu {
 
 // "avx2" where the CPU has it (and the build compiled it), else "base". set_cpu_isa forces one

@@ -11,14 +11,9 @@
 #include "common/parallel.h"
 #include "common/philox.h"
 
-// This file is compiled twice on x86-64: for the baseline ISA (namespace cpu::base) and with
-// -mavx2 (namespace cpu::avx2, TRANSFEROPS_ISA=avx2); merge() picks one at run time. Both use
-// -ffp-contract=off and the same per-element order of operations, so their results are
-// bit-identical.
-#ifndef TRANSFEROPS_ISA
-#define TRANSFEROPS_ISA base
-#define TRANSFEROPS_ISA_BASE 1
-#endif
+// This file is compiled twice on x86-64 (see cpu/isa.h); merge() picks one build at run time.
+// Both use -ffp-contract=off and the same per-element order of operations, so their results
+// are bit-identical.
 
 namespace transferops::cpu {
 namespace TRANSFEROPS_ISA {

@@ -6,17 +6,14 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/parallel.h"
 #include "cpu/isa.h"
 
-// Compiled twice on x86-64, as merge.cpp: the baseline ISA (namespace cpu::base) and -mavx2
-// (cpu::avx2). Sums run in fixed lanes and -ffp-contract=off holds, so both give the same bits.
-#ifndef TRANSFEROPS_ISA
-#define TRANSFEROPS_ISA base
-#define TRANSFEROPS_ISA_BASE 1
-#endif
+// Compiled twice on x86-64 (see cpu/isa.h). Sums run in fixed lanes and -ffp-contract=off
+// holds, so both builds give the same bits.
 
 namespace transferops::cpu {
 namespace TRANSFEROPS_ISA {
@@ -476,20 +473,20 @@ Cloud<T> cloud(const T* pts, int64_t n, int64_t ld, int64_t d, double scale) {
 constexpr int64_t kRowBlock = 64, kColBlock = 1024;
 
 // tile [np x nq] (row-major) = P . Q^T, for rows of P and Q with leading dimensions ldp, ldq.
-void gemm_tile(const Gemm& g, const float* q, int64_t ldq, int64_t nq, const float* p, int64_t ldp, int64_t np,
-               int64_t d, float* tile) {
+template <class T>
+void gemm_tile(const Gemm& g, const T* q, int64_t ldq, int64_t nq, const T* p, int64_t ldp, int64_t np, int64_t d,
+               T* tile) {
   char ta = 'T', tb = 'N';
   int m = int(nq), n = int(np), k = int(d), lda = int(ldq), ldb = int(ldp), ldc = int(nq);
-  float one = 1.0f, zero = 0.0f;
-  g.sgemm(&ta, &tb, &m, &n, &k, &one, const_cast<float*>(q), &lda, const_cast<float*>(p), &ldb, &zero, tile, &ldc);
-}
-
-void gemm_tile(const Gemm& g, const double* q, int64_t ldq, int64_t nq, const double* p, int64_t ldp, int64_t np,
-               int64_t d, double* tile) {
-  char ta = 'T', tb = 'N';
-  int m = int(nq), n = int(np), k = int(d), lda = int(ldq), ldb = int(ldp), ldc = int(nq);
-  double one = 1.0, zero = 0.0;
-  g.dgemm(&ta, &tb, &m, &n, &k, &one, const_cast<double*>(q), &lda, const_cast<double*>(p), &ldb, &zero, tile, &ldc);
+  T one = 1, zero = 0;
+  auto gemm = [&](auto routine) {
+    routine(&ta, &tb, &m, &n, &k, &one, const_cast<T*>(q), &lda, const_cast<T*>(p), &ldb, &zero, tile, &ldc);
+  };
+  if constexpr (std::is_same_v<T, float>) {
+    gemm(g.sgemm);
+  } else {
+    gemm(g.dgemm);
+  }
 }
 
 // Calls visit(block, i0, ni, j0, nj, tile, thread) for every tile of C between P's rows and
