@@ -311,7 +311,7 @@ def _dual_surrogate(C, a, b, f, g, eps, rho):
 
 def _solve(C, a, b, *, dtype: torch.dtype, eps, tol, max_iter, eps_scaling, reach, batched: bool,
            backend: str, log_plan_of, symmetric: bool = False, progress: bool = False) -> SinkhornResult:
-    """``C``: the costs [B, N, M] (float64, maybe requiring grad), or :class:`_Points`."""
+    """``C``: the costs [B, N, M] (float64 when gradients flow through them), or :class:`_Points`."""
     eps = _finite_float(eps, "eps")
     tol = _finite_float(tol, "tol")
     rho = None if reach is None else _finite_float(reach, "reach")
@@ -325,8 +325,8 @@ def _solve(C, a, b, *, dtype: torch.dtype, eps, tol, max_iter, eps_scaling, reac
     if rho is None and bool(((a.sum(-1) - b.sum(-1)).abs() > 1e-6 * a.sum(-1)).any()):
         raise ValueError("a, b: balanced OT needs equal masses in each problem "
                          f"(got {a.sum(-1).tolist()} and {b.sum(-1).tolist()}); pass reach= for unbalanced OT")
-    # The solvers see C in the working precision (float32 for float32/16-bit inputs);
-    # values and gradients come from float64 C.
+    # The solvers see C in the working precision (float32 for float32/16-bit inputs); the
+    # gradient surrogate uses C itself.
     work = C if points else C.detach().to(dtype)
     f, g, transport, value, n_iter, error = sinkhorn_op(backend, like.device, dtype, work, a.detach(), b.detach(), eps,
                                                         rho, tol, max_iter, _schedule(eps, eps_scaling, work), symmetric,
