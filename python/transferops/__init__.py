@@ -17,7 +17,7 @@ _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 from . import merging, ot, transferability
 from ._backend import BACKENDS, BackendUnavailable, available_backends, use_backend
 from ._info import info
-from .ot import SinkhornResult, dataset_distance, sinkhorn, sinkhorn_cost_matrix, sinkhorn_divergence
+from .ot import SinkhornResult, dataset_distance, sinkhorn, sinkhorn_cost_matrix, sinkhorn_divergence, sinkhorn_loss
 from .transferability import LogMEStream, gbc, hscore, leep, logme, nce, otce, transrate
 
 try:
@@ -27,5 +27,5 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = ["BACKENDS", "BackendUnavailable", "LogMEStream", "SinkhornResult", "available_backends", "dataset_distance",
            "gbc", "hscore",
-           "info", "leep", "logme", "merging", "nce", "ot", "otce", "sinkhorn", "sinkhorn_cost_matrix", "sinkhorn_divergence",
+           "info", "leep", "logme", "merging", "nce", "ot", "otce", "sinkhorn", "sinkhorn_cost_matrix", "sinkhorn_divergence", "sinkhorn_loss",
            "transferability", "transrate", "use_backend"]

@@ -499,3 +499,81 @@ def dataset_distance(Xs, ys, Xt, yt, *, eps: float, inner: str = "gaussian", inn
     result = sinkhorn_cost_matrix(cost_matrix(Xs, Xt) + W[ys][:, yt], eps=eps, tol=tol, max_iter=max_iter,
                                   backend=backend)
     return (result, W) if return_label_distances else result
+
+
+# ---- a loss for training graphs --------------------------------------------------------------------
+
+
+@torch.library.custom_op("transferops::sinkhorn_ot_eps", mutates_args=())
+def _ot_eps_op(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, scale: float,
+               tol: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ot_eps [B] and the potentials f [B, N], g [B, M] (float64) of balanced problems x [B, N, d],
+    y [B, M, d] with weights a [B, N], b [B, M] (float64), cost scale * |x - y|^2."""
+    cost = next(name for name, s in COSTS.items() if s == scale)
+    r = sinkhorn(x.detach(), y.detach(), a.detach(), b.detach(), eps=eps, cost=cost, tol=tol, max_iter=max_iter)
+    return r.ot_eps.clone(), r.f.clone(), r.g.clone()
+
+
+@_ot_eps_op.register_fake
+def _(x, y, a, b, eps, scale, tol, max_iter):
+    B, N, M = x.shape[0], x.shape[1], y.shape[1]
+    return (x.new_empty(B, dtype=torch.float64), x.new_empty(B, N, dtype=torch.float64),
+            x.new_empty(B, M, dtype=torch.float64))
+
+
+def _ot_eps_setup(ctx, inputs, output):
+    x, y, a, b, eps, scale, _, _ = inputs
+    _, f, g = output
+    ctx.save_for_backward(x, y, a, b, f, g)
+    ctx.eps, ctx.scale = eps, scale
+
+
+def _ot_eps_backward(ctx, grad_value, grad_f, grad_g):
+    """Envelope theorem: the gradients of ot_eps at the optimal potentials, as plain torch ops
+    (no iteration differentiated). With P the plan and E = exp((f + g - C)/eps) - 1:
+    d/dx_i = 2 s (r_i x_i - (P y)_i), d/dy_j = 2 s (c_j y_j - (P^T x)_j),
+    d/da_i = f_i - eps sum_j b_j E_ij, d/db_j = g_j - eps sum_i a_i E_ij."""
+    x, y, a, b, f, g = ctx.saved_tensors
+    eps, scale = ctx.eps, ctx.scale
+    x64, y64 = x.double(), y.double()
+    C = scale * cost_matrix(x64, y64)
+    E = torch.expm1((f[:, :, None] + g[:, None, :] - C) / eps)
+    P = a[:, :, None] * b[:, None, :] * (E + 1)
+    w = grad_value[:, None, None]
+    gx = 2 * scale * (P.sum(-1)[..., None] * x64 - P @ y64) * w
+    gy = 2 * scale * (P.sum(-2)[..., None] * y64 - P.transpose(-1, -2) @ x64) * w
+    ga = (f - eps * (E * b[:, None, :]).sum(-1)) * grad_value[:, None]
+    gb = (g - eps * (E * a[:, :, None]).sum(-2)) * grad_value[:, None]
+    return gx.to(x.dtype), gy.to(y.dtype), ga.to(a.dtype), gb.to(b.dtype), None, None, None, None
+
+
+_ot_eps_op.register_autograd(_ot_eps_backward, setup_context=_ot_eps_setup)
+
+
+def sinkhorn_loss(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean", tol: float = 1e-4,
+                  max_iter: int = 10000) -> torch.Tensor:
+    """ot_eps of balanced point-cloud problems as a loss for training graphs: a torch.library
+    custom op (``transferops::sinkhorn_ot_eps``) with a fake implementation, so it runs under
+    ``torch.compile`` without graph breaks, and an envelope-theorem backward in x, y, a and b.
+    Shapes as :func:`sinkhorn` (0-d for one problem, [B] for a batch); costs stored, so for
+    clouds whose N x M fits in memory."""
+    # Only what the shapes tell is checked here, so that compiled graphs do not break on data;
+    # the op itself runs sinkhorn(), which checks the values (NaN/Inf, weights, masses).
+    if cost not in COSTS:
+        raise ValueError(f"cost: expected one of {list(COSTS)}, got {cost!r}")
+    for t, name in ((x, "x"), (y, "y")):
+        if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3) or not t.is_floating_point():
+            raise TypeError(f"{name}: expected a float tensor [n, d] or [B, n, d]")
+    if x.dim() != y.dim() or x.shape[-1] != y.shape[-1] or (x.dim() == 3 and x.shape[0] != y.shape[0]):
+        raise ValueError(f"x, y: expected [N, d] and [M, d] (or [B, N, d] and [B, M, d]) with the same d and B, "
+                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
+    batched = x.dim() == 3
+    xb, yb = (x, y) if batched else (x[None], y[None])
+    B, N, M = xb.shape[0], xb.shape[1], yb.shape[1]
+    a = (torch.full((B, N), 1.0 / N, dtype=torch.float64, device=x.device) if a is None
+         else a.to(torch.float64).expand(B, N).contiguous())
+    b = (torch.full((B, M), 1.0 / M, dtype=torch.float64, device=x.device) if b is None
+         else b.to(torch.float64).expand(B, M).contiguous())
+    value, _, _ = _ot_eps_op(xb, yb, a, b, _finite_float(eps, "eps"), COSTS[cost], _finite_float(tol, "tol"),
+                             int(max_iter))
+    return value if batched else value[0]
