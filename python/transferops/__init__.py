@@ -25,7 +25,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["BACKENDS", "BackendUnavailable", "LogMEStream", "SinkhornResult", "available_backends", "dataset_distance",
-           "gbc", "hscore",
-           "info", "leep", "logme", "merging", "nce", "ot", "otce", "sinkhorn", "sinkhorn_cost_matrix", "sinkhorn_divergence", "sinkhorn_loss",
-           "transferability", "transrate", "use_backend"]
+__all__ = ["BACKENDS", "BackendUnavailable", "LogMEStream", "SinkhornResult", "available_backends",
+           "dataset_distance", "gbc", "hscore", "info", "leep", "logme", "merging", "nce", "ot", "otce",
+           "sinkhorn", "sinkhorn_cost_matrix", "sinkhorn_divergence", "sinkhorn_loss", "transferability",
+           "transrate", "use_backend"]
