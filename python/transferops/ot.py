@@ -107,6 +107,12 @@ def _working_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.dim() != y.dim() or x.shape[-1] != y.shape[-1] or (x.dim() == 3 and x.shape[0] != y.shape[0]):
+        raise ValueError(f"x, y: expected [N, d] and [M, d] (or [B, N, d] and [B, M, d]) with the same d and B, "
+                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
+
+
 def cost_matrix(x: torch.Tensor, y: torch.Tensor, cost: str = "sqeuclidean",
                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """C [.., N, M] in ``dtype``: scale * |x_i - y_j|^2 through |x|^2 + |y|^2 - 2 x.y (POT's
@@ -372,9 +378,7 @@ def sinkhorn(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean", tol
     if cost not in COSTS:
         raise ValueError(f"cost: expected one of {list(COSTS)}, got {cost!r}")
     x, y = _points(x, "x"), _points(y, "y")
-    if x.dim() != y.dim() or x.shape[-1] != y.shape[-1] or (x.dim() == 3 and x.shape[0] != y.shape[0]):
-        raise ValueError(f"x, y: expected [N, d] and [M, d] (or [B, N, d] and [B, M, d]) with the same d and B, "
-                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
+    _check_pair(x, y)
     if x.device != y.device:
         raise ValueError(f"x, y: expected one device, got {x.device} and {y.device}")
     batched = x.dim() == 3
@@ -564,9 +568,7 @@ def sinkhorn_loss(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean"
     for t, name in ((x, "x"), (y, "y")):
         if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3) or not t.is_floating_point():
             raise TypeError(f"{name}: expected a float tensor [n, d] or [B, n, d]")
-    if x.dim() != y.dim() or x.shape[-1] != y.shape[-1] or (x.dim() == 3 and x.shape[0] != y.shape[0]):
-        raise ValueError(f"x, y: expected [N, d] and [M, d] (or [B, N, d] and [B, M, d]) with the same d and B, "
-                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
+    _check_pair(x, y)
     batched = x.dim() == 3
     xb, yb = (x, y) if batched else (x[None], y[None])
     B, N, M = xb.shape[0], xb.shape[1], yb.shape[1]

@@ -101,11 +101,13 @@ def _class_labels(labels, N: int, name: str = "labels", *, min_classes: int = 2)
     return y
 
 
-def _targets(labels, N: int, regression: bool, name: str = "labels", *, min_classes: int = 2) -> torch.Tensor:
-    """float64 targets [N, K]: one-hot class indicators, or the regression targets."""
+def _targets(labels, N: int, regression: bool, name: str = "labels", *,
+             min_classes: int = 2) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """float64 targets [N, K] (one-hot class indicators, or the regression targets) and the
+    class ids behind them (None for regression)."""
     if not regression:
         y = _class_labels(labels, N, name, min_classes=min_classes)
-        return torch.nn.functional.one_hot(y, int(y.max()) + 1).double()
+        return torch.nn.functional.one_hot(y, int(y.max()) + 1).double(), y
     y = _as_tensor(labels, name)
     if not y.is_floating_point():
         y = y.double()
@@ -116,7 +118,7 @@ def _targets(labels, N: int, regression: bool, name: str = "labels", *, min_clas
     bad = _checks.count_nonfinite(y)
     if bad:
         raise ValueError(f"{name}: expected finite regression targets, found NaN or Inf in {bad} entries")
-    return y
+    return y, None
 
 
 # ---- LogME -----------------------------------------------------------------------------------
@@ -360,12 +362,12 @@ class LogMEStream:
         if [f.shape[1] for f in feats] != widths:
             raise ValueError(f"features: expected models of widths {widths} as in the first update, got "
                              f"{[f.shape[1] for f in feats]}")
-        Y = _targets(labels, n, self.regression, min_classes=1).cpu()
+        Y, classes = _targets(labels, n, self.regression, min_classes=1)
+        Y = Y.cpu()
         if self.regression and self.y2.size and Y.shape[1] != self.y2.size:
             raise ValueError(f"labels: expected {self.y2.size} regression targets per row as before, got {Y.shape[1]}")
         K = max(Y.shape[1], self.y2.size)
         Y = torch.nn.functional.pad(Y, (0, K - Y.shape[1]))
-        classes = None if self.regression else Y.argmax(1)
         self.y2 = np.pad(self.y2, (0, K - self.y2.size)) + (Y * Y).sum(0).numpy()
         blas = _import("scipy.linalg")[0].blas
         for i, f in enumerate(feats):
@@ -431,8 +433,8 @@ def logme(features, labels, *, regression: bool = False, compat: str = "correcte
         raise ValueError(f"compat: expected one of {list(COMPAT)}, got {compat!r}")
     feats, many = _feature_list(features)
     N = feats[0].shape[0]
-    Y = _targets(labels, N, regression).to(feats[0].device)
-    classes = None if regression else Y.argmax(1)
+    Y, classes = _targets(labels, N, regression)
+    Y = Y.to(feats[0].device)
     scores, params = logme_op(backend, feats[0].device, torch.float64, feats, Y, classes, compat, return_params,
                               name="logme")
     scores = scores if many else scores[0]
@@ -553,10 +555,11 @@ def hscore(features, labels, *, shrinkage: bool = False):
 
 
 def _present_classes(F: torch.Tensor, y: torch.Tensor):
-    """(ids, counts, means [C', D]) of the classes that occur in ``y``."""
+    """(inverse, counts, means [C', D]) of the C' classes that occur in ``y``: each sample's
+    index among them, their sizes and their mean rows."""
     ids, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
     sums = torch.zeros(ids.numel(), F.shape[1], dtype=F.dtype, device=F.device).index_add_(0, inverse, F)
-    return ids, inverse, counts, sums / counts[:, None]
+    return inverse, counts, sums / counts[:, None]
 
 
 GBC_TYPES = ("diagonal", "spherical")
@@ -581,7 +584,7 @@ def gbc(features, labels, *, gaussian_type: str = "diagonal"):
     scores = []
     for f in feats:
         F = f.to(torch.float64)
-        _, inverse, counts, means = _present_classes(F, y.to(F.device))
+        inverse, counts, means = _present_classes(F, y.to(F.device))
         var = torch.zeros_like(means).index_add_(0, inverse, (F - means[inverse]) ** 2) / counts[:, None]
         var = var.clamp(min=_GBC_MIN_VARIANCE)
         if gaussian_type == "spherical":
