@@ -57,26 +57,28 @@ void build_kernel(Problem<T>& p, double eps, bool parallel) {
   std::fill(p.v.begin(), p.v.end(), 1.0);
 }
 
-// Exact log-domain c-transform of row i: -eps log sum_j b_j exp((G_j - C_ij) / eps).
+// Exact log-domain c-transform over n costs c[k * stride]: -eps log sum_k exp(lw_k + (pot_k -
+// c_k) / eps). A row i of C is (C + i ldc, 1) with b's logs and G; a column j is (C + j, ldc)
+// with a's logs and F.
 template <class T>
-double row_transform(const Problem<T>& p, int64_t i, double eps) {
-  const T* c = p.C + i * p.ldc;
+double c_transform(const T* c, int64_t stride, int64_t n, const std::vector<double>& lw,
+                   const std::vector<double>& pot, double eps) {
   double mx = neg_inf();
-  for (int64_t j = 0; j < p.M; ++j) mx = std::max(mx, p.lb[j] + (p.G[j] - double(c[j])) / eps);
+  for (int64_t k = 0; k < n; ++k) mx = std::max(mx, lw[k] + (pot[k] - double(c[k * stride])) / eps);
   if (mx == neg_inf()) return 0.0;
   double sum = 0.0;
-  for (int64_t j = 0; j < p.M; ++j) sum += std::exp(p.lb[j] + (p.G[j] - double(c[j])) / eps - mx);
+  for (int64_t k = 0; k < n; ++k) sum += std::exp(lw[k] + (pot[k] - double(c[k * stride])) / eps - mx);
   return -eps * (mx + std::log(sum));
 }
 
 template <class T>
+double row_transform(const Problem<T>& p, int64_t i, double eps) {
+  return c_transform(p.C + i * p.ldc, 1, p.M, p.lb, p.G, eps);
+}
+
+template <class T>
 double col_transform(const Problem<T>& p, int64_t j, double eps) {
-  double mx = neg_inf();
-  for (int64_t i = 0; i < p.N; ++i) mx = std::max(mx, p.la[i] + (p.F[i] - double(p.C[i * p.ldc + j])) / eps);
-  if (mx == neg_inf()) return 0.0;
-  double sum = 0.0;
-  for (int64_t i = 0; i < p.N; ++i) sum += std::exp(p.la[i] + (p.F[i] - double(p.C[i * p.ldc + j])) / eps - mx);
-  return -eps * (mx + std::log(sum));
+  return c_transform(p.C + j, p.ldc, p.N, p.la, p.F, eps);
 }
 
 // Products and short partial sums run in the kernel's type T (8 float lanes vectorize twice as
