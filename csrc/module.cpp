@@ -16,6 +16,7 @@
 
 #include "common/dtype.h"
 #include "common/parallel.h"
+#include "cpu/adapters.h"
 #include "cpu/merge.h"
 #include "cpu/ot.h"
 #include "cpu/transferability.h"
@@ -199,6 +200,13 @@ void* capsule_pointer(const py::dict& capsules, const char* name, const char* wh
   return ptr;
 }
 
+Gemm gemm_of(const py::dict& blas) {
+  Gemm gemm{};
+  gemm.sgemm = reinterpret_cast<decltype(gemm.sgemm)>(capsule_pointer(blas, "sgemm", "blas"));
+  gemm.dgemm = reinterpret_cast<decltype(gemm.dgemm)>(capsule_pointer(blas, "dgemm", "blas"));
+  return gemm;
+}
+
 cpu::Lapack lapack_of(const py::dict& capsules) {
   cpu::Lapack l{};
   l.sytrd = reinterpret_cast<decltype(l.sytrd)>(capsule_pointer(capsules, "dsytrd", "lapack"));
@@ -285,9 +293,7 @@ py::tuple sinkhorn_points(const py::buffer& x, const py::buffer& y, int64_t N, d
   const BufferView xv = buffer_view(x, "x", false), yv = buffer_view(y, "y", false), av = buffer_view(a, "a", false),
                    bv = buffer_view(b, "b", false);
   BufferView fv = buffer_view(f, "f", true), gv = buffer_view(g, "g", true);
-  cpu::Gemm gemm{};
-  gemm.sgemm = reinterpret_cast<decltype(gemm.sgemm)>(capsule_pointer(blas, "sgemm", "blas"));
-  gemm.dgemm = reinterpret_cast<decltype(gemm.dgemm)>(capsule_pointer(blas, "dgemm", "blas"));
+  const Gemm gemm = gemm_of(blas);
   const int64_t B = av.view.rows;
   py::array_t<int64_t> n_iter(B);
   py::array_t<double> error(B), transport(B), value(B);
@@ -306,6 +312,106 @@ py::tuple sinkhorn_points(const py::buffer& x, const py::buffer& y, int64_t N, d
                          report);
   }
   return py::make_tuple(n_iter, error, transport, value);
+}
+
+// A contiguous buffer of `count` elements of dtype `want` (null for None), kept alive in `keep`.
+void* flat_ptr(const std::optional<py::buffer>& b, int64_t count, DType want, const std::string& what,
+               std::vector<py::buffer_info>& keep, bool writable) {
+  if (!b) return nullptr;
+  keep.push_back(b->request(writable));
+  const py::buffer_info& info = keep.back();
+  if (dtype_of_format(info.format, what) != want) {
+    throw std::invalid_argument(what + ": expected " + dtype_name(want));
+  }
+  if (info.size != count) {
+    throw std::invalid_argument(what + ": expected " + std::to_string(count) + " elements, got " +
+                                std::to_string(info.size));
+  }
+  py::ssize_t expect = info.itemsize;
+  for (py::ssize_t i = info.ndim - 1; i >= 0; --i) {
+    if (info.shape[size_t(i)] > 1 && info.strides[size_t(i)] != expect) {
+      throw std::invalid_argument(what + ": expected a contiguous buffer");
+    }
+    expect *= info.shape[size_t(i)];
+  }
+  return info.ptr;
+}
+
+using Params = std::vector<std::optional<py::buffer>>;  // w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale
+
+cpu::Bottleneck bottleneck_of(const Params& params, int64_t d, int64_t r, DType compute, bool layer_norm, double eps,
+                              int activation, int residual, double dropout, uint64_t seed,
+                              std::vector<py::buffer_info>& keep) {
+  if (params.size() != 7) throw std::invalid_argument("params: expected 7 entries");
+  if (activation < 0 || activation > 3) throw std::invalid_argument("activation: expected a code in 0..3");
+  if (residual < 0 || residual > 2) throw std::invalid_argument("residual: expected a code in 0..2");
+  if (!(dropout >= 0 && dropout < 1)) throw std::invalid_argument("dropout: expected 0 <= p < 1");
+  const char* names[7] = {"w_down", "b_down", "w_up", "b_up", "ln_weight", "ln_bias", "scale"};
+  const int64_t counts[7] = {r * d, r, d * r, d, d, d, d};
+  void* ptr[7];
+  for (int i = 0; i < 7; ++i) ptr[i] = flat_ptr(params[size_t(i)], counts[i], compute, names[i], keep, false);
+  if (!ptr[0] || !ptr[2] || !ptr[6]) throw std::invalid_argument("params: w_down, w_up and scale are required");
+  return cpu::Bottleneck{d, r, ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6], layer_norm, eps,
+                         static_cast<cpu::Activation>(activation), static_cast<cpu::Residual>(residual), dropout, seed};
+}
+
+DType compute_dtype(DType storage) { return storage == DType::f64 ? DType::f64 : DType::f32; }
+
+// See cpu::bottleneck_forward. `residual` is used with residual code 2 (separate) only.
+void bottleneck_forward(const py::dict& blas, const py::buffer& x, const std::optional<py::buffer>& residual,
+                        const py::buffer& out, const py::buffer& a, const py::buffer& mean, const py::buffer& rstd,
+                        int64_t r, const Params& params, bool layer_norm, double eps, int activation,
+                        int residual_mode, double dropout, uint64_t seed) {
+  const BufferView xv = buffer_view(x, "x", false);
+  BufferView ov = buffer_view(out, "out", true);
+  check_same_layout(ov.view, xv.view, "out");
+  std::optional<BufferView> rv;
+  if (residual_mode == 2) {
+    if (!residual) throw std::invalid_argument("residual: required with the separate residual mode");
+    rv = buffer_view(*residual, "residual", false);
+    check_same_layout(rv->view, xv.view, "residual");
+  }
+  const int64_t N = xv.view.rows, d = xv.view.cols;
+  const DType T = compute_dtype(xv.view.dtype);
+  std::vector<py::buffer_info> keep;
+  const cpu::Bottleneck w = bottleneck_of(params, d, r, T, layer_norm, eps, activation, residual_mode, dropout, seed, keep);
+  void* ap = flat_ptr(a, N * r, T, "a", keep, true);
+  void* mp = flat_ptr(mean, N, T, "mean", keep, true);
+  void* sp = flat_ptr(rstd, N, T, "rstd", keep, true);
+  const Gemm gemm = gemm_of(blas);
+  py::gil_scoped_release release;
+  cpu::bottleneck_forward(gemm, w, xv.view, rv ? &rv->view : nullptr, ov.view, ap, mp, sp);
+}
+
+// See cpu::bottleneck_backward; `grads` are 7 writable buffers in the params' order.
+void bottleneck_backward(const py::dict& blas, const py::buffer& grad, const py::buffer& x, const py::buffer& a,
+                         const py::buffer& mean, const py::buffer& rstd, const py::buffer& dx, int64_t r,
+                         const Params& params, const Params& grads, bool layer_norm, double eps, int activation,
+                         int residual_mode, double dropout, uint64_t seed) {
+  const BufferView xv = buffer_view(x, "x", false), gv = buffer_view(grad, "grad", false);
+  check_same_layout(gv.view, xv.view, "grad");
+  BufferView dv = buffer_view(dx, "dx", true);
+  check_same_layout(dv.view, xv.view, "dx");
+  const int64_t N = xv.view.rows, d = xv.view.cols;
+  const DType T = compute_dtype(xv.view.dtype);
+  std::vector<py::buffer_info> keep;
+  const cpu::Bottleneck w = bottleneck_of(params, d, r, T, layer_norm, eps, activation, residual_mode, dropout, seed, keep);
+  const void* ap = flat_ptr(a, N * r, T, "a", keep, false);
+  const void* mp = flat_ptr(mean, N, T, "mean", keep, false);
+  const void* sp = flat_ptr(rstd, N, T, "rstd", keep, false);
+  if (grads.size() != 7) throw std::invalid_argument("grads: expected 7 entries");
+  const char* names[7] = {"grad w_down", "grad b_down", "grad w_up", "grad b_up", "grad ln_weight", "grad ln_bias",
+                          "grad scale"};
+  const int64_t counts[7] = {r * d, r, d * r, d, d, d, d};
+  void* gp[7];
+  for (int i = 0; i < 7; ++i) {
+    gp[i] = flat_ptr(grads[size_t(i)], counts[i], T, names[i], keep, true);
+    if (!gp[i]) throw std::invalid_argument(std::string(names[i]) + ": required");
+  }
+  const cpu::BottleneckGrads g{gp[0], gp[1], gp[2], gp[3], gp[4], gp[5], gp[6]};
+  const Gemm gemm = gemm_of(blas);
+  py::gil_scoped_release release;
+  cpu::bottleneck_backward(gemm, w, gv.view, xv.view, ap, mp, sp, dv.view, g);
 }
 
 using Vector = py::array_t<double, py::array::c_style | py::array::forcecast>;
@@ -412,5 +518,13 @@ PYBIND11_MODULE(_native, m) {
         py::arg("extra_log_alpha"), py::arg("samples"), py::arg("dim"), py::arg("gram_of_features"),
         py::arg("projected"), py::arg("y2"), py::arg("max_iter"), py::arg("tol"), py::arg("damp"), py::arg("with_z"),
         "LogME's fixed point for every target of one model on its tridiagonalized Gram matrix");
+  m.def("bottleneck_forward", &bottleneck_forward, py::arg("blas"), py::arg("x"), py::arg("residual"), py::arg("out"),
+        py::arg("a"), py::arg("mean"), py::arg("rstd"), py::arg("r"), py::arg("params"), py::arg("layer_norm"),
+        py::arg("eps"), py::arg("activation"), py::arg("residual_mode"), py::arg("dropout"), py::arg("seed"),
+        "fused bottleneck adapter forward in cache-resident row tiles (BLAS from scipy)");
+  m.def("bottleneck_backward", &bottleneck_backward, py::arg("blas"), py::arg("grad"), py::arg("x"), py::arg("a"),
+        py::arg("mean"), py::arg("rstd"), py::arg("dx"), py::arg("r"), py::arg("params"), py::arg("grads"),
+        py::arg("layer_norm"), py::arg("eps"), py::arg("activation"), py::arg("residual_mode"), py::arg("dropout"),
+        py::arg("seed"), "fused bottleneck adapter backward, recomputing LN, activation and dropout mask");
   m.def("abs_equal_cut", &abs_equal_cut, py::arg("tensor"), py::arg("base"), py::arg("key"), py::arg("rank"));
 }

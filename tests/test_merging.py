@@ -6,8 +6,9 @@ import torch
 
 from transferops import BackendUnavailable, available_backends, use_backend
 from transferops._backend import native_module
+from transferops._philox import philox_first
 from transferops.merging import (MergeSpec, _dare_keep, _della_keep_probability, breadcrumbs, breadcrumbs_ties,
-                                 della, della_linear, fisher_average, _fnv1a32, _philox_first, _topk_keep, dare_linear, dare_ties,
+                                 della, della_linear, fisher_average, _fnv1a32, _topk_keep, dare_linear, dare_ties,
                                  disjoint_merge, magnitude_prune, merge_op, task_arithmetic, ties)
 
 from _kit import (DTYPES, assert_close, assert_matches_reference, guarded_empty, noncontiguous, randn,
@@ -161,7 +162,7 @@ def test_philox_known_answers():
     cases = [((0, 0, 0, 0), (0, 0), 0x6627E8D5), ((M, M, M, M), (M, M), 0x408F276D),
              ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0), 0xD16CFE09)]
     for ctr, key, want in cases:
-        assert int(_philox_first(*(torch.tensor([c]) for c in ctr), *key)) == want
+        assert int(philox_first(*(torch.tensor([c]) for c in ctr), *key)) == want
 
 
 def test_dare_keep_rate_and_independence():

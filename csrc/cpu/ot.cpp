@@ -478,17 +478,7 @@ constexpr int64_t kRowBlock = 64, kColBlock = 1024;
 template <class T>
 void gemm_tile(const Gemm& g, const T* q, int64_t ldq, int64_t nq, const T* p, int64_t ldp, int64_t np, int64_t d,
                T* tile) {
-  char ta = 'T', tb = 'N';
-  int m = int(nq), n = int(np), k = int(d), lda = int(ldq), ldb = int(ldp), ldc = int(nq);
-  T one = 1, zero = 0;
-  auto gemm = [&](auto routine) {
-    routine(&ta, &tb, &m, &n, &k, &one, const_cast<T*>(q), &lda, const_cast<T*>(p), &ldb, &zero, tile, &ldc);
-  };
-  if constexpr (std::is_same_v<T, float>) {
-    gemm(g.sgemm);
-  } else {
-    gemm(g.dgemm);
-  }
+  gemm_rm<T>(g, false, true, np, nq, d, T(1), p, ldp, q, ldq, T(0), tile, nq);
 }
 
 // Calls visit(block, i0, ni, j0, nj, tile, thread) for every tile of C between P's rows and

@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <functional>
 
+#include "common/blas.h"
 #include "common/view.h"
 
 namespace transferops::cpu {
@@ -33,14 +34,6 @@ struct SinkhornSettings {
 
 void sinkhorn_matrix(const View2D& C, int64_t N, const View2D& a, const View2D& b, const View2D& f, const View2D& g,
                      const SinkhornSettings& s, int64_t* n_iter, double* error, double* transport, double* value);
-
-// BLAS GEMM entry points, taken at run time from scipy.linalg.cython_blas (column-major, LP64).
-struct Gemm {
-  void (*sgemm)(char* ta, char* tb, int* m, int* n, int* k, float* alpha, float* a, int* lda, float* b, int* ldb,
-                float* beta, float* c, int* ldc);
-  void (*dgemm)(char* ta, char* tb, int* m, int* n, int* k, double* alpha, double* a, int* lda, double* b, int* ldb,
-                double* beta, double* c, int* ldc);
-};
 
 // The same problems and iterations for point clouds without any N x M matrix: x [B * N, d] and
 // y [B * M, d] (float32 or float64), C_ij = scale |x_i - y_j|^2 recomputed at every update in

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from . import _checks
+from . import _philox
+from ._philox import U32 as _U32
 from ._backend import BackendUnavailable, Op, native_buffer, native_module
 
 SIGN_RULES = ("sum", "count")
@@ -87,8 +89,6 @@ def _fused_only(what: str, **allowed):
 
 merge_op = Op("merge", order=("triton", "cuda", "native", "reference"))
 
-_U32 = 0xFFFFFFFF
-
 
 def _fnv1a32(name: str) -> int:
     """The DARE stream of a tensor: FNV-1a of its name, so each tensor of a model draws its
@@ -99,23 +99,11 @@ def _fnv1a32(name: str) -> int:
     return h
 
 
-def _philox_first(c0, c1, c2, c3, k0: int, k1: int):
-    """First output word of Philox4x32-10 (Salmon et al., SC 2011) on int64 tensors holding
-    uint32 values. The products wrap modulo 2^64 in int64, which keeps their low 64 bits exact."""
-    for _ in range(10):
-        p0, p1 = c0 * 0xD2511F53, c2 * 0xCD9E8D57
-        c0, c1, c2, c3 = ((p1 >> 32) & _U32) ^ c1 ^ k0, p1 & _U32, ((p0 >> 32) & _U32) ^ c3 ^ k1, p0 & _U32
-        k0, k1 = (k0 + 0x9E3779B9) & _U32, (k1 + 0xBB67AE85) & _U32
-    return c0
-
-
 def _draws(shape, spec: MergeSpec, task: int) -> torch.Tensor:
     """The random words (uint32 values in int64) of one task: philox(i, task, stream; seed) for
     flat element index i, the native kernel drawing the same numbers in place."""
-    i = torch.arange(spec.offset, spec.offset + int(torch.Size(shape).numel()), dtype=torch.int64)
-    zeros = torch.zeros_like(i)
-    return _philox_first(i & _U32, i >> 32, zeros + task, zeros + spec.stream,
-                         spec.seed & _U32, spec.seed >> 32).view(shape)
+    return _philox.draws(int(torch.Size(shape).numel()), seed=spec.seed, stream=spec.stream, task=task,
+                         offset=spec.offset).view(shape)
 
 
 def _dare_keep(shape, spec: MergeSpec, task: int) -> torch.Tensor:

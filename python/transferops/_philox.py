@@ -1,0 +1,25 @@
+"""Counter-based random numbers in torch (Philox4x32-10, Salmon et al., SC 2011), mirroring
+csrc/common/philox.h and the Triton kernels: a draw is a pure function of (seed, stream, task,
+element index), so masks are identical on every backend and are recomputed, never stored."""
+from __future__ import annotations
+
+import torch
+
+U32 = 0xFFFFFFFF
+
+
+def philox_first(c0, c1, c2, c3, k0: int, k1: int):
+    """First output word of Philox4x32-10 on int64 tensors holding uint32 values. The products
+    wrap modulo 2^64 in int64, which keeps their low 64 bits exact."""
+    for _ in range(10):
+        p0, p1 = c0 * 0xD2511F53, c2 * 0xCD9E8D57
+        c0, c1, c2, c3 = ((p1 >> 32) & U32) ^ c1 ^ k0, p1 & U32, ((p0 >> 32) & U32) ^ c3 ^ k1, p0 & U32
+        k0, k1 = (k0 + 0x9E3779B9) & U32, (k1 + 0xBB67AE85) & U32
+    return c0
+
+
+def draws(count: int, *, seed: int, stream: int, task: int = 0, offset: int = 0, device="cpu") -> torch.Tensor:
+    """philox(i, task, stream; seed) for flat element indices i = offset .. offset + count - 1."""
+    i = torch.arange(offset, offset + count, dtype=torch.int64, device=device)
+    zeros = torch.zeros_like(i)
+    return philox_first(i & U32, i >> 32, zeros + task, zeros + stream, seed & U32, seed >> 32)
