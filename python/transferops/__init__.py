@@ -14,9 +14,10 @@ from importlib.metadata import PackageNotFoundError, version as _version
 # it has no effect if the caller loaded scipy first, and a caller's own setting wins.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-from . import merging, ot, transferability
+from . import adapters, merging, nn, ot, transferability
 from ._backend import BACKENDS, BackendUnavailable, available_backends, use_backend
 from ._info import info
+from .adapters import bottleneck_adapter, lora_linear
 from .ot import SinkhornResult, dataset_distance, sinkhorn, sinkhorn_cost_matrix, sinkhorn_divergence, sinkhorn_loss
 from .transferability import LogMEStream, gbc, hscore, leep, logme, nce, otce, transrate
 
@@ -25,7 +26,8 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["BACKENDS", "BackendUnavailable", "LogMEStream", "SinkhornResult", "available_backends",
-           "dataset_distance", "gbc", "hscore", "info", "leep", "logme", "merging", "nce", "ot", "otce",
+__all__ = ["BACKENDS", "BackendUnavailable", "LogMEStream", "SinkhornResult", "adapters", "available_backends",
+           "bottleneck_adapter", "dataset_distance", "gbc", "hscore", "info", "leep", "logme", "lora_linear", "merging",
+           "nce", "nn", "ot", "otce",
            "sinkhorn", "sinkhorn_cost_matrix", "sinkhorn_divergence", "sinkhorn_loss", "transferability",
            "transrate", "use_backend"]

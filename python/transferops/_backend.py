@@ -77,6 +77,31 @@ def native_buffer(t: torch.Tensor):
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
+@functools.lru_cache(maxsize=None)
+def _blas_libraries() -> tuple:
+    """threadpoolctl's controllers of the BLAS libraries loaded now (call after scipy's BLAS is
+    imported: later loads are not seen)."""
+    from threadpoolctl import ThreadpoolController
+
+    return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """BLAS limited to one thread inside the block, for kernels whose OpenMP threads each call
+    BLAS on their own tiles. Sets the libraries' thread counts directly: ~2 us, where entering
+    threadpoolctl.threadpool_limits costs ~1.3 ms a call (it rescans the loaded libraries)."""
+    libs = _blas_libraries()
+    before = [lib.get_num_threads() for lib in libs]
+    for lib in libs:
+        lib.set_num_threads(1)
+    try:
+        yield
+    finally:
+        for lib, n in zip(libs, before):
+            lib.set_num_threads(n)
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

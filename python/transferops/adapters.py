@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks, _philox
-from ._backend import Op, native_buffer, native_module
+from ._backend import Op, native_buffer, native_module, single_threaded_blas
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 _RESIDUAL_INPUT, _RESIDUAL_NORMALIZED, _RESIDUAL_SEPARATE = 0, 1, 2
@@ -24,6 +24,13 @@ DROPOUT_STREAM = 0x41445054
 
 bottleneck_op = Op("bottleneck_adapter", order=("triton", "native", "reference"))
 lora_op = Op("lora_linear", order=("native", "reference"))
+
+
+@torch.compiler.assume_constant_result
+def _choose(op: Op, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend for one call; a constant while torch.compile traces (a later change of
+    TRANSFEROPS_BACKEND or use_backend does not reach an already compiled graph)."""
+    return op.select(backend, device, dtype)[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,8 +138,6 @@ def _flat(t: Optional[torch.Tensor]):
 
 def _bottleneck_native_fwd(x, residual, w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale, layer_norm, eps,
                            activation, residual_mode, dropout, seed):
-    from threadpoolctl import threadpool_limits
-
     xr = _checks.as_rows(x)
     N, r, T = xr.shape[0], w_down.shape[0], _compute_dtype(x.dtype)
     out = torch.empty(xr.shape, dtype=x.dtype)
@@ -140,7 +145,7 @@ def _bottleneck_native_fwd(x, residual, w_down, b_down, w_up, b_up, ln_weight, l
     res = native_buffer(_checks.as_rows(residual)) if residual is not None else None
     params = [_flat(t) for t in (w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale)]
     blas = _blas()  # loads scipy's OpenBLAS before the limit, which applies to loaded libraries only
-    with threadpool_limits(1, user_api="blas"):  # the OpenMP threads share the tiles, one GEMM each
+    with single_threaded_blas():  # the OpenMP threads share the tiles, one GEMM each
         native_module().bottleneck_forward(blas, native_buffer(xr), res, native_buffer(out), native_buffer(a),
                                            native_buffer(mean), native_buffer(rstd), r, params, layer_norm, eps,
                                            activation, residual_mode, dropout, seed)
@@ -149,15 +154,13 @@ def _bottleneck_native_fwd(x, residual, w_down, b_down, w_up, b_up, ln_weight, l
 
 def _bottleneck_native_bwd(grad, x, a, mean, rstd, w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale, layer_norm,
                            eps, activation, residual_mode, dropout, seed):
-    from threadpoolctl import threadpool_limits
-
     xr = _checks.as_rows(x)
     r, d, T = w_down.shape[0], w_down.shape[1], _compute_dtype(x.dtype)
     dx = torch.empty(xr.shape, dtype=x.dtype)
     grads = [torch.empty(s, dtype=T) for s in ((r, d), (r,), (d, r), (d,), (d,), (d,), (d,))]
     params = [_flat(t) for t in (w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale)]
     blas = _blas()
-    with threadpool_limits(1, user_api="blas"):
+    with single_threaded_blas():
         native_module().bottleneck_backward(blas, native_buffer(_checks.as_rows(grad)), native_buffer(xr),
                                             native_buffer(a), native_buffer(mean), native_buffer(rstd),
                                             native_buffer(dx), r, params, [native_buffer(g) for g in grads],
@@ -280,7 +283,7 @@ def bottleneck_adapter(x, w_down, b_down, w_up, b_up, *, residual=None, layer_no
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d)
     res2 = None if residual is None else residual.reshape(-1, d)
-    chosen, _ = bottleneck_op.select(backend, x.device, x.dtype, (x2,))
+    chosen = _choose(bottleneck_op, backend, x.device, x.dtype)
     if chosen == "reference":
         s = _scale_vector(scale, d, x, x.dtype)
         cast = [None if t is None else t.to(x.dtype) for t in (w_down, b_down, w_up, b_up, ln_weight, ln_bias)]
@@ -295,3 +298,112 @@ def bottleneck_adapter(x, w_down, b_down, w_up, b_up, *, residual=None, layer_no
 
 bottleneck_op.register("reference", dtypes=_checks.FLOAT_DTYPES)(_bottleneck_reference)
 bottleneck_op.register("native", dtypes=_checks.FLOAT_DTYPES)(_bottleneck_native_fwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+# ---------------------------------------------------------------------------------------------
+
+def _lora_reference(x, weight, bias, lora_A, lora_B, scaling, dropout, seed):
+    """y = x W^T + b + s * drop(x) A^T B^T, eagerly, as PEFT's LoRA layer computes it."""
+    xd = x * dropout_factor(x.shape[0], x.shape[1], dropout, seed, x.device, x.dtype) if dropout > 0 else x
+    return F.linear(x, weight, bias) + F.linear(F.linear(xd, lora_A), lora_B) * scaling
+
+
+def _merges_exactly(dtype: torch.dtype) -> bool:
+    """float32/float64 fold s B A into W for one GEMM per pass: W + s B A is rounded once in the
+    working precision (an error below the GEMM's own). 16-bit weights would round the update to
+    8 or 11 bits, so those keep the LoRA branch apart."""
+    return dtype in (torch.float32, torch.float64)
+
+
+@torch.library.custom_op("transferops::lora_fwd", mutates_args=())
+def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+              lora_B: torch.Tensor, scaling: float, dropout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if dropout == 0 and _merges_exactly(x.dtype):
+        u = x @ lora_A.t()
+        return F.linear(x, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias), u
+    xd = x * dropout_factor(x.shape[0], x.shape[1], dropout, seed, x.device, x.dtype) if dropout > 0 else x
+    u = xd @ lora_A.t()
+    out = F.linear(x, weight, bias)
+    return out.addmm_(u, lora_B.t(), alpha=scaling), u
+
+
+@_lora_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, dropout, seed):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
+
+
+def _lora_setup(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, dropout, seed = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1])
+    ctx.args = (scaling, dropout, seed)
+    ctx.has_bias = bias is not None
+
+
+def _lora_backward(ctx, grad, _gu):
+    """Saves x (alive anyway), the weights and u = drop(x) A^T [N, r]; the mask is recomputed."""
+    x, weight, lora_A, lora_B, u = ctx.saved_tensors
+    s, p, seed = ctx.args
+    need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+    gB = grad @ lora_B  # [N, r]
+    dx = dw = db = da = dbb = None
+    if need_x:
+        if p == 0 and _merges_exactly(x.dtype):
+            dx = grad @ torch.addmm(weight, lora_B, lora_A, alpha=s)
+        else:
+            branch = gB @ lora_A
+            if p > 0:
+                branch = branch * dropout_factor(x.shape[0], x.shape[1], p, seed, x.device, x.dtype)
+            dx = torch.addmm(branch, grad, weight, alpha=1.0, beta=s)
+    if need_a:
+        xd = x * dropout_factor(x.shape[0], x.shape[1], p, seed, x.device, x.dtype) if p > 0 else x
+        da = (gB.t() @ xd) * s
+    if need_bb:
+        dbb = (grad.t() @ u) * s
+    if need_w:
+        dw = grad.t() @ x
+    if need_b and ctx.has_bias:
+        db = grad.sum(0)
+    return dx, dw, db, da, dbb, None, None, None
+
+
+_lora_fwd.register_autograd(_lora_backward, setup_context=_lora_setup)
+
+
+def _lora_native(x, weight, bias, lora_A, lora_B, scaling, dropout, seed):
+    return _lora_fwd(x, weight, bias, lora_A, lora_B, scaling, dropout, seed)[0]
+
+
+lora_op.register("reference", dtypes=_checks.FLOAT_DTYPES)(_lora_reference)
+lora_op.register("native", dtypes=_checks.FLOAT_DTYPES)(_lora_native)
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, *, scaling: float, dropout: float = 0.0, training: bool = True,
+                seed=None, backend: str = "auto") -> torch.Tensor:
+    """LoRA (Hu et al. 2022, eq. 3): ``y = x W^T + b + scaling * dropout(x) A^T B^T``.
+
+    x [..., in]; weight [out, in]; bias [out] or None; lora_A [r, in]; lora_B [out, r]; all of
+    one dtype and device. The native path folds s B A into W (float32/float64 without
+    dropout), so forward and the input gradient each take one GEMM of the base layer's size,
+    and saves u = dropout(x) A^T [N, r] instead of the dropped-out input (the mask comes from a
+    counter-based RNG keyed by ``seed`` and is recomputed in backward).
+    """
+    x = _rows_input(x)
+    d_in = x.shape[-1]
+    weight = _matrix(weight, "weight", (None, d_in), x)
+    d_out = weight.shape[0]
+    lora_A = _matrix(lora_A, "lora_A", (None, d_in), x)
+    lora_B = _matrix(lora_B, "lora_B", (d_out, lora_A.shape[0]), x)
+    bias = _vector(bias, "bias", d_out, x)
+    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected x's dtype {x.dtype}, got {t.dtype}")
+    scaling = float(scaling)
+    p = _checks.fraction(dropout, "dropout") if training else 0.0
+    if p >= 1:
+        raise ValueError("dropout: expected a probability below 1, got 1")
+    seed = _seed(p, seed)
+    y = lora_op.impls[_choose(lora_op, backend, x.device, x.dtype)](x.reshape(-1, d_in), weight, bias, lora_A, lora_B,
+                                                                    scaling, p, seed)
+    return y.view(*x.shape[:-1], d_out)

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 
 from . import _checks
-from ._backend import Op, native_buffer, native_module
+from ._backend import Op, native_buffer, native_module, single_threaded_blas
 
 COSTS = {"sqeuclidean": 1.0, "sqeuclidean_half": 0.5}
 CHECK_EVERY = 10  # iterations between two marginal-error checks
@@ -269,11 +269,9 @@ def _sinkhorn_native(costs, a, b, eps, rho, tol, max_iter, schedule, symmetric, 
     f = torch.zeros(B, N, dtype=torch.float64)
     g = torch.zeros(B, M, dtype=torch.float64)
     if isinstance(costs, _Points):
-        from threadpoolctl import threadpool_limits
-
         x, y = (native_buffer(t.contiguous().view(-1, t.shape[-1])) for t in (costs.x, costs.y))
         blas = _blas()  # loads scipy's OpenBLAS before the limit, which applies to loaded libraries only
-        with threadpool_limits(1, user_api="blas"):  # the OpenMP threads share the tiles, one GEMM each
+        with single_threaded_blas():  # the OpenMP threads share the tiles, one GEMM each
             out = native_module().sinkhorn_points(x, y, N, costs.scale, blas, *weights, native_buffer(f),
                                                   native_buffer(g), *settings,
                                                   _progress_printer(B, N, M) if progress else None)

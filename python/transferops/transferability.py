@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import _checks
-from ._backend import Op, _import, native_module
+from ._backend import Op, _import, native_module, single_threaded_blas
 
 COMPAT = ("corrected", "official")
 
@@ -245,9 +245,8 @@ def _reduce(grams: list[np.ndarray], targets: list[np.ndarray]) -> list[_Reduced
     projected = [np.array(t, dtype=np.float64, order="F") for t in targets]
     across_models = len(grams) > 1
     if across_models or grams[0].shape[0] <= _SINGLE_THREAD_SYTRD:
-        from threadpoolctl import threadpool_limits
-
-        limit = threadpool_limits(1, user_api="blas")
+        _lapack()  # loads scipy's OpenBLAS before its thread count is set
+        limit = single_threaded_blas()
     else:
         limit = contextlib.nullcontext()
     with limit:

@@ -1,0 +1,373 @@
+import pytest
+import torch
+from torch import nn
+
+import transferops
+from transferops import BackendUnavailable
+from transferops.adapters import ACTIVATIONS, bottleneck_adapter, dropout_factor, lora_linear
+from transferops.nn import BottleneckAdapter, IA3Linear, LoRALinear, MultiLoRALinear, ScaLearn
+
+from _kit import DTYPES, assert_close, noncontiguous, require_backend
+
+FAST = ["native"]
+# One unit in the last place, relative: a 16-bit result rounded once from float32 is within it.
+_ULP = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+
+
+def _bottleneck_inputs(gen, N, d, r, dtype, *, ln=True, scale="channel", residual=False):
+    """x and weights in ``dtype``; weights get grads. Values of order one, so that relative
+    errors are meaningful."""
+    def rnd(*shape, std=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * std).to(dtype)
+    x = rnd(N, d) + 0.5  # a nonzero row mean exercises the layer norm's centering
+    w = dict(w_down=rnd(r, d, std=d ** -0.5), b_down=rnd(r), w_up=rnd(d, r, std=r ** -0.5), b_up=rnd(d))
+    if ln:
+        w.update(ln_weight=1 + rnd(d, std=0.2), ln_bias=rnd(d, std=0.2))
+    w["scale"] = {"float": 0.7, "scalar": 1 + rnd(std=0.1), "channel": 1 + rnd(d, std=0.1)}[scale]
+    res = rnd(N, d) if residual else None
+    return x, w, res
+
+
+def _run(backend, x, w, res, kw, grad):
+    """Output and every gradient (inputs and weights) of one call."""
+    leaves = [t.detach().clone().requires_grad_() for t in [x] + ([res] if res is not None else [])]
+    ws = {k: (v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in w.items()}
+    y = bottleneck_adapter(leaves[0], ws["w_down"], ws["b_down"], ws["w_up"], ws["b_up"],
+                           residual=leaves[1] if res is not None else None, ln_weight=ws.get("ln_weight"),
+                           ln_bias=ws.get("ln_bias"), scale=ws["scale"], backend=backend, **kw)
+    wrt = leaves + [v for v in ws.values() if isinstance(v, torch.Tensor)]
+    return [y, *torch.autograd.grad(y, wrt, grad.to(y.dtype))]
+
+
+def _to64(w):
+    return {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in w.items()}
+
+
+def _check_against_reference(backend, x, w, res, kw, gen, dtype):
+    """The fast path's output and gradients vs the float64 reference: within dtype tolerance for
+    float32/64; for 16-bit inputs, no more than twice torch's own eager error in that dtype."""
+    grad = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype).double()
+    ref = _run("reference", x.double(), _to64(w), None if res is None else res.double(), kw, grad)
+    got = _run(backend, x, w, res, kw, grad)
+    names = ["y", "dx"] + (["dres"] if res is not None else []) + [k for k, v in w.items() if isinstance(v, torch.Tensor)]
+    if dtype in (torch.float32, torch.float64):
+        for name, g, want in zip(names, got, ref):
+            scale = want.abs().max().item() + 1e-30
+            # sums over d (or N) entries: errors grow with the reduction length
+            atol = {torch.float64: 1e-12, torch.float32: 3e-6}[dtype] * scale
+            assert_close(g, want, dtype, name=f"{name}[{backend}]", atol=atol, rtol=1e-5 if dtype == torch.float32 else 1e-10)
+    else:
+        eager = _run("reference", x, w, res, kw, grad)
+        for name, g, e, want in zip(names, got, eager, ref):
+            err = (g.double() - want).abs().max().item()
+            err_torch = (e.double() - want).abs().max().item()
+            assert err <= max(2 * err_torch, _ULP[dtype] * want.abs().max().item()), \
+                f"{name}[{backend}] {dtype}: error {err:.3e} vs torch eager {err_torch:.3e}"
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ln", [False, True])
+def test_bottleneck_matches_reference(backend, dtype, ln, gen):
+    require_backend(backend)
+    x, w, _ = _bottleneck_inputs(gen, 67, 45, 7, dtype, ln=ln)
+    for act in ACTIVATIONS:
+        _check_against_reference(backend, x, w, None, dict(layer_norm=ln, activation=act), gen, dtype)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("case", ["normalized_residual", "parallel", "scalar_scale", "float_scale", "no_bias",
+                                  "noncontiguous", "dropout", "leading_dims", "one_row"])
+def test_bottleneck_variants(backend, case, gen):
+    require_backend(backend)
+    dtype = torch.float32
+    x, w, res = _bottleneck_inputs(gen, 1 if case == "one_row" else 53, 33, 5, dtype,
+                                   scale={"scalar_scale": "scalar", "float_scale": "float"}.get(case, "channel"),
+                                   residual=case == "parallel")
+    kw = dict(layer_norm=True, activation="gelu")
+    if case == "normalized_residual":
+        kw["residual_before_ln"] = False
+    if case == "no_bias":
+        w["b_down"] = w["b_up"] = w["ln_bias"] = None
+    if case == "noncontiguous":
+        x = noncontiguous(x)
+    if case == "dropout":
+        kw.update(dropout=0.3, seed=1234)
+    if case == "leading_dims":
+        x = x[:52].view(4, 13, 33)
+    _check_against_reference(backend, x, w, res, kw, gen, dtype)
+
+
+def test_bottleneck_reference_gradcheck(gen):
+    x, w, res = _bottleneck_inputs(gen, 6, 5, 3, torch.float64, residual=True)
+    for act in ACTIVATIONS:
+        for rbl in (True, False):
+            def fn(x, wd, bd, wu, bu, lw, lb, s):
+                return bottleneck_adapter(x, wd, bd, wu, bu, layer_norm=True, ln_weight=lw, ln_bias=lb, scale=s,
+                                          activation=act, residual_before_ln=rbl, backend="reference")
+            args = [t.clone().requires_grad_() for t in (x, *w.values())]
+            assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_bottleneck_custom_ops_pass_opcheck(backend, gen):
+    require_backend(backend)
+    from transferops.adapters import _bottleneck_bwd, _bottleneck_fwd
+
+    x, w, res = _bottleneck_inputs(gen, 9, 8, 3, torch.float32, residual=True)
+    ws = [t.requires_grad_() for t in (w["w_down"], w["b_down"], w["w_up"], w["b_up"], w["ln_weight"], w["ln_bias"],
+                                       w["scale"])]
+    for residual, mode, p in ((None, 0, 0.0), (res, 2, 0.2), (None, 1, 0.0)):
+        args = (x.clone().requires_grad_(), residual, *ws, True, 1e-5, 1, mode, p, 7, backend)
+        torch.library.opcheck(_bottleneck_fwd, args)
+        _, a, mean, rstd = (t.detach() for t in _bottleneck_fwd(*args))
+        bargs = (torch.randn(9, 8, generator=gen), x, a, mean, rstd, *(t.detach() for t in ws), True, 1e-5, 1, mode,
+                 p, 7, backend)
+        torch.library.opcheck(_bottleneck_bwd, bargs)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_bottleneck_module_compiles_without_graph_breaks(backend):
+    require_backend(backend)
+    torch.manual_seed(0)
+    m = BottleneckAdapter(24, 4, layer_norm="before", learned_scale="channel", backend=backend)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    y, y_ref = compiled(x), m(x)
+    torch.testing.assert_close(y, y_ref)
+    y.sum().backward()
+    assert x.grad is not None and m.scaling.grad is not None
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_bottleneck_saves_only_input_and_n_r(backend):
+    """Saved activations beyond the input and the weights: the [N, r] pre-activation and two
+    per-row statistics (the issue's bound: (r/d) N d bytes + O(N))."""
+    require_backend(backend)
+    N, d, r = 512, 96, 8
+    m = BottleneckAdapter(d, r, layer_norm="before", backend=backend)
+    x = torch.randn(N, d, requires_grad=True)
+    params = {p.data_ptr() for p in m.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in params and t.data_ptr() != x.data_ptr():
+            saved.append(t.numel() * t.element_size())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m(x)
+    assert sum(saved) <= N * r * 4 + 2 * N * 4 + 4 * d * 4, saved  # + the [d] scale vector
+
+
+def test_dropout_mask_rate_and_determinism():
+    f = dropout_factor(300, 200, 0.25, seed=99)
+    keep = (f > 0).double().mean().item()
+    assert abs(keep - 0.75) < 0.01
+    assert torch.equal(f, dropout_factor(300, 200, 0.25, seed=99))
+    assert not torch.equal(f, dropout_factor(300, 200, 0.25, seed=100))
+    assert torch.allclose(f[f > 0], torch.tensor(1 / 0.75))
+
+
+def test_bottleneck_errors_name_the_argument():
+    x = torch.randn(4, 8)
+    wd, bd, wu, bu = torch.randn(2, 8), torch.randn(2), torch.randn(8, 2), torch.randn(8)
+    with pytest.raises(ValueError, match="w_down"):
+        bottleneck_adapter(x, torch.randn(2, 7), bd, wu, bu)
+    with pytest.raises(ValueError, match="w_up"):
+        bottleneck_adapter(x, wd, bd, torch.randn(2, 8), bu)
+    with pytest.raises(ValueError, match="b_up"):
+        bottleneck_adapter(x, wd, bd, wu, torch.randn(7))
+    with pytest.raises(ValueError, match="activation"):
+        bottleneck_adapter(x, wd, bd, wu, bu, activation="swish")
+    with pytest.raises(ValueError, match="dropout"):
+        bottleneck_adapter(x, wd, bd, wu, bu, dropout=1.0)
+    with pytest.raises(ValueError, match="residual"):
+        bottleneck_adapter(x, wd, bd, wu, bu, residual=torch.randn(4, 7))
+    with pytest.raises(ValueError, match="scale"):
+        bottleneck_adapter(x, wd, bd, wu, bu, scale=torch.ones(3))
+    with pytest.raises(ValueError, match="ln_weight"):
+        bottleneck_adapter(x, wd, bd, wu, bu, ln_weight=torch.ones(8))
+    with pytest.raises(TypeError, match="x"):
+        bottleneck_adapter(x.long(), wd, bd, wu, bu)
+    with pytest.raises(BackendUnavailable, match="triton"):
+        bottleneck_adapter(x, wd, bd, wu, bu, backend="triton")
+
+
+def test_bottleneck_module_matches_adapters_library_semantics():
+    """The module's state dict names and math are the adapters library's Adapter layer (ln_before,
+    scaling 'channel', residual_before_ln): checked against that library when installed,
+    otherwise against the same forward written out."""
+    torch.manual_seed(0)
+    d, r = 16, 4
+    m = BottleneckAdapter(d, r, layer_norm="before", activation="relu", learned_scale="channel")
+    for p in m.parameters():
+        nn.init.normal_(p)
+    keys = set(m.state_dict())
+    assert keys == {"adapter_down.0.weight", "adapter_down.0.bias", "adapter_down.1.weight", "adapter_down.1.bias",
+                    "adapter_up.weight", "adapter_up.bias", "scaling"}
+    h = torch.randn(5, d)
+    try:
+        from adapters.methods.modeling import Adapter
+        from adapters import BnConfig
+    except ImportError:
+        want = h + m.scaling * m.adapter_up(torch.relu(m.adapter_down[1](m.adapter_down[0](h))))
+    else:
+        cfg = BnConfig(mh_adapter=False, output_adapter=True, reduction_factor=d // r, non_linearity="relu",
+                       ln_before=True, scaling="channel")
+        peer = Adapter("a", d, r, cfg)
+        peer.load_state_dict(m.state_dict(), strict=False)
+        want = peer(h, residual_input=h)[0]
+    torch.testing.assert_close(m(h), want, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA
+# --------------------------------------------------------------------------------------------
+
+def _lora_inputs(gen, N, d_in, d_out, r, dtype):
+    def rnd(*shape, std=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * std).to(dtype)
+    return (rnd(N, d_in), rnd(d_out, d_in, std=d_in ** -0.5), rnd(d_out), rnd(r, d_in, std=d_in ** -0.5),
+            rnd(d_out, r, std=r ** -0.5))
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_lora_matches_reference(backend, dtype, dropout, gen):
+    require_backend(backend)
+    inputs = _lora_inputs(gen, 41, 23, 19, 4, dtype)
+    grad = torch.randn(41, 19, generator=gen, dtype=torch.float64).to(dtype).double()
+
+    def run(be, ts):
+        leaves = [t.clone().requires_grad_() for t in ts]
+        y = lora_linear(*leaves, scaling=1.7, dropout=dropout, seed=5, backend=be)
+        return [y, *torch.autograd.grad(y, leaves, grad.to(y.dtype))]
+    ref = run("reference", [t.double() for t in inputs])
+    got = run(backend, inputs)
+    eager = run("reference", inputs)
+    for name, g, e, want in zip(["y", "dx", "dW", "db", "dA", "dB"], got, eager, ref):
+        if dtype in (torch.float32, torch.float64):
+            atol = {torch.float64: 1e-12, torch.float32: 3e-6}[dtype] * (want.abs().max().item() + 1e-30)
+            assert_close(g, want, dtype, name=f"lora {name}", atol=atol)
+        else:
+            err, err_torch = ((t.double() - want).abs().max().item() for t in (g, e))
+            assert err <= max(2 * err_torch, _ULP[dtype] * want.abs().max().item()), \
+                f"lora {name} {dtype}: {err:.3e} vs torch {err_torch:.3e}"
+
+
+def test_lora_custom_op_passes_opcheck(gen):
+    from transferops.adapters import _lora_fwd
+
+    x, w, b, A, B = _lora_inputs(gen, 7, 6, 5, 2, torch.float32)
+    for p, bias in ((0.0, b), (0.25, None)):
+        torch.library.opcheck(_lora_fwd, (x.requires_grad_(), w, bias, A.requires_grad_(), B.requires_grad_(), 2.0,
+                                          p, 3))
+
+
+def test_lora_module_matches_peft_and_merges():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10)
+    ours = LoRALinear(nn.Linear(12, 10), r=4, alpha=8)
+    ours.base_layer.load_state_dict(base.state_dict())
+    nn.init.normal_(ours.lora_B["default"].weight)
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(12, 10)
+
+        def forward(self, x):
+            return self.proj(x)
+    model = Wrap()
+    model.proj.load_state_dict(base.state_dict())
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], lora_dropout=0.0))
+    layer = pm.base_model.model.proj
+    missing = layer.load_state_dict(ours.state_dict(), strict=False)
+    assert not missing.unexpected_keys
+    x = torch.randn(6, 12)
+    torch.testing.assert_close(ours(x), layer(x), rtol=1e-5, atol=1e-5)
+    y = ours(x)
+    ours.merge()
+    torch.testing.assert_close(ours(x), y, rtol=1e-5, atol=1e-5)
+    ours.unmerge()
+    torch.testing.assert_close(ours.base_layer.weight, base.weight, rtol=1e-6, atol=1e-6)
+
+
+def test_lora_errors_name_the_argument():
+    x, w, b, A, B = (torch.randn(3, 4), torch.randn(5, 4), torch.randn(5), torch.randn(2, 4), torch.randn(5, 2))
+    with pytest.raises(ValueError, match="lora_B"):
+        lora_linear(x, w, b, A, torch.randn(5, 3), scaling=1.0)
+    with pytest.raises(ValueError, match="weight"):
+        lora_linear(x, torch.randn(5, 3), b, A, B, scaling=1.0)
+    with pytest.raises(TypeError, match="lora_A"):
+        lora_linear(x, w, b, A.double(), B, scaling=1.0)
+
+
+def test_multi_lora_matches_per_token_loop(gen):
+    torch.manual_seed(0)
+    m = MultiLoRALinear(nn.Linear(9, 7), num_adapters=3, r=2, alpha=4)
+    nn.init.normal_(m.lora_B)
+    x = torch.randn(2, 11, 9, requires_grad=True)
+    idx = torch.randint(0, 3, (2, 11), generator=gen)
+    y = m(x, idx)
+    want = torch.stack([m.base_layer(x[i, j]) + 2 * m.lora_B[k] @ (m.lora_A[k] @ x[i, j])
+                        for i in range(2) for j in range(11) for k in [int(idx[i, j])]]).view(2, 11, 7)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, m.lora_A, m.lora_B], g)
+    exp = torch.autograd.grad(want, [x, m.lora_A, m.lora_B], g)
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="adapter_index"):
+        m(x, torch.full((2, 11), 3))
+
+
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_ia3_matches_peft(feedforward):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    ours = IA3Linear(nn.Linear(8, 6), feedforward=feedforward)
+    nn.init.normal_(ours.ia3_l["default"])
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 6)
+
+        def forward(self, x):
+            return self.proj(x)
+    pm = peft.get_peft_model(Wrap(), peft.IA3Config(target_modules=["proj"],
+                                                    feedforward_modules=["proj"] if feedforward else []))
+    layer = pm.base_model.model.proj
+    assert not layer.load_state_dict(ours.state_dict(), strict=False).unexpected_keys
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(ours(x), layer(x))
+    ours.eval()
+    torch.testing.assert_close(ours(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+@pytest.mark.parametrize("ln", [None, "before"])
+def test_scalearn_matches_sum_of_source_outputs(uniform, ln):
+    torch.manual_seed(0)
+    d, r, K = 20, 3, 4
+    sources = [BottleneckAdapter(d, r, layer_norm=ln, activation="silu", scale=0.5 + k) for k in range(K)]
+    for s in sources:
+        for p in s.parameters():
+            nn.init.normal_(p, std=0.3)
+        s.requires_grad_(False)
+    sl = ScaLearn(K, d, uniform=uniform)
+    nn.init.normal_(sl.omega)
+    h = torch.randn(13, d, requires_grad=True)
+    y = sl(h, sources)
+    want = h + sum(sl.omega[k] * (src(h) - h) for k, src in enumerate(sources))
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, [h, sl.omega], g), torch.autograd.grad(want, [h, sl.omega], g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_adapters_are_exported():
+    assert transferops.bottleneck_adapter is bottleneck_adapter and transferops.lora_linear is lora_linear
