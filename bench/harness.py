@@ -25,7 +25,7 @@ import torch
 import transferops
 from transferops._info import info_dict
 
-HOT_PATHS = ("merging", "transferability", "ot")  # each names a module bench_<stem>, run in this order
+HOT_PATHS = ("merging", "transferability", "ot", "adapters")  # each names a module bench_<stem>, run in this order
 VERSIONED = ("torch", "triton", "numpy", "transferops", "peft", "mergekit", "pot", "geomloss")
 DTYPE_NAMES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
 # (rtol, atol) against the expected result: peers in bf16/f16 round their intermediate sums too.
@@ -75,6 +75,8 @@ class Case:
     # (rtol, atol) of the agreement check where the dtype's default is wrong: iterative solvers
     # stopped at a tolerance agree to that tolerance, not to rounding.
     tolerance: tuple[float, float] | None = None
+    # A measurement that is not a time (e.g. saved activation memory), printed as a note.
+    note: Callable[[], str] | None = None
 
 
 @dataclass
@@ -245,6 +247,8 @@ def run_case(case: Case, device: str, floors: Floors, s: Settings, notes: list[s
                     min_repeats=s.min_repeats)
         rows.append(Row(case.op, case.size, name, "floor", device, DTYPE_NAMES[case.dtype], **t))
         floor_s = t["p50"]
+    if case.note is not None:
+        notes.append(f"{case.op} {case.size}: {case.note()}")
     # A peer that computes something else sets no bar.
     best = min((r.p50 for r in rows if r.kind == "peer" and r.matches is not False), default=None)
     for r in rows:

@@ -1,4 +1,4 @@
-// Which instruction set the CPU kernels run with. Files with hot loops (merge.cpp, ot.cpp) are
+// Which instruction set the CPU kernels run with. Files with hot loops (adapters.cpp, merge.cpp, ot.cpp) are
 // compiled twice on x86-64: for the baseline ISA (namespace cpu::base) and with -mavx2
 // (namespace cpu::avx2); their entry points pick one at run time.
 #pragma once

@@ -1,0 +1,144 @@
+"""Fused adapters against the eager modules a user would write or import, on the CPU in
+float32 (the issue's grid: N tokens in {2048, 8192}, d in {768, 4096}, r in {16, 64}).
+
+- bottleneck fwd / fwd+bwd: ``transferops.bottleneck_adapter`` (pre-adapter LayerNorm, ReLU,
+  learned per-channel scale) against ``peer:torch-eager``: the same math as nn.LayerNorm,
+  nn.Linear, ReLU, nn.Linear, scale and residual add (the adapters library's Adapter layer runs
+  exactly these modules). fwd+bwd returns the input gradient (all weights train). A note gives
+  the activation memory each keeps for backward, summed through saved-tensor hooks beyond the
+  input and the weights, against the issue's bound (r/d) N d bytes + O(N).
+- lora fwd+bwd: ``transferops.lora_linear`` (frozen base, x and A, B trained) against PEFT's
+  LoRA layer, with the frozen base nn.Linear alone (input gradient only) as the floor: the
+  %floor column is base time / LoRA time.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from transferops.adapters import bottleneck_adapter, lora_linear
+
+from .harness import Case, optional_import
+
+SEED = 0
+
+
+def _eager_bottleneck(x, w):
+    h = nn.functional.layer_norm(x, (x.shape[-1],), w["ln_weight"], w["ln_bias"])
+    return x + w["scale"] * nn.functional.linear(torch.relu(nn.functional.linear(h, w["w_down"], w["b_down"])),
+                                                 w["w_up"], w["b_up"])
+
+
+def _ours_bottleneck(x, w, backend):
+    return bottleneck_adapter(x, w["w_down"], w["b_down"], w["w_up"], w["b_up"], layer_norm=True,
+                              ln_weight=w["ln_weight"], ln_bias=w["ln_bias"], scale=w["scale"], backend=backend)
+
+
+def _forward(fn, x):
+    with torch.no_grad():
+        return fn(x)
+
+
+def _forward_backward(fn, x, grad, weights):
+    for t in weights:
+        t.grad = None
+    leaf = x.detach().requires_grad_()
+    fn(leaf).backward(grad)
+    return leaf.grad
+
+
+def _saved_bytes(fn, x, ignore) -> int:
+    """Bytes of the tensors autograd saves for backward, beyond ``x`` and the tensors in ``ignore``."""
+    skip = {t.data_ptr() for t in ignore}
+    total = [0]
+
+    def pack(t):
+        if t.data_ptr() not in skip:
+            total[0] += t.numel() * t.element_size()
+        return t
+    leaf = x.detach().requires_grad_()
+    skip.add(leaf.data_ptr())
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(leaf)
+    return total[0]
+
+
+def _memory_note(x, w, N, d, r) -> str:
+    weights = list(w.values())
+    mib = 2.0 ** 20
+    ours = _saved_bytes(functools.partial(_ours_bottleneck, w=w, backend="native"), x, weights)
+    eager = _saved_bytes(functools.partial(_eager_bottleneck, w=w), x, weights)
+    bound = r * N * 4 + 2 * N * 4 + d * 4
+    return (f"saved for backward: native {ours / mib:.2f} MiB (bound (r/d) N d bytes + O(N) = {bound / mib:.2f} MiB), "
+            f"eager {eager / mib:.2f} MiB ({eager / max(ours, 1):.0f}x)")
+
+
+def _bottleneck_weights(d, r, g):
+    def rnd(*shape, std=1.0):
+        return (torch.randn(shape, generator=g) * std).requires_grad_()
+    return dict(w_down=rnd(r, d, std=d ** -0.5), b_down=rnd(r, std=0.1), w_up=rnd(d, r, std=r ** -0.5),
+                b_up=rnd(d, std=0.1), ln_weight=(1 + 0.1 * torch.randn(d, generator=g)).requires_grad_(),
+                ln_bias=rnd(d, std=0.1), scale=(1 + 0.1 * torch.randn(d, generator=g)).requires_grad_())
+
+
+def _peft_lora(peft, base: nn.Linear, A, B, alpha):
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = base
+
+        def forward(self, x):
+            return self.proj(x)
+    model = peft.get_peft_model(Wrap(), peft.LoraConfig(r=A.shape[0], lora_alpha=alpha, target_modules=["proj"]))
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(A)
+        layer.lora_B["default"].weight.copy_(B)
+    return layer
+
+
+def cases(quick: bool, device: str):
+    if device != "cpu":
+        return  # the fast GPU paths are not written yet: nothing to compare there
+    peft = optional_import("peft")
+    grid = [(2048, 768, 16)] if quick else [(N, d, r) for N in (2048, 8192) for d in (768, 4096) for r in (16, 64)]
+    for N, d, r in grid:
+        g = torch.Generator().manual_seed(SEED)
+        x = torch.randn(N, d, generator=g)
+        grad = torch.randn(N, d, generator=g)
+        w = _bottleneck_weights(d, r, g)
+        size = f"N={N} d={d} r={r}"
+        fused = {b: functools.partial(_ours_bottleneck, w=w, backend=b) for b in ("native", "reference")}
+        eager = functools.partial(_eager_bottleneck, w=w)
+        nbytes = N * d * 4
+        yield Case(op="bottleneck fwd", size=size, dtype=torch.float32, bytes=2 * nbytes, flops=4 * N * d * r,
+                   ours={b: functools.partial(_forward, f, x) for b, f in fused.items()},
+                   peers={"peer:torch-eager": functools.partial(_forward, eager, x)}, tolerance=(1e-4, 1e-5),
+                   note=functools.partial(_memory_note, x, w, N, d, r))
+        params = list(w.values())
+        yield Case(op="bottleneck fwd+bwd", size=size, dtype=torch.float32, bytes=5 * nbytes, flops=12 * N * d * r,
+                   ours={b: functools.partial(_forward_backward, f, x, grad, params) for b, f in fused.items()},
+                   peers={"peer:torch-eager": functools.partial(_forward_backward, eager, x, grad, params)},
+                   tolerance=(1e-4, 1e-5))
+        base = nn.Linear(d, d)
+        base.requires_grad_(False)
+        A = (torch.randn(r, d, generator=g) * d ** -0.5).requires_grad_()
+        B = (torch.randn(d, r, generator=g) * 0.1).requires_grad_()
+        alpha = 2 * r
+
+        def lora(backend, xx):
+            return lora_linear(xx, base.weight, base.bias, A, B, scaling=alpha / r, backend=backend)
+        lora_peers = {"peer:peft": None}
+        if peft is not None:
+            layer = _peft_lora(peft, nn.Linear(d, d), A.detach(), B.detach(), alpha)
+            layer.base_layer.load_state_dict(base.state_dict())
+            layer.base_layer.requires_grad_(False)
+            lora_peers["peer:peft"] = functools.partial(_forward_backward, layer, x, grad,
+                                                        [layer.lora_A["default"].weight, layer.lora_B["default"].weight])
+        yield Case(op="lora fwd+bwd", size=size, dtype=torch.float32, bytes=5 * nbytes, flops=6 * N * d * d,
+                   ours={b: functools.partial(_forward_backward, functools.partial(lora, b), x, grad, [A, B])
+                         for b in ("native", "reference")},
+                   peers=lora_peers, tolerance=(1e-4, 1e-5),
+                   floor=("frozen base Linear fwd+bwd", functools.partial(_forward_backward, base, x, grad, [])))
