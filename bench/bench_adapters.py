@@ -49,8 +49,9 @@ def _forward_backward(fn, x, grad, weights):
     return leaf.grad
 
 
-def _saved_bytes(fn, x, ignore) -> int:
-    """Bytes of the tensors autograd saves for backward, beyond ``x`` and the tensors in ``ignore``."""
+def saved_bytes(fn, ignore) -> int:
+    """Bytes of the tensors autograd saves for backward while ``fn()`` runs, beyond those sharing
+    memory with a tensor in ``ignore`` (the input and the weights)."""
     skip = {t.data_ptr() for t in ignore}
     total = [0]
 
@@ -58,18 +59,16 @@ def _saved_bytes(fn, x, ignore) -> int:
         if t.data_ptr() not in skip:
             total[0] += t.numel() * t.element_size()
         return t
-    leaf = x.detach().requires_grad_()
-    skip.add(leaf.data_ptr())
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(leaf)
+        fn()
     return total[0]
 
 
 def _memory_note(x, w, N, d, r) -> str:
-    weights = list(w.values())
+    ignore, leaf = [x, *w.values()], x.detach().requires_grad_()
     mib = 2.0 ** 20
-    ours = _saved_bytes(functools.partial(_ours_bottleneck, w=w, backend="native"), x, weights)
-    eager = _saved_bytes(functools.partial(_eager_bottleneck, w=w), x, weights)
+    ours = saved_bytes(lambda: _ours_bottleneck(leaf, w, "native"), ignore)
+    eager = saved_bytes(lambda: _eager_bottleneck(leaf, w), ignore)
     bound = r * N * 4 + 2 * N * 4 + d * 4
     return (f"saved for backward: native {ours / mib:.2f} MiB (bound (r/d) N d bytes + O(N) = {bound / mib:.2f} MiB), "
             f"eager {eager / mib:.2f} MiB ({eager / max(ours, 1):.0f}x)")
@@ -83,7 +82,8 @@ def _bottleneck_weights(d, r, g):
                 ln_bias=rnd(d, std=0.1), scale=(1 + 0.1 * torch.randn(d, generator=g)).requires_grad_())
 
 
-def _peft_lora(peft, base: nn.Linear, A, B, alpha):
+def peft_layer(peft, base: nn.Linear, config) -> nn.Module:
+    """PEFT's adapter layer around ``base``, made by get_peft_model on a one-layer module."""
     class Wrap(nn.Module):
         def __init__(self):
             super().__init__()
@@ -91,8 +91,11 @@ def _peft_lora(peft, base: nn.Linear, A, B, alpha):
 
         def forward(self, x):
             return self.proj(x)
-    model = peft.get_peft_model(Wrap(), peft.LoraConfig(r=A.shape[0], lora_alpha=alpha, target_modules=["proj"]))
-    layer = model.base_model.model.proj
+    return peft.get_peft_model(Wrap(), config).base_model.model.proj
+
+
+def _peft_lora(peft, base: nn.Linear, A, B, alpha):
+    layer = peft_layer(peft, base, peft.LoraConfig(r=A.shape[0], lora_alpha=alpha, target_modules=["proj"]))
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(A)
         layer.lora_B["default"].weight.copy_(B)

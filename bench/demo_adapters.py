@@ -18,6 +18,8 @@ from torch import nn
 
 from transferops.nn import BottleneckAdapter, LoRALinear
 
+from .bench_adapters import saved_bytes
+
 VOCAB, D, LAYERS, SEQ, BATCH = 32, 256, 2, 64, 32
 
 
@@ -50,20 +52,6 @@ def batches(steps: int, seed: int = 1):
         yield tokens, labels
 
 
-def saved_bytes(model: Model, tokens) -> int:
-    """Bytes autograd saves for backward in one forward, beyond the parameters."""
-    params = {p.data_ptr() for p in model.parameters()}
-    total = [0]
-
-    def pack(t):
-        if t.data_ptr() not in params:
-            total[0] += t.numel() * t.element_size()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(tokens)
-    return total[0]
-
-
 def train(backend: str, steps: int):
     model = Model(backend)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
@@ -77,7 +65,7 @@ def train(backend: str, steps: int):
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
     tokens, _ = next(batches(1))
-    return losses, sorted(times)[len(times) // 2], saved_bytes(model, tokens)
+    return losses, sorted(times)[len(times) // 2], saved_bytes(lambda: model(tokens), model.parameters())
 
 
 def main(argv=None) -> None:

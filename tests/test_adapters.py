@@ -5,6 +5,7 @@ from torch import nn
 import transferops
 from transferops import BackendUnavailable
 from transferops.adapters import ACTIVATIONS, bottleneck_adapter, dropout_factor, lora_linear
+from transferops.bench.bench_adapters import peft_layer, saved_bytes
 from transferops.nn import BottleneckAdapter, IA3Linear, LoRALinear, MultiLoRALinear, ScaLearn
 
 from _kit import DTYPES, assert_close, noncontiguous, require_backend
@@ -147,16 +148,8 @@ def test_bottleneck_saves_only_input_and_n_r(backend):
     N, d, r = 512, 96, 8
     m = BottleneckAdapter(d, r, layer_norm="before", backend=backend)
     x = torch.randn(N, d, requires_grad=True)
-    params = {p.data_ptr() for p in m.parameters()}
-    saved = []
-
-    def pack(t):
-        if t.data_ptr() not in params and t.data_ptr() != x.data_ptr():
-            saved.append(t.numel() * t.element_size())
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        m(x)
-    assert sum(saved) <= N * r * 4 + 2 * N * 4 + 4 * d * 4, saved  # + the [d] scale vector
+    saved = saved_bytes(lambda: m(x), [x, *m.parameters()])
+    assert saved <= N * r * 4 + 2 * N * 4 + 4 * d * 4, saved  # + the [d] scale vector
 
 
 def test_dropout_mask_rate_and_determinism():
@@ -273,17 +266,9 @@ def test_lora_module_matches_peft_and_merges():
     ours.base_layer.load_state_dict(base.state_dict())
     nn.init.normal_(ours.lora_B["default"].weight)
 
-    class Wrap(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(12, 10)
-
-        def forward(self, x):
-            return self.proj(x)
-    model = Wrap()
-    model.proj.load_state_dict(base.state_dict())
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], lora_dropout=0.0))
-    layer = pm.base_model.model.proj
+    peft_base = nn.Linear(12, 10)
+    peft_base.load_state_dict(base.state_dict())
+    layer = peft_layer(peft, peft_base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"], lora_dropout=0.0))
     missing = layer.load_state_dict(ours.state_dict(), strict=False)
     assert not missing.unexpected_keys
     x = torch.randn(6, 12)
@@ -331,16 +316,8 @@ def test_ia3_matches_peft(feedforward):
     ours = IA3Linear(nn.Linear(8, 6), feedforward=feedforward)
     nn.init.normal_(ours.ia3_l["default"])
 
-    class Wrap(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(8, 6)
-
-        def forward(self, x):
-            return self.proj(x)
-    pm = peft.get_peft_model(Wrap(), peft.IA3Config(target_modules=["proj"],
-                                                    feedforward_modules=["proj"] if feedforward else []))
-    layer = pm.base_model.model.proj
+    layer = peft_layer(peft, nn.Linear(8, 6), peft.IA3Config(target_modules=["proj"],
+                                                             feedforward_modules=["proj"] if feedforward else []))
     assert not layer.load_state_dict(ours.state_dict(), strict=False).unexpected_keys
     x = torch.randn(5, 8)
     torch.testing.assert_close(ours(x), layer(x))

@@ -78,25 +78,35 @@ def native_buffer(t: torch.Tensor):
 
 
 @functools.lru_cache(maxsize=None)
+def _blas_capsules() -> dict:
+    """scipy's GEMMs as capsules (scipy.linalg.cython_blas): the module links no BLAS of its own."""
+    from scipy.linalg import cython_blas
+
+    return {name: cython_blas.__pyx_capi__[name] for name in ("sgemm", "dgemm")}
+
+
+@functools.lru_cache(maxsize=None)
 def _blas_libraries() -> tuple:
-    """threadpoolctl's controllers of the BLAS libraries loaded now (call after scipy's BLAS is
-    imported: later loads are not seen)."""
+    """threadpoolctl's controllers of the BLAS libraries loaded now (later loads are not seen:
+    scipy's is loaded first)."""
     from threadpoolctl import ThreadpoolController
 
+    _blas_capsules()
     return tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
 
 
 @contextlib.contextmanager
-def single_threaded_blas() -> Iterator[None]:
+def single_threaded_blas() -> Iterator[dict]:
     """BLAS limited to one thread inside the block, for kernels whose OpenMP threads each call
-    BLAS on their own tiles. Sets the libraries' thread counts directly: ~2 us, where entering
+    BLAS on their own tiles; yields scipy's GEMM capsules (scipy's LAPACK runs on the same
+    OpenBLAS). Sets the libraries' thread counts directly: ~2 us, where entering
     threadpoolctl.threadpool_limits costs ~1.3 ms a call (it rescans the loaded libraries)."""
     libs = _blas_libraries()
     before = [lib.get_num_threads() for lib in libs]
     for lib in libs:
         lib.set_num_threads(1)
     try:
-        yield
+        yield _blas_capsules()
     finally:
         for lib, n in zip(libs, before):
             lib.set_num_threads(n)

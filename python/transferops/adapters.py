@@ -8,7 +8,6 @@ the dropout mask tile by tile. Modules built on these ops are in :mod:`transfero
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -33,18 +32,15 @@ def _choose(op: Op, backend: str, device: torch.device, dtype: torch.dtype) -> s
     return op.select(backend, device, dtype)[0]
 
 
-@functools.lru_cache(maxsize=None)
-def _blas() -> dict:
-    """scipy's GEMMs as capsules (scipy.linalg.cython_blas): the native kernels call them from
-    each OpenMP thread on cache-resident tiles."""
-    from scipy.linalg import cython_blas
-
-    return {name: cython_blas.__pyx_capi__[name] for name in ("sgemm", "dgemm")}
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """bf16/fp16 inputs are computed in float32, float64 in float64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grad_shapes(r: int, d: int) -> tuple:
+    """Shapes of the weight gradients bottleneck_bwd returns, in the weights' order: w_down,
+    b_down, w_up, b_up, ln_weight, ln_bias, scale."""
+    return (r, d), (r,), (d, r), (d,), (d,), (d,), (d,)
 
 
 def dropout_factor(rows: int, cols: int, p: float, seed: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
@@ -109,7 +105,7 @@ def _bottleneck_bwd(grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor, mean: 
 def _(grad, x, a, mean, rstd, w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale, layer_norm, eps, activation,
       residual_mode, dropout, seed, backend):
     r, d, T = w_down.shape[0], w_down.shape[1], _compute_dtype(x.dtype)
-    return [x.new_empty(x.shape), *(x.new_empty(s, dtype=T) for s in ((r, d), (r,), (d, r), (d,), (d,), (d,), (d,)))]
+    return [x.new_empty(x.shape), *(x.new_empty(s, dtype=T) for s in _grad_shapes(r, d))]
 
 
 def _bottleneck_setup(ctx, inputs, output):
@@ -144,8 +140,7 @@ def _bottleneck_native_fwd(x, residual, w_down, b_down, w_up, b_up, ln_weight, l
     a, mean, rstd = torch.empty(N, r, dtype=T), torch.empty(N, dtype=T), torch.empty(N, dtype=T)
     res = native_buffer(_checks.as_rows(residual)) if residual is not None else None
     params = [_flat(t) for t in (w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale)]
-    blas = _blas()  # loads scipy's OpenBLAS before the limit, which applies to loaded libraries only
-    with single_threaded_blas():  # the OpenMP threads share the tiles, one GEMM each
+    with single_threaded_blas() as blas:  # the OpenMP threads share the tiles, one GEMM each
         native_module().bottleneck_forward(blas, native_buffer(xr), res, native_buffer(out), native_buffer(a),
                                            native_buffer(mean), native_buffer(rstd), r, params, layer_norm, eps,
                                            activation, residual_mode, dropout, seed)
@@ -157,10 +152,9 @@ def _bottleneck_native_bwd(grad, x, a, mean, rstd, w_down, b_down, w_up, b_up, l
     xr = _checks.as_rows(x)
     r, d, T = w_down.shape[0], w_down.shape[1], _compute_dtype(x.dtype)
     dx = torch.empty(xr.shape, dtype=x.dtype)
-    grads = [torch.empty(s, dtype=T) for s in ((r, d), (r,), (d, r), (d,), (d,), (d,), (d,))]
+    grads = [torch.empty(s, dtype=T) for s in _grad_shapes(r, d)]
     params = [_flat(t) for t in (w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale)]
-    blas = _blas()
-    with single_threaded_blas():
+    with single_threaded_blas() as blas:
         native_module().bottleneck_backward(blas, native_buffer(_checks.as_rows(grad)), native_buffer(xr),
                                             native_buffer(a), native_buffer(mean), native_buffer(rstd),
                                             native_buffer(dx), r, params, [native_buffer(g) for g in grads],
@@ -172,25 +166,14 @@ _FORWARD = {"native": _bottleneck_native_fwd}
 _BACKWARD = {"native": _bottleneck_native_bwd}
 
 
-def _vector(t, name: str, length: int, like: torch.Tensor) -> Optional[torch.Tensor]:
-    if t is None:
+def _param(t, name: str, shape: tuple, like: torch.Tensor, *, optional: bool = False) -> Optional[torch.Tensor]:
+    """A float tensor on like's device whose shape matches ``shape`` (None: any size); None
+    passes where ``optional``."""
+    if t is None and optional:
         return None
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor or None, got {type(t).__name__}")
-    if t.shape != (length,):
-        raise ValueError(f"{name}: expected shape ({length},), got {tuple(t.shape)}")
-    if t.device != like.device:
-        raise ValueError(f"{name}: expected device {like.device}, got {t.device}")
-    if t.dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
-    return t
-
-
-def _matrix(t, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
-    """A 2-D float tensor on like's device whose shape matches ``shape`` (None: any size)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
-    if t.dim() != 2 or any(want is not None and got != want for got, want in zip(t.shape, shape)):
+        raise TypeError(f"{name}: expected a tensor{' or None' if optional else ''}, got {type(t).__name__}")
+    if t.dim() != len(shape) or any(want is not None and got != want for got, want in zip(t.shape, shape)):
         shown = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         raise ValueError(f"{name}: expected shape {shown}, got {tuple(t.shape)}")
     if t.device != like.device:
@@ -254,13 +237,13 @@ def bottleneck_adapter(x, w_down, b_down, w_up, b_up, *, residual=None, layer_no
     """
     x = _rows_input(x)
     d = x.shape[-1]
-    w_down = _matrix(w_down, "w_down", (None, d), x)
+    w_down = _param(w_down, "w_down", (None, d), x)
     r = w_down.shape[0]
     if r == 0:
         raise ValueError("w_down: expected at least one bottleneck unit (r >= 1), got r = 0")
-    w_up = _matrix(w_up, "w_up", (d, r), x)
-    b_down, b_up = _vector(b_down, "b_down", r, x), _vector(b_up, "b_up", d, x)
-    ln_weight, ln_bias = _vector(ln_weight, "ln_weight", d, x), _vector(ln_bias, "ln_bias", d, x)
+    w_up = _param(w_up, "w_up", (d, r), x)
+    b_down, b_up = (_param(b, n, (k,), x, optional=True) for b, n, k in ((b_down, "b_down", r), (b_up, "b_up", d)))
+    ln_weight, ln_bias = (_param(t, n, (d,), x, optional=True) for t, n in ((ln_weight, "ln_weight"), (ln_bias, "ln_bias")))
     _checks.choice(activation, "activation", ACTIVATIONS)
     if not layer_norm and (ln_weight is not None or ln_bias is not None):
         raise ValueError("ln_weight/ln_bias: given, but layer_norm=False (pass layer_norm=True to use them)")
@@ -391,11 +374,11 @@ def lora_linear(x, weight, bias, lora_A, lora_B, *, scaling: float, dropout: flo
     """
     x = _rows_input(x)
     d_in = x.shape[-1]
-    weight = _matrix(weight, "weight", (None, d_in), x)
+    weight = _param(weight, "weight", (None, d_in), x)
     d_out = weight.shape[0]
-    lora_A = _matrix(lora_A, "lora_A", (None, d_in), x)
-    lora_B = _matrix(lora_B, "lora_B", (d_out, lora_A.shape[0]), x)
-    bias = _vector(bias, "bias", d_out, x)
+    lora_A = _param(lora_A, "lora_A", (None, d_in), x)
+    lora_B = _param(lora_B, "lora_B", (d_out, lora_A.shape[0]), x)
+    bias = _param(bias, "bias", (d_out,), x, optional=True)
     for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name}: expected x's dtype {x.dtype}, got {t.dtype}")

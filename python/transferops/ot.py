@@ -22,7 +22,6 @@ balanced).
 """
 from __future__ import annotations
 
-import functools
 import math
 import sys
 import time
@@ -236,14 +235,6 @@ def _sinkhorn_reference(C, a, b, eps, rho, tol, max_iter, schedule, symmetric, p
     return f, g, transport, value, n_iter, error
 
 
-@functools.lru_cache(maxsize=None)
-def _blas() -> dict:
-    """scipy's GEMMs as capsules (scipy.linalg.cython_blas) for the native online solver."""
-    from scipy.linalg import cython_blas
-
-    return {name: cython_blas.__pyx_capi__[name] for name in ("sgemm", "dgemm")}
-
-
 PROGRESS_EVERY_S = 2.0
 
 
@@ -270,8 +261,7 @@ def _sinkhorn_native(costs, a, b, eps, rho, tol, max_iter, schedule, symmetric, 
     g = torch.zeros(B, M, dtype=torch.float64)
     if isinstance(costs, _Points):
         x, y = (native_buffer(t.contiguous().view(-1, t.shape[-1])) for t in (costs.x, costs.y))
-        blas = _blas()  # loads scipy's OpenBLAS before the limit, which applies to loaded libraries only
-        with single_threaded_blas():  # the OpenMP threads share the tiles, one GEMM each
+        with single_threaded_blas() as blas:  # the OpenMP threads share the tiles, one GEMM each
             out = native_module().sinkhorn_points(x, y, N, costs.scale, blas, *weights, native_buffer(f),
                                                   native_buffer(g), *settings,
                                                   _progress_printer(B, N, M) if progress else None)

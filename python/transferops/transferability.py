@@ -245,7 +245,6 @@ def _reduce(grams: list[np.ndarray], targets: list[np.ndarray]) -> list[_Reduced
     projected = [np.array(t, dtype=np.float64, order="F") for t in targets]
     across_models = len(grams) > 1
     if across_models or grams[0].shape[0] <= _SINGLE_THREAD_SYTRD:
-        _lapack()  # loads scipy's OpenBLAS before its thread count is set
         limit = single_threaded_blas()
     else:
         limit = contextlib.nullcontext()
