@@ -77,8 +77,9 @@ def main(argv=None) -> None:
     for i in range(0, args.steps, max(1, args.steps // 10)):
         print(f"{i:>4}  {results['transferops'][0][i]:>16.4f}  {results['eager'][0][i]:>10.4f}")
     for name, (losses, step_s, saved) in results.items():
-        first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-        print(f"{name:>12}: loss {first:.3f} -> {last:.3f} (mean of first/last 5 steps), {step_s * 1e3:.1f} ms/step "
+        k = max(1, min(5, len(losses) // 2))
+        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+        print(f"{name:>12}: loss {first:.3f} -> {last:.3f} (mean of first/last {k} steps), {step_s * 1e3:.1f} ms/step "
               f"(median), activations saved for backward {saved / 2**20:.1f} MiB")
 
 
