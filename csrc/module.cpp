@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <array>
 #include <functional>
 #include <optional>
 #include <tuple>
@@ -338,6 +339,10 @@ void* flat_ptr(const std::optional<py::buffer>& b, int64_t count, DType want, co
 }
 
 using Params = std::vector<std::optional<py::buffer>>;  // w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale
+constexpr const char* kBottleneckParams[7] = {"w_down", "b_down", "w_up", "b_up", "ln_weight", "ln_bias", "scale"};
+
+// Element counts of the bottleneck adapter's weights (and of their gradients), in Params order.
+std::array<int64_t, 7> bottleneck_counts(int64_t r, int64_t d) { return {r * d, r, d * r, d, d, d, d}; }
 
 cpu::Bottleneck bottleneck_of(const Params& params, int64_t d, int64_t r, DType compute, bool layer_norm, double eps,
                               int activation, int residual, double dropout, uint64_t seed,
@@ -346,10 +351,11 @@ cpu::Bottleneck bottleneck_of(const Params& params, int64_t d, int64_t r, DType 
   if (activation < 0 || activation > 3) throw std::invalid_argument("activation: expected a code in 0..3");
   if (residual < 0 || residual > 2) throw std::invalid_argument("residual: expected a code in 0..2");
   if (!(dropout >= 0 && dropout < 1)) throw std::invalid_argument("dropout: expected 0 <= p < 1");
-  const char* names[7] = {"w_down", "b_down", "w_up", "b_up", "ln_weight", "ln_bias", "scale"};
-  const int64_t counts[7] = {r * d, r, d * r, d, d, d, d};
+  const auto counts = bottleneck_counts(r, d);
   void* ptr[7];
-  for (int i = 0; i < 7; ++i) ptr[i] = flat_ptr(params[size_t(i)], counts[i], compute, names[i], keep, false);
+  for (int i = 0; i < 7; ++i) {
+    ptr[i] = flat_ptr(params[size_t(i)], counts[size_t(i)], compute, kBottleneckParams[i], keep, false);
+  }
   if (!ptr[0] || !ptr[2] || !ptr[6]) throw std::invalid_argument("params: w_down, w_up and scale are required");
   return cpu::Bottleneck{d, r, ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6], layer_norm, eps,
                          static_cast<cpu::Activation>(activation), static_cast<cpu::Residual>(residual), dropout, seed};
@@ -400,13 +406,12 @@ void bottleneck_backward(const py::dict& blas, const py::buffer& grad, const py:
   const void* mp = flat_ptr(mean, N, T, "mean", keep, false);
   const void* sp = flat_ptr(rstd, N, T, "rstd", keep, false);
   if (grads.size() != 7) throw std::invalid_argument("grads: expected 7 entries");
-  const char* names[7] = {"grad w_down", "grad b_down", "grad w_up", "grad b_up", "grad ln_weight", "grad ln_bias",
-                          "grad scale"};
-  const int64_t counts[7] = {r * d, r, d * r, d, d, d, d};
+  const auto counts = bottleneck_counts(r, d);
   void* gp[7];
   for (int i = 0; i < 7; ++i) {
-    gp[i] = flat_ptr(grads[size_t(i)], counts[i], T, names[i], keep, true);
-    if (!gp[i]) throw std::invalid_argument(std::string(names[i]) + ": required");
+    const std::string name = std::string("grad ") + kBottleneckParams[i];
+    gp[i] = flat_ptr(grads[size_t(i)], counts[size_t(i)], T, name, keep, true);
+    if (!gp[i]) throw std::invalid_argument(name + ": required");
   }
   const cpu::BottleneckGrads g{gp[0], gp[1], gp[2], gp[3], gp[4], gp[5], gp[6]};
   const Gemm gemm = gemm_of(blas);
