@@ -7,19 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _philox_first(c0, c1, c2, c3, k0, k1):
-    # Philox4x32-10 (Salmon et al., SC 2011), first output word; uint32 lanes.
-    for _ in tl.static_range(10):
-        hi0 = tl.umulhi(c0, 0xD2511F53)
-        lo0 = c0 * 0xD2511F53
-        hi1 = tl.umulhi(c2, 0xCD9E8D57)
-        lo1 = c2 * 0xCD9E8D57
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0 = k0 + 0x9E3779B9
-        k1 = k1 + 0xBB67AE85
-    return c0
+from .philox import philox_first
 
 
 @triton.jit
@@ -60,7 +48,7 @@ def _merge_kernel(base, offsets, strides, weights, out, out_stride, nonfinite, T
             v = tl.where((mag >= bound.to(acc_t)) & (mag < drop.to(acc_t)), v, 0.0)
         if DARE:
             zero = tl.zeros([BLOCK], tl.uint32)
-            word = _philox_first(lo32, hi32, zero + t, zero + stream.to(tl.uint32),
+            word = philox_first(lo32, hi32, zero + t, zero + stream.to(tl.uint32),
                                  seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
             v = tl.where(word.to(tl.int64) < keep_below, v / rescale, 0.0)
         wv = w * v

@@ -125,8 +125,11 @@ std::pair<const T*, int64_t> adapter_input(const Bottleneck& w, const Weights<T>
     T mu, rs;
     if (stats_out) {
       for (int64_t j = 0; j < d; ++j) br[j] = widen(xr[j]);
-      mu = lane_sum<T>(d, [&](int64_t j) { return br[j]; }) / T(d);
-      // two passes over the cached row: no cancellation when |mean| >> std
+      // The sum of x - x_0 (the row's first entry), not of x: when |mean| >> std, terms of the
+      // size of the spread keep the sum's rounding at that size. Then a second pass for the
+      // variance, over the cached row.
+      const T x0 = br[0];
+      mu = x0 + lane_sum<T>(d, [&](int64_t j) { return br[j] - x0; }) / T(d);
       const T ss = lane_sum<T>(d, [&](int64_t j) { return (br[j] - mu) * (br[j] - mu); });
       rs = T(1) / std::sqrt(ss / T(d) + T(w.eps));
       mean[n0 + i] = mu;

@@ -26,10 +26,11 @@ lora_op = Op("lora_linear", order=("native", "reference"))
 
 
 @torch.compiler.assume_constant_result
-def _choose(op: Op, backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend for one call; a constant while torch.compile traces (a later change of
-    TRANSFEROPS_BACKEND or use_backend does not reach an already compiled graph)."""
-    return op.select(backend, device, dtype)[0]
+def _choose(op: Op, backend: str, device: torch.device, dtype: torch.dtype, *args) -> str:
+    """The backend for one call (``args``: what the op's limits look at); a constant while
+    torch.compile traces (a later change of TRANSFEROPS_BACKEND or use_backend does not reach
+    an already compiled graph)."""
+    return op.select(backend, device, dtype, args)[0]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -162,8 +163,47 @@ def _bottleneck_native_bwd(grad, x, a, mean, rstd, w_down, b_down, w_up, b_up, l
     return [dx.view(x.shape), *grads]
 
 
-_FORWARD = {"native": _bottleneck_native_fwd}
-_BACKWARD = {"native": _bottleneck_native_bwd}
+def _bottleneck_triton_fwd(x, residual, w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale, layer_norm, eps,
+                           activation, residual_mode, dropout, seed):
+    from .kernels import adapters as kernels
+
+    xr = _checks.as_rows(x)
+    N, r = xr.shape[0], w_down.shape[0]
+    f = dict(dtype=torch.float32, device=x.device)
+    out = torch.empty(xr.shape, dtype=x.dtype, device=x.device)
+    a, mean, rstd = torch.empty(N, r, **f), torch.empty(N, **f), torch.empty(N, **f)
+    if N:
+        kernels.bottleneck_forward(xr, None if residual is None else _checks.as_rows(residual), out, a, mean, rstd,
+                                   kernels.Folded(w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale, layer_norm),
+                                   layer_norm=layer_norm, eps=eps, activation=activation, mode=residual_mode,
+                                   dropout=dropout, seed=seed)
+    return out.view(x.shape), a, mean, rstd
+
+
+def _bottleneck_triton_bwd(grad, x, a, mean, rstd, w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale, layer_norm,
+                           eps, activation, residual_mode, dropout, seed):
+    from .kernels import adapters as kernels
+
+    xr = _checks.as_rows(x)
+    dx = torch.empty(xr.shape, dtype=x.dtype, device=x.device)
+    if not xr.shape[0]:
+        return [dx.view(x.shape), *(torch.zeros(s, device=x.device) for s in _grad_shapes(*w_down.shape))]
+    grads = kernels.bottleneck_backward(_checks.as_rows(grad), xr, a, mean, rstd, dx,
+                                        kernels.Folded(w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale,
+                                                       layer_norm),
+                                        layer_norm=layer_norm, activation=activation, mode=residual_mode,
+                                        dropout=dropout, seed=seed)
+    return [dx.view(x.shape), *grads]
+
+
+def _triton_rank_limit(r: int):
+    from .kernels.adapters import MAX_RANK
+
+    return None if r <= MAX_RANK else f"triton holds bottlenecks of at most {MAX_RANK} units, got r = {r}"
+
+
+_FORWARD = {"native": _bottleneck_native_fwd, "triton": _bottleneck_triton_fwd}
+_BACKWARD = {"native": _bottleneck_native_bwd, "triton": _bottleneck_triton_bwd}
 
 
 def _param(t, name: str, shape: tuple, like: torch.Tensor, *, optional: bool = False) -> Optional[torch.Tensor]:
@@ -266,7 +306,7 @@ def bottleneck_adapter(x, w_down, b_down, w_up, b_up, *, residual=None, layer_no
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d)
     res2 = None if residual is None else residual.reshape(-1, d)
-    chosen = _choose(bottleneck_op, backend, x.device, x.dtype)
+    chosen = _choose(bottleneck_op, backend, x.device, x.dtype, r)
     if chosen == "reference":
         s = _scale_vector(scale, d, x, x.dtype)
         cast = [None if t is None else t.to(x.dtype) for t in (w_down, b_down, w_up, b_up, ln_weight, ln_bias)]
@@ -281,6 +321,8 @@ def bottleneck_adapter(x, w_down, b_down, w_up, b_up, *, residual=None, layer_no
 
 bottleneck_op.register("reference", dtypes=_checks.FLOAT_DTYPES)(_bottleneck_reference)
 bottleneck_op.register("native", dtypes=_checks.FLOAT_DTYPES)(_bottleneck_native_fwd)
+bottleneck_op.register("triton", dtypes=(torch.float32, torch.bfloat16, torch.float16),
+                       limit=_triton_rank_limit)(_bottleneck_triton_fwd)
 
 
 # ---------------------------------------------------------------------------------------------
