@@ -18,9 +18,9 @@ import functools
 import torch
 from torch import nn
 
-from transferops.adapters import bottleneck_adapter, lora_linear
+from transferops.adapters import bottleneck_adapter, bottleneck_op, lora_linear
 
-from .harness import Case, optional_import
+from .harness import Case, optional_import, timed_backends
 
 SEED = 0
 
@@ -64,22 +64,34 @@ def saved_bytes(fn, ignore) -> int:
     return total[0]
 
 
-def _memory_note(x, w, N, d, r) -> str:
+def _memory_note(x, w, N, d, r, backend) -> str:
     ignore, leaf = [x, *w.values()], x.detach().requires_grad_()
     mib = 2.0 ** 20
-    ours = saved_bytes(lambda: _ours_bottleneck(leaf, w, "native"), ignore)
+    ours = saved_bytes(lambda: _ours_bottleneck(leaf, w, backend), ignore)
     eager = saved_bytes(lambda: _eager_bottleneck(leaf, w), ignore)
-    bound = r * N * 4 + 2 * N * 4 + d * 4
-    return (f"saved for backward: native {ours / mib:.2f} MiB (bound (r/d) N d bytes + O(N) = {bound / mib:.2f} MiB), "
-            f"eager {eager / mib:.2f} MiB ({eager / max(ours, 1):.0f}x)")
+    bound = r * N * 4 + 2 * N * 4 + d * 4  # the pre-activation and the row statistics are float32
+    return (f"saved for backward: {backend} {ours / mib:.2f} MiB (bound (r/d) N d bytes + O(N) = {bound / mib:.2f} "
+            f"MiB), eager {eager / mib:.2f} MiB ({eager / max(ours, 1):.0f}x)")
 
 
-def _bottleneck_weights(d, r, g):
+def _bottleneck_weights(d, r, g, device, dtype):
+    def param(t):
+        return t.to(device, dtype).requires_grad_()
+
     def rnd(*shape, std=1.0):
-        return (torch.randn(shape, generator=g) * std).requires_grad_()
+        return param(torch.randn(shape, generator=g) * std)
     return dict(w_down=rnd(r, d, std=d ** -0.5), b_down=rnd(r, std=0.1), w_up=rnd(d, r, std=r ** -0.5),
-                b_up=rnd(d, std=0.1), ln_weight=(1 + 0.1 * torch.randn(d, generator=g)).requires_grad_(),
-                ln_bias=rnd(d, std=0.1), scale=(1 + 0.1 * torch.randn(d, generator=g)).requires_grad_())
+                b_up=rnd(d, std=0.1), ln_weight=param(1 + 0.1 * torch.randn(d, generator=g)),
+                ln_bias=rnd(d, std=0.1), scale=param(1 + 0.1 * torch.randn(d, generator=g)))
+
+
+def _grid(quick: bool, cuda: bool) -> list[tuple[int, int, int]]:
+    """(N, d, r): the issue's CPU grid; on a GPU, 4x the tokens (a bf16 [8192, 768] pass takes
+    a few microseconds, launch-bound)."""
+    tokens = (8192, 32768) if cuda else (2048, 8192)
+    if quick:
+        return [(tokens[0], 4096 if cuda else 768, 16)]
+    return [(N, d, r) for N in tokens for d in (768, 4096) for r in (16, 64)]
 
 
 def peft_layer(peft, base: nn.Linear, config) -> nn.Module:
@@ -103,28 +115,38 @@ def _peft_lora(peft, base: nn.Linear, A, B, alpha):
 
 
 def cases(quick: bool, device: str):
-    if device != "cpu":
-        return  # the fast GPU paths are not written yet: nothing to compare there
+    """CPU: float32, the fused native path and LoRA. GPU: bfloat16, the Triton kernels against
+    eager torch and torch.compile of the same math (LoRA has no GPU kernel of ours: on the GPU
+    it is torch's GEMMs)."""
+    cuda = torch.device(device).type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    backends = [b for b in timed_backends(device) if b in bottleneck_op.impls]
+    fast = next((b for b in backends if b != "reference"), "reference")
     peft = optional_import("peft")
-    grid = [(2048, 768, 16)] if quick else [(N, d, r) for N in (2048, 8192) for d in (768, 4096) for r in (16, 64)]
-    for N, d, r in grid:
+    for N, d, r in _grid(quick, cuda):
         g = torch.Generator().manual_seed(SEED)
-        x = torch.randn(N, d, generator=g)
-        grad = torch.randn(N, d, generator=g)
-        w = _bottleneck_weights(d, r, g)
+        x = torch.randn(N, d, generator=g).to(device, dtype)
+        grad = torch.randn(N, d, generator=g).to(device, dtype)
+        w = _bottleneck_weights(d, r, g, device, dtype)
         size = f"N={N} d={d} r={r}"
-        fused = {b: functools.partial(_ours_bottleneck, w=w, backend=b) for b in ("native", "reference")}
+        fused = {b: functools.partial(_ours_bottleneck, w=w, backend=b) for b in backends}
         eager = functools.partial(_eager_bottleneck, w=w)
-        nbytes = N * d * 4
-        yield Case(op="bottleneck fwd", size=size, dtype=torch.float32, bytes=2 * nbytes, flops=4 * N * d * r,
+        peers = {"peer:torch-eager": eager}
+        if cuda:  # inductor fuses the layer norm and the elementwise epilogues around cuBLAS
+            peers["peer:torch.compile"] = functools.partial(torch.compile(_eager_bottleneck), w=w)
+        nbytes = N * d * x.element_size()
+        tolerance = (1e-4, 1e-5) if dtype == torch.float32 else None
+        yield Case(op="bottleneck fwd", size=size, dtype=dtype, bytes=2 * nbytes, flops=4 * N * d * r,
                    ours={b: functools.partial(_forward, f, x) for b, f in fused.items()},
-                   peers={"peer:torch-eager": functools.partial(_forward, eager, x)}, tolerance=(1e-4, 1e-5),
-                   note=functools.partial(_memory_note, x, w, N, d, r))
+                   peers={k: functools.partial(_forward, f, x) for k, f in peers.items()}, tolerance=tolerance,
+                   note=functools.partial(_memory_note, x, w, N, d, r, fast))
         params = list(w.values())
-        yield Case(op="bottleneck fwd+bwd", size=size, dtype=torch.float32, bytes=5 * nbytes, flops=12 * N * d * r,
+        yield Case(op="bottleneck fwd+bwd", size=size, dtype=dtype, bytes=5 * nbytes, flops=12 * N * d * r,
                    ours={b: functools.partial(_forward_backward, f, x, grad, params) for b, f in fused.items()},
-                   peers={"peer:torch-eager": functools.partial(_forward_backward, eager, x, grad, params)},
-                   tolerance=(1e-4, 1e-5))
+                   peers={k: functools.partial(_forward_backward, f, x, grad, params) for k, f in peers.items()},
+                   tolerance=tolerance)
+        if cuda:
+            continue
         base = nn.Linear(d, d)
         base.requires_grad_(False)
         A = (torch.randn(r, d, generator=g) * d ** -0.5).requires_grad_()

@@ -24,10 +24,9 @@ import functools
 
 import torch
 
-import transferops
 from transferops.merging import dare_ties, disjoint_merge, fisher_average, merge, task_arithmetic, ties
 
-from .harness import DTYPE_NAMES, Case, optional_import
+from .harness import DTYPE_NAMES, Case, optional_import, timed_backends
 
 DENSITY = 0.2  # TIES keeps the top 20% of each task vector; the rest are exact zeros
 SEED = 0
@@ -140,13 +139,6 @@ def _model_case(T: int, dtype: torch.dtype, device: str, backends, peft, mergeki
     )
 
 
-def _backends(device: str) -> list[str]:
-    cpu = torch.device(device).type == "cpu"
-    # On CPU triton runs only interpreted (TRITON_INTERPRET=1), a test aid far too slow to time.
-    return [b for b, why in transferops.available_backends(device).items()
-            if why is None and not (cpu and b == "triton")]
-
-
 def _sizes(quick: bool, device: str) -> list[tuple[int, int]]:
     P = 64_000_000 if torch.device(device).type == "cuda" else (4_000_000 if quick else 16_000_000)
     return [(4, P)]
@@ -157,7 +149,7 @@ def cases(quick: bool, device: str):
     peft = optional_import("peft.utils.merge_utils")
     mergekit = optional_import("mergekit.merge_methods.generalized_task_arithmetic")
     sparsify = optional_import("mergekit.sparsify")
-    backends = _backends(device)
+    backends = timed_backends(device)
     for T, P in _sizes(quick, device):
         for dtype in (torch.float32, torch.bfloat16):
             size = f"T={T} P={P / 1e6:.1f}M {DTYPE_NAMES[dtype]}"

@@ -122,6 +122,13 @@ def _is_cuda(device: str) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def timed_backends(device: str) -> list[str]:
+    """The backends that run on ``device``, to time. On CPU, triton runs only interpreted
+    (TRITON_INTERPRET=1), a test aid far too slow to time."""
+    return [b for b, why in transferops.available_backends(device).items()
+            if why is None and (_is_cuda(device) or b != "triton")]
+
+
 def _sync(device: str) -> None:
     if _is_cuda(device):
         torch.cuda.synchronize(device)
