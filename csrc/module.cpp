@@ -364,7 +364,7 @@ cpu::Bottleneck bottleneck_of(const Params& params, int64_t d, int64_t r, DType 
 DType compute_dtype(DType storage) { return storage == DType::f64 ? DType::f64 : DType::f32; }
 
 // See cpu::bottleneck_forward. `residual` is used with residual code 2 (separate) only.
-void bottleneck_forward(const py::dict& blas, const py::buffer& x, const std::optional<py::buffer>& residual,
+void bottleneck_forward(const py::buffer& x, const std::optional<py::buffer>& residual,
                         const py::buffer& out, const py::buffer& a, const py::buffer& mean, const py::buffer& rstd,
                         int64_t r, const Params& params, bool layer_norm, double eps, int activation,
                         int residual_mode, double dropout, uint64_t seed) {
@@ -384,9 +384,8 @@ void bottleneck_forward(const py::dict& blas, const py::buffer& x, const std::op
   void* ap = flat_ptr(a, N * r, T, "a", keep, true);
   void* mp = flat_ptr(mean, N, T, "mean", keep, true);
   void* sp = flat_ptr(rstd, N, T, "rstd", keep, true);
-  const Gemm gemm = gemm_of(blas);
   py::gil_scoped_release release;
-  cpu::bottleneck_forward(gemm, w, xv.view, rv ? &rv->view : nullptr, ov.view, ap, mp, sp);
+  cpu::bottleneck_forward(w, xv.view, rv ? &rv->view : nullptr, ov.view, ap, mp, sp);
 }
 
 // See cpu::bottleneck_backward; `grads` are 7 writable buffers in the params' order.
@@ -523,10 +522,10 @@ PYBIND11_MODULE(_native, m) {
         py::arg("extra_log_alpha"), py::arg("samples"), py::arg("dim"), py::arg("gram_of_features"),
         py::arg("projected"), py::arg("y2"), py::arg("max_iter"), py::arg("tol"), py::arg("damp"), py::arg("with_z"),
         "LogME's fixed point for every target of one model on its tridiagonalized Gram matrix");
-  m.def("bottleneck_forward", &bottleneck_forward, py::arg("blas"), py::arg("x"), py::arg("residual"), py::arg("out"),
+  m.def("bottleneck_forward", &bottleneck_forward, py::arg("x"), py::arg("residual"), py::arg("out"),
         py::arg("a"), py::arg("mean"), py::arg("rstd"), py::arg("r"), py::arg("params"), py::arg("layer_norm"),
         py::arg("eps"), py::arg("activation"), py::arg("residual_mode"), py::arg("dropout"), py::arg("seed"),
-        "fused bottleneck adapter forward in cache-resident row tiles (BLAS from scipy)");
+        "fused bottleneck adapter forward in cache-resident row tiles");
   m.def("bottleneck_backward", &bottleneck_backward, py::arg("blas"), py::arg("grad"), py::arg("x"), py::arg("a"),
         py::arg("mean"), py::arg("rstd"), py::arg("dx"), py::arg("r"), py::arg("params"), py::arg("grads"),
         py::arg("layer_norm"), py::arg("eps"), py::arg("activation"), py::arg("residual_mode"), py::arg("dropout"),

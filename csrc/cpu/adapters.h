@@ -34,10 +34,11 @@ struct Bottleneck {
   uint64_t seed;
 };
 
-// Rows are processed in tiles that stay in cache: LN statistics, the normalized tile, the two
-// GEMMs (single-threaded BLAS, one per OpenMP thread) and the epilogue touch x, R and y once
-// each in memory. Saves for backward the pre-activation a [N, r] and mean, rstd [N] (type T).
-void bottleneck_forward(const Gemm& gemm, const Bottleneck& w, const View2D& x, const View2D* residual,
+// Rows are processed in tiles that stay in cache, one OpenMP thread per tile: LN statistics,
+// the down-projection (the layer norm folded into its weights) and the up-projection with its
+// epilogue in register blocks touch x, R and y once each in memory. Saves for backward the
+// pre-activation a [N, r] and mean, rstd [N] (type T).
+void bottleneck_forward(const Bottleneck& w, const View2D& x, const View2D* residual,
                         const View2D& out, void* a, void* mean, void* rstd);
 
 // Gradients (type T) of every weight; dx [N, d] in x's dtype (without the residual's

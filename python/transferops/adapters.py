@@ -141,10 +141,9 @@ def _bottleneck_native_fwd(x, residual, w_down, b_down, w_up, b_up, ln_weight, l
     a, mean, rstd = torch.empty(N, r, dtype=T), torch.empty(N, dtype=T), torch.empty(N, dtype=T)
     res = native_buffer(_checks.as_rows(residual)) if residual is not None else None
     params = [_flat(t) for t in (w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale)]
-    with single_threaded_blas() as blas:  # the OpenMP threads share the tiles, one GEMM each
-        native_module().bottleneck_forward(blas, native_buffer(xr), res, native_buffer(out), native_buffer(a),
-                                           native_buffer(mean), native_buffer(rstd), r, params, layer_norm, eps,
-                                           activation, residual_mode, dropout, seed)
+    native_module().bottleneck_forward(native_buffer(xr), res, native_buffer(out), native_buffer(a),
+                                       native_buffer(mean), native_buffer(rstd), r, params, layer_norm, eps,
+                                       activation, residual_mode, dropout, seed)
     return out.view(x.shape), a, mean, rstd
 
 
