@@ -132,6 +132,21 @@ void up_rows(const T* z, int64_t r, const T* wut, const T* scale, const T* b_up,
   }
 }
 
+// The two products over m rows: register blocks, then single rows for the remainder.
+template <class T>
+void down_tile(const T* x, int64_t ld, const T* x0, const T* wt, int64_t rp, int64_t d, int64_t m, T* p) {
+  int64_t i = 0;
+  for (; i + kDownRows <= m; i += kDownRows) down_rows<T, kDownRows>(x + i * ld, ld, x0 + i, wt, rp, d, p + i * rp);
+  for (; i < m; ++i) down_rows<T, 1>(x + i * ld, ld, x0 + i, wt, rp, d, p + i * rp);
+}
+
+template <class T>
+void up_tile(const T* z, int64_t r, const T* wut, const T* scale, const T* b_up, int64_t dp, int64_t m, T* v) {
+  int64_t i = 0;
+  for (; i + kUpRows <= m; i += kUpRows) up_rows<T, kUpRows>(z + i * r, r, wut, scale, b_up, dp, v + i * dp);
+  for (; i < m; ++i) up_rows<T, 1>(z + i * r, r, wut, scale, b_up, dp, v + i * dp);
+}
+
 template <class T>
 T activate(Activation act, T v) {
   switch (act) {
@@ -321,13 +336,9 @@ void forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
         mean[n0 + i] = mu;
         rstd[n0 + i] = T(1) / std::sqrt(ss / T(d) + T(w.eps));
       }
-      int64_t i = 0;
-      for (; i + kDownRows <= m; i += kDownRows) {
-        down_rows<T, kDownRows>(in + i * ld, ld, x0.data() + i, f.wt.data(), rp, d, proj.data() + i * rp);
-      }
-      for (; i < m; ++i) down_rows<T, 1>(in + i * ld, ld, x0.data() + i, f.wt.data(), rp, d, proj.data() + i * rp);
+      down_tile(in, ld, x0.data(), f.wt.data(), rp, d, m, proj.data());
       T* at = a + n0 * r;
-      for (i = 0; i < m; ++i) {
+      for (int64_t i = 0; i < m; ++i) {
         const T rs = rstd[n0 + i], ms = mean_s[size_t(i)];
         for (int64_t j = 0; j < r; ++j) {
           T v = proj[size_t(i * rp + j)];
@@ -339,16 +350,9 @@ void forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
       }
       // The up-projection kUpRows rows at a time (scale and b_up applied in registers), then
       // dropout and the residual over those rows while they are in L1.
-      for (i = 0; i < m; i += kUpRows) {
+      for (int64_t i = 0; i < m; i += kUpRows) {
         const int64_t mr = std::min<int64_t>(kUpRows, m - i);
-        if (mr == kUpRows) {
-          up_rows<T, kUpRows>(z.data() + i * r, r, f.wut.data(), f.scale.data(), f.b_up.data(), f.dp, v.data());
-        } else {
-          for (int64_t q = 0; q < mr; ++q) {
-            up_rows<T, 1>(z.data() + (i + q) * r, r, f.wut.data(), f.scale.data(), f.b_up.data(), f.dp,
-                          v.data() + q * f.dp);
-          }
-        }
+        up_tile(z.data() + i * r, r, f.wut.data(), f.scale.data(), f.b_up.data(), f.dp, mr, v.data());
         for (int64_t q = 0; q < mr; ++q) {
           const int64_t n = n0 + i + q;
           T* vr = v.data() + q * f.dp;
@@ -397,10 +401,16 @@ void backward_typed(const Gemm& gemm, const Bottleneck& w, const View2D& grad, c
   const T* a = static_cast<const T*>(a_in);
   const T* mean = static_cast<const T*>(mean_in);
   const T* rstd = static_cast<const T*>(rstd_in);
-  // dz = g' diag(s) W_up: the per-channel scale folded into W_up once.
-  std::vector<T> w_up_scaled(size_t(d * r));
+  // The two skinny products in forward's register blocks: dz = g' (diag(s) W_up), with the
+  // scale folded in, as its [d, rp] transpose; dh = da W_down, W_down padded to [r, dp].
+  constexpr int64_t L = kLanes<T>;
+  const int64_t rp = (r + 2 * L - 1) / (2 * L) * (2 * L), dp = (d + kUpVectors * L - 1) / (kUpVectors * L) * (kUpVectors * L);
+  std::vector<T> w_up_scaled(size_t(d * rp)), w_down(size_t(r * dp)), ones(size_t(dp), T(1)), zeros(size_t(std::max(dp, tm)));
   for (int64_t j = 0; j < d; ++j) {
-    for (int64_t k = 0; k < r; ++k) w_up_scaled[size_t(j * r + k)] = p.scale[j] * p.w_up[j * r + k];
+    for (int64_t k = 0; k < r; ++k) {
+      w_up_scaled[size_t(j * rp + k)] = p.scale[j] * p.w_up[j * r + k];
+      w_down[size_t(k * dp + j)] = p.w_down[k * d + j];
+    }
   }
   std::vector<Partials<T>> parts(size_t(chunks), Partials<T>(d, r));
 #ifdef TRANSFEROPS_OPENMP
@@ -408,8 +418,8 @@ void backward_typed(const Gemm& gemm, const Bottleneck& w, const View2D& grad, c
 #endif
   for (int64_t c = 0; c < chunks; ++c) {
     Partials<T>& part = parts[size_t(c)];
-    std::vector<T> buf(size_t(tm * d)), gbuf(size_t(tm * d)), dxin(size_t(tm * d)), z(size_t(tm * r)),
-        da(size_t(tm * r));
+    std::vector<T> buf(size_t(tm * d)), gbuf(size_t(tm * d)), dxin(size_t(tm * dp)), z(size_t(tm * r)),
+        da(size_t(tm * r)), proj(size_t(tm * rp));
     std::vector<T> xhat(w.layer_norm ? size_t(tm * d) : 0);
     const int64_t t_begin = tiles * c / chunks, t_end = tiles * (c + 1) / chunks;
     for (int64_t t = t_begin; t < t_end; ++t) {
@@ -442,17 +452,20 @@ void backward_typed(const Gemm& gemm, const Bottleneck& w, const View2D& grad, c
         const T* gr = gp + i * ldg;
         for (int64_t j = 0; j < d; ++j) part.g_sum[size_t(j)] += gr[j];
       }
-      gemm_rm<T>(gemm, false, false, m, r, d, T(1), gp, ldg, w_up_scaled.data(), r, T(0), da.data(), r);
-      for (int64_t i = 0; i < m * r; ++i) {
-        da[size_t(i)] *= activate_slope(w.act, at[i]);
-        part.da_sum[size_t(i % r)] += da[size_t(i)];
+      down_tile(gp, ldg, zeros.data(), w_up_scaled.data(), rp, d, m, proj.data());
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t k = 0; k < r; ++k) {
+          const T v = proj[size_t(i * rp + k)] * activate_slope(w.act, at[i * r + k]);
+          da[size_t(i * r + k)] = v;
+          part.da_sum[size_t(k)] += v;
+        }
       }
       gemm_rm<T>(gemm, true, false, r, d, m, T(1), da.data(), r, in, ld, T(1), part.w_down.data(), d);
-      gemm_rm<T>(gemm, false, false, m, d, r, T(1), da.data(), r, p.w_down, d, T(0), dxin.data(), d);
+      up_tile(da.data(), r, w_down.data(), ones.data(), zeros.data(), dp, m, dxin.data());
       for (int64_t i = 0; i < m; ++i) {
         const int64_t n = n0 + i;
         const S* graw = grad.row<S>(n);
-        T* gi = dxin.data() + i * d;
+        T* gi = dxin.data() + i * dp;
         if (w.residual == Residual::normalized) {
           for (int64_t j = 0; j < d; ++j) gi[j] += widen(graw[j]);
         }
