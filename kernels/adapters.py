@@ -16,10 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..adapters import DROPOUT_STREAM, keep_below as dropout_keep_below
 from .philox import philox_first
 
-# The same stream word as csrc/cpu/adapters.cpp and transferops.adapters.DROPOUT_STREAM.
-_STREAM = 0x41445054
 # Widest bottleneck the kernels hold in registers: [rows, r] tiles of pre-activations.
 MAX_RANK = 256
 
@@ -53,19 +52,19 @@ def _activate_slope(a, ACT: tl.constexpr):
 
 
 @triton.jit
-def _dropout(v, rows, cols, D, seed_lo, seed_hi, keep_below, inv_keep):
+def _dropout(v, rows, cols, D, seed_lo, seed_hi, stream, keep_below, inv_keep):
     # Entry (n, k) kept iff philox(n * D + k; seed, stream) < keep_below, as dropout_factor.
     flat = (rows[:, None].to(tl.int64) * D + cols[None, :]).to(tl.uint64)
     lo = (flat & 0xFFFFFFFF).to(tl.uint32)
     hi = (flat >> 32).to(tl.uint32)
     zero = tl.zeros(lo.shape, tl.uint32)
-    word = philox_first(lo, hi, zero, zero + _STREAM, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
+    word = philox_first(lo, hi, zero, zero + stream.to(tl.uint32), seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
     return tl.where(word.to(tl.int64) < keep_below, v * inv_keep, 0.0)
 
 
 @triton.jit
 def _fwd_kernel(x, sx, res, sres, out, sout, a_out, mean_out, rstd_out, wdp, wu, bu, lw, lb, scale, colsum, bias_a,
-                N, D, R, eps, seed_lo, seed_hi, keep_below, inv_keep,
+                N, D, R, eps, seed_lo, seed_hi, stream, keep_below, inv_keep,
                 LN: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, DROPOUT: tl.constexpr,
                 PREC: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -110,7 +109,7 @@ def _fwd_kernel(x, sx, res, sres, out, sout, a_out, mean_out, rstd_out, wdp, wu,
         u = tl.dot(z, w, input_precision=PREC) + tl.load(bu + k, mask=kmask, other=0.0)[None, :]
         u = u * tl.load(scale + k, mask=kmask, other=0.0)[None, :]
         if DROPOUT:
-            u = _dropout(u, rows, k, D, seed_lo, seed_hi, keep_below, inv_keep)
+            u = _dropout(u, rows, k, D, seed_lo, seed_hi, stream, keep_below, inv_keep)
         if MODE == 2:
             base = tl.load(res + rows64[:, None] * sres + k[None, :], mask=m2, other=0.0).to(tl.float32)
         else:
@@ -123,7 +122,7 @@ def _fwd_kernel(x, sx, res, sres, out, sout, a_out, mean_out, rstd_out, wdp, wu,
 
 @triton.jit
 def _bwd_rows_kernel(g, sg, x, sx, dx, sdx, a_in, ga_out, mean_in, rstd_in, wdp, wu, lw, scale, colsum, bias_a,
-                     N, D, R, seed_lo, seed_hi, keep_below, inv_keep,
+                     N, D, R, seed_lo, seed_hi, stream, keep_below, inv_keep,
                      LN: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, DROPOUT: tl.constexpr,
                      PREC: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
     # Per row block: ga = ((g * mask * s) W_up) * phi'(a), stored [N, r]; then dx.
@@ -149,7 +148,7 @@ def _bwd_rows_kernel(g, sg, x, sx, dx, sdx, a_in, ga_out, mean_in, rstd_in, wdp,
             t1 += tl.sum(gl, 1)
             t2 += tl.sum(gl * (xv - mean[:, None]) * rstd[:, None], 1)
         if DROPOUT:
-            gv = _dropout(gv, rows, k, D, seed_lo, seed_hi, keep_below, inv_keep)
+            gv = _dropout(gv, rows, k, D, seed_lo, seed_hi, stream, keep_below, inv_keep)
         gv = gv * tl.load(scale + k, mask=kmask, other=0.0)[None, :]
         w = tl.load(wu + k[:, None] * R + j[None, :], mask=kmask[:, None] & jmask[None, :], other=0.0)
         gz = tl.dot(gv, w, gz, input_precision=PREC)
@@ -180,7 +179,7 @@ def _bwd_rows_kernel(g, sg, x, sx, dx, sdx, a_in, ga_out, mean_in, rstd_in, wdp,
 
 @triton.jit
 def _bwd_cols_kernel(g, sg, x, sx, a_in, ga_in, mean_in, rstd_in, wd, lw, lb, p_uz, p_gu, p_wd, p_lw, p_lb,
-                     N, D, R, rows_per, seed_lo, seed_hi, keep_below, inv_keep,
+                     N, D, R, rows_per, seed_lo, seed_hi, stream, keep_below, inv_keep,
                      LN: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, DROPOUT: tl.constexpr,
                      PREC: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
     # Per column block and row segment: the weight gradients' partial sums over the segment,
@@ -209,7 +208,7 @@ def _bwd_cols_kernel(g, sg, x, sx, a_in, ga_in, mean_in, rstd_in, wd, lw, lb, p_
         gv = tl.load(g + rows64[:, None] * sg + k[None, :], mask=m2, other=0.0).to(tl.float32)
         gu = gv
         if DROPOUT:
-            gu = _dropout(gv, rows, k, D, seed_lo, seed_hi, keep_below, inv_keep)
+            gu = _dropout(gv, rows, k, D, seed_lo, seed_hi, stream, keep_below, inv_keep)
         z = tl.where(mr, _activate(tl.load(a_in + rows64[:, None] * R + j[None, :], mask=mr, other=0.0), ACT), 0.0)
         uz = tl.dot(tl.trans(gu), z, uz, input_precision=PREC)
         gsum += tl.sum(gu, 0)
@@ -271,8 +270,8 @@ class Folded:
 
 
 def _dropout_args(p: float, seed: int) -> tuple:
-    keep_below = min(int((1 - p) * 2**32), 2**32 - 1)
-    return seed & 0xFFFFFFFF, seed >> 32, keep_below, (1.0 / (1.0 - p)) if p > 0 else 1.0
+    """seed_lo, seed_hi, stream, keep_below, inv_keep: the kernels' dropout arguments."""
+    return seed & 0xFFFFFFFF, seed >> 32, DROPOUT_STREAM, dropout_keep_below(p), (1.0 / (1.0 - p)) if p > 0 else 1.0
 
 
 def bottleneck_forward(x, residual, out, a, mean, rstd, w: Folded, *, layer_norm: bool, eps: float, activation: int,

@@ -49,7 +49,7 @@ def _merge_kernel(base, offsets, strides, weights, out, out_stride, nonfinite, T
         if DARE:
             zero = tl.zeros([BLOCK], tl.uint32)
             word = philox_first(lo32, hi32, zero + t, zero + stream.to(tl.uint32),
-                                 seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
+                                seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
             v = tl.where(word.to(tl.int64) < keep_below, v / rescale, 0.0)
         wv = w * v
         if ELECT:

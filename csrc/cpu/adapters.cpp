@@ -146,6 +146,20 @@ void up_rows(const T* z, int64_t r, const T* wut, const T* scale, const T* b_up,
   }
 }
 
+// The padded widths the products take: r to whole pairs of vectors (down_rows' column blocks),
+// d to whole blocks of kUpVectors vectors (up_rows').
+template <class T>
+int64_t down_width(int64_t r) {
+  constexpr int64_t b = 2 * kLanes<T>;
+  return (r + b - 1) / b * b;
+}
+
+template <class T>
+int64_t up_width(int64_t d) {
+  constexpr int64_t b = kUpVectors * kLanes<T>;
+  return (d + b - 1) / b * b;
+}
+
 // The two products over m rows: register blocks, then single rows for the remainder.
 template <class T>
 void down_tile(const T* x, int64_t ld, const T* c, const T* wt, int64_t rp, int64_t d, int64_t m, T* p) {
@@ -268,8 +282,8 @@ struct Folded {
   std::vector<T> b_up, scale, ln_weight, ln_bias;  // [dp]
 
   Folded(const Bottleneck& w, const Weights<T>& p)
-      : rp((w.r + 2 * kLanes<T> - 1) / (2 * kLanes<T>) * (2 * kLanes<T>)),
-        dp((w.d + kUpVectors * kLanes<T> - 1) / (kUpVectors * kLanes<T>) * (kUpVectors * kLanes<T>)),
+      : rp(down_width<T>(w.r)),
+        dp(up_width<T>(w.d)),
         wt(size_t(w.d * rp)), wut(size_t(w.r * dp)), bias(size_t(w.r)), b_up(size_t(dp)),
         scale(size_t(dp)), ln_weight(size_t(dp), T(1)), ln_bias(size_t(dp)) {
     const int64_t d = w.d, r = w.r;
@@ -409,8 +423,7 @@ void backward_typed(const Gemm& gemm, const Bottleneck& w, const View2D& grad, c
   const T* rstd = static_cast<const T*>(rstd_in);
   // The two skinny products in forward's register blocks: dz = g' (diag(s) W_up), with the
   // scale folded in, as its [d, rp] transpose; dh = da W_down, W_down padded to [r, dp].
-  constexpr int64_t L = kLanes<T>;
-  const int64_t rp = (r + 2 * L - 1) / (2 * L) * (2 * L), dp = (d + kUpVectors * L - 1) / (kUpVectors * L) * (kUpVectors * L);
+  const int64_t rp = down_width<T>(r), dp = up_width<T>(d);
   std::vector<T> w_up_scaled(size_t(d * rp)), w_down(size_t(r * dp)), ones(size_t(dp), T(1)), zeros(size_t(std::max(dp, tm)));
   for (int64_t j = 0; j < d; ++j) {
     for (int64_t k = 0; k < r; ++k) {

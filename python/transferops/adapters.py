@@ -44,12 +44,16 @@ def _grad_shapes(r: int, d: int) -> tuple:
     return (r, d), (r,), (d, r), (d,), (d,), (d,), (d,)
 
 
+def keep_below(p: float) -> int:
+    """Dropout keeps an entry whose Philox draw is below this: (1 - p) 2^32, at most 2^32 - 1."""
+    return min(int((1 - p) * 2**32), 2**32 - 1)
+
+
 def dropout_factor(rows: int, cols: int, p: float, seed: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
     """The [rows, cols] dropout factors of adapter dropout: entry (n, j) is 1 / (1 - p) if
     philox(n * cols + j; seed, DROPOUT_STREAM) < (1 - p) 2^32, else 0. Every backend draws the
     same mask from the same seed, and backward recomputes it."""
-    keep = _philox.draws(rows * cols, seed=seed, stream=DROPOUT_STREAM, device=device) < min(int((1 - p) * 2**32),
-                                                                                            2**32 - 1)
+    keep = _philox.draws(rows * cols, seed=seed, stream=DROPOUT_STREAM, device=device) < keep_below(p)
     return keep.view(rows, cols).to(dtype) / (1 - p)
 
 
