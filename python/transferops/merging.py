@@ -505,7 +505,8 @@ def ties(task_vectors, *, density: float, weights=None, sign: str = "sum", seman
     - ``"mergekit"`` (mergekit 0.1.5 ``ties``, normalize=True): the vote uses
       :math:`w_t \tau_t` (a negative weight flips a task's votes); the mean divides by the sum
       of the agreeing weights (1 where that is 0); the trim keeps at least one entry when
-      ``density > 0``.
+      ``density > 0``. With weights of mixed sign that sum can nearly cancel; the mean is then
+      ill-conditioned and a float32 input loses digits in proportion (as in mergekit).
     - ``"paper"`` (the TIES authors' code, ``topk_values_mask`` + ``resolve_sign`` +
       ``disjoint_merge``): the trim keeps every :math:`|\tau| \ge` the
       ``(int(density * numel) + 1)``-th largest magnitude, ties included (so at least one
