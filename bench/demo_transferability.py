@@ -28,6 +28,8 @@ SCORES = {
     "hscore_shrinkage": lambda f, y: to.hscore(f, y, shrinkage=True),
     "gbc": lambda f, y: to.gbc(f, y),
     "transrate": lambda f, y: to.transrate(f, y),
+    "sfda": lambda f, y: to.sfda(f, y),
+    "tmi": lambda f, y: to.tmi(f, y),
 }
 
 

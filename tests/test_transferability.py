@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from transferops.transferability import gbc, hscore, leep, logme, nce, transrate
+from transferops.transferability import gbc, hscore, leep, logme, nce, sfda, tmi, transrate
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 CASES = ["logme_n600_d128_k10", "logme_n200_d512_k7"]
@@ -169,6 +169,12 @@ def test_logme_degenerate_but_valid_inputs_give_finite_scores():
     (lambda: gbc(torch.randn(4, 3), [0, 0, 0, 0]), ValueError, "labels: expected at least two classes"),
     (lambda: transrate(torch.randn(4, 3), [0, 1, 0, 1], eps=0), ValueError, "eps: expected a positive number"),
     (lambda: transrate(torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), [0, 1]), ValueError, "features: expected finite"),
+    (lambda: tmi(torch.randn(8, 3), [0, 1] * 4, k=0), ValueError, "k: expected a positive integer"),
+    (lambda: tmi(torch.randn(8, 3), [0, 1] * 4, min_dist=0.0), ValueError, "min_dist: expected a positive number"),
+    (lambda: tmi(torch.randn(6, 3), [0, 1] * 3), ValueError, "labels: tmi needs a class with more than k = 3"),
+    (lambda: sfda(torch.randn(8, 3), [0, 1] * 4, shrinkage=0.0), ValueError, "shrinkage: expected None"),
+    (lambda: sfda(torch.tensor([[1.0, 2.0]] * 3 + [[0.0, 5.0]] * 3), [0] * 3 + [1] * 3), ValueError,
+     "features: sfda needs features that vary within the classes"),
 ])
 def test_bad_input_is_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
@@ -256,8 +262,9 @@ def test_cli_ranks_models_by_quality(tmp_path, capsys):
     assert main(["rank", "--labels", str(tmp_path / "y.npy"), *reversed(paths), "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [r["model"] for r in rows] == ["m0.npy", "m1.pt", "m2.npz"]
-    for score in ("logme", "hscore", "hscore_shrinkage", "gbc", "transrate"):
+    for score in ("logme", "hscore", "hscore_shrinkage", "gbc", "transrate", "sfda"):
         assert rows[0][score] > rows[1][score] > rows[2][score], score
+    assert rows[0]["tmi"] < rows[1]["tmi"] < rows[2]["tmi"]  # it rewards within-class spread, noise included
     assert "m0.npy" in capsys.readouterr().out
     np.save(tmp_path / "short.npy", y.numpy()[:10])
     assert main(["rank", "--labels", str(tmp_path / "short.npy"), paths[0]]) == 2
@@ -369,15 +376,101 @@ def test_transrate_matches_its_definition(N, D):
     assert many.shape == (2,) and float(many[0]) == float(transrate(F, y))
 
 
+def _tmi_by_definition(Z: np.ndarray, y: np.ndarray, k: int, min_dist: float) -> float:
+    """The Kozachenko-Leonenko estimate per class from scipy's KD-tree (max norm), averaged as
+    the authors' code does: classes 0..max(y); fewer than 2 samples give 0, 2..k give no value."""
+    from scipy.spatial import cKDTree
+    from scipy.special import digamma
+
+    terms = []
+    for c in range(int(y.max()) + 1):
+        X = Z[y == c]
+        n, d = X.shape
+        if n < 2:
+            terms.append(0.0)
+        elif n > k:
+            eps = np.maximum(cKDTree(X).query(X, k + 1, p=np.inf)[0][:, -1], min_dist)
+            terms.append(n / len(y) * (digamma(n) - digamma(k) + d / n * np.log(2 * eps).sum()))
+    return float(np.mean(terms))
+
+
+@pytest.mark.parametrize("k,min_dist", [(3, 1.0), (1, 1e-3), (5, 0.5)])
+def test_tmi_matches_its_definition(k, min_dist, monkeypatch):
+    """Classes absent, of one sample, of 2..k samples, with duplicated rows (distance 0, clamped),
+    distances held a few rows at a time; several models at once."""
+    monkeypatch.setattr("transferops.transferability._DISTANCE_BLOCK", 500)
+    g = torch.Generator().manual_seed(k)
+    y = torch.cat([torch.full((n,), c) for c, n in [(1, 1), (2, k if k > 1 else 2), (3, 40), (4, 57), (5, 130)]])
+    y = y[torch.randperm(y.numel(), generator=g)]
+    F = 2 * torch.randn(6, 7, generator=g, dtype=torch.float64)[y] + torch.randn(y.numel(), 7, generator=g,
+                                                                                 dtype=torch.float64)
+    F[y == 4] = F[y == 4][torch.arange(57) % 20]  # repeated rows
+    for f in (F, F[:, :3] * 0.3):
+        want = _tmi_by_definition(f.numpy(), y.numpy(), k, min_dist)
+        assert abs(float(tmi(f, y, k=k, min_dist=min_dist)) - want) <= 1e-12 * abs(want)
+    many = tmi([F, F[:, :3].float()], y, k=k, min_dist=min_dist)
+    assert many.shape == (2,) and float(many[0]) == float(tmi(F, y, k=k, min_dist=min_dist))
+
+
+def _sfda_by_definition(X: np.ndarray, y: np.ndarray) -> float:
+    """SFDA as its authors compute it: generalized eigenvectors of (S_b, shrunk S_w) with S_b =
+    shrunk S_t - shrunk S_w, classifier means V V^T, ConfMix, a second fit (labels 0..C-1)."""
+    from scipy.linalg import eigh
+
+    def shrink(S, s):
+        return (1 - s) * S + s * np.trace(S) / len(S) * np.eye(len(S))
+
+    def fit(X, s):
+        C = int(y.max()) + 1
+        means = np.stack([X[y == c].mean(0) for c in range(C)])
+        priors = np.bincount(y) / len(y)
+        Sw = sum(priors[c] * np.cov(X[y == c].T, bias=True) for c in range(C))
+        if s is None:
+            v = Sw.sum(1)
+            for _ in range(3):
+                u = Sw @ v / np.linalg.norm(Sw @ v)
+                v = Sw @ u / np.linalg.norm(Sw @ u)
+            s = max(np.exp(-5 * v @ Sw @ u), 1e-10)
+        _, V = eigh(shrink(np.cov(X.T, bias=True), s) - shrink(Sw, s), shrink(Sw, s))
+        coef = means @ V @ V.T
+        logits = X @ coef.T - 0.5 * np.sum(means * coef, 1) + np.log(priors)
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        return p / p.sum(1, keepdims=True), s, means
+
+    rows = np.arange(len(y))
+    p, s, means = fit(X, None)
+    q = (np.exp(p) / np.exp(p).sum(1, keepdims=True))[rows, y][:, None]
+    others = (means.sum(0) - means) / (len(means) - 1)
+    p, _, _ = fit(q * X + (1 - q) * others[y], s)
+    return float(p[rows, y].mean())
+
+
+@pytest.mark.parametrize("N,D,scale", [(300, 20, 1.0), (120, 40, 0.1), (500, 8, 3.0)])
+def test_sfda_matches_its_definition(N, D, scale):
+    """Against the authors' eigenvector formulation; scale moves the adaptive shrinkage from
+    ~1e-10 (large within-class variance) to ~0.9 (small)."""
+    g = torch.Generator().manual_seed(N + D)
+    y = torch.randint(0, 5, (N,), generator=g)
+    F = scale * (torch.randn(5, D, generator=g, dtype=torch.float64)[y] + torch.randn(N, D, generator=g,
+                                                                                    dtype=torch.float64))
+    want = _sfda_by_definition(F.numpy(), y.numpy())
+    got = sfda(F, y)
+    assert abs(float(got) - want) <= 1e-9 * want and 0 < float(got) < 1
+    relabeled = torch.tensor([7, 2, 9, 0, 4])[y]  # classes are the ids that occur, in any order
+    assert abs(float(sfda(F, relabeled)) - want) <= 1e-9 * want
+    many = sfda([F, F[:, :3].float()], y)
+    assert many.shape == (2,) and float(many[0]) == float(got)
+
+
 def test_demo_ranks_extractors_like_their_linear_probes():
     """The digits demo: eight extractors; LogME and the H-scores order them nearly as their
-    held-out linear-probe accuracy does (Kendall tau measured 0.79), GBC too (0.86)."""
+    held-out linear-probe accuracy does (Kendall tau measured 0.79), GBC and SFDA too (0.86)."""
     pytest.importorskip("sklearn")
     from transferops.bench.demo_transferability import run
 
     result = run()
     assert len(result["rows"]) == 8
-    for score in ("logme", "hscore", "hscore_shrinkage", "gbc"):
+    for score in ("logme", "hscore", "hscore_shrinkage", "gbc", "sfda"):
         assert result["kendall_tau"][score] >= 0.6, (score, result["kendall_tau"])
 
 

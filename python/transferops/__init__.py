@@ -19,7 +19,7 @@ from ._backend import BACKENDS, BackendUnavailable, available_backends, use_back
 from ._info import info
 from .adapters import bottleneck_adapter, lora_linear
 from .ot import SinkhornResult, dataset_distance, sinkhorn, sinkhorn_cost_matrix, sinkhorn_divergence, sinkhorn_loss
-from .transferability import LogMEStream, gbc, hscore, leep, logme, nce, otce, transrate
+from .transferability import LogMEStream, gbc, hscore, leep, logme, nce, otce, sfda, tmi, transrate
 
 try:
     __version__ = _version("transferops")
@@ -29,5 +29,5 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = ["BACKENDS", "BackendUnavailable", "LogMEStream", "SinkhornResult", "adapters", "available_backends",
            "bottleneck_adapter", "dataset_distance", "gbc", "hscore", "info", "leep", "logme", "lora_linear", "merging",
            "nce", "nn", "ot", "otce",
-           "sinkhorn", "sinkhorn_cost_matrix", "sinkhorn_divergence", "sinkhorn_loss", "transferability",
-           "transrate", "use_backend"]
+           "sfda", "sinkhorn", "sinkhorn_cost_matrix", "sinkhorn_divergence", "sinkhorn_loss", "tmi",
+           "transferability", "transrate", "use_backend"]

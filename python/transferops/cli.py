@@ -155,7 +155,7 @@ def _load_array(path: str, what: str):
     return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
 
 
-RANK_SCORES = ("logme", "hscore", "hscore_shrinkage", "gbc", "transrate")
+RANK_SCORES = ("logme", "hscore", "hscore_shrinkage", "gbc", "transrate", "sfda", "tmi")
 
 
 def _rank(args) -> int:
@@ -168,7 +168,8 @@ def _rank(args) -> int:
     labels = _load_array(args.labels, "labels")
     scorers = {"logme": lambda f: tr.logme(f, labels, regression=args.regression, compat=args.compat),
                "hscore": lambda f: tr.hscore(f, labels), "hscore_shrinkage": lambda f: tr.hscore(f, labels, shrinkage=True),
-               "gbc": lambda f: tr.gbc(f, labels), "transrate": lambda f: tr.transrate(f, labels)}
+               "gbc": lambda f: tr.gbc(f, labels), "transrate": lambda f: tr.transrate(f, labels),
+               "sfda": lambda f: tr.sfda(f, labels), "tmi": lambda f: tr.tmi(f, labels)}
     wanted = args.scores or (["logme"] if args.regression else list(RANK_SCORES))
     if args.regression and set(wanted) - {"logme"}:
         raise SystemExit("transferops rank: with --regression only logme applies")

@@ -633,6 +633,128 @@ def transrate(features, labels, *, eps: float = 1e-4):
     return scores if many else scores[0]
 
 
+_DISTANCE_BLOCK = 1 << 24  # entries of the n x n distance matrix held at once
+
+
+def _kth_neighbour_distance(Z: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's max-norm distance to its k-th nearest other row, a block of rows at a time."""
+    n = Z.shape[0]
+    rows = max(1, _DISTANCE_BLOCK // n)
+    out = torch.empty(n, dtype=Z.dtype, device=Z.device)
+    for i in range(0, n, rows):
+        # A row's distance to itself (0) is its smallest: the (k+1)-th smallest is the k-th neighbour.
+        out[i:i + rows] = torch.cdist(Z[i:i + rows], Z, p=math.inf).topk(k + 1, dim=1, largest=False).values[:, k]
+    return out
+
+
+def tmi(features, labels, *, k: int = 3, min_dist: float = 1.0):
+    """TMI (Xu & Kang, ICCV 2023, §3): the intra-class feature entropy H(Z | Y), higher for models
+    whose features keep more within-class variation. Each class's entropy is the
+    Kozachenko-Leonenko k-nearest-neighbour estimate in Kraskov et al.'s max-norm form (Phys.
+    Rev. E 2004), H_c = -psi(k) + psi(n_c) + d/n_c sum_i log(2 max(eps_i, min_dist)), eps_i the
+    max-norm distance of sample i to its k-th nearest neighbour in its class. As the authors' code
+    (k = 3, min_dist = 1.0) the score is the mean of p_c H_c over the classes 0..max(labels):
+    H(Z | Y) / C when every class has more than k samples; a class with 0 or 1 samples adds 0
+    and counts, one with 2..k samples (no k-th neighbour) is left out.
+
+    The clamp at ``min_dist`` matters: features whose neighbours all lie closer than it (unit
+    normalized embeddings, say) score the same whatever their quality; scale them, or lower it.
+    ``features`` as :func:`logme`; ``labels`` class ids [N]. Costs O(sum_c n_c^2 D) per model.
+    Returns float64 scores, 0-d or [M]."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k: expected a positive integer number of neighbours, got {k!r}")
+    if not (isinstance(min_dist, (int, float)) and math.isfinite(min_dist) and min_dist > 0):
+        raise ValueError(f"min_dist: expected a positive number, got {min_dist!r}")
+    feats, many = _feature_list(features)
+    y = _class_labels(labels, feats[0].shape[0])
+    counts = torch.bincount(y).tolist()
+    if max(counts) <= k:
+        raise ValueError(f"labels: tmi needs a class with more than k = {k} samples, the largest has {max(counts)}")
+    N = y.numel()
+    scores = []
+    for f in feats:
+        Z = f.to(torch.float64)
+        yd = y.to(Z.device)
+        total, classes = torch.zeros((), dtype=torch.float64, device=Z.device), 0
+        for c, n in enumerate(counts):
+            if 2 <= n <= k:
+                continue
+            classes += 1
+            if n > k:
+                eps = _kth_neighbour_distance(Z[yd == c], k).clamp(min=min_dist)
+                psi_k, psi_n = torch.special.digamma(torch.tensor([k, n], dtype=torch.float64, device=Z.device))
+                total = total + n / N * (psi_n - psi_k + Z.shape[1] / n * torch.log(2 * eps).sum())
+        scores.append(total / classes)
+    scores = torch.stack(scores)
+    return scores if many else scores[0]
+
+
+def _top_eigenvalue_estimate(A: torch.Tensor, iterations: int = 3) -> float:
+    """SFDA's estimate of the largest eigenvalue of a symmetric A: ``iterations`` double steps of
+    the power method from A's row sums, then the Rayleigh-like quotient x^T A y of the last two
+    iterates (as the authors' code, so the adaptive shrinkage is theirs)."""
+    x = A.sum(1)
+    for _ in range(iterations):
+        y = A @ x
+        y = y / torch.linalg.vector_norm(y)
+        x = A @ y
+        x = x / torch.linalg.vector_norm(x)
+    return float(x @ A @ y)
+
+
+def _regularized_fda(X: torch.Tensor, y: torch.Tensor, shrinkage: float | None):
+    """SFDA's regularized Fisher discriminant, fit on and applied to X: (class posteriors [N, C'],
+    the shrinkage used, each sample's class index, the class means [C', D]) over the C' classes
+    that occur. The within-class scatter S_w = sum_c p_c cov_c (1/n_c normalization) is shrunk
+    to (1 - s) S_w + s tr(S_w)/D I, s = max(exp(-5 lambda_max(S_w)), 1e-10) unless given. The
+    authors project on all D generalized eigenvectors V of (S_b, shrunk S_w) and classify with
+    means V V^T; V V^T is the inverse of the shrunk S_w, applied here by Cholesky instead."""
+    N, D = X.shape
+    inverse, counts, means = _present_classes(X, y)
+    R = X - means[inverse]
+    Sw = R.T @ R / N
+    if shrinkage is None:
+        shrinkage = max(math.exp(-5 * _top_eigenvalue_estimate(Sw)), 1e-10)
+    shrunk = (1 - shrinkage) * Sw
+    shrunk.diagonal().add_(shrinkage * float(torch.trace(Sw)) / D)
+    L, info = torch.linalg.cholesky_ex(shrunk)
+    if int(info) != 0:
+        raise ValueError("features: sfda needs features that vary within the classes; the within-class scatter "
+                         "is singular")
+    coef = torch.cholesky_solve(means.T, L).T  # [C', D]
+    intercept = -0.5 * (means * coef).sum(1) + torch.log(counts.to(X.dtype) / N)
+    return torch.softmax(X @ coef.T + intercept, dim=1), shrinkage, inverse, means
+
+
+def sfda(features, labels, *, shrinkage: float | None = None):
+    """SFDA (Shao et al., ECCV 2022, §3.2-3.3): the mean posterior of the true class under a
+    regularized Fisher discriminant, fit a second time after ConfMix has pulled every sample
+    towards the mean of the other classes' means by the first fit's doubt,
+    x_i <- q_i x_i + (1 - q_i) mean_{c != y_i} mu_c, with q = softmax over classes of the first
+    fit's posteriors (the authors' softening); the second fit reuses the first's shrinkage.
+    Classes are those that occur in ``labels``. ``shrinkage``: None for the paper's adaptive
+    strength (see _regularized_fda), or a number in (0, 1].
+
+    ``features`` as :func:`logme`; ``labels`` class ids [N]. Costs O(N D^2 + D^3) per model.
+    Returns float64 scores in (0, 1), 0-d or [M]."""
+    if shrinkage is not None and not (isinstance(shrinkage, (int, float)) and 0 < shrinkage <= 1):
+        raise ValueError(f"shrinkage: expected None (adaptive) or a number in (0, 1], got {shrinkage!r}")
+    feats, many = _feature_list(features)
+    y = _class_labels(labels, feats[0].shape[0])
+    scores = []
+    for f in feats:
+        X = f.to(torch.float64)
+        yd = y.to(X.device)
+        rows = torch.arange(X.shape[0], device=X.device)
+        probs, s, inverse, means = _regularized_fda(X, yd, shrinkage)
+        q = torch.softmax(probs, dim=1)[rows, inverse][:, None]
+        others = (means.sum(0) - means) / (means.shape[0] - 1)
+        probs, *_ = _regularized_fda(q * X + (1 - q) * others[inverse], yd, s)
+        scores.append(probs[rows, inverse].mean())
+    scores = torch.stack(scores)
+    return scores if many else scores[0]
+
+
 def otce(source_features, source_labels, target_features, target_labels, *, eps: float, tol: float = 1e-6,
          return_parts: bool = False):
     """OT-based NCE (Tan et al., CVPR 2021, eqs. 4-6; the score their code recommends): couple
