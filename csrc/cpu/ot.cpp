@@ -26,13 +26,13 @@ constexpr double kAbsorb = 50.0;
 
 // exp(x) in plain arithmetic the compiler vectorizes: x = k ln2 + r with |r| <= ln2 / 2, a Taylor
 // polynomial of e^r, times 2^k assembled in the exponent bits from a magic-number rounding, so no
-// float-to-int conversion (SSE2/AVX2 have none for 64-bit integers). Inputs below `lowest` are
-// clamped there; inputs must stay below the largest finite exponent.
+// float-to-int conversion (SSE2/AVX2 have none for 64-bit integers). Inputs below `lowest` give
+// 0 (e^lowest is at the bottom of the normal range); inputs must stay below `highest`.
 template <class T> struct ExpConstants;
 template <> struct ExpConstants<double> {  // degree 12: relative error below 2e-16
   using Bits = uint64_t;
   static constexpr double magic = 6755399441055744.0;  // 1.5 * 2^52: t - magic rounds to an integer
-  static constexpr double lowest = -708.0, log2e = 1.4426950408889634, ln2_hi = 6.93147180369123816490e-01,
+  static constexpr double lowest = -708.0, highest = 709.0, log2e = 1.4426950408889634, ln2_hi = 6.93147180369123816490e-01,
                           ln2_lo = 1.90821492927058770002e-10;
   static constexpr int degree = 12, mantissa = 52;
   static constexpr Bits bias = 1023;
@@ -40,7 +40,7 @@ template <> struct ExpConstants<double> {  // degree 12: relative error below 2e
 template <> struct ExpConstants<float> {  // degree 6: relative error below 2e-7, twice the lanes
   using Bits = uint32_t;
   static constexpr float magic = 12582912.0f;  // 1.5 * 2^23
-  static constexpr float lowest = -87.0f, log2e = 1.44269504f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+  static constexpr float lowest = -87.0f, highest = 88.0f, log2e = 1.44269504f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
   static constexpr int degree = 6, mantissa = 23;
   static constexpr Bits bias = 127;
 };
@@ -63,7 +63,7 @@ void exp_array(const T* x, T* out, int64_t n) {
     bits = (bits + E::bias) << E::mantissa;  // the low bits of t hold k; 2^k's exponent field is k + bias
     T scale;
     std::memcpy(&scale, &bits, sizeof scale);
-    out[i] = q * scale;
+    out[i] = x[i] < E::lowest ? T(0) : q * scale;
   }
 }
 
@@ -115,23 +115,19 @@ struct Problem {
 
 inline double neg_inf() { return -std::numeric_limits<double>::infinity(); }
 
+// K in its own precision: a float kernel takes the float exponential (8 lanes, degree 6), whose
+// 2e-7 relative error is of the order of K's own rounding.
 template <class T>
 void build_kernel(Problem<T>& p, double eps, bool parallel) {
+  using E = ExpConstants<T>;
 #ifdef TRANSFEROPS_OPENMP
-#pragma omp parallel if (parallel)
+#pragma omp parallel for schedule(static) if (parallel)
 #endif
-  {
-    std::vector<double> z(p.M);
-#ifdef TRANSFEROPS_OPENMP
-#pragma omp for schedule(static)
-#endif
-    for (int64_t i = 0; i < p.N; ++i) {
-      const T* c = p.C + i * p.ldc;
-      T* k = p.K.data() + i * p.M;
-      for (int64_t j = 0; j < p.M; ++j) z[j] = std::min((p.f[i] + p.g[j] - double(c[j])) / eps, 708.0);
-      exp_array(z.data(), z.data(), p.M);
-      for (int64_t j = 0; j < p.M; ++j) k[j] = z[j] > 0x1p-1020 ? T(z[j]) : T(0);  // exp_array floors at e^-708
-    }
+  for (int64_t i = 0; i < p.N; ++i) {
+    const T* c = p.C + i * p.ldc;
+    T* k = p.K.data() + i * p.M;
+    for (int64_t j = 0; j < p.M; ++j) k[j] = T(std::min((p.f[i] + p.g[j] - double(c[j])) / eps, double(E::highest)));
+    exp_array(k, k, p.M);
   }
   std::fill(p.u.begin(), p.u.end(), 1.0);
   std::fill(p.v.begin(), p.v.end(), 1.0);
@@ -325,7 +321,7 @@ bool update(Problem<T>& p, const SinkhornSettings& s, bool rows, double omega, s
     full[i] = (1.0 - omega) * full[i] + omega * z[i];
     const double log_scale = (full[i] - absorbed[i]) / s.eps;
     out_of_range |= !(std::fabs(log_scale) <= kAbsorb);
-    z[i] = std::min(log_scale, 708.0);  // past kAbsorb the scaling is folded in before it is used
+    z[i] = std::min(log_scale, ExpConstants<double>::highest);  // past kAbsorb it is folded in before use
   }
   exp_array(z, scale.data(), n);
   return out_of_range != 0;
