@@ -11,6 +11,7 @@
 #include "common/parallel.h"
 #include "common/philox.h"
 #include "cpu/isa.h"
+#include "cpu/vec.h"
 
 namespace transferops::cpu {
 namespace TRANSFEROPS_ISA {
@@ -41,40 +42,9 @@ T lane_sum(int64_t n, F&& f) {
   return ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
 }
 
-// GCC vector extensions, an AVX2 register wide in the AVX2 build and an SSE register in the
-// baseline: each lane runs the same operations in the same order in both builds, so the
-// results agree bit for bit (the scalar-times-vector products broadcast the scalar).
-#ifdef __AVX2__
-constexpr int kVecBytes = 32;
-#else
-constexpr int kVecBytes = 16;
-#endif
-template <class T>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(kVecBytes)));
-};
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(kVecBytes)));
-};
-template <class T>
-using Vec = typename VecOf<T>::type;
+// Vectors from cpu/vec.h: the scalar-times-vector products broadcast the scalar.
 template <class T>
 constexpr int64_t kLanes = kVecBytes / int64_t(sizeof(T));
-
-template <class T>
-Vec<T> load_vec(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-template <class T>
-void store_vec(T* p, const Vec<T>& v) {
-  std::memcpy(p, &v, sizeof v);
-}
 
 // Register blocks of the two skinny products, measured on the 2-core EPYC (AVX2, float32,
 // N=2048, d=4096, r=16, one thread): 4 rows x 2 vectors 55 GFLOP/s for the down-projection

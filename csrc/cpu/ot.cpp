@@ -11,6 +11,7 @@
 
 #include "common/parallel.h"
 #include "cpu/isa.h"
+#include "cpu/vec.h"
 
 // Compiled twice on x86-64 (see cpu/isa.h). Sums run in fixed lanes and -ffp-contract=off
 // holds, so both builds give the same bits.
@@ -164,33 +165,9 @@ double col_transform(const Problem<T>& p, int64_t j, double eps) {
 constexpr int kLanes = 8;
 constexpr int64_t kFlush = 512;
 
-// GCC vectors as wide as the build's registers (AVX2: 32 bytes, baseline: 16); kLanes lanes are
-// kLanes / width of them. Each lane adds the same terms in the same order in both builds.
-// (One 64-byte vector of doubles, wider than any register, went through memory: 4x slower.)
-#ifdef __AVX2__
-constexpr int kVecBytes = 32;
-#else
-constexpr int kVecBytes = 16;
-#endif
-template <class T>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(kVecBytes)));
-};
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(kVecBytes)));
-};
-template <class T>
-using Vec = typename VecOf<T>::type;
-
-template <class T>
-Vec<T> load_vec(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
+// Accumulators are vectors of cpu/vec.h, kLanes / their width of them per row; each lane adds the
+// same terms in the same order in both builds. (One 64-byte vector of doubles, wider than any
+// register, went through memory: 4x slower.)
 
 // out[r] = sum_j K_rj w_j for R rows (leading dimension ld) sharing the loads of w. Vector types
 // keep the accumulators in registers (as plain arrays GCC spilled them and assembled w from
@@ -286,11 +263,6 @@ void kernel_apply(Problem<T>& p, const std::vector<double>& w, std::vector<doubl
     s[j] = acc;
   }
 }
-
-struct Half {
-  const double* weights_other;  // b for rows, a for columns
-  bool rows;
-};
 
 // One half-iteration: F (rows) or G (columns) from the other side's scalings. Returns whether
 // some scaling left the absorption range. The logs and exponentials go through the array
