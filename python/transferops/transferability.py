@@ -521,6 +521,15 @@ def _ledoit_wolf(Xc: torch.Tensor) -> tuple[torch.Tensor, float]:
     return cov, shrink
 
 
+def _per_model(features, labels, score) -> torch.Tensor:
+    """``score(F, y)`` for every model's features F (float64 [N, D]) with the class ids y on F's
+    device, after checking both: float64 scores, 0-d for one [N, D] model, [M] for several."""
+    feats, many = _feature_list(features)
+    y = _class_labels(labels, feats[0].shape[0])
+    scores = torch.stack([score(F, y.to(F.device)) for F in (f.to(torch.float64) for f in feats)])
+    return scores if many else scores[0]
+
+
 def hscore(features, labels, *, shrinkage: bool = False):
     """H-score (Bao et al., ICIP 2019, def. 2): tr(cov(f)^+ cov(E[f | y])), with np.cov's N - 1
     normalization and a pseudo-inverse (relative cutoff 1e-15, as the LogME repository's
@@ -529,16 +538,12 @@ def hscore(features, labels, *, shrinkage: bool = False):
     scikit-learn), and cov(E[f | y]) scaled by (1 - a).
 
     ``features`` as :func:`logme`; ``labels`` class ids [N]. Returns float64 scores, 0-d or [M]."""
-    feats, many = _feature_list(features)
-    y = _class_labels(labels, feats[0].shape[0])
-    scores = []
-    for f in feats:
-        F = f.to(torch.float64)
+    def one(F, y):
         N = F.shape[0]
-        onehot = torch.nn.functional.one_hot(y.to(F.device), int(y.max()) + 1).double()
+        onehot = torch.nn.functional.one_hot(y, int(y.max()) + 1).double()
         counts = onehot.sum(0)
         means = (onehot.T @ F) / counts.clamp(min=1)[:, None]  # class means (absent classes unused)
-        G = means[y.to(F.device)]  # E[f | y] per sample
+        G = means[y]  # E[f | y] per sample
         Gc = G - G.mean(0)
         cov_g = Gc.T @ Gc / (N - 1)
         Fc = F - F.mean(0)
@@ -547,9 +552,8 @@ def hscore(features, labels, *, shrinkage: bool = False):
             cov_g = (1 - a) * cov_g
         else:
             cov_f = Fc.T @ Fc / (N - 1)
-        scores.append(torch.trace(torch.linalg.pinv(cov_f, rtol=1e-15, hermitian=True) @ cov_g))
-    scores = torch.stack(scores)
-    return scores if many else scores[0]
+        return torch.trace(torch.linalg.pinv(cov_f, rtol=1e-15, hermitian=True) @ cov_g)
+    return _per_model(features, labels, one)
 
 
 def _present_classes(F: torch.Tensor, y: torch.Tensor):
@@ -577,12 +581,8 @@ def gbc(features, labels, *, gaussian_type: str = "diagonal"):
     is better), 0-d or [M]."""
     if gaussian_type not in GBC_TYPES:
         raise ValueError(f"gaussian_type: expected one of {list(GBC_TYPES)}, got {gaussian_type!r}")
-    feats, many = _feature_list(features)
-    y = _class_labels(labels, feats[0].shape[0])
-    scores = []
-    for f in feats:
-        F = f.to(torch.float64)
-        inverse, counts, means = _present_classes(F, y.to(F.device))
+    def one(F, y):
+        inverse, counts, means = _present_classes(F, y)
         var = torch.zeros_like(means).index_add_(0, inverse, (F - means[inverse]) ** 2) / counts[:, None]
         var = var.clamp(min=_GBC_MIN_VARIANCE)
         if gaussian_type == "spherical":
@@ -595,9 +595,8 @@ def gbc(features, labels, *, gaussian_type: str = "diagonal"):
                         + 0.5 * (torch.log(avg).sum(1) - 0.5 * log_det[c] - 0.5 * log_det))
             coefficient = torch.exp(-distance)
             total = total + coefficient.sum() - coefficient[c]
-        scores.append(-total)
-    scores = torch.stack(scores)
-    return scores if many else scores[0]
+        return -total
+    return _per_model(features, labels, one)
 
 
 def _coding_rate(Z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -619,18 +618,12 @@ def transrate(features, labels, *, eps: float = 1e-4):
     ``features`` as :func:`logme`; ``labels`` class ids [N]. Returns float64 scores, 0-d or [M]."""
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps: expected a positive number, got {eps!r}")
-    feats, many = _feature_list(features)
-    y = _class_labels(labels, feats[0].shape[0])
-    C = int(y.max()) + 1
-    scores = []
-    for f in feats:
-        Z = f.to(torch.float64)
+    def one(Z, y):
         Z = Z - Z.mean(0)
-        yd = y.to(Z.device)
-        conditional = sum(_coding_rate(Z[yd == c], eps) for c in range(C)) / C
-        scores.append(_coding_rate(Z, eps) - conditional)
-    scores = torch.stack(scores)
-    return scores if many else scores[0]
+        C = int(y.max()) + 1
+        conditional = sum(_coding_rate(Z[y == c], eps) for c in range(C)) / C
+        return _coding_rate(Z, eps) - conditional
+    return _per_model(features, labels, one)
 
 
 _DISTANCE_BLOCK = 1 << 24  # entries of the n x n distance matrix held at once
@@ -665,28 +658,21 @@ def tmi(features, labels, *, k: int = 3, min_dist: float = 1.0):
         raise ValueError(f"k: expected a positive integer number of neighbours, got {k!r}")
     if not (isinstance(min_dist, (int, float)) and math.isfinite(min_dist) and min_dist > 0):
         raise ValueError(f"min_dist: expected a positive number, got {min_dist!r}")
-    feats, many = _feature_list(features)
-    y = _class_labels(labels, feats[0].shape[0])
-    counts = torch.bincount(y).tolist()
-    if max(counts) <= k:
-        raise ValueError(f"labels: tmi needs a class with more than k = {k} samples, the largest has {max(counts)}")
-    N = y.numel()
-    scores = []
-    for f in feats:
-        Z = f.to(torch.float64)
-        yd = y.to(Z.device)
+    def one(Z, y):
+        counts = torch.bincount(y).tolist()
+        if max(counts) <= k:
+            raise ValueError(f"labels: tmi needs a class with more than k = {k} samples, the largest has {max(counts)}")
         total, classes = torch.zeros((), dtype=torch.float64, device=Z.device), 0
         for c, n in enumerate(counts):
             if 2 <= n <= k:
                 continue
             classes += 1
             if n > k:
-                eps = _kth_neighbour_distance(Z[yd == c], k).clamp(min=min_dist)
+                eps = _kth_neighbour_distance(Z[y == c], k).clamp(min=min_dist)
                 psi_k, psi_n = torch.special.digamma(torch.tensor([k, n], dtype=torch.float64, device=Z.device))
-                total = total + n / N * (psi_n - psi_k + Z.shape[1] / n * torch.log(2 * eps).sum())
-        scores.append(total / classes)
-    scores = torch.stack(scores)
-    return scores if many else scores[0]
+                total = total + n / y.numel() * (psi_n - psi_k + Z.shape[1] / n * torch.log(2 * eps).sum())
+        return total / classes
+    return _per_model(features, labels, one)
 
 
 def _top_eigenvalue_estimate(A: torch.Tensor, iterations: int = 3) -> float:
@@ -739,20 +725,14 @@ def sfda(features, labels, *, shrinkage: float | None = None):
     Returns float64 scores in (0, 1), 0-d or [M]."""
     if shrinkage is not None and not (isinstance(shrinkage, (int, float)) and 0 < shrinkage <= 1):
         raise ValueError(f"shrinkage: expected None (adaptive) or a number in (0, 1], got {shrinkage!r}")
-    feats, many = _feature_list(features)
-    y = _class_labels(labels, feats[0].shape[0])
-    scores = []
-    for f in feats:
-        X = f.to(torch.float64)
-        yd = y.to(X.device)
+    def one(X, y):
         rows = torch.arange(X.shape[0], device=X.device)
-        probs, s, inverse, means = _regularized_fda(X, yd, shrinkage)
+        probs, s, inverse, means = _regularized_fda(X, y, shrinkage)
         q = torch.softmax(probs, dim=1)[rows, inverse][:, None]
         others = (means.sum(0) - means) / (means.shape[0] - 1)
-        probs, *_ = _regularized_fda(q * X + (1 - q) * others[inverse], yd, s)
-        scores.append(probs[rows, inverse].mean())
-    scores = torch.stack(scores)
-    return scores if many else scores[0]
+        probs, *_ = _regularized_fda(q * X + (1 - q) * others[inverse], y, s)
+        return probs[rows, inverse].mean()
+    return _per_model(features, labels, one)
 
 
 def otce(source_features, source_labels, target_features, target_labels, *, eps: float, tol: float = 1e-6,
