@@ -1,6 +1,7 @@
 #include "cpu/ot.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -46,12 +47,20 @@ template <> struct ExpConstants<float> {  // degree 6: relative error below 2e-7
   static constexpr Bits bias = 127;
 };
 
+// Series coefficients at compile time: computed per call, the divisions' chain cost as much as
+// the exponentials of the four-row updates of a sweep.
+template <class T, int Degree>
+constexpr std::array<T, Degree + 1> inverse_factorials() {
+  std::array<T, Degree + 1> c{};
+  c[0] = T(1);
+  for (int k = 1; k <= Degree; ++k) c[k] = c[k - 1] / T(k);
+  return c;
+}
+
 template <class T>
 void exp_array(const T* x, T* out, int64_t n) {
   using E = ExpConstants<T>;
-  T inverse_factorial[E::degree + 1];
-  inverse_factorial[0] = T(1);
-  for (int k = 1; k <= E::degree; ++k) inverse_factorial[k] = inverse_factorial[k - 1] / T(k);
+  static constexpr std::array<T, E::degree + 1> inverse_factorial = inverse_factorials<T, E::degree>();
   for (int64_t i = 0; i < n; ++i) {
     const T v = std::max(x[i], E::lowest);
     const T t = v * E::log2e + E::magic;
@@ -76,8 +85,11 @@ void log_array(const double* x, double* out, int64_t n) {
                    ln2_lo = 1.90821492927058770002e-10;
   uint64_t magic_bits;
   std::memcpy(&magic_bits, &magic, sizeof magic_bits);
-  double odd_inverse[11];
-  for (int k = 0; k <= 10; ++k) odd_inverse[k] = 1.0 / double(2 * k + 1);
+  static constexpr std::array<double, 11> odd_inverse = [] {
+    std::array<double, 11> c{};
+    for (int k = 0; k <= 10; ++k) c[k] = 1.0 / double(2 * k + 1);
+    return c;
+  }();
   for (int64_t i = 0; i < n; ++i) {
     uint64_t bits;
     std::memcpy(&bits, &x[i], sizeof bits);
@@ -109,7 +121,7 @@ struct Problem {
   std::vector<T> K;          // exp((f_i + g_j - C_ij) / eps)
   std::vector<double> la, lb;
   double mass;
-  // Scratch of kernel_apply, kept across the thousands of calls of a solve.
+  // Scratch of the sweeps, kept across the thousands of calls of a solve.
   std::vector<T> wt, block;
   std::vector<double> partial;
 };
@@ -197,31 +209,96 @@ void dots(const T* k, int64_t ld, const T* w, int64_t n, double* out) {
   for (int r = 0; r < R; ++r) out[r] = total[r];
 }
 
-// s_i = sum_j K_ij w_j (rows, `transpose` false) or s_j = sum_i K_ij w_i. Rows go four at a time:
-// one load (and, transposed, one store) of the vector serves four rows of K.
+// s_i = sum_j K_ij w_j for rows [lo, hi) of K, four at a time (one load of w serves four rows).
 template <class T>
-void kernel_apply(Problem<T>& p, const std::vector<double>& w, std::vector<double>& s, bool transpose,
-                  bool parallel) {
-  const int64_t n_in = transpose ? p.N : p.M;
-  std::vector<T>& wt = p.wt;
-  wt.assign(w.begin(), w.begin() + n_in);
+void row_products(const Problem<T>& p, const T* w, int64_t lo, int64_t hi, double* s) {
   const T* K = p.K.data();
   const int64_t M = p.M;
-  if (!transpose) {
-    const int64_t quads = p.N / 4;
-#ifdef TRANSFEROPS_OPENMP
-#pragma omp parallel for schedule(static) if (parallel)
-#endif
-    for (int64_t q = 0; q < quads; ++q) dots<4>(K + 4 * q * M, M, wt.data(), M, s.data() + 4 * q);
-    for (int64_t i = 4 * quads; i < p.N; ++i) dots<1>(K + i * M, M, wt.data(), M, s.data() + i);
-    return;
+  int64_t i = lo;
+  for (; i + 4 <= hi; i += 4) dots<4>(K + i * M, M, w, M, s + i);
+  for (; i < hi; ++i) dots<1>(K + i * M, M, w, M, s + i);
+}
+
+// F (rows) or G (columns) over [lo, hi) from their kernel sums, over-relaxed by omega, and the
+// scalings from them; z is scratch of hi - lo. Returns whether some scaling left the absorption
+// range. The logs and exponentials go through the array versions above (at 256 x 256, scalar
+// libm calls took as long as the kernel product).
+template <class T>
+bool update_scalings(Problem<T>& p, const SinkhornSettings& s, bool rows, double omega, const double* sums, double* z,
+                     int64_t lo, int64_t hi) {
+  std::vector<double>& full = rows ? p.F : p.G;
+  std::vector<double>& scale = rows ? p.u : p.v;
+  const double* absorbed = rows ? p.f : p.g;
+  const int64_t n = hi - lo;
+  // An underflowed (or denormal) sum has lost its digits: such entries take the exact
+  // log-domain update instead.
+  const double tiny = sizeof(T) == 8 ? 1e-280 : 1e-30;
+  for (int64_t k = 0; k < n; ++k) z[k] = sums[lo + k] > tiny ? sums[lo + k] : 1.0;
+  log_array(z, z, n);
+  for (int64_t k = 0; k < n; ++k) z[k] = s.lam * (absorbed[lo + k] - s.eps * z[k]);
+  for (int64_t k = 0; k < n; ++k) {
+    if (!(sums[lo + k] > tiny)) z[k] = s.lam * (rows ? row_transform(p, lo + k, s.eps) : col_transform(p, lo + k, s.eps));
+  }
+  int out_of_range = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t i = lo + k;
+    full[i] = (1.0 - omega) * full[i] + omega * z[k];
+    const double log_scale = (full[i] - absorbed[i]) / s.eps;
+    out_of_range |= !(std::fabs(log_scale) <= kAbsorb);
+    z[k] = std::min(log_scale, ExpConstants<double>::highest);  // past kAbsorb it is folded in before use
+  }
+  exp_array(z, scale.data() + lo, n);
+  return out_of_range != 0;
+}
+
+// block_j += sum_r K_rj w_r over n rows in their order, eight at a time: one load and store of
+// the block serves eight rows (with four, the block's stores bounded the loop).
+template <class T>
+void add_rows(const T* k, int64_t M, const T* w, int64_t n, T* block) {
+  int64_t r = 0;
+  for (; r + 8 <= n; r += 8, k += 8 * M) {
+    for (int64_t j = 0; j < M; ++j) {
+      T b = block[j];
+      for (int q = 0; q < 8; ++q) b += k[q * M + j] * w[r + q];
+      block[j] = b;
+    }
+  }
+  for (; r < n; ++r, k += M) {
+    for (int64_t j = 0; j < M; ++j) block[j] += k[j] * w[r];
+  }
+}
+
+// Rows a sweep handles between its L2 read and its L1 reread of K: as many as fill 16 KiB (half
+// of L1), a multiple of 4 within a flush block. Fewer than 16 at 256 columns left the four-row
+// updates' log and exp chains waiting on their latency.
+template <class T>
+int64_t sweep_group(int64_t M) {
+  return std::clamp<int64_t>(int64_t(16384 / (M * int64_t(sizeof(T)))) / 4 * 4, 4, kFlush / kLanes);
+}
+
+// One iteration in one pass over K: each group of four rows takes its dot products with b v
+// (K from L2; skipped when `have_sums` brings them), its new F and u, and at once its share of
+// the column sums with the new a u (the same rows, now in L1), so K leaves L2 once an iteration
+// instead of twice; then G and v. Threads own ranges of rows and their own column partials,
+// added in blocks of kFlush / kLanes rows, so the sums do not depend on the thread count.
+// Symmetric problems update the rows only (g = f). Returns whether some scaling left the
+// absorption range.
+template <class T>
+bool sweep(Problem<T>& p, const SinkhornSettings& s, double omega, bool have_sums, std::vector<double>& w,
+           std::vector<double>& sums, bool parallel) {
+  const int64_t N = p.N, M = p.M;
+  const bool cols = !s.symmetric;
+  if (!have_sums) {
+    for (int64_t j = 0; j < M; ++j) w[j] = p.b[j] * p.v[j];
+    p.wt.assign(w.begin(), w.begin() + M);
   }
   const int threads = parallel ? max_threads() : 1;
-  std::vector<double>& partial = p.partial;
-  partial.assign(size_t(threads) * M, 0.0);
+  p.partial.assign(size_t(threads) * M, 0.0);
   p.block.resize(size_t(threads) * M);
+  const T* K = p.K.data();
+  int out_of_range = 0;
 #ifdef TRANSFEROPS_OPENMP
-#pragma omp parallel num_threads(threads) if (parallel)
+#pragma omp parallel num_threads(threads) if (parallel) reduction(| : out_of_range)
 #endif
   {
 #ifdef TRANSFEROPS_OPENMP
@@ -229,74 +306,39 @@ void kernel_apply(Problem<T>& p, const std::vector<double>& w, std::vector<doubl
 #else
     const int t = 0;
 #endif
-    double* acc = partial.data() + size_t(t) * M;
+    double* acc = p.partial.data() + size_t(t) * M;
     T* block = p.block.data() + size_t(t) * M;
-    const int64_t lo = p.N * t / threads, hi = p.N * (t + 1) / threads;
+    double z[kFlush / kLanes];
+    T au[kFlush / kLanes];
+    const int64_t group = sweep_group<T>(M);
+    const int64_t lo = N * t / threads, hi = N * (t + 1) / threads;
     for (int64_t start = lo; start < hi; start += kFlush / kLanes) {
-      std::fill(block, block + M, T(0));
       const int64_t stop = std::min(hi, start + kFlush / kLanes);
-      int64_t i = start;
-      // The same additions in the same order as one row at a time.
-      for (; i + 4 <= stop; i += 4) {
-        const T* k = K + i * M;
-        const T w0 = wt[i], w1 = wt[i + 1], w2 = wt[i + 2], w3 = wt[i + 3];
-        for (int64_t j = 0; j < M; ++j) {
-          T b = block[j];
-          b += k[j] * w0;
-          b += k[M + j] * w1;
-          b += k[2 * M + j] * w2;
-          b += k[3 * M + j] * w3;
-          block[j] = b;
-        }
+      std::fill(block, block + M, T(0));
+      for (int64_t i = start; i < stop; i += group) {
+        const int64_t n = std::min(group, stop - i);
+        if (!have_sums) row_products(p, p.wt.data(), i, i + n, sums.data());
+        out_of_range |= update_scalings(p, s, true, s.symmetric ? 0.5 : omega, sums.data(), z, i, i + n);
+        if (!cols) continue;
+        for (int64_t r = 0; r < n; ++r) au[r] = T(p.a[i + r] * p.u[i + r]);
+        add_rows(K + i * M, M, au, n, block);
       }
-      for (; i < stop; ++i) {
-        const T* k = K + i * M;
-        const T wi = wt[i];
-        for (int64_t j = 0; j < M; ++j) block[j] += k[j] * wi;
+      if (cols) {
+        for (int64_t j = 0; j < M; ++j) acc[j] += double(block[j]);
       }
-      for (int64_t j = 0; j < M; ++j) acc[j] += double(block[j]);
     }
   }
+  if (!cols) {
+    std::copy(p.F.begin(), p.F.end(), p.G.begin());
+    std::copy(p.u.begin(), p.u.end(), p.v.begin());
+    return out_of_range != 0;
+  }
   for (int64_t j = 0; j < M; ++j) {
-    double acc = 0.0;
-    for (int t = 0; t < threads; ++t) acc += partial[size_t(t) * M + j];
-    s[j] = acc;
+    double total = 0.0;
+    for (int t = 0; t < threads; ++t) total += p.partial[size_t(t) * M + j];
+    sums[j] = total;
   }
-}
-
-// One half-iteration: F (rows) or G (columns) from the other side's scalings. Returns whether
-// some scaling left the absorption range. The logs and exponentials go through the array
-// versions above (at 256 x 256, scalar libm calls took as long as the kernel product).
-template <class T>
-bool update(Problem<T>& p, const SinkhornSettings& s, bool rows, double omega, std::vector<double>& w,
-            std::vector<double>& sums, bool parallel) {
-  const int64_t n = rows ? p.N : p.M, m = rows ? p.M : p.N;
-  const double* other_w = rows ? p.b : p.a;
-  const std::vector<double>& other_scale = rows ? p.v : p.u;
-  for (int64_t j = 0; j < m; ++j) w[j] = other_w[j] * other_scale[j];
-  kernel_apply(p, w, sums, !rows, parallel);
-  std::vector<double>& full = rows ? p.F : p.G;
-  std::vector<double>& scale = rows ? p.u : p.v;
-  const double* absorbed = rows ? p.f : p.g;
-  // An underflowed (or denormal) sum has lost its digits: such entries take the exact
-  // log-domain update instead.
-  const double tiny = sizeof(T) == 8 ? 1e-280 : 1e-30;
-  double* z = w.data();
-  for (int64_t i = 0; i < n; ++i) z[i] = sums[i] > tiny ? sums[i] : 1.0;
-  log_array(z, z, n);
-  for (int64_t i = 0; i < n; ++i) z[i] = s.lam * (absorbed[i] - s.eps * z[i]);
-  for (int64_t i = 0; i < n; ++i) {
-    if (!(sums[i] > tiny)) z[i] = s.lam * (rows ? row_transform(p, i, s.eps) : col_transform(p, i, s.eps));
-  }
-  int out_of_range = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    full[i] = (1.0 - omega) * full[i] + omega * z[i];
-    const double log_scale = (full[i] - absorbed[i]) / s.eps;
-    out_of_range |= !(std::fabs(log_scale) <= kAbsorb);
-    z[i] = std::min(log_scale, ExpConstants<double>::highest);  // past kAbsorb it is folded in before use
-  }
-  exp_array(z, scale.data(), n);
-  return out_of_range != 0;
+  return update_scalings(p, s, false, omega, sums.data(), w.data(), 0, M) || out_of_range != 0;
 }
 
 template <class T>
@@ -306,11 +348,9 @@ void absorb(Problem<T>& p, double eps, bool parallel) {
   build_kernel(p, eps, parallel);
 }
 
+// The L1 error of the rows from their kernel sums with b v.
 template <class T>
-double row_error(Problem<T>& p, const SinkhornSettings& s, std::vector<double>& w, std::vector<double>& sums,
-                 bool parallel) {
-  for (int64_t j = 0; j < p.M; ++j) w[j] = p.b[j] * p.v[j];
-  kernel_apply(p, w, sums, false, parallel);
+double row_error(const Problem<T>& p, const SinkhornSettings& s, const std::vector<double>& sums) {
   double err = 0.0;
   for (int64_t i = 0; i < p.N; ++i) {
     const double target = s.rho > 0 ? p.a[i] * std::exp(-p.F[i] / s.rho) : p.a[i];
@@ -419,22 +459,24 @@ void solve(Problem<T>& p, const SinkhornSettings& s, int64_t* n_iter, double* er
   std::vector<double> w(std::max(p.N, p.M)), sums(std::max(p.N, p.M));
   double err = std::numeric_limits<double>::infinity();
   Relaxation relax(s);
+  // A check of the state after iteration `it` takes the row sums with b v, which are also the
+  // next iteration's: that sweep reuses them once the error has tuned the relaxation.
   int64_t it = 0;
-  while (it < s.max_iter) {
-    ++it;
-    bool out = update(p, s, true, s.symmetric ? 0.5 : relax.omega, w, sums, parallel);
-    if (s.symmetric) {
-      std::copy(p.F.begin(), p.F.end(), p.G.begin());
-      std::copy(p.u.begin(), p.u.end(), p.v.begin());
-    } else {
-      out |= update(p, s, false, relax.omega, w, sums, parallel);
-    }
-    if (out) absorb(p, s.eps, parallel);
-    if (it % s.check_every == 0 || it == s.max_iter) {
-      err = row_error(p, s, w, sums, parallel);
-      if (err <= s.tol) break;
+  while (true) {
+    const bool check = it > 0 && (it % s.check_every == 0 || it == s.max_iter);
+    if (check) {
+      for (int64_t j = 0; j < p.M; ++j) w[j] = p.b[j] * p.v[j];
+      p.wt.assign(w.begin(), w.begin() + p.M);
+#ifdef TRANSFEROPS_OPENMP
+#pragma omp parallel for schedule(static) if (parallel)
+#endif
+      for (int64_t q = 0; q < (p.N + 3) / 4; ++q) row_products(p, p.wt.data(), 4 * q, std::min(p.N, 4 * q + 4), sums.data());
+      err = row_error(p, s, sums);
+      if (err <= s.tol || it == s.max_iter) break;
       relax.observe(err, s);
     }
+    ++it;
+    if (sweep(p, s, relax.omega, check, w, sums, parallel)) absorb(p, s.eps, parallel);
   }
   std::copy(p.F.begin(), p.F.end(), p.f);
   std::copy(p.G.begin(), p.G.end(), p.g);
