@@ -359,10 +359,14 @@ double row_error(const Problem<T>& p, const SinkhornSettings& s, const std::vect
   return err / p.mass;
 }
 
-// Over-relaxation, tuned from plain Sinkhorn's observed rate r per iteration once it settles
-// (two checks in a row within 5%: past the transient): omega = 2 / (1 + sqrt(1 - r)), the optimal
-// SOR factor of the linearized iteration (Lehmann et al. 2021). An error that grows halves
-// omega - 1 (down to plain Sinkhorn for good). The fixed point, hence the answer, is the same.
+// Over-relaxation, tuned from the observed rate mu per iteration once it settles (two checks in a
+// row within 10%: past a transient). Under omega, SOR on the linearized iteration has
+// (mu + omega - 1)^2 = mu omega^2 lambda for plain Sinkhorn's rate lambda (Young 1954; real
+// regime mu > omega - 1), whose optimal factor is 2 / (1 + sqrt(1 - lambda)) (Lehmann et al.
+// 2021). omega rises to it, and again whenever a slower mode takes over: tuned once from the
+// transient, omega stayed too small for the slow modes of clustered clouds (B = 64 problems of
+// 256 points: 12300 iterations in all, 7250 retuned). An error that grows halves omega - 1
+// (down to plain Sinkhorn for good). The fixed point, hence the answer, is the same.
 struct Relaxation {
   double omega = 1.0, previous = std::numeric_limits<double>::infinity(), last_rate = -1.0;
   bool relaxable;
@@ -370,16 +374,21 @@ struct Relaxation {
   void observe(double err, const SinkhornSettings& s) {
     const double rate = err < previous && std::isfinite(previous) ? std::pow(err / previous, 1.0 / double(s.check_every))
                                                                    : -1.0;
-    if (relaxable && omega == 1.0 && rate > 0 && last_rate > 0 && std::fabs(rate - last_rate) <= 0.05 * last_rate) {
-      omega = std::min(s.omega, 2.0 / (1.0 + std::sqrt(1.0 - rate)));
-    } else if (omega > 1.0 && !(err < previous)) {
-      omega = 1.0 + (omega - 1.0) / 2;
-      if (omega < 1.05) {
-        omega = 1.0;
+    const bool settled = rate > 0 && last_rate > 0 && std::fabs(rate - last_rate) <= 0.1 * last_rate;
+    double next = omega;
+    if (omega > 1.0 && !(err < previous)) {
+      next = 1.0 + (omega - 1.0) / 2;
+      if (next < 1.05) {
+        next = 1.0;
         relaxable = false;
       }
+    } else if (relaxable && settled && rate > omega - 1.0) {
+      const double plain = std::min((rate + omega - 1.0) * (rate + omega - 1.0) / (rate * omega * omega), 1.0 - 1e-12);
+      const double target = std::min(s.omega, 2.0 / (1.0 + std::sqrt(1.0 - plain)));
+      if (target > omega + 1e-3) next = target;
     }
-    if (omega == 1.0) last_rate = rate;
+    last_rate = next == omega ? rate : -1.0;  // a new omega starts a new settling
+    omega = next;
     previous = err;
   }
 };

@@ -216,8 +216,9 @@ def _values(C, la, lb, f, g, eps, rho):
 
 sinkhorn_op = Op("sinkhorn", order=("native", "reference"))
 # The native iterations' largest over-relaxation (F <- (1 - w) F + w F_update, w tuned from the
-# observed rate, see csrc/cpu/ot.h): 5x fewer iterations at eps = 0.05 on costs of mean 1.
-OMEGA = 1.9
+# observed rate, see csrc/cpu/ot.h): 2.9x fewer iterations than plain Sinkhorn on the bench's 64
+# problems of 256 clustered points at eps = 0.05 on costs of mean 1 (21080 against 7230).
+OMEGA = 1.95
 
 
 def _reference_fits(costs, *_) -> str | None:
