@@ -57,17 +57,18 @@ constexpr std::array<T, Degree + 1> inverse_factorials() {
   return c;
 }
 
-template <class T>
+// Degree: a lower one where the result only needs float32's precision.
+template <class T, int Degree = ExpConstants<T>::degree>
 void exp_array(const T* x, T* out, int64_t n) {
   using E = ExpConstants<T>;
-  static constexpr std::array<T, E::degree + 1> inverse_factorial = inverse_factorials<T, E::degree>();
+  static constexpr std::array<T, Degree + 1> inverse_factorial = inverse_factorials<T, Degree>();
   for (int64_t i = 0; i < n; ++i) {
     const T v = std::max(x[i], E::lowest);
     const T t = v * E::log2e + E::magic;
     const T k = t - E::magic;
     const T r = (v - k * E::ln2_hi) - k * E::ln2_lo;
-    T q = inverse_factorial[E::degree];
-    for (int p = E::degree - 1; p >= 0; --p) q = q * r + inverse_factorial[p];
+    T q = inverse_factorial[Degree];
+    for (int p = Degree - 1; p >= 0; --p) q = q * r + inverse_factorial[p];
     typename E::Bits bits;
     std::memcpy(&bits, &t, sizeof bits);
     bits = (bits + E::bias) << E::mantissa;  // the low bits of t hold k; 2^k's exponent field is k + bias
@@ -79,15 +80,17 @@ void exp_array(const T* x, T* out, int64_t n) {
 
 // log(x) for positive normal x, in the same style: x = 2^e m with m in [sqrt(1/2), sqrt(2)),
 // log m = 2 atanh(z), z = (m - 1) / (m + 1), by its odd series to z^21 (|z| <= 0.172: the
-// series' error is below 1e-17); e as a double through the magic number, not a conversion.
+// series' error is below 1e-17; Terms = 5, to z^9, is below 1e-9); e as a double through the
+// magic number, not a conversion.
+template <int Terms = 11>
 void log_array(const double* x, double* out, int64_t n) {
   constexpr double magic = 6755399441055744.0, ln2_hi = 6.93147180369123816490e-01,
                    ln2_lo = 1.90821492927058770002e-10;
   uint64_t magic_bits;
   std::memcpy(&magic_bits, &magic, sizeof magic_bits);
-  static constexpr std::array<double, 11> odd_inverse = [] {
-    std::array<double, 11> c{};
-    for (int k = 0; k <= 10; ++k) c[k] = 1.0 / double(2 * k + 1);
+  static constexpr std::array<double, Terms> odd_inverse = [] {
+    std::array<double, Terms> c{};
+    for (int k = 0; k < Terms; ++k) c[k] = 1.0 / double(2 * k + 1);
     return c;
   }();
   for (int64_t i = 0; i < n; ++i) {
@@ -103,8 +106,8 @@ void log_array(const double* x, double* out, int64_t n) {
     std::memcpy(&e, &e_bits, sizeof e);
     e -= magic;
     const double z = (m - 1.0) / (m + 1.0), z2 = z * z;
-    double q = odd_inverse[10];
-    for (int k = 9; k >= 0; --k) q = q * z2 + odd_inverse[k];
+    double q = odd_inverse[Terms - 1];
+    for (int k = Terms - 2; k >= 0; --k) q = q * z2 + odd_inverse[k];
     out[i] = e * ln2_hi + (2.0 * z * q + e * ln2_lo);
   }
 }
@@ -222,7 +225,8 @@ void row_products(const Problem<T>& p, const T* w, int64_t lo, int64_t hi, doubl
 // F (rows) or G (columns) over [lo, hi) from their kernel sums, over-relaxed by omega, and the
 // scalings from them; z is scratch of hi - lo. Returns whether some scaling left the absorption
 // range. The logs and exponentials go through the array versions above (at 256 x 256, scalar
-// libm calls took as long as the kernel product).
+// libm calls took as long as the kernel product); with a float32 kernel the scalings are rounded
+// to float32 before use and the sums carry float32's error, so shorter series serve.
 template <class T>
 bool update_scalings(Problem<T>& p, const SinkhornSettings& s, bool rows, double omega, const double* sums, double* z,
                      int64_t lo, int64_t hi) {
@@ -232,9 +236,10 @@ bool update_scalings(Problem<T>& p, const SinkhornSettings& s, bool rows, double
   const int64_t n = hi - lo;
   // An underflowed (or denormal) sum has lost its digits: such entries take the exact
   // log-domain update instead.
-  const double tiny = sizeof(T) == 8 ? 1e-280 : 1e-30;
+  constexpr bool single = sizeof(T) == 4;
+  const double tiny = single ? 1e-30 : 1e-280;
   for (int64_t k = 0; k < n; ++k) z[k] = sums[lo + k] > tiny ? sums[lo + k] : 1.0;
-  log_array(z, z, n);
+  log_array<single ? 5 : 11>(z, z, n);
   for (int64_t k = 0; k < n; ++k) z[k] = s.lam * (absorbed[lo + k] - s.eps * z[k]);
   for (int64_t k = 0; k < n; ++k) {
     if (!(sums[lo + k] > tiny)) z[k] = s.lam * (rows ? row_transform(p, lo + k, s.eps) : col_transform(p, lo + k, s.eps));
@@ -247,7 +252,7 @@ bool update_scalings(Problem<T>& p, const SinkhornSettings& s, bool rows, double
     out_of_range |= !(std::fabs(log_scale) <= kAbsorb);
     z[k] = std::min(log_scale, ExpConstants<double>::highest);  // past kAbsorb it is folded in before use
   }
-  exp_array(z, scale.data() + lo, n);
+  exp_array<double, single ? 7 : ExpConstants<double>::degree>(z, scale.data() + lo, n);
   return out_of_range != 0;
 }
 
