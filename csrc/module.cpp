@@ -268,13 +268,13 @@ void tridiagonal_apply_q(const py::dict& lapack, const py::array& gram, const py
 // See cpu::sinkhorn_matrix: f and g are read as the start and written back. Returns (n_iter,
 // error, transport_cost, ot_eps), one each per problem.
 py::tuple sinkhorn_matrix(const py::buffer& C, int64_t N, const py::buffer& a, const py::buffer& b, const py::buffer& f,
-                          const py::buffer& g, double eps, double lam, double rho, double tol, double omega,
+                          const py::buffer& g, double eps, double lam, double rho, double tol, int64_t memory,
                           int64_t max_iter, int64_t check_every, bool symmetric, const std::vector<double>& schedule) {
   const BufferView c = buffer_view(C, "C", false), av = buffer_view(a, "a", false), bv = buffer_view(b, "b", false);
   BufferView fv = buffer_view(f, "f", true), gv = buffer_view(g, "g", true);
   py::array_t<int64_t> n_iter(av.view.rows);
   py::array_t<double> error(av.view.rows), transport(av.view.rows), value(av.view.rows);
-  const cpu::SinkhornSettings s{eps, lam, rho, tol, omega, max_iter, check_every, symmetric, schedule.data(),
+  const cpu::SinkhornSettings s{eps, lam, rho, tol, memory, max_iter, check_every, symmetric, schedule.data(),
                                 static_cast<int64_t>(schedule.size())};
   int64_t* it = n_iter.mutable_data();
   double *err = error.mutable_data(), *cost = transport.mutable_data(), *val = value.mutable_data();
@@ -289,7 +289,7 @@ py::tuple sinkhorn_matrix(const py::buffer& C, int64_t N, const py::buffer& a, c
 // callable(problem, iteration, error)) runs at each check; Ctrl-C stops the solve there.
 py::tuple sinkhorn_points(const py::buffer& x, const py::buffer& y, int64_t N, double scale, const py::dict& blas,
                           const py::buffer& a, const py::buffer& b, const py::buffer& f, const py::buffer& g, double eps,
-                          double lam, double rho, double tol, double omega, int64_t max_iter, int64_t check_every,
+                          double lam, double rho, double tol, int64_t memory, int64_t max_iter, int64_t check_every,
                           bool symmetric, const std::vector<double>& schedule, const py::object& progress) {
   const BufferView xv = buffer_view(x, "x", false), yv = buffer_view(y, "y", false), av = buffer_view(a, "a", false),
                    bv = buffer_view(b, "b", false);
@@ -298,7 +298,7 @@ py::tuple sinkhorn_points(const py::buffer& x, const py::buffer& y, int64_t N, d
   const int64_t B = av.view.rows;
   py::array_t<int64_t> n_iter(B);
   py::array_t<double> error(B), transport(B), value(B);
-  const cpu::SinkhornSettings s{eps, lam, rho, tol, omega, max_iter, check_every, symmetric, schedule.data(),
+  const cpu::SinkhornSettings s{eps, lam, rho, tol, memory, max_iter, check_every, symmetric, schedule.data(),
                                 static_cast<int64_t>(schedule.size())};
   std::function<void(int64_t, int64_t, double)> report = [&](int64_t k, int64_t it, double err) {
     py::gil_scoped_acquire acquire;
@@ -507,12 +507,12 @@ PYBIND11_MODULE(_native, m) {
         "of the bits of |x| (x = task - base with a base) over the elements whose higher bits equal "
         "its prefix");
   m.def("sinkhorn_matrix", &sinkhorn_matrix, py::arg("C"), py::arg("N"), py::arg("a"), py::arg("b"), py::arg("f"),
-        py::arg("g"), py::arg("eps"), py::arg("lam"), py::arg("rho"), py::arg("tol"), py::arg("omega"),
+        py::arg("g"), py::arg("eps"), py::arg("lam"), py::arg("rho"), py::arg("tol"), py::arg("memory"),
         py::arg("max_iter"), py::arg("check_every"), py::arg("symmetric"), py::arg("schedule"),
         "stabilized kernel-domain Sinkhorn on cost matrices [B * N, M]");
   m.def("sinkhorn_points", &sinkhorn_points, py::arg("x"), py::arg("y"), py::arg("N"), py::arg("scale"), py::arg("blas"),
         py::arg("a"), py::arg("b"), py::arg("f"), py::arg("g"), py::arg("eps"), py::arg("lam"), py::arg("rho"),
-        py::arg("tol"), py::arg("omega"), py::arg("max_iter"), py::arg("check_every"), py::arg("symmetric"),
+        py::arg("tol"), py::arg("memory"), py::arg("max_iter"), py::arg("check_every"), py::arg("symmetric"),
         py::arg("schedule"), py::arg("progress"), "log-domain Sinkhorn on point clouds, costs recomputed in tiles");
   m.def("tridiagonalize", &tridiagonalize, py::arg("lapack"), py::arg("grams"), py::arg("projected"),
         py::arg("across_models"), "sytrd + sterf of Gram matrices and Q^T of their targets, in place (LAPACK from scipy)");

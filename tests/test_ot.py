@@ -171,7 +171,7 @@ def test_bad_input_is_a_clear_error(call, error, match):
 def test_native_matches_reference(N, M, reach, symmetric, scaling, dtype):
     """Fresh clustered clouds with a small eps (exp(-C/eps) spans 1e-40 and less, so the kernel
     needs absorption and the log-domain fallback): the native
-    kernel-domain solver (over-relaxed) against the log-domain reference; non-contiguous inputs;
+    kernel-domain solver (Anderson-accelerated) against the log-domain reference; non-contiguous inputs;
     float32 keeps its kernel in float32."""
     g = torch.Generator().manual_seed(N * M)
     centers = torch.randn(4, 3, generator=g, dtype=torch.float64) * 3
@@ -193,14 +193,15 @@ def test_native_matches_reference(N, M, reach, symmetric, scaling, dtype):
     rtol = 1e-9 if dtype == torch.float64 else 1e-4
     assert bool(got.converged) and bool(want.converged)
     assert _rel(got.ot_eps, want.ot_eps) < rtol and _rel(got.transport_cost, want.transport_cost) < rtol
-    assert int(got.n_iter) <= int(want.n_iter)  # over-relaxed: the same fixed point in fewer iterations
+    assert int(got.n_iter) <= int(want.n_iter)  # accelerated: the same fixed point in fewer iterations
 
 
-def test_relaxation_retunes_for_slow_modes(monkeypatch):
-    """Clustered clouds whose slowest mode takes over after the transient: the native solver
-    re-tunes omega from the rate it observes under relaxation. Plain Sinkhorn (OMEGA = 1) takes
-    6880 iterations on this batch; omega tuned once from the transient took 3240 (0.47x), re-tuned
-    2230 (0.32x). Every problem still meets tol."""
+def test_anderson_acceleration_cuts_iterations(monkeypatch):
+    """Clustered clouds, whose slow modes (mass moving between clusters) plain Sinkhorn takes
+    thousands of iterations to settle: Anderson steps on the column potentials reach the same
+    fixed point in a fraction of them. Plain (ANDERSON_MEMORY = 0): 6880 iterations on this batch;
+    memory 8: 770 (tuned over-relaxation, which this replaced: 2230). Every problem meets tol and
+    the values agree to the accuracy tol gives."""
     g = torch.Generator().manual_seed(1)
     centers = torch.randn(8, 16, generator=g, dtype=torch.float64)
     x, y = (centers[torch.randint(0, 8, (16, 128), generator=g)] + 0.5 * torch.randn(16, 128, 16, generator=g,
@@ -208,11 +209,12 @@ def test_relaxation_retunes_for_slow_modes(monkeypatch):
             for _ in range(2))
     scale = float(cost_matrix(x, y).mean()) ** 0.5
     x, y = x / scale, y / scale
-    relaxed = sinkhorn(x, y, eps=0.05, tol=1e-4, backend="native")
-    monkeypatch.setattr("transferops.ot.OMEGA", 1.0)
+    fast = sinkhorn(x, y, eps=0.05, tol=1e-4, backend="native")
+    monkeypatch.setattr("transferops.ot.ANDERSON_MEMORY", 0)
     plain = sinkhorn(x, y, eps=0.05, tol=1e-4, backend="native")
-    assert bool(relaxed.converged.all()) and bool(plain.converged.all())
-    assert int(relaxed.n_iter.sum()) <= 0.38 * int(plain.n_iter.sum())
+    assert bool(fast.converged.all()) and bool(plain.converged.all())
+    assert int(fast.n_iter.sum()) <= 0.2 * int(plain.n_iter.sum())
+    torch.testing.assert_close(fast.ot_eps, plain.ot_eps, rtol=1e-3, atol=0)
 
 
 def test_pot_compat_is_a_drop_in():

@@ -17,16 +17,15 @@ namespace transferops::cpu {
 // into the potentials and K rebuilt, so nothing overflows; a row or column whose kernel sum
 // underflows takes the exact log-domain update instead. Each update is the log-domain one,
 //   F_i = lam (f_i - eps log sum_j K_ij b_j v_j),   G_j likewise,
-// over-relaxed up to omega (F <- (1 - w) F + w F_update, w tuned in [1, omega] from the observed
-// convergence rate; omega = 1 is plain Sinkhorn). `symmetric`
-// (x = y, a = b): g = f and F <- (F + F_update) / 2. Every `check_every` iterations (and at the
+// and each G is Anderson-accelerated with the last `memory` (<= 16) iterates (0: plain Sinkhorn).
+// `symmetric` (x = y, a = b): g = f and F <- (F + F_update) / 2. Every `check_every` iterations (and at the
 // last) the L1 error of the rows, sum_i |(P 1)_i - a_i exp(-f_i / rho)| / sum a (rho <= 0:
 // balanced, the exponential is 1), stops a problem at <= tol. `schedule` eps values first take
 // one exact log-domain update each (eps-scaling). Per problem: the iterations run, the last
 // error, <C, P> and ot_eps = <C, P> + eps KL(P | a x b) (+ rho KL(P 1 | a) + rho KL(P^T 1 | b)).
 struct SinkhornSettings {
-  double eps, lam, rho, tol, omega;
-  int64_t max_iter, check_every;
+  double eps, lam, rho, tol;
+  int64_t memory, max_iter, check_every;
   bool symmetric;
   const double* schedule;
   int64_t schedule_len;
@@ -38,7 +37,7 @@ void sinkhorn_matrix(const View2D& C, int64_t N, const View2D& a, const View2D& 
 // The same problems and iterations for point clouds without any N x M matrix: x [B * N, d] and
 // y [B * M, d] (float32 or float64), C_ij = scale |x_i - y_j|^2 recomputed at every update in
 // tiles (x.y by GEMM, then exp and the row sums), so memory is O((N + M) d). Updates are
-// log-domain (no kernel to store), with the same relaxation, error and values as
+// log-domain (no kernel to store), with the same acceleration, error and values as
 // sinkhorn_matrix. `progress(problem, iteration, error)` runs on the calling thread after each
 // check. The caller keeps BLAS single-threaded: OpenMP threads share each update's rows.
 void sinkhorn_points(const View2D& x, const View2D& y, int64_t N, double scale, const Gemm& gemm, const View2D& a,
