@@ -18,8 +18,8 @@ namespace transferops::cpu {
 // underflows takes the exact log-domain update instead. Each update is the log-domain one,
 //   F_i = lam (f_i - eps log sum_j K_ij b_j v_j),   G_j likewise,
 // and each G is Anderson-accelerated with the last `memory` (<= 16) iterates (0: plain Sinkhorn).
-// `symmetric` (x = y, a = b): g = f and F <- (F + F_update) / 2. Every `check_every` iterations (and at the
-// last) the L1 error of the rows, sum_i |(P 1)_i - a_i exp(-f_i / rho)| / sum a (rho <= 0:
+// `symmetric` (x = y, a = b): g = f and F <- (F + F_update) / 2. Every `check_every` iterations
+// (and at the last) the L1 error of the rows, sum_i |(P 1)_i - a_i exp(-f_i / rho)| / sum a (rho <= 0:
 // balanced, the exponential is 1), stops a problem at <= tol. `schedule` eps values first take
 // one exact log-domain update each (eps-scaling). Per problem: the iterations run, the last
 // error, <C, P> and ot_eps = <C, P> + eps KL(P | a x b) (+ rho KL(P 1 | a) + rho KL(P^T 1 | b)).
@@ -38,8 +38,8 @@ void sinkhorn_matrix(const View2D& C, int64_t N, const View2D& a, const View2D& 
 // y [B * M, d] (float32 or float64), C_ij = scale |x_i - y_j|^2 recomputed at every update in
 // tiles (x.y by GEMM, then exp and the row sums), so memory is O((N + M) d). Updates are
 // log-domain (no kernel to store), with the same acceleration, error and values as
-// sinkhorn_matrix. `progress(problem, iteration, error)` runs on the calling thread after each
-// check. The caller keeps BLAS single-threaded: OpenMP threads share each update's rows.
+// sinkhorn_matrix, but the error is checked at every iteration (it comes with the row update's
+// pass). `progress(problem, iteration, error)` runs on the calling thread after each check. The caller keeps BLAS single-threaded: OpenMP threads share each update's rows.
 void sinkhorn_points(const View2D& x, const View2D& y, int64_t N, double scale, const Gemm& gemm, const View2D& a,
                      const View2D& b, const View2D& f, const View2D& g, const SinkhornSettings& s, int64_t* n_iter,
                      double* error, double* transport, double* value,

@@ -41,19 +41,30 @@ CHECK_EVERY = 10  # iterations between two marginal-error checks
 MATERIALIZE_BYTES = 1 << 28
 
 
+# Plans of online problems are recomputed in blocks of rows of about this many entries per
+# [rows, M] float64 temporary (32 MiB), whatever M.
+BLOCK_ENTRIES = 1 << 22
+
+
+def _row_blocks(n: int, width: int) -> list[tuple[int, int]]:
+    step = max(1, BLOCK_ENTRIES // max(1, width))
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 class _Points(NamedTuple):
-    """Point clouds [B, N, d], [B, M, d] in the working dtype, standing for the costs
-    scale * |x_i - y_j|^2 that are never stored whole."""
+    """Point clouds [B, N, d], [B, M, d] in the working dtype (carrying the caller's autograd
+    history), standing for the costs scale * |x_i - y_j|^2 that are never stored whole."""
     x: torch.Tensor
     y: torch.Tensor
     scale: float
 
     def rows(self, rows: slice) -> torch.Tensor:
-        return self.scale * cost_matrix(self.x[:, rows], self.y)
+        return self.scale * cost_matrix(self.x.detach()[:, rows], self.y.detach())
 
     def max_cost(self) -> float:
         """An upper bound of the costs (for the eps-scaling schedule)."""
-        return self.scale * float(self.x.double().norm(dim=-1).max() + self.y.double().norm(dim=-1).max()) ** 2
+        x, y = self.x.detach().double(), self.y.detach().double()
+        return self.scale * float(x.norm(dim=-1).max() + y.norm(dim=-1).max()) ** 2
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -144,10 +155,10 @@ class SinkhornResult:
     def plan(self) -> torch.Tensor:
         return self._log_plan(0, None).exp()
 
-    def apply(self, V: torch.Tensor, block: int = 1024) -> torch.Tensor:
-        n = self.f.shape[-1]
-        rows = [self._log_plan(i, min(i + block, n)).exp() @ V.to(torch.float64) for i in range(0, n, block)]
-        return torch.cat(rows, dim=-2)
+    def apply(self, V: torch.Tensor) -> torch.Tensor:
+        n, width = self.f.shape[-1], self.g.numel()
+        return torch.cat([self._log_plan(i0, i1).exp() @ V.to(torch.float64) for i0, i1 in _row_blocks(n, width)],
+                         dim=-2)
 
 
 def _row_lse(M: torch.Tensor) -> torch.Tensor:
@@ -264,7 +275,7 @@ def _sinkhorn_native(costs, a, b, eps, rho, tol, max_iter, schedule, symmetric, 
     f = torch.zeros(B, N, dtype=torch.float64)
     g = torch.zeros(B, M, dtype=torch.float64)
     if isinstance(costs, _Points):
-        x, y = (native_buffer(t.contiguous().view(-1, t.shape[-1])) for t in (costs.x, costs.y))
+        x, y = (native_buffer(t.detach().contiguous().view(-1, t.shape[-1])) for t in (costs.x, costs.y))
         with single_threaded_blas() as blas:  # the OpenMP threads share the tiles, one GEMM each
             out = native_module().sinkhorn_points(x, y, N, costs.scale, blas, *weights, native_buffer(f),
                                                   native_buffer(g), *settings,
@@ -307,6 +318,43 @@ def _dual_surrogate(C, a, b, f, g, eps, rho):
     return dual - dual.detach()
 
 
+class _OnlineDual(torch.autograd.Function):
+    """_dual_surrogate for problems solved online: zero, with the gradients of ot_eps in x, y, a
+    and b. With E_ij = exp((f_i + g_j - C_ij)/eps), P = a E b and C_ij = s |x_i - y_j|^2:
+    d/dx_i = 2 s ((P 1)_i x_i - (P y)_i), d/da_i = f_i - eps (sum_j b_j E_ij - sum b) (balanced;
+    unbalanced: rho (1 - exp(-f_i/rho)) in place of f_i), and likewise for y, b. Backward recomputes
+    the plan in blocks of rows (BLOCK_ENTRIES), so memory stays O((N + M) d)."""
+
+    @staticmethod
+    def forward(ctx, x, y, a, b, f, g, eps, rho, scale):
+        ctx.save_for_backward(x, y, a, b, f, g)
+        ctx.eps, ctx.rho, ctx.scale = eps, rho, scale
+        return torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, a, b, f, g = ctx.saved_tensors
+        eps, rho, scale = ctx.eps, ctx.rho, ctx.scale
+        X, Y = x.double(), y.double()
+        row_sums = torch.empty_like(a)  # sum_j b_j E_ij
+        col_sums = torch.zeros_like(b)  # sum_i a_i E_ij
+        PY, PtX = torch.empty_like(X), torch.zeros_like(Y)
+        for i0, i1 in _row_blocks(a.shape[1], b.numel()):
+            E = ((f[:, i0:i1, None] + g[:, None, :] - scale * cost_matrix(X[:, i0:i1], Y)) / eps).exp_()
+            row_sums[:, i0:i1] = (E @ b[..., None])[..., 0]
+            col_sums += (a[:, i0:i1, None] * E).sum(1)
+            P = E.mul_(a[:, i0:i1, None] * b[:, None, :])
+            PY[:, i0:i1] = P @ Y
+            PtX += P.transpose(1, 2) @ X[:, i0:i1]
+        w = grad[:, None]
+        gx = 2 * scale * ((a * row_sums)[..., None] * X - PY) * w[..., None]
+        gy = 2 * scale * ((b * col_sums)[..., None] * Y - PtX) * w[..., None]
+        df, dg = (f, g) if rho is None else (-rho * torch.expm1(-f / rho), -rho * torch.expm1(-g / rho))
+        ga = (df - eps * (row_sums - b.sum(-1, keepdim=True))) * w
+        gb = (dg - eps * (col_sums - a.sum(-1, keepdim=True))) * w
+        return gx.to(x.dtype), gy.to(y.dtype), ga, gb, None, None, None, None, None
+
+
 def _solve(C, a, b, *, dtype: torch.dtype, eps, tol, max_iter, eps_scaling, reach, batched: bool,
            backend: str, log_plan_of, symmetric: bool = False, progress: bool = False) -> SinkhornResult:
     """``C``: the costs [B, N, M] (float64 when gradients flow through them), or :class:`_Points`."""
@@ -329,10 +377,9 @@ def _solve(C, a, b, *, dtype: torch.dtype, eps, tol, max_iter, eps_scaling, reac
     f, g, transport, value, n_iter, error = sinkhorn_op(backend, like.device, dtype, work, a.detach(), b.detach(), eps,
                                                         rho, tol, max_iter, _schedule(eps, eps_scaling, work), symmetric,
                                                         progress)
-    if a.requires_grad or b.requires_grad or (not points and C.requires_grad):
-        if points:
-            raise NotImplementedError("sinkhorn: gradients of problems solved online (costs above MATERIALIZE_BYTES) "
-                                      "are not implemented yet")
+    if points and (C.x.requires_grad or C.y.requires_grad or a.requires_grad or b.requires_grad):
+        value = value + _OnlineDual.apply(C.x, C.y, a, b, f, g, eps, rho, C.scale)
+    elif not points and (C.requires_grad or a.requires_grad or b.requires_grad):
         value = value + _dual_surrogate(C, a, b, f, g, eps, rho)
     converged = error <= tol
     if not bool(converged.all()):
@@ -378,10 +425,7 @@ def sinkhorn(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean", tol
     dtype = _working_dtype(x.dtype, y.dtype)
     online = xb.shape[0] * xb.shape[1] * yb.shape[1] * (8 if dtype == torch.float64 else 4) > MATERIALIZE_BYTES
     if online:
-        if x.requires_grad or y.requires_grad:
-            raise NotImplementedError(f"sinkhorn: gradients of problems solved online (costs above "
-                                      f"{MATERIALIZE_BYTES >> 20} MiB) are not implemented yet")
-        C = _Points(xb.detach().to(dtype).contiguous(), yb.detach().to(dtype).contiguous(), COSTS[cost])
+        C = _Points(xb.to(dtype), yb.to(dtype), COSTS[cost])
         log_plan_of = C.rows
     else:
         # float32 work computes its costs in float32 too, unless gradients need float64 ones
