@@ -290,7 +290,9 @@ py::tuple sinkhorn_matrix(const py::buffer& C, int64_t N, const py::buffer& a, c
 py::tuple sinkhorn_points(const py::buffer& x, const py::buffer& y, int64_t N, double scale, const py::dict& blas,
                           const py::buffer& a, const py::buffer& b, const py::buffer& f, const py::buffer& g, double eps,
                           double lam, double rho, double tol, int64_t memory, int64_t max_iter, int64_t check_every,
-                          bool symmetric, const std::vector<double>& schedule, const py::object& progress) {
+                          bool symmetric, const std::vector<double>& schedule, const py::object& progress,
+                          const std::vector<double>& label_table, const std::vector<int64_t>& x_starts,
+                          const std::vector<int64_t>& y_starts) {
   const BufferView xv = buffer_view(x, "x", false), yv = buffer_view(y, "y", false), av = buffer_view(a, "a", false),
                    bv = buffer_view(b, "b", false);
   BufferView fv = buffer_view(f, "f", true), gv = buffer_view(g, "g", true);
@@ -300,6 +302,14 @@ py::tuple sinkhorn_points(const py::buffer& x, const py::buffer& y, int64_t N, d
   py::array_t<double> error(B), transport(B), value(B);
   const cpu::SinkhornSettings s{eps, lam, rho, tol, memory, max_iter, check_every, symmetric, schedule.data(),
                                 static_cast<int64_t>(schedule.size())};
+  cpu::LabelCost labels;
+  if (!label_table.empty()) {
+    const int64_t kx = int64_t(x_starts.size()) - 1, ky = int64_t(y_starts.size()) - 1;
+    if (kx < 1 || ky < 1 || int64_t(label_table.size()) != kx * ky) {
+      throw std::invalid_argument("sinkhorn_points: label_table must hold (len(x_starts) - 1) x (len(y_starts) - 1)");
+    }
+    labels = {label_table.data(), x_starts.data(), kx, y_starts.data(), ky};
+  }
   std::function<void(int64_t, int64_t, double)> report = [&](int64_t k, int64_t it, double err) {
     py::gil_scoped_acquire acquire;
     if (PyErr_CheckSignals() != 0) throw py::error_already_set();
@@ -309,8 +319,8 @@ py::tuple sinkhorn_points(const py::buffer& x, const py::buffer& y, int64_t N, d
   double *err = error.mutable_data(), *cost = transport.mutable_data(), *val = value.mutable_data();
   {
     py::gil_scoped_release release;
-    cpu::sinkhorn_points(xv.view, yv.view, N, scale, gemm, av.view, bv.view, fv.view, gv.view, s, it, err, cost, val,
-                         report);
+    cpu::sinkhorn_points(xv.view, yv.view, N, scale, gemm, av.view, bv.view, fv.view, gv.view, s, labels, it, err,
+                         cost, val, report);
   }
   return py::make_tuple(n_iter, error, transport, value);
 }
@@ -513,7 +523,9 @@ PYBIND11_MODULE(_native, m) {
   m.def("sinkhorn_points", &sinkhorn_points, py::arg("x"), py::arg("y"), py::arg("N"), py::arg("scale"), py::arg("blas"),
         py::arg("a"), py::arg("b"), py::arg("f"), py::arg("g"), py::arg("eps"), py::arg("lam"), py::arg("rho"),
         py::arg("tol"), py::arg("memory"), py::arg("max_iter"), py::arg("check_every"), py::arg("symmetric"),
-        py::arg("schedule"), py::arg("progress"), "log-domain Sinkhorn on point clouds, costs recomputed in tiles");
+        py::arg("schedule"), py::arg("progress"), py::arg("label_table") = std::vector<double>(),
+        py::arg("x_starts") = std::vector<int64_t>(), py::arg("y_starts") = std::vector<int64_t>(),
+        "log-domain Sinkhorn on point clouds, costs recomputed in tiles (plus a cost between classes)");
   m.def("tridiagonalize", &tridiagonalize, py::arg("lapack"), py::arg("grams"), py::arg("projected"),
         py::arg("across_models"), "sytrd + sterf of Gram matrices and Q^T of their targets, in place (LAPACK from scipy)");
   m.def("tridiagonal_apply_q", &tridiagonal_apply_q, py::arg("lapack"), py::arg("gram"), py::arg("tau"), py::arg("X"),

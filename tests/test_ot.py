@@ -373,6 +373,31 @@ def test_dataset_distance_matches_an_explicit_construction(inner):
     assert abs(float(got.transport_cost) - float(want)) < 1e-6 * float(want)
 
 
+@pytest.mark.parametrize("inner", ["gaussian", "exact"])
+def test_dataset_distance_online_matches_stored(online, inner):
+    """Outer costs recomputed in tiles with the label table (each cloud sorted by class inside,
+    answers in the callers' order) against the stored label-augmented costs: class ids with gaps
+    (empty classes), a class only in the source, more target points than one tile."""
+    import transferops.ot
+    from transferops.ot import dataset_distance
+
+    g = torch.Generator().manual_seed(9)
+    ys = torch.tensor([0, 2, 5])[torch.randint(0, 3, (70,), generator=g)]
+    yt = torch.tensor([2, 5, 6])[torch.randint(0, 3, (1100,), generator=g)]
+    Xs = torch.randn(70, 3, generator=g, dtype=torch.float64) + ys[:, None] * 0.3
+    Xt = torch.randn(1100, 3, generator=g, dtype=torch.float64) * 1.2 + yt[:, None] * 0.25
+    kw = dict(eps=0.4, inner=inner, tol=1e-10, return_label_distances=True)
+    got, W = dataset_distance(Xs, ys, Xt, yt, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(transferops.ot, "MATERIALIZE_BYTES", 1 << 40)
+        want, W_want = dataset_distance(Xs, ys, Xt, yt, **kw)
+    torch.testing.assert_close(W, W_want, rtol=1e-9, atol=0)  # "exact": inner problems online too
+    assert _rel(got.transport_cost, want.transport_cost) < 1e-9 and _rel(got.ot_eps, want.ot_eps) < 1e-9
+    torch.testing.assert_close(got.plan(), want.plan(), rtol=1e-7, atol=1e-14)
+    with pytest.raises(NotImplementedError, match="dataset_distance: gradients"):
+        dataset_distance(Xs.requires_grad_(), ys, Xt, yt, eps=0.4)
+
+
 def test_dataset_distance_sees_classes_not_label_names():
     """Renaming the classes changes nothing (the ground cost compares class distributions);
     swapping the features of two classes does."""

@@ -678,16 +678,34 @@ double lane_sum(const T* z, int64_t n) {
   return out;
 }
 
+// Points sorted by class (class k: [starts[k], starts[k + 1])); without labels, one class. label
+// [k * other's classes + l]: the cost added between this cloud's class k and the other's class l.
 template <class T>
 struct Cloud {
   const T* pts;
   int64_t n, ld;
   std::vector<double> norms;  // scale * |p|^2
+  std::vector<int64_t> starts;
+  std::vector<double> label;
+
+  int64_t classes() const { return int64_t(starts.size()) - 1; }
+  int64_t class_of(int64_t i) const { return std::upper_bound(starts.begin(), starts.end(), i) - starts.begin() - 1; }
 };
+
+// Calls run(lo, hi, cost) for the runs [lo, hi) of Q's classes within columns [j0, j0 + nj) (as
+// offsets from j0), with the label cost between P's point i and that class.
+template <class T, class Run>
+void label_runs(const Cloud<T>& P, const Cloud<T>& Q, int64_t i, int64_t j0, int64_t nj, Run&& run) {
+  const double* w = P.label.data() + P.class_of(i) * Q.classes();
+  for (int64_t c = Q.class_of(j0); c < Q.classes() && Q.starts[c] < j0 + nj; ++c) {
+    const int64_t lo = std::max(Q.starts[c], j0), hi = std::min(Q.starts[c + 1], j0 + nj);
+    if (lo < hi) run(lo - j0, hi - j0, w[c]);
+  }
+}
 
 template <class T>
 Cloud<T> cloud(const T* pts, int64_t n, int64_t ld, int64_t d, double scale) {
-  Cloud<T> c{pts, n, ld, std::vector<double>(n)};
+  Cloud<T> c{pts, n, ld, std::vector<double>(n), {0, n}, {0.0}};
   for (int64_t i = 0; i < n; ++i) {
     double acc = 0.0;
     for (int64_t k = 0; k < d; ++k) acc += double(pts[i * ld + k]) * double(pts[i * ld + k]);
@@ -756,9 +774,11 @@ void lse_pass(const Gemm& g, const Cloud<T>& P, const Cloud<T>& Q, int64_t d, do
     T* et = e[thread].data();
     for (int64_t r = 0; r < ni; ++r) {
       const int64_t i = i0 + r;
-      const double beta = P.norms[i] / eps;
       const T* t = tile + r * nj;
-      for (int64_t j = 0; j < nj; ++j) zt[j] = h[j0 + j] + alpha * double(t[j]) - beta;
+      label_runs(P, Q, i, j0, nj, [&](int64_t lo, int64_t hi, double label) {
+        const double beta = (P.norms[i] + label) / eps;
+        for (int64_t j = lo; j < hi; ++j) zt[j] = h[j0 + j] + alpha * double(t[j]) - beta;
+      });
       const double m = lane_max(zt, nj);
       if (m == neg_inf()) continue;
       if (m > mx[i]) {
@@ -850,10 +870,12 @@ void solve_points(const Gemm& gm, PointProblem<T>& p, const SinkhornSettings& s,
       const int64_t i = i0 + rr;
       if (p.a[i] == 0.0) continue;
       const T* t = tile + rr * nj;
-      for (int64_t j = 0; j < nj; ++j) {
-        ct[j] = std::max(0.0, p.X.norms[i] + p.Y.norms[j0 + j] - 2.0 * p.scale * double(t[j]));
-        zt[j] = la[i] + lb[j0 + j] + (F[i] + G[j0 + j] - ct[j]) / s.eps;
-      }
+      label_runs(p.X, p.Y, i, j0, nj, [&](int64_t lo, int64_t hi, double label) {
+        for (int64_t j = lo; j < hi; ++j) {
+          ct[j] = std::max(0.0, p.X.norms[i] + p.Y.norms[j0 + j] - 2.0 * p.scale * double(t[j])) + label;
+          zt[j] = la[i] + lb[j0 + j] + (F[i] + G[j0 + j] - ct[j]) / s.eps;
+        }
+      });
       exp_array(zt, et, nj);
       double row = 0.0, row_cost = 0.0;
       for (int64_t j = 0; j < nj; ++j) {
@@ -882,25 +904,49 @@ void solve_points(const Gemm& gm, PointProblem<T>& p, const SinkhornSettings& s,
 
 template <class T>
 void points_typed(const View2D& x, const View2D& y, int64_t N, double scale, const Gemm& gemm, const View2D& a,
-                  const View2D& b, const View2D& f, const View2D& g, const SinkhornSettings& s, int64_t* n_iter,
-                  double* error, double* transport, double* value,
+                  const View2D& b, const View2D& f, const View2D& g, const SinkhornSettings& s, const LabelCost& labels,
+                  int64_t* n_iter, double* error, double* transport, double* value,
                   const std::function<void(int64_t, int64_t, double)>& progress) {
   const int64_t B = a.rows, M = b.cols, d = x.cols;
   for (int64_t k = 0; k < B; ++k) {
     PointProblem<T> p{cloud(x.row<const T>(k * N), N, x.row_stride, d, scale),
                       cloud(y.row<const T>(k * M), M, y.row_stride, d, scale), d, scale, a.row<const double>(k),
                       b.row<const double>(k), f.row<double>(k), g.row<double>(k)};
+    if (labels.table) {
+      const int64_t kx = labels.x_classes, ky = labels.y_classes;
+      p.X.starts.assign(labels.x_starts, labels.x_starts + kx + 1);
+      p.Y.starts.assign(labels.y_starts, labels.y_starts + ky + 1);
+      p.X.label.assign(labels.table, labels.table + kx * ky);
+      p.Y.label.resize(size_t(ky) * kx);
+      for (int64_t c = 0; c < kx; ++c) {
+        for (int64_t l = 0; l < ky; ++l) p.Y.label[l * kx + c] = labels.table[c * ky + l];
+      }
+    }
     solve_points(gemm, p, s, k, n_iter + k, error + k, transport + k, value + k, progress);
   }
 }
 
 }  // namespace
 
+// Class runs of n sorted points: starts[0] = 0, non-decreasing, starts[classes] = n.
+bool valid_starts(const int64_t* starts, int64_t classes, int64_t n) {
+  if (classes < 1 || starts[0] != 0 || starts[classes] != n) return false;
+  for (int64_t k = 0; k < classes; ++k) {
+    if (starts[k + 1] < starts[k]) return false;
+  }
+  return true;
+}
+
 void sinkhorn_points_impl(const View2D& x, const View2D& y, int64_t N, double scale, const Gemm& gemm,
                           const View2D& a, const View2D& b, const View2D& f, const View2D& g,
-                          const SinkhornSettings& s, int64_t* n_iter, double* error, double* transport, double* value,
+                          const SinkhornSettings& s, const LabelCost& labels, int64_t* n_iter, double* error,
+                          double* transport, double* value,
                           const std::function<void(int64_t, int64_t, double)>& progress) {
   const int64_t B = a.rows, M = b.cols;
+  if (labels.table && (B != 1 || !valid_starts(labels.x_starts, labels.x_classes, N) ||
+                       !valid_starts(labels.y_starts, labels.y_classes, M))) {
+    throw std::invalid_argument("sinkhorn: labels need one problem and class runs 0 = starts[0] <= ... <= starts[K] = n");
+  }
   if (N < 1 || x.rows != B * N || a.cols != N || y.rows != B * M || y.cols != x.cols || x.dtype != y.dtype ||
       b.rows != B || f.rows != B || f.cols != N || g.rows != B || g.cols != M) {
     throw std::invalid_argument("sinkhorn: x [B * N, d], y [B * M, d], a and f [B, N], b and g [B, M] do not match");
@@ -910,9 +956,9 @@ void sinkhorn_points_impl(const View2D& x, const View2D& y, int64_t N, double sc
     throw std::invalid_argument("sinkhorn: expected eps > 0, tol > 0, max_iter >= 1, check_every >= 1, 0 <= memory <= 16");
   }
   if (x.dtype == DType::f32) {
-    points_typed<float>(x, y, N, scale, gemm, a, b, f, g, s, n_iter, error, transport, value, progress);
+    points_typed<float>(x, y, N, scale, gemm, a, b, f, g, s, labels, n_iter, error, transport, value, progress);
   } else if (x.dtype == DType::f64) {
-    points_typed<double>(x, y, N, scale, gemm, a, b, f, g, s, n_iter, error, transport, value, progress);
+    points_typed<double>(x, y, N, scale, gemm, a, b, f, g, s, labels, n_iter, error, transport, value, progress);
   } else {
     throw std::invalid_argument("sinkhorn: points must be float32 or float64");
   }
@@ -928,7 +974,8 @@ void sinkhorn_matrix_impl(const View2D& C, int64_t N, const View2D& a, const Vie
                           double* value);
 void sinkhorn_points_impl(const View2D& x, const View2D& y, int64_t N, double scale, const Gemm& gemm,
                           const View2D& a, const View2D& b, const View2D& f, const View2D& g,
-                          const SinkhornSettings& s, int64_t* n_iter, double* error, double* transport, double* value,
+                          const SinkhornSettings& s, const LabelCost& labels, int64_t* n_iter, double* error,
+                          double* transport, double* value,
                           const std::function<void(int64_t, int64_t, double)>& progress);
 }  // namespace avx2
 #endif
@@ -942,15 +989,16 @@ void sinkhorn_matrix(const View2D& C, int64_t N, const View2D& a, const View2D& 
 }
 
 void sinkhorn_points(const View2D& x, const View2D& y, int64_t N, double scale, const Gemm& gemm, const View2D& a,
-                     const View2D& b, const View2D& f, const View2D& g, const SinkhornSettings& s, int64_t* n_iter,
-                     double* error, double* transport, double* value,
+                     const View2D& b, const View2D& f, const View2D& g, const SinkhornSettings& s,
+                     const LabelCost& labels, int64_t* n_iter, double* error, double* transport, double* value,
                      const std::function<void(int64_t, int64_t, double)>& progress) {
 #ifdef TRANSFEROPS_HAVE_AVX2
   if (std::string(cpu_isa()) == "avx2") {
-    return avx2::sinkhorn_points_impl(x, y, N, scale, gemm, a, b, f, g, s, n_iter, error, transport, value, progress);
+    return avx2::sinkhorn_points_impl(x, y, N, scale, gemm, a, b, f, g, s, labels, n_iter, error, transport, value,
+                                      progress);
   }
 #endif
-  base::sinkhorn_points_impl(x, y, N, scale, gemm, a, b, f, g, s, n_iter, error, transport, value, progress);
+  base::sinkhorn_points_impl(x, y, N, scale, gemm, a, b, f, g, s, labels, n_iter, error, transport, value, progress);
 }
 #endif  // TRANSFEROPS_ISA_BASE
 

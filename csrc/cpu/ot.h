@@ -39,10 +39,20 @@ void sinkhorn_matrix(const View2D& C, int64_t N, const View2D& a, const View2D& 
 // tiles (x.y by GEMM, then exp and the row sums), so memory is O((N + M) d). Updates are
 // log-domain (no kernel to store), with the same acceleration, error and values as
 // sinkhorn_matrix, but the error is checked at every iteration (it comes with the row update's
-// pass). `progress(problem, iteration, error)` runs on the calling thread after each check. The caller keeps BLAS single-threaded: OpenMP threads share each update's rows.
+// pass). `progress(problem, iteration, error)` runs on the calling thread after each check. The
+// caller keeps BLAS single-threaded: OpenMP threads share each update's rows. `labels` (one
+// problem; OTDD's label-augmented cost) adds table[class of x_i, class of y_j] to C_ij.
+struct LabelCost {
+  const double* table = nullptr;  // [x_classes, y_classes], row-major; null: no labels
+  // Each cloud sorted by class: class k of x holds points [x_starts[k], x_starts[k + 1]).
+  const int64_t* x_starts = nullptr;
+  int64_t x_classes = 0;
+  const int64_t* y_starts = nullptr;
+  int64_t y_classes = 0;
+};
 void sinkhorn_points(const View2D& x, const View2D& y, int64_t N, double scale, const Gemm& gemm, const View2D& a,
-                     const View2D& b, const View2D& f, const View2D& g, const SinkhornSettings& s, int64_t* n_iter,
-                     double* error, double* transport, double* value,
+                     const View2D& b, const View2D& f, const View2D& g, const SinkhornSettings& s,
+                     const LabelCost& labels, int64_t* n_iter, double* error, double* transport, double* value,
                      const std::function<void(int64_t, int64_t, double)>& progress);
 
 }  // namespace transferops::cpu

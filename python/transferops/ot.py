@@ -53,18 +53,30 @@ def _row_blocks(n: int, width: int) -> list[tuple[int, int]]:
 
 class _Points(NamedTuple):
     """Point clouds [B, N, d], [B, M, d] in the working dtype (carrying the caller's autograd
-    history), standing for the costs scale * |x_i - y_j|^2 that are never stored whole."""
+    history), standing for the costs scale * |x_i - y_j|^2 that are never stored whole; with
+    ``labels`` (ys [N], yt [M], W [classes, classes], one problem), plus W[ys_i, yt_j]."""
     x: torch.Tensor
     y: torch.Tensor
     scale: float
+    labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def rows(self, rows: slice) -> torch.Tensor:
-        return self.scale * cost_matrix(self.x.detach()[:, rows], self.y.detach())
+        C = self.scale * cost_matrix(self.x.detach()[:, rows], self.y.detach())
+        if self.labels is not None:
+            ys, yt, W = self.labels
+            C = C + W[ys[rows]][:, yt]
+        return C
 
     def max_cost(self) -> float:
         """An upper bound of the costs (for the eps-scaling schedule)."""
         x, y = self.x.detach().double(), self.y.detach().double()
-        return self.scale * float(x.norm(dim=-1).max() + y.norm(dim=-1).max()) ** 2
+        label = 0.0 if self.labels is None else float(self.labels[2].max())
+        return self.scale * float(x.norm(dim=-1).max() + y.norm(dim=-1).max()) ** 2 + label
+
+
+def _class_starts(labels: torch.Tensor, classes: int) -> list[int]:
+    """Where each class's run starts among the points sorted by class, and the end."""
+    return [0] + torch.bincount(labels, minlength=classes).cumsum(0).tolist()
 
 
 # ---- inputs ----------------------------------------------------------------------------------
@@ -270,17 +282,28 @@ def _progress_printer(B: int, N: int, M: int):
 def _sinkhorn_native(costs, a, b, eps, rho, tol, max_iter, schedule, symmetric, progress):
     lam = 1.0 if rho is None else rho / (rho + eps)
     settings = (eps, lam, -1.0 if rho is None else rho, tol, ANDERSON_MEMORY, max_iter, CHECK_EVERY, symmetric, schedule)
-    weights = (native_buffer(a.contiguous()), native_buffer(b.contiguous()))
     B, N, M = a.shape[0], a.shape[1], b.shape[1]
     f = torch.zeros(B, N, dtype=torch.float64)
     g = torch.zeros(B, M, dtype=torch.float64)
     if isinstance(costs, _Points):
-        x, y = (native_buffer(t.detach().contiguous().view(-1, t.shape[-1])) for t in (costs.x, costs.y))
+        x, y, labels = costs.x.detach(), costs.y.detach(), {}
+        if costs.labels is not None:  # the native solver takes each cloud sorted by class
+            ys, yt, W = costs.labels
+            ox, oy = torch.argsort(ys, stable=True), torch.argsort(yt, stable=True)
+            x, a, y, b = x[:, ox], a[:, ox], y[:, oy], b[:, oy]
+            labels = dict(label_table=W.double().flatten().tolist(), x_starts=_class_starts(ys, W.shape[0]),
+                          y_starts=_class_starts(yt, W.shape[1]))
+        x, y = (native_buffer(t.contiguous().view(-1, t.shape[-1])) for t in (x, y))
         with single_threaded_blas() as blas:  # the OpenMP threads share the tiles, one GEMM each
-            out = native_module().sinkhorn_points(x, y, N, costs.scale, blas, *weights, native_buffer(f),
-                                                  native_buffer(g), *settings,
-                                                  _progress_printer(B, N, M) if progress else None)
+            out = native_module().sinkhorn_points(x, y, N, costs.scale, blas, native_buffer(a.contiguous()),
+                                                  native_buffer(b.contiguous()), native_buffer(f), native_buffer(g),
+                                                  *settings, _progress_printer(B, N, M) if progress else None,
+                                                  **labels)
+        if labels:
+            sorted_f, sorted_g, f, g = f, g, torch.empty_like(f), torch.empty_like(g)
+            f[:, ox], g[:, oy] = sorted_f, sorted_g
     else:
+        weights = (native_buffer(a.contiguous()), native_buffer(b.contiguous()))
         out = native_module().sinkhorn_matrix(native_buffer(costs.contiguous().view(B * N, M)), N, *weights,
                                               native_buffer(f), native_buffer(g), *settings)
     n_iter, error, transport, value = out
@@ -517,7 +540,9 @@ def dataset_distance(Xs, ys, Xt, yt, *, eps: float, inner: str = "gaussian", inn
     distribution of the features of class y. ``inner="gaussian"``: W_2 between the classes'
     Gaussian fits (closed form); ``"exact"``: the entropic transport cost between the classes'
     samples at ``inner_eps`` (default ``eps``). Costs are not rescaled: ``eps`` is absolute.
-    There is no sample limit; the N x M outer costs are stored (a chunk at a time is planned).
+    There is no sample limit: outer costs above ``MATERIALIZE_BYTES`` in float64 are never
+    stored: the native backend recomputes them in tiles (in float64, with progress on stderr), as
+    :func:`sinkhorn` does for large clouds.
 
     Returns the outer :class:`SinkhornResult` (its ``transport_cost`` is the distance), and with
     ``return_label_distances`` also W_2^2 [source classes, target classes] (rows and columns of
@@ -538,8 +563,16 @@ def dataset_distance(Xs, ys, Xt, yt, *, eps: float, inner: str = "gaussian", inn
             for c2 in torch.unique(yt).tolist():
                 W[c, c2] = sinkhorn(Xs[ys == c], Xt[yt == c2], eps=inner_eps, tol=tol, max_iter=max_iter,
                                     backend=backend).transport_cost
-    result = sinkhorn_cost_matrix(cost_matrix(Xs, Xt) + W[ys][:, yt], eps=eps, tol=tol, max_iter=max_iter,
-                                  backend=backend)
+    if Xs.shape[0] * Xt.shape[0] * 8 > MATERIALIZE_BYTES:
+        if Xs.requires_grad or Xt.requires_grad:
+            raise NotImplementedError(f"dataset_distance: gradients of datasets whose outer costs exceed "
+                                      f"{MATERIALIZE_BYTES >> 20} MiB (solved online) are not implemented")
+        C = _Points(Xs[None], Xt[None], 1.0, (ys, yt, W))
+        result = _solve(C, None, None, dtype=torch.float64, eps=eps, tol=tol, max_iter=max_iter, eps_scaling=None,
+                        reach=None, batched=False, backend=backend, log_plan_of=C.rows, progress=True)
+    else:
+        result = sinkhorn_cost_matrix(cost_matrix(Xs, Xt) + W[ys][:, yt], eps=eps, tol=tol, max_iter=max_iter,
+                                      backend=backend)
     return (result, W) if return_label_distances else result
 
 
