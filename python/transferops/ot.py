@@ -341,12 +341,35 @@ def _dual_surrogate(C, a, b, f, g, eps, rho):
     return dual - dual.detach()
 
 
+def _envelope_gradients(x, y, a, b, f, g, eps: float, rho: float | None, scale: float, grad: torch.Tensor):
+    """The gradients of ot_eps in x, y, a and b at the optimal potentials f, g (envelope theorem:
+    no iteration is differentiated), times grad [B]. With E_ij = exp((f_i + g_j - C_ij)/eps),
+    P = a E b and C_ij = s |x_i - y_j|^2: d/dx_i = 2 s ((P 1)_i x_i - (P y)_i),
+    d/da_i = f_i - eps (sum_j b_j E_ij - sum b) (balanced; unbalanced: rho (1 - exp(-f_i/rho)) in
+    place of f_i), and likewise for y, b. The plan is recomputed in blocks of rows
+    (BLOCK_ENTRIES), so memory stays O((N + M) d)."""
+    X, Y = x.double(), y.double()
+    row_sums = torch.empty_like(a)  # sum_j b_j E_ij
+    col_sums = torch.zeros_like(b)  # sum_i a_i E_ij
+    PY, PtX = torch.empty_like(X), torch.zeros_like(Y)
+    for i0, i1 in _row_blocks(a.shape[1], b.numel()):
+        E = ((f[:, i0:i1, None] + g[:, None, :] - scale * cost_matrix(X[:, i0:i1], Y)) / eps).exp_()
+        row_sums[:, i0:i1] = (E @ b[..., None])[..., 0]
+        col_sums += (a[:, i0:i1, None] * E).sum(1)
+        P = E.mul_(a[:, i0:i1, None] * b[:, None, :])
+        PY[:, i0:i1] = P @ Y
+        PtX += P.transpose(1, 2) @ X[:, i0:i1]
+    w = grad[:, None]
+    gx = 2 * scale * ((a * row_sums)[..., None] * X - PY) * w[..., None]
+    gy = 2 * scale * ((b * col_sums)[..., None] * Y - PtX) * w[..., None]
+    df, dg = (f, g) if rho is None else (-rho * torch.expm1(-f / rho), -rho * torch.expm1(-g / rho))
+    ga = (df - eps * (row_sums - b.sum(-1, keepdim=True))) * w
+    gb = (dg - eps * (col_sums - a.sum(-1, keepdim=True))) * w
+    return gx.to(x.dtype), gy.to(y.dtype), ga, gb
+
+
 class _OnlineDual(torch.autograd.Function):
-    """_dual_surrogate for problems solved online: zero, with the gradients of ot_eps in x, y, a
-    and b. With E_ij = exp((f_i + g_j - C_ij)/eps), P = a E b and C_ij = s |x_i - y_j|^2:
-    d/dx_i = 2 s ((P 1)_i x_i - (P y)_i), d/da_i = f_i - eps (sum_j b_j E_ij - sum b) (balanced;
-    unbalanced: rho (1 - exp(-f_i/rho)) in place of f_i), and likewise for y, b. Backward recomputes
-    the plan in blocks of rows (BLOCK_ENTRIES), so memory stays O((N + M) d)."""
+    """_dual_surrogate for problems solved online: zero, with _envelope_gradients."""
 
     @staticmethod
     def forward(ctx, x, y, a, b, f, g, eps, rho, scale):
@@ -356,26 +379,8 @@ class _OnlineDual(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, y, a, b, f, g = ctx.saved_tensors
-        eps, rho, scale = ctx.eps, ctx.rho, ctx.scale
-        X, Y = x.double(), y.double()
-        row_sums = torch.empty_like(a)  # sum_j b_j E_ij
-        col_sums = torch.zeros_like(b)  # sum_i a_i E_ij
-        PY, PtX = torch.empty_like(X), torch.zeros_like(Y)
-        for i0, i1 in _row_blocks(a.shape[1], b.numel()):
-            E = ((f[:, i0:i1, None] + g[:, None, :] - scale * cost_matrix(X[:, i0:i1], Y)) / eps).exp_()
-            row_sums[:, i0:i1] = (E @ b[..., None])[..., 0]
-            col_sums += (a[:, i0:i1, None] * E).sum(1)
-            P = E.mul_(a[:, i0:i1, None] * b[:, None, :])
-            PY[:, i0:i1] = P @ Y
-            PtX += P.transpose(1, 2) @ X[:, i0:i1]
-        w = grad[:, None]
-        gx = 2 * scale * ((a * row_sums)[..., None] * X - PY) * w[..., None]
-        gy = 2 * scale * ((b * col_sums)[..., None] * Y - PtX) * w[..., None]
-        df, dg = (f, g) if rho is None else (-rho * torch.expm1(-f / rho), -rho * torch.expm1(-g / rho))
-        ga = (df - eps * (row_sums - b.sum(-1, keepdim=True))) * w
-        gb = (dg - eps * (col_sums - a.sum(-1, keepdim=True))) * w
-        return gx.to(x.dtype), gy.to(y.dtype), ga, gb, None, None, None, None, None
+        return (*_envelope_gradients(*ctx.saved_tensors, ctx.eps, ctx.rho, ctx.scale, grad), None, None, None, None,
+                None)
 
 
 def _solve(C, a, b, *, dtype: torch.dtype, eps, tol, max_iter, eps_scaling, reach, batched: bool,
@@ -604,22 +609,7 @@ def _ot_eps_setup(ctx, inputs, output):
 
 
 def _ot_eps_backward(ctx, grad_value, grad_f, grad_g):
-    """Envelope theorem: the gradients of ot_eps at the optimal potentials, as plain torch ops
-    (no iteration differentiated). With P the plan and E = exp((f + g - C)/eps) - 1:
-    d/dx_i = 2 s (r_i x_i - (P y)_i), d/dy_j = 2 s (c_j y_j - (P^T x)_j),
-    d/da_i = f_i - eps sum_j b_j E_ij, d/db_j = g_j - eps sum_i a_i E_ij."""
-    x, y, a, b, f, g = ctx.saved_tensors
-    eps, scale = ctx.eps, ctx.scale
-    x64, y64 = x.double(), y.double()
-    C = scale * cost_matrix(x64, y64)
-    E = torch.expm1((f[:, :, None] + g[:, None, :] - C) / eps)
-    P = a[:, :, None] * b[:, None, :] * (E + 1)
-    w = grad_value[:, None, None]
-    gx = 2 * scale * (P.sum(-1)[..., None] * x64 - P @ y64) * w
-    gy = 2 * scale * (P.sum(-2)[..., None] * y64 - P.transpose(-1, -2) @ x64) * w
-    ga = (f - eps * (E * b[:, None, :]).sum(-1)) * grad_value[:, None]
-    gb = (g - eps * (E * a[:, :, None]).sum(-2)) * grad_value[:, None]
-    return gx.to(x.dtype), gy.to(y.dtype), ga.to(a.dtype), gb.to(b.dtype), None, None, None, None
+    return (*_envelope_gradients(*ctx.saved_tensors, ctx.eps, None, ctx.scale, grad_value), None, None, None, None)
 
 
 _ot_eps_op.register_autograd(_ot_eps_backward, setup_context=_ot_eps_setup)
