@@ -812,6 +812,10 @@ void solve_points(const Gemm& gm, PointProblem<T>& p, const SinkhornSettings& s,
   for (int64_t i = 0; i < N; ++i) la[i] = p.a[i] > 0 ? std::log(p.a[i]) : neg_inf(), mass += p.a[i];
   for (int64_t j = 0; j < M; ++j) lb[j] = p.b[j] > 0 ? std::log(p.b[j]) : neg_inf();
   const bool parallel = true;
+  // F from the log-sums L of the row pass, averaged with the old by weight omega.
+  auto take_rows = [&](double e, double lam, double omega) {
+    for (int64_t i = 0; i < N; ++i) F[i] = (1.0 - omega) * F[i] + omega * lam * (-e * L[i]);
+  };
   // G from F: T(G) when F came from G; mix (if any) takes its Anderson step to the next G.
   auto update_cols = [&](double e, double lam, Anderson* mix) {
     if (s.symmetric) {
@@ -830,7 +834,7 @@ void solve_points(const Gemm& gm, PointProblem<T>& p, const SinkhornSettings& s,
     const double e = s.schedule[k];
     const double lam = s.rho > 0 ? s.rho / (s.rho + e) : 1.0;
     lse_pass(gm, p.X, p.Y, p.d, p.scale, lb, G, e, L, parallel);
-    for (int64_t i = 0; i < N; ++i) F[i] = lam * (-e * L[i]);
+    take_rows(e, lam, 1.0);
     update_cols(e, lam, nullptr);
   }
   // The row error of a state needs the row sums of the next update: it is taken from that pass.
@@ -853,8 +857,7 @@ void solve_points(const Gemm& gm, PointProblem<T>& p, const SinkhornSettings& s,
       if (err <= s.tol || it == s.max_iter) break;
     }
     ++it;
-    const double omega = s.symmetric ? 0.5 : 1.0;
-    for (int64_t i = 0; i < N; ++i) F[i] = (1.0 - omega) * F[i] + omega * s.lam * (-s.eps * L[i]);
+    take_rows(s.eps, s.lam, s.symmetric ? 0.5 : 1.0);
     update_cols(s.eps, s.lam, &mix);
   }
   // Values: the marginals of P and <C, P>, in one more pass over the tiles.
@@ -926,8 +929,6 @@ void points_typed(const View2D& x, const View2D& y, int64_t N, double scale, con
   }
 }
 
-}  // namespace
-
 // Class runs of n sorted points: starts[0] = 0, non-decreasing, starts[classes] = n.
 bool valid_starts(const int64_t* starts, int64_t classes, int64_t n) {
   if (classes < 1 || starts[0] != 0 || starts[classes] != n) return false;
@@ -936,6 +937,8 @@ bool valid_starts(const int64_t* starts, int64_t classes, int64_t n) {
   }
   return true;
 }
+
+}  // namespace
 
 void sinkhorn_points_impl(const View2D& x, const View2D& y, int64_t N, double scale, const Gemm& gemm,
                           const View2D& a, const View2D& b, const View2D& f, const View2D& g,

@@ -41,6 +41,10 @@ CHECK_EVERY = 10  # iterations between two marginal-error checks
 MATERIALIZE_BYTES = 1 << 28
 
 
+def _solved_online(B: int, N: int, M: int, dtype: torch.dtype) -> bool:
+    return B * N * M * (8 if dtype == torch.float64 else 4) > MATERIALIZE_BYTES
+
+
 # Plans of online problems are recomputed in blocks of rows of about this many entries per
 # [rows, M] float64 temporary (32 MiB), whatever M.
 BLOCK_ENTRIES = 1 << 22
@@ -451,7 +455,7 @@ def sinkhorn(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean", tol
     batched = x.dim() == 3
     xb, yb = (x, y) if batched else (x[None], y[None])
     dtype = _working_dtype(x.dtype, y.dtype)
-    online = xb.shape[0] * xb.shape[1] * yb.shape[1] * (8 if dtype == torch.float64 else 4) > MATERIALIZE_BYTES
+    online = _solved_online(xb.shape[0], xb.shape[1], yb.shape[1], dtype)
     if online:
         C = _Points(xb.to(dtype), yb.to(dtype), COSTS[cost])
         log_plan_of = C.rows
@@ -568,7 +572,7 @@ def dataset_distance(Xs, ys, Xt, yt, *, eps: float, inner: str = "gaussian", inn
             for c2 in torch.unique(yt).tolist():
                 W[c, c2] = sinkhorn(Xs[ys == c], Xt[yt == c2], eps=inner_eps, tol=tol, max_iter=max_iter,
                                     backend=backend).transport_cost
-    if Xs.shape[0] * Xt.shape[0] * 8 > MATERIALIZE_BYTES:
+    if _solved_online(1, Xs.shape[0], Xt.shape[0], torch.float64):
         if Xs.requires_grad or Xt.requires_grad:
             raise NotImplementedError(f"dataset_distance: gradients of datasets whose outer costs exceed "
                                       f"{MATERIALIZE_BYTES >> 20} MiB (solved online) are not implemented")
