@@ -160,23 +160,39 @@ std::tuple<int64_t, int64_t> fisher_average(const std::vector<py::buffer>& model
   return {r.nonfinite, r.negative};
 }
 
+// The select steps' operands: tasks of one layout, and a base of the same layout or none.
+struct SelectViews {
+  std::vector<BufferView> keep;
+  std::vector<View2D> views;
+  std::optional<BufferView> base;
+  SelectViews(const std::vector<py::buffer>& tasks, const std::optional<py::buffer>& b) {
+    views = views_of(tasks, "tasks", keep, nullptr);
+    for (size_t i = 1; i < views.size(); ++i) check_same_layout(views[i], views[0], "tasks[" + std::to_string(i) + "]");
+    if (b) {
+      base = buffer_view(*b, "base", false);
+      check_same_layout(base->view, views[0], "base");
+    }
+  }
+  const View2D* base_view() const { return base ? &base->view : nullptr; }
+};
+
+template <class T>
+py::array_t<T> to_array(const std::vector<T>& v) {
+  py::array_t<T> out(py::ssize_t(v.size()));
+  std::copy(v.begin(), v.end(), out.mutable_data());
+  return out;
+}
+
 // A numpy array [T, 2^dbits]: up to 65536 bins per task, which a Python list would box one by one.
 py::array_t<int64_t> abs_digit_histograms(const std::vector<py::buffer>& tasks, const std::optional<py::buffer>& base,
                                           const std::vector<uint64_t>& prefixes, int shift, int dbits) {
-  std::vector<BufferView> keep;
-  const std::vector<View2D> views = views_of(tasks, "tasks", keep, nullptr);
-  for (size_t i = 1; i < views.size(); ++i) check_same_layout(views[i], views[0], "tasks[" + std::to_string(i) + "]");
-  std::optional<BufferView> b;
-  if (base) {
-    b = buffer_view(*base, "base", false);
-    check_same_layout(b->view, views[0], "base");
-  }
+  const SelectViews s(tasks, base);
   std::vector<int64_t> hist;
   {
     py::gil_scoped_release release;
-    hist = cpu::abs_digit_histograms(views, b ? &b->view : nullptr, prefixes, shift, dbits);
+    hist = cpu::abs_digit_histograms(s.views, s.base_view(), prefixes, shift, dbits);
   }
-  py::array_t<int64_t> out({py::ssize_t(views.size()), py::ssize_t(1) << dbits});
+  py::array_t<int64_t> out({py::ssize_t(s.views.size()), py::ssize_t(1) << dbits});
   std::copy(hist.begin(), hist.end(), out.mutable_data());
   return out;
 }
@@ -190,6 +206,38 @@ int64_t abs_equal_cut(const py::buffer& tensor, const std::optional<py::buffer>&
   }
   py::gil_scoped_release release;
   return cpu::abs_equal_cut(v.view, b ? &b->view : nullptr, key, rank);
+}
+
+py::array_t<uint64_t> abs_sample_keys(const std::vector<py::buffer>& tasks, const std::optional<py::buffer>& base,
+                                      int64_t runs, uint64_t seed) {
+  const SelectViews s(tasks, base);
+  std::vector<uint64_t> keys;
+  {
+    py::gil_scoped_release release;
+    keys = cpu::abs_sample_keys(s.views, s.base_view(), runs, seed);
+  }
+  return to_array(keys).reshape({py::ssize_t(s.views.size()), py::ssize_t(runs), py::ssize_t(cpu::kSampleRun)});
+}
+
+// Per task (above, inside, keys, positions, counts): arrays, empty where the mode keeps none.
+py::list abs_bracket(const std::vector<py::buffer>& tasks, const std::optional<py::buffer>& base,
+                     const std::vector<uint64_t>& lo, const std::vector<uint64_t>& hi,
+                     const std::vector<std::vector<uint64_t>>& marks,
+                     int64_t capacity) {
+  const SelectViews s(tasks, base);
+  cpu::BracketResult r;
+  {
+    py::gil_scoped_release release;
+    r = cpu::abs_bracket(s.views, s.base_view(), lo, hi, marks, capacity);
+  }
+  py::list out;
+  for (size_t t = 0; t < s.views.size(); ++t) {
+    py::array_t<uint32_t> counts = to_array(r.counts[t]);
+    const py::ssize_t bins = py::ssize_t(2 * marks[t].size()) - 1;
+    if (bins > 0) counts = counts.reshape({py::ssize_t(r.counts[t].size()) / bins, bins});
+    out.append(py::make_tuple(r.above[t], r.inside[t], to_array(r.keys[t]), to_array(r.positions[t]), counts));
+  }
+  return out;
 }
 
 // The C function behind capsules[name] (scipy's cython_lapack / cython_blas exports).
@@ -543,4 +591,12 @@ PYBIND11_MODULE(_native, m) {
         py::arg("layer_norm"), py::arg("eps"), py::arg("activation"), py::arg("residual_mode"), py::arg("dropout"),
         py::arg("seed"), "fused bottleneck adapter backward, recomputing LN, activation and dropout mask");
   m.def("abs_equal_cut", &abs_equal_cut, py::arg("tensor"), py::arg("base"), py::arg("key"), py::arg("rank"));
+  m.def("abs_sample_keys", &abs_sample_keys, py::arg("tasks"), py::arg("base"), py::arg("runs"), py::arg("seed"),
+        "keys of |x| at runs of consecutive elements spread over the views: [T, runs, run length]");
+  m.def("abs_bracket", &abs_bracket, py::arg("tasks"), py::arg("base"), py::arg("lo"), py::arg("hi"), py::arg("marks"),
+        py::arg("capacity"),
+        "Bracketed-select pass: per task (keys above hi, keys in [lo, hi], their keys and flat positions "
+        "(no marks, at most capacity) or counts per block of SELECT_BLOCK row columns in bins: each mark and "
+        "each gap between marks)");
+  m.attr("SELECT_BLOCK") = cpu::kSelectBlock;
 }

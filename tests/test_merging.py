@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from transferops import BackendUnavailable, available_backends, use_backend
-from transferops._backend import native_module
+from transferops._backend import native_buffer, native_module
 from transferops._philox import philox_first
-from transferops.merging import (MergeSpec, _dare_keep, _della_keep_probability, breadcrumbs, breadcrumbs_ties,
+from transferops.merging import (MergeSpec, _NativeSelect, _abs_topks, _dare_keep, _della_keep_probability, breadcrumbs, breadcrumbs_ties,
                                  della, della_linear, fisher_average, _fnv1a32, _topk_keep, dare_linear, dare_ties,
                                  disjoint_merge, magnitude_prune, merge_op, task_arithmetic, ties)
 
@@ -242,6 +242,107 @@ def test_native_trim_keeps_exactly_the_reference_entries(gen, dtype):
             want = x * _topk_keep(x.double(), k_used).to(dtype)
             assert torch.equal(got, want), (shape, values, k)
             assert int((got != 0).sum()) <= k_used
+
+
+class _RadixOnly:
+    """The native select's radix steps alone: what the bracketed select must agree with."""
+    histograms, cut, size = (staticmethod(getattr(_NativeSelect, n)) for n in ("histograms", "cut", "size"))
+
+
+class _Counting(_NativeSelect):
+    """The native select, counting its radix passes (0 when every bracket finds its k-th)."""
+    radix_passes = 0
+
+    @classmethod
+    def histograms(cls, *args):
+        cls.radix_passes += 1
+        return _NativeSelect.histograms(*args)
+
+
+class _Misled(_Counting):
+    """A sample that brackets nothing near the threshold: every task must fall back."""
+    @staticmethod
+    def sample(bufs, base, runs, seed):
+        return np.zeros((len(bufs), runs, 16), dtype=np.uint64)
+
+
+class _Cramped(_Counting):
+    """Room for 10 kept keys per task: every listed bracket overflows and falls back."""
+    @staticmethod
+    def bracket(bufs, base, lo, hi, marks, capacity):
+        return _NativeSelect.bracket(bufs, base, lo, hi, marks, min(capacity, 10))
+
+
+def _select_inputs(kind, gen):
+    """Three tasks of 257 x 4100 (rows past one select block), with a base where the values are
+    theta - theta_0: float32 normals, rows of scales spread over 2^10, bf16 models (whose float32
+    differences tie heavily), and five levels only."""
+    shape, base = (257, 4100), None
+    if kind == "normal":
+        tasks = [randn(shape, torch.float32, gen) for _ in range(3)]
+    elif kind == "scaled_rows":
+        tasks = [randn(shape, torch.float32, gen) * 2.0 ** torch.randint(-5, 5, (shape[0], 1), generator=gen)
+                 for _ in range(3)]
+    elif kind == "bf16_models":
+        base = randn(shape, torch.bfloat16, gen)
+        tasks = [(base.float() + 0.01 * randn(shape, torch.float32, gen)).bfloat16() for _ in range(3)]
+    else:
+        tasks = [(torch.randint(-2, 3, shape, generator=gen) / 4).float() for _ in range(3)]
+    return tasks, base
+
+
+@pytest.mark.parametrize("kind", ["normal", "scaled_rows", "bf16_models", "levels"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+def test_bracketed_select_agrees_with_the_radix(gen, kind, chunked):
+    """The sampled bracket finds each task's exact k-th key and tie cut in one pass, equal to
+    the radix select's on fine, row-scaled, heavily tied and few-level data, whole or streamed
+    in chunks (one shorter than a sample run); a misleading sample or a full budget falls back
+    to the radix and still agrees."""
+    require_backend("native")
+    tasks, base = _select_inputs(kind, gen)
+    key_dtype = torch.float32
+    if chunked:
+        flat = [t.reshape(1, -1) for t in tasks]
+        bflat = None if base is None else base.reshape(1, -1)
+        n = flat[0].shape[1]
+        cuts = [0, 10, 400_000, n - 7, n]
+        pieces = [(a, b) for a, b in zip(cuts, cuts[1:])]
+        passes = lambda which: [([native_buffer(flat[t][:, a:b]) for t in which],
+                                 None if bflat is None else native_buffer(bflat[:, a:b])) for a, b in pieces]
+        chunk = max(b - a for a, b in pieces)
+    else:
+        bufs = [native_buffer(t) for t in tasks]
+        bb = None if base is None else native_buffer(base)
+        passes = lambda which: [([bufs[t] for t in which], bb)]
+        chunk = tasks[0].numel()
+    n = tasks[0].numel()
+    for k in (1, n // 5, n // 2, n - 3):
+        for keep_ties in (False, True):
+            want = _abs_topks(passes, k, n, key_dtype, 3, chunk, keep_ties, _RadixOnly)
+            _Counting.radix_passes = 0
+            assert _abs_topks(passes, k, n, key_dtype, 3, chunk, keep_ties, _Counting) == want, (k, keep_ties)
+            assert _Counting.radix_passes == 0, (k, keep_ties)
+    k = n // 5
+    want = _abs_topks(passes, k, n, key_dtype, 3, chunk, False, _RadixOnly)
+    for engine in (_Misled, _Cramped):
+        assert _abs_topks(passes, k, n, key_dtype, 3, chunk, False, engine) == want, engine.__name__
+    _Misled.radix_passes = 0
+    _abs_topks(passes, k, n, key_dtype, 3, chunk, False, _Misled)
+    assert _Misled.radix_passes > 0
+
+
+def test_bracketed_select_steps_reject_bad_arguments():
+    require_backend("native")
+    m = native_module()
+    x = [native_buffer(torch.ones(1, 64))]
+    with pytest.raises(ValueError, match="runs must be >= 1 and fit the view"):
+        m.abs_sample_keys(x, None, 5, 0)
+    with pytest.raises(ValueError, match="lo above hi"):
+        m.abs_bracket(x, None, [7], [3], [[]], 10)
+    with pytest.raises(ValueError, match="marks must be empty or rise strictly from lo to hi"):
+        m.abs_bracket(x, None, [3], [7], [[3, 5, 5, 7]], 10)
+    with pytest.raises(ValueError, match="one lo, hi and list of marks per task"):
+        m.abs_bracket(x, None, [3, 4], [7], [[]], 10)
 
 
 def test_disjoint_merge_hand_example():

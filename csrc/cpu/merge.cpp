@@ -59,8 +59,6 @@ inline auto tau(const S* p, const S* q, int64_t j) {
 }
 template <class S, bool diff> using Tau = std::conditional_t<diff, acc_t<S>, S>;
 
-constexpr int64_t kHistBlock = 4096;
-
 // Histograms of the digit at `shift` for T tasks in one pass, so the shared base (diff) is read
 // once for all of them; each task matches its own prefix. `hist` is [T][bins].
 template <class S, bool diff>
@@ -80,12 +78,12 @@ void digit_histograms(const std::vector<View2D>& tasks, const View2D* base, cons
   // Two interleaved copies per task on the unconditional first digit: runs of equal digits
   // (common: magnitudes cluster) then do not wait on the previous increment of one counter.
   const int copies = first ? 2 : 1;
-  const Blocks b(v, kHistBlock);
+  const Blocks b(v, kSelectBlock);
 #pragma omp parallel if (v.rows * v.cols > kParallelMinElements)
   {
     std::vector<uint32_t> local(size_t(T) * copies * bins, 0);
-    acc_t<S> base_block[kHistBlock];
-    K keys[kHistBlock];
+    acc_t<S> base_block[kSelectBlock];
+    K keys[kSelectBlock];
 #pragma omp for schedule(static) nowait
     for (int64_t item = 0; item < b.count(); ++item) {
       const int64_t r = b.row(item), c = b.col(item), n = b.len(item);
@@ -150,7 +148,7 @@ std::vector<int64_t> equal_per_item(const View2D& v, const View2D* base, const B
 // One parallel counting pass, then a scan of the single block that holds the cut.
 template <class S, bool diff>
 int64_t equal_cut(const View2D& v, const View2D* base, uint64_t key, int64_t rank) {
-  const Blocks b(v, kHistBlock);
+  const Blocks b(v, kSelectBlock);
   const std::vector<int64_t> counts = equal_per_item<S, diff>(v, base, b, key);
   int64_t seen = 0;
   for (int64_t item = 0; item < b.count(); ++item) {
@@ -167,6 +165,120 @@ int64_t equal_cut(const View2D& v, const View2D* base, uint64_t key, int64_t ran
     }
   }
   return -seen;
+}
+
+// ---- bracketed select: a sample brackets each threshold, one pass finds it ---------------------
+
+inline uint64_t mix64(uint64_t z) {  // splitmix64's finalizer
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// Runs of kSampleRun consecutive elements, one per span of n / runs, at a hashed offset inside
+// it: a run costs about one cache line, and the offsets keep the runs out of step with rows.
+template <class S, bool diff>
+void sample_keys(const std::vector<View2D>& tasks, const View2D* base, int64_t runs, uint64_t seed, uint64_t* out) {
+  const View2D& v = tasks[0];
+  const int64_t n = v.rows * v.cols, span = n / runs, T = int64_t(tasks.size());
+  for (int64_t i = 0; i < runs; ++i) {
+    const int64_t start = i * span + int64_t(mix64(seed * 0x9e3779b97f4a7c15ull + uint64_t(i)) % uint64_t(span - kSampleRun + 1));
+    for (int64_t e = 0; e < kSampleRun; ++e) {
+      const int64_t f = start + e, r = f / v.cols, c = f % v.cols;
+      const S* q = diff ? base->row<S>(r) + c : nullptr;
+      for (int64_t t = 0; t < T; ++t) {
+        out[(t * runs + i) * kSampleRun + e] = abs_key(tau<S, diff>(tasks[t].row<S>(r) + c, q, 0));
+      }
+    }
+  }
+}
+
+template <class S, bool diff>
+BracketResult bracket_typed(const std::vector<View2D>& tasks, const View2D* base, const std::vector<uint64_t>& lo,
+                            const std::vector<uint64_t>& hi, const std::vector<std::vector<uint64_t>>& marks, int64_t capacity) {
+  using V = Tau<S, diff>;
+  using K = typename AbsKey<V>::K;
+  const View2D& v = tasks[0];
+  if (uint64_t(v.rows * v.cols) > std::numeric_limits<uint32_t>::max()) {
+    throw std::invalid_argument("abs_bracket: a view of 2^32 elements or more (split it)");
+  }
+  const int T = int(tasks.size());
+  const Blocks b(v, kSelectBlock);
+  BracketResult res;
+  res.above.assign(T, 0);
+  res.inside.assign(T, 0);
+  res.keys.resize(T);
+  res.positions.resize(T);
+  res.counts.resize(T);
+  // Marked keys m_0 < ... < m_last get bins 0, 2, ..., 2 last; the keys strictly between m_i
+  // and m_i+1 share bin 2 i + 1.
+  auto bins = [&](int t) { return int64_t(2 * marks[t].size() - 1); };
+  for (int t = 0; t < T; ++t) {
+    if (!marks[t].empty()) res.counts[t].assign(size_t(b.count() * bins(t)), 0);
+  }
+#pragma omp parallel if (v.rows * v.cols > kParallelMinElements)
+  {
+    std::vector<int64_t> above(T, 0), inside(T, 0);
+    std::vector<std::vector<uint64_t>> kept_keys(T);  // per thread, so that no slot is shared
+    std::vector<std::vector<uint32_t>> kept_at(T);
+    acc_t<S> base_block[kSelectBlock];
+    uint8_t in_range[kSelectBlock + 8] = {};  // zero past a short block's end
+#pragma omp for schedule(static) nowait
+    for (int64_t item = 0; item < b.count(); ++item) {
+      const int64_t r = b.row(item), c = b.col(item), n = b.len(item);
+      if constexpr (diff) {
+        const S* q = base->row<S>(r) + c;
+        for (int64_t j = 0; j < n; ++j) base_block[j] = widen(q[j]);
+      }
+      for (int t = 0; t < T; ++t) {
+        const S* p = tasks[t].row<S>(r) + c;
+        auto key = [&](int64_t j) {
+          if constexpr (diff) return abs_key(V(widen(p[j]) - base_block[j]));
+          else return abs_key(p[j]);
+        };
+        const K top = K(hi[t]), bottom = K(lo[t]), range = K(hi[t] - lo[t]);
+        int32_t over = 0;
+        for (int64_t j = 0; j < n; ++j) {  // vectorizes
+          const K k = key(j);
+          over += k > top;
+          in_range[j] = K(k - bottom) <= range;
+        }
+        std::fill(in_range + n, in_range + n + 8, uint8_t(0));
+        above[t] += over;
+        // Keys in range are rare (1-2% of all): their flags are tested eight at a time.
+        for (int64_t j0 = 0; j0 < n; j0 += 8) {
+          uint64_t flags;
+          std::memcpy(&flags, in_range + j0, 8);
+          if (!flags) continue;
+          inside[t] += __builtin_popcountll(flags);
+          for (; flags; flags &= flags - 1) {
+            const int64_t j = j0 + __builtin_ctzll(flags) / 8;
+            if (!marks[t].empty()) {
+              const uint64_t k = key(j);
+              int64_t below = 0;
+              for (const uint64_t m : marks[t]) below += m < k;
+              const int64_t bin = 2 * below - (k != marks[t][size_t(below)]);
+              ++res.counts[t][size_t(item * bins(t) + bin)];  // one thread owns an item
+            } else if (int64_t(kept_keys[t].size()) < capacity) {
+              kept_keys[t].push_back(key(j));
+              kept_at[t].push_back(uint32_t(r * v.cols + c + j));
+            }
+          }
+        }
+      }
+    }
+#pragma omp critical
+    for (int t = 0; t < T; ++t) {
+      res.above[t] += above[t];
+      res.inside[t] += inside[t];
+      // More than `capacity` in all reads as an overflow: the caller sees fewer kept than inside.
+      const size_t room = size_t(capacity) - std::min(size_t(capacity), res.keys[t].size());
+      const size_t take = std::min(room, kept_keys[t].size());
+      res.keys[t].insert(res.keys[t].end(), kept_keys[t].begin(), kept_keys[t].begin() + take);
+      res.positions[t].insert(res.positions[t].end(), kept_at[t].begin(), kept_at[t].begin() + take);
+    }
+  }
+  return res;
 }
 
 // ---- the fused merge pass --------------------------------------------------------------------
@@ -360,6 +472,37 @@ FisherResult fisher_impl(const std::vector<View2D>& models, const std::vector<Vi
   return dispatch_float(out.dtype, [&](auto tag) { return fisher_typed<decltype(tag)>(models, fishers, out, weights, eps); });
 }
 
+std::vector<int64_t> histograms_impl(const std::vector<View2D>& tasks, const View2D* base,
+                                     const std::vector<uint64_t>& prefixes, int shift, int dbits) {
+  return dispatch_float(tasks[0].dtype, [&](auto tag) {
+    using S = decltype(tag);
+    return with_flag(base != nullptr, [&](auto diff) {
+      constexpr bool D = decltype(diff)::value;
+      if (dbits < 1 || dbits > 16 || shift < 0 || shift + dbits > AbsKey<Tau<S, D>>::bits) {
+        throw std::invalid_argument("abs_digit_histograms: digit out of the key's range");
+      }
+      std::vector<int64_t> hist(tasks.size() << dbits, 0);
+      digit_histograms<S, D>(tasks, base, prefixes, shift, dbits, hist);
+      return hist;
+    });
+  });
+}
+
+int64_t equal_cut_impl(const View2D& view, const View2D* base, uint64_t key, int64_t rank) {
+  return dispatch_float(view.dtype, [&](auto tag) {
+    return with_flag(base != nullptr, [&](auto diff) { return equal_cut<decltype(tag), decltype(diff)::value>(view, base, key, rank); });
+  });
+}
+
+BracketResult bracket_impl(const std::vector<View2D>& tasks, const View2D* base, const std::vector<uint64_t>& lo,
+                           const std::vector<uint64_t>& hi, const std::vector<std::vector<uint64_t>>& marks, int64_t capacity) {
+  return dispatch_float(tasks[0].dtype, [&](auto tag) {
+    return with_flag(base != nullptr, [&](auto diff) {
+      return bracket_typed<decltype(tag), decltype(diff)::value>(tasks, base, lo, hi, marks, capacity);
+    });
+  });
+}
+
 }  // namespace TRANSFEROPS_ISA
 
 #ifdef TRANSFEROPS_ISA_BASE
@@ -369,6 +512,11 @@ MergeResult merge_impl(const std::vector<View2D>& tvs, const View2D* base, const
                        const double* weights, const Trim* trims, const Dare* dare, MergeSpec spec);
 FisherResult fisher_impl(const std::vector<View2D>& models, const std::vector<View2D>& fishers, const View2D& out,
                          const double* weights, double eps);
+std::vector<int64_t> histograms_impl(const std::vector<View2D>& tasks, const View2D* base,
+                                     const std::vector<uint64_t>& prefixes, int shift, int dbits);
+int64_t equal_cut_impl(const View2D& view, const View2D* base, uint64_t key, int64_t rank);
+BracketResult bracket_impl(const std::vector<View2D>& tasks, const View2D* base, const std::vector<uint64_t>& lo,
+                           const std::vector<uint64_t>& hi, const std::vector<std::vector<uint64_t>>& marks, int64_t capacity);
 }
 #endif
 
@@ -388,27 +536,57 @@ std::vector<int64_t> abs_digit_histograms(const std::vector<View2D>& tasks, cons
                                           const std::vector<uint64_t>& prefixes, int shift, int dbits) {
   if (tasks.empty()) throw std::invalid_argument("abs_digit_histograms: no tasks");
   if (prefixes.size() != tasks.size()) throw std::invalid_argument("abs_digit_histograms: one prefix per task");
-  return dispatch_float(tasks[0].dtype, [&](auto tag) {
-    using S = decltype(tag);
-    return base::with_flag(base != nullptr, [&](auto diff) {
-      constexpr bool D = decltype(diff)::value;
-      if (dbits < 1 || dbits > 16 || shift < 0 || shift + dbits > base::AbsKey<base::Tau<S, D>>::bits) {
-        throw std::invalid_argument("abs_digit_histograms: digit out of the key's range");
-      }
-      std::vector<int64_t> hist(tasks.size() << dbits, 0);
-      base::digit_histograms<S, D>(tasks, base, prefixes, shift, dbits, hist);
-      return hist;
-    });
-  });
+#ifdef TRANSFEROPS_HAVE_AVX2
+  if (isa_choice() == "avx2") return avx2::histograms_impl(tasks, base, prefixes, shift, dbits);
+#endif
+  return base::histograms_impl(tasks, base, prefixes, shift, dbits);
 }
 
 int64_t abs_equal_cut(const View2D& view, const View2D* base, uint64_t key, int64_t rank) {
   if (rank < 1) throw std::invalid_argument("abs_equal_cut: rank must be >= 1");
-  return dispatch_float(view.dtype, [&](auto tag) {
-    return base::with_flag(base != nullptr, [&](auto diff) {
-      return base::equal_cut<decltype(tag), decltype(diff)::value>(view, base, key, rank);
+#ifdef TRANSFEROPS_HAVE_AVX2
+  if (isa_choice() == "avx2") return avx2::equal_cut_impl(view, base, key, rank);
+#endif
+  return base::equal_cut_impl(view, base, key, rank);
+}
+
+std::vector<uint64_t> abs_sample_keys(const std::vector<View2D>& tasks, const View2D* base, int64_t runs,
+                                      uint64_t seed) {
+  if (tasks.empty()) throw std::invalid_argument("abs_sample_keys: no tasks");
+  if (runs < 1 || runs * kSampleRun > tasks[0].rows * tasks[0].cols) {
+    throw std::invalid_argument("abs_sample_keys: runs must be >= 1 and fit the view");
+  }
+  std::vector<uint64_t> out(size_t(int64_t(tasks.size()) * runs * kSampleRun));
+  dispatch_float(tasks[0].dtype, [&](auto tag) {
+    base::with_flag(base != nullptr, [&](auto diff) {
+      base::sample_keys<decltype(tag), decltype(diff)::value>(tasks, base, runs, seed, out.data());
+      return 0;
     });
+    return 0;
   });
+  return out;
+}
+
+BracketResult abs_bracket(const std::vector<View2D>& tasks, const View2D* base, const std::vector<uint64_t>& lo,
+                          const std::vector<uint64_t>& hi, const std::vector<std::vector<uint64_t>>& marks, int64_t capacity) {
+  const size_t T = tasks.size();
+  if (T == 0) throw std::invalid_argument("abs_bracket: no tasks");
+  if (lo.size() != T || hi.size() != T || marks.size() != T) {
+    throw std::invalid_argument("abs_bracket: one lo, hi and list of marks per task");
+  }
+  for (size_t t = 0; t < T; ++t) {
+    if (lo[t] > hi[t]) throw std::invalid_argument("abs_bracket: lo above hi");
+    const auto& m = marks[t];
+    if (!m.empty() && (m.front() != lo[t] || m.back() != hi[t] || !std::is_sorted(m.begin(), m.end()) ||
+                       std::adjacent_find(m.begin(), m.end()) != m.end())) {
+      throw std::invalid_argument("abs_bracket: marks must be empty or rise strictly from lo to hi");
+    }
+  }
+  if (capacity < 0) throw std::invalid_argument("abs_bracket: capacity must be >= 0");
+#ifdef TRANSFEROPS_HAVE_AVX2
+  if (isa_choice() == "avx2") return avx2::bracket_impl(tasks, base, lo, hi, marks, capacity);
+#endif
+  return base::bracket_impl(tasks, base, lo, hi, marks, capacity);
 }
 
 const char* cpu_isa() { return isa_choice().c_str(); }

@@ -239,7 +239,7 @@ def _digit_bits(chunk: int) -> int:
 
 
 class _NativeSelect:
-    """The radix select's two steps on native buffers (CPU)."""
+    """The select's steps on native buffers (CPU): the radix's and the bracketed ones."""
     @staticmethod
     def histograms(bufs, base, prefixes, shift: int, dbits: int) -> np.ndarray:
         return native_module().abs_digit_histograms(bufs, base, prefixes, shift, dbits)
@@ -252,10 +252,27 @@ class _NativeSelect:
     def size(buf) -> int:
         return buf.size
 
+    @staticmethod
+    def sample(bufs, base, runs: int, seed: int) -> np.ndarray:
+        return native_module().abs_sample_keys(bufs, base, runs, seed)
+
+    @staticmethod
+    def bracket(bufs, base, lo, hi, width, capacity: int) -> list:
+        return native_module().abs_bracket(bufs, base, lo, hi, width, capacity)
+
+    @staticmethod
+    def block(buf, item: int):
+        """Block ``item`` of the bracket's per-block counts: (its 1-row view, its flat start)."""
+        size = native_module().SELECT_BLOCK
+        per_row = -(-buf.shape[1] // size)
+        row, col = divmod(item, per_row)
+        col *= size
+        return buf[row:row + 1, col:col + size], row * buf.shape[1] + col
+
 
 class _TritonSelect:
-    """The same steps on 2-D device tensors (task vectors, no base): Triton histograms, the tie
-    cut with torch on the device."""
+    """The radix's steps on 2-D device tensors (task vectors, no base): Triton histograms, the
+    tie cut with torch on the device."""
     @staticmethod
     def histograms(bufs, base, prefixes, shift: int, dbits: int) -> np.ndarray:
         from .kernels import merge as kernels
@@ -276,46 +293,178 @@ class _TritonSelect:
 def _abs_topks(passes, k: int, numel: int, dtype: torch.dtype, tasks: int, chunk: int, keep_ties: bool,
                engine=_NativeSelect) -> list:
     """Exact top-k of |x| of each of ``tasks`` tensors as trims (lo, hi, cut) for the fused
-    pass: a radix select over the bits of |x| (integer order of the bits of a non-negative
-    float is value order), ties at the threshold kept lowest flat index first (or all kept).
+    pass: the k-th largest key (the bits of |x|, whose integer order is value order for
+    non-negative floats), ties at it kept lowest flat index first (or all kept).
     ``passes(which)`` returns a fresh iterable of (buffers of the tasks ``which``, base)
     covering the tensors in flat order, base None or a buffer: then x is buffer - base, formed
-    in ``dtype``. Each digit reads every task in one pass (a base once), so the data may stream
-    from disk; ``chunk`` is the largest chunk's size. ``engine`` runs the steps."""
+    in ``dtype``. Each step reads every task in one pass (a base once), so the data may stream
+    from disk; ``chunk`` is the largest chunk's size. ``engine`` runs the steps: the bracketed
+    select where it can, the radix select for the tasks it leaves."""
     acc = _accumulation_dtype(dtype)
     if k <= 0:
         return [(math.inf, math.inf, 0)] * tasks
     if k >= numel:
         return [(0.0, 0.0, numel)] * tasks
-    nbits, known, digit = _KEY_BITS[dtype], 0, _digit_bits(chunk)
-    prefix, rank, ties = [0] * tasks, [k] * tasks, [0] * tasks
-    everyone = range(tasks)
-    while known < nbits:
-        dbits = min(digit, nbits - known)
-        shift = nbits - known - dbits
-        hist = sum(engine.histograms(bufs, base, prefix, shift, dbits) for bufs, base in passes(everyone))
-        for t in everyone:
-            above = np.cumsum(hist[t, ::-1])  # above[i]: elements in the top i + 1 digits
-            i = int(np.searchsorted(above, rank[t]))  # the first top-(i + 1) holding >= rank elements
-            rank[t] -= int(above[i - 1]) if i else 0
-            d = hist.shape[1] - 1 - i
-            prefix[t], ties[t] = (prefix[t] << dbits) | d, int(hist[t, d])
-        known += dbits
+    found = [None] * tasks
+    if numel >= _BRACKET_MIN and hasattr(engine, "bracket"):
+        found = _bracketed_select(passes, k, numel, dtype, tasks, chunk, keep_ties, engine)
+    todo = [t for t in range(tasks) if found[t] is None]
+    for t, key_cut in zip(todo, _radix_select(passes, k, numel, dtype, todo, chunk, keep_ties, engine)):
+        found[t] = key_cut
     trims = []
-    for t in everyone:
-        lo = torch.tensor([prefix[t]], dtype=torch.int64).to(_KEY_INTS[dtype]).view(dtype).to(acc)
+    for key, cut in found:
+        lo = torch.tensor([key], dtype=torch.int64).to(_KEY_INTS[dtype]).view(dtype).to(acc)
         hi = torch.nextafter(lo, torch.tensor([math.inf], dtype=acc))
-        cut, before, r = numel, 0, rank[t]
-        if r < ties[t] and not keep_ties:  # some ties are dropped: find where the r-th one is
-            for (buf,), base in passes([t]):
-                pos = engine.cut(buf, base, prefix[t], r)
-                if pos > 0:
-                    cut = before + pos
-                    break
-                r += pos  # pos = -(ties in this chunk)
-                before += engine.size(buf)
         trims.append((lo.item(), hi.item(), cut))
     return trims
+
+
+def _radix_select(passes, k: int, numel: int, dtype: torch.dtype, which: list, chunk: int, keep_ties: bool,
+                  engine) -> list:
+    """(k-th largest key, tie cut) of the tasks ``which``: one histogram pass per digit of the
+    key's bits, each narrowing to the digit holding the k-th."""
+    nbits, known, digit = _KEY_BITS[dtype], 0, _digit_bits(chunk)
+    prefix, rank, ties = [0] * len(which), [k] * len(which), [0] * len(which)
+    while which and known < nbits:
+        dbits = min(digit, nbits - known)
+        shift = nbits - known - dbits
+        hist = sum(engine.histograms(bufs, base, prefix, shift, dbits) for bufs, base in passes(which))
+        for i in range(len(which)):
+            above = np.cumsum(hist[i, ::-1])  # above[j]: elements in the top j + 1 digits
+            j = int(np.searchsorted(above, rank[i]))  # the first top-(j + 1) holding >= rank elements
+            rank[i] -= int(above[j - 1]) if j else 0
+            d = hist.shape[1] - 1 - j
+            prefix[i], ties[i] = (prefix[i] << dbits) | d, int(hist[i, d])
+        known += dbits
+    return [(prefix[i], numel if rank[i] >= ties[i] or keep_ties else _tie_cut(passes, t, prefix[i], rank[i], engine))
+            for i, t in enumerate(which)]
+
+
+def _tie_cut(passes, t: int, key: int, rank: int, engine) -> int:
+    """The flat position just after task ``t``'s rank-th element of key ``key``."""
+    before = 0
+    for (buf,), base in passes([t]):
+        pos = engine.cut(buf, base, key, rank)
+        if pos > 0:
+            return before + pos
+        rank += pos  # pos = -(ties in this chunk)
+        before += engine.size(buf)
+    raise AssertionError("fewer ties than counted")
+
+
+# The bracketed select: a sample of runs of consecutive elements brackets each task's k-th key
+# between two sample keys, wide enough (4 standard errors of the sample's quantile, measured
+# between runs, so that correlated neighbours widen it) that one pass finds the k-th inside it
+# almost always; where it does not, or the bracket holds more keys than the budget, the radix
+# select takes the task. Below _BRACKET_MIN elements the radix's passes stay in cache anyway.
+_BRACKET_MIN = 1 << 20
+_MARKS = 16  # at most this many keys of a heavily tied bracket are counted per block
+
+
+def _bracketed_select(passes, k: int, numel: int, dtype: torch.dtype, tasks: int, chunk: int, keep_ties: bool,
+                      engine) -> list:
+    """(k-th largest key, tie cut) per task, or None where the radix select must find it."""
+    # 16 keys a run, at most 1 MB of float32 a task; memory for the sample and the kept keys
+    # stays within a few bytes per element of the largest chunk.
+    runs = min(16384, max(1024, numel // 1024), chunk // (32 * tasks))
+    if runs < 256:
+        return [None] * tasks
+    samples = []
+    for i, (bufs, base) in enumerate(passes(range(tasks))):
+        n = engine.size(bufs[0])
+        if runs * n // numel:
+            samples.append(engine.sample(bufs, base, runs * n // numel, i))
+    keys = np.concatenate(samples, axis=1)  # [T, runs, run length]
+    s, q = keys[0].size, k / numel
+    budget = chunk // (2 * tasks)  # kept (key, position) pairs per task
+    lo, hi, marks, capacity = [], [], [], 0
+    for t in range(tasks):
+        flat = keys[t].ravel()
+        at = s - 1 - min(int(q * s), s - 1)
+        guess = np.partition(flat, at)[at]
+        spread = (keys[t] >= guess).mean(axis=1).std() / math.sqrt(keys.shape[1])
+        margin = 4 * max(spread, math.sqrt(q * (1 - q) / s)) + 4 / s
+        top, bottom = math.floor((q - margin) * s), math.ceil((q + margin) * s)
+        ranks = [s - 1 - r for r in (top, bottom) if 0 <= r < s]
+        ordered = np.partition(flat, ranks) if ranks else flat
+        hi.append(int(ordered[s - 1 - top]) if top >= 0 else (1 << _KEY_BITS[dtype]) - 1)
+        lo.append(int(ordered[s - 1 - bottom]) if bottom < s else 0)
+        inside = flat[(flat >= lo[t]) & (flat <= hi[t])]
+        seen, count = np.unique(inside, return_counts=True)
+        expected = inside.size / s * numel
+        # A large bracket with heavy ties (one key holds a quarter of it): the heaviest keys and
+        # the bracket's ends are marked, and the k-th most likely lands on a marked key.
+        heavy = seen[np.argsort(count, kind="stable")[::-1][:_MARKS - 2]]
+        marks.append(sorted({lo[t], hi[t], *map(int, heavy)}) if expected > 1 << 16 and 4 * count.max() >= inside.size
+                     else [])
+        if not marks[t]:
+            capacity = max(capacity, int(2 * expected) + 4096)
+    capacity = min(capacity, budget)
+    above, inside = [0] * tasks, [0] * tasks
+    kept = [[] for _ in range(tasks)]  # per chunk: (keys, flat positions) or per-block counts
+    for offset, (bufs, base) in _offsets(passes(range(tasks)), engine):
+        for t, (a, n, keys_in, positions, counts) in enumerate(engine.bracket(bufs, base, lo, hi, marks, capacity)):
+            above[t] += a
+            inside[t] += n
+            kept[t].append(counts if marks[t] else (keys_in, positions.astype(np.int64) + offset))
+    found = []
+    for t in range(tasks):
+        r = k - above[t]  # the k-th largest is the r-th largest in the bracket
+        if not 1 <= r <= inside[t]:
+            found.append(None)
+        elif marks[t]:
+            found.append(_marked_bracket(passes, t, r, marks[t], kept[t], numel, keep_ties, engine))
+        else:
+            found.append(_listed_bracket(r, inside[t], kept[t], numel, keep_ties))
+    return found
+
+
+def _offsets(chunks, engine):
+    """(flat offset, chunk) over ``passes``' chunks."""
+    offset = 0
+    for bufs, base in chunks:
+        yield offset, (bufs, base)
+        offset += engine.size(bufs[0])
+
+
+def _listed_bracket(r: int, inside: int, kept: list, numel: int, keep_ties: bool):
+    """The r-th largest of the bracket's kept keys, and the tie cut from their positions; None
+    if the budget kept fewer than were inside."""
+    keys = np.concatenate([keys for keys, _ in kept])
+    if keys.size < inside:
+        return None
+    key = int(np.partition(keys, keys.size - r)[keys.size - r])
+    tied = keys == key
+    rank = r - int(np.count_nonzero(keys > key))
+    if keep_ties or rank >= int(np.count_nonzero(tied)):
+        return key, numel
+    positions = np.concatenate([positions for _, positions in kept])[tied]
+    return key, int(np.partition(positions, rank - 1)[rank - 1]) + 1
+
+
+def _marked_bracket(passes, t: int, r: int, marks: list, kept: list, numel: int, keep_ties: bool, engine):
+    """The r-th largest key of a bracket counted per block in bins (each marked key, each gap
+    between two), and the tie cut from the one block that holds it; None if it lies in a gap."""
+    per_bin = sum(counts.sum(axis=0, dtype=np.int64) for counts in kept)
+    above = np.cumsum(per_bin[::-1])
+    j = int(np.searchsorted(above, r))
+    d = per_bin.size - 1 - j
+    if d % 2:
+        return None
+    key, rank = marks[d // 2], r - (int(above[j - 1]) if j else 0)
+    if keep_ties or rank >= int(per_bin[d]):
+        return key, numel
+    seen = 0
+    for (offset, ((buf,), base)), counts in zip(_offsets(passes([t]), engine), kept):
+        tied = np.cumsum(counts[:, d], dtype=np.int64)
+        if seen + int(tied[-1]) < rank:
+            seen += int(tied[-1])
+            continue
+        item = int(np.searchsorted(tied, rank - seen))
+        view, start = engine.block(buf, item)
+        base_view = None if base is None else engine.block(base, item)[0]
+        return key, offset + start + engine.cut(view, base_view, key, rank - seen - (int(tied[item - 1]) if item else 0))
+    raise AssertionError("fewer ties than counted")
 
 
 def _trims(passes, numel: int, dtype: torch.dtype, tasks: int, chunk: int, spec: MergeSpec,
@@ -679,8 +828,9 @@ def fisher_average(models, fishers, *, weights=None, eps: float = 1e-6, backend:
 
 # ---- whole models: state dicts in memory, or checkpoints streamed from disk ---------------------
 
-# merge() works through tensors in chunks of this many elements, so temporaries stay O(chunk)
-# rather than O(T x tensor): none on the fused native path, the task vectors elsewhere.
+# merge() works through tensors in chunks of this many elements where a backend forms the task
+# vectors, so that they stay O(chunk) rather than O(T x tensor); the fused native pass forms
+# none and takes whole tensors.
 _IN_MEMORY_CHUNK = 1 << 22
 
 
@@ -834,8 +984,9 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
     top-k threshold of ties/magnitude_prune is taken: per tensor (PEFT, mergekit) or over all
     float tensors of the model together (the TIES paper's code), with the same tie rule.
     ``weights``: T floats, or per parameter block (aTLAS-style) a mapping from name patterns
-    to T floats (see :func:`_block_weights`). Temporaries stay O(chunk): tensors are processed
-    4M elements at a time, and the native pass forms the task vectors itself.
+    to T floats (see :func:`_block_weights`). The native pass forms the task vectors itself
+    and takes whole tensors (its exact top-k keeps about 1% of each task's keys a while);
+    other backends process 4M elements at a time, so their temporaries stay O(chunk).
     """
     spec = method_spec(method, density=density, sign=sign, semantics=semantics, seed=seed, gamma=gamma, epsilon=epsilon)
     _checks.choice(scope, "scope", SCOPES)
@@ -844,7 +995,10 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
     weights_of = _block_weights(weights, len(models))
     layout = lambda sd: {name: (tuple(t.shape), t.dtype) for name, t in sd.items()}
     _check_compatible(layout(base), [layout(m) for m in models], [f"models[{i}]" for i in range(len(models))])
-    chunk_of = lambda numel, dtype: _chunk_elements(spec, numel, _IN_MEMORY_CHUNK)
+    def chunk_of(numel: int, dtype: torch.dtype) -> int:
+        fused = merge_op.select(backend, torch.device("cpu"), dtype, ([], None, spec), name="merge")[0] == "native"
+        return _chunk_elements(spec, numel, max(numel, 1) if fused else _IN_MEMORY_CHUNK)
+
     items = []
     for name, b in base.items():
         if b.dtype in _DTYPES:
