@@ -119,11 +119,10 @@ def _model_case(T: int, dtype: torch.dtype, device: str, backends, peft, mergeki
     P = sum(b.numel() for b in base.values())
     size = f"T={T} {P / 1e6:.0f}M {DTYPE_NAMES[dtype]} d={DENSITY}"
     item = base[CHECKED].element_size()
-    # Both radix passes (tau is float32 for both dtypes: 31-bit keys, two 16-bit digits) and the
-    # merge pass read every model and the base once (tau is formed inside them); the merge pass
-    # writes the result. The pass that finds where threshold ties are cut, when some are, reads
-    # up to one model and the base more: not counted, so the GB/s shown is a lower bound.
-    nbytes = (3 * (T + 1) + 1) * P * item
+    # The select pass (the sampled bracket) and the merge pass read every model and the base
+    # once (tau is formed inside them); the merge pass writes the result. The sample, and the
+    # radix passes where a bracket misses (rare), are not counted: the GB/s shown is a lower bound.
+    nbytes = (2 * (T + 1) + 1) * P * item
     ones = torch.ones(T, device=device)
     tvs_checked = [m[CHECKED].float() - base[CHECKED].float() for m in models]
     return Case(
@@ -168,9 +167,9 @@ def cases(quick: bool, device: str):
             tvs = _task_vectors(T, P, dtype, device, trimmed=False)
             yield Case(
                 op="ties", size=f"{size} d={DENSITY}", dtype=dtype, comparable=_off_threshold(tvs),
-                # Each task is read once per radix-select pass (2 for f32, 1 for 16-bit keys) and
-                # once more by the merge pass (tie-cut passes not counted).
-                bytes=nbytes + T * P * (2 if dtype == torch.float32 else 1) * tvs[0].element_size(),
+                # Each task is read by the select pass and by the merge pass (the sample and
+                # any radix fallback not counted).
+                bytes=nbytes + T * P * tvs[0].element_size(),
                 ours={b: functools.partial(ties, tvs, density=DENSITY, backend=b) for b in backends},
                 peers={
                     "peer:peft": (functools.partial(peft.ties, tvs, ones, DENSITY) if peft else None),

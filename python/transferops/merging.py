@@ -375,31 +375,9 @@ def _bracketed_select(passes, k: int, numel: int, dtype: torch.dtype, tasks: int
         if runs * n // numel:
             samples.append(engine.sample(bufs, base, runs * n // numel, i))
     keys = np.concatenate(samples, axis=1)  # [T, runs, run length]
-    s, q = keys[0].size, k / numel
-    budget = chunk // (2 * tasks)  # kept (key, position) pairs per task
-    lo, hi, marks, capacity = [], [], [], 0
-    for t in range(tasks):
-        flat = keys[t].ravel()
-        at = s - 1 - min(int(q * s), s - 1)
-        guess = np.partition(flat, at)[at]
-        spread = (keys[t] >= guess).mean(axis=1).std() / math.sqrt(keys.shape[1])
-        margin = 4 * max(spread, math.sqrt(q * (1 - q) / s)) + 4 / s
-        top, bottom = math.floor((q - margin) * s), math.ceil((q + margin) * s)
-        ranks = [s - 1 - r for r in (top, bottom) if 0 <= r < s]
-        ordered = np.partition(flat, ranks) if ranks else flat
-        hi.append(int(ordered[s - 1 - top]) if top >= 0 else (1 << _KEY_BITS[dtype]) - 1)
-        lo.append(int(ordered[s - 1 - bottom]) if bottom < s else 0)
-        inside = flat[(flat >= lo[t]) & (flat <= hi[t])]
-        seen, count = np.unique(inside, return_counts=True)
-        expected = inside.size / s * numel
-        # A large bracket with heavy ties (one key holds a quarter of it): the heaviest keys and
-        # the bracket's ends are marked, and the k-th most likely lands on a marked key.
-        heavy = seen[np.argsort(count, kind="stable")[::-1][:_MARKS - 2]]
-        marks.append(sorted({lo[t], hi[t], *map(int, heavy)}) if expected > 1 << 16 and 4 * count.max() >= inside.size
-                     else [])
-        if not marks[t]:
-            capacity = max(capacity, int(2 * expected) + 4096)
-    capacity = min(capacity, budget)
+    lo, hi, marks, expected = zip(*(_bracket(keys[t], k / numel, numel, _KEY_BITS[dtype]) for t in range(tasks)))
+    listed = [int(2 * e) + 4096 for m, e in zip(marks, expected) if not m]
+    capacity = min(max(listed, default=0), chunk // (2 * tasks))  # kept (key, position) pairs per task
     above, inside = [0] * tasks, [0] * tasks
     kept = [[] for _ in range(tasks)]  # per chunk: (keys, flat positions) or per-block counts
     for offset, (bufs, base) in _offsets(passes(range(tasks)), engine):
@@ -417,6 +395,30 @@ def _bracketed_select(passes, k: int, numel: int, dtype: torch.dtype, tasks: int
         else:
             found.append(_listed_bracket(r, inside[t], kept[t], numel, keep_ties))
     return found
+
+
+def _bracket(runs: np.ndarray, q: float, numel: int, nbits: int):
+    """(lo, hi, marks, expected keys inside) for the top fraction ``q`` from one task's sample
+    ``runs`` [runs, run length]; marks empty: keep the keys inside as a list."""
+    flat = runs.ravel()
+    s = flat.size
+    at = s - 1 - min(int(q * s), s - 1)
+    guess = np.partition(flat, at)[at]
+    spread = (runs >= guess).mean(axis=1).std() / math.sqrt(runs.shape[0])
+    margin = 4 * max(spread, math.sqrt(q * (1 - q) / s)) + 4 / s
+    top, bottom = math.floor((q - margin) * s), math.ceil((q + margin) * s)
+    ranks = [s - 1 - r for r in (top, bottom) if 0 <= r < s]
+    ordered = np.partition(flat, ranks) if ranks else flat
+    hi = int(ordered[s - 1 - top]) if top >= 0 else (1 << nbits) - 1
+    lo = int(ordered[s - 1 - bottom]) if bottom < s else 0
+    inside = flat[(flat >= lo) & (flat <= hi)]
+    seen, count = np.unique(inside, return_counts=True)
+    expected = inside.size / s * numel
+    # A large bracket with heavy ties (one key holds a quarter of it): the heaviest keys and the
+    # bracket's ends are marked, and the k-th most likely lands on a marked key.
+    heavy = seen[np.argsort(count, kind="stable")[::-1][:_MARKS - 2]]
+    marked = expected > 1 << 16 and 4 * count.max() >= inside.size
+    return lo, hi, sorted({lo, hi, *map(int, heavy)}) if marked else [], expected
 
 
 def _offsets(chunks, engine):
