@@ -192,9 +192,7 @@ py::array_t<int64_t> abs_digit_histograms(const std::vector<py::buffer>& tasks, 
     py::gil_scoped_release release;
     hist = cpu::abs_digit_histograms(s.views, s.base_view(), prefixes, shift, dbits);
   }
-  py::array_t<int64_t> out({py::ssize_t(s.views.size()), py::ssize_t(1) << dbits});
-  std::copy(hist.begin(), hist.end(), out.mutable_data());
-  return out;
+  return to_array(hist).reshape({py::ssize_t(s.views.size()), py::ssize_t(1) << dbits});
 }
 
 int64_t abs_equal_cut(const py::buffer& tensor, const std::optional<py::buffer>& base, uint64_t key, int64_t rank) {

@@ -749,6 +749,46 @@ def test_block_weights_compose_per_parameter_block(gen):
         merge(base, models, method="task_arithmetic", weights={"layer.*": [1.0] * 3})
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_in_memory_merge_needs_little_beyond_its_output(dtype):
+    """merge() on the native path (whole tensors, exact top-k by the bracketed select) grows
+    the peak RSS by its output plus a few percent, not by the T x P task vectors (measured in a
+    child process, Linux)."""
+    require_backend("native")
+    import json as _json
+    import os
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc")
+    prog = f"""
+import json, torch
+from transferops.merging import merge
+def rss(field):
+    return int(next(l for l in open('/proc/self/status') if l.startswith(field)).split()[1]) * 1024
+g = torch.Generator().manual_seed(0)
+base = {{"w": torch.randn(2048, 2600, generator=g).to(torch.{dtype})}}
+models = [{{"w": (base["w"].float() + 0.01 * torch.randn(2048, 2600, generator=g)).to(torch.{dtype})}} for _ in range(4)]
+merge({{"w": base["w"][:1]}}, [{{"w": m["w"][:1]}} for m in models], method="ties", density=0.2)
+open('/proc/self/clear_refs', 'w').write('5')
+before = rss('VmRSS:')
+merge(base, models, method="ties", density=0.2)
+print(json.dumps({{"growth": rss('VmHWM:') - before, "output": base["w"].numel() * base["w"].element_size()}}))
+"""
+    # A fixed mmap threshold: glibc then returns large freed blocks to the system at once, and a
+    # fresh output cannot hide in memory the set-up freed.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    res = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    stats = _json.loads(res.stdout.strip().splitlines()[-1])
+    extra = stats["growth"] - stats["output"]
+    task_vectors = 4 * stats["output"] * (2 if dtype == "bfloat16" else 1)  # T float32 task vectors
+    print(f"{dtype}: output {stats['output'] / 1e6:.1f} MB, peak growth beyond it {extra / 1e6:.1f} MB, "
+          f"T float32 task vectors {task_vectors / 1e6:.0f} MB")
+    assert extra < 0.25 * stats["output"] + (4 << 20), extra
+
+
 def test_cli_merges_a_multishard_bf16_checkpoint_under_a_memory_cap(tmp_path, gen):
     """The CLI's peak memory growth stays far below one model (measured, in a child process)
     and its output loads with safetensors and equals the in-memory merge."""
