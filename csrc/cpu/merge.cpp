@@ -65,6 +65,23 @@ inline auto tau(const S* p, const S* q, int64_t j) {
 }
 template <class S, bool diff> using Tau = std::conditional_t<diff, acc_t<S>, S>;
 
+// The keys of one work item's tasks: the base's block widened once (diff), then each task's
+// key at j formed against it, in a form GCC vectorizes.
+template <class S, bool diff>
+struct ItemKeys {
+  acc_t<S> base[kSelectBlock];
+  void load_base(const View2D* b, int64_t r, int64_t c, int64_t n) {
+    if constexpr (diff) {
+      const S* q = b->row<S>(r) + c;
+      for (int64_t j = 0; j < n; ++j) base[j] = widen(q[j]);
+    }
+  }
+  auto operator()(const S* p, int64_t j) const {
+    if constexpr (diff) return abs_key(Tau<S, diff>(widen(p[j]) - base[j]));
+    else return abs_key(p[j]);
+  }
+};
+
 // Histograms of the digit at `shift` for T tasks in one pass, so the shared base (diff) is read
 // once for all of them; each task matches its own prefix. `hist` is [T][bins].
 template <class S, bool diff>
@@ -88,21 +105,15 @@ void digit_histograms(const std::vector<View2D>& tasks, const View2D* base, cons
 #pragma omp parallel if (v.rows * v.cols > kParallelMinElements)
   {
     std::vector<uint32_t> local(size_t(T) * copies * bins, 0);
-    acc_t<S> base_block[kSelectBlock];
+    ItemKeys<S, diff> key;
     K keys[kSelectBlock];
 #pragma omp for schedule(static) nowait
     for (int64_t item = 0; item < b.count(); ++item) {
       const int64_t r = b.row(item), c = b.col(item), n = b.len(item);
-      if constexpr (diff) {
-        const S* q = base->row<S>(r) + c;
-        for (int64_t j = 0; j < n; ++j) base_block[j] = widen(q[j]);
-      }
+      key.load_base(base, r, c, n);
       for (int t = 0; t < T; ++t) {
         const S* p = tasks[t].row<S>(r) + c;
-        for (int64_t j = 0; j < n; ++j) {  // vectorizes
-          if constexpr (diff) keys[j] = abs_key(V(widen(p[j]) - base_block[j]));
-          else keys[j] = abs_key(p[j]);
-        }
+        for (int64_t j = 0; j < n; ++j) keys[j] = key(p, j);  // vectorizes
         uint32_t* h = local.data() + size_t(t) * copies * bins;
         if (first) {
           int64_t j = 0;
@@ -227,25 +238,18 @@ BracketResult bracket_typed(const std::vector<View2D>& tasks, const View2D* base
     std::vector<int64_t> above(T, 0), inside(T, 0);
     std::vector<std::vector<uint64_t>> kept_keys(T);  // per thread, so that no slot is shared
     std::vector<std::vector<uint32_t>> kept_at(T);
-    acc_t<S> base_block[kSelectBlock];
+    ItemKeys<S, diff> key;
     uint8_t in_range[kSelectBlock + 8] = {};  // zero past a short block's end
 #pragma omp for schedule(static) nowait
     for (int64_t item = 0; item < b.count(); ++item) {
       const int64_t r = b.row(item), c = b.col(item), n = b.len(item);
-      if constexpr (diff) {
-        const S* q = base->row<S>(r) + c;
-        for (int64_t j = 0; j < n; ++j) base_block[j] = widen(q[j]);
-      }
+      key.load_base(base, r, c, n);
       for (int t = 0; t < T; ++t) {
         const S* p = tasks[t].row<S>(r) + c;
-        auto key = [&](int64_t j) {
-          if constexpr (diff) return abs_key(V(widen(p[j]) - base_block[j]));
-          else return abs_key(p[j]);
-        };
         const K top = K(hi[t]), bottom = K(lo[t]), range = K(hi[t] - lo[t]);
         int32_t over = 0;
         for (int64_t j = 0; j < n; ++j) {  // vectorizes
-          const K k = key(j);
+          const K k = key(p, j);
           over += k > top;
           in_range[j] = K(k - bottom) <= range;
         }
@@ -260,13 +264,13 @@ BracketResult bracket_typed(const std::vector<View2D>& tasks, const View2D* base
           for (; flags; flags &= flags - 1) {
             const int64_t j = j0 + __builtin_ctzll(flags) / 8;
             if (!marks[t].empty()) {
-              const uint64_t k = key(j);
+              const uint64_t k = key(p, j);
               int64_t below = 0;
               for (const uint64_t m : marks[t]) below += m < k;
               const int64_t bin = 2 * below - (k != marks[t][size_t(below)]);
               ++res.counts[t][size_t(item * bins(t) + bin)];  // one thread owns an item
             } else if (int64_t(kept_keys[t].size()) < capacity) {
-              kept_keys[t].push_back(key(j));
+              kept_keys[t].push_back(key(p, j));
               kept_at[t].push_back(uint32_t(r * v.cols + c + j));
             }
           }

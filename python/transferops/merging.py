@@ -257,8 +257,8 @@ class _NativeSelect:
         return native_module().abs_sample_keys(bufs, base, runs, seed)
 
     @staticmethod
-    def bracket(bufs, base, lo, hi, width, capacity: int) -> list:
-        return native_module().abs_bracket(bufs, base, lo, hi, width, capacity)
+    def bracket(bufs, base, lo, hi, marks, capacity: int) -> list:
+        return native_module().abs_bracket(bufs, base, lo, hi, marks, capacity)
 
     @staticmethod
     def block(buf, item: int):
@@ -330,14 +330,18 @@ def _radix_select(passes, k: int, numel: int, dtype: torch.dtype, which: list, c
         shift = nbits - known - dbits
         hist = sum(engine.histograms(bufs, base, prefix, shift, dbits) for bufs, base in passes(which))
         for i in range(len(which)):
-            above = np.cumsum(hist[i, ::-1])  # above[j]: elements in the top j + 1 digits
-            j = int(np.searchsorted(above, rank[i]))  # the first top-(j + 1) holding >= rank elements
-            rank[i] -= int(above[j - 1]) if j else 0
-            d = hist.shape[1] - 1 - j
+            d, rank[i] = _rth_largest_bin(hist[i], rank[i])
             prefix[i], ties[i] = (prefix[i] << dbits) | d, int(hist[i, d])
         known += dbits
     return [(prefix[i], numel if rank[i] >= ties[i] or keep_ties else _tie_cut(passes, t, prefix[i], rank[i], engine))
             for i, t in enumerate(which)]
+
+
+def _rth_largest_bin(counts: np.ndarray, r: int) -> tuple[int, int]:
+    """(the bin of ascending ``counts`` holding the r-th largest element, its rank in that bin)."""
+    above = np.cumsum(counts[::-1])  # above[j]: elements in the top j + 1 bins
+    j = int(np.searchsorted(above, r))  # the first top-(j + 1) holding >= r elements
+    return counts.size - 1 - j, r - (int(above[j - 1]) if j else 0)
 
 
 def _tie_cut(passes, t: int, key: int, rank: int, engine) -> int:
@@ -448,12 +452,10 @@ def _marked_bracket(passes, t: int, r: int, marks: list, kept: list, numel: int,
     """The r-th largest key of a bracket counted per block in bins (each marked key, each gap
     between two), and the tie cut from the one block that holds it; None if it lies in a gap."""
     per_bin = sum(counts.sum(axis=0, dtype=np.int64) for counts in kept)
-    above = np.cumsum(per_bin[::-1])
-    j = int(np.searchsorted(above, r))
-    d = per_bin.size - 1 - j
+    d, rank = _rth_largest_bin(per_bin, r)
     if d % 2:
         return None
-    key, rank = marks[d // 2], r - (int(above[j - 1]) if j else 0)
+    key = marks[d // 2]
     if keep_ties or rank >= int(per_bin[d]):
         return key, numel
     seen = 0
