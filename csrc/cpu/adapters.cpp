@@ -54,15 +54,17 @@ constexpr int kDownRows = 4;
 constexpr int kUpRows = 3;
 constexpr int64_t kUpVectors = 4;
 
-// p[i, j] = sum_k (x[i, k] - c[i]) wt[k, j] for MR rows and j < rp (a multiple of 2 vectors):
-// wt is [d, rp], so each k loads two weight vectors and broadcasts MR inputs.
+// p[i, j] = sum_k x[i, k] wt[k, j] for MR rows and j < rp (a multiple of 2 vectors): wt is
+// [d, rp], so each k loads two weight vectors and broadcasts MR inputs straight from memory
+// (forward centres the rows beforehand: subtracting here cost a scalar load, subtract and
+// broadcast per row, k and column block, on the pipes the products need).
 // The sum over k runs in blocks of kSumBlock terms added to a running total: its rounding
 // error grows with kSumBlock + d / kSumBlock rather than d (one running sum over d = 4096 was
 // 10x less accurate than torch's GEMM; blocked, it is as accurate).
 constexpr int64_t kSumBlock = 64;
 
 template <class T, int MR>
-void down_rows(const T* x, int64_t ldx, const T* c, const T* wt, int64_t rp, int64_t d, T* p) {
+void down_rows(const T* x, int64_t ldx, const T* wt, int64_t rp, int64_t d, T* p) {
   constexpr int64_t L = kLanes<T>;
   for (int64_t j0 = 0; j0 < rp; j0 += 2 * L) {
     Vec<T> total[MR][2];
@@ -74,7 +76,7 @@ void down_rows(const T* x, int64_t ldx, const T* c, const T* wt, int64_t rp, int
       for (int64_t k = kb; k < ke; ++k) {
         const Vec<T> w0 = load_vec(wt + k * rp + j0), w1 = load_vec(wt + k * rp + j0 + L);
         for (int i = 0; i < MR; ++i) {
-          const T v = x[i * ldx + k] - c[i];
+          const T v = x[i * ldx + k];
           acc[i][0] += v * w0;
           acc[i][1] += v * w1;
         }
@@ -132,10 +134,10 @@ int64_t up_width(int64_t d) {
 
 // The two products over m rows: register blocks, then single rows for the remainder.
 template <class T>
-void down_tile(const T* x, int64_t ld, const T* c, const T* wt, int64_t rp, int64_t d, int64_t m, T* p) {
+void down_tile(const T* x, int64_t ld, const T* wt, int64_t rp, int64_t d, int64_t m, T* p) {
   int64_t i = 0;
-  for (; i + kDownRows <= m; i += kDownRows) down_rows<T, kDownRows>(x + i * ld, ld, c + i, wt, rp, d, p + i * rp);
-  for (; i < m; ++i) down_rows<T, 1>(x + i * ld, ld, c + i, wt, rp, d, p + i * rp);
+  for (; i + kDownRows <= m; i += kDownRows) down_rows<T, kDownRows>(x + i * ld, ld, wt, rp, d, p + i * rp);
+  for (; i < m; ++i) down_rows<T, 1>(x + i * ld, ld, wt, rp, d, p + i * rp);
 }
 
 template <class T>
@@ -289,46 +291,43 @@ void forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
 #pragma omp parallel if (tiles > 1 && N * d > kParallelMinElements)
 #endif
   {
-    // bf16/fp16 rows are widened once per tile; float and double rows are read in place.
+    // The products read the tile's rows centred on their mean under the layer norm, else as
+    // they are: widened once per tile from bf16/fp16, read in place from float and double.
     const size_t rows = size_t(tm);
-    std::vector<T> buf(std::is_same_v<S, T> ? 0 : rows * size_t(d)), proj(rows * size_t(rp)), z(rows * size_t(r)),
-        centre(rows), v(size_t(kUpRows) * size_t(f.dp));
+    const bool in_place = std::is_same_v<S, T> && !w.layer_norm;
+    std::vector<T> buf(in_place ? 0 : rows * size_t(d)), proj(rows * size_t(rp)), z(rows * size_t(r)),
+        v(size_t(kUpRows) * size_t(f.dp));
 #ifdef TRANSFEROPS_OPENMP
 #pragma omp for schedule(static)
 #endif
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t n0 = t * tm, m = std::min(tm, N - n0);
-      const T* in;
-      int64_t ld;
-      if constexpr (std::is_same_v<S, T>) {
-        in = x.row<S>(n0);
-        ld = x.row_stride;
-      } else {
-        for (int64_t i = 0; i < m; ++i) {
-          const S* xr = x.row<S>(n0 + i);
-          for (int64_t j = 0; j < d; ++j) buf[size_t(i * d + j)] = widen(xr[j]);
-        }
-        in = buf.data();
-        ld = d;
-      }
+      const T* in = in_place ? reinterpret_cast<const T*>(x.row<S>(n0)) : buf.data();
+      const int64_t ld = in_place ? x.row_stride : d;
       for (int64_t i = 0; i < m; ++i) {
-        const T* xr = in + i * ld;
         if (!w.layer_norm) {
-          centre[size_t(i)] = 0;
           mean[n0 + i] = 0;
           rstd[n0 + i] = 1;
-          continue;
         }
+        if (in_place) continue;
+        const S* xs = x.row<S>(n0 + i);
+        T* br = buf.data() + i * d;
+        const T* xr = reinterpret_cast<const T*>(xs);
+        if constexpr (!std::is_same_v<S, T>) {
+          for (int64_t j = 0; j < d; ++j) br[j] = widen(xs[j]);
+          xr = br;
+        }
+        if (!w.layer_norm) continue;
         // Two passes over the cached row: the mean (of x - x_0, x_0 the first entry, so that
         // the terms are of the size of the spread when |mean| >> std), then the variance.
         const T first = xr[0];
         const T mu = first + lane_sum<T>(d, [&](int64_t j) { return xr[j] - first; }) / T(d);
         const T ss = lane_sum<T>(d, [&](int64_t j) { return (xr[j] - mu) * (xr[j] - mu); });
-        centre[size_t(i)] = mu;
         mean[n0 + i] = mu;
         rstd[n0 + i] = T(1) / std::sqrt(ss / T(d) + T(w.eps));
+        for (int64_t j = 0; j < d; ++j) br[j] = xr[j] - mu;
       }
-      down_tile(in, ld, centre.data(), f.wt.data(), rp, d, m, proj.data());
+      down_tile(in, ld, f.wt.data(), rp, d, m, proj.data());
       T* at = a + n0 * r;
       for (int64_t i = 0; i < m; ++i) {
         const T rs = rstd[n0 + i];
@@ -352,8 +351,8 @@ void forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
           S* yr = out.row<S>(n);
           if (w.residual == Residual::normalized) {
             const T *xr = in + (i + q) * ld, *lw = f.ln_weight.data(), *lb = f.ln_bias.data();
-            const T mu = mean[n], rs = rstd[n];
-            for (int64_t k = 0; k < d; ++k) yr[k] = narrow<S>((xr[k] - mu) * rs * lw[k] + lb[k] + vr[k]);
+            const T rs = rstd[n];
+            for (int64_t k = 0; k < d; ++k) yr[k] = narrow<S>(xr[k] * rs * lw[k] + lb[k] + vr[k]);
           } else {
             const S* rr = w.residual == Residual::separate ? residual->row<S>(n) : x.row<S>(n);
             for (int64_t k = 0; k < d; ++k) yr[k] = narrow<S>(widen(rr[k]) + vr[k]);
@@ -441,7 +440,7 @@ void backward_typed(const Gemm& gemm, const Bottleneck& w, const View2D& grad, c
         const T* gr = gp + i * ldg;
         for (int64_t j = 0; j < d; ++j) part.g_sum[size_t(j)] += gr[j];
       }
-      down_tile(gp, ldg, zeros.data(), w_up_scaled.data(), rp, d, m, proj.data());
+      down_tile(gp, ldg, w_up_scaled.data(), rp, d, m, proj.data());
       for (int64_t i = 0; i < m; ++i) {
         for (int64_t k = 0; k < r; ++k) {
           const T v = proj[size_t(i * rp + k)] * activate_slope(w.act, at[i * r + k]);
