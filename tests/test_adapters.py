@@ -269,6 +269,21 @@ def test_bottleneck_module_matches_adapters_library_semantics():
 # LoRA
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("ln,bad", [(False, "x"), (False, "w_down"), (False, "b_down"), (True, "x"), (True, "b_down"),
+                                    (True, "ln_weight")])
+def test_native_bottleneck_names_nonfinite_inputs(ln, bad, gen):
+    require_backend("native")
+    x, w, _ = _bottleneck_inputs(gen, 37, 24, 5, torch.float32, ln=ln)
+    target = x if bad == "x" else w[bad]
+    target.view(-1)[3] = float("nan")
+    target.view(-1)[-1] = float("inf")
+    kw = dict(ln_weight=w.get("ln_weight"), ln_bias=w.get("ln_bias"), layer_norm=ln, backend="native")
+    with pytest.raises(ValueError, match=f"^{bad}: expected finite values, found NaN or Inf at 2 element positions"):
+        bottleneck_adapter(x, w["w_down"], w["b_down"], w["w_up"], w["b_up"], **kw)
+    target.view(-1)[3] = target.view(-1)[-1] = 0.0
+    assert torch.isfinite(bottleneck_adapter(x, w["w_down"], w["b_down"], w["w_up"], w["b_up"], **kw)).all()
+
+
 def _lora_inputs(gen, N, d_in, d_out, r, dtype):
     def rnd(*shape, std=1.0):
         return (torch.randn(shape, generator=gen, dtype=torch.float64) * std).to(dtype)
@@ -340,6 +355,11 @@ def test_lora_errors_name_the_argument():
         lora_linear(x, torch.randn(5, 3), b, A, B, scaling=1.0)
     with pytest.raises(TypeError, match="lora_A"):
         lora_linear(x, w, b, A.double(), B, scaling=1.0)
+    for name, t in (("x", x), ("lora_A", A)):
+        t[1, 2] = float("-inf")
+        with pytest.raises(ValueError, match=f"^{name}: expected finite values, found NaN or Inf at 1 element"):
+            lora_linear(x, w, b, A, B, scaling=1.0, backend="native")
+        t[1, 2] = 0.0
 
 
 def test_multi_lora_matches_per_token_loop(gen):

@@ -57,6 +57,18 @@ def dropout_factor(rows: int, cols: int, p: float, seed: int, device="cpu", dtyp
     return keep.view(rows, cols).to(dtype) / (1 - p)
 
 
+def _name_nonfinite(small: torch.Tensor, inputs) -> None:
+    """NaN/Inf in x or a weight reaches ``small`` (the [N, r] projection every one of
+    ``inputs`` (name, tensor or None) feeds), so one O(N r) check clears a call; only a failing
+    one reads the inputs, to name the first holding NaN/Inf. Finite inputs whose products
+    overflow pass, as in torch."""
+    if bool(torch.isfinite(small).all()):
+        return
+    for name, t in inputs:
+        if t is not None:
+            _checks.raise_nonfinite(_checks.count_nonfinite(t), name)
+
+
 def _activate(a: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "gelu":
         return F.gelu(a)  # the erf form, as the adapters library's "gelu"
@@ -148,6 +160,8 @@ def _bottleneck_native_fwd(x, residual, w_down, b_down, w_up, b_up, ln_weight, l
     native_module().bottleneck_forward(native_buffer(xr), res, native_buffer(out), native_buffer(a),
                                        native_buffer(mean), native_buffer(rstd), r, params, layer_norm, eps,
                                        activation, residual_mode, dropout, seed)
+    _name_nonfinite(a, (("x", x), ("w_down", w_down), ("b_down", b_down), ("ln_weight", ln_weight),
+                        ("ln_bias", ln_bias)))
     return out.view(x.shape), a, mean, rstd
 
 
@@ -348,11 +362,12 @@ def _merges_exactly(dtype: torch.dtype) -> bool:
 @torch.library.custom_op("transferops::lora_fwd", mutates_args=())
 def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
               lora_B: torch.Tensor, scaling: float, dropout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if dropout == 0 and _merges_exactly(x.dtype):
-        u = x @ lora_A.t()
-        return F.linear(x, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias), u
     xd = x * dropout_factor(x.shape[0], x.shape[1], dropout, seed, x.device, x.dtype) if dropout > 0 else x
     u = xd @ lora_A.t()
+    if x.device.type == "cpu":  # a GPU check would wait for the device
+        _name_nonfinite(u, (("x", x), ("lora_A", lora_A)))
+    if dropout == 0 and _merges_exactly(x.dtype):
+        return F.linear(x, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias), u
     out = F.linear(x, weight, bias)
     return out.addmm_(u, lora_B.t(), alpha=scaling), u
 
