@@ -419,6 +419,16 @@ cpu::Bottleneck bottleneck_of(const Params& params, int64_t d, int64_t r, DType 
 
 DType compute_dtype(DType storage) { return storage == DType::f64 ? DType::f64 : DType::f32; }
 
+// See cpu::adapter_dropout.
+void adapter_dropout(const py::buffer& x, const py::buffer& out, double p, uint64_t seed) {
+  const BufferView xv = buffer_view(x, "x", false);
+  BufferView ov = buffer_view(out, "out", true);
+  check_same_layout(ov.view, xv.view, "out");
+  if (!(p >= 0 && p < 1)) throw std::invalid_argument("p: expected 0 <= p < 1");
+  py::gil_scoped_release release;
+  cpu::adapter_dropout(xv.view, ov.view, p, seed);
+}
+
 // See cpu::bottleneck_forward. `residual` is used with residual code 2 (separate) only.
 void bottleneck_forward(const py::buffer& x, const std::optional<py::buffer>& residual,
                         const py::buffer& out, const py::buffer& a, const py::buffer& mean, const py::buffer& rstd,
@@ -580,6 +590,8 @@ PYBIND11_MODULE(_native, m) {
         py::arg("extra_log_alpha"), py::arg("samples"), py::arg("dim"), py::arg("gram_of_features"),
         py::arg("projected"), py::arg("y2"), py::arg("max_iter"), py::arg("tol"), py::arg("damp"), py::arg("with_z"),
         "LogME's fixed point for every target of one model on its tridiagonalized Gram matrix");
+  m.def("adapter_dropout", &adapter_dropout, py::arg("x"), py::arg("out"), py::arg("p"), py::arg("seed"),
+        "out = x times the adapters' Philox dropout factors (entry (n, j) keyed by n * cols + j)");
   m.def("bottleneck_forward", &bottleneck_forward, py::arg("x"), py::arg("residual"), py::arg("out"),
         py::arg("a"), py::arg("mean"), py::arg("rstd"), py::arg("r"), py::arg("params"), py::arg("layer_norm"),
         py::arg("eps"), py::arg("activation"), py::arg("residual_mode"), py::arg("dropout"), py::arg("seed"),

@@ -206,6 +206,31 @@ def test_dropout_mask_rate_and_determinism():
     assert torch.allclose(f[f > 0], torch.tensor(1 / 0.75))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("isa", ["base", "avx2"])
+def test_native_dropout_draws_the_torch_mask(dtype, isa, gen):
+    """The native pass (LoRA's input dropout) keeps exactly the entries dropout_factor keeps, and
+    scales them by 1 / (1 - p) to one rounding; rows of 75 take the AVX2 build's eight-lane runs
+    and a scalar tail, and a row stride past the width."""
+    from transferops._backend import native_module
+    from transferops.adapters import _dropped
+
+    native = native_module()
+    if native is None or native.cpu_isa() not in ("avx2", isa):
+        pytest.skip(f"this CPU or build has no {isa} kernels")
+    wide = torch.randn(41, 80, generator=gen, dtype=torch.float64).to(dtype)
+    x = wide[:, :75]
+    try:
+        native.set_cpu_isa(isa)
+        for p, seed in ((0.1, 7), (0.5, 2**40 + 3)):
+            got = _dropped(x, p, seed)
+            factor = dropout_factor(41, 75, p, seed, dtype=torch.float64)
+            assert torch.equal(got == 0, factor == 0)
+            torch.testing.assert_close(got.double(), x.double() * factor, rtol={**_ULP, torch.float32: 2 ** -23, torch.float64: 2 ** -52}[dtype], atol=0)
+    finally:
+        native.set_cpu_isa("avx2")
+
+
 def test_bottleneck_errors_name_the_argument():
     x = torch.randn(4, 8)
     wd, bd, wu, bu = torch.randn(2, 8), torch.randn(2), torch.randn(8, 2), torch.randn(8)

@@ -9,8 +9,8 @@
 
 #include "common/dtype.h"
 #include "common/parallel.h"
-#include "common/philox.h"
 #include "cpu/isa.h"
+#include "cpu/philox_run.h"
 #include "cpu/vec.h"
 
 namespace transferops::cpu {
@@ -183,16 +183,25 @@ struct Dropout {
   uint64_t seed;
   int64_t d;
 
-  explicit Dropout(const Bottleneck& w)
-      : on(w.dropout > 0), keep_below(uint32_t(std::min(std::ldexp(1.0 - w.dropout, 32), 4294967295.0))),
-        inv_keep(w.dropout < 1 ? 1.0 / (1.0 - w.dropout) : 0.0), seed(w.seed), d(w.d) {}
+  Dropout(double p, uint64_t seed_, int64_t d_)
+      : on(p > 0), keep_below(uint32_t(std::min(std::ldexp(1.0 - p, 32), 4294967295.0))),
+        inv_keep(p < 1 ? 1.0 / (1.0 - p) : 0.0), seed(seed_), d(d_) {}
+  explicit Dropout(const Bottleneck& w) : Dropout(w.dropout, w.seed, w.d) {}
 
-  // The factor entry (n, j) of the adapter's output is multiplied by: 0 or 1 / (1 - p).
-  template <class T>
-  T factor(int64_t n, int64_t j) const {
-    const uint64_t i = uint64_t(n) * uint64_t(d) + uint64_t(j);
-    return philox_keep(seed, kDropoutStream, 0, uint32_t(i), uint32_t(i >> 32), keep_below, false) ? T(inv_keep)
-                                                                                                     : T(0);
+  // dst[j] = src[j] times the factor of entry (n, j), 0 or 1 / (1 - p), for j < d (dst may be
+  // src). The draws come in runs of 64, eight per register in the AVX2 build.
+  template <class D, class S>
+  void apply(int64_t n, const S* src, D* dst) const {
+    using T = acc_t<D>;
+    constexpr int64_t kRun = 64;
+    uint32_t draw[kRun];
+    for (int64_t j0 = 0; j0 < d; j0 += kRun) {
+      const int64_t m = std::min(kRun, d - j0);
+      philox_run(uint64_t(n) * uint64_t(d) + uint64_t(j0), 0, kDropoutStream, seed, m, draw);
+      for (int64_t j = 0; j < m; ++j) {
+        dst[j0 + j] = narrow<D>(T(widen(src[j0 + j])) * (draw[j] < keep_below ? T(inv_keep) : T(0)));
+      }
+    }
   }
 };
 
@@ -345,9 +354,7 @@ void forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
         for (int64_t q = 0; q < mr; ++q) {
           const int64_t n = n0 + i + q;
           T* vr = v.data() + q * f.dp;
-          if (drop.on) {
-            for (int64_t k = 0; k < d; ++k) vr[k] = drop.factor<T>(n, k) * vr[k];
-          }
+          if (drop.on) drop.apply(n, vr, vr);
           S* yr = out.row<S>(n);
           if (w.residual == Residual::normalized) {
             const T *xr = in + (i + q) * ld, *lw = f.ln_weight.data(), *lb = f.ln_bias.data();
@@ -423,7 +430,7 @@ void backward_typed(const Gemm& gemm, const Bottleneck& w, const View2D& grad, c
           const S* gr = grad.row<S>(n0 + i);
           T* br = gbuf.data() + i * d;
           if (drop.on) {
-            for (int64_t j = 0; j < d; ++j) br[j] = widen(gr[j]) * drop.factor<T>(n0 + i, j);
+            drop.apply(n0 + i, gr, br);
           } else {
             for (int64_t j = 0; j < d; ++j) br[j] = widen(gr[j]);
           }
@@ -505,7 +512,20 @@ void backward_typed(const Gemm& gemm, const Bottleneck& w, const View2D& grad, c
   }
 }
 
+template <class S>
+void dropout_typed(const View2D& x, const View2D& out, double p, uint64_t seed) {
+  const Dropout drop(p, seed, x.cols);
+#ifdef TRANSFEROPS_OPENMP
+#pragma omp parallel for schedule(static) if (x.rows * x.cols > kParallelMinElements)
+#endif
+  for (int64_t n = 0; n < x.rows; ++n) drop.apply(n, x.row<S>(n), out.row<S>(n));
+}
+
 }  // namespace
+
+void adapter_dropout_impl(const View2D& x, const View2D& out, double p, uint64_t seed) {
+  dispatch_float(x.dtype, [&](auto s) { dropout_typed<decltype(s)>(x, out, p, seed); });
+}
 
 void bottleneck_forward_impl(const Bottleneck& w, const View2D& x, const View2D* residual,
                              const View2D& out, void* a, void* mean, void* rstd) {
@@ -523,6 +543,7 @@ void bottleneck_backward_impl(const Gemm& gemm, const Bottleneck& w, const View2
 #ifdef TRANSFEROPS_ISA_BASE
 #ifdef TRANSFEROPS_HAVE_AVX2
 namespace avx2 {
+void adapter_dropout_impl(const View2D& x, const View2D& out, double p, uint64_t seed);
 void bottleneck_forward_impl(const Bottleneck& w, const View2D& x, const View2D* residual,
                              const View2D& out, void* a, void* mean, void* rstd);
 void bottleneck_backward_impl(const Gemm& gemm, const Bottleneck& w, const View2D& grad, const View2D& x,
@@ -530,6 +551,13 @@ void bottleneck_backward_impl(const Gemm& gemm, const Bottleneck& w, const View2
                               const BottleneckGrads& grads);
 }  // namespace avx2
 #endif
+
+void adapter_dropout(const View2D& x, const View2D& out, double p, uint64_t seed) {
+#ifdef TRANSFEROPS_HAVE_AVX2
+  if (std::string(cpu_isa()) == "avx2") return avx2::adapter_dropout_impl(x, out, p, seed);
+#endif
+  base::adapter_dropout_impl(x, out, p, seed);
+}
 
 void bottleneck_forward(const Bottleneck& w, const View2D& x, const View2D* residual,
                         const View2D& out, void* a, void* mean, void* rstd) {

@@ -34,6 +34,11 @@ struct Bottleneck {
   uint64_t seed;
 };
 
+// out = x times its dropout factors, 0 or 1 / (1 - p): entry (n, j) of x [N, d] is kept iff
+// philox(n * d + j; seed) < (1 - p) 2^32, the mask of Bottleneck::dropout and of
+// transferops.adapters.dropout_factor (LoRA drops its input with it). out may be x.
+void adapter_dropout(const View2D& x, const View2D& out, double p, uint64_t seed);
+
 // Rows are processed in tiles that stay in cache, one OpenMP thread per tile: LN statistics,
 // the down-projection (the layer norm folded into its weights) and the up-projection with its
 // epilogue in register blocks touch x, R and y once each in memory. Saves for backward the
