@@ -17,17 +17,21 @@ namespace transferops::cpu {
 namespace TRANSFEROPS_ISA {
 namespace {
 
-// Rows per tile: about 2^17 values of the compute type per [rows, d] buffer, never below 16 rows
-// (BLAS slows down on fewer). Measured on a 2-core EPYC, forward with LN: 2^15, 2^16, 2^17 within
-// noise at d=768 (~1.3-1.5 ms, N=2048); at d=4096 (N=8192) 40, ~45, 34 ms: BLAS gains from 32 rows.
-constexpr int64_t kTileElements = int64_t(1) << 17;
+// Rows per tile: about this many values of the compute type per [rows, d] buffer, never below
+// 16 rows. Backward hands tiles to BLAS, which gains from more rows (forward with BLAS had
+// measured 40, ~45, 34 ms for 2^15, 2^16, 2^17 at d=4096, N=8192). Forward's register blocks
+// do not; smaller tiles balance the two threads better (2048 x 768 is 13 tiles at 2^17) and
+// leave the weights in L2: at 2^15, 2-thread forward min of 4 alternated runs, 2048 x 768 r=16
+// 0.90 -> 0.80 ms, r=64 2.76 -> 2.50 ms, 2048 x 4096 r=64 20.0 -> 17.6 ms.
+constexpr int64_t kForwardTileElements = int64_t(1) << 15;
+constexpr int64_t kBackwardTileElements = int64_t(1) << 17;
 // Weight gradients are summed over at most this many fixed row chunks (their partials take
 // chunks * (2 r d + 4 d) values).
 constexpr int64_t kMaxChunks = 16;
 // The stream word of the adapters' dropout draws (merging uses hashes of tensor names).
 constexpr uint32_t kDropoutStream = 0x41445054u;
 
-int64_t tile_rows(int64_t d) { return std::max<int64_t>(16, kTileElements / std::max<int64_t>(d, 1)); }
+int64_t tile_rows(int64_t d, int64_t elements) { return std::max<int64_t>(16, elements / std::max<int64_t>(d, 1)); }
 
 // Sum of f(j) for j < n in 8 interleaved partial sums, combined in a fixed order: without
 // -ffast-math, one running sum cannot vectorize; these lanes can.
@@ -132,12 +136,29 @@ int64_t up_width(int64_t d) {
   return (d + b - 1) / b * b;
 }
 
-// The two products over m rows: register blocks, then single rows for the remainder.
+// The two products over m rows: register blocks, then single rows for the remainder. With a
+// `mean`, the down-projection reads each block's rows centred on their means, written to
+// `scratch` [kDownRows, d] (it stays in L1; a centred copy of the whole tile had pushed the
+// weights out of L2 at r = 64).
 template <class T>
-void down_tile(const T* x, int64_t ld, const T* wt, int64_t rp, int64_t d, int64_t m, T* p) {
+void down_tile(const T* x, int64_t ld, const T* mean, const T* wt, int64_t rp, int64_t d, int64_t m, T* p,
+               T* scratch) {
+  auto block = [&](auto rows, int64_t i) {
+    constexpr int MR = decltype(rows)::value;
+    const T* src = x + i * ld;
+    int64_t lds = ld;
+    if (mean) {
+      for (int q = 0; q < MR; ++q) {
+        for (int64_t k = 0; k < d; ++k) scratch[q * d + k] = src[q * ld + k] - mean[i + q];
+      }
+      src = scratch;
+      lds = d;
+    }
+    down_rows<T, MR>(src, lds, wt, rp, d, p + i * rp);
+  };
   int64_t i = 0;
-  for (; i + kDownRows <= m; i += kDownRows) down_rows<T, kDownRows>(x + i * ld, ld, wt, rp, d, p + i * rp);
-  for (; i < m; ++i) down_rows<T, 1>(x + i * ld, ld, wt, rp, d, p + i * rp);
+  for (; i + kDownRows <= m; i += kDownRows) block(std::integral_constant<int, kDownRows>{}, i);
+  for (; i < m; ++i) block(std::integral_constant<int, 1>{}, i);
 }
 
 template <class T>
@@ -294,39 +315,41 @@ void forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
   const Weights<T> p(w);
   const Dropout drop(w);
   const Folded<T> f(w, p);
-  const int64_t N = x.rows, d = w.d, r = w.r, rp = f.rp, tm = tile_rows(d), tiles = (N + tm - 1) / tm;
+  const int64_t N = x.rows, d = w.d, r = w.r, rp = f.rp, tm = tile_rows(d, kForwardTileElements), tiles = (N + tm - 1) / tm;
   T *a = static_cast<T*>(a_out), *mean = static_cast<T*>(mean_out), *rstd = static_cast<T*>(rstd_out);
 #ifdef TRANSFEROPS_OPENMP
 #pragma omp parallel if (tiles > 1 && N * d > kParallelMinElements)
 #endif
   {
-    // The products read the tile's rows centred on their mean under the layer norm, else as
-    // they are: widened once per tile from bf16/fp16, read in place from float and double.
+    // bf16/fp16 rows are widened once per tile; float and double rows are read in place.
     const size_t rows = size_t(tm);
-    const bool in_place = std::is_same_v<S, T> && !w.layer_norm;
-    std::vector<T> buf(in_place ? 0 : rows * size_t(d)), proj(rows * size_t(rp)), z(rows * size_t(r)),
-        v(size_t(kUpRows) * size_t(f.dp));
+    std::vector<T> buf(std::is_same_v<S, T> ? 0 : rows * size_t(d)), proj(rows * size_t(rp)), z(rows * size_t(r)),
+        v(size_t(kUpRows) * size_t(f.dp)), scratch(size_t(kDownRows * d));
 #ifdef TRANSFEROPS_OPENMP
 #pragma omp for schedule(static)
 #endif
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t n0 = t * tm, m = std::min(tm, N - n0);
-      const T* in = in_place ? reinterpret_cast<const T*>(x.row<S>(n0)) : buf.data();
-      const int64_t ld = in_place ? x.row_stride : d;
+      const T* in;
+      int64_t ld;
+      if constexpr (std::is_same_v<S, T>) {
+        in = x.row<S>(n0);
+        ld = x.row_stride;
+      } else {
+        for (int64_t i = 0; i < m; ++i) {
+          const S* xr = x.row<S>(n0 + i);
+          for (int64_t j = 0; j < d; ++j) buf[size_t(i * d + j)] = widen(xr[j]);
+        }
+        in = buf.data();
+        ld = d;
+      }
       for (int64_t i = 0; i < m; ++i) {
+        const T* xr = in + i * ld;
         if (!w.layer_norm) {
           mean[n0 + i] = 0;
           rstd[n0 + i] = 1;
+          continue;
         }
-        if (in_place) continue;
-        const S* xs = x.row<S>(n0 + i);
-        T* br = buf.data() + i * d;
-        const T* xr = reinterpret_cast<const T*>(xs);
-        if constexpr (!std::is_same_v<S, T>) {
-          for (int64_t j = 0; j < d; ++j) br[j] = widen(xs[j]);
-          xr = br;
-        }
-        if (!w.layer_norm) continue;
         // Two passes over the cached row: the mean (of x - x_0, x_0 the first entry, so that
         // the terms are of the size of the spread when |mean| >> std), then the variance.
         const T first = xr[0];
@@ -334,9 +357,8 @@ void forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
         const T ss = lane_sum<T>(d, [&](int64_t j) { return (xr[j] - mu) * (xr[j] - mu); });
         mean[n0 + i] = mu;
         rstd[n0 + i] = T(1) / std::sqrt(ss / T(d) + T(w.eps));
-        for (int64_t j = 0; j < d; ++j) br[j] = xr[j] - mu;
       }
-      down_tile(in, ld, f.wt.data(), rp, d, m, proj.data());
+      down_tile(in, ld, w.layer_norm ? mean + n0 : nullptr, f.wt.data(), rp, d, m, proj.data(), scratch.data());
       T* at = a + n0 * r;
       for (int64_t i = 0; i < m; ++i) {
         const T rs = rstd[n0 + i];
@@ -358,8 +380,8 @@ void forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
           S* yr = out.row<S>(n);
           if (w.residual == Residual::normalized) {
             const T *xr = in + (i + q) * ld, *lw = f.ln_weight.data(), *lb = f.ln_bias.data();
-            const T rs = rstd[n];
-            for (int64_t k = 0; k < d; ++k) yr[k] = narrow<S>(xr[k] * rs * lw[k] + lb[k] + vr[k]);
+            const T mu = mean[n], rs = rstd[n];
+            for (int64_t k = 0; k < d; ++k) yr[k] = narrow<S>((xr[k] - mu) * rs * lw[k] + lb[k] + vr[k]);
           } else {
             const S* rr = w.residual == Residual::separate ? residual->row<S>(n) : x.row<S>(n);
             for (int64_t k = 0; k < d; ++k) yr[k] = narrow<S>(widen(rr[k]) + vr[k]);
@@ -392,7 +414,7 @@ void backward_typed(const Gemm& gemm, const Bottleneck& w, const View2D& grad, c
   using T = acc_t<S>;
   const Weights<T> p(w);
   const Dropout drop(w);
-  const int64_t N = x.rows, d = w.d, r = w.r, tm = tile_rows(d), tiles = (N + tm - 1) / tm;
+  const int64_t N = x.rows, d = w.d, r = w.r, tm = tile_rows(d, kBackwardTileElements), tiles = (N + tm - 1) / tm;
   const int64_t chunks = std::max<int64_t>(1, std::min(kMaxChunks, tiles));
   const T* a = static_cast<const T*>(a_in);
   const T* mean = static_cast<const T*>(mean_in);
@@ -447,7 +469,7 @@ void backward_typed(const Gemm& gemm, const Bottleneck& w, const View2D& grad, c
         const T* gr = gp + i * ldg;
         for (int64_t j = 0; j < d; ++j) part.g_sum[size_t(j)] += gr[j];
       }
-      down_tile(gp, ldg, w_up_scaled.data(), rp, d, m, proj.data());
+      down_tile<T>(gp, ldg, nullptr, w_up_scaled.data(), rp, d, m, proj.data(), nullptr);
       for (int64_t i = 0; i < m; ++i) {
         for (int64_t k = 0; k < r; ++k) {
           const T v = proj[size_t(i * rp + k)] * activate_slope(w.act, at[i * r + k]);
