@@ -430,7 +430,7 @@ void adapter_dropout(const py::buffer& x, const py::buffer& out, double p, uint6
 }
 
 // See cpu::bottleneck_forward. `residual` is used with residual code 2 (separate) only.
-void bottleneck_forward(const py::buffer& x, const std::optional<py::buffer>& residual,
+bool bottleneck_forward(const py::buffer& x, const std::optional<py::buffer>& residual,
                         const py::buffer& out, const py::buffer& a, const py::buffer& mean, const py::buffer& rstd,
                         int64_t r, const Params& params, bool layer_norm, double eps, int activation,
                         int residual_mode, double dropout, uint64_t seed) {
@@ -451,7 +451,7 @@ void bottleneck_forward(const py::buffer& x, const std::optional<py::buffer>& re
   void* mp = flat_ptr(mean, N, T, "mean", keep, true);
   void* sp = flat_ptr(rstd, N, T, "rstd", keep, true);
   py::gil_scoped_release release;
-  cpu::bottleneck_forward(w, xv.view, rv ? &rv->view : nullptr, ov.view, ap, mp, sp);
+  return cpu::bottleneck_forward(w, xv.view, rv ? &rv->view : nullptr, ov.view, ap, mp, sp);
 }
 
 // See cpu::bottleneck_backward; `grads` are 7 writable buffers in the params' order.
@@ -595,7 +595,7 @@ PYBIND11_MODULE(_native, m) {
   m.def("bottleneck_forward", &bottleneck_forward, py::arg("x"), py::arg("residual"), py::arg("out"),
         py::arg("a"), py::arg("mean"), py::arg("rstd"), py::arg("r"), py::arg("params"), py::arg("layer_norm"),
         py::arg("eps"), py::arg("activation"), py::arg("residual_mode"), py::arg("dropout"), py::arg("seed"),
-        "fused bottleneck adapter forward in cache-resident row tiles");
+        "fused bottleneck adapter forward in cache-resident row tiles; returns whether the pre-activation is finite");
   m.def("bottleneck_backward", &bottleneck_backward, py::arg("blas"), py::arg("grad"), py::arg("x"), py::arg("a"),
         py::arg("mean"), py::arg("rstd"), py::arg("dx"), py::arg("r"), py::arg("params"), py::arg("grads"),
         py::arg("layer_norm"), py::arg("eps"), py::arg("activation"), py::arg("residual_mode"), py::arg("dropout"),

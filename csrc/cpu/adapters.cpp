@@ -309,7 +309,7 @@ struct Folded {
 };
 
 template <class S>
-void forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual, const View2D& out, void* a_out,
+bool forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual, const View2D& out, void* a_out,
                    void* mean_out, void* rstd_out) {
   using T = acc_t<S>;
   const Weights<T> p(w);
@@ -317,6 +317,7 @@ void forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
   const Folded<T> f(w, p);
   const int64_t N = x.rows, d = w.d, r = w.r, rp = f.rp, tm = tile_rows(d, kForwardTileElements), tiles = (N + tm - 1) / tm;
   T *a = static_cast<T*>(a_out), *mean = static_cast<T*>(mean_out), *rstd = static_cast<T*>(rstd_out);
+  int64_t nonfinite_tiles = 0;
 #ifdef TRANSFEROPS_OPENMP
 #pragma omp parallel if (tiles > 1 && N * d > kParallelMinElements)
 #endif
@@ -326,7 +327,7 @@ void forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
     std::vector<T> buf(std::is_same_v<S, T> ? 0 : rows * size_t(d)), proj(rows * size_t(rp)), z(rows * size_t(r)),
         v(size_t(kUpRows) * size_t(f.dp)), scratch(size_t(kDownRows * d));
 #ifdef TRANSFEROPS_OPENMP
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) reduction(+ : nonfinite_tiles)
 #endif
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t n0 = t * tm, m = std::min(tm, N - n0);
@@ -360,14 +361,17 @@ void forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
       }
       down_tile(in, ld, w.layer_norm ? mean + n0 : nullptr, f.wt.data(), rp, d, m, proj.data(), scratch.data());
       T* at = a + n0 * r;
+      T bad = 0;  // stays 0 unless a pre-activation is NaN or Inf, as it is when x or a weight is
       for (int64_t i = 0; i < m; ++i) {
         const T rs = rstd[n0 + i];
         for (int64_t j = 0; j < r; ++j) {
           const T v = rs * proj[size_t(i * rp + j)] + f.bias[size_t(j)];
           at[i * r + j] = v;
+          bad += v - v;
           z[size_t(i * r + j)] = activate(w.act, v);
         }
       }
+      nonfinite_tiles += bad != T(0);
       // The up-projection kUpRows rows at a time (scale and b_up applied in registers), then
       // dropout and the residual over those rows while they are in L1.
       for (int64_t i = 0; i < m; i += kUpRows) {
@@ -390,6 +394,7 @@ void forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
       }
     }
   }
+  return nonfinite_tiles == 0;
 }
 
 // One row chunk's partial weight gradients: M = g'^T phi(a) [d, r] (g' the output gradient
@@ -549,9 +554,9 @@ void adapter_dropout_impl(const View2D& x, const View2D& out, double p, uint64_t
   dispatch_float(x.dtype, [&](auto s) { dropout_typed<decltype(s)>(x, out, p, seed); });
 }
 
-void bottleneck_forward_impl(const Bottleneck& w, const View2D& x, const View2D* residual,
+bool bottleneck_forward_impl(const Bottleneck& w, const View2D& x, const View2D* residual,
                              const View2D& out, void* a, void* mean, void* rstd) {
-  dispatch_float(x.dtype, [&](auto s) { forward_typed<decltype(s)>(w, x, residual, out, a, mean, rstd); });
+  return dispatch_float(x.dtype, [&](auto s) { return forward_typed<decltype(s)>(w, x, residual, out, a, mean, rstd); });
 }
 
 void bottleneck_backward_impl(const Gemm& gemm, const Bottleneck& w, const View2D& grad, const View2D& x,
@@ -566,7 +571,7 @@ void bottleneck_backward_impl(const Gemm& gemm, const Bottleneck& w, const View2
 #ifdef TRANSFEROPS_HAVE_AVX2
 namespace avx2 {
 void adapter_dropout_impl(const View2D& x, const View2D& out, double p, uint64_t seed);
-void bottleneck_forward_impl(const Bottleneck& w, const View2D& x, const View2D* residual,
+bool bottleneck_forward_impl(const Bottleneck& w, const View2D& x, const View2D* residual,
                              const View2D& out, void* a, void* mean, void* rstd);
 void bottleneck_backward_impl(const Gemm& gemm, const Bottleneck& w, const View2D& grad, const View2D& x,
                               const void* a, const void* mean, const void* rstd, const View2D& dx,
@@ -581,12 +586,12 @@ void adapter_dropout(const View2D& x, const View2D& out, double p, uint64_t seed
   base::adapter_dropout_impl(x, out, p, seed);
 }
 
-void bottleneck_forward(const Bottleneck& w, const View2D& x, const View2D* residual,
+bool bottleneck_forward(const Bottleneck& w, const View2D& x, const View2D* residual,
                         const View2D& out, void* a, void* mean, void* rstd) {
 #ifdef TRANSFEROPS_HAVE_AVX2
   if (std::string(cpu_isa()) == "avx2") return avx2::bottleneck_forward_impl(w, x, residual, out, a, mean, rstd);
 #endif
-  base::bottleneck_forward_impl(w, x, residual, out, a, mean, rstd);
+  return base::bottleneck_forward_impl(w, x, residual, out, a, mean, rstd);
 }
 
 void bottleneck_backward(const Gemm& gemm, const Bottleneck& w, const View2D& grad, const View2D& x, const void* a,

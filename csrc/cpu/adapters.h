@@ -42,8 +42,9 @@ void adapter_dropout(const View2D& x, const View2D& out, double p, uint64_t seed
 // Rows are processed in tiles that stay in cache, one OpenMP thread per tile: LN statistics,
 // the down-projection (the layer norm folded into its weights) and the up-projection with its
 // epilogue in register blocks touch x, R and y once each in memory. Saves for backward the
-// pre-activation a [N, r] and mean, rstd [N] (type T).
-void bottleneck_forward(const Bottleneck& w, const View2D& x, const View2D* residual,
+// pre-activation a [N, r] and mean, rstd [N] (type T). Returns whether every entry of a is
+// finite (NaN/Inf in x or a weight reaches it).
+bool bottleneck_forward(const Bottleneck& w, const View2D& x, const View2D* residual,
                         const View2D& out, void* a, void* mean, void* rstd);
 
 // Gradients (type T) of every weight; dx [N, d] in x's dtype (without the residual's

@@ -76,13 +76,10 @@ def _(t, p, seed):
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-def _name_nonfinite(small: torch.Tensor, inputs) -> None:
-    """NaN/Inf in x or a weight reaches ``small`` (the [N, r] projection every one of
-    ``inputs`` (name, tensor or None) feeds), so one O(N r) check clears a call; only a failing
-    one reads the inputs, to name the first holding NaN/Inf. Finite inputs whose products
-    overflow pass, as in torch."""
-    if bool(torch.isfinite(small).all()):
-        return
+def _name_nonfinite(inputs) -> None:
+    """Raises naming the first of ``inputs`` (name, tensor or None) that holds NaN/Inf. Called
+    when the [N, r] projection they all feed is not finite, so that finite calls never read
+    them; finite inputs whose products overflow pass, as in torch."""
     for name, t in inputs:
         if t is not None:
             _checks.raise_nonfinite(_checks.count_nonfinite(t), name)
@@ -176,11 +173,12 @@ def _bottleneck_native_fwd(x, residual, w_down, b_down, w_up, b_up, ln_weight, l
     a, mean, rstd = torch.empty(N, r, dtype=T), torch.empty(N, dtype=T), torch.empty(N, dtype=T)
     res = native_buffer(_checks.as_rows(residual)) if residual is not None else None
     params = [_flat(t) for t in (w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale)]
-    native_module().bottleneck_forward(native_buffer(xr), res, native_buffer(out), native_buffer(a),
-                                       native_buffer(mean), native_buffer(rstd), r, params, layer_norm, eps,
-                                       activation, residual_mode, dropout, seed)
-    _name_nonfinite(a, (("x", x), ("w_down", w_down), ("b_down", b_down), ("ln_weight", ln_weight),
-                        ("ln_bias", ln_bias)))
+    finite = native_module().bottleneck_forward(native_buffer(xr), res, native_buffer(out), native_buffer(a),
+                                                native_buffer(mean), native_buffer(rstd), r, params, layer_norm,
+                                                eps, activation, residual_mode, dropout, seed)
+    if not finite:
+        _name_nonfinite((("x", x), ("w_down", w_down), ("b_down", b_down), ("ln_weight", ln_weight),
+                         ("ln_bias", ln_bias)))
     return out.view(x.shape), a, mean, rstd
 
 
@@ -383,8 +381,8 @@ def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
               lora_B: torch.Tensor, scaling: float, dropout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     xd = _dropped(x, dropout, seed) if dropout > 0 else x
     u = xd @ lora_A.t()
-    if x.device.type == "cpu":  # a GPU check would wait for the device
-        _name_nonfinite(u, (("x", x), ("lora_A", lora_A)))
+    if x.device.type == "cpu" and not bool(torch.isfinite(u).all()):  # a GPU check would wait for the device
+        _name_nonfinite((("x", x), ("lora_A", lora_A)))
     if dropout == 0 and _merges_exactly(x.dtype):
         return F.linear(x, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias), u
     out = F.linear(x, weight, bias)
