@@ -4,7 +4,7 @@ from torch import nn
 
 import transferops
 from transferops import BackendUnavailable
-from transferops.adapters import ACTIVATIONS, bottleneck_adapter, dropout_factor, lora_linear
+from transferops.adapters import ACTIVATIONS, bottleneck_adapter, dropout_factor, ia3_linear, lora_linear
 from transferops.bench.bench_adapters import peft_layer, saved_bytes
 from transferops.nn import BottleneckAdapter, IA3Linear, LoRALinear, MultiLoRALinear, ScaLearn
 
@@ -416,10 +416,94 @@ def test_ia3_matches_peft(feedforward):
     layer = peft_layer(peft, nn.Linear(8, 6), peft.IA3Config(target_modules=["proj"],
                                                              feedforward_modules=["proj"] if feedforward else []))
     assert not layer.load_state_dict(ours.state_dict(), strict=False).unexpected_keys
-    x = torch.randn(5, 8)
+    x = torch.randn(5, 8, requires_grad=True)
     torch.testing.assert_close(ours(x), layer(x))
+    g = torch.randn(5, 6)
+    got = torch.autograd.grad(ours(x), [x, ours.ia3_l["default"]], g)
+    want = torch.autograd.grad(layer(x), [x, layer.ia3_l["default"]], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
     ours.eval()
     torch.testing.assert_close(ours(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("feedforward", [False, True])
+def test_ia3_matches_reference(dtype, feedforward, gen):
+    """Output and every gradient (x, weight, bias, scale) against float64; scaling outputs, two
+    zero entries of the scale take the recomputed-column route."""
+    require_backend("native")
+    N, d_in, d_out = 37, 23, 19
+    x, w, b, _, _ = _lora_inputs(gen, N, d_in, d_out, 1, dtype)
+    scale = (1 + 0.3 * torch.randn(d_in if feedforward else d_out, generator=gen, dtype=torch.float64)).to(dtype)
+    if not feedforward:
+        scale[[2, 11]] = 0
+    grad = torch.randn(N, d_out, generator=gen, dtype=torch.float64)
+    xs = noncontiguous(x)
+
+    def run(be, ts):
+        leaves = [t.clone().requires_grad_() for t in ts]
+        y = ia3_linear(*leaves, feedforward=feedforward, backend=be)
+        return [y, *torch.autograd.grad(y, leaves, grad.to(y.dtype))]
+    ref = run("reference", [t.double() for t in (x, w, b, scale)])
+    got = run("native", [xs, w, b, scale])
+    eager = run("reference", [x, w, b, scale])
+    for name, g, e, want in zip(["y", "dx", "dW", "db", "dscale"], got, eager, ref):
+        err, err_torch = ((t.double() - want).abs().max().item() for t in (g, e))
+        floor = {**_FLOOR, torch.float64: 1e-12}[dtype] * want.abs().max().item()
+        assert err <= max(2 * err_torch, floor), f"ia3 {name} {dtype}: {err:.3e} vs torch {err_torch:.3e}"
+
+
+def test_ia3_custom_ops_pass_opcheck(gen):
+    from transferops.adapters import _ia3_fwd, _ia3_output_scale_grad
+
+    x, w, b, _, _ = _lora_inputs(gen, 7, 6, 5, 1, torch.float32)
+    for feedforward, bias in ((False, b), (True, None)):
+        scale = torch.rand(6 if feedforward else 5, generator=gen) + 0.5
+        torch.library.opcheck(_ia3_fwd, (x.requires_grad_(), w, bias, scale.requires_grad_(), feedforward))
+    scale = torch.tensor([1.0, 0.0, 2.0, 0.0, 0.5])
+    torch.library.opcheck(_ia3_output_scale_grad, (torch.randn(7, 5), torch.randn(7, 5), x.detach(), w, b, scale))
+
+
+def test_ia3_saves_its_output_not_the_unscaled_one():
+    """Scaling outputs, backward keeps x, the weights, the scale and y itself; PEFT's layer
+    keeps an [N, out] unscaled output besides."""
+    torch.manual_seed(0)
+    layer = IA3Linear(nn.Linear(64, 48))
+    x = torch.randn(100, 64, requires_grad=True)
+    ptrs = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: ptrs.append(t.data_ptr()) or t, lambda t: t):
+        y = layer(x)
+    allowed = {t.data_ptr() for t in (x, y, *layer.parameters())}
+    assert ptrs and set(ptrs) <= allowed
+    ptrs.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: ptrs.append(t.data_ptr()) or t, lambda t: t):
+        y = torch.nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias) * layer.ia3_l["default"].flatten()
+    assert not set(ptrs) <= {t.data_ptr() for t in (x, y, *layer.parameters())}
+
+
+def test_ia3_module_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    for feedforward in (False, True):
+        m = IA3Linear(nn.Linear(12, 10), feedforward=feedforward)
+        nn.init.normal_(m.ia3_l["default"])
+        x = torch.randn(3, 4, 12, requires_grad=True)
+        y = torch.compile(m, backend="aot_eager", fullgraph=True)(x)
+        torch.testing.assert_close(y, m(x))
+        y.sum().backward()
+        assert x.grad is not None and m.ia3_l["default"].grad is not None
+
+
+def test_ia3_errors_name_the_argument():
+    x, w, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)
+    with pytest.raises(ValueError, match="scale: expected shape \\[5\\]"):
+        ia3_linear(x, w, b, torch.ones(4))
+    with pytest.raises(ValueError, match="scale: expected shape \\[4\\]"):
+        ia3_linear(x, w, b, torch.ones(5), feedforward=True)
+    with pytest.raises(TypeError, match="scale"):
+        ia3_linear(x, w, b, torch.ones(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="weight"):
+        ia3_linear(x, torch.randn(5, 3), b, torch.ones(5))
 
 
 @pytest.mark.parametrize("uniform", [False, True])

@@ -17,7 +17,7 @@ _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 from . import adapters, merging, nn, ot, transferability
 from ._backend import BACKENDS, BackendUnavailable, available_backends, use_backend
 from ._info import info
-from .adapters import bottleneck_adapter, lora_linear
+from .adapters import bottleneck_adapter, ia3_linear, lora_linear
 from .ot import SinkhornResult, dataset_distance, sinkhorn, sinkhorn_cost_matrix, sinkhorn_divergence, sinkhorn_loss
 from .transferability import LogMEStream, gbc, hscore, leep, logme, nce, otce, sfda, tmi, transrate
 
@@ -27,7 +27,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 __all__ = ["BACKENDS", "BackendUnavailable", "LogMEStream", "SinkhornResult", "adapters", "available_backends",
-           "bottleneck_adapter", "dataset_distance", "gbc", "hscore", "info", "leep", "logme", "lora_linear", "merging",
-           "nce", "nn", "ot", "otce",
+           "bottleneck_adapter", "dataset_distance", "gbc", "hscore", "ia3_linear", "info", "leep", "logme",
+           "lora_linear", "merging", "nce", "nn", "ot", "otce",
            "sfda", "sinkhorn", "sinkhorn_cost_matrix", "sinkhorn_divergence", "sinkhorn_loss", "tmi",
            "transferability", "transrate", "use_backend"]

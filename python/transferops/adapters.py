@@ -1,4 +1,4 @@
-"""Fused adapters: the bottleneck adapter and LoRA as functional ops with fused backward passes.
+"""Fused adapters: the bottleneck adapter, LoRA and (IA)^3 as functional ops with fused backward passes.
 
 Each op has a readable reference (eager torch, autograd, float64-capable) and fast paths that
 are torch.library custom ops with fake implementations (so they trace under ``torch.compile``)
@@ -23,6 +23,7 @@ DROPOUT_STREAM = 0x41445054
 
 bottleneck_op = Op("bottleneck_adapter", order=("triton", "native", "reference"))
 lora_op = Op("lora_linear", order=("native", "reference"))
+ia3_op = Op("ia3_linear", order=("native", "reference"))
 
 
 @torch.compiler.assume_constant_result
@@ -466,4 +467,123 @@ def lora_linear(x, weight, bias, lora_A, lora_B, *, scaling: float, dropout: flo
     seed = _seed(p, seed)
     y = lora_op.impls[_choose(lora_op, backend, x.device, x.dtype)](x.reshape(-1, d_in), weight, bias, lora_A, lora_B,
                                                                     scaling, p, seed)
+    return y.view(*x.shape[:-1], d_out)
+
+
+# ---------------------------------------------------------------------------------------------
+# (IA)^3
+# ---------------------------------------------------------------------------------------------
+
+def _ia3_reference(x, weight, bias, scale, feedforward):
+    """(IA)^3 (Liu et al. 2022, sec. 3.3): ``y = (x * l) W^T + b`` (feed-forward: l rescales the
+    inputs) or ``y = (x W^T + b) * l`` (keys and values: l rescales the outputs), eagerly, as
+    PEFT's IA3 layer computes it."""
+    if feedforward:
+        return F.linear(x * scale, weight, bias)
+    return F.linear(x, weight, bias) * scale
+
+
+def _ia3_folded(weight, bias, scale, feedforward):
+    """W diag(l) and b (feed-forward), or diag(l) W and l * b: one weight-sized temporary, so
+    that forward is one GEMM without the [N, d] rescaled input or output."""
+    if feedforward:
+        return weight * scale, bias
+    return weight * scale[:, None], None if bias is None else bias * scale
+
+
+@torch.library.custom_op("transferops::ia3_fwd", mutates_args=())
+def _ia3_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor,
+             feedforward: bool) -> torch.Tensor:
+    return F.linear(x, *_ia3_folded(weight, bias, scale, feedforward))
+
+
+@_ia3_fwd.register_fake
+def _(x, weight, bias, scale, feedforward):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("transferops::ia3_output_scale_grad", mutates_args=())
+def _ia3_output_scale_grad(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                           bias: Optional[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+    """dl = sum_n grad * (x W^T + b) = sum_n grad * y / l; where l is 0, y carries no x W^T + b
+    and those columns are recomputed from x (an op of its own: the test is data-dependent)."""
+    zero = scale == 0
+    dl = (grad * y).sum(0) / torch.where(zero, 1, scale)
+    if bool(zero.any()):
+        cols = zero.nonzero().flatten()
+        unscaled = F.linear(x, weight[cols], None if bias is None else bias[cols])
+        dl[cols] = (grad[:, cols] * unscaled).sum(0)
+    return dl
+
+
+@_ia3_output_scale_grad.register_fake
+def _(grad, y, x, weight, bias, scale):
+    return scale.new_empty(scale.shape)
+
+
+def _ia3_setup(ctx, inputs, output):
+    x, weight, bias, scale, feedforward = inputs
+    # Output scaling saves y itself (the next layer usually keeps it anyway) where PEFT keeps
+    # the unscaled x W^T + b as well: l's gradient is sum_n g y / l.
+    ctx.save_for_backward(x, weight, bias, scale, None if feedforward else output)
+    ctx.feedforward = feedforward
+
+
+def _ia3_backward(ctx, grad):
+    x, weight, bias, scale, y = ctx.saved_tensors
+    need_x, need_w, need_b, need_l = ctx.needs_input_grad[:4]
+    dx = dw = db = dl = None
+    if ctx.feedforward:
+        h = grad @ weight  # d(x * l)
+        if need_x:
+            dx = h * scale
+        if need_l:
+            dl = (h * x).sum(0)
+        if need_w:
+            dw = grad.t() @ (x * scale)
+        if need_b and bias is not None:
+            db = grad.sum(0)
+        return dx, dw, db, dl, None
+    if need_x:
+        dx = grad @ _ia3_folded(weight, None, scale, False)[0]
+    if need_l:
+        dl = _ia3_output_scale_grad(grad, y, x, weight, bias, scale)
+    if need_w or need_b:
+        gl = grad * scale
+        dw = gl.t() @ x if need_w else None
+        db = gl.sum(0) if need_b and bias is not None else None
+    return dx, dw, db, dl, None
+
+
+_ia3_fwd.register_autograd(_ia3_backward, setup_context=_ia3_setup)
+
+
+def _ia3_native(x, weight, bias, scale, feedforward):
+    return _ia3_fwd(x, weight, bias, scale, feedforward)
+
+
+ia3_op.register("reference", dtypes=_checks.FLOAT_DTYPES)(_ia3_reference)
+ia3_op.register("native", dtypes=_checks.FLOAT_DTYPES)(_ia3_native)
+
+
+def ia3_linear(x, weight, bias, scale, *, feedforward: bool = False, backend: str = "auto") -> torch.Tensor:
+    """(IA)^3 on a linear layer (Liu et al. 2022, sec. 3.3): ``y = (x W^T + b) * scale`` (keys
+    and values), or with ``feedforward=True`` ``y = (x * scale) W^T + b`` (the FFN's inputs).
+
+    x [..., in]; weight [out, in]; bias [out] or None; scale [out], or [in] with
+    ``feedforward`` (PEFT's ``ia3_l`` flattened); one dtype and device. The native path folds
+    scale into the weight (one GEMM, no [N, d] rescaled copy) and, scaling outputs, saves its
+    own output for scale's gradient instead of the unscaled one.
+    """
+    x = _rows_input(x)
+    d_in = x.shape[-1]
+    weight = _param(weight, "weight", (None, d_in), x)
+    d_out = weight.shape[0]
+    bias = _param(bias, "bias", (d_out,), x, optional=True)
+    scale = _param(scale, "scale", (d_in if feedforward else d_out,), x)
+    for name, t in (("weight", weight), ("bias", bias), ("scale", scale)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected x's dtype {x.dtype}, got {t.dtype}")
+    y = ia3_op.impls[_choose(ia3_op, backend, x.device, x.dtype)](x.reshape(-1, d_in), weight, bias, scale,
+                                                                  bool(feedforward))
     return y.view(*x.shape[:-1], d_out)

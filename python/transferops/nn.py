@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from .adapters import ACTIVATIONS, bottleneck_adapter, lora_linear
+from .adapters import ACTIVATIONS, bottleneck_adapter, ia3_linear, lora_linear
 
 ADAPTER_NAME = "default"
 
@@ -183,28 +183,22 @@ class MultiLoRALinear(nn.Module):
 class IA3Linear(nn.Module):
     """(IA)^3 (Liu et al. 2022) on a frozen nn.Linear, as PEFT's IA3 layer: a learned vector
     ``ia3_l.default`` rescales the input features (``feedforward=True``, shape [1, in]) or the
-    output features (keys and values, shape [out, 1]). In eval mode the vector is folded into
-    the weight, so inference costs one GEMM and no [N, d] temporary."""
+    output features (keys and values, shape [out, 1]), through :func:`ia3_linear`: the vector
+    is folded into the weight, so a pass costs one GEMM and no [N, d] temporary."""
 
-    def __init__(self, base: nn.Linear, feedforward: bool = False):
+    def __init__(self, base: nn.Linear, feedforward: bool = False, *, backend: str = "auto"):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
-        self.base_layer, self.feedforward = base, feedforward
+        self.base_layer, self.feedforward, self.backend = base, feedforward, backend
         base.requires_grad_(False)
         shape = (1, base.in_features) if feedforward else (base.out_features, 1)
         self.ia3_l = nn.ParameterDict({ADAPTER_NAME: nn.Parameter(
             torch.ones(shape, device=base.weight.device, dtype=base.weight.dtype))})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        l, w, b = self.ia3_l[ADAPTER_NAME].flatten(), self.base_layer.weight, self.base_layer.bias
-        if self.feedforward:
-            if not self.training:
-                return nn.functional.linear(x, w * l, b)
-            return self.base_layer(x * l)
-        if not self.training:
-            return nn.functional.linear(x, w * l[:, None], None if b is None else b * l)
-        return self.base_layer(x) * l
+        return ia3_linear(x, self.base_layer.weight, self.base_layer.bias, self.ia3_l[ADAPTER_NAME].flatten(),
+                          feedforward=self.feedforward, backend=self.backend)
 
 
 class ScaLearn(nn.Module):
