@@ -226,7 +226,8 @@ def test_native_dropout_draws_the_torch_mask(dtype, isa, gen):
             got = _dropped(x, p, seed)
             factor = dropout_factor(41, 75, p, seed, dtype=torch.float64)
             assert torch.equal(got == 0, factor == 0)
-            torch.testing.assert_close(got.double(), x.double() * factor, rtol={**_ULP, torch.float32: 2 ** -23, torch.float64: 2 ** -52}[dtype], atol=0)
+            rtol = {**_ULP, torch.float32: 2 ** -23, torch.float64: 2 ** -52}[dtype]
+            torch.testing.assert_close(got.double(), x.double() * factor, rtol=rtol, atol=0)
     finally:
         native.set_cpu_isa("avx2")
 
@@ -478,7 +479,8 @@ def test_ia3_saves_its_output_not_the_unscaled_one():
     assert ptrs and set(ptrs) <= allowed
     ptrs.clear()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: ptrs.append(t.data_ptr()) or t, lambda t: t):
-        y = torch.nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias) * layer.ia3_l["default"].flatten()
+        base = layer.base_layer
+        y = torch.nn.functional.linear(x, base.weight, base.bias) * layer.ia3_l["default"].flatten()
     assert not set(ptrs) <= {t.data_ptr() for t in (x, y, *layer.parameters())}
 
 

@@ -315,7 +315,8 @@ bool forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
   const Weights<T> p(w);
   const Dropout drop(w);
   const Folded<T> f(w, p);
-  const int64_t N = x.rows, d = w.d, r = w.r, rp = f.rp, tm = tile_rows(d, kForwardTileElements), tiles = (N + tm - 1) / tm;
+  const int64_t N = x.rows, d = w.d, r = w.r, rp = f.rp, tm = tile_rows(d, kForwardTileElements);
+  const int64_t tiles = (N + tm - 1) / tm;
   T *a = static_cast<T*>(a_out), *mean = static_cast<T*>(mean_out), *rstd = static_cast<T*>(rstd_out);
   int64_t nonfinite_tiles = 0;
 #ifdef TRANSFEROPS_OPENMP
@@ -419,7 +420,8 @@ void backward_typed(const Gemm& gemm, const Bottleneck& w, const View2D& grad, c
   using T = acc_t<S>;
   const Weights<T> p(w);
   const Dropout drop(w);
-  const int64_t N = x.rows, d = w.d, r = w.r, tm = tile_rows(d, kBackwardTileElements), tiles = (N + tm - 1) / tm;
+  const int64_t N = x.rows, d = w.d, r = w.r, tm = tile_rows(d, kBackwardTileElements);
+  const int64_t tiles = (N + tm - 1) / tm;
   const int64_t chunks = std::max<int64_t>(1, std::min(kMaxChunks, tiles));
   const T* a = static_cast<const T*>(a_in);
   const T* mean = static_cast<const T*>(mean_in);
@@ -427,7 +429,7 @@ void backward_typed(const Gemm& gemm, const Bottleneck& w, const View2D& grad, c
   // The two skinny products in forward's register blocks: dz = g' (diag(s) W_up), with the
   // scale folded in, as its [d, rp] transpose; dh = da W_down, W_down padded to [r, dp].
   const int64_t rp = down_width<T>(r), dp = up_width<T>(d);
-  std::vector<T> w_up_scaled(size_t(d * rp)), w_down(size_t(r * dp)), ones(size_t(dp), T(1)), zeros(size_t(std::max(dp, tm)));
+  std::vector<T> w_up_scaled(size_t(d * rp)), w_down(size_t(r * dp)), ones(size_t(dp), T(1)), zeros(size_t(dp), T(0));
   for (int64_t j = 0; j < d; ++j) {
     for (int64_t k = 0; k < r; ++k) {
       w_up_scaled[size_t(j * rp + k)] = p.scale[j] * p.w_up[j * r + k];
