@@ -1,7 +1,8 @@
 // Counter-based random numbers (Philox4x32-10, Salmon et al., SC 2011): the value for an element
-// is a pure function of (seed, stream, task, element index), so DARE masks are identical on
-// every backend, chunking and thread count, and are never stored. Mirrored in torch by
-// transferops.merging._philox_keep and in Triton by kernels/merge.py.
+// is a pure function of (seed, stream, task, element index), so DARE and dropout masks are
+// identical on every backend, chunking and thread count, and are never stored. Mirrored in torch by
+// transferops._philox and in Triton by kernels/philox.py; the CPU kernels draw runs of it
+// eight lanes at a time (cpu/philox_run.h).
 #pragma once
 #include <cstdint>
 
@@ -15,7 +16,8 @@ namespace transferops {
 
 // First 32-bit output of Philox4x32-10 with counter (c0, c1, c2, c3) and key (k0, k1). Fully
 // unrolled and 32-bit throughout, so a loop calling it per element vectorizes on the CPU (GCC
-// emulates the 32x32->64 products there: ~5 ns per draw on this EPYC, scalar or AVX2 alike).
+// emulates the 32x32->64 products there: ~5 ns per draw on this EPYC, scalar or AVX2 alike;
+// cpu/philox_run.h's intrinsics take 2.3).
 TRANSFEROPS_HD uint32_t philox_first(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
                                      uint32_t k0, uint32_t k1) {
 #if defined(__CUDACC__)
@@ -36,14 +38,6 @@ TRANSFEROPS_HD uint32_t philox_first(uint32_t c0, uint32_t c1, uint32_t c2, uint
     k1 += 0xBB67AE85u;
   }
   return c0;
-}
-
-// DARE's keep decision for the element at flat index (index_hi << 32 | index_lo) of task
-// `task` in stream `stream` (a hash of the tensor's name): kept iff the draw is below
-// keep_below / 2^32 (keep_below <= 2^32 - 1; keep_all for 2^32).
-TRANSFEROPS_HD bool philox_keep(uint64_t seed, uint32_t stream, uint32_t task, uint32_t index_lo, uint32_t index_hi,
-                                uint32_t keep_below, bool keep_all) {
-  return keep_all | (philox_first(index_lo, index_hi, task, stream, uint32_t(seed), uint32_t(seed >> 32)) < keep_below);
 }
 
 }  // namespace transferops
