@@ -65,6 +65,16 @@ inline auto tau(const S* p, const S* q, int64_t j) {
 }
 template <class S, bool diff> using Tau = std::conditional_t<diff, acc_t<S>, S>;
 
+// The tasks' common view, for the select passes that count (histograms) or locate (bracket)
+// its elements in 32 bits.
+inline const View2D& uint32_view(const std::vector<View2D>& tasks, const char* op) {
+  const View2D& v = tasks[0];
+  if (uint64_t(v.rows * v.cols) > std::numeric_limits<uint32_t>::max()) {
+    throw std::invalid_argument(std::string(op) + ": a view of 2^32 elements or more (split it)");
+  }
+  return v;
+}
+
 // The keys of one work item's tasks: the base's block widened once (diff), then each task's
 // key at j formed against it, in a form GCC vectorizes.
 template <class S, bool diff>
@@ -89,10 +99,7 @@ void digit_histograms(const std::vector<View2D>& tasks, const View2D* base, cons
                       int shift, int dbits, std::vector<int64_t>& hist) {
   using V = Tau<S, diff>;
   using K = typename AbsKey<V>::K;
-  const View2D& v = tasks[0];
-  if (uint64_t(v.rows * v.cols) > std::numeric_limits<uint32_t>::max()) {
-    throw std::invalid_argument("abs_digit_histograms: a view of 2^32 elements or more (split it)");
-  }
+  const View2D& v = uint32_view(tasks, "abs_digit_histograms");
   const int T = int(tasks.size());
   const int64_t bins = int64_t(1) << dbits;
   const int high = shift + dbits;
@@ -215,10 +222,7 @@ BracketResult bracket_typed(const std::vector<View2D>& tasks, const View2D* base
                             const std::vector<uint64_t>& hi, const std::vector<std::vector<uint64_t>>& marks, int64_t capacity) {
   using V = Tau<S, diff>;
   using K = typename AbsKey<V>::K;
-  const View2D& v = tasks[0];
-  if (uint64_t(v.rows * v.cols) > std::numeric_limits<uint32_t>::max()) {
-    throw std::invalid_argument("abs_bracket: a view of 2^32 elements or more (split it)");
-  }
+  const View2D& v = uint32_view(tasks, "abs_bracket");
   const int T = int(tasks.size());
   const Blocks b(v, kSelectBlock);
   BracketResult res;
