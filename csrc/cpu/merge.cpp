@@ -39,6 +39,31 @@ struct Blocks {
   int64_t len(int64_t item) const { return std::min(block, cols - col(item)); }
 };
 
+// The passes here read T + 1 streams at once (tasks and a base), and the hardware prefetcher
+// fell behind them: out of cache, one thread's bracket pass at T = 8 ran at a third of its
+// in-cache rate. So each loop over a block runs in chunks of four cache lines, first asking
+// for the lines kPrefetchBytes ahead in each stream (null streams skipped). Lines past a
+// block's end are those of the next block of the row, which the same thread reads next.
+constexpr int64_t kPrefetchBytes = 8192;
+
+template <class S, size_t N, class F>
+inline void prefetching(const S* const (&streams)[N], int64_t j0, int64_t j1, F&& body) {
+  constexpr int64_t line = 64 / int64_t(sizeof(S)), chunk = 4 * line;
+  for (int64_t c0 = j0; c0 < j1; c0 += chunk) {
+    for (const S* s : streams) {
+      if (!s) continue;
+      const char* ahead = reinterpret_cast<const char*>(s + c0) + kPrefetchBytes;
+      for (int l = 0; l < 4; ++l) __builtin_prefetch(ahead + 64 * l);
+    }
+    body(c0, std::min(j1, c0 + chunk));
+  }
+}
+template <class S, class F>
+inline void prefetching(const S* stream, int64_t j0, int64_t j1, F&& body) {
+  const S* one[1] = {stream};
+  prefetching(one, j0, j1, body);
+}
+
 // ---- radix select over the bits of |x| ----------------------------------------------------
 
 // The bits of |x| as an unsigned integer: for non-negative IEEE values, integer order is
@@ -83,7 +108,9 @@ struct ItemKeys {
   void load_base(const View2D* b, int64_t r, int64_t c, int64_t n) {
     if constexpr (diff) {
       const S* q = b->row<S>(r) + c;
-      for (int64_t j = 0; j < n; ++j) base[j] = widen(q[j]);
+      prefetching(q, 0, n, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) base[j] = widen(q[j]);
+      });
     }
   }
   auto operator()(const S* p, int64_t j) const {
@@ -120,7 +147,9 @@ void digit_histograms(const std::vector<View2D>& tasks, const View2D* base, cons
       key.load_base(base, r, c, n);
       for (int t = 0; t < T; ++t) {
         const S* p = tasks[t].row<S>(r) + c;
-        for (int64_t j = 0; j < n; ++j) keys[j] = key(p, j);  // vectorizes
+        prefetching(p, 0, n, [&](int64_t j0, int64_t j1) {
+          for (int64_t j = j0; j < j1; ++j) keys[j] = key(p, j);  // vectorizes
+        });
         uint32_t* h = local.data() + size_t(t) * copies * bins;
         if (first) {
           int64_t j = 0;
@@ -252,11 +281,13 @@ BracketResult bracket_typed(const std::vector<View2D>& tasks, const View2D* base
         const S* p = tasks[t].row<S>(r) + c;
         const K top = K(hi[t]), bottom = K(lo[t]), range = K(hi[t] - lo[t]);
         int32_t over = 0;
-        for (int64_t j = 0; j < n; ++j) {  // vectorizes
-          const K k = key(p, j);
-          over += k > top;
-          in_range[j] = K(k - bottom) <= range;
-        }
+        prefetching(p, 0, n, [&](int64_t j0, int64_t j1) {
+          for (int64_t j = j0; j < j1; ++j) {  // vectorizes
+            const K k = key(p, j);
+            over += k > top;
+            in_range[j] = K(k - bottom) <= range;
+          }
+        });
         std::fill(in_range + n, in_range + n + 8, uint8_t(0));
         above[t] += over;
         // Keys in range are rare (1-2% of all): their flags are tested eight at a time.
@@ -297,12 +328,28 @@ BracketResult bracket_typed(const std::vector<View2D>& tasks, const View2D* base
 
 // ---- the fused merge pass --------------------------------------------------------------------
 
+// x where c holds, else +0, by a bit mask: GCC vectorizes it to one and, where `c ? x : 0`
+// added into an accumulator became two additions and a blend (adding +0 changes a -0).
+template <class A>
+inline A kept_if(bool c, A x) {
+  using K = typename AbsKey<A>::K;
+  K bits;
+  std::memcpy(&bits, &x, sizeof(x));
+  bits &= K(0) - K(c);
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
+
 template <class S, SignRule rule, bool elect, bool wbefore, bool dare, bool diff>
 MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, const View2D& out,
                         const double* weights, const Trim* trims, const Dare* dr, MergeSpec spec) {
   using A = acc_t<S>;
+  using K = typename AbsKey<A>::K;
+  // PEFT's denominators count the agreeing tasks: integers, which the loop adds as masks.
+  using Den = std::conditional_t<wbefore, A, std::make_signed_t<K>>;
   const int T = int(tvs.size());
   const A inf = std::numeric_limits<A>::infinity();
+  const K inf_key = abs_key(inf);
   std::vector<A> w(T, A(1));
   std::vector<Trim> tr(T, Trim{0, 0, 0, inf, inf, 0});
   for (int t = 0; t < T; ++t) {
@@ -326,9 +373,13 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
     const int64_t flat0 = r * cols + c0;
     const S* base_row = diff ? base->row<S>(r) + c0 : nullptr;
     const uint64_t index0 = uint64_t(d.offset + flat0);
-    A vote[kBlock], pos_sum[kBlock], neg_sum[kBlock], pos_den[kBlock], neg_den[kBlock], nf[kBlock];
+    A vote[kBlock], pos_sum[kBlock], neg_sum[kBlock];
+    Den pos_den[kBlock], neg_den[kBlock];
+    K top[kBlock];
     for (int64_t j = 0; j < n; ++j) {
-      vote[j] = pos_sum[j] = neg_sum[j] = pos_den[j] = neg_den[j] = nf[j] = A(0);
+      vote[j] = pos_sum[j] = neg_sum[j] = A(0);
+      pos_den[j] = neg_den[j] = Den(0);
+      top[j] = K(0);
     }
     // Tasks are taken up to four per sweep over the block: the accumulators are loaded and
     // stored once per sweep, not per task (at eight tasks their traffic, not the inputs',
@@ -356,32 +407,44 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
           philox_run(index0 + uint64_t(j0), uint32_t(t0 + g), d.stream, d.seed, j1 - j0, draw[g] + j0);
         }
       }
+      // The base is read from memory by the first sweep only.
+      const S* streams[G + 1];
+      for (int g = 0; g < G; ++g) streams[g] = p[g];
+      streams[G] = t0 == 0 ? base_row : nullptr;
       // Branch-free selects only, so GCC vectorizes this loop under -fno-trapping-math (check
       // with -fopt-info-vec).
-      for (int j = j0; j < j1; ++j) {
-        A vt = vote[j], ps = pos_sum[j], ns = neg_sum[j], pd = pos_den[j], nd = neg_den[j], bad = nf[j];
+      prefetching(streams, j0, j1, [&](int64_t c0, int64_t c1) {
+      for (int64_t j = c0; j < c1; ++j) {
+        A vt = vote[j], ps = pos_sum[j], ns = neg_sum[j];
+        Den pd = pos_den[j], nd = neg_den[j];
+        K key = top[j];
         for (int g = 0; g < G; ++g) {
           const A raw = widen(tau<S, diff>(p[g], base_row, j));
-          bad += raw - raw;  // stays 0 unless some v is NaN or Inf
           const A mag = std::abs(raw);
-          A v = mag >= bound[g] && mag < drop[g] ? raw : A(0);
-          if constexpr (dare) v = keep_all || draw[g][j] < keep_below ? v / rescale : A(0);
+          key = std::max(key, abs_key(raw));  // NaN and Inf have the largest keys
+          A v = kept_if(mag >= bound[g] && mag < drop[g], raw);
+          if constexpr (dare) v = kept_if(keep_all || draw[g][j] < keep_below, v / rescale);
           const A wv = wt[g] * v;
           if constexpr (!elect) {
             ps += wv;
           } else {
             const A s = wbefore ? wv : v;  // what votes
-            const A pos = s > A(0) ? A(1) : A(0);
-            const A neg = s < A(0) ? A(1) : A(0);
-            vt += rule == SignRule::sum ? s : pos - neg;
-            ps += s > A(0) ? wv : A(0);
-            ns += s < A(0) ? wv : A(0);
-            pd += s > A(0) ? dw[g] : A(0);
-            nd += s < A(0) ? dw[g] : A(0);
+            const bool pos = s > A(0), neg = s < A(0);
+            vt += rule == SignRule::sum ? s : kept_if(pos, A(1)) - kept_if(neg, A(1));
+            ps += kept_if(pos, wv);
+            ns += kept_if(neg, wv);
+            if constexpr (wbefore) {
+              pd += kept_if(pos, dw[g]);
+              nd += kept_if(neg, dw[g]);
+            } else {
+              pd += pos;
+              nd += neg;
+            }
           }
         }
-        vote[j] = vt, pos_sum[j] = ps, neg_sum[j] = ns, pos_den[j] = pd, neg_den[j] = nd, nf[j] = bad;
+        vote[j] = vt, pos_sum[j] = ps, neg_sum[j] = ns, pos_den[j] = pd, neg_den[j] = nd, top[j] = key;
       }
+      });
     };
     for (int j0 = 0, j1; j0 < int(n); j0 = j1) {
       j1 = int(n);  // the next cut after j0
@@ -398,7 +461,7 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
     }
     // Separate simple loops, each of which vectorizes.
     int64_t bad = 0, signs = 0;
-    for (int64_t j = 0; j < n; ++j) bad += nf[j] != A(0);
+    for (int64_t j = 0; j < n; ++j) bad += top[j] >= inf_key;
     if constexpr (elect) {
       for (int64_t j = 0; j < n; ++j) signs += (vote[j] > A(0)) - (vote[j] < A(0));
     }
@@ -410,8 +473,9 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
     for (int64_t j = 0; j < n; ++j) {
       A m = pos_sum[j];
       if constexpr (elect) {
-        const A p = pos_sum[j] / (pos_den[j] == A(0) ? A(1) : pos_den[j]);
-        const A q = neg_sum[j] / (neg_den[j] == A(0) ? A(1) : neg_den[j]);
+        const A pd = A(pos_den[j]), nd = A(neg_den[j]);
+        const A p = pos_sum[j] / (pd == A(0) ? A(1) : pd);
+        const A q = neg_sum[j] / (nd == A(0) ? A(1) : nd);
         m = (vote[j] == A(0) ? zero_vote : vote[j]) > A(0) ? p : q;
       }
       if constexpr (diff) m = lam * m + widen(base_row[j]);
@@ -440,14 +504,17 @@ FisherResult fisher_typed(const std::vector<View2D>& models, const std::vector<V
       const S* p = models[t].row<S>(r) + c0;
       const S* f = fishers[t].row<S>(r) + c0;
       const A w = weights ? A(weights[t]) : A(1);
-      for (int64_t j = 0; j < n; ++j) {  // vectorizes
-        const A theta = widen(p[j]), fisher = widen(f[j]);
-        nf[j] += (theta - theta) + (fisher - fisher);  // 0 unless some input is NaN or Inf
-        neg[j] += fisher < A(0) ? A(1) : A(0);
-        const A wf = w * (fisher < floor ? floor : fisher);
-        num[j] += wf * theta;
-        den[j] += wf;
-      }
+      const S* streams[2] = {p, f};
+      prefetching(streams, 0, n, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {  // vectorizes
+          const A theta = widen(p[j]), fisher = widen(f[j]);
+          nf[j] += (theta - theta) + (fisher - fisher);  // 0 unless some input is NaN or Inf
+          neg[j] += fisher < A(0) ? A(1) : A(0);
+          const A wf = w * (fisher < floor ? floor : fisher);
+          num[j] += wf * theta;
+          den[j] += wf;
+        }
+      });
     }
     int64_t bad = 0, below = 0;
     for (int64_t j = 0; j < n; ++j) bad += nf[j] != A(0);
