@@ -183,6 +183,16 @@ py::array_t<T> to_array(const std::vector<T>& v) {
   return out;
 }
 
+template <class T>
+py::array_t<T> concatenated(const std::vector<std::vector<T>>& parts) {
+  size_t n = 0;
+  for (const auto& p : parts) n += p.size();
+  py::array_t<T> out{py::ssize_t(n)};
+  T* at = out.mutable_data();
+  for (const auto& p : parts) at = std::copy(p.begin(), p.end(), at);
+  return out;
+}
+
 // A numpy array [T, 2^dbits]: up to 65536 bins per task, which a Python list would box one by one.
 py::array_t<int64_t> abs_digit_histograms(const std::vector<py::buffer>& tasks, const std::optional<py::buffer>& base,
                                           const std::vector<uint64_t>& prefixes, int shift, int dbits) {
@@ -209,12 +219,14 @@ int64_t abs_equal_cut(const py::buffer& tensor, const std::optional<py::buffer>&
 py::array_t<uint64_t> abs_sample_keys(const std::vector<py::buffer>& tasks, const std::optional<py::buffer>& base,
                                       int64_t runs, uint64_t seed) {
   const SelectViews s(tasks, base);
-  std::vector<uint64_t> keys;
+  // Written in place: a second buffer of this size cost as much in page faults as the sampling.
+  py::array_t<uint64_t> keys({py::ssize_t(s.views.size()), py::ssize_t(std::max<int64_t>(runs, 0)), py::ssize_t(cpu::kSampleRun)});
+  uint64_t* out = keys.mutable_data();
   {
     py::gil_scoped_release release;
-    keys = cpu::abs_sample_keys(s.views, s.base_view(), runs, seed);
+    cpu::abs_sample_keys(s.views, s.base_view(), runs, seed, out);
   }
-  return to_array(keys).reshape({py::ssize_t(s.views.size()), py::ssize_t(runs), py::ssize_t(cpu::kSampleRun)});
+  return keys;
 }
 
 // Per task (above, inside, keys, positions, counts): arrays, empty where the mode keeps none.
@@ -233,7 +245,7 @@ py::list abs_bracket(const std::vector<py::buffer>& tasks, const std::optional<p
     py::array_t<uint32_t> counts = to_array(r.counts[t]);
     const py::ssize_t bins = py::ssize_t(2 * marks[t].size()) - 1;
     if (bins > 0) counts = counts.reshape({py::ssize_t(r.counts[t].size()) / bins, bins});
-    out.append(py::make_tuple(r.above[t], r.inside[t], to_array(r.keys[t]), to_array(r.positions[t]), counts));
+    out.append(py::make_tuple(r.above[t], r.inside[t], concatenated(r.keys[t]), concatenated(r.positions[t]), counts));
   }
   return out;
 }

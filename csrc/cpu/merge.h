@@ -30,8 +30,8 @@ std::vector<int64_t> abs_digit_histograms(const std::vector<View2D>& tasks, cons
 int64_t abs_equal_cut(const View2D& view, const View2D* base, uint64_t key, int64_t rank);
 
 // The bracketed form of the same select, one pass where the radix takes two or more: keys at
-// `runs` runs of kSampleRun consecutive elements spread over the views (seeded; [T][runs *
-// kSampleRun]), from which the caller brackets each threshold; then abs_bracket counts per task
+// `runs` runs of kSampleRun consecutive elements spread over the views (seeded; written to `out`
+// as [T][runs * kSampleRun]), from which the caller brackets each threshold; then abs_bracket counts per task
 // the keys above hi[t] and the keys in [lo[t], hi[t]], and keeps the latter either as (key, flat
 // position) pairs, at most `capacity` per task (marks[t] empty), or as counts per block of
 // kSelectBlock columns of a row ([blocks][2 m - 1], blocks in row-major order) in 2 m - 1 bins:
@@ -39,12 +39,13 @@ int64_t abs_equal_cut(const View2D& view, const View2D* base, uint64_t key, int6
 // found), and each gap between two of them. A tie cut is then found by scanning one block.
 constexpr int64_t kSampleRun = 16;
 constexpr int64_t kSelectBlock = 4096;
-std::vector<uint64_t> abs_sample_keys(const std::vector<View2D>& tasks, const View2D* base, int64_t runs,
-                                      uint64_t seed);
+void abs_sample_keys(const std::vector<View2D>& tasks, const View2D* base, int64_t runs, uint64_t seed,
+                     uint64_t* out);
 struct BracketResult {
   std::vector<int64_t> above, inside;
-  std::vector<std::vector<uint64_t>> keys;
-  std::vector<std::vector<uint32_t>> positions;
+  // Per task, the kept pairs in parts (one per thread, in no order), concatenated by the caller.
+  std::vector<std::vector<std::vector<uint64_t>>> keys;
+  std::vector<std::vector<std::vector<uint32_t>>> positions;
   std::vector<std::vector<uint32_t>> counts;
 };
 BracketResult abs_bracket(const std::vector<View2D>& tasks, const View2D* base, const std::vector<uint64_t>& lo,
