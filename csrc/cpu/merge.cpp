@@ -100,18 +100,21 @@ inline const View2D& uint32_view(const std::vector<View2D>& tasks, const char* o
   return v;
 }
 
+// n values from q widened into out: a base's block, read once per task by the loops after it.
+template <class S>
+inline void widen_block(const S* q, int64_t n, acc_t<S>* out) {
+  prefetching(q, 0, n, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) out[j] = widen(q[j]);
+  });
+}
+
 // The keys of one work item's tasks: the base's block widened once (diff), then each task's
 // key at j formed against it, in a form GCC vectorizes.
 template <class S, bool diff>
 struct ItemKeys {
   acc_t<S> base[kSelectBlock];
   void load_base(const View2D* b, int64_t r, int64_t c, int64_t n) {
-    if constexpr (diff) {
-      const S* q = b->row<S>(r) + c;
-      prefetching(q, 0, n, [&](int64_t j0, int64_t j1) {
-        for (int64_t j = j0; j < j1; ++j) base[j] = widen(q[j]);
-      });
-    }
+    if constexpr (diff) widen_block(b->row<S>(r) + c, n, base);
   }
   auto operator()(const S* p, int64_t j) const {
     if constexpr (diff) return abs_key(Tau<S, diff>(widen(p[j]) - base[j]));
@@ -394,7 +397,8 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
   for (int64_t item = 0; item < b.count(); ++item) {
     const int64_t r = b.row(item), c0 = b.col(item), n = b.len(item);
     const int64_t flat0 = r * cols + c0;
-    const S* base_row = diff ? base->row<S>(r) + c0 : nullptr;
+    A base_row[diff ? kBlock : 1];  // widened once, not once per task
+    if constexpr (diff) widen_block(base->row<S>(r) + c0, n, base_row);
     const uint64_t index0 = uint64_t(d.offset + flat0);
     A vote[kBlock], pos_sum[kBlock], neg_sum[kBlock];
     Den pos_den[kBlock], neg_den[kBlock];
@@ -430,19 +434,15 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
           philox_run(index0 + uint64_t(j0), uint32_t(t0 + g), d.stream, d.seed, j1 - j0, draw[g] + j0);
         }
       }
-      // The base is read from memory by the first sweep only.
-      const S* streams[G + 1];
-      for (int g = 0; g < G; ++g) streams[g] = p[g];
-      streams[G] = t0 == 0 ? base_row : nullptr;
       // Branch-free selects only, so GCC vectorizes this loop under -fno-trapping-math (check
       // with -fopt-info-vec).
-      prefetching(streams, j0, j1, [&](int64_t c0, int64_t c1) {
+      prefetching(p, j0, j1, [&](int64_t c0, int64_t c1) {
       for (int64_t j = c0; j < c1; ++j) {
         A vt = vote[j], ps = pos_sum[j], ns = neg_sum[j];
         Den pd = pos_den[j], nd = neg_den[j];
         K key = top[j];
         for (int g = 0; g < G; ++g) {
-          const A raw = widen(tau<S, diff>(p[g], base_row, j));
+          const A raw = diff ? widen(p[g][j]) - base_row[j] : widen(p[g][j]);
           const A mag = std::abs(raw);
           key = std::max(key, abs_key(raw));  // NaN and Inf have the largest keys
           A v = kept_if(mag >= bound[g] && mag < drop[g], raw);
@@ -501,7 +501,7 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
         const A q = neg_sum[j] / (nd == A(0) ? A(1) : nd);
         m = (vote[j] == A(0) ? zero_vote : vote[j]) > A(0) ? p : q;
       }
-      if constexpr (diff) m = lam * m + widen(base_row[j]);
+      if constexpr (diff) m = lam * m + base_row[j];
       o[j] = narrow<S>(m);
     }
   }
