@@ -483,7 +483,7 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
       if (T - t0 == 1) sweep(t0, std::integral_constant<int, 1>{}, j0, j1);
     }
     // Separate simple loops, each of which vectorizes.
-    int64_t bad = 0, signs = 0;
+    int32_t bad = 0, signs = 0;  // per block: 32-bit counts vectorize without widening
     for (int64_t j = 0; j < n; ++j) bad += top[j] >= inf_key;
     if constexpr (elect) {
       for (int64_t j = 0; j < n; ++j) signs += (vote[j] > A(0)) - (vote[j] < A(0));
@@ -496,10 +496,10 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
     for (int64_t j = 0; j < n; ++j) {
       A m = pos_sum[j];
       if constexpr (elect) {
-        const A pd = A(pos_den[j]), nd = A(neg_den[j]);
-        const A p = pos_sum[j] / (pd == A(0) ? A(1) : pd);
-        const A q = neg_sum[j] / (nd == A(0) ? A(1) : nd);
-        m = (vote[j] == A(0) ? zero_vote : vote[j]) > A(0) ? p : q;
+        // One division, of the elected side.
+        const bool plus = (vote[j] == A(0) ? zero_vote : vote[j]) > A(0);
+        const A den = plus ? A(pos_den[j]) : A(neg_den[j]);
+        m = (plus ? pos_sum[j] : neg_sum[j]) / (den == A(0) ? A(1) : den);
       }
       if constexpr (diff) m = lam * m + base_row[j];
       o[j] = narrow<S>(m);
