@@ -789,6 +789,45 @@ print(json.dumps({{"growth": rss('VmHWM:') - before, "output": base["w"].numel()
     assert extra < 0.25 * stats["output"] + (4 << 20), extra
 
 
+def _thp_eligible(t: torch.Tensor) -> bool:
+    """Whether the mapping holding t's data may take transparent huge pages (/proc smaps)."""
+    addr, mapping = t.data_ptr(), None
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            mapping = lo <= addr < hi
+        elif mapping and head == "THPeligible:":
+            return line.split()[1] == "1"
+    raise AssertionError("no mapping holds the tensor")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_native_outputs_are_advised_huge_pages(monkeypatch, gen, dtype):
+    """Outputs of 32 MB and more are private mappings advised MADV_HUGEPAGE (their first-touch
+    faults cost as much as the merge pass otherwise); TRANSFEROPS_HUGEPAGES=0 and smaller
+    outputs use torch's allocator. The result is an ordinary tensor that outlives its inputs."""
+    require_backend("native")
+    from transferops import _memory
+
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not Path("/proc/self/smaps").exists() or not mode.exists() or "[never]" in mode.read_text():
+        pytest.skip("needs Linux with transparent huge pages")
+    numel = (_memory.HUGE_MIN_BYTES // torch.empty((), dtype=dtype).element_size()) + 3
+    tvs = [torch.randn(numel, generator=gen).to(dtype) for _ in range(2)]
+    got = task_arithmetic(tvs, backend="native")
+    assert _thp_eligible(got) and got.is_contiguous() and got.dtype == dtype and got.shape == (numel,)
+    want = (tvs[0].float() + tvs[1].float()).to(dtype)
+    del tvs
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got.add_(1)  # writable
+    if "[madvise]" not in mode.read_text():
+        return  # "always": every mapping is eligible
+    assert not _thp_eligible(task_arithmetic([want[:1000]], backend="native"))
+    monkeypatch.setenv("TRANSFEROPS_HUGEPAGES", "0")
+    assert not _thp_eligible(task_arithmetic([want], backend="native"))
+
+
 def test_cli_merges_a_multishard_bf16_checkpoint_under_a_memory_cap(tmp_path, gen):
     """The CLI's peak memory growth stays far below one model (measured, in a child process)
     and its output loads with safetensors and equals the in-memory merge."""

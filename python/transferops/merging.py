@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import _checks
+from . import _memory
 from . import _philox
 from ._philox import U32 as _U32
 from ._backend import BackendUnavailable, Op, native_buffer, native_module
@@ -502,7 +503,7 @@ def _native_trims(bufs, base, numel: int, spec: MergeSpec, dtype: torch.dtype):
 @merge_op.register("native", dtypes=_DTYPES, limit=_fused_only("native", della=None))
 def _merge_native(tvs, weights, spec: MergeSpec, base=None, out=None):
     if out is None:
-        out = torch.empty_like(tvs[0] if base is None else base, memory_format=torch.contiguous_format)
+        out = _memory.empty_like(tvs[0] if base is None else base)
     bufs = [native_buffer(_checks.as_rows(t)) for t in tvs]
     base_buf = None if base is None else native_buffer(_checks.as_rows(base))
     key_dtype = out.dtype if base is None else _accumulation_dtype(out.dtype)
@@ -770,7 +771,7 @@ def _fisher_reference(models, fishers, weights, eps: float) -> torch.Tensor:
 
 @fisher_op.register("native", dtypes=_DTYPES)
 def _fisher_native(models, fishers, weights, eps: float) -> torch.Tensor:
-    out = torch.empty_like(models[0], memory_format=torch.contiguous_format)
+    out = _memory.empty_like(models[0])
     bad, negative = native_module().fisher_average(
         [native_buffer(_checks.as_rows(m)) for m in models], [native_buffer(_checks.as_rows(f)) for f in fishers],
         native_buffer(_checks.as_rows(out)), weights, eps)
@@ -1010,7 +1011,7 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
     trims, spec = _global_trims(items, spec, chunk_of, weights_of, backend) if scope == "global" else ({}, spec)
     out = {name: b.clone() for name, b in base.items() if b.dtype not in _DTYPES}
     for name, numel, dtype, reads in items:
-        result = torch.empty(numel, dtype=dtype)
+        result = _memory.empty((numel,), dtype)
         _merge_tensor(name, reads[0], reads[1:], numel, dtype, spec, weights_of(name), lam, chunk_of(numel, dtype), backend,
                       lambda s, c: result[s:s + c], trims=trims.get(name))
         out[name] = result.view(base[name].shape)
