@@ -437,36 +437,36 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
       // Branch-free selects only, so GCC vectorizes this loop under -fno-trapping-math (check
       // with -fopt-info-vec).
       prefetching(p, j0, j1, [&](int64_t c0, int64_t c1) {
-      for (int64_t j = c0; j < c1; ++j) {
-        A vt = vote[j], ps = pos_sum[j], ns = neg_sum[j];
-        Den pd = pos_den[j], nd = neg_den[j];
-        K key = top[j];
-        for (int g = 0; g < G; ++g) {
-          const A raw = diff ? widen(p[g][j]) - base_row[j] : widen(p[g][j]);
-          const A mag = std::abs(raw);
-          key = std::max(key, abs_key(raw));  // NaN and Inf have the largest keys
-          A v = kept_if(mag >= bound[g] && mag < drop[g], raw);
-          if constexpr (dare) v = kept_if(keep_all || draw[g][j] < keep_below, v / rescale);
-          const A wv = wt[g] * v;
-          if constexpr (!elect) {
-            ps += wv;
-          } else {
-            const A s = wbefore ? wv : v;  // what votes
-            const bool pos = s > A(0), neg = s < A(0);
-            vt += rule == SignRule::sum ? s : kept_if(pos, A(1)) - kept_if(neg, A(1));
-            ps += kept_if(pos, wv);
-            ns += kept_if(neg, wv);
-            if constexpr (wbefore) {
-              pd += kept_if(pos, dw[g]);
-              nd += kept_if(neg, dw[g]);
+        for (int64_t j = c0; j < c1; ++j) {
+          A vt = vote[j], ps = pos_sum[j], ns = neg_sum[j];
+          Den pd = pos_den[j], nd = neg_den[j];
+          K key = top[j];
+          for (int g = 0; g < G; ++g) {
+            const A raw = diff ? widen(p[g][j]) - base_row[j] : widen(p[g][j]);
+            const A mag = std::abs(raw);
+            key = std::max(key, abs_key(raw));  // NaN and Inf have the largest keys
+            A v = kept_if(mag >= bound[g] && mag < drop[g], raw);
+            if constexpr (dare) v = kept_if(keep_all || draw[g][j] < keep_below, v / rescale);
+            const A wv = wt[g] * v;
+            if constexpr (!elect) {
+              ps += wv;
             } else {
-              pd += pos;
-              nd += neg;
+              const A s = wbefore ? wv : v;  // what votes
+              const bool pos = s > A(0), neg = s < A(0);
+              vt += rule == SignRule::sum ? s : kept_if(pos, A(1)) - kept_if(neg, A(1));
+              ps += kept_if(pos, wv);
+              ns += kept_if(neg, wv);
+              if constexpr (wbefore) {
+                pd += kept_if(pos, dw[g]);
+                nd += kept_if(neg, dw[g]);
+              } else {
+                pd += pos;
+                nd += neg;
+              }
             }
           }
+          vote[j] = vt, pos_sum[j] = ps, neg_sum[j] = ns, pos_den[j] = pd, neg_den[j] = nd, top[j] = key;
         }
-        vote[j] = vt, pos_sum[j] = ps, neg_sum[j] = ns, pos_den[j] = pd, neg_den[j] = nd, top[j] = key;
-      }
       });
     };
     for (int j0 = 0, j1; j0 < int(n); j0 = j1) {

@@ -30,13 +30,14 @@ std::vector<int64_t> abs_digit_histograms(const std::vector<View2D>& tasks, cons
 int64_t abs_equal_cut(const View2D& view, const View2D* base, uint64_t key, int64_t rank);
 
 // The bracketed form of the same select, one pass where the radix takes two or more: keys at
-// `runs` runs of kSampleRun consecutive elements spread over the views (seeded; written to `out`
-// as [T][runs * kSampleRun]), from which the caller brackets each threshold; then abs_bracket counts per task
-// the keys above hi[t] and the keys in [lo[t], hi[t]], and keeps the latter either as (key, flat
-// position) pairs, at most `capacity` per task (marks[t] empty), or as counts per block of
-// kSelectBlock columns of a row ([blocks][2 m - 1], blocks in row-major order) in 2 m - 1 bins:
-// each of the m marked keys marks[t] (ascending, from lo to hi: heavily tied keys the sample
-// found), and each gap between two of them. A tie cut is then found by scanning one block.
+// `runs` runs of kSampleRun consecutive elements spread over the views (seeded; written to
+// `out` as [T][runs * kSampleRun]), from which the caller brackets each threshold; then
+// abs_bracket counts per task the keys above hi[t] and the keys in [lo[t], hi[t]], and keeps
+// the latter either as (key, flat position) pairs, at most `capacity` per task (marks[t]
+// empty), or as counts per block of kSelectBlock columns of a row ([blocks][2 m - 1], blocks
+// in row-major order) in 2 m - 1 bins: each of the m marked keys marks[t] (ascending, from lo
+// to hi: heavily tied keys the sample found), and each gap between two of them. A tie cut is
+// then found by scanning one block.
 constexpr int64_t kSampleRun = 16;
 constexpr int64_t kSelectBlock = 4096;
 void abs_sample_keys(const std::vector<View2D>& tasks, const View2D* base, int64_t runs, uint64_t seed,
