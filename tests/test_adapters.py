@@ -442,16 +442,21 @@ def test_ia3_matches_reference(dtype, feedforward, gen):
     grad = torch.randn(N, d_out, generator=gen, dtype=torch.float64)
     xs = noncontiguous(x)
 
-    def run(be, ts):
+    def run(be, ts, g=grad):
         leaves = [t.clone().requires_grad_() for t in ts]
         y = ia3_linear(*leaves, feedforward=feedforward, backend=be)
-        return [y, *torch.autograd.grad(y, leaves, grad.to(y.dtype))]
+        return [y, *torch.autograd.grad(y, leaves, g.to(y.dtype))]
     ref = run("reference", [t.double() for t in (x, w, b, scale)])
     got = run("native", [xs, w, b, scale])
     eager = run("reference", [x, w, b, scale])
-    for name, g, e, want in zip(["y", "dx", "dW", "db", "dscale"], got, eager, ref):
+    # Each output is a sum of products of the operands, so on their magnitudes it gives the sum
+    # of its terms' magnitudes: the scale of its rounding error. The native path rounds the
+    # folded weight l W once more than eager does (in bf16, dscale then erred 2.8x eager's on
+    # one seed of 41), so its floor is a rounding of each term, not of the result.
+    terms = run("reference", [t.double().abs() for t in (x, w, b, scale)], grad.abs())
+    for name, g, e, want, bound in zip(["y", "dx", "dW", "db", "dscale"], got, eager, ref, terms):
         err, err_torch = ((t.double() - want).abs().max().item() for t in (g, e))
-        floor = {**_FLOOR, torch.float64: 1e-12}[dtype] * want.abs().max().item()
+        floor = {**_FLOOR, torch.float64: 1e-12}[dtype] * bound.max().item()
         assert err <= max(2 * err_torch, floor), f"ia3 {name} {dtype}: {err:.3e} vs torch {err_torch:.3e}"
 
 
