@@ -42,8 +42,8 @@ struct Blocks {
 // The passes here read T + 1 streams at once (tasks and a base), and the hardware prefetcher
 // fell behind them: out of cache, one thread's bracket pass at T = 8 ran at a third of its
 // in-cache rate. So each loop over a block runs in chunks of four cache lines, first asking
-// for the lines kPrefetchBytes ahead in each stream (null streams skipped). Lines past a
-// block's end are those of the next block of the row, which the same thread reads next.
+// for the lines kPrefetchBytes ahead in each stream. Lines past a block's end are those of
+// the next block of the row, which the same thread reads next.
 constexpr int64_t kPrefetchBytes = 8192;
 
 template <class S, size_t N, class F>
@@ -51,7 +51,6 @@ inline void prefetching(const S* const (&streams)[N], int64_t j0, int64_t j1, F&
   constexpr int64_t line = 64 / int64_t(sizeof(S)), chunk = 4 * line;
   for (int64_t c0 = j0; c0 < j1; c0 += chunk) {
     for (const S* s : streams) {
-      if (!s) continue;
       const char* ahead = reinterpret_cast<const char*>(s + c0) + kPrefetchBytes;
       for (int l = 0; l < 4; ++l) __builtin_prefetch(ahead + 64 * l);
     }

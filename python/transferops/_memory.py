@@ -29,7 +29,7 @@ def _enabled() -> bool:
 def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized contiguous CPU tensor, on huge pages when it is large."""
     shape = tuple(shape)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < HUGE_MIN_BYTES or not _enabled():
         return torch.empty(shape, dtype=dtype)
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -40,9 +40,3 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     # The tensor holds the mapping alive through its storage's reference to the buffer.
     return torch.frombuffer(region, dtype=dtype).view(shape)
 
-
-def empty_like(t: torch.Tensor) -> torch.Tensor:
-    """``empty`` with t's shape and dtype on the CPU; other devices use torch's allocator."""
-    if t.device.type != "cpu":
-        return torch.empty_like(t, memory_format=torch.contiguous_format)
-    return empty(t.shape, t.dtype)

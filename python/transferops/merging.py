@@ -503,7 +503,8 @@ def _native_trims(bufs, base, numel: int, spec: MergeSpec, dtype: torch.dtype):
 @merge_op.register("native", dtypes=_DTYPES, limit=_fused_only("native", della=None))
 def _merge_native(tvs, weights, spec: MergeSpec, base=None, out=None):
     if out is None:
-        out = _memory.empty_like(tvs[0] if base is None else base)
+        like = tvs[0] if base is None else base
+        out = _memory.empty(like.shape, like.dtype)
     bufs = [native_buffer(_checks.as_rows(t)) for t in tvs]
     base_buf = None if base is None else native_buffer(_checks.as_rows(base))
     key_dtype = out.dtype if base is None else _accumulation_dtype(out.dtype)
@@ -771,7 +772,7 @@ def _fisher_reference(models, fishers, weights, eps: float) -> torch.Tensor:
 
 @fisher_op.register("native", dtypes=_DTYPES)
 def _fisher_native(models, fishers, weights, eps: float) -> torch.Tensor:
-    out = _memory.empty_like(models[0])
+    out = _memory.empty(models[0].shape, models[0].dtype)
     bad, negative = native_module().fisher_average(
         [native_buffer(_checks.as_rows(m)) for m in models], [native_buffer(_checks.as_rows(f)) for f in fishers],
         native_buffer(_checks.as_rows(out)), weights, eps)
