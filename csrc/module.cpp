@@ -555,7 +555,8 @@ void cuda_disjoint_merge(const std::vector<std::pair<uintptr_t, int64_t>>& tvs, 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "transferops native kernels (CPU; CUDA when built with TRANSFEROPS_CUDA)";
   m.def("omp_max_threads", &max_threads, "OpenMP threads a parallel region uses (1 without OpenMP)");
-  m.def("cpu_isa", &cpu::cpu_isa, "instruction set of the CPU kernels: avx2 or base");
+  m.def("cpu_isa", &cpu::cpu_isa, "instruction set of the CPU kernels: avx512, avx2 or base");
+  m.def("cpu_isas", &cpu::cpu_isas, "the instruction sets this build compiled and this CPU runs, lowest first");
   m.def("set_cpu_isa", &cpu::set_cpu_isa, py::arg("isa"), "force the CPU kernels' instruction set");
 #ifdef TRANSFEROPS_OPENMP
   m.attr("has_openmp") = true;

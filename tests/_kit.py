@@ -73,6 +73,39 @@ def poisoned_outputs():
         torch.utils.deterministic.fill_uninitialized_memory = was_fill
 
 
+@contextlib.contextmanager
+def native_isa(isa: str):
+    """Inside, the native CPU kernels run the build for ``isa`` (skips where this build did not
+    compile it or this CPU does not run it); the default is restored after."""
+    from transferops._backend import native_module
+
+    native = native_module()
+    if native is None or isa not in native.cpu_isas():
+        pytest.skip(f"this CPU or build has no {isa} kernels")
+    default = native.cpu_isa()
+    native.set_cpu_isa(isa)
+    try:
+        yield
+    finally:
+        native.set_cpu_isa(default)
+
+
+def outputs_per_isa(run) -> dict:
+    """{isa: run()} for each native CPU build this CPU runs, lowest first; skips with fewer than
+    two, since there is nothing to compare."""
+    from transferops._backend import native_module
+
+    native = native_module()
+    isas = native.cpu_isas() if native is not None else []
+    if len(isas) < 2:
+        pytest.skip("this CPU or build has one native ISA")
+    outs = {}
+    for isa in isas:
+        with native_isa(isa):
+            outs[isa] = run()
+    return outs
+
+
 def guarded_empty(shape, dtype, device="cpu", guard=64):
     """An output view with NaN guard regions on both sides; call the returned check after the
     kernel ran to assert nothing was written outside the view."""

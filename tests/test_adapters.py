@@ -8,7 +8,7 @@ from transferops.adapters import ACTIVATIONS, bottleneck_adapter, dropout_factor
 from transferops.bench.bench_adapters import peft_layer, saved_bytes
 from transferops.nn import BottleneckAdapter, IA3Linear, LoRALinear, MultiLoRALinear, ScaLearn
 
-from _kit import DTYPES, assert_close, noncontiguous, require_backend
+from _kit import DTYPES, assert_close, native_isa, noncontiguous, outputs_per_isa, require_backend
 
 FAST = ["native", "triton"]
 # One unit in the last place, relative: a 16-bit result rounded once from float32 is within it.
@@ -124,24 +124,15 @@ def test_bottleneck_odd_sizes_and_large_row_means(backend, N, d, r, offset, gen)
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_native_isas_agree_bit_for_bit(dtype, gen):
-    """The AVX2 and baseline builds of the adapter kernels give identical bits (the register
+    """Every build of the adapter kernels this CPU runs gives identical bits (the register
     blocks' lanes run the same operations in the same order, no FMA contraction)."""
-    from transferops._backend import native_module
-
-    native = native_module()
-    if native is None or native.cpu_isa() != "avx2":
-        pytest.skip("this CPU or build has no AVX2 kernels")
     x, w, _ = _bottleneck_inputs(gen, 37, 75, 21, dtype)
     grad = torch.randn(x.shape, generator=gen).to(dtype)
-    outs = {}
-    try:
-        for isa in ("base", "avx2"):
-            native.set_cpu_isa(isa)
-            outs[isa] = _run("native", x, w, None, dict(layer_norm=True, activation="gelu", dropout=0.1, seed=4), grad)
-    finally:
-        native.set_cpu_isa("avx2")
-    for base, avx2 in zip(outs["base"], outs["avx2"]):
-        assert torch.equal(base, avx2)
+    outs = outputs_per_isa(lambda: _run("native", x, w, None, dict(layer_norm=True, activation="gelu", dropout=0.1,
+                                                                    seed=4), grad))
+    for isa, got in outs.items():
+        for base, other in zip(outs["base"], got):
+            assert torch.equal(base, other), isa
 
 
 def test_bottleneck_reference_gradcheck(gen):
@@ -212,24 +203,17 @@ def test_native_dropout_draws_the_torch_mask(dtype, isa, gen):
     """The native pass (LoRA's input dropout) keeps exactly the entries dropout_factor keeps, and
     scales them by 1 / (1 - p) to one rounding; rows of 75 take the AVX2 build's eight-lane runs
     and a scalar tail, and a row stride past the width."""
-    from transferops._backend import native_module
     from transferops.adapters import _dropped
 
-    native = native_module()
-    if native is None or native.cpu_isa() not in ("avx2", isa):
-        pytest.skip(f"this CPU or build has no {isa} kernels")
     wide = torch.randn(41, 80, generator=gen, dtype=torch.float64).to(dtype)
     x = wide[:, :75]
-    try:
-        native.set_cpu_isa(isa)
+    with native_isa(isa):
         for p, seed in ((0.1, 7), (0.5, 2**40 + 3)):
             got = _dropped(x, p, seed)
             factor = dropout_factor(41, 75, p, seed, dtype=torch.float64)
             assert torch.equal(got == 0, factor == 0)
             rtol = {**_ULP, torch.float32: 2 ** -23, torch.float64: 2 ** -52}[dtype]
             torch.testing.assert_close(got.double(), x.double() * factor, rtol=rtol, atol=0)
-    finally:
-        native.set_cpu_isa("avx2")
 
 
 def test_bottleneck_errors_name_the_argument():

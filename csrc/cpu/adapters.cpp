@@ -570,38 +570,27 @@ void bottleneck_backward_impl(const Gemm& gemm, const Bottleneck& w, const View2
 }  // namespace TRANSFEROPS_ISA
 
 #ifdef TRANSFEROPS_ISA_BASE
-#ifdef TRANSFEROPS_HAVE_AVX2
-namespace avx2 {
+TRANSFEROPS_IF_AVX2(namespace avx2 {
 void adapter_dropout_impl(const View2D& x, const View2D& out, double p, uint64_t seed);
 bool bottleneck_forward_impl(const Bottleneck& w, const View2D& x, const View2D* residual,
                              const View2D& out, void* a, void* mean, void* rstd);
 void bottleneck_backward_impl(const Gemm& gemm, const Bottleneck& w, const View2D& grad, const View2D& x,
                               const void* a, const void* mean, const void* rstd, const View2D& dx,
                               const BottleneckGrads& grads);
-}  // namespace avx2
-#endif
+})
 
 void adapter_dropout(const View2D& x, const View2D& out, double p, uint64_t seed) {
-#ifdef TRANSFEROPS_HAVE_AVX2
-  if (std::string(cpu_isa()) == "avx2") return avx2::adapter_dropout_impl(x, out, p, seed);
-#endif
-  base::adapter_dropout_impl(x, out, p, seed);
+  TRANSFEROPS_RUN_UP_TO_AVX2(adapter_dropout_impl(x, out, p, seed));
 }
 
 bool bottleneck_forward(const Bottleneck& w, const View2D& x, const View2D* residual,
                         const View2D& out, void* a, void* mean, void* rstd) {
-#ifdef TRANSFEROPS_HAVE_AVX2
-  if (std::string(cpu_isa()) == "avx2") return avx2::bottleneck_forward_impl(w, x, residual, out, a, mean, rstd);
-#endif
-  return base::bottleneck_forward_impl(w, x, residual, out, a, mean, rstd);
+  TRANSFEROPS_RUN_UP_TO_AVX2(bottleneck_forward_impl(w, x, residual, out, a, mean, rstd));
 }
 
 void bottleneck_backward(const Gemm& gemm, const Bottleneck& w, const View2D& grad, const View2D& x, const void* a,
                          const void* mean, const void* rstd, const View2D& dx, const BottleneckGrads& grads) {
-#ifdef TRANSFEROPS_HAVE_AVX2
-  if (std::string(cpu_isa()) == "avx2") return avx2::bottleneck_backward_impl(gemm, w, grad, x, a, mean, rstd, dx, grads);
-#endif
-  base::bottleneck_backward_impl(gemm, w, grad, x, a, mean, rstd, dx, grads);
+  TRANSFEROPS_RUN_UP_TO_AVX2(bottleneck_backward_impl(gemm, w, grad, x, a, mean, rstd, dx, grads));
 }
 #endif  // TRANSFEROPS_ISA_BASE
 

@@ -11,9 +11,9 @@
 #include "common/parallel.h"
 #include "cpu/philox_run.h"
 
-// This file is compiled twice on x86-64 (see cpu/isa.h); merge() picks one build at run time.
-// Both use -ffp-contract=off and the same per-element order of operations, so their results
-// are bit-identical.
+// This file is compiled three times on x86-64 (see cpu/isa.h); its entry points pick one build at
+// run time. All use -ffp-contract=off and the same per-element order of operations, so their
+// results are bit-identical.
 
 namespace transferops::cpu {
 namespace TRANSFEROPS_ISA {
@@ -26,7 +26,9 @@ decltype(auto) with_flag(bool flag, F&& f) {
 }
 
 // Columns handled per work item: the per-column accumulators stay in L1 and the inner loops
-// over them vectorize.
+// over them vectorize. Such stack arrays are declared 64-byte aligned: GCC 12's AVX-512 build
+// had placed the bracket's flags 16 bytes off a 32-byte boundary and stored to them with aligned
+// 32-byte moves (a segfault on float64).
 constexpr int64_t kBlock = 512;
 
 // Work items are (row, column block) pairs, so a 1-D tensor still splits across threads.
@@ -111,7 +113,7 @@ inline void widen_block(const S* q, int64_t n, acc_t<S>* out) {
 // key at j formed against it, in a form GCC vectorizes.
 template <class S, bool diff>
 struct ItemKeys {
-  acc_t<S> base[kSelectBlock];
+  alignas(64) acc_t<S> base[kSelectBlock];
   void load_base(const View2D* b, int64_t r, int64_t c, int64_t n) {
     if constexpr (diff) widen_block(b->row<S>(r) + c, n, base);
   }
@@ -142,7 +144,7 @@ void digit_histograms(const std::vector<View2D>& tasks, const View2D* base, cons
   {
     std::vector<uint32_t> local(size_t(T) * copies * bins, 0);
     ItemKeys<S, diff> key;
-    K keys[kSelectBlock];
+    alignas(64) K keys[kSelectBlock];
 #pragma omp for schedule(static) nowait
     for (int64_t item = 0; item < b.count(); ++item) {
       const int64_t r = b.row(item), c = b.col(item), n = b.len(item);
@@ -294,7 +296,7 @@ BracketResult bracket_typed(const std::vector<View2D>& tasks, const View2D* base
       if (marks[t].empty()) kept_keys[t].reserve(size_t(capacity)), kept_at[t].reserve(size_t(capacity));
     }
     ItemKeys<S, diff> key;
-    uint8_t in_range[kSelectBlock + 8] = {};  // zero past a short block's end
+    alignas(64) uint8_t in_range[kSelectBlock + 8] = {};  // zero past a short block's end
 #pragma omp for schedule(static) nowait
     for (int64_t item = 0; item < b.count(); ++item) {
       const int64_t r = b.row(item), c = b.col(item), n = b.len(item);
@@ -396,12 +398,12 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
   for (int64_t item = 0; item < b.count(); ++item) {
     const int64_t r = b.row(item), c0 = b.col(item), n = b.len(item);
     const int64_t flat0 = r * cols + c0;
-    A base_row[diff ? kBlock : 1];  // widened once, not once per task
+    alignas(64) A base_row[diff ? kBlock : 1];  // widened once, not once per task
     if constexpr (diff) widen_block(base->row<S>(r) + c0, n, base_row);
     const uint64_t index0 = uint64_t(d.offset + flat0);
-    A vote[kBlock], pos_sum[kBlock], neg_sum[kBlock];
-    Den pos_den[kBlock], neg_den[kBlock];
-    K top[kBlock];
+    alignas(64) A vote[kBlock], pos_sum[kBlock], neg_sum[kBlock];
+    alignas(64) Den pos_den[kBlock], neg_den[kBlock];
+    alignas(64) K top[kBlock];
     for (int64_t j = 0; j < n; ++j) {
       vote[j] = pos_sum[j] = neg_sum[j] = A(0);
       pos_den[j] = neg_den[j] = Den(0);
@@ -427,7 +429,7 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
       }
       // DARE's draws for the segment, eight per register in the AVX2 build (the per-element
       // Philox that GCC vectorizes in this loop took 2.4x as long).
-      uint32_t draw[dare ? G : 1][dare ? kBlock : 1];
+      alignas(64) uint32_t draw[dare ? G : 1][dare ? kBlock : 1];
       if constexpr (dare) {
         for (int g = 0; g < G; ++g) {
           philox_run(index0 + uint64_t(j0), uint32_t(t0 + g), d.stream, d.seed, j1 - j0, draw[g] + j0);
@@ -520,7 +522,7 @@ FisherResult fisher_typed(const std::vector<View2D>& models, const std::vector<V
     if (out.rows * out.cols > kParallelMinElements)
   for (int64_t item = 0; item < b.count(); ++item) {
     const int64_t r = b.row(item), c0 = b.col(item), n = b.len(item);
-    A num[kBlock], den[kBlock], nf[kBlock], neg[kBlock];
+    alignas(64) A num[kBlock], den[kBlock], nf[kBlock], neg[kBlock];
     for (int64_t j = 0; j < n; ++j) num[j] = den[j] = nf[j] = neg[j] = A(0);
     for (int t = 0; t < T; ++t) {
       const S* p = models[t].row<S>(r) + c0;
@@ -612,48 +614,30 @@ BracketResult bracket_impl(const std::vector<View2D>& tasks, const View2D* base,
 }  // namespace TRANSFEROPS_ISA
 
 #ifdef TRANSFEROPS_ISA_BASE
-#ifdef TRANSFEROPS_HAVE_AVX2
-namespace avx2 {
-MergeResult merge_impl(const std::vector<View2D>& tvs, const View2D* base, const View2D& out,
-                       const double* weights, const Trim* trims, const Dare* dare, MergeSpec spec);
-FisherResult fisher_impl(const std::vector<View2D>& models, const std::vector<View2D>& fishers, const View2D& out,
-                         const double* weights, double eps);
-std::vector<int64_t> histograms_impl(const std::vector<View2D>& tasks, const View2D* base,
-                                     const std::vector<uint64_t>& prefixes, int shift, int dbits);
-int64_t equal_cut_impl(const View2D& view, const View2D* base, uint64_t key, int64_t rank);
-BracketResult bracket_impl(const std::vector<View2D>& tasks, const View2D* base, const std::vector<uint64_t>& lo,
-                           const std::vector<uint64_t>& hi, const std::vector<std::vector<uint64_t>>& marks, int64_t capacity);
-}
-#endif
-
-namespace {
-std::string& isa_choice() {
-  static std::string isa = [] {
-#ifdef TRANSFEROPS_HAVE_AVX2
-    if (__builtin_cpu_supports("avx2")) return std::string("avx2");
-#endif
-    return std::string("base");
-  }();
-  return isa;
-}
-}  // namespace
+#define TRANSFEROPS_MERGE_IMPLS                                                                              \
+  MergeResult merge_impl(const std::vector<View2D>& tvs, const View2D* base, const View2D& out,              \
+                         const double* weights, const Trim* trims, const Dare* dare, MergeSpec spec);        \
+  FisherResult fisher_impl(const std::vector<View2D>& models, const std::vector<View2D>& fishers,            \
+                           const View2D& out, const double* weights, double eps);                           \
+  std::vector<int64_t> histograms_impl(const std::vector<View2D>& tasks, const View2D* base,                 \
+                                       const std::vector<uint64_t>& prefixes, int shift, int dbits);         \
+  int64_t equal_cut_impl(const View2D& view, const View2D* base, uint64_t key, int64_t rank);                 \
+  BracketResult bracket_impl(const std::vector<View2D>& tasks, const View2D* base,                           \
+                             const std::vector<uint64_t>& lo, const std::vector<uint64_t>& hi,               \
+                             const std::vector<std::vector<uint64_t>>& marks, int64_t capacity);
+TRANSFEROPS_IF_AVX2(namespace avx2 { TRANSFEROPS_MERGE_IMPLS })
+TRANSFEROPS_IF_AVX512(namespace avx512 { TRANSFEROPS_MERGE_IMPLS })
 
 std::vector<int64_t> abs_digit_histograms(const std::vector<View2D>& tasks, const View2D* base,
                                           const std::vector<uint64_t>& prefixes, int shift, int dbits) {
   if (tasks.empty()) throw std::invalid_argument("abs_digit_histograms: no tasks");
   if (prefixes.size() != tasks.size()) throw std::invalid_argument("abs_digit_histograms: one prefix per task");
-#ifdef TRANSFEROPS_HAVE_AVX2
-  if (isa_choice() == "avx2") return avx2::histograms_impl(tasks, base, prefixes, shift, dbits);
-#endif
-  return base::histograms_impl(tasks, base, prefixes, shift, dbits);
+  TRANSFEROPS_RUN_UP_TO_AVX512(histograms_impl(tasks, base, prefixes, shift, dbits));
 }
 
 int64_t abs_equal_cut(const View2D& view, const View2D* base, uint64_t key, int64_t rank) {
   if (rank < 1) throw std::invalid_argument("abs_equal_cut: rank must be >= 1");
-#ifdef TRANSFEROPS_HAVE_AVX2
-  if (isa_choice() == "avx2") return avx2::equal_cut_impl(view, base, key, rank);
-#endif
-  return base::equal_cut_impl(view, base, key, rank);
+  TRANSFEROPS_RUN_UP_TO_AVX512(equal_cut_impl(view, base, key, rank));
 }
 
 void abs_sample_keys(const std::vector<View2D>& tasks, const View2D* base, int64_t runs, uint64_t seed,
@@ -687,39 +671,12 @@ BracketResult abs_bracket(const std::vector<View2D>& tasks, const View2D* base, 
     }
   }
   if (capacity < 0) throw std::invalid_argument("abs_bracket: capacity must be >= 0");
-#ifdef TRANSFEROPS_HAVE_AVX2
-  if (isa_choice() == "avx2") return avx2::bracket_impl(tasks, base, lo, hi, marks, capacity);
-#endif
-  return base::bracket_impl(tasks, base, lo, hi, marks, capacity);
-}
-
-const char* cpu_isa() { return isa_choice().c_str(); }
-
-void set_cpu_isa(const std::string& isa) {
-#ifdef TRANSFEROPS_HAVE_AVX2
-  if (isa == "avx2" && !__builtin_cpu_supports("avx2")) throw std::invalid_argument("isa: this CPU has no AVX2");
-  if (isa == "avx2" || isa == "base") {
-    isa_choice() = isa;
-    return;
-  }
-#else
-  if (isa == "base") return;
-#endif
-  throw std::invalid_argument("isa: expected one of the compiled ISAs (base" +
-#ifdef TRANSFEROPS_HAVE_AVX2
-                              std::string(", avx2)")
-#else
-                              std::string(")")
-#endif
-                              + ", got '" + isa + "'");
+  TRANSFEROPS_RUN_UP_TO_AVX512(bracket_impl(tasks, base, lo, hi, marks, capacity));
 }
 
 MergeResult merge(const std::vector<View2D>& tvs, const View2D* base, const View2D& out, const double* weights,
                   const Trim* trims, const Dare* dare, MergeSpec spec) {
-#ifdef TRANSFEROPS_HAVE_AVX2
-  if (isa_choice() == "avx2") return avx2::merge_impl(tvs, base, out, weights, trims, dare, spec);
-#endif
-  return base::merge_impl(tvs, base, out, weights, trims, dare, spec);
+  TRANSFEROPS_RUN_UP_TO_AVX512(merge_impl(tvs, base, out, weights, trims, dare, spec));
 }
 
 FisherResult fisher_average(const std::vector<View2D>& models, const std::vector<View2D>& fishers, const View2D& out,
@@ -727,10 +684,7 @@ FisherResult fisher_average(const std::vector<View2D>& models, const std::vector
   if (models.empty() || fishers.size() != models.size()) {
     throw std::invalid_argument("fisher_average: expected one Fisher per model, and at least one model");
   }
-#ifdef TRANSFEROPS_HAVE_AVX2
-  if (isa_choice() == "avx2") return avx2::fisher_impl(models, fishers, out, weights, eps);
-#endif
-  return base::fisher_impl(models, fishers, out, weights, eps);
+  TRANSFEROPS_RUN_UP_TO_AVX512(fisher_impl(models, fishers, out, weights, eps));
 }
 #endif  // TRANSFEROPS_ISA_BASE
 

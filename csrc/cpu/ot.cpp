@@ -970,8 +970,7 @@ void sinkhorn_points_impl(const View2D& x, const View2D& y, int64_t N, double sc
 }  // namespace TRANSFEROPS_ISA
 
 #ifdef TRANSFEROPS_ISA_BASE
-#ifdef TRANSFEROPS_HAVE_AVX2
-namespace avx2 {
+TRANSFEROPS_IF_AVX2(namespace avx2 {
 void sinkhorn_matrix_impl(const View2D& C, int64_t N, const View2D& a, const View2D& b, const View2D& f,
                           const View2D& g, const SinkhornSettings& s, int64_t* n_iter, double* error, double* transport,
                           double* value);
@@ -980,28 +979,19 @@ void sinkhorn_points_impl(const View2D& x, const View2D& y, int64_t N, double sc
                           const SinkhornSettings& s, const LabelCost& labels, int64_t* n_iter, double* error,
                           double* transport, double* value,
                           const std::function<void(int64_t, int64_t, double)>& progress);
-}  // namespace avx2
-#endif
+})
 
 void sinkhorn_matrix(const View2D& C, int64_t N, const View2D& a, const View2D& b, const View2D& f, const View2D& g,
                      const SinkhornSettings& s, int64_t* n_iter, double* error, double* transport, double* value) {
-#ifdef TRANSFEROPS_HAVE_AVX2
-  if (std::string(cpu_isa()) == "avx2") return avx2::sinkhorn_matrix_impl(C, N, a, b, f, g, s, n_iter, error, transport, value);
-#endif
-  base::sinkhorn_matrix_impl(C, N, a, b, f, g, s, n_iter, error, transport, value);
+  TRANSFEROPS_RUN_UP_TO_AVX2(sinkhorn_matrix_impl(C, N, a, b, f, g, s, n_iter, error, transport, value));
 }
 
 void sinkhorn_points(const View2D& x, const View2D& y, int64_t N, double scale, const Gemm& gemm, const View2D& a,
                      const View2D& b, const View2D& f, const View2D& g, const SinkhornSettings& s,
                      const LabelCost& labels, int64_t* n_iter, double* error, double* transport, double* value,
                      const std::function<void(int64_t, int64_t, double)>& progress) {
-#ifdef TRANSFEROPS_HAVE_AVX2
-  if (std::string(cpu_isa()) == "avx2") {
-    return avx2::sinkhorn_points_impl(x, y, N, scale, gemm, a, b, f, g, s, labels, n_iter, error, transport, value,
-                                      progress);
-  }
-#endif
-  base::sinkhorn_points_impl(x, y, N, scale, gemm, a, b, f, g, s, labels, n_iter, error, transport, value, progress);
+  TRANSFEROPS_RUN_UP_TO_AVX2(
+      sinkhorn_points_impl(x, y, N, scale, gemm, a, b, f, g, s, labels, n_iter, error, transport, value, progress));
 }
 #endif  // TRANSFEROPS_ISA_BASE
 
