@@ -9,7 +9,7 @@ from transferops._backend import native_buffer, native_module
 from transferops._philox import philox_first
 from transferops.merging import (MergeSpec, _NativeSelect, _abs_topks, _dare_keep, _della_keep_probability, breadcrumbs, breadcrumbs_ties,
                                  della, della_linear, fisher_average, _fnv1a32, _topk_keep, dare_linear, dare_ties,
-                                 disjoint_merge, magnitude_prune, merge_op, task_arithmetic, ties)
+                                 disjoint_merge, magnitude_prune, merge_op, _order_statistics, task_arithmetic, ties)
 
 from _kit import (DTYPES, assert_close, assert_matches_reference, guarded_empty, noncontiguous, outputs_per_isa,
                   randn, require_backend)
@@ -329,6 +329,22 @@ def test_bracketed_select_agrees_with_the_radix(gen, kind, chunked):
     _Misled.radix_passes = 0
     _abs_topks(passes, k, n, key_dtype, 3, chunk, False, _Misled)
     assert _Misled.radix_passes > 0
+
+
+def test_order_statistics_equal_a_sort(gen):
+    """The histogram select behind the bracket returns what a sorted array holds at each
+    position: wide and narrow ranges, heavy ties, one value, int64 positions and 63-bit keys."""
+    rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
+    cases = [rng.integers(0, 2**31, 70_000, dtype=np.int64).astype(np.uint64),
+             rng.integers(2**40, 2**40 + 900, 5000, dtype=np.int64).astype(np.uint64),
+             rng.choice(rng.integers(0, 2**62, 6, dtype=np.int64), 30_000).astype(np.uint64),
+             np.full(17, 5, np.uint64),
+             rng.integers(0, 2**40, 3001, dtype=np.int64),
+             np.abs(rng.standard_normal(4000)).view(np.uint64)]
+    for keys in cases:
+        at, ordered = _order_statistics(keys), np.sort(keys)
+        for i in {0, keys.size - 1, *rng.integers(0, keys.size, 20).tolist()}:
+            assert at(int(i)) == int(ordered[i]), (keys.dtype, keys.size, i)
 
 
 def test_bracketed_select_steps_reject_bad_arguments():
