@@ -384,12 +384,12 @@ def _bracketed_select(passes, k: int, numel: int, dtype: torch.dtype, tasks: int
     listed = [int(2 * e) + 4096 for m, e in zip(marks, expected) if not m]
     capacity = min(max(listed, default=0), chunk // (2 * tasks))  # kept (key, position) pairs per task
     above, inside = [0] * tasks, [0] * tasks
-    kept = [[] for _ in range(tasks)]  # per chunk: (keys, flat positions) or per-block counts
+    kept = [[] for _ in range(tasks)]  # per chunk: (keys, positions in it, its flat offset) or per-block counts
     for offset, (bufs, base) in _offsets(passes(range(tasks)), engine):
         for t, (a, n, keys_in, positions, counts) in enumerate(engine.bracket(bufs, base, lo, hi, marks, capacity)):
             above[t] += a
             inside[t] += n
-            kept[t].append(counts if marks[t] else (keys_in, positions.astype(np.int64) + offset))
+            kept[t].append(counts if marks[t] else (keys_in, positions, offset))
     found = []
     for t in range(tasks):
         r = k - above[t]  # the k-th largest is the r-th largest in the bracket
@@ -458,7 +458,9 @@ def _offsets(chunks, engine):
 def _listed_bracket(r: int, inside: int, kept: list, numel: int, keep_ties: bool):
     """The r-th largest of the bracket's kept keys, and the tie cut from their positions; None
     if the budget kept fewer than were inside."""
-    keys = np.concatenate([keys for keys, _ in kept])
+    # Positions stay chunk-relative and 32-bit until a tie needs them: widening all had cost a
+    # copy of every kept pair.
+    keys = kept[0][0] if len(kept) == 1 else np.concatenate([keys for keys, _, _ in kept])
     if keys.size < inside:
         return None
     key = _order_statistics(keys)(keys.size - r)
@@ -466,7 +468,7 @@ def _listed_bracket(r: int, inside: int, kept: list, numel: int, keep_ties: bool
     rank = r - int(np.count_nonzero(keys > key))
     if keep_ties or rank >= int(np.count_nonzero(tied)):
         return key, numel
-    positions = np.concatenate([positions for _, positions in kept])[tied]
+    positions = np.concatenate([at[part == key].astype(np.int64) + offset for part, at, offset in kept])
     return key, _order_statistics(positions)(rank - 1) + 1
 
 
