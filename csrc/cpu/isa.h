@@ -27,17 +27,18 @@
 #define TRANSFEROPS_IF_AVX512(...)
 #endif
 
-// An entry point's body: `return isa::call` for the highest build of its file at or below the
-// chosen level, for files built for base and AVX2, or also for AVX-512.
-#define TRANSFEROPS_RUN_UP_TO_AVX2(call)                                                  \
-  do {                                                                                     \
-    TRANSFEROPS_IF_AVX2(if (::transferops::cpu::isa_level() >= ::transferops::cpu::Isa::avx2) return avx2::call;) \
-    return base::call;                                                                     \
+// An entry point's body (inside namespace transferops::cpu): `return isa::call` for the highest
+// build of its file at or below the chosen level, for files built for base and AVX2, or also for
+// AVX-512.
+#define TRANSFEROPS_RUN_UP_TO_AVX2(call)                                   \
+  do {                                                                     \
+    TRANSFEROPS_IF_AVX2(if (isa_level() >= Isa::avx2) return avx2::call;)  \
+    return base::call;                                                     \
   } while (0)
-#define TRANSFEROPS_RUN_UP_TO_AVX512(call)                                                \
-  do {                                                                                     \
-    TRANSFEROPS_IF_AVX512(if (::transferops::cpu::isa_level() >= ::transferops::cpu::Isa::avx512) return avx512::call;) \
-    TRANSFEROPS_RUN_UP_TO_AVX2(call);                                                      \
+#define TRANSFEROPS_RUN_UP_TO_AVX512(call)                                     \
+  do {                                                                         \
+    TRANSFEROPS_IF_AVX512(if (isa_level() >= Isa::avx512) return avx512::call;) \
+    TRANSFEROPS_RUN_UP_TO_AVX2(call);                                          \
   } while (0)
 
 namespace transferops::cpu {

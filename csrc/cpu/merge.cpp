@@ -642,16 +642,16 @@ BracketResult bracket_impl(const std::vector<View2D>& tasks, const View2D* base,
 }  // namespace TRANSFEROPS_ISA
 
 #ifdef TRANSFEROPS_ISA_BASE
-#define TRANSFEROPS_MERGE_IMPLS                                                                              \
-  MergeResult merge_impl(const std::vector<View2D>& tvs, const View2D* base, const View2D& out,              \
-                         const double* weights, const Trim* trims, const Dare* dare, MergeSpec spec);        \
-  FisherResult fisher_impl(const std::vector<View2D>& models, const std::vector<View2D>& fishers,            \
-                           const View2D& out, const double* weights, double eps);                           \
-  std::vector<int64_t> histograms_impl(const std::vector<View2D>& tasks, const View2D* base,                 \
-                                       const std::vector<uint64_t>& prefixes, int shift, int dbits);         \
-  int64_t equal_cut_impl(const View2D& view, const View2D* base, uint64_t key, int64_t rank);                 \
-  BracketResult bracket_impl(const std::vector<View2D>& tasks, const View2D* base,                           \
-                             const std::vector<uint64_t>& lo, const std::vector<uint64_t>& hi,               \
+#define TRANSFEROPS_MERGE_IMPLS                                                                       \
+  MergeResult merge_impl(const std::vector<View2D>& tvs, const View2D* base, const View2D& out,       \
+                         const double* weights, const Trim* trims, const Dare* dare, MergeSpec spec); \
+  FisherResult fisher_impl(const std::vector<View2D>& models, const std::vector<View2D>& fishers,     \
+                           const View2D& out, const double* weights, double eps);                     \
+  std::vector<int64_t> histograms_impl(const std::vector<View2D>& tasks, const View2D* base,          \
+                                       const std::vector<uint64_t>& prefixes, int shift, int dbits);  \
+  int64_t equal_cut_impl(const View2D& view, const View2D* base, uint64_t key, int64_t rank);         \
+  BracketResult bracket_impl(const std::vector<View2D>& tasks, const View2D* base,                    \
+                             const std::vector<uint64_t>& lo, const std::vector<uint64_t>& hi,        \
                              const std::vector<std::vector<uint64_t>>& marks, int64_t capacity);
 TRANSFEROPS_IF_AVX2(namespace avx2 { TRANSFEROPS_MERGE_IMPLS })
 TRANSFEROPS_IF_AVX512(namespace avx512 { TRANSFEROPS_MERGE_IMPLS })
