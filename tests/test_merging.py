@@ -7,7 +7,7 @@ import torch
 from transferops import BackendUnavailable, available_backends, use_backend
 from transferops._backend import native_buffer, native_module
 from transferops._philox import philox_first
-from transferops.merging import (MergeSpec, _NativeSelect, _abs_topks, _dare_keep, _della_keep_probability, breadcrumbs, breadcrumbs_ties,
+from transferops.merging import (MergeSpec, _NativeSelect, _abs_topks, _bracket, _dare_keep, _della_keep_probability, breadcrumbs, breadcrumbs_ties,
                                  della, della_linear, fisher_average, _fnv1a32, _topk_keep, dare_linear, dare_ties,
                                  disjoint_merge, magnitude_prune, merge_op, _order_statistics, task_arithmetic, ties)
 
@@ -329,6 +329,29 @@ def test_bracketed_select_agrees_with_the_radix(gen, kind, chunked):
     _Misled.radix_passes = 0
     _abs_topks(passes, k, n, key_dtype, 3, chunk, False, _Misled)
     assert _Misled.radix_passes > 0
+
+
+@pytest.mark.parametrize("kind", ["normal", "bf16_models"])
+def test_bracket_pass_agrees_across_isas(gen, kind):
+    """Every native build's bracket pass (AVX-512 lists the in-range positions by compression,
+    the others by scanning the flags) counts, keeps and bins the same keys: listed brackets on
+    fine data, marked ones on heavily tied data, rows with a short last block."""
+    require_backend("native")
+    tasks, base = _select_inputs(kind, gen)
+    bufs = [native_buffer(t) for t in tasks]
+    base_buf = None if base is None else native_buffer(base)
+    n = tasks[0].numel()
+    keys = _NativeSelect.sample(bufs, base_buf, 1024, 0)
+    lo, hi, marks, _ = zip(*(_bracket(keys[t], 0.2, n, 31) for t in range(len(tasks))))
+    assert any(marks) == (kind == "bf16_models")
+    outs = outputs_per_isa(lambda: _NativeSelect.bracket(bufs, base_buf, list(lo), list(hi), list(marks), n))
+    for isa, got in outs.items():
+        for t, ((above, inside, k0, p0, c0), (a, i, k1, p1, c1)) in enumerate(zip(outs["base"], got)):
+            assert (above, inside) == (a, i) and inside > 0, (isa, t)
+            # Kept pairs come in per-thread parts: compared in position order.
+            assert np.array_equal(p0[np.argsort(p0)], p1[np.argsort(p1)]), (isa, t)
+            assert np.array_equal(k0[np.argsort(p0)], k1[np.argsort(p1)]), (isa, t)
+            assert np.array_equal(c0, c1), (isa, t)
 
 
 def test_order_statistics_equal_a_sort(gen):
