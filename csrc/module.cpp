@@ -467,7 +467,7 @@ bool bottleneck_forward(const py::buffer& x, const std::optional<py::buffer>& re
 }
 
 // See cpu::bottleneck_backward; `grads` are 7 writable buffers in the params' order.
-void bottleneck_backward(const py::dict& blas, const py::buffer& grad, const py::buffer& x, const py::buffer& a,
+void bottleneck_backward(const py::buffer& grad, const py::buffer& x, const py::buffer& a,
                          const py::buffer& mean, const py::buffer& rstd, const py::buffer& dx, int64_t r,
                          const Params& params, const Params& grads, bool layer_norm, double eps, int activation,
                          int residual_mode, double dropout, uint64_t seed) {
@@ -491,9 +491,8 @@ void bottleneck_backward(const py::dict& blas, const py::buffer& grad, const py:
     if (!gp[i]) throw std::invalid_argument(name + ": required");
   }
   const cpu::BottleneckGrads g{gp[0], gp[1], gp[2], gp[3], gp[4], gp[5], gp[6]};
-  const Gemm gemm = gemm_of(blas);
   py::gil_scoped_release release;
-  cpu::bottleneck_backward(gemm, w, gv.view, xv.view, ap, mp, sp, dv.view, g);
+  cpu::bottleneck_backward(w, gv.view, xv.view, ap, mp, sp, dv.view, g);
 }
 
 using Vector = py::array_t<double, py::array::c_style | py::array::forcecast>;
@@ -609,7 +608,7 @@ PYBIND11_MODULE(_native, m) {
         py::arg("a"), py::arg("mean"), py::arg("rstd"), py::arg("r"), py::arg("params"), py::arg("layer_norm"),
         py::arg("eps"), py::arg("activation"), py::arg("residual_mode"), py::arg("dropout"), py::arg("seed"),
         "fused bottleneck adapter forward in cache-resident row tiles; returns whether the pre-activation is finite");
-  m.def("bottleneck_backward", &bottleneck_backward, py::arg("blas"), py::arg("grad"), py::arg("x"), py::arg("a"),
+  m.def("bottleneck_backward", &bottleneck_backward, py::arg("grad"), py::arg("x"), py::arg("a"),
         py::arg("mean"), py::arg("rstd"), py::arg("dx"), py::arg("r"), py::arg("params"), py::arg("grads"),
         py::arg("layer_norm"), py::arg("eps"), py::arg("activation"), py::arg("residual_mode"), py::arg("dropout"),
         py::arg("seed"), "fused bottleneck adapter backward, recomputing LN, activation and dropout mask");

@@ -18,11 +18,11 @@ namespace TRANSFEROPS_ISA {
 namespace {
 
 // Rows per tile: about this many values of the compute type per [rows, d] buffer, never below
-// 16 rows. Backward hands tiles to BLAS, which gains from more rows (forward with BLAS had
-// measured 40, ~45, 34 ms for 2^15, 2^16, 2^17 at d=4096, N=8192). Forward's register blocks
-// do not; smaller tiles balance the two threads better (2048 x 768 is 13 tiles at 2^17) and
-// leave the weights in L2: at 2^15, 2-thread forward min of 4 alternated runs, 2048 x 768 r=16
-// 0.90 -> 0.80 ms, r=64 2.76 -> 2.50 ms, 2048 x 4096 r=64 20.0 -> 17.6 ms.
+// 16 rows. Smaller forward tiles balance the two threads better (2048 x 768 is 13 tiles at 2^17)
+// and leave the weights in L2: at 2^15, 2-thread forward min of 4 alternated runs, 2048 x 768
+// r=16 0.90 -> 0.80 ms, r=64 2.76 -> 2.50 ms, 2048 x 4096 r=64 20.0 -> 17.6 ms. Backward adds
+// each tile's weight-gradient products into [r, d] sums: 2^14 measured slower at 2048 x 768,
+// 2^15 to 2^17 alike within this machine's noise.
 constexpr int64_t kForwardTileElements = int64_t(1) << 15;
 constexpr int64_t kBackwardTileElements = int64_t(1) << 17;
 // Weight gradients are summed over at most this many fixed row chunks (their partials take
@@ -97,28 +97,38 @@ void down_rows(const T* x, int64_t ldx, const T* wt, int64_t rp, int64_t d, T* p
   }
 }
 
-// v[i, k] = scale[k] ((z W_up^T)[i, k] + b_up[k]) for MR rows and k < dp, in blocks of
-// kUpVectors vectors of columns held in registers: wut is W_up^T [r, dp]; scale, b_up [dp].
-template <class T, int MR>
-void up_rows(const T* z, int64_t r, const T* wut, const T* scale, const T* b_up, int64_t dp, T* v) {
+// out[i, k0 + c] = sum_{j < n} z[i zr + j zs] w[j ldw + k0 + c] for MR rows i and the
+// kUpVectors vectors of columns c from k0, handed to store(i, column, vector). The strides let one
+// kernel serve both shapes: zr = r, zs = 1 multiplies rows of z by w (the up-projection,
+// backward's input gradient), zr = 1, zs = r sums the outer products of z's columns with the rows
+// of w (the weight gradients). Sums over j run in blocks of kSumBlock terms, as in down_rows.
+template <class T, int MR, class Store>
+void up_block(const T* z, int64_t zr, int64_t zs, int64_t n, const T* w, int64_t ldw, int64_t k0, Store&& store) {
   constexpr int64_t L = kLanes<T>;
-  for (int64_t k0 = 0; k0 < dp; k0 += kUpVectors * L) {
+  Vec<T> total[MR][kUpVectors];
+  for (int i = 0; i < MR; ++i) {
+    for (int64_t q = 0; q < kUpVectors; ++q) total[i][q] = Vec<T>{};
+  }
+  for (int64_t jb = 0; jb < n; jb += kSumBlock) {
+    const int64_t je = std::min(n, jb + kSumBlock);
     Vec<T> acc[MR][kUpVectors];
     for (int i = 0; i < MR; ++i) {
       for (int64_t q = 0; q < kUpVectors; ++q) acc[i][q] = Vec<T>{};
     }
-    for (int64_t j = 0; j < r; ++j) {
-      Vec<T> w[kUpVectors];
-      for (int64_t q = 0; q < kUpVectors; ++q) w[q] = load_vec(wut + j * dp + k0 + q * L);
+    for (int64_t j = jb; j < je; ++j) {
+      Vec<T> wv[kUpVectors];
+      for (int64_t q = 0; q < kUpVectors; ++q) wv[q] = load_vec(w + j * ldw + k0 + q * L);
       for (int i = 0; i < MR; ++i) {
-        const T zv = z[i * r + j];
-        for (int64_t q = 0; q < kUpVectors; ++q) acc[i][q] += zv * w[q];
+        const T zv = z[i * zr + j * zs];
+        for (int64_t q = 0; q < kUpVectors; ++q) acc[i][q] += zv * wv[q];
       }
     }
-    for (int64_t q = 0; q < kUpVectors; ++q) {
-      const Vec<T> s = load_vec(scale + k0 + q * L), b = load_vec(b_up + k0 + q * L);
-      for (int i = 0; i < MR; ++i) store_vec(v + i * dp + k0 + q * L, s * (acc[i][q] + b));
+    for (int i = 0; i < MR; ++i) {
+      for (int64_t q = 0; q < kUpVectors; ++q) total[i][q] += acc[i][q];
     }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int64_t q = 0; q < kUpVectors; ++q) store(i, k0 + q * L, total[i][q]);
   }
 }
 
@@ -161,11 +171,21 @@ void down_tile(const T* x, int64_t ld, const T* mean, const T* wt, int64_t rp, i
   for (; i < m; ++i) block(std::integral_constant<int, 1>{}, i);
 }
 
-template <class T>
-void up_tile(const T* z, int64_t r, const T* wut, const T* scale, const T* b_up, int64_t dp, int64_t m, T* v) {
-  int64_t i = 0;
-  for (; i + kUpRows <= m; i += kUpRows) up_rows<T, kUpRows>(z + i * r, r, wut, scale, b_up, dp, v + i * dp);
-  for (; i < m; ++i) up_rows<T, 1>(z + i * r, r, wut, scale, b_up, dp, v + i * dp);
+// Rows [0, m) of up_block's product over columns [0, width), a multiple of kUpVectors vectors:
+// column blocks outermost, so that one block of w's columns stays in L1 across the row blocks.
+template <class T, class Store>
+void up_tile(const T* z, int64_t zr, int64_t zs, int64_t n, const T* w, int64_t ldw, int64_t width, int64_t m,
+             Store&& store) {
+  for (int64_t k0 = 0; k0 < width; k0 += kUpVectors * kLanes<T>) {
+    int64_t i = 0;
+    for (; i + kUpRows <= m; i += kUpRows) {
+      up_block<T, kUpRows>(z + i * zr, zr, zs, n, w, ldw, k0,
+                           [&](int q, int64_t c, const Vec<T>& v) { store(i + q, c, v); });
+    }
+    for (; i < m; ++i) {
+      up_block<T, 1>(z + i * zr, zr, zs, n, w, ldw, k0, [&](int, int64_t c, const Vec<T>& v) { store(i, c, v); });
+    }
+  }
 }
 
 template <class T>
@@ -377,7 +397,9 @@ bool forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
       // dropout and the residual over those rows while they are in L1.
       for (int64_t i = 0; i < m; i += kUpRows) {
         const int64_t mr = std::min<int64_t>(kUpRows, m - i);
-        up_tile(z.data() + i * r, r, f.wut.data(), f.scale.data(), f.b_up.data(), f.dp, mr, v.data());
+        up_tile(z.data() + i * r, r, 1, r, f.wut.data(), f.dp, f.dp, mr, [&](int64_t q, int64_t c, const Vec<T>& u) {
+          store_vec(v.data() + q * f.dp + c, load_vec(f.scale.data() + c) * (u + load_vec(f.b_up.data() + c)));
+        });
         for (int64_t q = 0; q < mr; ++q) {
           const int64_t n = n0 + i + q;
           T* vr = v.data() + q * f.dp;
@@ -398,25 +420,31 @@ bool forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
   return nonfinite_tiles == 0;
 }
 
-// One row chunk's partial weight gradients: M = g'^T phi(a) [d, r] (g' the output gradient
-// after dropout), the column sums of g' [d], of da [r], dW_down [r, d], and the LN terms [d].
+// One row chunk's partial weight gradients, dp wide (columns past d are padding): the products
+// mt = phi(a)^T g' [r, dp] (g' the output gradient after dropout) and dt = da^T xhat [r, dp]
+// (xhat the normalized input, or x without layer norm), the column sums of g' and of da, and
+// the LN terms.
 template <class T>
 struct Partials {
-  std::vector<T> m, g_sum, da_sum, w_down, ln_weight, ln_bias;
-  Partials(int64_t d, int64_t r)
-      : m(size_t(d * r)), g_sum(size_t(d)), da_sum(size_t(r)), w_down(size_t(r * d)), ln_weight(size_t(d)),
-        ln_bias(size_t(d)) {}
+  std::vector<T> mt, dt, g_sum, da_sum, ln_weight, ln_bias;
+  Partials(int64_t dp, int64_t r)
+      : mt(size_t(r * dp)), dt(size_t(r * dp)), g_sum(size_t(dp)), da_sum(size_t(r)), ln_weight(size_t(dp)),
+        ln_bias(size_t(dp)) {}
   void add(const Partials& o) {
-    for (auto [dst, src] : {std::pair{&m, &o.m}, {&g_sum, &o.g_sum}, {&da_sum, &o.da_sum}, {&w_down, &o.w_down},
+    for (auto [dst, src] : {std::pair{&mt, &o.mt}, {&dt, &o.dt}, {&g_sum, &o.g_sum}, {&da_sum, &o.da_sum},
                             {&ln_weight, &o.ln_weight}, {&ln_bias, &o.ln_bias}}) {
       for (size_t i = 0; i < dst->size(); ++i) (*dst)[i] += (*src)[i];
     }
   }
 };
 
+// Every product runs in the register blocks of forward's kernels, on tiles of g' and xhat copied
+// dp wide into per-thread buffers that stay in L2: the weight gradients as sums of outer
+// products (up_tile with zr = 1), where OpenBLAS had spent more time packing the [m, d] operand
+// than multiplying it at r = 16.
 template <class S>
-void backward_typed(const Gemm& gemm, const Bottleneck& w, const View2D& grad, const View2D& x, const void* a_in,
-                    const void* mean_in, const void* rstd_in, const View2D& dx, const BottleneckGrads& out) {
+void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, const void* a_in, const void* mean_in,
+                    const void* rstd_in, const View2D& dx, const BottleneckGrads& out) {
   using T = acc_t<S>;
   const Weights<T> p(w);
   const Dropout drop(w);
@@ -426,93 +454,100 @@ void backward_typed(const Gemm& gemm, const Bottleneck& w, const View2D& grad, c
   const T* a = static_cast<const T*>(a_in);
   const T* mean = static_cast<const T*>(mean_in);
   const T* rstd = static_cast<const T*>(rstd_in);
-  // The two skinny products in forward's register blocks: dz = g' (diag(s) W_up), with the
-  // scale folded in, as its [d, rp] transpose; dh = da W_down, W_down padded to [r, dp].
+  // dz = g' (diag(s) W_up) in down_rows' blocks, with the scale folded in, as its [d, rp]
+  // transpose; dh = da W_down in up_block's, W_down padded to [r, dp].
   const int64_t rp = down_width<T>(r), dp = up_width<T>(d);
-  std::vector<T> w_up_scaled(size_t(d * rp)), w_down(size_t(r * dp)), ones(size_t(dp), T(1)), zeros(size_t(dp), T(0));
+  std::vector<T> w_up_scaled(size_t(d * rp)), w_down(size_t(r * dp)), ln_weight(size_t(d), T(1));
   for (int64_t j = 0; j < d; ++j) {
+    if (p.ln_weight) ln_weight[size_t(j)] = p.ln_weight[j];
     for (int64_t k = 0; k < r; ++k) {
       w_up_scaled[size_t(j * rp + k)] = p.scale[j] * p.w_up[j * r + k];
       w_down[size_t(k * dp + j)] = p.w_down[k * d + j];
     }
   }
-  std::vector<Partials<T>> parts(size_t(chunks), Partials<T>(d, r));
+  std::vector<Partials<T>> parts(size_t(chunks), Partials<T>(dp, r));
 #ifdef TRANSFEROPS_OPENMP
-#pragma omp parallel for schedule(static) if (chunks > 1 && N * d > kParallelMinElements)
+#pragma omp parallel if (chunks > 1 && N * d > kParallelMinElements)
 #endif
-  for (int64_t c = 0; c < chunks; ++c) {
-    Partials<T>& part = parts[size_t(c)];
-    std::vector<T> buf(size_t(tm * d)), gbuf(size_t(tm * d)), dxin(size_t(tm * dp)), z(size_t(tm * r)),
+  {
+    std::vector<T> g(size_t(tm * dp)), xhat(size_t(tm * dp)), dh(size_t(kUpRows * dp)), z(size_t(tm * r)),
         da(size_t(tm * r)), proj(size_t(tm * rp));
-    std::vector<T> xhat(w.layer_norm ? size_t(tm * d) : 0);
-    const int64_t t_begin = tiles * c / chunks, t_end = tiles * (c + 1) / chunks;
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      const int64_t n0 = t * tm, m = std::min(tm, N - n0);
-      // g' = mask / (1 - p) * g, in T (pointing into grad when no conversion is needed).
-      const T* gp;
-      int64_t ldg;
-      if (std::is_same_v<S, T> && !drop.on) {
-        gp = reinterpret_cast<const T*>(grad.row<S>(n0));
-        ldg = grad.row_stride;
-      } else {
+#ifdef TRANSFEROPS_OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t c = 0; c < chunks; ++c) {
+      Partials<T>& part = parts[size_t(c)];
+      const auto accumulate = [&](std::vector<T>& sum) {
+        return [&sum, dp](int64_t k, int64_t col, const Vec<T>& v) {
+          T* s = sum.data() + k * dp + col;
+          store_vec(s, load_vec(s) + v);
+        };
+      };
+      for (int64_t t = tiles * c / chunks; t < tiles * (c + 1) / chunks; ++t) {
+        const int64_t n0 = t * tm, m = std::min(tm, N - n0);
         for (int64_t i = 0; i < m; ++i) {
           const S* gr = grad.row<S>(n0 + i);
-          T* br = gbuf.data() + i * d;
+          T* br = g.data() + i * dp;
           if (drop.on) {
             drop.apply(n0 + i, gr, br);
           } else {
             for (int64_t j = 0; j < d; ++j) br[j] = widen(gr[j]);
           }
-        }
-        gp = gbuf.data();
-        ldg = d;
-      }
-      const auto [in, ld] = adapter_input<S, T>(w, p, x, n0, m, buf.data(), mean, rstd,
-                                                w.layer_norm ? xhat.data() : nullptr);
-      const T* at = a + n0 * r;
-      for (int64_t i = 0; i < m * r; ++i) z[size_t(i)] = activate(w.act, at[i]);
-      gemm_rm<T>(gemm, true, false, d, r, m, T(1), gp, ldg, z.data(), r, T(1), part.m.data(), r);
-      for (int64_t i = 0; i < m; ++i) {
-        const T* gr = gp + i * ldg;
-        for (int64_t j = 0; j < d; ++j) part.g_sum[size_t(j)] += gr[j];
-      }
-      down_tile<T>(gp, ldg, nullptr, w_up_scaled.data(), rp, d, m, proj.data(), nullptr);
-      for (int64_t i = 0; i < m; ++i) {
-        for (int64_t k = 0; k < r; ++k) {
-          const T v = proj[size_t(i * rp + k)] * activate_slope(w.act, at[i * r + k]);
-          da[size_t(i * r + k)] = v;
-          part.da_sum[size_t(k)] += v;
-        }
-      }
-      gemm_rm<T>(gemm, true, false, r, d, m, T(1), da.data(), r, in, ld, T(1), part.w_down.data(), d);
-      up_tile(da.data(), r, w_down.data(), ones.data(), zeros.data(), dp, m, dxin.data());
-      for (int64_t i = 0; i < m; ++i) {
-        const int64_t n = n0 + i;
-        const S* graw = grad.row<S>(n);
-        T* gi = dxin.data() + i * dp;
-        if (w.residual == Residual::normalized) {
-          for (int64_t j = 0; j < d; ++j) gi[j] += widen(graw[j]);
-        }
-        S* dr = dx.row<S>(n);
-        const bool add_g = w.residual == Residual::input;
-        if (w.layer_norm) {
-          const T* hr = xhat.data() + i * d;
-          T* lw = part.ln_weight.data();
-          T* lb = part.ln_bias.data();
-          for (int64_t j = 0; j < d; ++j) {
-            lw[j] += gi[j] * hr[j];
-            lb[j] += gi[j];
-            gi[j] *= p.ln_weight ? p.ln_weight[j] : T(1);
+          for (int64_t j = 0; j < d; ++j) part.g_sum[size_t(j)] += br[j];
+          const S* xr = x.row<S>(n0 + i);
+          T* hr = xhat.data() + i * dp;
+          if (w.layer_norm) {
+            const T mu = mean[n0 + i], rs = rstd[n0 + i];
+            for (int64_t j = 0; j < d; ++j) hr[j] = (widen(xr[j]) - mu) * rs;
+          } else {
+            for (int64_t j = 0; j < d; ++j) hr[j] = widen(xr[j]);
           }
-          const T c1 = lane_sum<T>(d, [&](int64_t j) { return gi[j]; }) / T(d);
-          const T c2 = lane_sum<T>(d, [&](int64_t j) { return gi[j] * hr[j]; }) / T(d);
-          const T rs = rstd[n];
-          for (int64_t j = 0; j < d; ++j) {
-            const T v = rs * (gi[j] - c1 - hr[j] * c2);
-            dr[j] = narrow<S>(add_g ? v + widen(graw[j]) : v);
+        }
+        const T* at = a + n0 * r;
+        for (int64_t i = 0; i < m * r; ++i) z[size_t(i)] = activate(w.act, at[i]);
+        up_tile(z.data(), 1, r, m, g.data(), dp, dp, r, accumulate(part.mt));
+        down_tile<T>(g.data(), dp, nullptr, w_up_scaled.data(), rp, d, m, proj.data(), nullptr);
+        for (int64_t i = 0; i < m; ++i) {
+          for (int64_t k = 0; k < r; ++k) {
+            const T v = proj[size_t(i * rp + k)] * activate_slope(w.act, at[i * r + k]);
+            da[size_t(i * r + k)] = v;
+            part.da_sum[size_t(k)] += v;
           }
-        } else {
-          for (int64_t j = 0; j < d; ++j) dr[j] = narrow<S>(add_g ? gi[j] + widen(graw[j]) : gi[j]);
+        }
+        up_tile(da.data(), 1, r, m, xhat.data(), dp, dp, r, accumulate(part.dt));
+        // dh kUpRows rows at a time, then the layer norm's backward over those rows in L1.
+        for (int64_t i0 = 0; i0 < m; i0 += kUpRows) {
+          const int64_t mr = std::min<int64_t>(kUpRows, m - i0);
+          up_tile(da.data() + i0 * r, r, 1, r, w_down.data(), dp, dp, mr,
+                  [&](int64_t q, int64_t col, const Vec<T>& v) { store_vec(dh.data() + q * dp + col, v); });
+          for (int64_t q = 0; q < mr; ++q) {
+            const int64_t n = n0 + i0 + q;
+            const S* graw = grad.row<S>(n);
+            T* gi = dh.data() + q * dp;
+            if (w.residual == Residual::normalized) {
+              for (int64_t j = 0; j < d; ++j) gi[j] += widen(graw[j]);
+            }
+            S* dr = dx.row<S>(n);
+            const bool add_g = w.residual == Residual::input;
+            if (!w.layer_norm) {
+              for (int64_t j = 0; j < d; ++j) dr[j] = narrow<S>(add_g ? gi[j] + widen(graw[j]) : gi[j]);
+              continue;
+            }
+            const T* hr = xhat.data() + (i0 + q) * dp;
+            T *lw = part.ln_weight.data(), *lb = part.ln_bias.data();
+            for (int64_t j = 0; j < d; ++j) {
+              lw[j] += gi[j] * hr[j];
+              lb[j] += gi[j];
+              gi[j] *= ln_weight[size_t(j)];
+            }
+            const T c1 = lane_sum<T>(d, [&](int64_t j) { return gi[j]; }) / T(d);
+            const T c2 = lane_sum<T>(d, [&](int64_t j) { return gi[j] * hr[j]; }) / T(d);
+            const T rs = rstd[n];
+            for (int64_t j = 0; j < d; ++j) {
+              const T v = rs * (gi[j] - c1 - hr[j] * c2);
+              dr[j] = narrow<S>(add_g ? v + widen(graw[j]) : v);
+            }
+          }
         }
       }
     }
@@ -523,15 +558,23 @@ void backward_typed(const Gemm& gemm, const Bottleneck& w, const View2D& grad, c
     *gw_up = static_cast<T*>(out.w_up), *gb_up = static_cast<T*>(out.b_up),
     *gln_w = static_cast<T*>(out.ln_weight), *gln_b = static_cast<T*>(out.ln_bias),
     *gscale = static_cast<T*>(out.scale);
-  std::copy(total.w_down.begin(), total.w_down.end(), gw_down);
+  // LN(x) = xhat ln_weight + ln_bias: dW_down = da^T LN(x) = dt diag(ln_weight) + da_sum ln_bias^T.
+  for (int64_t k = 0; k < r; ++k) {
+    const T* dtk = total.dt.data() + k * dp;
+    const T dsum = total.da_sum[size_t(k)];
+    for (int64_t j = 0; j < d; ++j) {
+      gw_down[k * d + j] = w.layer_norm ? dtk[j] * ln_weight[size_t(j)] + (p.ln_bias ? dsum * p.ln_bias[j] : T(0))
+                                        : dtk[j];
+    }
+  }
   std::copy(total.da_sum.begin(), total.da_sum.end(), gb_down);
-  std::copy(total.ln_weight.begin(), total.ln_weight.end(), gln_w);
-  std::copy(total.ln_bias.begin(), total.ln_bias.end(), gln_b);
-  // y_j = s_j (W_up z + b_up)_j: dW_up = diag(s) M, db_up = s g'_sum, ds_j = <W_up_j, M_j> + b_up_j g'_sum_j.
+  std::copy_n(total.ln_weight.begin(), d, gln_w);
+  std::copy_n(total.ln_bias.begin(), d, gln_b);
+  // y_j = s_j (W_up z + b_up)_j: dW_up = diag(s) mt^T, db_up = s g'_sum, ds_j = <W_up_j, mt^T_j> + b_up_j g'_sum_j.
   for (int64_t j = 0; j < d; ++j) {
     T ds = 0;
     for (int64_t k = 0; k < r; ++k) {
-      const T mjk = total.m[size_t(j * r + k)];
+      const T mjk = total.mt[size_t(k * dp + j)];
       gw_up[j * r + k] = p.scale[j] * mjk;
       ds += p.w_up[j * r + k] * mjk;
     }
@@ -561,10 +604,9 @@ bool bottleneck_forward_impl(const Bottleneck& w, const View2D& x, const View2D*
   return dispatch_float(x.dtype, [&](auto s) { return forward_typed<decltype(s)>(w, x, residual, out, a, mean, rstd); });
 }
 
-void bottleneck_backward_impl(const Gemm& gemm, const Bottleneck& w, const View2D& grad, const View2D& x,
-                              const void* a, const void* mean, const void* rstd, const View2D& dx,
-                              const BottleneckGrads& grads) {
-  dispatch_float(x.dtype, [&](auto s) { backward_typed<decltype(s)>(gemm, w, grad, x, a, mean, rstd, dx, grads); });
+void bottleneck_backward_impl(const Bottleneck& w, const View2D& grad, const View2D& x, const void* a,
+                              const void* mean, const void* rstd, const View2D& dx, const BottleneckGrads& grads) {
+  dispatch_float(x.dtype, [&](auto s) { backward_typed<decltype(s)>(w, grad, x, a, mean, rstd, dx, grads); });
 }
 
 }  // namespace TRANSFEROPS_ISA
@@ -574,9 +616,8 @@ TRANSFEROPS_IF_AVX2(namespace avx2 {
 void adapter_dropout_impl(const View2D& x, const View2D& out, double p, uint64_t seed);
 bool bottleneck_forward_impl(const Bottleneck& w, const View2D& x, const View2D* residual,
                              const View2D& out, void* a, void* mean, void* rstd);
-void bottleneck_backward_impl(const Gemm& gemm, const Bottleneck& w, const View2D& grad, const View2D& x,
-                              const void* a, const void* mean, const void* rstd, const View2D& dx,
-                              const BottleneckGrads& grads);
+void bottleneck_backward_impl(const Bottleneck& w, const View2D& grad, const View2D& x, const void* a,
+                              const void* mean, const void* rstd, const View2D& dx, const BottleneckGrads& grads);
 })
 
 void adapter_dropout(const View2D& x, const View2D& out, double p, uint64_t seed) {
@@ -588,9 +629,9 @@ bool bottleneck_forward(const Bottleneck& w, const View2D& x, const View2D* resi
   TRANSFEROPS_RUN_UP_TO_AVX2(bottleneck_forward_impl(w, x, residual, out, a, mean, rstd));
 }
 
-void bottleneck_backward(const Gemm& gemm, const Bottleneck& w, const View2D& grad, const View2D& x, const void* a,
-                         const void* mean, const void* rstd, const View2D& dx, const BottleneckGrads& grads) {
-  TRANSFEROPS_RUN_UP_TO_AVX2(bottleneck_backward_impl(gemm, w, grad, x, a, mean, rstd, dx, grads));
+void bottleneck_backward(const Bottleneck& w, const View2D& grad, const View2D& x, const void* a, const void* mean,
+                         const void* rstd, const View2D& dx, const BottleneckGrads& grads) {
+  TRANSFEROPS_RUN_UP_TO_AVX2(bottleneck_backward_impl(w, grad, x, a, mean, rstd, dx, grads));
 }
 #endif  // TRANSFEROPS_ISA_BASE
 

@@ -2,7 +2,6 @@
 #pragma once
 #include <cstdint>
 
-#include "common/blas.h"
 #include "common/view.h"
 
 namespace transferops::cpu {
@@ -60,7 +59,7 @@ struct BottleneckGrads {
   void* ln_bias;    // [d]
   void* scale;      // [d]
 };
-void bottleneck_backward(const Gemm& gemm, const Bottleneck& w, const View2D& grad, const View2D& x, const void* a,
-                         const void* mean, const void* rstd, const View2D& dx, const BottleneckGrads& grads);
+void bottleneck_backward(const Bottleneck& w, const View2D& grad, const View2D& x, const void* a, const void* mean,
+                         const void* rstd, const View2D& dx, const BottleneckGrads& grads);
 
 }  // namespace transferops::cpu

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks, _philox
-from ._backend import Op, native_buffer, native_module, single_threaded_blas
+from ._backend import Op, native_buffer, native_module
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 _RESIDUAL_INPUT, _RESIDUAL_NORMALIZED, _RESIDUAL_SEPARATE = 0, 1, 2
@@ -190,11 +190,10 @@ def _bottleneck_native_bwd(grad, x, a, mean, rstd, w_down, b_down, w_up, b_up, l
     dx = torch.empty(xr.shape, dtype=x.dtype)
     grads = [torch.empty(s, dtype=T) for s in _grad_shapes(r, d)]
     params = [_flat(t) for t in (w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale)]
-    with single_threaded_blas() as blas:
-        native_module().bottleneck_backward(blas, native_buffer(_checks.as_rows(grad)), native_buffer(xr),
-                                            native_buffer(a), native_buffer(mean), native_buffer(rstd),
-                                            native_buffer(dx), r, params, [native_buffer(g) for g in grads],
-                                            layer_norm, eps, activation, residual_mode, dropout, seed)
+    native_module().bottleneck_backward(native_buffer(_checks.as_rows(grad)), native_buffer(xr), native_buffer(a),
+                                        native_buffer(mean), native_buffer(rstd), native_buffer(dx), r, params,
+                                        [native_buffer(g) for g in grads], layer_norm, eps, activation,
+                                        residual_mode, dropout, seed)
     return [dx.view(x.shape), *grads]
 
 
