@@ -123,16 +123,20 @@ def test_bottleneck_odd_sizes_and_large_row_means(backend, N, d, r, offset, gen)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_native_isas_agree_bit_for_bit(dtype, gen):
-    """Every build of the adapter kernels this CPU runs gives identical bits (the register
-    blocks' lanes run the same operations in the same order, no FMA contraction)."""
+def test_native_isas_agree_to_rounding(dtype, gen):
+    """Every build of the adapter kernels this CPU runs agrees with the baseline build to a few
+    roundings of the largest value: the lanes run the same operations in the same order, but the
+    AVX2 build fuses multiply-adds (CMakeLists.txt), so its last bits differ. A wrong lane,
+    column or dropout draw would be off by the values themselves."""
     x, w, _ = _bottleneck_inputs(gen, 37, 75, 21, dtype)
     grad = torch.randn(x.shape, generator=gen).to(dtype)
     outs = outputs_per_isa(lambda: _run("native", x, w, None, dict(layer_norm=True, activation="gelu", dropout=0.1,
                                                                     seed=4), grad))
+    ulps = {**{t: 2 * u for t, u in _ULP.items()}, torch.float32: 2 ** -19, torch.float64: 2 ** -48}
     for isa, got in outs.items():
-        for base, other in zip(outs["base"], got):
-            assert torch.equal(base, other), isa
+        for i, (base, other) in enumerate(zip(outs["base"], got)):
+            b, o = base.double(), other.double()
+            assert (o - b).abs().max() <= ulps[base.dtype] * b.abs().max(), (isa, i)
 
 
 def test_bottleneck_reference_gradcheck(gen):

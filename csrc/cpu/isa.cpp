@@ -13,7 +13,7 @@ bool runs(Isa level) {
     case Isa::base:
       return true;
     case Isa::avx2:
-      TRANSFEROPS_IF_AVX2(return __builtin_cpu_supports("avx2");)
+      TRANSFEROPS_IF_AVX2(return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");)
       return false;
     case Isa::avx512:
       TRANSFEROPS_IF_AVX512(return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&

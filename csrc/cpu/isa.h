@@ -46,7 +46,7 @@ namespace transferops::cpu {
 enum class Isa : int { base = 0, avx2 = 1, avx512 = 2 };
 
 // The chosen level: the highest this build compiled and this CPU runs, unless set_cpu_isa forced
-// a lower one (tests compare the builds bit for bit).
+// a lower one (tests compare the builds).
 Isa isa_level();
 const char* cpu_isa();
 void set_cpu_isa(const std::string& isa);
