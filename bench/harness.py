@@ -134,15 +134,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn, *, warmup: int, repeats: int, device: str, budget_s: float = 1.0,
-            min_repeats: int = 3) -> dict:
-    """p20/p50/p80 seconds of ``fn()`` over ``min_repeats`` to ``repeats`` timed calls after
-    ``warmup`` untimed ones; timing stops early once the timed calls add up to ``budget_s``, so
-    a long call gets few repeats."""
-    cuda = _is_cuda(device)
-
-    def once() -> float:
-        if cuda:
+def _timer(fn, device: str):
+    """A callable that runs ``fn()`` once and returns its seconds."""
+    if _is_cuda(device):
+        def once() -> float:
             # Events time the device between them (host launch gaps included), not host queueing.
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -150,18 +145,51 @@ def time_fn(fn, *, warmup: int, repeats: int, device: str, budget_s: float = 1.0
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3
+        return once
+
+    def once() -> float:
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
+    return once
 
+
+def time_interleaved(fns: dict, *, warmup: int, repeats: int, device: str, budget_s: float = 1.0,
+                     min_repeats: int = 3, slow=frozenset()) -> dict:
+    """{name: p20/p50/p80 seconds} of each ``fns[name]()``, timed in rounds of one call each in a
+    rotating order, so that the machine's drifts (neighbours, clocks) fall on all of them alike
+    and their ratios hold (on the shared 2-core VM one callable's speed swung 2x within a
+    minute, and callables timed one after another caught different phases). Each callable takes
+    ``warmup`` untimed calls, then stops after ``repeats`` timed ones, or once past
+    ``min_repeats`` they add up to ``budget_s``; those in ``slow`` (already warmed by a call
+    over a second) take no warmup and stop after 3."""
+    once = {name: _timer(fn, device) for name, fn in fns.items()}
     _sync(device)
-    for _ in range(warmup):
-        fn()
-    samples: list[float] = []
-    while len(samples) < repeats and (len(samples) < min_repeats or sum(samples) < budget_s):
-        samples.append(once())
-    p20, p50, p80 = np.percentile(samples, [20, 50, 80])
-    return {"p20": float(p20), "p50": float(p50), "p80": float(p80), "repeats": len(samples)}
+    for name, fn in fns.items():
+        for _ in range(0 if name in slow else warmup):
+            fn()
+    samples: dict = {name: [] for name in fns}
+
+    def running(name) -> bool:
+        got, least = samples[name], min(3, min_repeats) if name in slow else min_repeats
+        return len(got) < repeats and (len(got) < least or sum(got) < budget_s)
+
+    rounds = 0
+    while names := [n for n in fns if running(n)]:
+        shift = rounds % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(once[name]())
+        rounds += 1
+    stats = {}
+    for name, got in samples.items():
+        p20, p50, p80 = np.percentile(got, [20, 50, 80])
+        stats[name] = {"p20": float(p20), "p50": float(p50), "p80": float(p80), "repeats": len(got)}
+    return stats
+
+
+def time_fn(fn, **kw) -> dict:
+    """time_interleaved of one callable."""
+    return time_interleaved({"fn": fn}, **kw)["fn"]
 
 
 def measure_floors(device: str, quick: bool, s: Settings) -> tuple[Floors, list[Row]]:
@@ -219,8 +247,9 @@ def run_case(case: Case, device: str, floors: Floors, s: Settings, notes: list[s
             notes.append(f"{name} unavailable (not installed)")
         else:
             callables.append((name, "peer", fn))
-    expected, rows = None, []
+    expected, checked = None, []
     comparable = case.comparable() if case.comparable else None
+    timed, slow = {}, set()
     for name, kind, fn in callables:
         try:
             t0 = time.perf_counter()
@@ -242,18 +271,22 @@ def run_case(case: Case, device: str, floors: Floors, s: Settings, notes: list[s
         if name == "reference" and first_s > REFERENCE_MAX_CALL_S:
             notes.append(f"reference not timed at {where}: one call took {first_s:.1f} s")
             continue
-        slow = first_s > 1.0  # the checking call already warmed it; a few samples suffice
-        t = time_fn(fn, warmup=0 if slow else s.warmup, repeats=s.repeats, device=device, budget_s=s.budget_s,
-                    min_repeats=min(3, s.min_repeats) if slow else s.min_repeats)
-        rows.append(Row(case.op, case.size, name, kind, device, DTYPE_NAMES[case.dtype], **t, matches=matches))
+        if first_s > 1.0:  # the checking call already warmed it; a few samples suffice
+            slow.add(name)
+        timed[name] = fn
+        checked.append((name, kind, matches))
     floor_s = floors.time(case)
     if case.floor is not None:
         name, fn = case.floor
         fn()
-        t = time_fn(fn, warmup=s.warmup, repeats=s.repeats, device=device, budget_s=s.budget_s,
-                    min_repeats=s.min_repeats)
-        rows.append(Row(case.op, case.size, name, "floor", device, DTYPE_NAMES[case.dtype], **t))
-        floor_s = t["p50"]
+        timed[name] = fn
+        checked.append((name, "floor", None))
+    t = time_interleaved(timed, warmup=s.warmup, repeats=s.repeats, device=device, budget_s=s.budget_s,
+                         min_repeats=s.min_repeats, slow=slow)
+    rows = [Row(case.op, case.size, name, kind, device, DTYPE_NAMES[case.dtype], **t[name], matches=matches)
+            for name, kind, matches in checked]
+    if case.floor is not None:
+        floor_s = t[case.floor[0]]["p50"]
     if case.note is not None:
         notes.append(f"{case.op} {case.size}: {case.note()}")
     # A peer that computes something else sets no bar.

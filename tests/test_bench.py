@@ -34,6 +34,18 @@ def test_time_fn_stops_at_its_budget():
     assert t["repeats"] == 4 and len(calls) == 6
 
 
+def test_time_interleaved_alternates_and_stops_each_on_its_own():
+    """Rounds call each running callable once, in a rotating order; a slow one stops after 3
+    calls and no warmup while the others go on to their own minimum."""
+    log = []
+    t = harness.time_interleaved({k: (lambda k=k: log.append(k)) for k in "abc"}, warmup=1, repeats=1000,
+                                 device="cpu", budget_s=0.0, min_repeats=5, slow={"c"})
+    assert log[:2] == ["a", "b"]  # warmups; c takes none
+    assert log[2:11] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert log[11:] == ["b", "a", "a", "b"]
+    assert {k: v["repeats"] for k, v in t.items()} == {"a": 5, "b": 5, "c": 3}
+
+
 def test_write_json_is_whole_or_absent(tmp_path):
     path = tmp_path / "r.json"
     harness.write_json([{"op": "toy"}], {"date": "today"}, str(path))
