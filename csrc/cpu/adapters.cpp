@@ -256,39 +256,6 @@ struct Weights {
         scale(static_cast<const T*>(w.scale)) {}
 };
 
-// Backward's view of the adapter's input rows [n0, n0 + m) in type T: LN(x) from the saved mean
-// and rstd when layer_norm (and the normalized xhat, before the affine), else x itself,
-// pointing into x when S is T (no copy). Returns the rows' pointer and row stride.
-template <class S, class T>
-std::pair<const T*, int64_t> adapter_input(const Bottleneck& w, const Weights<T>& p, const View2D& x, int64_t n0,
-                                           int64_t m, T* buf, const T* mean, const T* rstd, T* xhat) {
-  const int64_t d = w.d;
-  if (!w.layer_norm) {
-    if constexpr (std::is_same_v<S, T>) {
-      return {x.row<S>(n0), x.row_stride};
-    } else {
-      for (int64_t i = 0; i < m; ++i) {
-        const S* xr = x.row<S>(n0 + i);
-        T* br = buf + i * d;
-        for (int64_t j = 0; j < d; ++j) br[j] = widen(xr[j]);
-      }
-      return {buf, d};
-    }
-  }
-  for (int64_t i = 0; i < m; ++i) {
-    const S* xr = x.row<S>(n0 + i);
-    T* br = buf + i * d;
-    const T mu = mean[n0 + i], rs = rstd[n0 + i];
-    T* hr = xhat ? xhat + i * d : nullptr;
-    for (int64_t j = 0; j < d; ++j) {
-      const T h = (widen(xr[j]) - mu) * rs;
-      if (hr) hr[j] = h;
-      br[j] = h * (p.ln_weight ? p.ln_weight[j] : T(1)) + (p.ln_bias ? p.ln_bias[j] : T(0));
-    }
-  }
-  return {buf, d};
-}
-
 // The weights as forward takes them. The layer norm folds into the down-projection:
 // W_down LN(x) + b_down = rstd W' (x - mean) + (W_down ln_bias + b_down), with
 // W' = W_down diag(ln_weight). Forward then never writes the normalized row: statistics,
