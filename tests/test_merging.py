@@ -335,14 +335,19 @@ def test_bracketed_select_agrees_with_the_radix(gen, kind, chunked):
 def test_bracket_pass_agrees_across_isas(gen, kind):
     """Every native build's bracket pass (AVX-512 lists the in-range positions by compression,
     the others by scanning the flags) counts, keeps and bins the same keys: listed brackets on
-    fine data, marked ones on heavily tied data, rows with a short last block."""
+    fine data, marked ones on heavily tied data, rows with a short last block. Whether a sample
+    marks its bracket is random (about 1 bf16 draw in 20 does not): bf16 inputs are drawn
+    until one does."""
     require_backend("native")
-    tasks, base = _select_inputs(kind, gen)
-    bufs = [native_buffer(t) for t in tasks]
-    base_buf = None if base is None else native_buffer(base)
-    n = tasks[0].numel()
-    keys = _NativeSelect.sample(bufs, base_buf, 1024, 0)
-    lo, hi, marks, _ = zip(*(_bracket(keys[t], 0.2, n, 31) for t in range(len(tasks))))
+    for _ in range(20):
+        tasks, base = _select_inputs(kind, gen)
+        bufs = [native_buffer(t) for t in tasks]
+        base_buf = None if base is None else native_buffer(base)
+        n = tasks[0].numel()
+        keys = _NativeSelect.sample(bufs, base_buf, 1024, 0)
+        lo, hi, marks, _ = zip(*(_bracket(keys[t], 0.2, n, 31) for t in range(len(tasks))))
+        if any(marks) or kind != "bf16_models":
+            break
     assert any(marks) == (kind == "bf16_models")
     outs = outputs_per_isa(lambda: _NativeSelect.bracket(bufs, base_buf, list(lo), list(hi), list(marks), n))
     for isa, got in outs.items():
