@@ -99,9 +99,10 @@ void down_rows(const T* x, int64_t ldx, const T* wt, int64_t rp, int64_t d, T* p
 
 // out[i, k0 + c] = sum_{j < n} z[i zr + j zs] w[j ldw + k0 + c] for MR rows i and the
 // kUpVectors vectors of columns c from k0, handed to store(i, column, vector). The strides let one
-// kernel serve both shapes: zr = r, zs = 1 multiplies rows of z by w (the up-projection,
-// backward's input gradient), zr = 1, zs = r sums the outer products of z's columns with the rows
-// of w (the weight gradients). Sums over j run in blocks of kSumBlock terms, as in down_rows.
+// kernel serve both shapes: with z [rows, n] (zr = n, zs = 1) it multiplies z by w (the
+// up-projection, backward's input gradient); with z the transpose of an [n, rows] matrix it sums
+// that matrix's outer products with the rows of w (the weight gradients). Sums over j run in
+// blocks of kSumBlock terms, as in down_rows.
 template <class T, int MR, class Store>
 void up_block(const T* z, int64_t zr, int64_t zs, int64_t n, const T* w, int64_t ldw, int64_t k0, Store&& store) {
   constexpr int64_t L = kLanes<T>;
@@ -407,8 +408,8 @@ struct Partials {
 
 // Every product runs in the register blocks of forward's kernels, on tiles of g' and xhat copied
 // dp wide into per-thread buffers that stay in L2: the weight gradients as sums of outer
-// products (up_tile with zr = 1), where OpenBLAS had spent more time packing the [m, d] operand
-// than multiplying it at r = 16.
+// products (up_tile over phi(a) and da transposed), where OpenBLAS had spent more time packing
+// the [m, d] operand than multiplying it at r = 16.
 template <class S>
 void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, const void* a_in, const void* mean_in,
                     const void* rstd_in, const View2D& dx, const BottleneckGrads& out) {
@@ -437,8 +438,11 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
 #pragma omp parallel if (chunks > 1 && N * d > kParallelMinElements)
 #endif
   {
-    std::vector<T> g(size_t(tm * dp)), xhat(size_t(tm * dp)), dh(size_t(kUpRows * dp)), z(size_t(tm * r)),
-        da(size_t(tm * r)), proj(size_t(tm * rp));
+    // phi(a) and da also transposed ([r, m]), so that the weight gradients' broadcasts walk each
+    // column's m values in order (2048 x 768 and 8192 x 768, r=64, paired: 1.03-1.07x faster than
+    // reading [m, r] with stride r; r=16 alike).
+    std::vector<T> g(size_t(tm * dp)), xhat(size_t(tm * dp)), dh(size_t(kUpRows * dp)), zt(size_t(tm * r)),
+        da(size_t(tm * r)), dat(size_t(tm * r)), proj(size_t(tm * rp));
 #ifdef TRANSFEROPS_OPENMP
 #pragma omp for schedule(static)
 #endif
@@ -471,17 +475,19 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
           }
         }
         const T* at = a + n0 * r;
-        for (int64_t i = 0; i < m * r; ++i) z[size_t(i)] = activate(w.act, at[i]);
-        up_tile(z.data(), 1, r, m, g.data(), dp, dp, r, accumulate(part.mt));
+        for (int64_t i = 0; i < m; ++i) {
+          for (int64_t k = 0; k < r; ++k) zt[size_t(k * m + i)] = activate(w.act, at[i * r + k]);
+        }
+        up_tile(zt.data(), m, 1, m, g.data(), dp, dp, r, accumulate(part.mt));
         down_tile<T>(g.data(), dp, nullptr, w_up_scaled.data(), rp, d, m, proj.data(), nullptr);
         for (int64_t i = 0; i < m; ++i) {
           for (int64_t k = 0; k < r; ++k) {
             const T v = proj[size_t(i * rp + k)] * activate_slope(w.act, at[i * r + k]);
-            da[size_t(i * r + k)] = v;
+            da[size_t(i * r + k)] = dat[size_t(k * m + i)] = v;
             part.da_sum[size_t(k)] += v;
           }
         }
-        up_tile(da.data(), 1, r, m, xhat.data(), dp, dp, r, accumulate(part.dt));
+        up_tile(dat.data(), m, 1, m, xhat.data(), dp, dp, r, accumulate(part.dt));
         // dh kUpRows rows at a time, then the layer norm's backward over those rows in L1.
         for (int64_t i0 = 0; i0 < m; i0 += kUpRows) {
           const int64_t mr = std::min<int64_t>(kUpRows, m - i0);
