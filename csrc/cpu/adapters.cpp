@@ -172,19 +172,19 @@ void down_tile(const T* x, int64_t ld, const T* mean, const T* wt, int64_t rp, i
   for (; i < m; ++i) block(std::integral_constant<int, 1>{}, i);
 }
 
-// Rows [0, m) of up_block's product over columns [0, width), a multiple of kUpVectors vectors:
-// column blocks outermost, so that one block of w's columns stays in L1 across the row blocks.
+// Rows [0, m) of up_block's product over all columns of w [n, dp], dp a whole number of
+// kUpVectors vectors (up_width): column blocks outermost, so that one block of w's columns stays
+// in L1 across the row blocks.
 template <class T, class Store>
-void up_tile(const T* z, int64_t zr, int64_t zs, int64_t n, const T* w, int64_t ldw, int64_t width, int64_t m,
-             Store&& store) {
-  for (int64_t k0 = 0; k0 < width; k0 += kUpVectors * kLanes<T>) {
+void up_tile(const T* z, int64_t zr, int64_t zs, int64_t n, const T* w, int64_t dp, int64_t m, Store&& store) {
+  for (int64_t k0 = 0; k0 < dp; k0 += kUpVectors * kLanes<T>) {
     int64_t i = 0;
     for (; i + kUpRows <= m; i += kUpRows) {
-      up_block<T, kUpRows>(z + i * zr, zr, zs, n, w, ldw, k0,
+      up_block<T, kUpRows>(z + i * zr, zr, zs, n, w, dp, k0,
                            [&](int q, int64_t c, const Vec<T>& v) { store(i + q, c, v); });
     }
     for (; i < m; ++i) {
-      up_block<T, 1>(z + i * zr, zr, zs, n, w, ldw, k0, [&](int, int64_t c, const Vec<T>& v) { store(i, c, v); });
+      up_block<T, 1>(z + i * zr, zr, zs, n, w, dp, k0, [&](int, int64_t c, const Vec<T>& v) { store(i, c, v); });
     }
   }
 }
@@ -365,7 +365,7 @@ bool forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
       // dropout and the residual over those rows while they are in L1.
       for (int64_t i = 0; i < m; i += kUpRows) {
         const int64_t mr = std::min<int64_t>(kUpRows, m - i);
-        up_tile(z.data() + i * r, r, 1, r, f.wut.data(), f.dp, f.dp, mr, [&](int64_t q, int64_t c, const Vec<T>& u) {
+        up_tile(z.data() + i * r, r, 1, r, f.wut.data(), f.dp, mr, [&](int64_t q, int64_t c, const Vec<T>& u) {
           store_vec(v.data() + q * f.dp + c, load_vec(f.scale.data() + c) * (u + load_vec(f.b_up.data() + c)));
         });
         for (int64_t q = 0; q < mr; ++q) {
@@ -443,17 +443,17 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
     // reading [m, r] with stride r; r=16 alike).
     std::vector<T> g(size_t(tm * dp)), xhat(size_t(tm * dp)), dh(size_t(kUpRows * dp)), zt(size_t(tm * r)),
         da(size_t(tm * r)), dat(size_t(tm * r)), proj(size_t(tm * rp));
+    const auto accumulate = [dp](std::vector<T>& sum) {
+      return [&sum, dp](int64_t k, int64_t col, const Vec<T>& v) {
+        T* s = sum.data() + k * dp + col;
+        store_vec(s, load_vec(s) + v);
+      };
+    };
 #ifdef TRANSFEROPS_OPENMP
 #pragma omp for schedule(static)
 #endif
     for (int64_t c = 0; c < chunks; ++c) {
       Partials<T>& part = parts[size_t(c)];
-      const auto accumulate = [&](std::vector<T>& sum) {
-        return [&sum, dp](int64_t k, int64_t col, const Vec<T>& v) {
-          T* s = sum.data() + k * dp + col;
-          store_vec(s, load_vec(s) + v);
-        };
-      };
       for (int64_t t = tiles * c / chunks; t < tiles * (c + 1) / chunks; ++t) {
         const int64_t n0 = t * tm, m = std::min(tm, N - n0);
         for (int64_t i = 0; i < m; ++i) {
@@ -478,7 +478,7 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
         for (int64_t i = 0; i < m; ++i) {
           for (int64_t k = 0; k < r; ++k) zt[size_t(k * m + i)] = activate(w.act, at[i * r + k]);
         }
-        up_tile(zt.data(), m, 1, m, g.data(), dp, dp, r, accumulate(part.mt));
+        up_tile(zt.data(), m, 1, m, g.data(), dp, r, accumulate(part.mt));
         down_tile<T>(g.data(), dp, nullptr, w_up_scaled.data(), rp, d, m, proj.data(), nullptr);
         for (int64_t i = 0; i < m; ++i) {
           for (int64_t k = 0; k < r; ++k) {
@@ -487,11 +487,11 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
             part.da_sum[size_t(k)] += v;
           }
         }
-        up_tile(dat.data(), m, 1, m, xhat.data(), dp, dp, r, accumulate(part.dt));
+        up_tile(dat.data(), m, 1, m, xhat.data(), dp, r, accumulate(part.dt));
         // dh kUpRows rows at a time, then the layer norm's backward over those rows in L1.
         for (int64_t i0 = 0; i0 < m; i0 += kUpRows) {
           const int64_t mr = std::min<int64_t>(kUpRows, m - i0);
-          up_tile(da.data() + i0 * r, r, 1, r, w_down.data(), dp, dp, mr,
+          up_tile(da.data() + i0 * r, r, 1, r, w_down.data(), dp, mr,
                   [&](int64_t q, int64_t col, const Vec<T>& v) { store_vec(dh.data() + q * dp + col, v); });
           for (int64_t q = 0; q < mr; ++q) {
             const int64_t n = n0 + i0 + q;
