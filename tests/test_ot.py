@@ -451,6 +451,27 @@ def test_native_isas_agree_bit_for_bit(dtype, materialize, monkeypatch):
             assert torch.equal(getattr(outs["base"], field), getattr(got, field)), (isa, field)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_online_values_do_not_depend_on_the_thread_count(dtype, online):
+    """Each sum behind the values belongs to one point, so one thread and all of them give the
+    same bits (per-thread column partials once made ot_eps differ between runs)."""
+    from threadpoolctl import threadpool_limits
+    from transferops._backend import native_module
+
+    native = native_module()
+    if native is None or native.omp_max_threads() < 2:
+        pytest.skip("needs the native module with two or more OpenMP threads")
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(1, 333, 6, generator=g).to(dtype), torch.randn(1, 210, 6, generator=g).to(dtype)
+    solve = lambda: sinkhorn(x, y, eps=0.3, tol=1e-6, backend="native", progress=False)  # noqa: E731
+    many = solve()
+    with threadpool_limits(1, user_api="openmp"):
+        assert native.omp_max_threads() == 1
+        one = solve()
+    for field in ("f", "g", "transport_cost", "ot_eps", "n_iter"):
+        assert torch.equal(getattr(one, field), getattr(many, field)), field
+
+
 def test_sinkhorn_loss_is_a_custom_op_for_compiled_graphs():
     """torch.library.opcheck passes (schema, fake, autograd registration, AOT dispatch); the
     gradients equal those of sinkhorn(...).ot_eps; torch.compile(fullgraph=True) runs forward and

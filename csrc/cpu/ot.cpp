@@ -807,7 +807,7 @@ void solve_points(const Gemm& gm, PointProblem<T>& p, const SinkhornSettings& s,
                   double* error, double* transport, double* value,
                   const std::function<void(int64_t, int64_t, double)>& progress) {
   const int64_t N = p.X.n, M = p.Y.n;
-  std::vector<double> la(N), lb(M), F(p.f, p.f + N), G(p.g, p.g + M), L(N), Lc(M);
+  std::vector<double> la(N), lb(M), F(p.f, p.f + N), G(p.g, p.g + M), L(N), Lc(M), TG(M);
   double mass = 0.0;
   for (int64_t i = 0; i < N; ++i) la[i] = p.a[i] > 0 ? std::log(p.a[i]) : neg_inf(), mass += p.a[i];
   for (int64_t j = 0; j < M; ++j) lb[j] = p.b[j] > 0 ? std::log(p.b[j]) : neg_inf();
@@ -823,11 +823,11 @@ void solve_points(const Gemm& gm, PointProblem<T>& p, const SinkhornSettings& s,
       return;
     }
     lse_pass(gm, p.Y, p.X, p.d, p.scale, la, F, e, Lc, parallel);
-    for (int64_t j = 0; j < M; ++j) Lc[j] = lam * (-e * Lc[j]);
+    for (int64_t j = 0; j < M; ++j) TG[j] = lam * (-e * Lc[j]);
     if (mix) {
-      mix->step(G.data(), Lc.data());
+      mix->step(G.data(), TG.data());
     } else {
-      G = Lc;
+      G = TG;
     }
   };
   for (int64_t k = 0; k < s.schedule_len; ++k) {
@@ -860,15 +860,16 @@ void solve_points(const Gemm& gm, PointProblem<T>& p, const SinkhornSettings& s,
     take_rows(s.eps, s.lam, s.symmetric ? 0.5 : 1.0);
     update_cols(s.eps, s.lam, &mix);
   }
-  // Values: the marginals of P and <C, P>, in one more pass over the tiles.
+  // Values: the row marginals of P and <C, P>, in one more pass over the tiles. Each row is one
+  // thread's, so the sums do not depend on how the tiles were shared (column sums accumulated
+  // per thread did: ot_eps varied in its last bits from run to run).
   const int threads = max_threads();
   std::vector<double> r(N, 0.0), cost_rows(N, 0.0);
-  std::vector<std::vector<double>> c(threads, std::vector<double>(M, 0.0));
   std::vector<std::vector<double>> z(threads, std::vector<double>(kColBlock)), e(threads, std::vector<double>(kColBlock)),
       cij(threads, std::vector<double>(kColBlock));
   for_each_tile(gm, p.X, p.Y, p.d, parallel, [&](int64_t, int64_t i0, int64_t ni, int64_t j0, int64_t nj, const T* tile,
                                                  int thread) {
-    double *zt = z[thread].data(), *et = e[thread].data(), *ct = cij[thread].data(), *col = c[thread].data();
+    double *zt = z[thread].data(), *et = e[thread].data(), *ct = cij[thread].data();
     for (int64_t rr = 0; rr < ni; ++rr) {
       const int64_t i = i0 + rr;
       if (p.a[i] == 0.0) continue;
@@ -885,15 +886,16 @@ void solve_points(const Gemm& gm, PointProblem<T>& p, const SinkhornSettings& s,
         const double pij = lb[j0 + j] == neg_inf() ? 0.0 : et[j];
         row += pij;
         row_cost += pij * ct[j];
-        col[j0 + j] += pij;
       }
       r[i] += row;
       cost_rows[i] += row_cost;
     }
   });
-  std::vector<double> cols(M, 0.0);
-  for (int t = 0; t < threads; ++t) {
-    for (int64_t j = 0; j < M; ++j) cols[j] += c[t][j];
+  // The column marginals c_j = b_j e^(G_j / eps) sum_i a_i e^((F_i - C_ij) / eps) from the last
+  // column pass, which saw the final F (Lc: its log-sums); symmetric problems have P = P^T.
+  std::vector<double> cols(s.symmetric ? r : std::vector<double>(M));
+  for (int64_t j = 0; j < M && !s.symmetric; ++j) {
+    cols[j] = lb[j] == neg_inf() ? 0.0 : std::exp(lb[j] + G[j] / s.eps + Lc[j]);
   }
   double cost = 0.0;
   for (int64_t i = 0; i < N; ++i) cost += cost_rows[i];
