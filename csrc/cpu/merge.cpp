@@ -475,7 +475,7 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
             const A mag = std::abs(raw);
             key = std::max(key, abs_key(raw));  // NaN and Inf have the largest keys
             A v = kept_if(mag >= bound[g] && mag < drop[g], raw);
-            if constexpr (dare) v = kept_if(keep_all || draw[g][j] < keep_below, v / rescale);
+            if constexpr (dare) v = kept_if(keep_all | (draw[g][j] < keep_below), v / rescale);
             const A wv = wt[g] * v;
             if constexpr (!elect) {
               ps += wv;
