@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..adapters import DROPOUT_STREAM, keep_below as dropout_keep_below
-from .philox import philox_first
+from .philox import philox_draw
 
 # Widest bottleneck the kernels hold in registers: [rows, r] tiles of pre-activations.
 MAX_RANK = 256
@@ -58,7 +58,7 @@ def _dropout(v, rows, cols, D, seed_lo, seed_hi, stream, keep_below, inv_keep):
     lo = (flat & 0xFFFFFFFF).to(tl.uint32)
     hi = (flat >> 32).to(tl.uint32)
     zero = tl.zeros(lo.shape, tl.uint32)
-    word = philox_first(lo, hi, zero, zero + stream.to(tl.uint32), seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
+    word = philox_draw(lo, hi, zero, zero + stream.to(tl.uint32), seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
     return tl.where(word.to(tl.int64) < keep_below, v * inv_keep, 0.0)
 
 

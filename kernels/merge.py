@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import philox_first
+from .philox import philox_draw
 
 
 @triton.jit
@@ -48,7 +48,7 @@ def _merge_kernel(base, offsets, strides, weights, out, out_stride, nonfinite, T
             v = tl.where((mag >= bound.to(acc_t)) & (mag < drop.to(acc_t)), v, 0.0)
         if DARE:
             zero = tl.zeros([BLOCK], tl.uint32)
-            word = philox_first(lo32, hi32, zero + t, zero + stream.to(tl.uint32),
+            word = philox_draw(lo32, hi32, zero + t, zero + stream.to(tl.uint32),
                                 seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
             v = tl.where(word.to(tl.int64) < keep_below, v / rescale, 0.0)
         wv = w * v

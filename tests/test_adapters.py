@@ -210,8 +210,9 @@ def test_dropout_mask_rate_and_determinism():
 def test_native_dropout_draws_the_torch_mask(dtype, isa, gen):
     """The native pass (LoRA's input dropout) keeps exactly the entries dropout_factor keeps, and
     scales them by 1 / (1 - p) to one rounding (relative, or one step of the subnormals: now and
-    then a randn draw lands among fp16's, below 6.1e-5); rows of 75 take the AVX2 build's
-    eight-lane runs and a scalar tail, and a row stride past the width."""
+    then a randn draw lands among fp16's, below 6.1e-5); rows of 75 start at every index mod 4
+    and take a scalar head, the AVX2 build's blocks of 32 draws and a scalar tail, and a row
+    stride past the width."""
     from transferops.adapters import _dropped
 
     wide = torch.randn(41, 80, generator=gen, dtype=torch.float64).to(dtype)

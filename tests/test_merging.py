@@ -6,7 +6,7 @@ import torch
 
 from transferops import BackendUnavailable, available_backends, use_backend
 from transferops._backend import native_buffer, native_module
-from transferops._philox import philox_first
+from transferops._philox import draws, philox4
 from transferops.merging import (MergeSpec, _NativeSelect, _abs_topks, _bracket, _dare_keep, _della_keep_probability, breadcrumbs, breadcrumbs_ties,
                                  della, della_linear, fisher_average, _fnv1a32, _topk_keep, dare_linear, dare_ties,
                                  disjoint_merge, magnitude_prune, merge_op, _order_statistics, task_arithmetic, ties)
@@ -157,12 +157,19 @@ def test_della_names_its_missing_backends():
 
 
 def test_philox_known_answers():
-    """Random123's known-answer vectors for Philox4x32-10 (first output word)."""
+    """Random123's known-answer vectors for Philox4x32-10 (all four output words), and the draw
+    of element i as word i mod 4 at counter i div 4, from any offset."""
     M = 0xFFFFFFFF
-    cases = [((0, 0, 0, 0), (0, 0), 0x6627E8D5), ((M, M, M, M), (M, M), 0x408F276D),
-             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0), 0xD16CFE09)]
+    cases = [((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+             ((M, M, M, M), (M, M), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+              (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
     for ctr, key, want in cases:
-        assert int(philox_first(*(torch.tensor([c]) for c in ctr), *key)) == want
+        assert tuple(int(w) for w in philox4(*(torch.tensor([c]) for c in ctr), *key)) == want
+    seed, task, stream = 0x1234_5678_9ABC, 3, 7
+    q = torch.arange(2, 5)
+    words = torch.stack(philox4(q, q * 0, q * 0 + task, q * 0 + stream, seed & M, seed >> 32), 1).flatten()
+    assert torch.equal(draws(9, seed=seed, stream=stream, task=task, offset=9), words[1:10])
 
 
 def test_dare_keep_rate_and_independence():

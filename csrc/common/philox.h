@@ -1,8 +1,8 @@
-// Counter-based random numbers (Philox4x32-10, Salmon et al., SC 2011): the value for an element
+// Counter-based random numbers (Philox4x32-10, Salmon et al., SC 2011): the draw for an element
 // is a pure function of (seed, stream, task, element index), so DARE and dropout masks are
 // identical on every backend, chunking and thread count, and are never stored. Mirrored in torch by
 // transferops._philox and in Triton by kernels/philox.py; the CPU kernels draw runs of it
-// eight lanes at a time (cpu/philox_run.h).
+// eight counters (32 draws) at a time (cpu/philox_run.h).
 #pragma once
 #include <cstdint>
 
@@ -14,12 +14,11 @@
 
 namespace transferops {
 
-// First 32-bit output of Philox4x32-10 with counter (c0, c1, c2, c3) and key (k0, k1). Fully
-// unrolled and 32-bit throughout, so a loop calling it per element vectorizes on the CPU (GCC
-// emulates the 32x32->64 products there: ~5 ns per draw on this EPYC, scalar or AVX2 alike;
-// cpu/philox_run.h's intrinsics take 2.3).
-TRANSFEROPS_HD uint32_t philox_first(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                                     uint32_t k0, uint32_t k1) {
+// The four 32-bit outputs of Philox4x32-10 with counter (c0, c1, c2, c3) and key (k0, k1),
+// written to out[0..3]. Fully unrolled and 32-bit throughout, so the scalar path stays simple;
+// cpu/philox_run.h runs eight counters per AVX2 register.
+TRANSFEROPS_HD void philox4(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1,
+                            uint32_t* out) {
 #if defined(__CUDACC__)
 #pragma unroll
 #elif defined(__GNUC__)
@@ -37,7 +36,17 @@ TRANSFEROPS_HD uint32_t philox_first(uint32_t c0, uint32_t c1, uint32_t c2, uint
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  return c0;
+  out[0] = c0, out[1] = c1, out[2] = c2, out[3] = c3;
+}
+
+// The draw of element i: word i mod 4 of Philox4x32-10 at counter (i div 4 as two 32-bit
+// halves, task, stream), key seed. Four consecutive elements share one evaluation, a quarter of
+// the work of taking one word per element.
+TRANSFEROPS_HD uint32_t philox_draw(uint64_t i, uint32_t task, uint32_t stream, uint64_t seed) {
+  const uint64_t q = i >> 2;
+  uint32_t words[4];
+  philox4(uint32_t(q), uint32_t(q >> 32), task, stream, uint32_t(seed), uint32_t(seed >> 32), words);
+  return words[i & 3];
 }
 
 }  // namespace transferops

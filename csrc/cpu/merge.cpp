@@ -455,8 +455,8 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
         bound[g] = A(flat0 + j0 < m.cut ? m.lo : m.hi);
         drop[g] = A(flat0 + j0 < m.drop_cut ? m.drop_lo : m.drop_hi);
       }
-      // DARE's draws for the segment, eight per register in the AVX2 build (the per-element
-      // Philox that GCC vectorizes in this loop took 2.4x as long).
+      // DARE's draws for the segment, 32 per AVX2 block of eight Philox counters (the
+      // per-element Philox that GCC vectorizes in this loop took 2.4x as long).
       alignas(64) uint32_t draw[dare ? G : 1][dare ? kBlock : 1];
       if constexpr (dare) {
         for (int g = 0; g < G; ++g) {
