@@ -15,8 +15,8 @@
 namespace transferops {
 
 // The four 32-bit outputs of Philox4x32-10 with counter (c0, c1, c2, c3) and key (k0, k1),
-// written to out[0..3]. Fully unrolled and 32-bit throughout, so the scalar path stays simple;
-// cpu/philox_run.h runs eight counters per AVX2 register.
+// written to out[0..3]: the scalar form (CPU heads and tails, CUDA); cpu/philox_run.h runs
+// eight counters per AVX2 register.
 TRANSFEROPS_HD void philox4(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1,
                             uint32_t* out) {
 #if defined(__CUDACC__)
