@@ -15,8 +15,10 @@
 namespace transferops {
 
 // The four 32-bit outputs of Philox4x32-10 with counter (c0, c1, c2, c3) and key (k0, k1),
-// written to out[0..3]: the scalar form (CPU heads and tails, CUDA); cpu/philox_run.h runs
-// eight counters per AVX2 register.
+// written to out[0..3]. The draw of element i is word i mod 4 at counter (i div 4 as two 32-bit
+// halves, task, stream), key seed: four consecutive elements share one evaluation, a quarter of
+// the work of taking one word per element. cpu/philox_run.h runs eight counters per AVX2
+// register.
 TRANSFEROPS_HD void philox4(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1,
                             uint32_t* out) {
 #if defined(__CUDACC__)
@@ -37,16 +39,6 @@ TRANSFEROPS_HD void philox4(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, 
     k1 += 0xBB67AE85u;
   }
   out[0] = c0, out[1] = c1, out[2] = c2, out[3] = c3;
-}
-
-// The draw of element i: word i mod 4 of Philox4x32-10 at counter (i div 4 as two 32-bit
-// halves, task, stream), key seed. Four consecutive elements share one evaluation, a quarter of
-// the work of taking one word per element.
-TRANSFEROPS_HD uint32_t philox_draw(uint64_t i, uint32_t task, uint32_t stream, uint64_t seed) {
-  const uint64_t q = i >> 2;
-  uint32_t words[4];
-  philox4(uint32_t(q), uint32_t(q >> 32), task, stream, uint32_t(seed), uint32_t(seed >> 32), words);
-  return words[i & 3];
 }
 
 }  // namespace transferops

@@ -64,10 +64,11 @@ struct Trim {
   int64_t drop_cut;
 };
 
-// DARE (Yu et al., ICML 2024): keep each entry with probability keep_below / 2^32, drawn by
-// philox_draw(flat element index, task index, stream; seed) < keep_below (2^32 keeps all),
-// and divide survivors by `rescale` (the density, PEFT; 1 for none). `offset` is the flat index of the views' first
-// element in the whole tensor, so a tensor merged in chunks draws the same mask.
+// DARE (Yu et al., ICML 2024): keep each entry with probability keep_below / 2^32, where its
+// Philox draw (common/philox.h) of (flat element index, task index, stream; seed) < keep_below
+// (2^32 keeps all), and divide survivors by `rescale` (the density, PEFT; 1 for none). `offset`
+// is the flat index of the views' first element in the whole tensor, so a tensor merged in
+// chunks draws the same mask.
 struct Dare {
   uint64_t seed;
   uint32_t stream;

@@ -1,7 +1,8 @@
 // Philox draws (common/philox.h) for runs of consecutive element indices on the CPU: the AVX2
 // build takes eight counters per register (32 draws), the baseline build one at a time. Both
-// give philox_draw's bits, so masks match every backend.
+// give the same bits as kernels/philox.py and transferops._philox, so masks match every backend.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 #ifdef __AVX2__
@@ -35,10 +36,20 @@ inline void philox8(__m256i& c0, __m256i& c1, __m256i& c2, __m256i& c3, uint32_t
 }
 #endif
 
-// out[l] = philox_draw(index + l, task, stream, seed) for l < n.
+// out[l] for l < n: the draws of element indices index + l, element i taking word i mod 4 of
+// Philox4x32-10 at counter (i div 4 as two 32-bit halves, task, stream), key seed.
 inline void philox_run(uint64_t index, uint32_t task, uint32_t stream, uint64_t seed, int64_t n, uint32_t* out) {
-  int64_t l = 0;
-  for (; l < n && ((index + uint64_t(l)) & 3); ++l) out[l] = philox_draw(index + uint64_t(l), task, stream, seed);
+  // One evaluation per counter, its words from element index + l on up to out[end).
+  const auto scalar = [&](int64_t l, int64_t end) {
+    while (l < end) {
+      const uint64_t q = (index + uint64_t(l)) >> 2;
+      uint32_t words[4];
+      philox4(uint32_t(q), uint32_t(q >> 32), task, stream, uint32_t(seed), uint32_t(seed >> 32), words);
+      for (uint64_t w = (index + uint64_t(l)) & 3; w < 4 && l < end; ++w) out[l++] = words[w];
+    }
+  };
+  int64_t l = std::min<int64_t>(n, (4 - int64_t(index & 3)) & 3);  // to the first whole counter
+  scalar(0, l);
 #ifdef __AVX2__
   const uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -62,12 +73,7 @@ inline void philox_run(uint64_t index, uint32_t task, uint32_t stream, uint64_t 
     _mm256_storeu_si256(o + 3, _mm256_permute2x128_si256(u2, u3, 0x31));
   }
 #endif
-  for (; l < n; l += 4) {  // whole counters where they fit, the last one's words in part
-    uint32_t words[4];
-    const uint64_t q = (index + uint64_t(l)) >> 2;
-    philox4(uint32_t(q), uint32_t(q >> 32), task, stream, uint32_t(seed), uint32_t(seed >> 32), words);
-    for (int w = 0; w < 4 && l + w < n; ++w) out[l + w] = words[w];
-  }
+  scalar(l, n);
 }
 
 }  // namespace TRANSFEROPS_ISA
