@@ -893,9 +893,9 @@ void solve_points(const Gemm& gm, PointProblem<T>& p, const SinkhornSettings& s,
   });
   // The column marginals c_j = b_j e^(G_j / eps) sum_i a_i e^((F_i - C_ij) / eps) from the last
   // column pass, which saw the final F (Lc: its log-sums); symmetric problems have P = P^T.
-  std::vector<double> cols(s.symmetric ? r : std::vector<double>(M));
-  for (int64_t j = 0; j < M && !s.symmetric; ++j) {
-    cols[j] = lb[j] == neg_inf() ? 0.0 : std::exp(lb[j] + G[j] / s.eps + Lc[j]);
+  std::vector<double> cols(M);
+  for (int64_t j = 0; j < M; ++j) {
+    cols[j] = s.symmetric ? r[j] : lb[j] == neg_inf() ? 0.0 : std::exp(lb[j] + G[j] / s.eps + Lc[j]);
   }
   double cost = 0.0;
   for (int64_t i = 0; i < N; ++i) cost += cost_rows[i];
