@@ -1008,14 +1008,17 @@ dtype: bfloat16
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_native_isas_agree_bit_for_bit(gen, dtype):
     """Every build of the kernels this CPU runs (baseline, AVX2, AVX-512) gives identical bits
-    (no FMA contraction, same order of operations)."""
+    (no FMA contraction, same order of operations), with four tasks (one sweep) and six (a
+    group of four and two single tasks)."""
     require_backend("native")
     native = native_module()
-    tvs = [_tied((37, 301), dtype, gen, "cpu", "strided") for _ in range(3)] + [randn((37, 301), dtype, gen)]
-    weights = [0.3, -0.7, 1.1, 0.9]
-    outs = outputs_per_isa(lambda: [fn(tvs, weights, backend="native") for fn in METHODS.values()])
+    tvs = [_tied((37, 301), dtype, gen, "cpu", "strided") for _ in range(4)] + [randn((37, 301), dtype, gen)
+                                                                                for _ in range(2)]
+    weights = [0.3, -0.7, 1.1, 0.9, 0.6, -0.2]
+    cases = [(tvs[2:], weights[2:]), (tvs, weights)]
+    outs = outputs_per_isa(lambda: [fn(t, w, backend="native") for t, w in cases for fn in METHODS.values()])
     for isa, got in outs.items():
-        for method, a, b in zip(METHODS, outs["base"], got):
+        for method, a, b in zip([m for _ in cases for m in METHODS], outs["base"], got):
             assert torch.equal(a, b), (isa, method)
     with pytest.raises(ValueError, match="isa: expected one of"):
         native.set_cpu_isa("sve")

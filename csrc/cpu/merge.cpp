@@ -23,6 +23,11 @@ namespace transferops::cpu {
 namespace TRANSFEROPS_ISA {
 namespace {
 
+// The fused pass's loops index stack arrays through lambdas' captures: unless every level is
+// inlined into the function that owns the arrays, GCC must assume that they alias the inputs,
+// and past ten pairs it stops checking at run time and leaves the loop scalar (10x slower).
+#define TRANSFEROPS_INLINE __attribute__((always_inline))
+
 // Calls f(std::true_type{}) or f(std::false_type{}): a runtime flag becomes a template one.
 template <class F>
 decltype(auto) with_flag(bool flag, F&& f) {
@@ -53,7 +58,7 @@ struct Blocks {
 constexpr int64_t kPrefetchBytes = 8192;
 
 template <class S, size_t N, class F>
-inline void prefetching(const S* const (&streams)[N], int64_t j0, int64_t j1, F&& body) {
+TRANSFEROPS_INLINE inline void prefetching(const S* const (&streams)[N], int64_t j0, int64_t j1, F&& body) {
   constexpr int64_t line = 64 / int64_t(sizeof(S)), chunk = 4 * line;
   for (int64_t c0 = j0; c0 < j1; c0 += chunk) {
     for (const S* s : streams) {
@@ -64,7 +69,7 @@ inline void prefetching(const S* const (&streams)[N], int64_t j0, int64_t j1, F&
   }
 }
 template <class S, class F>
-inline void prefetching(const S* stream, int64_t j0, int64_t j1, F&& body) {
+TRANSFEROPS_INLINE inline void prefetching(const S* stream, int64_t j0, int64_t j1, F&& body) {
   const S* one[1] = {stream};
   prefetching(one, j0, j1, body);
 }
@@ -429,22 +434,42 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
     alignas(64) A base_row[diff ? kBlock : 1];  // widened once, not once per task
     if constexpr (diff) widen_block(base->row<S>(r) + c0, n, base_row);
     const uint64_t index0 = uint64_t(d.offset + flat0);
-    alignas(64) A vote[kBlock], pos_sum[kBlock], neg_sum[kBlock];
-    alignas(64) Den pos_den[kBlock], neg_den[kBlock];
-    alignas(64) K top[kBlock];
-    for (int64_t j = 0; j < n; ++j) {
-      vote[j] = pos_sum[j] = neg_sum[j] = A(0);
-      pos_den[j] = neg_den[j] = Den(0);
-      top[j] = K(0);
-    }
-    // Tasks are taken up to four per sweep over the block: the accumulators are loaded and
-    // stored once per sweep, not per task (at eight tasks their traffic, not the inputs',
-    // bounded the pass). The additions keep task order, so results do not depend on grouping.
+    // Up to four tasks (`whole`, the common case) go in one sweep that keeps each entry's
+    // accumulators in registers: the votes first, then the sum over the elected side only.
+    // Zeroing, storing and reloading per-entry arrays had been 24 bytes of L1 traffic per element
+    // beside T = 2 bf16 models' 6 of input. More tasks go four per sweep (then one by one) over
+    // arrays of both sides' sums, loaded and stored once per sweep, not per task (at eight tasks
+    // their traffic, not the inputs', bounded the pass). Either way the additions keep task
+    // order, so results do not depend on grouping.
     // The block is swept in segments between the trims' cuts, inside each of which every task
     // keeps |v| in one [bound, drop): the cuts fall in one block per task in the tensor, and
     // per-element index compares and selects had cost a third of the loop's instructions.
-    auto sweep = [&](int t0, auto group, int j0, int j1) {
+    const bool whole = T <= 4;
+    alignas(64) A vote[kBlock], pos_sum[kBlock], neg_sum[kBlock];
+    alignas(64) Den pos_den[kBlock], neg_den[kBlock];
+    alignas(64) K top[kBlock];
+    if (!whole) {
+      for (int64_t j = 0; j < n; ++j) {
+        vote[j] = pos_sum[j] = neg_sum[j] = A(0);
+        pos_den[j] = neg_den[j] = Den(0);
+        top[j] = K(0);
+      }
+    }
+    // The block's results before rounding to S, which is a loop of its own: in the sweep, GCC
+    // 12 vectorized no bf16 rounding.
+    alignas(64) A merged[kBlock];
+    const A zero_vote = zero_elects_plus ? A(1) : A(-1);
+    auto elects_plus = [&](A vt) TRANSFEROPS_INLINE { return (vt == A(0) ? zero_vote : vt) > A(0); };
+    // Entry j from the elected side's sum and denominator (all tasks' sum without an election).
+    auto finish = [&](int64_t j, A sum, A den) TRANSFEROPS_INLINE {
+      A m = elect ? sum / (den == A(0) ? A(1) : den) : sum;
+      if constexpr (diff) m = lam * m + base_row[j];
+      return m;
+    };
+    int32_t bad = 0, signs = 0;  // per block: 32-bit counts vectorize without widening
+    auto sweep = [&](int t0, auto group, auto one_sweep, int j0, int j1) TRANSFEROPS_INLINE {
       constexpr int G = decltype(group)::value;
+      constexpr bool W = decltype(one_sweep)::value;
       const S* p[G];
       A wt[G], dw[G], bound[G], drop[G];
       for (int g = 0; g < G; ++g) {
@@ -465,37 +490,72 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
       }
       // Branch-free selects only, so GCC vectorizes this loop under -fno-trapping-math (check
       // with -fopt-info-vec).
-      prefetching(p, j0, j1, [&](int64_t c0, int64_t c1) {
+      prefetching(p, j0, j1, [&](int64_t c0, int64_t c1) TRANSFEROPS_INLINE {
+        int32_t chunk_bad = 0, chunk_signs = 0;  // local, so that their sums vectorize
         for (int64_t j = c0; j < c1; ++j) {
-          A vt = vote[j], ps = pos_sum[j], ns = neg_sum[j];
-          Den pd = pos_den[j], nd = neg_den[j];
-          K key = top[j];
-          for (int g = 0; g < G; ++g) {
+          K key = W ? K(0) : top[j];
+          A v[G], wv[G];
+          auto take = [&](int g) TRANSFEROPS_INLINE {  // task g's kept value, and the largest key
             const A raw = diff ? widen(p[g][j]) - base_row[j] : widen(p[g][j]);
             const A mag = std::abs(raw);
-            key = std::max(key, abs_key(raw));  // NaN and Inf have the largest keys
-            A v = kept_if(mag >= bound[g] && mag < drop[g], raw);
-            if constexpr (dare) v = kept_if(keep_all | (draw[g][j] < keep_below), v / rescale);
-            const A wv = wt[g] * v;
-            if constexpr (!elect) {
-              ps += wv;
-            } else {
-              const A s = wbefore ? wv : v;  // what votes
-              const bool pos = s > A(0), neg = s < A(0);
-              vt += rule == SignRule::sum ? s : kept_if(pos, A(1)) - kept_if(neg, A(1));
-              ps += kept_if(pos, wv);
-              ns += kept_if(neg, wv);
-              if constexpr (wbefore) {
-                pd += kept_if(pos, dw[g]);
-                nd += kept_if(neg, dw[g]);
+            key = std::max(key, abs_key(mag));  // NaN and Inf have the largest keys
+            v[g] = kept_if(mag >= bound[g] && mag < drop[g], raw);
+            if constexpr (dare) v[g] = kept_if(keep_all | (draw[g][j] < keep_below), v[g] / rescale);
+            wv[g] = wt[g] * v[g];
+          };
+          // What task g votes with, and its ballot under the sign rule.
+          auto said = [&](int g) TRANSFEROPS_INLINE { return wbefore ? wv[g] : v[g]; };
+          auto ballot = [&](int g) TRANSFEROPS_INLINE {
+            const A s = said(g);
+            return rule == SignRule::sum ? s : kept_if(s > A(0), A(1)) - kept_if(s < A(0), A(1));
+          };
+          if constexpr (!W) {
+            A vt = vote[j], ps = pos_sum[j], ns = neg_sum[j];
+            Den pd = pos_den[j], nd = neg_den[j];
+            for (int g = 0; g < G; ++g) {  // each task accumulated as it is read: fewer registers live
+              take(g);
+              if constexpr (!elect) {
+                ps += wv[g];
               } else {
-                pd += pos;
-                nd += neg;
+                const bool pos = said(g) > A(0), neg = said(g) < A(0);
+                vt += ballot(g);
+                ps += kept_if(pos, wv[g]);
+                ns += kept_if(neg, wv[g]);
+                if constexpr (wbefore) {
+                  pd += kept_if(pos, dw[g]);
+                  nd += kept_if(neg, dw[g]);
+                } else {
+                  pd += pos;
+                  nd += neg;
+                }
               }
             }
+            vote[j] = vt, pos_sum[j] = ps, neg_sum[j] = ns, pos_den[j] = pd, neg_den[j] = nd, top[j] = key;
+          } else {
+            for (int g = 0; g < G; ++g) take(g);
+            A sum = A(0);
+            Den den = Den(0);
+            if constexpr (!elect) {
+              for (int g = 0; g < G; ++g) sum += wv[g];
+            } else {
+              A vt = A(0);
+              for (int g = 0; g < G; ++g) vt += ballot(g);
+              chunk_signs += (vt > A(0)) - (vt < A(0));
+              const bool plus = elects_plus(vt);
+              for (int g = 0; g < G; ++g) {
+                // A select of floats: GCC 12 did not vectorize the loop with `plus ? pos : neg`.
+                const bool agree = (plus ? said(g) : -said(g)) > A(0);
+                sum += kept_if(agree, wv[g]);
+                if constexpr (wbefore) den += kept_if(agree, dw[g]);
+                else den += agree;
+              }
+            }
+            chunk_bad += key >= inf_key;
+            merged[j] = finish(j, sum, A(den));
           }
-          vote[j] = vt, pos_sum[j] = ps, neg_sum[j] = ns, pos_den[j] = pd, neg_den[j] = nd, top[j] = key;
         }
+        bad += chunk_bad;
+        signs += chunk_signs;
       });
     };
     for (int j0 = 0, j1; j0 < int(n); j0 = j1) {
@@ -505,33 +565,35 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
           if (at > j0 && at < j1) j1 = int(at);
         }
       }
-      int t0 = 0;
-      for (; t0 + 4 <= T; t0 += 4) sweep(t0, std::integral_constant<int, 4>{}, j0, j1);
-      if (T - t0 == 3) sweep(t0, std::integral_constant<int, 3>{}, j0, j1);
-      if (T - t0 == 2) sweep(t0, std::integral_constant<int, 2>{}, j0, j1);
-      if (T - t0 == 1) sweep(t0, std::integral_constant<int, 1>{}, j0, j1);
+      switch (whole ? T : 0) {
+        case 4: sweep(0, std::integral_constant<int, 4>{}, std::true_type{}, j0, j1); break;
+        case 3: sweep(0, std::integral_constant<int, 3>{}, std::true_type{}, j0, j1); break;
+        case 2: sweep(0, std::integral_constant<int, 2>{}, std::true_type{}, j0, j1); break;
+        case 1: sweep(0, std::integral_constant<int, 1>{}, std::true_type{}, j0, j1); break;
+        default: {
+          int t0 = 0;
+          for (; t0 + 4 <= T; t0 += 4) sweep(t0, std::integral_constant<int, 4>{}, std::false_type{}, j0, j1);
+          for (; t0 < T; ++t0) sweep(t0, std::integral_constant<int, 1>{}, std::false_type{}, j0, j1);
+        }
+      }
     }
-    // Separate simple loops, each of which vectorizes.
-    int32_t bad = 0, signs = 0;  // per block: 32-bit counts vectorize without widening
-    for (int64_t j = 0; j < n; ++j) bad += top[j] >= inf_key;
-    if constexpr (elect) {
-      for (int64_t j = 0; j < n; ++j) signs += (vote[j] > A(0)) - (vote[j] < A(0));
+    if (!whole) {  // separate simple loops, each of which vectorizes
+      for (int64_t j = 0; j < n; ++j) bad += top[j] >= inf_key;
+      if constexpr (elect) {
+        for (int64_t j = 0; j < n; ++j) signs += (vote[j] > A(0)) - (vote[j] < A(0));
+      }
+      if (store) {
+        for (int64_t j = 0; j < n; ++j) {
+          const bool plus = !elect || elects_plus(vote[j]);
+          merged[j] = finish(j, plus ? pos_sum[j] : neg_sum[j], plus ? A(pos_den[j]) : A(neg_den[j]));
+        }
+      }
     }
     nonfinite += bad;
     sign_sum += signs;
-    if (!store) continue;
-    S* o = out.row<S>(r) + c0;
-    const A zero_vote = zero_elects_plus ? A(1) : A(-1);
-    for (int64_t j = 0; j < n; ++j) {
-      A m = pos_sum[j];
-      if constexpr (elect) {
-        // One division, of the elected side.
-        const bool plus = (vote[j] == A(0) ? zero_vote : vote[j]) > A(0);
-        const A den = plus ? A(pos_den[j]) : A(neg_den[j]);
-        m = (plus ? pos_sum[j] : neg_sum[j]) / (den == A(0) ? A(1) : den);
-      }
-      if constexpr (diff) m = lam * m + base_row[j];
-      o[j] = narrow<S>(m);
+    if (store) {
+      S* o = out.row<S>(r) + c0;
+      for (int64_t j = 0; j < n; ++j) o[j] = narrow<S>(merged[j]);
     }
   }
   return {nonfinite, sign_sum};
