@@ -11,8 +11,8 @@ from transferops.merging import (MergeSpec, _NativeSelect, _abs_topks, _bracket,
                                  della, della_linear, fisher_average, _fnv1a32, _topk_keep, dare_linear, dare_ties,
                                  disjoint_merge, magnitude_prune, merge_op, _order_statistics, task_arithmetic, ties)
 
-from _kit import (DTYPES, assert_close, assert_matches_reference, guarded_empty, noncontiguous, outputs_per_isa,
-                  randn, require_backend)
+from _kit import (DTYPES, assert_close, assert_matches_reference, guarded_empty, native_isa, noncontiguous,
+                  outputs_per_isa, randn, require_backend)
 
 _ROOT = Path(__file__).resolve().parents[1]
 # shared/ lies beside the checkout (developers, CI) or inside it (runs on a lent GPU).
@@ -1003,6 +1003,22 @@ dtype: bfloat16
     want = merge(base, models, method="ties", density=0.3, weights=[0.7, 0.4], semantics="mergekit")
     got = _load_folder(tmp_path / "out")
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_native_float16_conversions_exact():
+    """Every finite float16, widened, scaled (into subnormals and past the largest float16) and
+    rounded back by each native build, equals torch's float32 arithmetic and rounding (the
+    float64 reference would round once, not twice)."""
+    require_backend("native")
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    x = every[torch.isfinite(every)].reshape(32, -1)
+    for isa in native_module().cpu_isas():
+        with native_isa(isa):
+            for w in (1.0, 0.5, 1e-3, 3.0, 7e3):
+                got = task_arithmetic([x], weights=[w], backend="native")
+                # The pass sums onto +0, which turns -0 into +0.
+                want = (torch.zeros(x.shape) + x.float() * torch.tensor(w, dtype=torch.float32)).half()
+                assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (isa, w)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

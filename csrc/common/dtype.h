@@ -25,15 +25,16 @@ inline uint32_t bits_from_f32(float f) { uint32_t u; std::memcpy(&u, &f, 4); ret
 inline float widen(float v) { return v; }
 inline double widen(double v) { return v; }
 inline float widen(bf16 v) { return f32_from_bits(uint32_t(v.bits) << 16); }
+// The f16 conversions are branch-free (each case computed, one selected) so that loops over
+// them vectorize: with branches, a fused merge pass over float16 models ran 17x slower than
+// over bfloat16 ones.
 inline float widen(f16 v) {
   const uint32_t sign = uint32_t(v.bits & 0x8000u) << 16;
-  const uint32_t exp = (v.bits >> 10) & 0x1fu;
-  const uint32_t mant = v.bits & 0x3ffu;
-  if (exp == 0) {  // zero or subnormal: mant * 2^-24 is exact in float
-    return f32_from_bits(bits_from_f32(std::ldexp(float(mant), -24)) | sign);
-  }
-  if (exp == 31) return f32_from_bits(sign | 0x7f800000u | (mant << 13));
-  return f32_from_bits(sign | ((exp + 112u) << 23) | (mant << 13));
+  const uint32_t mag = v.bits & 0x7fffu;
+  const uint32_t tiny = bits_from_f32(float(mag) * 0x1p-24f);  // zero or subnormal: exact
+  const uint32_t normal = (mag << 13) + (112u << 23);
+  const uint32_t special = 0x7f800000u | ((mag & 0x3ffu) << 13);  // Inf or NaN, payload kept
+  return f32_from_bits(sign | (mag < 0x400u ? tiny : mag >= 0x7c00u ? special : normal));
 }
 
 template <class S> S narrow(acc_t<S> v);
@@ -48,18 +49,12 @@ template <> inline f16 narrow<f16>(float v) {
   uint32_t x = bits_from_f32(v);
   const uint32_t sign = x & 0x80000000u;
   x ^= sign;
-  uint16_t o;
-  if (x >= 0x47800000u) {  // |v| >= 65536, Inf or NaN
-    o = x > 0x7f800000u ? 0x7e00u : 0x7c00u;
-  } else if (x < 0x38800000u) {  // below 2^-14: let a float add do the subnormal rounding
-    const uint32_t magic = (127u - 15u + 23u - 10u + 1u) << 23;
-    o = uint16_t(bits_from_f32(f32_from_bits(x) + f32_from_bits(magic)) - magic);
-  } else {
-    const uint32_t odd = (x >> 13) & 1u;
-    x -= 112u << 23;
-    x += 0xfffu + odd;
-    o = uint16_t(x >> 13);
-  }
+  // Below 2^-14 a float add does the subnormal rounding; else round the mantissa to nearest even.
+  const uint32_t magic = (127u - 15u + 23u - 10u + 1u) << 23;
+  const uint32_t tiny = bits_from_f32(f32_from_bits(x) + f32_from_bits(magic)) - magic;
+  const uint32_t normal = (x - (112u << 23) + 0xfffu + ((x >> 13) & 1u)) >> 13;
+  const uint32_t huge = x > 0x7f800000u ? 0x7e00u : 0x7c00u;  // |v| >= 65536: NaN or Inf
+  const uint32_t o = x >= 0x47800000u ? huge : x < 0x38800000u ? tiny : normal;
   return f16{uint16_t(o | (sign >> 16))};
 }
 
