@@ -455,8 +455,8 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
         top[j] = K(0);
       }
     }
-    // The block's results before rounding to S, which is a loop of its own: in the sweep, GCC
-    // 12 vectorized no bf16 rounding.
+    // The block's results in the accumulation type: one loop after either way of sweeping
+    // rounds them to S and stores them (none in a counting pass).
     alignas(64) A merged[kBlock];
     const A zero_vote = zero_elects_plus ? A(1) : A(-1);
     auto elects_plus = [&](A vt) TRANSFEROPS_INLINE { return (vt == A(0) ? zero_vote : vt) > A(0); };
