@@ -338,21 +338,27 @@ def test_bracketed_select_agrees_with_the_radix(gen, kind, chunked):
     assert _Misled.radix_passes > 0
 
 
-@pytest.mark.parametrize("kind", ["normal", "bf16_models"])
-def test_bracket_pass_agrees_across_isas(gen, kind):
-    """Every native build's bracket pass (AVX-512 lists the in-range positions by compression,
-    the others by scanning the flags) counts, keeps and bins the same keys: listed brackets on
-    fine data, marked ones on heavily tied data, rows with a short last block. Whether a sample
-    marks its bracket is random (about 1 bf16 draw in 20 does not): bf16 inputs are drawn
-    until one does."""
+@pytest.mark.parametrize("kind, dtype", [("normal", torch.float32), ("normal", torch.float64),
+                                         ("normal", torch.bfloat16), ("normal", torch.float16),
+                                         ("bf16_models", torch.bfloat16), ("bf16_models", torch.float16)])
+def test_bracket_pass_agrees_across_isas(gen, kind, dtype):
+    """Every native build's bracket pass (AVX-512 counts and compresses 32-bit keys with compare
+    masks, the others and 64-bit keys scan flags) counts, keeps and bins the same keys: listed
+    brackets on fine data, marked ones on heavily tied data (models in 16-bit floats), rows with
+    a short last block, keys of 16 (task vectors in 16-bit floats), 32 and 64 bits. Whether a
+    sample marks its bracket is random (about 1 bf16 draw in 20 does not): tied inputs are
+    drawn until one does."""
     require_backend("native")
+    nbits = 63 if dtype == torch.float64 else 15 if dtype.itemsize == 2 and kind == "normal" else 31
     for _ in range(20):
         tasks, base = _select_inputs(kind, gen)
+        tasks = [t.to(dtype) for t in tasks]
+        base = None if base is None else base.to(dtype)
         bufs = [native_buffer(t) for t in tasks]
         base_buf = None if base is None else native_buffer(base)
         n = tasks[0].numel()
         keys = _NativeSelect.sample(bufs, base_buf, 1024, 0)
-        lo, hi, marks, _ = zip(*(_bracket(keys[t], 0.2, n, 31) for t in range(len(tasks))))
+        lo, hi, marks, _ = zip(*(_bracket(keys[t], 0.2, n, nbits) for t in range(len(tasks))))
         if any(marks) or kind != "bf16_models":
             break
     assert any(marks) == (kind == "bf16_models")

@@ -274,32 +274,69 @@ void sample_keys(const std::vector<View2D>& tasks, const View2D* base, int64_t r
   }
 }
 
-// The positions j < n of the set flags, ascending, written to `at` (room for n + 16); returns
-// their count. `flags` is zero from n to the next multiple of 64. Keys in a bracket are 1-2% of
-// all, at random places, so a branch per group of flags mispredicts about once per key: 40 of
-// the 100 ms of a bf16 bracket pass over 8 tasks of 45M parameters. AVX-512 compresses each 16
-// flags' positions without a branch (that pass: 95-103 -> 68-92 ms, alternated runs).
+// The positions j < n of the set flags, ascending, written to `at` (room for n); returns their
+// count. `flags` is zero from n to the next multiple of 8.
 inline int64_t flagged(const uint8_t* flags, int64_t n, uint32_t* at) {
   int64_t count = 0;
-#ifdef __AVX512BW__
-  __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int64_t j0 = 0; j0 < n; j0 += 64) {
-    const __m512i v = _mm512_loadu_si512(flags + j0);
-    const __mmask64 set = _mm512_test_epi8_mask(v, v);
-    for (int q = 0; q < 4; ++q, lanes = _mm512_add_epi32(lanes, _mm512_set1_epi32(16))) {
-      const __mmask16 part = __mmask16(set >> (16 * q));
-      _mm512_storeu_si512(at + count, _mm512_maskz_compress_epi32(part, lanes));
-      count += __builtin_popcount(part);
-    }
-  }
-#else
   for (int64_t j0 = 0; j0 < n; j0 += 8) {
     uint64_t word;
     std::memcpy(&word, flags + j0, 8);
     for (; word; word &= word - 1) at[count++] = uint32_t(j0 + __builtin_ctzll(word) / 8);
   }
-#endif
   return count;
+}
+
+// One task's block: adds the count of keys above `top` to `over` and writes the positions of
+// the keys in [bottom, top] to `at` (room for n + 16), ascending; returns their count. Keys in
+// a bracket are 1-2% of all, at random places, so a branch per key or per group of keys
+// mispredicts about once per key (40 of the 100 ms of a bf16 bracket pass over 8 tasks of 45M
+// parameters). Portably, a vectorized loop sets a flag per key and a scan lists the set ones
+// (`flags`: room for n rounded up to 64). With AVX-512 and keys of 32 bits or fewer, each 16
+// keys' compare masks count them and compress their positions, in one loop without a branch.
+template <class S, bool diff, class K>
+TRANSFEROPS_INLINE inline int64_t locate(const ItemKeys<S, diff>& key, const S* p, int64_t n, K bottom, K top,
+                                         int64_t& over, uint8_t* flags, uint32_t* at) {
+#ifdef __AVX512BW__
+  if constexpr (sizeof(K) <= 4) {
+    const __m512i low = _mm512_set1_epi32(int(bottom)), high = _mm512_set1_epi32(int(top));
+    const __m512i sixteen = _mm512_set1_epi32(16), minus_one = _mm512_set1_epi32(-1);
+    __m512i above = _mm512_setzero_si512();
+    __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int64_t hits = 0;
+    const int64_t whole = n / 16 * 16;
+    alignas(64) uint32_t keys[4 * 64];  // one chunk of prefetching()
+    prefetching(p, 0, whole, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) keys[j - j0] = key(p, j);  // vectorizes
+      for (int64_t j = j0; j < j1; j += 16) {
+        const __m512i k = _mm512_load_si512(keys + (j - j0));
+        above = _mm512_mask_sub_epi32(above, _mm512_cmpgt_epu32_mask(k, high), above, minus_one);
+        const __mmask16 in = _mm512_mask_cmple_epu32_mask(_mm512_cmpge_epu32_mask(k, low), k, high);
+        _mm512_storeu_si512(at + hits, _mm512_maskz_compress_epi32(in, lanes));
+        hits += __builtin_popcount(in);
+        lanes = _mm512_add_epi32(lanes, sixteen);
+      }
+    });
+    over += _mm512_reduce_add_epi32(above);
+    for (int64_t j = whole; j < n; ++j) {
+      const K k = key(p, j);
+      over += k > top;
+      if (k >= bottom && k <= top) at[hits++] = uint32_t(j);
+    }
+    return hits;
+  }
+#endif
+  const K range = K(top - bottom);
+  int32_t count = 0;
+  prefetching(p, 0, n, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {  // vectorizes
+      const K k = key(p, j);
+      count += k > top;
+      flags[j] = K(k - bottom) <= range;
+    }
+  });
+  over += count;
+  std::fill(flags + n, flags + (n + 63) / 64 * 64, uint8_t(0));
+  return flagged(flags, n, at);
 }
 
 template <class S, bool diff>
@@ -333,7 +370,7 @@ BracketResult bracket_typed(const std::vector<View2D>& tasks, const View2D* base
       if (marks[t].empty()) kept_keys[t].reserve(size_t(capacity)), kept_at[t].reserve(size_t(capacity));
     }
     ItemKeys<S, diff> key;
-    alignas(64) uint8_t in_range[kSelectBlock + 64] = {};  // zero past a short block's end
+    alignas(64) uint8_t in_range[kSelectBlock + 64];
     alignas(64) uint32_t at[kSelectBlock + 16];
 #pragma omp for schedule(static) nowait
     for (int64_t item = 0; item < b.count(); ++item) {
@@ -341,18 +378,7 @@ BracketResult bracket_typed(const std::vector<View2D>& tasks, const View2D* base
       key.load_base(base, r, c, n);
       for (int t = 0; t < T; ++t) {
         const S* p = tasks[t].row<S>(r) + c;
-        const K top = K(hi[t]), bottom = K(lo[t]), range = K(hi[t] - lo[t]);
-        int32_t over = 0;
-        prefetching(p, 0, n, [&](int64_t j0, int64_t j1) {
-          for (int64_t j = j0; j < j1; ++j) {  // vectorizes
-            const K k = key(p, j);
-            over += k > top;
-            in_range[j] = K(k - bottom) <= range;
-          }
-        });
-        std::fill(in_range + n, in_range + (n + 63) / 64 * 64, uint8_t(0));
-        above[t] += over;
-        const int64_t hits = flagged(in_range, n, at);
+        const int64_t hits = locate(key, p, n, K(lo[t]), K(hi[t]), above[t], in_range, at);
         inside[t] += hits;
         for (int64_t i = 0; i < hits; ++i) {
           const int64_t j = at[i];
