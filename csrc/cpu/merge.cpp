@@ -426,6 +426,17 @@ inline A kept_if(bool c, A x) {
   return x;
 }
 
+// n + 1 where c holds. AVX-512 adds under a mask in one instruction (the fused pass over eight
+// bf16 tasks in cache: 10% faster than adding the 0 or 1); AVX2 adds the 0 or 1 faster (by 8%).
+template <class I>
+TRANSFEROPS_INLINE inline I counted_if(bool c, I n) {
+#ifdef __AVX512F__
+  return c ? n + 1 : n;
+#else
+  return n + c;
+#endif
+}
+
 template <class S, SignRule rule, bool elect, bool wbefore, bool dare, bool diff>
 MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, const View2D& out,
                         const double* weights, const Trim* trims, const Dare* dr, MergeSpec spec) {
@@ -551,8 +562,8 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
                   pd += kept_if(pos, dw[g]);
                   nd += kept_if(neg, dw[g]);
                 } else {
-                  pd += pos;
-                  nd += neg;
+                  pd = counted_if(pos, pd);
+                  nd = counted_if(neg, nd);
                 }
               }
             }
@@ -573,7 +584,7 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
                 const bool agree = (plus ? said(g) : -said(g)) > A(0);
                 sum += kept_if(agree, wv[g]);
                 if constexpr (wbefore) den += kept_if(agree, dw[g]);
-                else den += agree;
+                else den = counted_if(agree, den);
               }
             }
             chunk_bad += key >= inf_key;
