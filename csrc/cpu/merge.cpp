@@ -291,7 +291,7 @@ inline int64_t flagged(const uint8_t* flags, int64_t n, uint32_t* at) {
 // a bracket are 1-2% of all, at random places, so a branch per key or per group of keys
 // mispredicts about once per key (40 of the 100 ms of a bf16 bracket pass over 8 tasks of 45M
 // parameters). Portably, a vectorized loop sets a flag per key and a scan lists the set ones
-// (`flags`: room for n rounded up to 64). With AVX-512 and keys of 32 bits or fewer, each 16
+// (`flags`: room for n rounded up to 8). With AVX-512 and keys of 32 bits or fewer, each 16
 // keys' compare masks count them and compress their positions, in one loop without a branch.
 template <class S, bool diff, class K>
 TRANSFEROPS_INLINE inline int64_t locate(const ItemKeys<S, diff>& key, const S* p, int64_t n, K bottom, K top,
@@ -335,7 +335,7 @@ TRANSFEROPS_INLINE inline int64_t locate(const ItemKeys<S, diff>& key, const S* 
     }
   });
   over += count;
-  std::fill(flags + n, flags + (n + 63) / 64 * 64, uint8_t(0));
+  std::fill(flags + n, flags + (n + 7) / 8 * 8, uint8_t(0));
   return flagged(flags, n, at);
 }
 
@@ -370,7 +370,7 @@ BracketResult bracket_typed(const std::vector<View2D>& tasks, const View2D* base
       if (marks[t].empty()) kept_keys[t].reserve(size_t(capacity)), kept_at[t].reserve(size_t(capacity));
     }
     ItemKeys<S, diff> key;
-    alignas(64) uint8_t in_range[kSelectBlock + 64];
+    alignas(64) uint8_t in_range[kSelectBlock + 8];
     alignas(64) uint32_t at[kSelectBlock + 16];
 #pragma omp for schedule(static) nowait
     for (int64_t item = 0; item < b.count(); ++item) {
