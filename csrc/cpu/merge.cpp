@@ -531,46 +531,88 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
         int32_t chunk_bad = 0, chunk_signs = 0;  // local, so that their sums vectorize
         int64_t j = c0;
 #ifdef __AVX512F__
-        // PEFT's TIES over float32 or bf16 tasks in groups (more than four): written with
-        // intrinsics, where GCC's code for the loop below took 27 instructions per task and 16
-        // entries (two loads of each bf16 vector, |x| twice, v > 0 compared twice, a multiply
-        // under a mask then an addition for each side's sum). Here the additions themselves are
-        // masked. The same results bit for bit: each sum starts at +0, so it never holds -0, and
-        // adding the +0 of an entry not kept or not agreeing changes nothing else. Unaligned
-        // accesses: a segment starts at a trim's cut.
-        constexpr bool masked = !W && elect && rule == SignRule::sum && !wbefore && !dare &&
+        // PEFT's TIES over float32 or bf16 tasks, written with intrinsics: GCC's code for the
+        // loop below took 27 instructions per task and 16 entries in groups (two loads of each
+        // bf16 vector, |x| twice, v > 0 compared twice, a multiply under a mask then an addition
+        // for each side's sum). Here the additions themselves are masked. The same results bit
+        // for bit: each sum starts at +0, so it never holds -0, and adding the +0 of an entry not
+        // kept or not agreeing changes nothing else. Unaligned accesses: a segment starts at a
+        // trim's cut.
+        constexpr bool masked = elect && rule == SignRule::sum && !wbefore && !dare &&
                                 (std::is_same_v<S, float> || std::is_same_v<S, bf16>);
         if constexpr (masked) {
           const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff)), zero = _mm512_setzero_ps();
           const __m512i minus_one = _mm512_set1_epi32(-1);
-          for (; j + 16 <= c1; j += 16) {
-            __m512 vt = _mm512_loadu_ps(vote + j), ps = _mm512_loadu_ps(pos_sum + j), ns = _mm512_loadu_ps(neg_sum + j);
-            __m512i pd = _mm512_loadu_si512(pos_den + j), nd = _mm512_loadu_si512(neg_den + j);
-            __m512i key = _mm512_loadu_si512(top + j);
-            for (int g = 0; g < G; ++g) {
-              __m512 raw;
-              if constexpr (std::is_same_v<S, float>) {
-                raw = _mm512_loadu_ps(p[g] + j);
-              } else {
-                const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[g] + j));
-                raw = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-              }
-              if constexpr (diff) raw = _mm512_sub_ps(raw, _mm512_loadu_ps(base_row + j));
-              const __m512 mag = _mm512_and_ps(raw, sign_off);
-              key = _mm512_max_epu32(key, _mm512_castps_si512(mag));
-              const __mmask16 kept = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(mag, _mm512_set1_ps(bound[g]), _CMP_GE_OQ),
-                                                             mag, _mm512_set1_ps(drop[g]), _CMP_LT_OQ);
-              const __mmask16 pos = _mm512_mask_cmp_ps_mask(kept, raw, zero, _CMP_GT_OQ);
-              const __mmask16 neg = _mm512_mask_cmp_ps_mask(kept, raw, zero, _CMP_LT_OQ);
-              const __m512 wv = _mm512_mul_ps(_mm512_set1_ps(wt[g]), raw);
-              vt = _mm512_mask_add_ps(vt, kept, vt, raw);
-              ps = _mm512_mask_add_ps(ps, pos, ps, wv);
-              ns = _mm512_mask_add_ps(ns, neg, ns, wv);
-              pd = _mm512_mask_sub_epi32(pd, pos, pd, minus_one);
-              nd = _mm512_mask_sub_epi32(nd, neg, nd, minus_one);
+          auto tau = [&](int g) TRANSFEROPS_INLINE {  // task g's 16 values from j
+            __m512 raw;
+            if constexpr (std::is_same_v<S, float>) {
+              raw = _mm512_loadu_ps(p[g] + j);
+            } else {
+              const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[g] + j));
+              raw = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
             }
-            _mm512_storeu_ps(vote + j, vt), _mm512_storeu_ps(pos_sum + j, ps), _mm512_storeu_ps(neg_sum + j, ns);
-            _mm512_storeu_si512(pos_den + j, pd), _mm512_storeu_si512(neg_den + j, nd), _mm512_storeu_si512(top + j, key);
+            if constexpr (diff) raw = _mm512_sub_ps(raw, _mm512_loadu_ps(base_row + j));
+            return raw;
+          };
+          auto kept = [&](int g, __m512 mag) TRANSFEROPS_INLINE {
+            return _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(mag, _mm512_set1_ps(bound[g]), _CMP_GE_OQ), mag,
+                                           _mm512_set1_ps(drop[g]), _CMP_LT_OQ);
+          };
+          if constexpr (!W) {
+            for (; j + 16 <= c1; j += 16) {
+              __m512 vt = _mm512_loadu_ps(vote + j), ps = _mm512_loadu_ps(pos_sum + j), ns = _mm512_loadu_ps(neg_sum + j);
+              __m512i pd = _mm512_loadu_si512(pos_den + j), nd = _mm512_loadu_si512(neg_den + j);
+              __m512i key = _mm512_loadu_si512(top + j);
+              for (int g = 0; g < G; ++g) {
+                const __m512 raw = tau(g), mag = _mm512_and_ps(raw, sign_off);
+                key = _mm512_max_epu32(key, _mm512_castps_si512(mag));
+                const __mmask16 in = kept(g, mag);
+                const __mmask16 pos = _mm512_mask_cmp_ps_mask(in, raw, zero, _CMP_GT_OQ);
+                const __mmask16 neg = _mm512_mask_cmp_ps_mask(in, raw, zero, _CMP_LT_OQ);
+                const __m512 wv = _mm512_mul_ps(_mm512_set1_ps(wt[g]), raw);
+                vt = _mm512_mask_add_ps(vt, in, vt, raw);
+                ps = _mm512_mask_add_ps(ps, pos, ps, wv);
+                ns = _mm512_mask_add_ps(ns, neg, ns, wv);
+                pd = _mm512_mask_sub_epi32(pd, pos, pd, minus_one);
+                nd = _mm512_mask_sub_epi32(nd, neg, nd, minus_one);
+              }
+              _mm512_storeu_ps(vote + j, vt), _mm512_storeu_ps(pos_sum + j, ps), _mm512_storeu_ps(neg_sum + j, ns);
+              _mm512_storeu_si512(pos_den + j, pd), _mm512_storeu_si512(neg_den + j, nd), _mm512_storeu_si512(top + j, key);
+            }
+          } else {
+            // One sweep: the kept values stay in registers (+0 where not kept) between the vote
+            // and the sum; a task agrees where its value, with its sign flipped under a minus
+            // election, is above 0.
+            const __m512 sign_bit = _mm512_castsi512_ps(_mm512_set1_epi32(int32_t(0x80000000u)));
+            const __m512i inf_keys = _mm512_set1_epi32(int32_t(inf_key));
+            for (; j + 16 <= c1; j += 16) {
+              __m512 v[G];
+              __m512 vt = zero;
+              __m512i key = _mm512_setzero_si512();
+              for (int g = 0; g < G; ++g) {
+                const __m512 raw = tau(g), mag = _mm512_and_ps(raw, sign_off);
+                key = _mm512_max_epu32(key, _mm512_castps_si512(mag));
+                v[g] = _mm512_maskz_mov_ps(kept(g, mag), raw);
+                vt = _mm512_add_ps(vt, v[g]);
+              }
+              const __mmask16 up = _mm512_cmp_ps_mask(vt, zero, _CMP_GT_OQ), down = _mm512_cmp_ps_mask(vt, zero, _CMP_LT_OQ);
+              chunk_signs += __builtin_popcount(up) - __builtin_popcount(down);
+              chunk_bad += __builtin_popcount(_mm512_cmp_epu32_mask(key, inf_keys, _MM_CMPINT_NLT));
+              const __mmask16 plus = zero_elects_plus ? __mmask16(up | _mm512_cmp_ps_mask(vt, zero, _CMP_EQ_OQ)) : up;
+              const __m512 flip = _mm512_maskz_mov_ps(__mmask16(~plus), sign_bit);
+              __m512 sum = zero;
+              __m512i den = _mm512_setzero_si512();
+              for (int g = 0; g < G; ++g) {
+                const __mmask16 agree = _mm512_cmp_ps_mask(_mm512_xor_ps(v[g], flip), zero, _CMP_GT_OQ);
+                sum = _mm512_mask_add_ps(sum, agree, sum, _mm512_mul_ps(_mm512_set1_ps(wt[g]), v[g]));
+                den = _mm512_mask_sub_epi32(den, agree, den, minus_one);
+              }
+              const __m512 by = _mm512_mask_blend_ps(_mm512_test_epi32_mask(den, den), _mm512_set1_ps(1.0f),
+                                                     _mm512_cvtepi32_ps(den));
+              __m512 m = _mm512_div_ps(sum, by);
+              if constexpr (diff) m = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(lam), m), _mm512_loadu_ps(base_row + j));
+              _mm512_storeu_ps(merged + j, m);
+            }
           }
         }
 #endif
