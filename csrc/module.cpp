@@ -229,6 +229,29 @@ py::array_t<uint64_t> abs_sample_keys(const std::vector<py::buffer>& tasks, cons
   return keys;
 }
 
+uint64_t abs_order_statistic(const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& keys, int64_t i) {
+  if (keys.ndim() != 1) throw std::invalid_argument("abs_order_statistic: keys: expected a 1-D array");
+  py::gil_scoped_release release;
+  return cpu::abs_order_statistic(keys.data(), keys.shape(0), i);
+}
+
+// Per task (lo, hi, marks, expected) from a sample's keys [T, runs, run length].
+py::list abs_sample_brackets(const py::array_t<uint64_t, py::array::c_style | py::array::forcecast>& keys, double q,
+                             int64_t numel, int nbits, int max_marks) {
+  if (keys.ndim() != 3 || keys.shape(2) != cpu::kSampleRun) {
+    throw std::invalid_argument("abs_sample_brackets: keys: expected [tasks, runs, " + std::to_string(cpu::kSampleRun) +
+                                "] uint64");
+  }
+  std::vector<cpu::SampleBracket> found;
+  {
+    py::gil_scoped_release release;
+    found = cpu::abs_sample_brackets(keys.data(), keys.shape(0), keys.shape(1), q, numel, nbits, max_marks);
+  }
+  py::list out;
+  for (const auto& b : found) out.append(py::make_tuple(b.lo, b.hi, b.marks, b.expected));
+  return out;
+}
+
 // Per task (above, inside, keys, positions, counts): arrays, empty where the mode keeps none.
 py::list abs_bracket(const std::vector<py::buffer>& tasks, const std::optional<py::buffer>& base,
                      const std::vector<uint64_t>& lo, const std::vector<uint64_t>& hi,
@@ -615,6 +638,12 @@ PYBIND11_MODULE(_native, m) {
   m.def("abs_equal_cut", &abs_equal_cut, py::arg("tensor"), py::arg("base"), py::arg("key"), py::arg("rank"));
   m.def("abs_sample_keys", &abs_sample_keys, py::arg("tasks"), py::arg("base"), py::arg("runs"), py::arg("seed"),
         "keys of |x| at runs of consecutive elements spread over the views: [T, runs, run length]");
+  m.def("abs_order_statistic", &abs_order_statistic, py::arg("keys"), py::arg("i"),
+        "the key at position i of keys (non-negative integers) sorted ascending");
+  m.def("abs_sample_brackets", &abs_sample_brackets, py::arg("keys"), py::arg("q"), py::arg("numel"), py::arg("nbits"),
+        py::arg("max_marks"),
+        "per task of a sample's keys [T, runs, run length]: (lo, hi, marks, expected keys inside) bracketing "
+        "the top fraction q of numel keys");
   m.def("abs_bracket", &abs_bracket, py::arg("tasks"), py::arg("base"), py::arg("lo"), py::arg("hi"), py::arg("marks"),
         py::arg("capacity"),
         "Bracketed-select pass: per task (keys above hi, keys in [lo, hi], their keys and flat positions "

@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import numpy as np
@@ -7,9 +8,9 @@ import torch
 from transferops import BackendUnavailable, available_backends, use_backend
 from transferops._backend import native_buffer, native_module
 from transferops._philox import draws, philox4
-from transferops.merging import (MergeSpec, _NativeSelect, _abs_topks, _bracket, _dare_keep, _della_keep_probability, breadcrumbs, breadcrumbs_ties,
+from transferops.merging import (MergeSpec, _MARKS, _NativeSelect, _abs_topks, _dare_keep, _della_keep_probability, breadcrumbs, breadcrumbs_ties,
                                  della, della_linear, fisher_average, _fnv1a32, _topk_keep, dare_linear, dare_ties,
-                                 disjoint_merge, magnitude_prune, merge_op, _order_statistics, task_arithmetic, ties)
+                                 disjoint_merge, magnitude_prune, merge_op, task_arithmetic, ties)
 
 from _kit import (DTYPES, assert_close, assert_matches_reference, guarded_empty, native_isa, noncontiguous,
                   outputs_per_isa, randn, require_backend)
@@ -358,7 +359,7 @@ def test_bracket_pass_agrees_across_isas(gen, kind, dtype):
         base_buf = None if base is None else native_buffer(base)
         n = tasks[0].numel()
         keys = _NativeSelect.sample(bufs, base_buf, 1024, 0)
-        lo, hi, marks, _ = zip(*(_bracket(keys[t], 0.2, n, nbits) for t in range(len(tasks))))
+        lo, hi, marks, _ = zip(*_NativeSelect.brackets(keys, 0.2, n, nbits))
         if any(marks) or kind != "bf16_models":
             break
     assert any(marks) == (kind == "bf16_models")
@@ -372,9 +373,10 @@ def test_bracket_pass_agrees_across_isas(gen, kind, dtype):
             assert np.array_equal(c0, c1), (isa, t)
 
 
-def test_order_statistics_equal_a_sort(gen):
+def test_order_statistic_equals_a_sort(gen):
     """The histogram select behind the bracket returns what a sorted array holds at each
     position: wide and narrow ranges, heavy ties, one value, int64 positions and 63-bit keys."""
+    require_backend("native")
     rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
     cases = [rng.integers(0, 2**31, 70_000, dtype=np.int64).astype(np.uint64),
              rng.integers(2**40, 2**40 + 900, 5000, dtype=np.int64).astype(np.uint64),
@@ -382,15 +384,67 @@ def test_order_statistics_equal_a_sort(gen):
              np.full(17, 5, np.uint64),
              rng.integers(0, 2**40, 3001, dtype=np.int64),
              np.abs(rng.standard_normal(4000)).view(np.uint64)]
+    select = native_module().abs_order_statistic
     for keys in cases:
-        at, ordered = _order_statistics(keys), np.sort(keys)
+        ordered = np.sort(keys)
         for i in {0, keys.size - 1, *rng.integers(0, keys.size, 20).tolist()}:
-            assert at(int(i)) == int(ordered[i]), (keys.dtype, keys.size, i)
+            assert select(keys, int(i)) == int(ordered[i]), (keys.dtype, keys.size, i)
+    with pytest.raises(ValueError, match=r"position i must lie in \[0, keys\)"):
+        select(cases[0], cases[0].size)
+
+
+def _sorted_bracket(runs: np.ndarray, q: float, numel: int, nbits: int):
+    """The sample's bracket, from the keys sorted: what the native histogram select must give."""
+    ordered = np.sort(runs.ravel())
+    s = ordered.size
+    guess = ordered[s - 1 - min(int(q * s), s - 1)]
+    spread = (runs >= guess).mean(axis=1).std() / math.sqrt(runs.shape[0])
+    margin = 4 * max(spread, math.sqrt(q * (1 - q) / s)) + 4 / s
+    top, bottom = math.floor((q - margin) * s), math.ceil((q + margin) * s)
+    hi = int(ordered[s - 1 - top]) if top >= 0 else (1 << nbits) - 1
+    lo = int(ordered[s - 1 - bottom]) if bottom < s else 0
+    seen, count = np.unique(ordered[(ordered >= lo) & (ordered <= hi)], return_counts=True)
+    expected = count.sum() / s * numel
+    heaviest = [int(key) for _, key in sorted(zip(count.tolist(), seen.tolist()), reverse=True)[:_MARKS - 2]]
+    marked = expected > 1 << 16 and 4 * count.max() >= count.sum()
+    return lo, hi, sorted({lo, hi, *heaviest}) if marked else [], expected
+
+
+def test_sample_brackets_equal_those_of_the_sorted_sample(gen):
+    """The native bracket from a sample (a histogram select over the keys' range, then one
+    digit sorted) equals the one read off the sorted keys: wide and narrow ranges (digits of
+    one key), 63-bit keys, heavy ties (marked), one value, quantiles whose bracket runs past
+    either end of the sample."""
+    require_backend("native")
+    rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
+    normal = np.abs(rng.standard_normal(4096 * 16)).astype(np.float32).view(np.uint32).astype(np.uint64)
+    cases = [(normal, 0.2, 31), (normal, 0.9999, 31), (normal, 1e-5, 31),
+             (rng.integers(0, 2**31, 1000 * 16), 0.3, 31),
+             (rng.integers(2**40, 2**40 + 900, 300 * 16), 0.5, 63),
+             (rng.integers(0, 2**15, 2048 * 16), 0.2, 15),
+             (np.abs(rng.standard_normal(700 * 16)).view(np.uint64) & (2**63 - 1), 0.1, 63),
+             (rng.choice(rng.integers(0, 2**30, 40), 4096 * 16), 0.2, 31),
+             (np.full(16 * 16, 5), 0.5, 31)]
+    for keys, q, nbits in cases:
+        runs = keys.astype(np.uint64).reshape(2, -1, 16)
+        numel = 10**9
+        for t, (lo, hi, marks, expected) in enumerate(_NativeSelect.brackets(runs, q, numel, nbits)):
+            want = _sorted_bracket(runs[t], q, numel, nbits)
+            assert (lo, hi, marks) == want[:3], (keys.size, q, nbits, t)
+            assert expected == pytest.approx(want[3], rel=1e-12)
+    assert any(_NativeSelect.brackets(np.asarray(rng.choice([3, 9], 4096 * 16)).astype(np.uint64).reshape(1, -1, 16),
+                                      0.2, 10**9, 31)[0][2])  # heavy ties: marked
 
 
 def test_bracketed_select_steps_reject_bad_arguments():
     require_backend("native")
     m = native_module()
+    with pytest.raises(ValueError, match=r"keys: expected \[tasks, runs, 16\] uint64"):
+        m.abs_sample_brackets(np.zeros((2, 16), np.uint64), 0.2, 100, 31, 16)
+    with pytest.raises(ValueError, match="keys must hold >= 1 task and run"):
+        m.abs_sample_brackets(np.zeros((2, 0, 16), np.uint64), 0.2, 100, 31, 16)
+    with pytest.raises(ValueError, match=r"q must lie in \(0, 1\)"):
+        m.abs_sample_brackets(np.zeros((2, 4, 16), np.uint64), 1.0, 100, 31, 16)
     x = [native_buffer(torch.ones(1, 64))]
     with pytest.raises(ValueError, match="runs must be >= 1 and fit the view"):
         m.abs_sample_keys(x, None, 5, 0)

@@ -42,6 +42,23 @@ constexpr int64_t kSampleRun = 16;
 constexpr int64_t kSelectBlock = 4096;
 void abs_sample_keys(const std::vector<View2D>& tasks, const View2D* base, int64_t runs, uint64_t seed,
                      uint64_t* out);
+// From such a sample (`keys`: [T][runs * kSampleRun]), per task the bracket [lo, hi] around
+// the top fraction q of its keys: the sample's position of that quantile, four standard errors
+// of it either side (the larger of the binomial one and the spread between runs, which are
+// correlated inside), plus four positions; hi = 2^nbits - 1 (lo = 0) where that runs past the
+// sample. `expected` is the keys inside scaled to `numel`. Where it exceeds 2^16 and one key
+// holds a quarter of those inside the sample, `marks` lists lo, hi and the (up to
+// max_marks - 2) keys the sample holds most often (the larger key first among equal counts),
+// ascending; else it is empty.
+struct SampleBracket {
+  uint64_t lo, hi;
+  std::vector<uint64_t> marks;
+  double expected;
+};
+std::vector<SampleBracket> abs_sample_brackets(const uint64_t* keys, int64_t tasks, int64_t runs, double q,
+                                               int64_t numel, int nbits, int max_marks);
+// The key at position i (0-based) of `keys` sorted ascending, without sorting them all.
+uint64_t abs_order_statistic(const uint64_t* keys, int64_t n, int64_t i);
 struct BracketResult {
   std::vector<int64_t> above, inside;
   // Per task, the kept pairs in parts (one per thread, in no order), concatenated by the caller.

@@ -258,6 +258,12 @@ class _NativeSelect:
         return native_module().abs_sample_keys(bufs, base, runs, seed)
 
     @staticmethod
+    def brackets(keys: np.ndarray, q: float, numel: int, nbits: int) -> list:
+        """Per task of a sample's keys: (lo, hi, marks, expected keys inside) around the top
+        fraction ``q`` of ``numel``; marks empty: keep the keys inside as a list."""
+        return native_module().abs_sample_brackets(keys, q, numel, nbits, _MARKS)
+
+    @staticmethod
     def bracket(bufs, base, lo, hi, marks, capacity: int) -> list:
         return native_module().abs_bracket(bufs, base, lo, hi, marks, capacity)
 
@@ -380,7 +386,7 @@ def _bracketed_select(passes, k: int, numel: int, dtype: torch.dtype, tasks: int
         if runs * n // numel:
             samples.append(engine.sample(bufs, base, runs * n // numel, i))
     keys = np.concatenate(samples, axis=1)  # [T, runs, run length]
-    lo, hi, marks, expected = zip(*(_bracket(keys[t], k / numel, numel, _KEY_BITS[dtype]) for t in range(tasks)))
+    lo, hi, marks, expected = zip(*engine.brackets(keys, k / numel, numel, _KEY_BITS[dtype]))
     listed = [int(2 * e) + 4096 for m, e in zip(marks, expected) if not m]
     capacity = min(max(listed, default=0), chunk // (2 * tasks))  # kept (key, position) pairs per task
     above, inside = [0] * tasks, [0] * tasks
@@ -402,51 +408,6 @@ def _bracketed_select(passes, k: int, numel: int, dtype: torch.dtype, tasks: int
     return found
 
 
-def _bracket(runs: np.ndarray, q: float, numel: int, nbits: int):
-    """(lo, hi, marks, expected keys inside) for the top fraction ``q`` from one task's sample
-    ``runs`` [runs, run length]; marks empty: keep the keys inside as a list."""
-    flat = runs.ravel()
-    s = flat.size
-    at = s - 1 - min(int(q * s), s - 1)
-    select = _order_statistics(flat)
-    guess = select(at)
-    spread = (runs >= guess).mean(axis=1).std() / math.sqrt(runs.shape[0])
-    margin = 4 * max(spread, math.sqrt(q * (1 - q) / s)) + 4 / s
-    top, bottom = math.floor((q - margin) * s), math.ceil((q + margin) * s)
-    hi = select(s - 1 - top) if top >= 0 else (1 << nbits) - 1
-    lo = select(s - 1 - bottom) if bottom < s else 0
-    inside = flat[(flat >= lo) & (flat <= hi)]
-    seen, count = np.unique(inside, return_counts=True)
-    expected = inside.size / s * numel
-    # A large bracket with heavy ties (one key holds a quarter of it): the heaviest keys and the
-    # bracket's ends are marked, and the k-th most likely lands on a marked key.
-    heavy = seen[np.argsort(count, kind="stable")[::-1][:_MARKS - 2]]
-    marked = expected > 1 << 16 and 4 * count.max() >= inside.size
-    return lo, hi, sorted({lo, hi, *map(int, heavy)}) if marked else [], expected
-
-
-def _order_statistics(keys: np.ndarray):
-    """``at(i)``: the value at position i of ``keys`` (non-negative integers) sorted ascending.
-    A histogram of 2^16 digits over the keys' range, then the same inside the one digit that
-    holds i, until a digit is one value: 1.1-1.6 ms for three positions of the 2^18 keys of a
-    sample, where numpy 2.4.6's partition took 2.2-3 ms per position on the 2-core EPYC."""
-    lo = int(keys.min())
-    kind = keys.dtype.type
-    shift = max((int(keys.max()) - lo).bit_length() - 16, 0)
-    digit = ((keys - kind(lo)) >> kind(shift)).astype(np.intp)
-    ends = np.cumsum(np.bincount(digit))
-    inner = {}
-
-    def at(i: int) -> int:
-        d = int(np.searchsorted(ends, i, side="right"))
-        if shift == 0:
-            return lo + d
-        if d not in inner:
-            inner[d] = _order_statistics(keys[digit == d])
-        return inner[d](i - (int(ends[d - 1]) if d else 0))
-    return at
-
-
 def _offsets(chunks, engine):
     """(flat offset, chunk) over ``passes``' chunks."""
     offset = 0
@@ -463,13 +424,13 @@ def _listed_bracket(r: int, inside: int, kept: list, numel: int, keep_ties: bool
     keys = kept[0][0] if len(kept) == 1 else np.concatenate([keys for keys, _, _ in kept])
     if keys.size < inside:
         return None
-    key = _order_statistics(keys)(keys.size - r)
+    key = native_module().abs_order_statistic(keys, keys.size - r)
     tied = keys == key
     rank = r - int(np.count_nonzero(keys > key))
     if keep_ties or rank >= int(np.count_nonzero(tied)):
         return key, numel
     positions = np.concatenate([at[part == key].astype(np.int64) + offset for part, at, offset in kept])
-    return key, _order_statistics(positions)(rank - 1) + 1
+    return key, native_module().abs_order_statistic(positions, rank - 1) + 1
 
 
 def _marked_bracket(passes, t: int, r: int, marks: list, kept: list, numel: int, keep_ties: bool, engine):
