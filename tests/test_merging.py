@@ -373,6 +373,23 @@ def test_bracket_pass_agrees_across_isas(gen, kind, dtype):
             assert np.array_equal(c0, c1), (isa, t)
 
 
+def test_bracket_pass_counts_a_one_key_bracket(gen):
+    """A bracket of one key (lo = hi and the one mark: what the sample of models in 16-bit
+    floats gives at scale) counts that key per block and the keys above it, as a sort does."""
+    require_backend("native")
+    tasks, base = _select_inputs("bf16_models", gen)
+    keys = [(t.float() - base.float()).abs().view(torch.int32).long() for t in tasks]
+    marks = [int(k.flatten().sort().values[int(0.8 * k.numel())]) for k in keys]
+    got = _NativeSelect.bracket([native_buffer(t) for t in tasks], native_buffer(base), marks, marks,
+                                [[m] for m in marks], 0)
+    block = native_module().SELECT_BLOCK
+    for k, m, (above, inside, _, _, counts) in zip(keys, marks, got, strict=True):
+        tied = (k == m).long()
+        per_block = torch.stack([tied[:, c:c + block].sum(1) for c in range(0, k.shape[1], block)], dim=1)
+        assert (above, inside) == (int((k > m).sum()), int(tied.sum())) and inside > 100
+        assert np.array_equal(counts.ravel(), per_block.flatten().numpy())
+
+
 def test_order_statistic_equals_a_sort(gen):
     """The histogram select behind the bracket returns what a sorted array holds at each
     position: wide and narrow ranges, heavy ties, one value, int64 positions and 63-bit keys."""

@@ -381,6 +381,10 @@ BracketResult bracket_typed(const std::vector<View2D>& tasks, const View2D* base
         const S* p = tasks[t].row<S>(r) + c;
         const int64_t hits = locate(key, p, n, K(lo[t]), K(hi[t]), above[t], in_range, at);
         inside[t] += hits;
+        if (marks[t].size() == 1) {  // lo = hi, every key inside is the mark: models in 16-bit floats, mostly
+          res.counts[t][size_t(item)] += uint32_t(hits);
+          continue;
+        }
         for (int64_t i = 0; i < hits; ++i) {
           const int64_t j = at[i];
           if (!marks[t].empty()) {
