@@ -548,7 +548,7 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
         if constexpr (masked) {
           const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff)), zero = _mm512_setzero_ps();
           const __m512i minus_one = _mm512_set1_epi32(-1);
-          auto tau = [&](int g) TRANSFEROPS_INLINE {  // task g's 16 values from j
+          auto values = [&](int g) TRANSFEROPS_INLINE {  // task g's 16 values of tau from j
             __m512 raw;
             if constexpr (std::is_same_v<S, float>) {
               raw = _mm512_loadu_ps(p[g] + j);
@@ -569,7 +569,7 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
               __m512i pd = _mm512_loadu_si512(pos_den + j), nd = _mm512_loadu_si512(neg_den + j);
               __m512i key = _mm512_loadu_si512(top + j);
               for (int g = 0; g < G; ++g) {
-                const __m512 raw = tau(g), mag = _mm512_and_ps(raw, sign_off);
+                const __m512 raw = values(g), mag = _mm512_and_ps(raw, sign_off);
                 key = _mm512_max_epu32(key, _mm512_castps_si512(mag));
                 const __mmask16 in = kept(g, mag);
                 const __mmask16 pos = _mm512_mask_cmp_ps_mask(in, raw, zero, _CMP_GT_OQ);
@@ -595,7 +595,7 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
               __m512 vt = zero;
               __m512i key = _mm512_setzero_si512();
               for (int g = 0; g < G; ++g) {
-                const __m512 raw = tau(g), mag = _mm512_and_ps(raw, sign_off);
+                const __m512 raw = values(g), mag = _mm512_and_ps(raw, sign_off);
                 key = _mm512_max_epu32(key, _mm512_castps_si512(mag));
                 v[g] = _mm512_maskz_mov_ps(kept(g, mag), raw);
                 vt = _mm512_add_ps(vt, v[g]);
@@ -770,6 +770,20 @@ FisherResult fisher_typed(const std::vector<View2D>& models, const std::vector<V
   return {nonfinite, negative};
 }
 
+// The keys for which in(key) holds, in order (`room`: at least how many do). Each key is written
+// and kept where it holds, without a branch that would mispredict on keys at random places.
+template <class F>
+std::vector<uint64_t> kept_where(const uint64_t* keys, int64_t n, size_t room, F&& in) {
+  std::vector<uint64_t> kept(room + 1);
+  size_t held = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    kept[held] = keys[i];
+    held += in(keys[i]);
+  }
+  kept.resize(held);
+  return kept;
+}
+
 // Order statistics of a sample's keys without sorting them all: a histogram of 2^16 digits of
 // key - min over their range, then only the digit holding a wanted position, sorted on demand.
 // numpy's version over the uint64 keys of a 2^18-key sample had cost 1.2-1.7 ms per task and
@@ -791,13 +805,8 @@ class SampleOrder {
     if (shift_ == 0) return min_ + uint64_t(d);
     auto it = std::find_if(sorted_.begin(), sorted_.end(), [&](const auto& b) { return b.first == d; });
     if (it == sorted_.end()) {
-      std::vector<uint64_t> digit(size_t(ends_[d + 1] - ends_[d]) + 1);
-      size_t held = 0;
-      for (int64_t j = 0; j < n_; ++j) {  // branch-free: written always, kept when in the digit
-        digit[held] = keys_[j];
-        held += int64_t((keys_[j] - min_) >> shift_) == d;
-      }
-      digit.pop_back();
+      std::vector<uint64_t> digit =
+          kept_where(keys_, n_, size_t(ends_[d + 1] - ends_[d]), [&](uint64_t k) { return int64_t((k - min_) >> shift_) == d; });
       std::sort(digit.begin(), digit.end());
       it = sorted_.insert(sorted_.end(), {d, std::move(digit)});
     }
@@ -833,13 +842,7 @@ SampleBracket sample_bracket(const uint64_t* keys, int64_t runs, double q, int64
   SampleBracket b;
   b.hi = top >= 0 ? select(s - 1 - top) : (uint64_t(1) << nbits) - 1;
   b.lo = bottom < s ? select(s - 1 - bottom) : 0;
-  std::vector<uint64_t> inside(size_t(s) + 1);
-  size_t held = 0;
-  for (int64_t i = 0; i < s; ++i) {  // branch-free, as above
-    inside[held] = keys[i];
-    held += (keys[i] >= b.lo) & (keys[i] <= b.hi);
-  }
-  inside.resize(held);
+  std::vector<uint64_t> inside = kept_where(keys, s, size_t(s), [&](uint64_t k) { return (k >= b.lo) & (k <= b.hi); });
   std::sort(inside.begin(), inside.end());
   b.expected = double(inside.size()) / double(s) * double(numel);
   std::vector<std::pair<int64_t, uint64_t>> counted;  // (count, key)
