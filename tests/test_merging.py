@@ -343,12 +343,12 @@ def test_bracketed_select_agrees_with_the_radix(gen, kind, chunked):
                                          ("normal", torch.bfloat16), ("normal", torch.float16),
                                          ("bf16_models", torch.bfloat16), ("bf16_models", torch.float16)])
 def test_bracket_pass_agrees_across_isas(gen, kind, dtype):
-    """Every native build's bracket pass (AVX-512 counts and compresses 32-bit keys with compare
-    masks, the others and 64-bit keys scan flags) counts, keeps and bins the same keys: listed
-    brackets on fine data, marked ones on heavily tied data (models in 16-bit floats), rows with
-    a short last block, keys of 16 (task vectors in 16-bit floats), 32 and 64 bits. Whether a
-    sample marks its bracket is random (about 1 bf16 draw in 20 does not): tied inputs are
-    drawn until one does."""
+    """Every native build's bracket pass (AVX-512 keeps 32-bit keys' compare masks and scans them
+    per block, or counts in vectors; the others and 64-bit keys scan flags per step) counts,
+    keeps and bins the same keys: listed brackets on fine data, marked ones on heavily tied
+    data (models in 16-bit floats), rows with a short last block, keys of 16 (task vectors in
+    16-bit floats), 32 and 64 bits. Whether a sample marks its bracket is random (about 1 bf16
+    draw in 20 does not): tied inputs are drawn until one does."""
     require_backend("native")
     nbits = 63 if dtype == torch.float64 else 15 if dtype.itemsize == 2 and kind == "normal" else 31
     for _ in range(20):
