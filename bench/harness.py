@@ -8,6 +8,7 @@ relates the time to the floors measured in the same run and to the fastest peer.
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib
 import importlib.metadata
 import json
@@ -200,7 +201,7 @@ def measure_floors(device: str, quick: bool, s: Settings) -> tuple[Floors, list[
     nbytes = 1 << 30 if cuda else (64 << 20 if quick else 256 << 20)
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), warmup=s.warmup + 1, repeats=s.repeats, device=device,
+    t = time_fn(functools.partial(dst.copy_, src), warmup=s.warmup + 1, repeats=s.repeats, device=device,
                 budget_s=s.budget_s, min_repeats=s.min_repeats)
     del src, dst
     copy_bps = 2 * nbytes / t["p50"]
