@@ -54,8 +54,8 @@ struct Blocks {
 // The passes here read T + 1 streams (tasks and a base), a block of each in turn, and the
 // hardware prefetcher fell behind them: out of cache, one thread's bracket pass at T = 8 (then
 // so) ran at a third of its in-cache rate. So each loop over a block runs in chunks of four
-// cache lines, first asking for the lines kPrefetchBytes ahead in each stream. Lines past a block's end are those of
-// the next block of the row, which the same thread reads next.
+// cache lines, first asking for the lines kPrefetchBytes ahead in each stream. Lines past a
+// block's end are those of the next block of the row, which the same thread reads next.
 constexpr int64_t kPrefetchBytes = 8192;
 
 // The bracket pass reads the tasks in turn 256 bytes at a time (a step), not a block (8-16 KB)
@@ -294,10 +294,10 @@ enum class Kept { count, positions, keyed };
 // in [bottom, top], and lists the latter's positions (ascending) and keys as `kept` asks. Keys
 // in a bracket are 1-2% of all, at random places. A branch on them mispredicts about once per
 // key, and while the pass streamed from memory each misprediction cost 26 ns, against 10 in
-// cache. So the streaming loop has no branch on them:
-// portably it sets a flag per key and a scan per step lists the set ones; with AVX-512 and keys
-// of 32 bits or fewer it keeps each 16 keys' compare mask (or counts them in vectors), and the
-// item's masks are scanned at its end, when its data are in cache.
+// cache. So the streaming loop has no branch on them: portably it sets a flag per key and a
+// scan per step lists the set ones; with AVX-512 and keys of 32 bits or fewer it keeps each 16
+// keys' compare mask (or counts them in vectors), and the item's masks are scanned at its end,
+// when its data are in cache.
 template <class K>
 class Locator {
  public:
@@ -341,6 +341,7 @@ class Locator {
       if (k >= bottom_ && k <= top_) list(j, key_at);
     }
   }
+  Kept kept() const { return kept_; }
   int64_t above() const { return above_ + vector_sum(above_v_); }
   int64_t hits() const { return hits_ + vector_sum(inside_v_); }
 
@@ -438,9 +439,6 @@ BracketResult bracket_typed(const std::vector<View2D>& tasks, const View2D* base
     }
     using L = Locator<K>;
     using Listed = typename L::Listed;
-    const auto kept = [&](int t) {
-      return marks[t].size() == 1 ? Kept::count : marks[t].empty() ? Kept::keyed : Kept::positions;
-    };
     std::vector<uint32_t> at(size_t(T * L::room_listed));
     std::vector<Listed> listed(size_t(T * L::room_listed));
     std::vector<uint16_t> masks(size_t(T * L::room_masks));
@@ -454,7 +452,8 @@ BracketResult bracket_typed(const std::vector<View2D>& tasks, const View2D* base
       const int64_t r = b.row(item), c = b.col(item), n = b.len(item), whole = n / 16 * 16;
       locators.clear();
       for (int t = 0; t < T; ++t) {
-        locators.emplace_back(kept(t), K(lo[t]), K(hi[t]), at.data() + t * L::room_listed,
+        const Kept kept = marks[t].size() == 1 ? Kept::count : marks[t].empty() ? Kept::keyed : Kept::positions;
+        locators.emplace_back(kept, K(lo[t]), K(hi[t]), at.data() + t * L::room_listed,
                               listed.data() + t * L::room_listed, masks.data() + t * L::room_masks);
       }
       for (int64_t j0 = 0; j0 < whole; j0 += step) {
@@ -475,9 +474,9 @@ BracketResult bracket_typed(const std::vector<View2D>& tasks, const View2D* base
         above[t] += loc.above();
         inside[t] += hits;
         const uint32_t* at_t = at.data() + t * L::room_listed;
-        if (kept(t) == Kept::count) {
+        if (loc.kept() == Kept::count) {
           res.counts[t][size_t(item)] += uint32_t(hits);
-        } else if (kept(t) == Kept::keyed) {
+        } else if (loc.kept() == Kept::keyed) {
           auto& ks = kept_keys[t];
           auto& ps = kept_at[t];
           const size_t held = ks.size(), take = size_t(std::min<int64_t>(hits, capacity - int64_t(held)));
