@@ -1101,23 +1101,25 @@ def test_native_float16_conversions_exact():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_native_isas_agree_bit_for_bit(gen, dtype):
     """Every build of the kernels this CPU runs (baseline, AVX2, AVX-512) gives identical bits
-    (no FMA contraction, same order of operations), with four tasks (one sweep) and six (a
-    group of four and two single tasks), on task vectors and on models with a base (whose
+    (no FMA contraction, same order of operations), with four tasks (one sweep everywhere),
+    eight (one sweep in the AVX-512 TIES loop, two groups of four elsewhere) and nine (groups
+    of four and a single task everywhere), on task vectors and on models with a base (whose
     differences the pass forms)."""
     from transferops.merging import merge
 
     require_backend("native")
     native = native_module()
     tvs = [_tied((37, 301), dtype, gen, "cpu", "strided") for _ in range(4)] + [randn((37, 301), dtype, gen)
-                                                                                for _ in range(2)]
-    weights = [0.3, -0.7, 1.1, 0.9, 0.6, -0.2]
-    cases = [(tvs[2:], weights[2:]), (tvs, weights)]
+                                                                                for _ in range(5)]
+    weights = [0.3, -0.7, 1.1, 0.9, 0.6, -0.2, 0.8, 1.3, -0.4]
+    starts = (5, 1, 0)
+    cases = [(tvs[k:], weights[k:]) for k in starts]
     base = {"w": randn((37, 301), dtype, gen)}
     models = [{"w": (base["w"].float() + t.float()).to(dtype)} for t in tvs]
     outs = outputs_per_isa(lambda: [fn(t, w, backend="native") for t, w in cases for fn in METHODS.values()] +
                            [merge(base, models[k:], method="ties", density=0.3, lam=0.7, weights=weights[k:],
-                                  backend="native")["w"] for k in (2, 0)])
-    names = [m for _ in cases for m in METHODS] + ["merge_ties_4", "merge_ties_6"]
+                                  backend="native")["w"] for k in starts])
+    names = [m for _ in cases for m in METHODS] + [f"merge_ties_{len(tvs) - k}" for k in starts]
     for isa, got in outs.items():
         for method, a, b in zip(names, outs["base"], got, strict=True):
             assert torch.equal(a, b), (isa, method)
