@@ -671,183 +671,182 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
         }
       }
       // Branch-free selects only, so GCC vectorizes this loop under -fno-trapping-math (check
-      // with -fopt-info-vec).
-      prefetching(p, j0, j1, [&](int64_t c0, int64_t c1) TRANSFEROPS_INLINE {
-        int32_t chunk_bad = 0, chunk_signs = 0;  // local, so that their sums vectorize
-        int64_t j = c0;
+      // with -fopt-info-vec). No software prefetching: the loop reads its tasks in turn 32-64
+      // bytes at a time, and without it ran 10-20% faster (one and two threads, T = 2 and 8).
+      int32_t chunk_bad = 0, chunk_signs = 0;  // local, so that their sums vectorize
+      int64_t j = j0;
 #ifdef __AVX512F__
-        // PEFT's TIES over float32 or bf16 tasks, written with intrinsics: GCC's code for the
-        // loop below took 27 instructions per task and 16 entries in groups (two loads of each
-        // bf16 vector, |x| twice, v > 0 compared twice, a multiply under a mask then an addition
-        // for each side's sum). Here the additions themselves are masked. The same results bit
-        // for bit: each sum starts at +0, so it never holds -0, and adding the +0 of an entry not
-        // kept or not agreeing changes nothing else. Unaligned accesses: a segment starts at a
-        // trim's cut.
-        if constexpr (intrinsic) {
-          const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff)), zero = _mm512_setzero_ps();
-          const __m512i minus_one = _mm512_set1_epi32(-1);
-          auto values = [&](int g) TRANSFEROPS_INLINE {  // task g's 16 values of tau from j
-            __m512 raw;
-            if constexpr (std::is_same_v<S, float>) {
-              raw = _mm512_loadu_ps(p[g] + j);
-            } else {
-              const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[g] + j));
-              raw = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-            }
-            if constexpr (diff) raw = _mm512_sub_ps(raw, _mm512_loadu_ps(base_row + j));
-            return raw;
-          };
-          auto kept = [&](int g, __m512 mag) TRANSFEROPS_INLINE {
-            return _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(mag, _mm512_set1_ps(bound[g]), _CMP_GE_OQ), mag,
-                                           _mm512_set1_ps(drop[g]), _CMP_LT_OQ);
-          };
-          if constexpr (!W) {
-            for (; j + 16 <= c1; j += 16) {
-              __m512 vt = _mm512_loadu_ps(vote + j), ps = _mm512_loadu_ps(pos_sum + j), ns = _mm512_loadu_ps(neg_sum + j);
-              __m512i pd = _mm512_loadu_si512(pos_den + j), nd = _mm512_loadu_si512(neg_den + j);
-              __m512i key = _mm512_loadu_si512(top + j);
-              for (int g = 0; g < G; ++g) {
-                const __m512 raw = values(g), mag = _mm512_and_ps(raw, sign_off);
-                key = _mm512_max_epu32(key, _mm512_castps_si512(mag));
-                const __mmask16 in = kept(g, mag);
-                const __mmask16 pos = _mm512_mask_cmp_ps_mask(in, raw, zero, _CMP_GT_OQ);
-                const __mmask16 neg = _mm512_mask_cmp_ps_mask(in, raw, zero, _CMP_LT_OQ);
-                const __m512 wv = _mm512_mul_ps(_mm512_set1_ps(wt[g]), raw);
-                vt = _mm512_mask_add_ps(vt, in, vt, raw);
-                ps = _mm512_mask_add_ps(ps, pos, ps, wv);
-                ns = _mm512_mask_add_ps(ns, neg, ns, wv);
-                pd = _mm512_mask_sub_epi32(pd, pos, pd, minus_one);
-                nd = _mm512_mask_sub_epi32(nd, neg, nd, minus_one);
-              }
-              _mm512_storeu_ps(vote + j, vt), _mm512_storeu_ps(pos_sum + j, ps), _mm512_storeu_ps(neg_sum + j, ns);
-              _mm512_storeu_si512(pos_den + j, pd), _mm512_storeu_si512(neg_den + j, nd), _mm512_storeu_si512(top + j, key);
-            }
+      // PEFT's TIES over float32 or bf16 tasks, written with intrinsics: GCC's code for the
+      // loop below took 27 instructions per task and 16 entries in groups (two loads of each
+      // bf16 vector, |x| twice, v > 0 compared twice, a multiply under a mask then an addition
+      // for each side's sum). Here the additions themselves are masked. The same results bit
+      // for bit: each sum starts at +0, so it never holds -0, and adding the +0 of an entry not
+      // kept or not agreeing changes nothing else. Unaligned accesses: a segment starts at a
+      // trim's cut.
+      if constexpr (intrinsic) {
+        const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff)), zero = _mm512_setzero_ps();
+        const __m512i minus_one = _mm512_set1_epi32(-1);
+        auto values = [&](int g) TRANSFEROPS_INLINE {  // task g's 16 values of tau from j
+          __m512 raw;
+          if constexpr (std::is_same_v<S, float>) {
+            raw = _mm512_loadu_ps(p[g] + j);
           } else {
-            // One sweep: the kept values stay in registers (+0 where not kept) between the vote
-            // and the sum; a task agrees where its value, with its sign flipped under a minus
-            // election, is above 0.
-            // With no drop cut and unit weights (PEFT's TIES unweighted), a vector is first tried
-            // light: one compare keeps a value (NaN and Inf too), no largest key is tracked and no
-            // weight multiplies, 3 of 14 instructions per task. A NaN or Inf input then shows in
-            // the vote, and that vector is redone in full, so results and counts do not change.
-            const __m512 sign_bit = _mm512_castsi512_ps(_mm512_set1_epi32(int32_t(0x80000000u)));
-            const __m512 inf_v = _mm512_set1_ps(inf);
-            const __m512i inf_keys = _mm512_set1_epi32(int32_t(inf_key));
-            auto sixteen = [&](auto light) TRANSFEROPS_INLINE {  // entries j ... j + 15; false: redo
-              constexpr bool L = decltype(light)::value;
-              __m512 v[G];
-              __m512 vt = zero;
-              __m512i key = _mm512_setzero_si512();
-              for (int g = 0; g < G; ++g) {
-                const __m512 raw = values(g), mag = _mm512_and_ps(raw, sign_off);
-                if constexpr (L) {
-                  v[g] = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(mag, _mm512_set1_ps(bound[g]), _CMP_NLT_UQ), raw);
-                } else {
-                  key = _mm512_max_epu32(key, _mm512_castps_si512(mag));
-                  v[g] = _mm512_maskz_mov_ps(kept(g, mag), raw);
-                }
-                vt = _mm512_add_ps(vt, v[g]);
-              }
+            const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[g] + j));
+            raw = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+          }
+          if constexpr (diff) raw = _mm512_sub_ps(raw, _mm512_loadu_ps(base_row + j));
+          return raw;
+        };
+        auto kept = [&](int g, __m512 mag) TRANSFEROPS_INLINE {
+          return _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(mag, _mm512_set1_ps(bound[g]), _CMP_GE_OQ), mag,
+                                         _mm512_set1_ps(drop[g]), _CMP_LT_OQ);
+        };
+        if constexpr (!W) {
+          for (; j + 16 <= j1; j += 16) {
+            __m512 vt = _mm512_loadu_ps(vote + j), ps = _mm512_loadu_ps(pos_sum + j), ns = _mm512_loadu_ps(neg_sum + j);
+            __m512i pd = _mm512_loadu_si512(pos_den + j), nd = _mm512_loadu_si512(neg_den + j);
+            __m512i key = _mm512_loadu_si512(top + j);
+            for (int g = 0; g < G; ++g) {
+              const __m512 raw = values(g), mag = _mm512_and_ps(raw, sign_off);
+              key = _mm512_max_epu32(key, _mm512_castps_si512(mag));
+              const __mmask16 in = kept(g, mag);
+              const __mmask16 pos = _mm512_mask_cmp_ps_mask(in, raw, zero, _CMP_GT_OQ);
+              const __mmask16 neg = _mm512_mask_cmp_ps_mask(in, raw, zero, _CMP_LT_OQ);
+              const __m512 wv = _mm512_mul_ps(_mm512_set1_ps(wt[g]), raw);
+              vt = _mm512_mask_add_ps(vt, in, vt, raw);
+              ps = _mm512_mask_add_ps(ps, pos, ps, wv);
+              ns = _mm512_mask_add_ps(ns, neg, ns, wv);
+              pd = _mm512_mask_sub_epi32(pd, pos, pd, minus_one);
+              nd = _mm512_mask_sub_epi32(nd, neg, nd, minus_one);
+            }
+            _mm512_storeu_ps(vote + j, vt), _mm512_storeu_ps(pos_sum + j, ps), _mm512_storeu_ps(neg_sum + j, ns);
+            _mm512_storeu_si512(pos_den + j, pd), _mm512_storeu_si512(neg_den + j, nd), _mm512_storeu_si512(top + j, key);
+          }
+        } else {
+          // One sweep: the kept values stay in registers (+0 where not kept) between the vote
+          // and the sum; a task agrees where its value, with its sign flipped under a minus
+          // election, is above 0.
+          // With no drop cut and unit weights (PEFT's TIES unweighted), a vector is first tried
+          // light: one compare keeps a value (NaN and Inf too), no largest key is tracked and no
+          // weight multiplies, 3 of 14 instructions per task. A NaN or Inf input then shows in
+          // the vote, and that vector is redone in full, so results and counts do not change.
+          const __m512 sign_bit = _mm512_castsi512_ps(_mm512_set1_epi32(int32_t(0x80000000u)));
+          const __m512 inf_v = _mm512_set1_ps(inf);
+          const __m512i inf_keys = _mm512_set1_epi32(int32_t(inf_key));
+          auto sixteen = [&](auto light) TRANSFEROPS_INLINE {  // entries j ... j + 15; false: redo
+            constexpr bool L = decltype(light)::value;
+            __m512 v[G];
+            __m512 vt = zero;
+            __m512i key = _mm512_setzero_si512();
+            for (int g = 0; g < G; ++g) {
+              const __m512 raw = values(g), mag = _mm512_and_ps(raw, sign_off);
               if constexpr (L) {
-                if (_mm512_cmp_ps_mask(_mm512_and_ps(vt, sign_off), inf_v, _CMP_NLT_UQ)) return false;
+                v[g] = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(mag, _mm512_set1_ps(bound[g]), _CMP_NLT_UQ), raw);
               } else {
-                chunk_bad += __builtin_popcount(_mm512_cmp_epu32_mask(key, inf_keys, _MM_CMPINT_NLT));
+                key = _mm512_max_epu32(key, _mm512_castps_si512(mag));
+                v[g] = _mm512_maskz_mov_ps(kept(g, mag), raw);
               }
-              const __mmask16 up = _mm512_cmp_ps_mask(vt, zero, _CMP_GT_OQ), down = _mm512_cmp_ps_mask(vt, zero, _CMP_LT_OQ);
-              chunk_signs += __builtin_popcount(up) - __builtin_popcount(down);
-              const __mmask16 plus = zero_elects_plus ? __mmask16(up | _mm512_cmp_ps_mask(vt, zero, _CMP_EQ_OQ)) : up;
-              const __m512 flip = _mm512_maskz_mov_ps(__mmask16(~plus), sign_bit);
-              __m512 sum = zero;
-              __m512i den = _mm512_setzero_si512();
-              for (int g = 0; g < G; ++g) {
-                const __mmask16 agree = _mm512_cmp_ps_mask(_mm512_xor_ps(v[g], flip), zero, _CMP_GT_OQ);
-                sum = _mm512_mask_add_ps(sum, agree, sum, L ? v[g] : _mm512_mul_ps(_mm512_set1_ps(wt[g]), v[g]));
-                den = _mm512_mask_sub_epi32(den, agree, den, minus_one);
-              }
-              const __m512 by = _mm512_mask_blend_ps(_mm512_test_epi32_mask(den, den), _mm512_set1_ps(1.0f),
-                                                     _mm512_cvtepi32_ps(den));
-              __m512 m = _mm512_div_ps(sum, by);
-              if constexpr (diff) m = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(lam), m), _mm512_loadu_ps(base_row + j));
-              _mm512_storeu_ps(merged + j, m);
-              return true;
-            };
-            bool light = true;
-            for (int g = 0; g < G; ++g) light &= drop[g] == inf && wt[g] == A(1);
-            if (light) {
-              for (; j + 16 <= c1; j += 16) {
-                if (!sixteen(std::true_type{})) sixteen(std::false_type{});
-              }
+              vt = _mm512_add_ps(vt, v[g]);
+            }
+            if constexpr (L) {
+              if (_mm512_cmp_ps_mask(_mm512_and_ps(vt, sign_off), inf_v, _CMP_NLT_UQ)) return false;
             } else {
-              for (; j + 16 <= c1; j += 16) sixteen(std::false_type{});
+              chunk_bad += __builtin_popcount(_mm512_cmp_epu32_mask(key, inf_keys, _MM_CMPINT_NLT));
             }
-          }
-        }
-#endif
-        for (; j < c1; ++j) {
-          K key = W ? K(0) : top[j];
-          A v[G], wv[G];
-          auto take = [&](int g) TRANSFEROPS_INLINE {  // task g's kept value, and the largest key
-            const A raw = diff ? widen(p[g][j]) - base_row[j] : widen(p[g][j]);
-            const A mag = std::abs(raw);
-            key = std::max(key, abs_key(mag));  // NaN and Inf have the largest keys
-            v[g] = kept_if(mag >= bound[g] && mag < drop[g], raw);
-            if constexpr (dare) v[g] = kept_if(keep_all | (draw[g][j] < keep_below), v[g] / rescale);
-            wv[g] = wt[g] * v[g];
-          };
-          // What task g votes with, and its ballot under the sign rule.
-          auto said = [&](int g) TRANSFEROPS_INLINE { return wbefore ? wv[g] : v[g]; };
-          auto ballot = [&](int g) TRANSFEROPS_INLINE {
-            const A s = said(g);
-            return rule == SignRule::sum ? s : kept_if(s > A(0), A(1)) - kept_if(s < A(0), A(1));
-          };
-          if constexpr (!W) {
-            A vt = vote[j], ps = pos_sum[j], ns = neg_sum[j];
-            Den pd = pos_den[j], nd = neg_den[j];
-            for (int g = 0; g < G; ++g) {  // each task accumulated as it is read: fewer registers live
-              take(g);
-              if constexpr (!elect) {
-                ps += wv[g];
-              } else {
-                const bool pos = said(g) > A(0), neg = said(g) < A(0);
-                vt += ballot(g);
-                ps += kept_if(pos, wv[g]);
-                ns += kept_if(neg, wv[g]);
-                if constexpr (wbefore) {
-                  pd += kept_if(pos, dw[g]);
-                  nd += kept_if(neg, dw[g]);
-                } else {
-                  pd = counted_if(pos, pd);
-                  nd = counted_if(neg, nd);
-                }
-              }
+            const __mmask16 up = _mm512_cmp_ps_mask(vt, zero, _CMP_GT_OQ), down = _mm512_cmp_ps_mask(vt, zero, _CMP_LT_OQ);
+            chunk_signs += __builtin_popcount(up) - __builtin_popcount(down);
+            const __mmask16 plus = zero_elects_plus ? __mmask16(up | _mm512_cmp_ps_mask(vt, zero, _CMP_EQ_OQ)) : up;
+            const __m512 flip = _mm512_maskz_mov_ps(__mmask16(~plus), sign_bit);
+            __m512 sum = zero;
+            __m512i den = _mm512_setzero_si512();
+            for (int g = 0; g < G; ++g) {
+              const __mmask16 agree = _mm512_cmp_ps_mask(_mm512_xor_ps(v[g], flip), zero, _CMP_GT_OQ);
+              sum = _mm512_mask_add_ps(sum, agree, sum, L ? v[g] : _mm512_mul_ps(_mm512_set1_ps(wt[g]), v[g]));
+              den = _mm512_mask_sub_epi32(den, agree, den, minus_one);
             }
-            vote[j] = vt, pos_sum[j] = ps, neg_sum[j] = ns, pos_den[j] = pd, neg_den[j] = nd, top[j] = key;
+            const __m512 by = _mm512_mask_blend_ps(_mm512_test_epi32_mask(den, den), _mm512_set1_ps(1.0f),
+                                                   _mm512_cvtepi32_ps(den));
+            __m512 m = _mm512_div_ps(sum, by);
+            if constexpr (diff) m = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(lam), m), _mm512_loadu_ps(base_row + j));
+            _mm512_storeu_ps(merged + j, m);
+            return true;
+          };
+          bool light = true;
+          for (int g = 0; g < G; ++g) light &= drop[g] == inf && wt[g] == A(1);
+          if (light) {
+            for (; j + 16 <= j1; j += 16) {
+              if (!sixteen(std::true_type{})) sixteen(std::false_type{});
+            }
           } else {
-            for (int g = 0; g < G; ++g) take(g);
-            A sum = A(0);
-            Den den = Den(0);
-            if constexpr (!elect) {
-              for (int g = 0; g < G; ++g) sum += wv[g];
-            } else {
-              A vt = A(0);
-              for (int g = 0; g < G; ++g) vt += ballot(g);
-              chunk_signs += (vt > A(0)) - (vt < A(0));
-              const bool plus = elects_plus(vt);
-              for (int g = 0; g < G; ++g) {
-                // A select of floats: GCC 12 did not vectorize the loop with `plus ? pos : neg`.
-                const bool agree = (plus ? said(g) : -said(g)) > A(0);
-                sum += kept_if(agree, wv[g]);
-                if constexpr (wbefore) den += kept_if(agree, dw[g]);
-                else den = counted_if(agree, den);
-              }
-            }
-            chunk_bad += key >= inf_key;
-            merged[j] = finish(j, sum, A(den));
+            for (; j + 16 <= j1; j += 16) sixteen(std::false_type{});
           }
         }
-        bad += chunk_bad;
-        signs += chunk_signs;
-      });
+      }
+#endif
+      for (; j < j1; ++j) {
+        K key = W ? K(0) : top[j];
+        A v[G], wv[G];
+        auto take = [&](int g) TRANSFEROPS_INLINE {  // task g's kept value, and the largest key
+          const A raw = diff ? widen(p[g][j]) - base_row[j] : widen(p[g][j]);
+          const A mag = std::abs(raw);
+          key = std::max(key, abs_key(mag));  // NaN and Inf have the largest keys
+          v[g] = kept_if(mag >= bound[g] && mag < drop[g], raw);
+          if constexpr (dare) v[g] = kept_if(keep_all | (draw[g][j] < keep_below), v[g] / rescale);
+          wv[g] = wt[g] * v[g];
+        };
+        // What task g votes with, and its ballot under the sign rule.
+        auto said = [&](int g) TRANSFEROPS_INLINE { return wbefore ? wv[g] : v[g]; };
+        auto ballot = [&](int g) TRANSFEROPS_INLINE {
+          const A s = said(g);
+          return rule == SignRule::sum ? s : kept_if(s > A(0), A(1)) - kept_if(s < A(0), A(1));
+        };
+        if constexpr (!W) {
+          A vt = vote[j], ps = pos_sum[j], ns = neg_sum[j];
+          Den pd = pos_den[j], nd = neg_den[j];
+          for (int g = 0; g < G; ++g) {  // each task accumulated as it is read: fewer registers live
+            take(g);
+            if constexpr (!elect) {
+              ps += wv[g];
+            } else {
+              const bool pos = said(g) > A(0), neg = said(g) < A(0);
+              vt += ballot(g);
+              ps += kept_if(pos, wv[g]);
+              ns += kept_if(neg, wv[g]);
+              if constexpr (wbefore) {
+                pd += kept_if(pos, dw[g]);
+                nd += kept_if(neg, dw[g]);
+              } else {
+                pd = counted_if(pos, pd);
+                nd = counted_if(neg, nd);
+              }
+            }
+          }
+          vote[j] = vt, pos_sum[j] = ps, neg_sum[j] = ns, pos_den[j] = pd, neg_den[j] = nd, top[j] = key;
+        } else {
+          for (int g = 0; g < G; ++g) take(g);
+          A sum = A(0);
+          Den den = Den(0);
+          if constexpr (!elect) {
+            for (int g = 0; g < G; ++g) sum += wv[g];
+          } else {
+            A vt = A(0);
+            for (int g = 0; g < G; ++g) vt += ballot(g);
+            chunk_signs += (vt > A(0)) - (vt < A(0));
+            const bool plus = elects_plus(vt);
+            for (int g = 0; g < G; ++g) {
+              // A select of floats: GCC 12 did not vectorize the loop with `plus ? pos : neg`.
+              const bool agree = (plus ? said(g) : -said(g)) > A(0);
+              sum += kept_if(agree, wv[g]);
+              if constexpr (wbefore) den += kept_if(agree, dw[g]);
+              else den = counted_if(agree, den);
+            }
+          }
+          chunk_bad += key >= inf_key;
+          merged[j] = finish(j, sum, A(den));
+        }
+      }
+      bad += chunk_bad;
+      signs += chunk_signs;
     };
     for (int j0 = 0, j1; j0 < int(n); j0 = j1) {
       j1 = int(n);  // the next cut after j0
