@@ -674,7 +674,7 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
       // Branch-free selects only, so GCC vectorizes this loop under -fno-trapping-math (check
       // with -fopt-info-vec). No software prefetching: the loop reads its tasks in turn 32-64
       // bytes at a time, and without it ran 10-20% faster (one and two threads, T = 2 and 8).
-      int32_t chunk_bad = 0, chunk_signs = 0;  // local, so that their sums vectorize
+      int32_t segment_bad = 0, segment_signs = 0;  // local, so that their sums vectorize
       int64_t j = j0;
 #ifdef __AVX512F__
       // PEFT's TIES over float32 or bf16 tasks, written with intrinsics: GCC's code for the
@@ -752,10 +752,10 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
             if constexpr (L) {
               if (_mm512_cmp_ps_mask(_mm512_and_ps(vt, sign_off), inf_v, _CMP_NLT_UQ)) return false;
             } else {
-              chunk_bad += __builtin_popcount(_mm512_cmp_epu32_mask(key, inf_keys, _MM_CMPINT_NLT));
+              segment_bad += __builtin_popcount(_mm512_cmp_epu32_mask(key, inf_keys, _MM_CMPINT_NLT));
             }
             const __mmask16 up = _mm512_cmp_ps_mask(vt, zero, _CMP_GT_OQ), down = _mm512_cmp_ps_mask(vt, zero, _CMP_LT_OQ);
-            chunk_signs += __builtin_popcount(up) - __builtin_popcount(down);
+            segment_signs += __builtin_popcount(up) - __builtin_popcount(down);
             const __mmask16 plus = zero_elects_plus ? __mmask16(up | _mm512_cmp_ps_mask(vt, zero, _CMP_EQ_OQ)) : up;
             const __m512 flip = _mm512_maskz_mov_ps(__mmask16(~plus), sign_bit);
             __m512 sum = zero;
@@ -832,7 +832,7 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
           } else {
             A vt = A(0);
             for (int g = 0; g < G; ++g) vt += ballot(g);
-            chunk_signs += (vt > A(0)) - (vt < A(0));
+            segment_signs += (vt > A(0)) - (vt < A(0));
             const bool plus = elects_plus(vt);
             for (int g = 0; g < G; ++g) {
               // A select of floats: GCC 12 did not vectorize the loop with `plus ? pos : neg`.
@@ -842,12 +842,12 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
               else den = counted_if(agree, den);
             }
           }
-          chunk_bad += key >= inf_key;
+          segment_bad += key >= inf_key;
           merged[j] = finish(j, sum, A(den));
         }
       }
-      bad += chunk_bad;
-      signs += chunk_signs;
+      bad += segment_bad;
+      signs += segment_signs;
     };
     for (int j0 = 0, j1; j0 < int(n); j0 = j1) {
       j1 = int(n);  // the next cut after j0
