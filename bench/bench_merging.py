@@ -125,10 +125,17 @@ def _model_case(T: int, dtype: torch.dtype, device: str, backends, peft, mergeki
     nbytes = (2 * (T + 1) + 1) * P * item
     ones = torch.ones(T, device=device)
     tvs_checked = [m[CHECKED].float() - base[CHECKED].float() for m in models]
+    ours = {b: functools.partial(lambda b: merge(base, models, method="ties", density=DENSITY, backend=b)[CHECKED], b)
+            for b in backends}
+    # Into a model's memory already in use (out=), as the copy floor writes: a fresh output
+    # also pays the kernel's first-touch faults, which the other row shows.
+    target = {n: torch.empty_like(b) for n, b in base.items()}
+    ours.update({f"{b} out=": functools.partial(
+        lambda b: merge(base, models, method="ties", density=DENSITY, backend=b, out=target)[CHECKED], b)
+        for b in backends if b != "reference"})
     return Case(
         op="merge", size=size, dtype=dtype, bytes=nbytes, comparable=_off_threshold(tvs_checked),
-        ours={b: functools.partial(lambda b: merge(base, models, method="ties", density=DENSITY, backend=b)[CHECKED], b)
-              for b in backends},
+        ours=ours,
         peers={
             "peer:peft": (functools.partial(_per_tensor, lambda tvs: peft.ties(tvs, ones, DENSITY), base, models)
                           if peft else None),

@@ -847,6 +847,63 @@ def test_merge_in_memory_matches_the_per_tensor_functions(gen):
     assert torch.equal(got["pos"], base["pos"])
 
 
+@pytest.mark.parametrize("method,kw", [("ties", dict(density=0.2)), ("ties", dict(density=0.25, semantics="paper")),
+                                       ("ties", dict(density=0.2, scope="global")), ("dare_linear", dict(density=0.7, seed=3))],
+                         ids=["ties", "paper", "global", "dare"])
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["into", "in_place"])
+def test_merge_out_writes_what_a_fresh_merge_returns(gen, method, kw, backend, in_place):
+    """merge(..., out=) fills the given tensors, the base's own included (in place, where every
+    pass reads an element before the merge pass writes it), with the fresh merge's bits."""
+    from transferops.merging import merge
+
+    require_backend(backend)
+    base, models = _models(gen, rows=15000)  # layer.w over _BRACKET_MIN: the bracketed select runs
+    want = merge(base, models, method=method, lam=0.8, backend=backend, **kw)
+    target = base if in_place else {n: torch.full_like(t, 7) for n, t in base.items()}
+    pointers = {n: t.data_ptr() for n, t in target.items()}
+    got = merge(base, models, method=method, lam=0.8, backend=backend, out=target, **kw)
+    assert got is target and {n: t.data_ptr() for n, t in got.items()} == pointers
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_merge_out_refuses_what_it_cannot_write_safely(gen):
+    """Each bad ``out`` is named with what was expected; overlaps that would feed the merge its
+    own output (a model's tensor, another name's base tensor, tied weights) are refused."""
+    from transferops.merging import merge
+
+    base, models = _models(gen, dtype=torch.float32)
+    kw = dict(method="ties", density=0.2)
+
+    def fresh():
+        return {n: torch.empty_like(t) for n, t in base.items()}
+    cases = [
+        ([1, 2], TypeError, "out: expected a dict"),
+        ({n: t for n, t in fresh().items() if n != "emb"}, ValueError, r"out: no tensor for \['emb'\]"),
+        ({**fresh(), "emb": torch.empty(50, 34)}, ValueError, r"out\['emb'\]: expected \(50, 33\) torch.float32"),
+        ({**fresh(), "emb": torch.empty(50, 33, dtype=torch.float64)}, ValueError, r"out\['emb'\]: expected"),
+        ({**fresh(), "emb": torch.empty(33, 50).t()}, ValueError, r"out\['emb'\]: expected a contiguous tensor"),
+        ({**fresh(), "emb": models[1]["emb"]}, ValueError, r"out\['emb'\] overlaps models\[1\]\['emb'\]"),
+        ({**fresh(), "emb": "x"}, TypeError, r"out\['emb'\]: expected a tensor"),
+    ]
+    shared = fresh()
+    shared["layer.b"] = shared["layer.w"][0]  # two outputs in one place
+    cases.append((shared, ValueError, r"out\[.layer.(w|b).\] overlaps out\[.layer.(w|b).\]"))
+    for out, error, message in cases:
+        with pytest.raises(error, match=message):
+            merge(base, models, out=out, **kw)
+    # Tied weights: merging one name in place would change the other's base before it is read.
+    tied = dict(base, emb2=base["emb"])
+    tied_models = [dict(m, emb2=m["emb"]) for m in models]
+    with pytest.raises(ValueError, match=r"out\['emb2?'\] overlaps out\['emb2?'\]"):
+        merge(tied, tied_models, out=tied, **kw)
+    twin = dict(base, emb2=base["emb"].clone())
+    twin_models = [dict(m, emb2=m["emb"].clone()) for m in models]
+    with pytest.raises(ValueError, match=r"out\['emb2'\] overlaps base\['emb'\]"):
+        merge(twin, twin_models, out={**{n: torch.empty_like(t) for n, t in twin.items()}, "emb2": twin["emb"]}, **kw)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fused_model_merge_matches_reference_on_a_large_tensor(gen, dtype):
     """The fused native path (tau = theta_t - theta_0 formed inside the radix passes and the

@@ -963,9 +963,57 @@ def _jsonable(weights):
     return dict(weights) if isinstance(weights, Mapping) else weights
 
 
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses a tensor view can touch."""
+    lo = hi = t.data_ptr()
+    for size, stride in zip(t.shape, t.stride()):
+        reach = (size - 1) * stride * t.element_size()
+        lo, hi = (lo + reach, hi) if reach < 0 else (lo, hi + reach)
+    return lo, hi + t.element_size()
+
+
+def _check_out(out, base: dict, models: list) -> None:
+    """``out`` holds, for every name of ``base``, a contiguous tensor of its shape, dtype and
+    device that overlaps no input and no other output, except that it may be the base's own
+    tensor of that name (merging in place: the passes read each element of it before writing)."""
+    if not isinstance(out, Mapping):
+        raise TypeError(f"out: expected a dict of tensors like base's, got {type(out).__name__}")
+    missing = sorted(set(base) - set(out))
+    if missing:
+        raise ValueError(f"out: no tensor for {missing[:3]} ({len(missing)} of base's names missing)")
+    spans = []  # (first, last, label, may-be-written-over-by)
+    for name, b in base.items():
+        o = out[name]
+        if not isinstance(o, torch.Tensor):
+            raise TypeError(f"out[{name!r}]: expected a tensor, got {type(o).__name__}")
+        if o.shape != b.shape or o.dtype != b.dtype or o.device != b.device:
+            raise ValueError(f"out[{name!r}]: expected {tuple(b.shape)} {b.dtype} on {b.device} as in base, "
+                             f"got {tuple(o.shape)} {o.dtype} on {o.device}")
+        if not o.is_contiguous():
+            raise ValueError(f"out[{name!r}]: expected a contiguous tensor")
+        if o.numel():
+            spans.append((*_extent(o), f"out[{name!r}]", name))
+            if not (o.data_ptr() == b.data_ptr() and b.is_contiguous()):
+                spans.append((*_extent(b), f"base[{name!r}]", None))
+        for i, m in enumerate(models):
+            if m[name].numel():
+                spans.append((*_extent(m[name]), f"models[{i}][{name!r}]", None))
+    # A sweep over spans by first address: each output against every span still open.
+    spans.sort(key=lambda s: s[0])
+    open_ = []
+    for first, last, label, written in spans:
+        open_ = [s for s in open_ if s[1] > first]
+        for _, _, other, other_written in open_:
+            if written is not None or other_written is not None:
+                first_named, then = (label, other) if written is not None else (other, label)
+                raise ValueError(f"out: {first_named} overlaps {then}; outputs may only be the base's own tensors "
+                                 "(in place) or memory no input and no other output uses")
+        open_.append((first, last, label, written))
+
+
 def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=None, density=None,
           sign: str = "sum", semantics: str = "peft", seed=None, gamma=None, epsilon=None, scope: str = "tensor",
-          backend: str = "auto") -> dict:
+          backend: str = "auto", out: dict | None = None) -> dict:
     r"""Merge fine-tuned state dicts into ``base``: for every floating-point tensor,
     :math:`\theta_0 + \lambda \cdot \mathrm{method}(\theta_1 - \theta_0, \dots, \theta_T - \theta_0)`
     in the base's dtype (task vectors formed in float32, float64 for float64 models).
@@ -978,6 +1026,11 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
     to T floats (see :func:`_block_weights`). The native pass forms the task vectors itself
     and takes whole tensors (its exact top-k keeps about 1% of each task's keys a while);
     other backends process 4M elements at a time, so their temporaries stay O(chunk).
+    ``out``: where to write the result instead of fresh tensors, returned: a dict with a
+    contiguous tensor of the base's shape, dtype and device for each of its names (say, the
+    state dict of a model to load the merge into, or ``base`` itself to merge in place and
+    save a model's memory). Writing into memory in use also spares the kernel's first-touch
+    faults of a fresh output, about a tenth of a merge of bf16 models on a 2-core VM.
     """
     spec = method_spec(method, density=density, sign=sign, semantics=semantics, seed=seed, gamma=gamma, epsilon=epsilon)
     _checks.choice(scope, "scope", SCOPES)
@@ -986,6 +1039,8 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
     weights_of = _block_weights(weights, len(models))
     layout = lambda sd: {name: (tuple(t.shape), t.dtype) for name, t in sd.items()}
     _check_compatible(layout(base), [layout(m) for m in models], [f"models[{i}]" for i in range(len(models))])
+    if out is not None:
+        _check_out(out, base, models)
     def chunk_of(numel: int, dtype: torch.dtype) -> int:
         fused = merge_op.select(backend, torch.device("cpu"), dtype, ([], None, spec), name="merge")[0] == "native"
         return _chunk_elements(spec, numel, max(numel, 1) if fused else _IN_MEMORY_CHUNK)
@@ -996,13 +1051,18 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
             flat = [b.detach().reshape(-1)] + [m[name].detach().reshape(-1) for m in models]
             items.append((name, b.numel(), b.dtype, [lambda s, c, x=x: x[s:s + c] for x in flat]))
     trims, spec = _global_trims(items, spec, chunk_of, weights_of, backend) if scope == "global" else ({}, spec)
-    out = {name: b.clone() for name, b in base.items() if b.dtype not in _DTYPES}
+    merged = {}
+    for name, b in base.items():
+        if b.dtype not in _DTYPES:
+            merged[name] = b.clone() if out is None else out[name].copy_(b)
     for name, numel, dtype, reads in items:
-        result = _memory.empty((numel,), dtype)
+        result = _memory.empty((numel,), dtype) if out is None else out[name].view(-1)
         _merge_tensor(name, reads[0], reads[1:], numel, dtype, spec, weights_of(name), lam, chunk_of(numel, dtype), backend,
                       lambda s, c: result[s:s + c], trims=trims.get(name))
-        out[name] = result.view(base[name].shape)
-    return {name: out[name] for name in base}
+        merged[name] = result.view(base[name].shape)
+    if out is not None:
+        return out
+    return {name: merged[name] for name in base}
 
 
 def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=None, density=None,
