@@ -981,7 +981,7 @@ def _check_out(out, base: dict, models: list) -> None:
     missing = sorted(set(base) - set(out))
     if missing:
         raise ValueError(f"out: no tensor for {missing[:3]} ({len(missing)} of base's names missing)")
-    spans = []  # (first, last, label, may-be-written-over-by)
+    spans = []  # (first, last, label, the name it is the output of, or None for an input)
     for name, b in base.items():
         o = out[name]
         if not isinstance(o, torch.Tensor):
