@@ -740,7 +740,7 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
           const __m512 sign_bit = _mm512_castsi512_ps(_mm512_set1_epi32(int32_t(0x80000000u)));
           const __m512 inf_v = _mm512_set1_ps(inf);
           const __m512i inf_keys = _mm512_set1_epi32(int32_t(inf_key));
-          auto sixteen = [&](auto light) TRANSFEROPS_INLINE {  // entries j ... j + 15; false: redo
+          auto merge_sixteen = [&](auto light) TRANSFEROPS_INLINE {  // entries j ... j + 15; false: redo
             constexpr bool L = decltype(light)::value;
             __m512 v[G];
             __m512 vt = zero;
@@ -782,10 +782,10 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
           for (int g = 0; g < G; ++g) light &= drop[g] == inf && wt[g] == A(1);
           if (light) {
             for (; j + 16 <= j1; j += 16) {
-              if (!sixteen(std::true_type{})) sixteen(std::false_type{});
+              if (!merge_sixteen(std::true_type{})) merge_sixteen(std::false_type{});
             }
           } else {
-            for (; j + 16 <= j1; j += 16) sixteen(std::false_type{});
+            for (; j + 16 <= j1; j += 16) merge_sixteen(std::false_type{});
           }
         }
       }
