@@ -1051,18 +1051,18 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
             flat = [b.detach().reshape(-1)] + [m[name].detach().reshape(-1) for m in models]
             items.append((name, b.numel(), b.dtype, [lambda s, c, x=x: x[s:s + c] for x in flat]))
     trims, spec = _global_trims(items, spec, chunk_of, weights_of, backend) if scope == "global" else ({}, spec)
-    merged = {}
-    for name, b in base.items():
-        if b.dtype not in _DTYPES:
-            merged[name] = b.clone() if out is None else out[name].copy_(b)
+    # Tensors that are not merged (integer buffers) are the base's, copied.
+    if out is None:
+        out = {name: _memory.empty(b.shape, b.dtype) if b.dtype in _DTYPES else b.clone() for name, b in base.items()}
+    else:
+        for name, b in base.items():
+            if b.dtype not in _DTYPES:
+                out[name].copy_(b)
     for name, numel, dtype, reads in items:
-        result = _memory.empty((numel,), dtype) if out is None else out[name].view(-1)
+        result = out[name].view(-1)
         _merge_tensor(name, reads[0], reads[1:], numel, dtype, spec, weights_of(name), lam, chunk_of(numel, dtype), backend,
                       lambda s, c: result[s:s + c], trims=trims.get(name))
-        merged[name] = result.view(base[name].shape)
-    if out is not None:
-        return out
-    return {name: merged[name] for name in base}
+    return out
 
 
 def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=None, density=None,
