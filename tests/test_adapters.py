@@ -126,6 +126,30 @@ def test_bottleneck_odd_sizes_and_large_row_means(backend, N, d, r, offset, gen)
                                                                  seed=3), gen, torch.float32, conditioned=offset == 0)
 
 
+def test_native_bottleneck_splits_large_inputs_whatever_the_thread_count(gen):
+    """2.1M entries: forward's tiles follow the thread count, and backward cuts 16 row chunks
+    of two tiles each, summed by the threads; the result matches the reference, and one thread
+    gives the same bits as all of them (the chunks depend on N and d only)."""
+    from threadpoolctl import threadpool_limits
+    from transferops._backend import native_module
+
+    native = native_module()
+    if native is None:
+        pytest.skip("needs the native module")
+    x, w, _ = _bottleneck_inputs(gen, 53001, 40, 3, torch.float32)
+    kw = dict(layer_norm=True, activation="gelu", dropout=0.1, seed=5)
+    _check_against_reference("native", x, w, None, kw, gen, torch.float32)
+    if native.omp_max_threads() < 2:
+        return
+    grad = torch.randn(x.shape, generator=gen)
+    many = _run("native", x, w, None, kw, grad)
+    with threadpool_limits(1, user_api="openmp"):
+        assert native.omp_max_threads() == 1
+        one = _run("native", x, w, None, kw, grad)
+    for i, (a, b) in enumerate(zip(one, many)):
+        assert torch.equal(a, b), i
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_native_isas_agree_to_rounding(dtype, gen):
     """Every build of the adapter kernels this CPU runs agrees with the baseline build to a few

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -26,24 +27,45 @@ namespace {
 constexpr int64_t kForwardTileElements = int64_t(1) << 15;
 constexpr int64_t kBackwardTileElements = int64_t(1) << 17;
 // Weight gradients are summed over at most this many fixed row chunks (their partials take
-// chunks * (2 r d + 4 d) values).
+// chunks * (2 r d + 4 d) values), of at least kMinChunkRows rows.
 constexpr int64_t kMaxChunks = 16;
+constexpr int64_t kMinChunkRows = 16;
 // The stream word of the adapters' dropout draws (merging uses hashes of tensor names).
 constexpr uint32_t kDropoutStream = 0x41445054u;
 
 int64_t tile_rows(int64_t d, int64_t elements) { return std::max<int64_t>(16, elements / std::max<int64_t>(d, 1)); }
 
-// Sum of f(j) for j < n in 8 interleaved partial sums, combined in a fixed order: without
-// -ffast-math, one running sum cannot vectorize; these lanes can.
+// Rows [begin, begin + rows) cut into `count` parts whose sizes differ by at most one row: equal
+// parts keep the threads in step (backward had cut 2048 rows into 13 tiles of up to 170 rows,
+// 7 for one thread and 6 for the other).
+struct Split {
+  int64_t begin, rows, count;
+  Split(int64_t begin_, int64_t rows_, int64_t count_)
+      : begin(begin_), rows(rows_), count(std::max<int64_t>(1, count_)) {}
+  // `rows` in parts of at most `most` rows, as few as can be.
+  static Split at_most(int64_t begin, int64_t rows, int64_t most) { return {begin, rows, (rows + most - 1) / most}; }
+  int64_t start(int64_t i) const { return begin + rows * i / count; }
+  int64_t size(int64_t i) const { return start(i + 1) - start(i); }
+  int64_t largest() const { return (rows + count - 1) / count; }
+};
+
+// Sum of f(j) for j < n in 32 interleaved partial sums, combined in a fixed order: without
+// -ffast-math, one running sum cannot vectorize; these lanes can, as four independent vector
+// sums (one, with its add latency per 8 terms, had made the layer-norm statistics 30% of a
+// one-thread forward at d = 768).
 template <class T, class F>
 T lane_sum(int64_t n, F&& f) {
-  T lane[8] = {};
+  constexpr int kLanes = 32;
+  T lane[kLanes] = {};
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    for (int l = 0; l < 8; ++l) lane[l] += f(j + l);
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lane[l] += f(j + l);
   }
   for (; j < n; ++j) lane[0] += f(j);
-  return ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+  for (int w = kLanes / 2; w > 0; w /= 2) {
+    for (int l = 0; l < w; ++l) lane[l] += lane[l + w];
+  }
+  return lane[0];
 }
 
 // Vectors from cpu/vec.h: the scalar-times-vector products broadcast the scalar.
@@ -283,15 +305,24 @@ struct Folded {
       if (p.ln_weight) ln_weight[size_t(k)] = p.ln_weight[k];
       if (p.ln_bias) ln_bias[size_t(k)] = p.ln_bias[k];
     }
+    // The transposes in blocks of 16 k: element by element along k or j, one side's 16+ streams,
+    // d apart, had thrashed L1's sets (at 4 rows, d = 768, r = 16: 70% of a forward call).
+    constexpr int64_t kBlock = 16;
+    for (int64_t k0 = 0; k0 < d; k0 += kBlock) {
+      const int64_t k1 = std::min(d, k0 + kBlock);
+      for (int64_t j = 0; j < r; ++j) {
+        for (int64_t k = k0; k < k1; ++k) {
+          const T wd = p.w_down[j * d + k];
+          wt[size_t(k * rp + j)] = w.layer_norm && p.ln_weight ? wd * p.ln_weight[k] : wd;
+          wut[size_t(j * dp + k)] = p.w_up[k * r + j];
+        }
+      }
+    }
     for (int64_t j = 0; j < r; ++j) {
       const T* wd = p.w_down + j * d;
-      T b = p.b_down ? p.b_down[j] : T(0);
-      for (int64_t k = 0; k < d; ++k) {
-        wt[size_t(k * rp + j)] = w.layer_norm && p.ln_weight ? wd[k] * p.ln_weight[k] : wd[k];
-        if (w.layer_norm && p.ln_bias) b += wd[k] * p.ln_bias[k];
-      }
-      bias[size_t(j)] = b;
-      for (int64_t k = 0; k < d; ++k) wut[size_t(j * dp + k)] = p.w_up[k * r + j];
+      const T shift =
+          w.layer_norm && p.ln_bias ? lane_sum<T>(d, [&](int64_t k) { return wd[k] * p.ln_bias[k]; }) : T(0);
+      bias[size_t(j)] = (p.b_down ? p.b_down[j] : T(0)) + shift;
     }
   }
 };
@@ -303,8 +334,12 @@ bool forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
   const Weights<T> p(w);
   const Dropout drop(w);
   const Folded<T> f(w, p);
-  const int64_t N = x.rows, d = w.d, r = w.r, rp = f.rp, tm = tile_rows(d, kForwardTileElements);
-  const int64_t tiles = (N + tm - 1) / tm;
+  const int64_t N = x.rows, d = w.d, r = w.r, rp = f.rp;
+  // Rows are independent here: the tiles may follow the thread count, a whole multiple of it.
+  Split split = Split::at_most(0, N, tile_rows(d, kForwardTileElements));
+  const int64_t threads = max_threads();
+  if (split.count > 1) split = Split(0, N, (split.count + threads - 1) / threads * threads);
+  const int64_t tiles = split.count;
   T *a = static_cast<T*>(a_out), *mean = static_cast<T*>(mean_out), *rstd = static_cast<T*>(rstd_out);
   int64_t nonfinite_tiles = 0;
 #ifdef TRANSFEROPS_OPENMP
@@ -312,14 +347,14 @@ bool forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
 #endif
   {
     // bf16/fp16 rows are widened once per tile; float and double rows are read in place.
-    const size_t rows = size_t(tm);
+    const size_t rows = size_t(split.largest());
     std::vector<T> buf(std::is_same_v<S, T> ? 0 : rows * size_t(d)), proj(rows * size_t(rp)), z(rows * size_t(r)),
         v(size_t(kUpRows) * size_t(f.dp)), scratch(size_t(kDownRows * d));
 #ifdef TRANSFEROPS_OPENMP
 #pragma omp for schedule(static) reduction(+ : nonfinite_tiles)
 #endif
     for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t n0 = t * tm, m = std::min(tm, N - n0);
+      const int64_t n0 = split.start(t), m = split.size(t);
       const T* in;
       int64_t ld;
       if constexpr (std::is_same_v<S, T>) {
@@ -391,19 +426,14 @@ bool forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
 // One row chunk's partial weight gradients, dp wide (columns past d are padding): the products
 // mt = phi(a)^T g' [r, dp] (g' the output gradient after dropout) and dt = da^T xhat [r, dp]
 // (xhat the normalized input, or x without layer norm), the column sums of g' and of da, and
-// the LN terms.
+// the LN terms; all in one block of width(dp, r) values at `base`.
 template <class T>
 struct Partials {
-  std::vector<T> mt, dt, g_sum, da_sum, ln_weight, ln_bias;
-  Partials(int64_t dp, int64_t r)
-      : mt(size_t(r * dp)), dt(size_t(r * dp)), g_sum(size_t(dp)), da_sum(size_t(r)), ln_weight(size_t(dp)),
-        ln_bias(size_t(dp)) {}
-  void add(const Partials& o) {
-    for (auto [dst, src] : {std::pair{&mt, &o.mt}, {&dt, &o.dt}, {&g_sum, &o.g_sum}, {&da_sum, &o.da_sum},
-                            {&ln_weight, &o.ln_weight}, {&ln_bias, &o.ln_bias}}) {
-      for (size_t i = 0; i < dst->size(); ++i) (*dst)[i] += (*src)[i];
-    }
-  }
+  T *mt, *dt, *g_sum, *ln_weight, *ln_bias, *da_sum;
+  static int64_t width(int64_t dp, int64_t r) { return 2 * r * dp + 3 * dp + r; }
+  Partials(T* base, int64_t dp, int64_t r)
+      : mt(base), dt(mt + r * dp), g_sum(dt + r * dp), ln_weight(g_sum + dp), ln_bias(ln_weight + dp),
+        da_sum(ln_bias + dp) {}
 };
 
 // Every product runs in the register blocks of forward's kernels, on tiles of g' and xhat copied
@@ -417,8 +447,10 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
   const Weights<T> p(w);
   const Dropout drop(w);
   const int64_t N = x.rows, d = w.d, r = w.r, tm = tile_rows(d, kBackwardTileElements);
-  const int64_t tiles = (N + tm - 1) / tm;
-  const int64_t chunks = std::max<int64_t>(1, std::min(kMaxChunks, tiles));
+  // The chunks, and the tiles within each, follow from N and d only: the sums' order does not
+  // depend on the thread count.
+  const Split chunk_rows(0, N, std::min(kMaxChunks, N / kMinChunkRows));
+  const int64_t chunks = chunk_rows.count, rows = std::min(tm, chunk_rows.largest());
   const T* a = static_cast<const T*>(a_in);
   const T* mean = static_cast<const T*>(mean_in);
   const T* rstd = static_cast<const T*>(rstd_in);
@@ -433,7 +465,11 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
       w_down[size_t(k * dp + j)] = p.w_down[k * d + j];
     }
   }
-  std::vector<Partials<T>> parts(size_t(chunks), Partials<T>(dp, r));
+  // Each chunk's partials are zeroed by the thread that sums them, then added up in chunk order by
+  // all threads over slices of the block (serial, zeroing and adding had left one thread of two
+  // idle for 10% of a call at 2048 x 768).
+  const int64_t width = Partials<T>::width(dp, r);
+  const std::unique_ptr<T[]> sums(new T[size_t(chunks * width)]);
 #ifdef TRANSFEROPS_OPENMP
 #pragma omp parallel if (chunks > 1 && N * d > kParallelMinElements)
 #endif
@@ -441,11 +477,11 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
     // phi(a) and da also transposed ([r, m]), so that the weight gradients' broadcasts walk each
     // column's m values in order (2048 x 768 and 8192 x 768, r=64, paired: 1.03-1.07x faster than
     // reading [m, r] with stride r; r=16 alike).
-    std::vector<T> g(size_t(tm * dp)), xhat(size_t(tm * dp)), dh(size_t(kUpRows * dp)), zt(size_t(tm * r)),
-        da(size_t(tm * r)), dat(size_t(tm * r)), proj(size_t(tm * rp));
-    const auto accumulate = [dp](std::vector<T>& sum) {
-      return [&sum, dp](int64_t k, int64_t col, const Vec<T>& v) {
-        T* s = sum.data() + k * dp + col;
+    std::vector<T> g(size_t(rows * dp)), xhat(size_t(rows * dp)), dh(size_t(kUpRows * dp)), zt(size_t(rows * r)),
+        da(size_t(rows * r)), dat(size_t(rows * r)), proj(size_t(rows * rp));
+    const auto accumulate = [dp](T* sum) {
+      return [sum, dp](int64_t k, int64_t col, const Vec<T>& v) {
+        T* s = sum + k * dp + col;
         store_vec(s, load_vec(s) + v);
       };
     };
@@ -453,9 +489,12 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
 #pragma omp for schedule(static)
 #endif
     for (int64_t c = 0; c < chunks; ++c) {
-      Partials<T>& part = parts[size_t(c)];
-      for (int64_t t = tiles * c / chunks; t < tiles * (c + 1) / chunks; ++t) {
-        const int64_t n0 = t * tm, m = std::min(tm, N - n0);
+      T* base = sums.get() + c * width;
+      std::fill(base, base + width, T(0));
+      const Partials<T> part(base, dp, r);
+      const Split tiles = Split::at_most(chunk_rows.start(c), chunk_rows.size(c), tm);
+      for (int64_t t = 0; t < tiles.count; ++t) {
+        const int64_t n0 = tiles.start(t), m = tiles.size(t);
         for (int64_t i = 0; i < m; ++i) {
           const S* gr = grad.row<S>(n0 + i);
           T* br = g.data() + i * dp;
@@ -464,7 +503,7 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
           } else {
             for (int64_t j = 0; j < d; ++j) br[j] = widen(gr[j]);
           }
-          for (int64_t j = 0; j < d; ++j) part.g_sum[size_t(j)] += br[j];
+          for (int64_t j = 0; j < d; ++j) part.g_sum[j] += br[j];
           const S* xr = x.row<S>(n0 + i);
           T* hr = xhat.data() + i * dp;
           if (w.layer_norm) {
@@ -484,7 +523,7 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
           for (int64_t k = 0; k < r; ++k) {
             const T v = proj[size_t(i * rp + k)] * activate_slope(w.act, at[i * r + k]);
             da[size_t(i * r + k)] = dat[size_t(k * m + i)] = v;
-            part.da_sum[size_t(k)] += v;
+            part.da_sum[k] += v;
           }
         }
         up_tile(dat.data(), m, 1, m, xhat.data(), dp, r, accumulate(part.dt));
@@ -507,7 +546,7 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
               continue;
             }
             const T* hr = xhat.data() + (i0 + q) * dp;
-            T *lw = part.ln_weight.data(), *lb = part.ln_bias.data();
+            T *lw = part.ln_weight, *lb = part.ln_bias;
             for (int64_t j = 0; j < d; ++j) {
               lw[j] += gi[j] * hr[j];
               lb[j] += gi[j];
@@ -524,34 +563,41 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
         }
       }
     }
+#ifdef TRANSFEROPS_OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t i = 0; i < width; ++i) {
+      T total = sums[size_t(i)];
+      for (int64_t c = 1; c < chunks; ++c) total += sums[size_t(c * width + i)];
+      sums[size_t(i)] = total;
+    }
   }
-  for (int64_t c = 1; c < chunks; ++c) parts[0].add(parts[size_t(c)]);
-  const Partials<T>& total = parts[0];
+  const Partials<T> total(sums.get(), dp, r);
   T *gw_down = static_cast<T*>(out.w_down), *gb_down = static_cast<T*>(out.b_down),
     *gw_up = static_cast<T*>(out.w_up), *gb_up = static_cast<T*>(out.b_up),
     *gln_w = static_cast<T*>(out.ln_weight), *gln_b = static_cast<T*>(out.ln_bias),
     *gscale = static_cast<T*>(out.scale);
   // LN(x) = xhat ln_weight + ln_bias: dW_down = da^T LN(x) = dt diag(ln_weight) + da_sum ln_bias^T.
   for (int64_t k = 0; k < r; ++k) {
-    const T* dtk = total.dt.data() + k * dp;
-    const T dsum = total.da_sum[size_t(k)];
+    const T* dtk = total.dt + k * dp;
+    const T dsum = total.da_sum[k];
     for (int64_t j = 0; j < d; ++j) {
       gw_down[k * d + j] = w.layer_norm ? dtk[j] * ln_weight[size_t(j)] + (p.ln_bias ? dsum * p.ln_bias[j] : T(0))
                                         : dtk[j];
     }
   }
-  std::copy(total.da_sum.begin(), total.da_sum.end(), gb_down);
-  std::copy_n(total.ln_weight.begin(), d, gln_w);
-  std::copy_n(total.ln_bias.begin(), d, gln_b);
+  std::copy_n(total.da_sum, r, gb_down);
+  std::copy_n(total.ln_weight, d, gln_w);
+  std::copy_n(total.ln_bias, d, gln_b);
   // y_j = s_j (W_up z + b_up)_j: dW_up = diag(s) mt^T, db_up = s g'_sum, ds_j = <W_up_j, mt^T_j> + b_up_j g'_sum_j.
   for (int64_t j = 0; j < d; ++j) {
     T ds = 0;
     for (int64_t k = 0; k < r; ++k) {
-      const T mjk = total.mt[size_t(k * dp + j)];
+      const T mjk = total.mt[k * dp + j];
       gw_up[j * r + k] = p.scale[j] * mjk;
       ds += p.w_up[j * r + k] * mjk;
     }
-    const T gs = total.g_sum[size_t(j)];
+    const T gs = total.g_sum[j];
     gb_up[j] = p.scale[j] * gs;
     gscale[j] = ds + (p.b_up ? p.b_up[j] * gs : T(0));
   }
