@@ -339,10 +339,13 @@ def _lora_inputs(gen, N, d_in, d_out, r, dtype):
 @pytest.mark.parametrize("backend", ["native"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_lora_matches_reference(backend, dtype, dropout, gen):
+@pytest.mark.parametrize("rows", [41, 21, 17])
+def test_lora_matches_reference(backend, dtype, dropout, rows, gen):
+    """float32/64 fold s B A into W for passes over more rows than the product's inner size:
+    41 rows in both (d_in = 23, d_out = 19), 21 for the input gradient only, 17 in neither."""
     require_backend(backend)
-    inputs = _lora_inputs(gen, 41, 23, 19, 4, dtype)
-    grad = torch.randn(41, 19, generator=gen, dtype=torch.float64).to(dtype).double()
+    inputs = _lora_inputs(gen, rows, 23, 19, 4, dtype)
+    grad = torch.randn(rows, 19, generator=gen, dtype=torch.float64).to(dtype).double()
 
     def run(be, ts):
         leaves = [t.clone().requires_grad_() for t in ts]

@@ -376,6 +376,14 @@ def _merges_exactly(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64)
 
 
+def _folds(rows: int, inner: int, dtype: torch.dtype) -> bool:
+    """Whether a pass over ``rows`` rows folds s B A into W: forming it takes 2 r d_out d_in
+    FLOPs, and saves the branch's second product, 2 r rows x (the product's other side); so
+    only for more rows than ``inner`` (d_in forward, d_out for the input gradient). At 2048 x
+    4096, r=16, folding had made forward+backward 1.13x the frozen base's time, PEFT's 1.09x."""
+    return _merges_exactly(dtype) and rows > inner
+
+
 @torch.library.custom_op("transferops::lora_fwd", mutates_args=())
 def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
               lora_B: torch.Tensor, scaling: float, dropout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -383,7 +391,7 @@ def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     u = xd @ lora_A.t()
     if x.device.type == "cpu" and not bool(torch.isfinite(u).all()):  # a GPU check would wait for the device
         _name_nonfinite((("x", x), ("lora_A", lora_A)))
-    if dropout == 0 and _merges_exactly(x.dtype):
+    if dropout == 0 and _folds(x.shape[0], x.shape[1], x.dtype):
         return F.linear(x, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias), u
     out = F.linear(x, weight, bias)
     return out.addmm_(u, lora_B.t(), alpha=scaling), u
@@ -409,7 +417,7 @@ def _lora_backward(ctx, grad, _gu):
     gB = grad @ lora_B  # [N, r]
     dx = dw = db = da = dbb = None
     if need_x:
-        if p == 0 and _merges_exactly(x.dtype):
+        if p == 0 and _folds(x.shape[0], weight.shape[0], x.dtype):
             dx = grad @ torch.addmm(weight, lora_B, lora_A, alpha=s)
         elif p > 0:
             # The dropped-out branch formed in float32 (16-bit inputs) and rounded once: gB A and
