@@ -51,8 +51,8 @@ struct Split {
 
 // Sum of f(j) for j < n in 32 interleaved partial sums, combined in a fixed order: without
 // -ffast-math, one running sum cannot vectorize; these lanes can, as four independent vector
-// sums (one, with its add latency per 8 terms, had made the layer-norm statistics 30% of a
-// one-thread forward at d = 768).
+// sums (one, with its add latency per 8 terms, had made the layer-norm statistics about a quarter
+// of a one-thread forward at d = 768).
 template <class T, class F>
 T lane_sum(int64_t n, F&& f) {
   constexpr int kLanes = 32;
@@ -306,7 +306,8 @@ struct Folded {
       if (p.ln_bias) ln_bias[size_t(k)] = p.ln_bias[k];
     }
     // The transposes in blocks of 16 k: element by element along k or j, one side's 16+ streams,
-    // d apart, had thrashed L1's sets (at 4 rows, d = 768, r = 16: 70% of a forward call).
+    // d apart, had thrashed L1's sets (with the bias in lanes, a forward call over 4 rows at
+    // d = 768, r = 16 went from 32 to 21 us; folding had been 70% of it).
     constexpr int64_t kBlock = 16;
     for (int64_t k0 = 0; k0 < d; k0 += kBlock) {
       const int64_t k1 = std::min(d, k0 + kBlock);
@@ -465,8 +466,8 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
   }
   for (int64_t k = 0; k < r; ++k) std::copy_n(p.w_down + k * d, d, w_down.data() + k * dp);
   // Each chunk's partials are zeroed by the thread that sums them, then added up in chunk order by
-  // all threads over slices of the block (serial, zeroing and adding had left one thread of two
-  // idle for 10% of a call at 2048 x 768).
+  // all threads over slices of the block, where one thread had done both while the others waited
+  // (with equal tiles: 2048 x 768, r = 16, 2 threads, 4.3-5.7 -> 3.7-4.2 ms).
   const int64_t width = Partials<T>::width(dp, r);
   const std::unique_ptr<T[]> sums(new T[size_t(chunks * width)]);
 #ifdef TRANSFEROPS_OPENMP
@@ -590,8 +591,8 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
   std::copy_n(total.ln_bias, d, gln_b);
   // y_j = s_j (W_up z + b_up)_j: dW_up = diag(s) mt^T, db_up = s g'_sum, ds_j = <W_up_j, mt^T_j> + b_up_j g'_sum_j.
   // In blocks of 16 j, k inside: along j alone, mt's r rows (dp apart) thrash L1's sets, and along
-  // k alone each ds is one chain of r dependent adds (with the transposes, 70% of a backward call
-  // over 4 rows at d = 768).
+  // k alone each ds is one chain of r dependent adds (with W_down copied by rows, a backward call
+  // over 4 rows at d = 768, r = 16 went from 61 to 55 us).
   constexpr int64_t kBlock = 16;
   for (int64_t j0 = 0; j0 < d; j0 += kBlock) {
     const int64_t j1 = std::min(d, j0 + kBlock);
