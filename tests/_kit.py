@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,6 +156,27 @@ def assert_matches_reference(fn, inputs: tuple, kwargs: dict, *, backend: str, d
     assert out.dtype == dtype, f"output dtype {out.dtype}, expected {dtype}"
     assert_close(out, ref, dtype, name=f"{getattr(fn, '__name__', fn)}[{backend}]", **tol)
     return out
+
+
+def require_thp() -> Path:
+    """The THP mode file; skips the test unless Linux offers transparent huge pages."""
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not Path("/proc/self/smaps").exists() or not mode.exists() or "[never]" in mode.read_text():
+        pytest.skip("needs Linux with transparent huge pages")
+    return mode
+
+
+def thp_eligible(t: torch.Tensor) -> bool:
+    """Whether the mapping holding t's data may take transparent huge pages (/proc smaps)."""
+    addr, mapping = t.data_ptr(), None
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            mapping = lo <= addr < hi
+        elif mapping and head == "THPeligible:":
+            return line.split()[1] == "1"
+    raise AssertionError("no mapping holds the tensor")
 
 
 __all__ = ["DTYPES", "TOLERANCES", "assert_close", "assert_matches_reference", "guarded_empty",

@@ -8,7 +8,8 @@ from transferops.adapters import ACTIVATIONS, bottleneck_adapter, dropout_factor
 from transferops.bench.bench_adapters import peft_layer, saved_bytes
 from transferops.nn import BottleneckAdapter, IA3Linear, LoRALinear, MultiLoRALinear, ScaLearn
 
-from _kit import DTYPES, assert_close, native_isa, noncontiguous, outputs_per_isa, require_backend
+from _kit import (DTYPES, assert_close, native_isa, noncontiguous, outputs_per_isa, require_backend, require_thp,
+                  thp_eligible)
 
 FAST = ["native", "triton"]
 # One unit in the last place, relative: a 16-bit result rounded once from float32 is within it.
@@ -148,6 +149,26 @@ def test_native_bottleneck_splits_large_inputs_whatever_the_thread_count(gen):
         one = _run("native", x, w, None, kw, grad)
     for i, (a, b) in enumerate(zip(one, many)):
         assert torch.equal(a, b), i
+
+
+def test_native_bottleneck_large_outputs_are_advised_huge_pages(monkeypatch, gen):
+    """y and dx of 32 MB and more sit on mappings advised MADV_HUGEPAGE (_memory.empty: at
+    2048 x 4096 their first-touch faults had doubled a forward call), hold the same values as
+    torch-allocated ones, and take part in autograd as ordinary tensors."""
+    from transferops import _memory
+
+    mode = require_thp()
+    x, w, _ = _bottleneck_inputs(gen, _memory.HUGE_MIN_BYTES // (4 * 64) + 1, 64, 4, torch.float32)
+    grad = torch.randn(x.shape, generator=gen)
+    kw = dict(layer_norm=True, activation="relu")
+    y, dx, *grads = _run("native", x, w, None, kw, grad)
+    if "[madvise]" in mode.read_text():  # under "always" every mapping is eligible
+        assert thp_eligible(y) and thp_eligible(dx)
+    monkeypatch.setenv("TRANSFEROPS_HUGEPAGES", "0")
+    for got, want in zip((y, dx, *grads), _run("native", x, w, None, kw, grad)):
+        assert torch.equal(got, want)
+    if "[madvise]" in mode.read_text():
+        assert not thp_eligible(want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

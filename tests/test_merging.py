@@ -13,7 +13,7 @@ from transferops.merging import (MergeSpec, _MARKS, _NativeSelect, _abs_topks, _
                                  disjoint_merge, magnitude_prune, merge_op, task_arithmetic, ties)
 
 from _kit import (DTYPES, assert_close, assert_matches_reference, guarded_empty, native_isa, noncontiguous,
-                  outputs_per_isa, randn, require_backend)
+                  outputs_per_isa, randn, require_backend, require_thp, thp_eligible)
 
 _ROOT = Path(__file__).resolve().parents[1]
 # shared/ lies beside the checkout (developers, CI) or inside it (runs on a lent GPU).
@@ -974,19 +974,6 @@ print(json.dumps({{"growth": rss('VmHWM:') - before, "output": base["w"].numel()
     assert extra < 0.25 * stats["output"] + (4 << 20), extra
 
 
-def _thp_eligible(t: torch.Tensor) -> bool:
-    """Whether the mapping holding t's data may take transparent huge pages (/proc smaps)."""
-    addr, mapping = t.data_ptr(), None
-    for line in open("/proc/self/smaps"):
-        head = line.split()[0]
-        if "-" in head and not head.endswith(":"):
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            mapping = lo <= addr < hi
-        elif mapping and head == "THPeligible:":
-            return line.split()[1] == "1"
-    raise AssertionError("no mapping holds the tensor")
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_native_outputs_are_advised_huge_pages(monkeypatch, gen, dtype):
     """Outputs of 32 MB and more are private mappings advised MADV_HUGEPAGE (their first-touch
@@ -995,22 +982,20 @@ def test_large_native_outputs_are_advised_huge_pages(monkeypatch, gen, dtype):
     require_backend("native")
     from transferops import _memory
 
-    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if not Path("/proc/self/smaps").exists() or not mode.exists() or "[never]" in mode.read_text():
-        pytest.skip("needs Linux with transparent huge pages")
+    mode = require_thp()
     numel = (_memory.HUGE_MIN_BYTES // torch.empty((), dtype=dtype).element_size()) + 3
     tvs = [torch.randn(numel, generator=gen).to(dtype) for _ in range(2)]
     got = task_arithmetic(tvs, backend="native")
-    assert _thp_eligible(got) and got.is_contiguous() and got.dtype == dtype and got.shape == (numel,)
+    assert thp_eligible(got) and got.is_contiguous() and got.dtype == dtype and got.shape == (numel,)
     want = (tvs[0].float() + tvs[1].float()).to(dtype)
     del tvs
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     got.add_(1)  # writable
     if "[madvise]" not in mode.read_text():
         return  # "always": every mapping is eligible
-    assert not _thp_eligible(task_arithmetic([want[:1000]], backend="native"))
+    assert not thp_eligible(task_arithmetic([want[:1000]], backend="native"))
     monkeypatch.setenv("TRANSFEROPS_HUGEPAGES", "0")
-    assert not _thp_eligible(task_arithmetic([want], backend="native"))
+    assert not thp_eligible(task_arithmetic([want], backend="native"))
 
 
 def test_cli_merges_a_multishard_bf16_checkpoint_under_a_memory_cap(tmp_path, gen):

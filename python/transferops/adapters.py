@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _checks, _philox
+from . import _checks, _memory, _philox
 from ._backend import Op, native_buffer, native_module
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
@@ -170,7 +170,7 @@ def _bottleneck_native_fwd(x, residual, w_down, b_down, w_up, b_up, ln_weight, l
                            activation, residual_mode, dropout, seed):
     xr = _checks.as_rows(x)
     N, r, T = xr.shape[0], w_down.shape[0], _compute_dtype(x.dtype)
-    out = torch.empty(xr.shape, dtype=x.dtype)
+    out = _memory.empty(xr.shape, x.dtype)
     a, mean, rstd = torch.empty(N, r, dtype=T), torch.empty(N, dtype=T), torch.empty(N, dtype=T)
     res = native_buffer(_checks.as_rows(residual)) if residual is not None else None
     params = [_flat(t) for t in (w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale)]
@@ -187,7 +187,7 @@ def _bottleneck_native_bwd(grad, x, a, mean, rstd, w_down, b_down, w_up, b_up, l
                            eps, activation, residual_mode, dropout, seed):
     xr = _checks.as_rows(x)
     r, d, T = w_down.shape[0], w_down.shape[1], _compute_dtype(x.dtype)
-    dx = torch.empty(xr.shape, dtype=x.dtype)
+    dx = _memory.empty(xr.shape, x.dtype)
     grads = [torch.empty(s, dtype=T) for s in _grad_shapes(r, d)]
     params = [_flat(t) for t in (w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale)]
     native_module().bottleneck_backward(native_buffer(_checks.as_rows(grad)), native_buffer(xr), native_buffer(a),
