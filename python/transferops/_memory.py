@@ -5,10 +5,9 @@ first-touch faults on a fresh 4 KB-paged output cost as much as the pass itself:
 VM, 75 ms to fault and zero 180 MB on one thread against 13 ms with 2 MB pages (and 6 ms to
 rewrite it); a bottleneck adapter's forward at 2048 x 4096 took 24.5 ms into 4 KB pages and
 13.7 ms into huge ones. Large outputs are therefore mapped privately and advised
-MADV_HUGEPAGE, which takes effect where
-the system's THP mode is ``madvise`` or ``always`` (the common defaults) and is a no-op
-elsewhere. ``TRANSFEROPS_HUGEPAGES=0`` turns it off, for systems where direct compaction
-stalls the faults instead.
+MADV_HUGEPAGE, which takes effect where the system's THP mode is ``madvise`` or ``always``
+(the common defaults) and is a no-op elsewhere. ``TRANSFEROPS_HUGEPAGES=0`` turns it off, for
+systems where direct compaction stalls the faults instead.
 """
 
 from __future__ import annotations
