@@ -27,9 +27,12 @@ namespace {
 constexpr int64_t kForwardTileElements = int64_t(1) << 15;
 constexpr int64_t kBackwardTileElements = int64_t(1) << 17;
 // Weight gradients are summed over at most this many fixed row chunks (their partials take
-// chunks * (2 r d + 4 d) values), of at least kMinChunkRows rows.
+// chunks * Partials::width values), of at least kMinChunkRows rows.
 constexpr int64_t kMaxChunks = 16;
 constexpr int64_t kMinChunkRows = 16;
+// Columns per block where a setup or epilogue loop walks an [r, d] and a [d, r] array together:
+// r streams d apart along one of them thrash L1's sets, so each block finishes its lines first.
+constexpr int64_t kColumnBlock = 16;
 // The stream word of the adapters' dropout draws (merging uses hashes of tensor names).
 constexpr uint32_t kDropoutStream = 0x41445054u;
 
@@ -305,12 +308,10 @@ struct Folded {
       if (p.ln_weight) ln_weight[size_t(k)] = p.ln_weight[k];
       if (p.ln_bias) ln_bias[size_t(k)] = p.ln_bias[k];
     }
-    // The transposes in blocks of 16 k: element by element along k or j, one side's 16+ streams,
-    // d apart, had thrashed L1's sets (with the bias in lanes, a forward call over 4 rows at
+    // The transposes in column blocks (with the bias in lanes, a forward call over 4 rows at
     // d = 768, r = 16 went from 32 to 21 us; folding had been 70% of it).
-    constexpr int64_t kBlock = 16;
-    for (int64_t k0 = 0; k0 < d; k0 += kBlock) {
-      const int64_t k1 = std::min(d, k0 + kBlock);
+    for (int64_t k0 = 0; k0 < d; k0 += kColumnBlock) {
+      const int64_t k1 = std::min(d, k0 + kColumnBlock);
       for (int64_t j = 0; j < r; ++j) {
         for (int64_t k = k0; k < k1; ++k) {
           const T wd = p.w_down[j * d + k];
@@ -590,13 +591,12 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
   std::copy_n(total.ln_weight, d, gln_w);
   std::copy_n(total.ln_bias, d, gln_b);
   // y_j = s_j (W_up z + b_up)_j: dW_up = diag(s) mt^T, db_up = s g'_sum, ds_j = <W_up_j, mt^T_j> + b_up_j g'_sum_j.
-  // In blocks of 16 j, k inside: along j alone, mt's r rows (dp apart) thrash L1's sets, and along
-  // k alone each ds is one chain of r dependent adds (with W_down copied by rows, a backward call
-  // over 4 rows at d = 768, r = 16 went from 61 to 55 us).
-  constexpr int64_t kBlock = 16;
-  for (int64_t j0 = 0; j0 < d; j0 += kBlock) {
-    const int64_t j1 = std::min(d, j0 + kBlock);
-    T ds[kBlock] = {};
+  // In column blocks, k inside: along j alone mt's r rows thrash L1, and along k alone each ds is
+  // one chain of r dependent adds (with W_down copied by rows, a backward call over 4 rows at
+  // d = 768, r = 16 went from 61 to 55 us).
+  for (int64_t j0 = 0; j0 < d; j0 += kColumnBlock) {
+    const int64_t j1 = std::min(d, j0 + kColumnBlock);
+    T ds[kColumnBlock] = {};
     for (int64_t k = 0; k < r; ++k) {
       for (int64_t j = j0; j < j1; ++j) {
         const T mjk = total.mt[k * dp + j];
