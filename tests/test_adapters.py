@@ -134,9 +134,8 @@ def test_native_bottleneck_splits_large_inputs_whatever_the_thread_count(gen):
     from threadpoolctl import threadpool_limits
     from transferops._backend import native_module
 
+    require_backend("native")
     native = native_module()
-    if native is None:
-        pytest.skip("needs the native module")
     x, w, _ = _bottleneck_inputs(gen, 53001, 40, 3, torch.float32)
     kw = dict(layer_norm=True, activation="gelu", dropout=0.1, seed=5)
     _check_against_reference("native", x, w, None, kw, gen, torch.float32)
