@@ -518,48 +518,6 @@ void bottleneck_backward(const py::buffer& grad, const py::buffer& x, const py::
   cpu::bottleneck_backward(w, gv.view, xv.view, ap, mp, sp, dv.view, g);
 }
 
-// A LoRA's A [r, d_in] and B [d_out, r] (B may be absent where unused) in compute type T.
-cpu::LoRA lora_of(const py::buffer& a, const std::optional<py::buffer>& b, int64_t r, int64_t d_in, int64_t d_out,
-                  DType T, double scaling, double dropout, uint64_t seed, std::vector<py::buffer_info>& keep) {
-  if (r < 1) throw std::invalid_argument("r: expected at least 1, got " + std::to_string(r));
-  if (!(dropout >= 0 && dropout < 1)) throw std::invalid_argument("dropout: expected 0 <= p < 1");
-  const void* ap = flat_ptr(a, r * d_in, T, "lora_A", keep, false);
-  const void* bp = flat_ptr(b, d_out * r, T, "lora_B", keep, false);
-  return cpu::LoRA{r, ap, bp, scaling, dropout, seed};
-}
-
-// See cpu::lora_project.
-bool lora_project(const py::buffer& x, const py::buffer& u, const py::buffer& a, int64_t r, double dropout,
-                  uint64_t seed) {
-  const BufferView xv = buffer_view(x, "x", false);
-  BufferView uv = buffer_view(u, "u", true);
-  check_same_layout(uv.view, View2D{nullptr, xv.view.dtype, xv.view.rows, r, r}, "u");
-  std::vector<py::buffer_info> keep;
-  const cpu::LoRA l = lora_of(a, std::nullopt, r, xv.view.cols, 0, compute_dtype(xv.view.dtype), 0.0, dropout, seed, keep);
-  py::gil_scoped_release release;
-  return cpu::lora_project(l, xv.view, uv.view);
-}
-
-// See cpu::lora_backward; d_a / d_b None skip that gradient.
-void lora_backward(const py::buffer& grad, const py::buffer& x, const py::buffer& u, const py::buffer& g_b,
-                   const py::buffer& a, const py::buffer& b, int64_t r, double scaling, double dropout, uint64_t seed,
-                   const std::optional<py::buffer>& d_a, const std::optional<py::buffer>& d_b) {
-  const BufferView gv = buffer_view(grad, "grad", false), xv = buffer_view(x, "x", false);
-  const BufferView uv = buffer_view(u, "u", false);
-  BufferView bv = buffer_view(g_b, "g_b", true);
-  const int64_t N = xv.view.rows, d_in = xv.view.cols, d_out = gv.view.cols;
-  const DType S = xv.view.dtype;
-  check_same_layout(gv.view, View2D{nullptr, S, N, d_out, d_out}, "grad");
-  check_same_layout(uv.view, View2D{nullptr, S, N, r, r}, "u");
-  check_same_layout(bv.view, View2D{nullptr, S, N, r, r}, "g_b");
-  std::vector<py::buffer_info> keep;
-  const cpu::LoRA l = lora_of(a, b, r, d_in, d_out, compute_dtype(S), scaling, dropout, seed, keep);
-  void* da = flat_ptr(d_a, r * d_in, S, "d_a", keep, true);
-  void* db = flat_ptr(d_b, d_out * r, S, "d_b", keep, true);
-  py::gil_scoped_release release;
-  cpu::lora_backward(l, gv.view, xv.view, uv.view, bv.view, da, db, da != nullptr, db != nullptr);
-}
-
 using Vector = py::array_t<double, py::array::c_style | py::array::forcecast>;
 
 // See cpu::logme_fixed_point. Returns (evidence, alpha, beta, t_used, z or None), [K] each and
@@ -677,11 +635,6 @@ PYBIND11_MODULE(_native, m) {
         py::arg("mean"), py::arg("rstd"), py::arg("dx"), py::arg("r"), py::arg("params"), py::arg("grads"),
         py::arg("layer_norm"), py::arg("eps"), py::arg("activation"), py::arg("residual_mode"), py::arg("dropout"),
         py::arg("seed"), "fused bottleneck adapter backward, recomputing LN, activation and dropout mask");
-  m.def("lora_project", &lora_project, py::arg("x"), py::arg("u"), py::arg("a"), py::arg("r"), py::arg("dropout"),
-        py::arg("seed"), "LoRA's u = drop(x) A^T; returns whether it is finite");
-  m.def("lora_backward", &lora_backward, py::arg("grad"), py::arg("x"), py::arg("u"), py::arg("g_b"), py::arg("a"),
-        py::arg("b"), py::arg("r"), py::arg("scaling"), py::arg("dropout"), py::arg("seed"), py::arg("d_a"),
-        py::arg("d_b"), "LoRA's gB = grad B, dA = s gB^T drop(x), dB = s grad^T u in one pass over grad and x");
   m.def("abs_equal_cut", &abs_equal_cut, py::arg("tensor"), py::arg("base"), py::arg("key"), py::arg("rank"));
   m.def("abs_sample_keys", &abs_sample_keys, py::arg("tasks"), py::arg("base"), py::arg("runs"), py::arg("seed"),
         "keys of |x| at runs of consecutive elements spread over the views: [T, runs, run length]");

@@ -385,38 +385,6 @@ def test_lora_matches_reference(backend, dtype, dropout, rows, gen):
                 f"lora {name} {dtype}: {err:.3e} vs torch {err_torch:.3e}"
 
 
-def _lora_grads(x, w, b, A, B, grad, **kw):
-    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, A, B)]
-    y = lora_linear(*leaves, **kw)
-    return [y, *torch.autograd.grad(y, leaves, grad)]
-
-
-def test_native_lora_splits_large_inputs_whatever_the_thread_count(gen):
-    """40000 rows: backward cuts 16 row chunks of two tiles each; on a row-strided x the output
-    and every gradient match the float64 reference, and one thread gives the same bits as all
-    of them (the chunks depend on N and the widths only)."""
-    from threadpoolctl import threadpool_limits
-    from transferops._backend import native_module
-
-    require_backend("native")
-    native = native_module()
-    x, w, b, A, B = _lora_inputs(gen, 40000, 67, 45, 5, torch.float32)
-    x = torch.cat([x, x], 1)[:, 67:]  # rows 134 apart
-    assert not x.is_contiguous()
-    grad = torch.randn(40000, 45, generator=gen)
-    kw = dict(scaling=1.3, dropout=0.15, seed=7)
-    want = _lora_grads(*(t.double() for t in (x, w, b, A, B)), grad.double(), backend="reference", **kw)
-    many = _lora_grads(x, w, b, A, B, grad, backend="native", **kw)
-    for name, g, e in zip(["y", "dx", "dW", "db", "dA", "dB"], many, want):
-        assert_close(g, e, torch.float32, name=f"lora {name}", atol=3e-6 * e.abs().max().item())
-    if native.omp_max_threads() < 2:
-        return
-    with threadpool_limits(1, user_api="openmp"):
-        one = _lora_grads(x, w, b, A, B, grad, backend="native", **kw)
-    for name, a, c in zip(["y", "dx", "dW", "db", "dA", "dB"], one, many):
-        assert torch.equal(a, c), name
-
-
 @pytest.mark.parametrize("frozen", ["lora_A", "lora_B"])
 def test_lora_skips_the_gradient_of_a_frozen_factor(frozen, gen):
     """A frozen A (LoRA-FA) or B gets no gradient, and the other factor's matches the reference."""

@@ -291,30 +291,6 @@ struct Dropout {
   }
 };
 
-// Rows [n0, n0 + m) of src as T, `ld` apart: in place where `in_place` (which needs S = T), else
-// widened into buf (rows buf_ld apart), times their dropout factors with a `drop`.
-template <class S, class T>
-const T* rows_as(const View2D& src, int64_t n0, int64_t m, bool in_place, const Dropout* drop, T* buf,
-                 int64_t buf_ld, int64_t& ld) {
-  if constexpr (std::is_same_v<S, T>) {
-    if (in_place) {
-      ld = src.row_stride;
-      return src.row<S>(n0);
-    }
-  }
-  for (int64_t i = 0; i < m; ++i) {
-    const S* row = src.row<S>(n0 + i);
-    T* out = buf + i * buf_ld;
-    if (drop) {
-      drop->apply(n0 + i, row, out);
-    } else {
-      for (int64_t j = 0; j < src.cols; ++j) out[j] = widen(row[j]);
-    }
-  }
-  ld = buf_ld;
-  return buf;
-}
-
 // up_tile's store adding each vector into sum [., ld].
 template <class T>
 auto accumulate_into(T* sum, int64_t ld) {
@@ -450,8 +426,19 @@ bool forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
 #endif
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t n0 = split.start(t), m = split.size(t);
+      const T* in;
       int64_t ld;
-      const T* in = rows_as<S>(x, n0, m, true, nullptr, buf.data(), d, ld);
+      if constexpr (std::is_same_v<S, T>) {
+        in = x.row<S>(n0);
+        ld = x.row_stride;
+      } else {
+        for (int64_t i = 0; i < m; ++i) {
+          const S* xr = x.row<S>(n0 + i);
+          for (int64_t j = 0; j < d; ++j) buf[size_t(i * d + j)] = widen(xr[j]);
+        }
+        in = buf.data();
+        ld = d;
+      }
       for (int64_t i = 0; i < m; ++i) {
         const T* xr = in + i * ld;
         if (!w.layer_norm) {
@@ -672,125 +659,6 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
   }
 }
 
-// LoRA's rank-r products run in the bottleneck's register blocks, at r = 16 about twice the rate
-// of torch's BLAS on these skinny shapes (2048 x 768: x A^T 0.81 ms, gB^T x 1.25 ms in torch).
-
-// m [rows, cols] (T) as [cols, rp], zero past `rows`: down_rows' weights, from W [r, d] or W^T.
-template <class T>
-std::vector<T> down_weights(const T* m, int64_t rows, int64_t cols, bool transpose) {
-  const int64_t rp = down_width<T>(transpose ? rows : cols);
-  std::vector<T> out(size_t((transpose ? cols : rows) * rp));
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) out[size_t(transpose ? j * rp + i : i * rp + j)] = m[i * cols + j];
-  }
-  return out;
-}
-
-template <class S>
-bool lora_project_typed(const LoRA& l, const View2D& x, const View2D& u) {
-  using T = acc_t<S>;
-  const int64_t N = x.rows, d = x.cols, r = l.r, rp = down_width<T>(r);
-  const std::vector<T> at = down_weights(static_cast<const T*>(l.A), r, d, true);
-  const Dropout drop(l.dropout, l.seed, d);
-  const bool in_place = std::is_same_v<S, T> && !drop.on;
-  const Split split = Split::balanced(N, tile_rows(d, kForwardTileElements));
-  int64_t nonfinite_tiles = 0;
-#ifdef TRANSFEROPS_OPENMP
-#pragma omp parallel if (split.count > 1 && N * d > kParallelMinElements)
-#endif
-  {
-    std::vector<T> buf(in_place ? 0 : size_t(split.largest() * d)), proj(size_t(split.largest() * rp));
-#ifdef TRANSFEROPS_OPENMP
-#pragma omp for schedule(static) reduction(+ : nonfinite_tiles)
-#endif
-    for (int64_t t = 0; t < split.count; ++t) {
-      const int64_t n0 = split.start(t), m = split.size(t);
-      int64_t ld;
-      const T* in = rows_as<S>(x, n0, m, in_place, drop.on ? &drop : nullptr, buf.data(), d, ld);
-      down_tile<T>(in, ld, nullptr, at.data(), rp, d, m, proj.data(), nullptr);
-      T bad = 0;
-      for (int64_t i = 0; i < m; ++i) {
-        S* ur = u.row<S>(n0 + i);
-        for (int64_t k = 0; k < r; ++k) {
-          const T v = proj[size_t(i * rp + k)];
-          bad += v - v;
-          ur[k] = narrow<S>(v);
-        }
-      }
-      nonfinite_tiles += bad != T(0);
-    }
-  }
-  return nonfinite_tiles == 0;
-}
-
-template <class S>
-void lora_backward_typed(const LoRA& l, const View2D& grad, const View2D& x, const View2D& u, const View2D& g_b,
-                         void* d_a, void* d_b, bool need_a, bool need_b) {
-  using T = acc_t<S>;
-  const int64_t N = x.rows, d_in = x.cols, d_out = grad.cols, r = l.r;
-  const int64_t rp = down_width<T>(r), dp_in = up_width<T>(d_in), dp_out = up_width<T>(d_out);
-  const int64_t tm = tile_rows(std::max(d_in, d_out), kBackwardTileElements);
-  const std::vector<T> bt = down_weights(static_cast<const T*>(l.B), d_out, r, false);
-  const Dropout drop(l.dropout, l.seed, d_in);
-  // grad and x are copied into tiles (zero past d) with padded rows even where they could be read
-  // in place: up_tile walks them down their columns.
-  const int64_t lo = padded_ld<T>(dp_out), li = padded_ld<T>(dp_in);
-  // Per chunk: dB^T [r, dp_out] and dA [r, dp_in], unscaled. u and gB are taken transposed
-  // ([r, m]), as phi(a) and da in the bottleneck's backward.
-  struct Scratch {
-    std::vector<T> g, xt, ut, gbt, proj;
-  };
-  const auto scratch = [&](int64_t largest) {
-    const size_t rows = size_t(std::min(tm, largest));
-    return Scratch{std::vector<T>(rows * size_t(lo)), std::vector<T>(need_a ? rows * size_t(li) : 0), std::vector<T>(rows * size_t(r)),
-                   std::vector<T>(rows * size_t(r)), std::vector<T>(rows * size_t(rp))};
-  };
-  const auto chunk = [&](Scratch& b, int64_t begin, int64_t size, T* part) {
-    T *dbt = part, *da = part + r * dp_out;
-    const Split tiles = Split::at_most(begin, size, tm);
-    for (int64_t t = 0; t < tiles.count; ++t) {
-      const int64_t n0 = tiles.start(t), m = tiles.size(t);
-      int64_t ldg, ldx;
-      const T* g = rows_as<S>(grad, n0, m, false, nullptr, b.g.data(), lo, ldg);
-      down_tile<T>(g, ldg, nullptr, bt.data(), rp, d_out, m, b.proj.data(), nullptr);
-      for (int64_t i = 0; i < m; ++i) {
-        S* gr = g_b.row<S>(n0 + i);
-        const S* ur = u.row<S>(n0 + i);
-        for (int64_t k = 0; k < r; ++k) {
-          const T v = b.proj[size_t(i * rp + k)];
-          gr[k] = narrow<S>(v);
-          b.gbt[size_t(k * m + i)] = v;
-          b.ut[size_t(k * m + i)] = widen(ur[k]);
-        }
-      }
-      if (need_b) up_tile(b.ut.data(), m, 1, m, g, ldg, dp_out, r, accumulate_into(dbt, dp_out));
-      if (need_a) {
-        const T* xs = rows_as<S>(x, n0, m, false, drop.on ? &drop : nullptr, b.xt.data(), li, ldx);
-        up_tile(b.gbt.data(), m, 1, m, xs, ldx, dp_in, r, accumulate_into(da, dp_in));
-      }
-    }
-  };
-  const auto sums = chunk_sums<T>(N, r * (dp_out + dp_in), N * (d_in + d_out) > kParallelMinElements, scratch, chunk);
-  const T s = T(l.scaling);
-  if (need_a) {
-    const T* da = sums.get() + r * dp_out;
-    S* out = static_cast<S*>(d_a);
-    for (int64_t k = 0; k < r; ++k) {
-      for (int64_t j = 0; j < d_in; ++j) out[k * d_in + j] = narrow<S>(s * da[k * dp_in + j]);
-    }
-  }
-  if (need_b) {
-    S* out = static_cast<S*>(d_b);
-    for (int64_t o0 = 0; o0 < d_out; o0 += kColumnBlock) {
-      for (int64_t k = 0; k < r; ++k) {
-        for (int64_t o = o0; o < std::min(d_out, o0 + kColumnBlock); ++o) {
-          out[o * r + k] = narrow<S>(s * sums[size_t(k * dp_out + o)]);
-        }
-      }
-    }
-  }
-}
-
 template <class S>
 void dropout_typed(const View2D& x, const View2D& out, double p, uint64_t seed) {
   const Dropout drop(p, seed, x.cols);
@@ -816,15 +684,6 @@ void bottleneck_backward_impl(const Bottleneck& w, const View2D& grad, const Vie
   dispatch_float(x.dtype, [&](auto s) { backward_typed<decltype(s)>(w, grad, x, a, mean, rstd, dx, grads); });
 }
 
-bool lora_project_impl(const LoRA& l, const View2D& x, const View2D& u) {
-  return dispatch_float(x.dtype, [&](auto s) { return lora_project_typed<decltype(s)>(l, x, u); });
-}
-
-void lora_backward_impl(const LoRA& l, const View2D& grad, const View2D& x, const View2D& u, const View2D& g_b,
-                        void* d_a, void* d_b, bool need_a, bool need_b) {
-  dispatch_float(x.dtype, [&](auto s) { lora_backward_typed<decltype(s)>(l, grad, x, u, g_b, d_a, d_b, need_a, need_b); });
-}
-
 }  // namespace TRANSFEROPS_ISA
 
 #ifdef TRANSFEROPS_ISA_BASE
@@ -834,9 +693,6 @@ bool bottleneck_forward_impl(const Bottleneck& w, const View2D& x, const View2D*
                              const View2D& out, void* a, void* mean, void* rstd);
 void bottleneck_backward_impl(const Bottleneck& w, const View2D& grad, const View2D& x, const void* a,
                               const void* mean, const void* rstd, const View2D& dx, const BottleneckGrads& grads);
-bool lora_project_impl(const LoRA& l, const View2D& x, const View2D& u);
-void lora_backward_impl(const LoRA& l, const View2D& grad, const View2D& x, const View2D& u, const View2D& g_b,
-                        void* d_a, void* d_b, bool need_a, bool need_b);
 })
 
 void adapter_dropout(const View2D& x, const View2D& out, double p, uint64_t seed) {
@@ -853,12 +709,6 @@ void bottleneck_backward(const Bottleneck& w, const View2D& grad, const View2D& 
   TRANSFEROPS_RUN_UP_TO_AVX2(bottleneck_backward_impl(w, grad, x, a, mean, rstd, dx, grads));
 }
 
-bool lora_project(const LoRA& l, const View2D& x, const View2D& u) { TRANSFEROPS_RUN_UP_TO_AVX2(lora_project_impl(l, x, u)); }
-
-void lora_backward(const LoRA& l, const View2D& grad, const View2D& x, const View2D& u, const View2D& g_b, void* d_a,
-                   void* d_b, bool need_a, bool need_b) {
-  TRANSFEROPS_RUN_UP_TO_AVX2(lora_backward_impl(l, grad, x, u, g_b, d_a, d_b, need_a, need_b));
-}
 #endif  // TRANSFEROPS_ISA_BASE
 
 }  // namespace transferops::cpu

@@ -62,25 +62,4 @@ struct BottleneckGrads {
 void bottleneck_backward(const Bottleneck& w, const View2D& grad, const View2D& x, const void* a, const void* mean,
                          const void* rstd, const View2D& dx, const BottleneckGrads& grads);
 
-// LoRA's rank-r side of y = x W^T + b + s drop(x) A^T B^T (Hu et al. 2022, eq. 3); the base
-// GEMM stays in torch's BLAS. A [r, d_in] and B [d_out, r] are in the compute type T, contiguous;
-// drop is adapter_dropout's mask over x [N, d_in].
-struct LoRA {
-  int64_t r;
-  const void* A;
-  const void* B;
-  double scaling;
-  double dropout;
-  uint64_t seed;
-};
-
-// u = drop(x) A^T [N, r] in x's dtype; returns whether every entry is finite.
-bool lora_project(const LoRA& l, const View2D& x, const View2D& u);
-
-// gB = grad B [N, r], and with need_a / need_b dA = s gB^T drop(x) [r, d_in] and
-// dB = s grad^T u [d_out, r], all in x's dtype, from one pass over grad and one over x. The
-// sums over N are taken per fixed row chunk, then in chunk order, as the bottleneck's.
-void lora_backward(const LoRA& l, const View2D& grad, const View2D& x, const View2D& u, const View2D& g_b,
-                   void* d_a, void* d_b, bool need_a, bool need_b);
-
 }  // namespace transferops::cpu
