@@ -184,7 +184,9 @@ int64_t up_width(int64_t d) {
 // The row stride of a tile buffer of dp (up_width) values per row that up_tile walks down its
 // columns: one cache line more, an odd number of lines, so that a column block's rows spread
 // over all of L1's sets (rows of 768 floats, 48 lines, had used a sixteenth of them; 4096, one).
-// LoRA's dA product, 2048 x 768, r=16, one thread: 36 -> 71 GFLOP/s.
+// The weight-gradient product's shape, 2048 x 768, r=16, one thread: 36 -> 71 GFLOP/s (LoRA's
+// dA in 59c1668); the bottleneck's backward at 2048 x 4096, r=64, 2 threads, p50 of alternated
+// runs: 108-117 -> 94-108 ms (2048 x 768, r=16: within noise).
 template <class T>
 int64_t padded_ld(int64_t dp) {
   return dp + 64 / int64_t(sizeof(T));
@@ -326,9 +328,9 @@ std::unique_ptr<T[]> chunk_sums(int64_t N, int64_t width, bool parallel, MakeSta
       std::fill(part, part + width, T(0));
       body(state, chunk_rows.start(c), chunk_rows.size(c), part);
     }
-    // In blocks, chunks inside, so that the adds run along each chunk's contiguous values (one
-    // value at a time across the chunks, 2048 x 768, r = 16, had been a quarter of a one-thread
-    // LoRA backward).
+    // In blocks, chunks inside, so that the adds run along each chunk's contiguous values and
+    // vectorize (one value at a time across 16 chunks 100 KB apart had been a quarter of a
+    // one-thread pass of the same shape, LoRA's backward at 2048 x 768, r = 16, in 59c1668).
 #ifdef TRANSFEROPS_OPENMP
 #pragma omp for schedule(static)
 #endif
