@@ -49,13 +49,6 @@ struct Split {
       : begin(begin_), rows(rows_), count(std::max<int64_t>(1, count_)) {}
   // `rows` in parts of at most `most` rows, as few as can be.
   static Split at_most(int64_t begin, int64_t rows, int64_t most) { return {begin, rows, (rows + most - 1) / most}; }
-  // Rows [0, rows) in parts of at most `most` rows, their count a whole multiple of the thread
-  // count when there are several: for loops whose rows are independent.
-  static Split balanced(int64_t rows, int64_t most) {
-    const Split split = at_most(0, rows, most);
-    const int64_t threads = max_threads();
-    return split.count > 1 ? Split(0, rows, (split.count + threads - 1) / threads * threads) : split;
-  }
   int64_t start(int64_t i) const { return begin + rows * i / count; }
   int64_t size(int64_t i) const { return start(i + 1) - start(i); }
   int64_t largest() const { return (rows + count - 1) / count; }
@@ -293,59 +286,6 @@ struct Dropout {
   }
 };
 
-// up_tile's store adding each vector into sum [., ld].
-template <class T>
-auto accumulate_into(T* sum, int64_t ld) {
-  return [sum, ld](int64_t k, int64_t col, const Vec<T>& v) {
-    T* s = sum + k * ld + col;
-    store_vec(s, load_vec(s) + v);
-  };
-}
-
-// Sums over N rows in a fixed order whatever the thread count: the rows are cut into at most
-// kMaxChunks equal chunks of at least kMinChunkRows rows (they depend on N only), body(state,
-// begin, rows, partial) adds one chunk's terms into its zeroed `width` values, and the chunks'
-// partials are then added in chunk order; returns the block whose first `width` values are the
-// totals. Each thread makes its scratch `state` once, from the largest chunk's row count. Each
-// chunk's partials are zeroed by the thread that sums them, then added up by all threads over
-// slices of the block, where one thread had done both while the others waited (with equal
-// tiles: 2048 x 768, r = 16, 2 threads, 4.3-5.7 -> 3.7-4.2 ms).
-template <class T, class MakeState, class Body>
-std::unique_ptr<T[]> chunk_sums(int64_t N, int64_t width, bool parallel, MakeState&& make_state, Body&& body) {
-  const Split chunk_rows(0, N, std::min(kMaxChunks, N / kMinChunkRows));
-  const int64_t chunks = chunk_rows.count;
-  std::unique_ptr<T[]> sums(new T[size_t(chunks * width)]);
-#ifdef TRANSFEROPS_OPENMP
-#pragma omp parallel if (chunks > 1 && parallel)
-#endif
-  {
-    auto state = make_state(chunk_rows.largest());
-#ifdef TRANSFEROPS_OPENMP
-#pragma omp for schedule(static)
-#endif
-    for (int64_t c = 0; c < chunks; ++c) {
-      T* part = sums.get() + c * width;
-      std::fill(part, part + width, T(0));
-      body(state, chunk_rows.start(c), chunk_rows.size(c), part);
-    }
-    // In blocks, chunks inside, so that the adds run along each chunk's contiguous values and
-    // vectorize (one value at a time across 16 chunks 100 KB apart had been a quarter of a
-    // one-thread pass of the same shape, LoRA's backward at 2048 x 768, r = 16, in 59c1668).
-#ifdef TRANSFEROPS_OPENMP
-#pragma omp for schedule(static)
-#endif
-    for (int64_t i0 = 0; i0 < width; i0 += kReduceBlock) {
-      const int64_t n = std::min(kReduceBlock, width - i0);
-      T* total = sums.get() + i0;
-      for (int64_t c = 1; c < chunks; ++c) {
-        const T* part = sums.get() + c * width + i0;
-        for (int64_t i = 0; i < n; ++i) total[i] += part[i];
-      }
-    }
-  }
-  return sums;
-}
-
 template <class T>
 struct Weights {
   const T *w_down, *b_down, *w_up, *b_up, *ln_weight, *ln_bias, *scale;
@@ -411,7 +351,10 @@ bool forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
   const Dropout drop(w);
   const Folded<T> f(w, p);
   const int64_t N = x.rows, d = w.d, r = w.r, rp = f.rp;
-  const Split split = Split::balanced(N, tile_rows(d, kForwardTileElements));
+  // Rows are independent here: the tiles may follow the thread count, a whole multiple of it.
+  Split split = Split::at_most(0, N, tile_rows(d, kForwardTileElements));
+  const int64_t threads = max_threads();
+  if (split.count > 1) split = Split(0, N, (split.count + threads - 1) / threads * threads);
   const int64_t tiles = split.count;
   T *a = static_cast<T*>(a_out), *mean = static_cast<T*>(mean_out), *rstd = static_cast<T*>(rstd_out);
   int64_t nonfinite_tiles = 0;
@@ -519,7 +462,6 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
   using T = acc_t<S>;
   const Weights<T> p(w);
   const Dropout drop(w);
-  // The tiles within each chunk follow from N and d only, as the chunks do.
   const int64_t N = x.rows, d = w.d, r = w.r, tm = tile_rows(d, kBackwardTileElements);
   const T* a = static_cast<const T*>(a_in);
   const T* mean = static_cast<const T*>(mean_in);
@@ -534,94 +476,123 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
     for (int64_t k = 0; k < r; ++k) w_up_scaled[size_t(j * rp + k)] = p.scale[j] * p.w_up[j * r + k];
   }
   for (int64_t k = 0; k < r; ++k) std::copy_n(p.w_down + k * d, d, w_down.data() + k * dp);
-  // phi(a) and da also transposed ([r, m]), so that the weight gradients' broadcasts walk each
-  // column's m values in order (2048 x 768 and 8192 x 768, r=64, paired: 1.03-1.07x faster than
-  // reading [m, r] with stride r; r=16 alike).
-  struct Scratch {
-    std::vector<T> g, xhat, dh, zt, da, dat, proj;
-  };
-  const auto scratch = [&](int64_t largest) {
-    const size_t rows = size_t(std::min(tm, largest));
-    return Scratch{std::vector<T>(rows * size_t(ld)), std::vector<T>(rows * size_t(ld)),
-                   std::vector<T>(size_t(kUpRows * dp)), std::vector<T>(rows * size_t(r)),
-                   std::vector<T>(rows * size_t(r)), std::vector<T>(rows * size_t(r)),
-                   std::vector<T>(rows * size_t(rp))};
-  };
-  const auto chunk = [&](Scratch& b, int64_t begin, int64_t size, T* base) {
-    const Partials<T> part(base, dp, r);
-    std::vector<T> &g = b.g, &xhat = b.xhat, &dh = b.dh, &zt = b.zt, &da = b.da, &dat = b.dat, &proj = b.proj;
-    const Split tiles = Split::at_most(begin, size, tm);
-    for (int64_t t = 0; t < tiles.count; ++t) {
-      const int64_t n0 = tiles.start(t), m = tiles.size(t);
-      for (int64_t i = 0; i < m; ++i) {
-        const S* gr = grad.row<S>(n0 + i);
-        T* br = g.data() + i * ld;
-        if (drop.on) {
-          drop.apply(n0 + i, gr, br);
-        } else {
-          for (int64_t j = 0; j < d; ++j) br[j] = widen(gr[j]);
-        }
-        for (int64_t j = 0; j < d; ++j) part.g_sum[j] += br[j];
-        const S* xr = x.row<S>(n0 + i);
-        T* hr = xhat.data() + i * ld;
-        if (w.layer_norm) {
-          const T mu = mean[n0 + i], rs = rstd[n0 + i];
-          for (int64_t j = 0; j < d; ++j) hr[j] = (widen(xr[j]) - mu) * rs;
-        } else {
-          for (int64_t j = 0; j < d; ++j) hr[j] = widen(xr[j]);
-        }
-      }
-      const T* at = a + n0 * r;
-      for (int64_t i = 0; i < m; ++i) {
-        for (int64_t k = 0; k < r; ++k) zt[size_t(k * m + i)] = activate(w.act, at[i * r + k]);
-      }
-      up_tile(zt.data(), m, 1, m, g.data(), ld, dp, r, accumulate_into(part.mt, dp));
-      down_tile<T>(g.data(), ld, nullptr, w_up_scaled.data(), rp, d, m, proj.data(), nullptr);
-      for (int64_t i = 0; i < m; ++i) {
-        for (int64_t k = 0; k < r; ++k) {
-          const T v = proj[size_t(i * rp + k)] * activate_slope(w.act, at[i * r + k]);
-          da[size_t(i * r + k)] = dat[size_t(k * m + i)] = v;
-          part.da_sum[k] += v;
-        }
-      }
-      up_tile(dat.data(), m, 1, m, xhat.data(), ld, dp, r, accumulate_into(part.dt, dp));
-      // dh kUpRows rows at a time, then the layer norm's backward over those rows in L1.
-      for (int64_t i0 = 0; i0 < m; i0 += kUpRows) {
-        const int64_t mr = std::min<int64_t>(kUpRows, m - i0);
-        up_tile(da.data() + i0 * r, r, 1, r, w_down.data(), dp, dp, mr,
-                [&](int64_t q, int64_t col, const Vec<T>& v) { store_vec(dh.data() + q * dp + col, v); });
-        for (int64_t q = 0; q < mr; ++q) {
-          const int64_t n = n0 + i0 + q;
-          const S* graw = grad.row<S>(n);
-          T* gi = dh.data() + q * dp;
-          if (w.residual == Residual::normalized) {
-            for (int64_t j = 0; j < d; ++j) gi[j] += widen(graw[j]);
+  // The chunks, and the tiles within each, follow from N and d only: the sums' order does not
+  // depend on the thread count.
+  const Split chunk_rows(0, N, std::min(kMaxChunks, N / kMinChunkRows));
+  const int64_t chunks = chunk_rows.count, rows = std::min(tm, chunk_rows.largest());
+  // Each chunk's partials are zeroed by the thread that sums them, then added up in chunk order by
+  // all threads over slices of the block, where one thread had done both while the others waited
+  // (with equal tiles: 2048 x 768, r = 16, 2 threads, 4.3-5.7 -> 3.7-4.2 ms).
+  const int64_t width = Partials<T>::width(dp, r);
+  const std::unique_ptr<T[]> sums(new T[size_t(chunks * width)]);
+#ifdef TRANSFEROPS_OPENMP
+#pragma omp parallel if (chunks > 1 && N * d > kParallelMinElements)
+#endif
+  {
+    // phi(a) and da also transposed ([r, m]), so that the weight gradients' broadcasts walk each
+    // column's m values in order (2048 x 768 and 8192 x 768, r=64, paired: 1.03-1.07x faster than
+    // reading [m, r] with stride r; r=16 alike).
+    std::vector<T> g(size_t(rows * ld)), xhat(size_t(rows * ld)), dh(size_t(kUpRows * dp)), zt(size_t(rows * r)),
+        da(size_t(rows * r)), dat(size_t(rows * r)), proj(size_t(rows * rp));
+    const auto accumulate = [dp](T* sum) {
+      return [sum, dp](int64_t k, int64_t col, const Vec<T>& v) {
+        T* s = sum + k * dp + col;
+        store_vec(s, load_vec(s) + v);
+      };
+    };
+#ifdef TRANSFEROPS_OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t c = 0; c < chunks; ++c) {
+      T* base = sums.get() + c * width;
+      std::fill(base, base + width, T(0));
+      const Partials<T> part(base, dp, r);
+      const Split tiles = Split::at_most(chunk_rows.start(c), chunk_rows.size(c), tm);
+      for (int64_t t = 0; t < tiles.count; ++t) {
+        const int64_t n0 = tiles.start(t), m = tiles.size(t);
+        for (int64_t i = 0; i < m; ++i) {
+          const S* gr = grad.row<S>(n0 + i);
+          T* br = g.data() + i * ld;
+          if (drop.on) {
+            drop.apply(n0 + i, gr, br);
+          } else {
+            for (int64_t j = 0; j < d; ++j) br[j] = widen(gr[j]);
           }
-          S* dr = dx.row<S>(n);
-          const bool add_g = w.residual == Residual::input;
-          if (!w.layer_norm) {
-            for (int64_t j = 0; j < d; ++j) dr[j] = narrow<S>(add_g ? gi[j] + widen(graw[j]) : gi[j]);
-            continue;
+          for (int64_t j = 0; j < d; ++j) part.g_sum[j] += br[j];
+          const S* xr = x.row<S>(n0 + i);
+          T* hr = xhat.data() + i * ld;
+          if (w.layer_norm) {
+            const T mu = mean[n0 + i], rs = rstd[n0 + i];
+            for (int64_t j = 0; j < d; ++j) hr[j] = (widen(xr[j]) - mu) * rs;
+          } else {
+            for (int64_t j = 0; j < d; ++j) hr[j] = widen(xr[j]);
           }
-          const T* hr = xhat.data() + (i0 + q) * ld;
-          T *lw = part.ln_weight, *lb = part.ln_bias;
-          for (int64_t j = 0; j < d; ++j) {
-            lw[j] += gi[j] * hr[j];
-            lb[j] += gi[j];
-            gi[j] *= ln_weight[size_t(j)];
+        }
+        const T* at = a + n0 * r;
+        for (int64_t i = 0; i < m; ++i) {
+          for (int64_t k = 0; k < r; ++k) zt[size_t(k * m + i)] = activate(w.act, at[i * r + k]);
+        }
+        up_tile(zt.data(), m, 1, m, g.data(), ld, dp, r, accumulate(part.mt));
+        down_tile<T>(g.data(), ld, nullptr, w_up_scaled.data(), rp, d, m, proj.data(), nullptr);
+        for (int64_t i = 0; i < m; ++i) {
+          for (int64_t k = 0; k < r; ++k) {
+            const T v = proj[size_t(i * rp + k)] * activate_slope(w.act, at[i * r + k]);
+            da[size_t(i * r + k)] = dat[size_t(k * m + i)] = v;
+            part.da_sum[k] += v;
           }
-          const T c1 = lane_sum<T>(d, [&](int64_t j) { return gi[j]; }) / T(d);
-          const T c2 = lane_sum<T>(d, [&](int64_t j) { return gi[j] * hr[j]; }) / T(d);
-          const T rs = rstd[n];
-          for (int64_t j = 0; j < d; ++j) {
-            const T v = rs * (gi[j] - c1 - hr[j] * c2);
-            dr[j] = narrow<S>(add_g ? v + widen(graw[j]) : v);
+        }
+        up_tile(dat.data(), m, 1, m, xhat.data(), ld, dp, r, accumulate(part.dt));
+        // dh kUpRows rows at a time, then the layer norm's backward over those rows in L1.
+        for (int64_t i0 = 0; i0 < m; i0 += kUpRows) {
+          const int64_t mr = std::min<int64_t>(kUpRows, m - i0);
+          up_tile(da.data() + i0 * r, r, 1, r, w_down.data(), dp, dp, mr,
+                  [&](int64_t q, int64_t col, const Vec<T>& v) { store_vec(dh.data() + q * dp + col, v); });
+          for (int64_t q = 0; q < mr; ++q) {
+            const int64_t n = n0 + i0 + q;
+            const S* graw = grad.row<S>(n);
+            T* gi = dh.data() + q * dp;
+            if (w.residual == Residual::normalized) {
+              for (int64_t j = 0; j < d; ++j) gi[j] += widen(graw[j]);
+            }
+            S* dr = dx.row<S>(n);
+            const bool add_g = w.residual == Residual::input;
+            if (!w.layer_norm) {
+              for (int64_t j = 0; j < d; ++j) dr[j] = narrow<S>(add_g ? gi[j] + widen(graw[j]) : gi[j]);
+              continue;
+            }
+            const T* hr = xhat.data() + (i0 + q) * ld;
+            T *lw = part.ln_weight, *lb = part.ln_bias;
+            for (int64_t j = 0; j < d; ++j) {
+              lw[j] += gi[j] * hr[j];
+              lb[j] += gi[j];
+              gi[j] *= ln_weight[size_t(j)];
+            }
+            const T c1 = lane_sum<T>(d, [&](int64_t j) { return gi[j]; }) / T(d);
+            const T c2 = lane_sum<T>(d, [&](int64_t j) { return gi[j] * hr[j]; }) / T(d);
+            const T rs = rstd[n];
+            for (int64_t j = 0; j < d; ++j) {
+              const T v = rs * (gi[j] - c1 - hr[j] * c2);
+              dr[j] = narrow<S>(add_g ? v + widen(graw[j]) : v);
+            }
           }
         }
       }
     }
-  };
-  const auto sums = chunk_sums<T>(N, Partials<T>::width(dp, r), N * d > kParallelMinElements, scratch, chunk);
+    // In blocks, chunks inside, so that the adds run along each chunk's contiguous values and
+    // vectorize (one value at a time across 16 chunks 100 KB apart had been a quarter of a
+    // one-thread pass of the same shape, LoRA's backward at 2048 x 768, r = 16, in 59c1668).
+#ifdef TRANSFEROPS_OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t i0 = 0; i0 < width; i0 += kReduceBlock) {
+      const int64_t n = std::min(kReduceBlock, width - i0);
+      T* total = sums.get() + i0;
+      for (int64_t c = 1; c < chunks; ++c) {
+        const T* part = sums.get() + c * width + i0;
+        for (int64_t i = 0; i < n; ++i) total[i] += part[i];
+      }
+    }
+  }
   const Partials<T> total(sums.get(), dp, r);
   T *gw_down = static_cast<T*>(out.w_down), *gb_down = static_cast<T*>(out.b_down),
     *gw_up = static_cast<T*>(out.w_up), *gb_up = static_cast<T*>(out.b_up),
@@ -710,7 +681,6 @@ void bottleneck_backward(const Bottleneck& w, const View2D& grad, const View2D& 
                          const void* rstd, const View2D& dx, const BottleneckGrads& grads) {
   TRANSFEROPS_RUN_UP_TO_AVX2(bottleneck_backward_impl(w, grad, x, a, mean, rstd, dx, grads));
 }
-
 #endif  // TRANSFEROPS_ISA_BASE
 
 }  // namespace transferops::cpu
