@@ -209,11 +209,11 @@ def test_bottleneck_custom_ops_pass_opcheck(backend, gen):
                                        w["scale"])]
     for residual, mode, p in ((None, 0, 0.0), (res, 2, 0.2), (None, 1, 0.0)):
         args = (x.clone().requires_grad_(), residual, *ws, True, 1e-5, 1, mode, p, 7, backend)
-        torch.library.opcheck(_bottleneck_fwd, args)
+        torch.library.opcheck(_bottleneck_fwd.op, args)
         _, a, mean, rstd = (t.detach() for t in _bottleneck_fwd(*args))
         bargs = (torch.randn(9, 8, generator=gen).to(device), x, a, mean, rstd, *(t.detach() for t in ws), True, 1e-5, 1, mode,
                  p, 7, backend)
-        torch.library.opcheck(_bottleneck_bwd, bargs)
+        torch.library.opcheck(_bottleneck_bwd.op, bargs)
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -409,7 +409,7 @@ def test_lora_custom_op_passes_opcheck(gen):
 
     x, w, b, A, B = _lora_inputs(gen, 7, 6, 5, 2, torch.float32)
     for p, bias in ((0.0, b), (0.25, None)):
-        torch.library.opcheck(_lora_fwd, (x.requires_grad_(), w, bias, A.requires_grad_(), B.requires_grad_(), 2.0,
+        torch.library.opcheck(_lora_fwd.op, (x.requires_grad_(), w, bias, A.requires_grad_(), B.requires_grad_(), 2.0,
                                           p, 3))
 
 
@@ -528,9 +528,48 @@ def test_ia3_custom_ops_pass_opcheck(gen):
     x, w, b, _, _ = _lora_inputs(gen, 7, 6, 5, 1, torch.float32)
     for feedforward, bias in ((False, b), (True, None)):
         scale = torch.rand(6 if feedforward else 5, generator=gen) + 0.5
-        torch.library.opcheck(_ia3_fwd, (x.requires_grad_(), w, bias, scale.requires_grad_(), feedforward))
+        torch.library.opcheck(_ia3_fwd.op, (x.requires_grad_(), w, bias, scale.requires_grad_(), feedforward))
     scale = torch.tensor([1.0, 0.0, 2.0, 0.0, 0.5])
-    torch.library.opcheck(_ia3_output_scale_grad, (torch.randn(7, 5), torch.randn(7, 5), x.detach(), w, b, scale))
+    torch.library.opcheck(_ia3_output_scale_grad.op, (torch.randn(7, 5), torch.randn(7, 5), x.detach(), w, b, scale))
+
+
+@pytest.mark.parametrize("op", ["bottleneck", "lora", "ia3"])
+def test_eager_calls_match_calls_through_the_custom_ops(op, monkeypatch, gen):
+    """Eager calls skip the dispatcher (transferops._custom_ops) yet run the ops' own functions
+    and backward formulas: the same output and gradients, bit for bit, as through the ops."""
+    require_backend("native")
+    import transferops._custom_ops as custom
+
+    if op == "bottleneck":
+        x, w, _ = _bottleneck_inputs(gen, 37, 24, 5, torch.float32)
+        args = [x, *w.values()]
+
+        def call(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale):
+            return bottleneck_adapter(x, w_down, b_down, w_up, b_up, layer_norm=True, ln_weight=ln_weight,
+                                      ln_bias=ln_bias, scale=scale, dropout=0.1, seed=4, backend="native")
+    elif op == "lora":
+        args = list(_lora_inputs(gen, 37, 23, 19, 4, torch.float32))
+
+        def call(*ts):
+            return lora_linear(*ts, scaling=1.5, dropout=0.1, seed=4, backend="native")
+    else:
+        x, w, b, _, _ = _lora_inputs(gen, 37, 23, 19, 4, torch.float32)
+        args = [x, w, b, 1 + torch.randn(19, generator=gen)]
+
+        def call(*ts):
+            return ia3_linear(*ts, backend="native")
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in args]
+        y = call(*leaves)
+        y.square().sum().backward()
+        return y.grad_fn.next_functions[0][0].name(), [y.detach(), *(t.grad for t in leaves)]
+    fast_fn, fast = run()
+    monkeypatch.setattr(custom, "_plain", lambda args: False)
+    op_fn, through_op = run()
+    assert fast_fn != op_fn and op_fn.startswith("GeneratedBackwardFor_transferops_"), (fast_fn, op_fn)
+    for got, want in zip(fast, through_op):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_ia3_saves_its_output_not_the_unscaled_one():

@@ -6,6 +6,7 @@ import torch
 
 import transferops
 from transferops._backend import BackendUnavailable, Op, forced_backend, use_backend
+from transferops._custom_ops import custom_op
 
 CPU = torch.device("cpu")
 
@@ -15,6 +16,73 @@ def _toy():
     for name in ("reference", "native", "cuda"):
         op.register(name, dtypes=(torch.float32,))(lambda name=name: name)
     return op
+
+
+@custom_op("transferops_test::scaled")
+def _scaled(x: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return x * s, x.sum()
+
+
+@_scaled.register_fake
+def _(x, s):
+    return torch.empty_like(x), x.new_empty(())
+
+
+def _scaled_setup(ctx, inputs, output):
+    ctx.s = inputs[1]
+
+
+def _scaled_backward(ctx, grad, grad_sum):
+    return grad * ctx.s + grad_sum, None
+
+
+_scaled.register_autograd(_scaled_backward, setup_context=_scaled_setup)
+
+
+def _dispatched(fn) -> bool:
+    """Whether ``fn()`` called transferops_test::scaled through the dispatcher."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any(e.name == "transferops_test::scaled" for e in prof.events())
+
+
+def _value_and_grad(call, x):
+    leaf = x.clone().requires_grad_()
+    y, total = call(leaf, 3.0)
+    (y.square().sum() + total).backward()
+    return y.detach(), total.detach(), leaf.grad
+
+
+def test_custom_op_eager_calls_skip_the_dispatcher_with_the_same_results():
+    x = torch.randn(5, 3)
+    assert not _dispatched(lambda: _scaled(x, 2.0))
+    assert not _dispatched(lambda: _value_and_grad(_scaled, x))
+    assert _dispatched(lambda: _value_and_grad(_scaled.op, x))
+    assert _scaled(x.detach().requires_grad_(), 2.0)[0].grad_fn.name() == "scaledBackward"
+    for got, want in zip(_value_and_grad(_scaled, x), _value_and_grad(_scaled.op, x)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_custom_op_calls_that_something_intercepts_go_through_the_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        names: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(4, 2)
+    with Seen() as mode:
+        _scaled(x, 2.0)
+    assert "transferops_test.scaled.default" in mode.names
+    with FakeTensorMode() as fake:  # only the op has a fake implementation
+        y, total = _scaled(fake.from_tensor(x), 2.0)
+    assert y.shape == x.shape and total.shape == ()
+    compiled = torch.compile(lambda t: _scaled(t, 2.0)[0] + 1, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), x * 2 + 1)
 
 
 def test_precedence_explicit_over_context_over_env(monkeypatch):

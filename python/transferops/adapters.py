@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from . import _checks, _memory, _philox
 from ._backend import Op, native_buffer, native_module
+from ._custom_ops import custom_op
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 _RESIDUAL_INPUT, _RESIDUAL_NORMALIZED, _RESIDUAL_SEPARATE = 0, 1, 2
@@ -58,7 +59,7 @@ def dropout_factor(rows: int, cols: int, p: float, seed: int, device="cpu", dtyp
     return keep.view(rows, cols).to(dtype) / (1 - p)
 
 
-@torch.library.custom_op("transferops::adapter_dropout", mutates_args=())
+@custom_op("transferops::adapter_dropout")
 def _dropped(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """t [rows, cols] times its dropout_factor, in one native pass on the CPU (torch's Philox
     takes ~100 int64 passes over the tensor: 130 ms at 2048 x 768, 12x a LoRA layer's step).
@@ -107,7 +108,7 @@ def _bottleneck_reference(x, residual, w_down, b_down, w_up, b_up, ln_weight, ln
     return res + u
 
 
-@torch.library.custom_op("transferops::bottleneck_fwd", mutates_args=())
+@custom_op("transferops::bottleneck_fwd")
 def _bottleneck_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], w_down: torch.Tensor,
                     b_down: Optional[torch.Tensor], w_up: torch.Tensor, b_up: Optional[torch.Tensor],
                     ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor], scale: torch.Tensor,
@@ -125,7 +126,7 @@ def _(x, residual, w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale, layer_
             x.new_empty((N,), dtype=T))
 
 
-@torch.library.custom_op("transferops::bottleneck_bwd", mutates_args=())
+@custom_op("transferops::bottleneck_bwd")
 def _bottleneck_bwd(grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                     w_down: torch.Tensor, b_down: Optional[torch.Tensor], w_up: torch.Tensor,
                     b_up: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
@@ -384,7 +385,7 @@ def _folds(rows: int, inner: int, dtype: torch.dtype) -> bool:
     return _merges_exactly(dtype) and rows > inner
 
 
-@torch.library.custom_op("transferops::lora_fwd", mutates_args=())
+@custom_op("transferops::lora_fwd")
 def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
               lora_B: torch.Tensor, scaling: float, dropout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     xd = _dropped(x, dropout, seed) if dropout > 0 else x
@@ -507,7 +508,7 @@ def _ia3_folded(weight, bias, scale, feedforward):
     return weight * scale[:, None], None if bias is None else bias * scale
 
 
-@torch.library.custom_op("transferops::ia3_fwd", mutates_args=())
+@custom_op("transferops::ia3_fwd")
 def _ia3_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor,
              feedforward: bool) -> torch.Tensor:
     return F.linear(x, *_ia3_folded(weight, bias, scale, feedforward))
@@ -518,7 +519,7 @@ def _(x, weight, bias, scale, feedforward):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-@torch.library.custom_op("transferops::ia3_output_scale_grad", mutates_args=())
+@custom_op("transferops::ia3_output_scale_grad")
 def _ia3_output_scale_grad(grad: torch.Tensor, y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                            bias: Optional[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
     """dl = sum_n grad * (x W^T + b) = sum_n grad * y / l; where l is 0, y carries no x W^T + b

@@ -33,6 +33,7 @@ import torch
 
 from . import _checks
 from ._backend import Op, native_buffer, native_module, single_threaded_blas
+from ._custom_ops import custom_op
 
 COSTS = {"sqeuclidean": 1.0, "sqeuclidean_half": 0.5}
 CHECK_EVERY = 10  # iterations between two marginal-error checks
@@ -588,7 +589,7 @@ def dataset_distance(Xs, ys, Xt, yt, *, eps: float, inner: str = "gaussian", inn
 # ---- a loss for training graphs --------------------------------------------------------------------
 
 
-@torch.library.custom_op("transferops::sinkhorn_ot_eps", mutates_args=())
+@custom_op("transferops::sinkhorn_ot_eps")
 def _ot_eps_op(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, scale: float,
                tol: float, max_iter: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ot_eps [B] and the potentials f [B, N], g [B, M] (float64) of balanced problems x [B, N, d],
