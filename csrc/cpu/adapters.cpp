@@ -77,11 +77,12 @@ T lane_sum(int64_t n, F&& f) {
 template <class T>
 constexpr int64_t kLanes = kVecBytes / int64_t(sizeof(T));
 
-// Register blocks of the two skinny products, measured on the 2-core EPYC (AVX2, float32,
-// N=2048, d=4096, r=16, one thread): 4 rows x 2 vectors 55 GFLOP/s for the down-projection
-// (OpenBLAS on the same 32-row tiles: 16); 3 rows x 4 vectors 62 GFLOP/s for the up-projection
-// (OpenBLAS: 45; 4 x 2: 34, 6 x 2: 54).
-constexpr int kDownRows = 4;
+// Register blocks of the two skinny products, measured on the 2-core EPYC (AVX2, float32, one
+// thread): 6 rows x 2 vectors for the down-projection (42 rows, d = 768: r=64 48-52 GFLOP/s in
+// blocks of 4 rows, 63-66 in blocks of 6; r=16 65-88 -> 75-98; 48 rows, d = 4096, r=64: 39 -> 47-50;
+// OpenBLAS on 32-row tiles at d = 4096, r=16: 16); 3 rows x 4 vectors 62 GFLOP/s for the
+// up-projection (N=2048, d=4096, r=16; OpenBLAS: 45; 4 x 2: 34, 6 x 2: 54).
+constexpr int kDownRows = 6;
 constexpr int kUpRows = 3;
 constexpr int64_t kUpVectors = 4;
 
@@ -139,6 +140,8 @@ template <class T>
 struct Columns {
   const T* w;
   int64_t ld, block;
+  static Columns rows(const T* w, int64_t ld) { return {w, ld, kUpBlock<T>}; }
+  static Columns panels(const T* w, int64_t n) { return {w, kUpBlock<T>, n * kUpBlock<T>}; }
   const T* at(int64_t k0) const { return w + k0 / kUpBlock<T> * block; }
 };
 
@@ -208,7 +211,9 @@ int64_t padded_ld(int64_t dp) {
   return dp + 64 / int64_t(sizeof(T));
 }
 
-// The two products over m rows: register blocks, then single rows for the remainder. With a
+// The two products over m rows in register blocks (the down-projection's remainder in blocks of
+// half as many rows, then single rows: 16 rows at d = 4096, r=64 had run at 26 GFLOP/s in two
+// blocks of 6 and four single rows, 38 in blocks of 4). With a
 // `mean`, the down-projection reads each block's rows centred on their means, written to
 // `scratch` [kDownRows, d] (it stays in L1; a centred copy of the whole tile had pushed the
 // weights out of L2 at r = 64).
@@ -229,13 +234,17 @@ void down_tile(const T* x, int64_t ld, const T* mean, const T* wt, int64_t rp, i
     down_rows<T, MR>(src, lds, wt, rp, d, p + i * rp);
   };
   int64_t i = 0;
-  for (; i + kDownRows <= m; i += kDownRows) block(std::integral_constant<int, kDownRows>{}, i);
-  for (; i < m; ++i) block(std::integral_constant<int, 1>{}, i);
+  const auto blocks = [&](auto rows) {
+    for (; i + decltype(rows)::value <= m; i += decltype(rows)::value) block(rows, i);
+  };
+  blocks(std::integral_constant<int, kDownRows>{});
+  blocks(std::integral_constant<int, kDownRows / 2>{});
+  blocks(std::integral_constant<int, 1>{});
 }
 
 // Rows [0, m) of up_block's product over the first dp columns of w [n, .], dp a whole number of
-// blocks (up_width): column blocks outermost, so that one block of
-// w's columns stays in L1 across the row blocks.
+// blocks (up_width): column blocks outermost, so that one block of w's columns stays in L1
+// across the row blocks.
 template <class T, class Store>
 void up_tile(const T* z, int64_t zr, int64_t zs, int64_t n, const Columns<T>& w, int64_t dp, int64_t m,
              Store&& store) {
@@ -328,19 +337,18 @@ struct Weights {
 // its loops have no branches and run over whole blocks.
 template <class T>
 struct Folded {
-  int64_t r, rp, dp;      // r; r and d rounded up to whole register blocks
+  int64_t rp, dp;         // r and d rounded up to whole register blocks
   std::vector<T> wt;      // [d, rp]: W'^T, zero past r
   std::vector<T> wut;     // [r, dp]: W_up^T in up_tile's panels, zero past d
   std::vector<T> bias;    // [r]: W_down ln_bias + b_down
   std::vector<T> b_up, scale, ln_weight, ln_bias;  // [dp]
 
   Folded(const Bottleneck& w, const Weights<T>& p)
-      : r(w.r),
-        rp(down_width<T>(w.r)),
+      : rp(down_width<T>(w.r)),
         dp(up_width<T>(w.d)),
         wt(size_t(w.d * rp)), wut(size_t(w.r * dp)), bias(size_t(w.r)), b_up(size_t(dp)),
         scale(size_t(dp)), ln_weight(size_t(dp), T(1)), ln_bias(size_t(dp)) {
-    const int64_t d = w.d;
+    const int64_t d = w.d, r = w.r;
     for (int64_t k = 0; k < d; ++k) {
       b_up[size_t(k)] = p.b_up ? p.b_up[k] : T(0);
       scale[size_t(k)] = p.scale[k];
@@ -366,7 +374,6 @@ struct Folded {
       bias[size_t(j)] = (p.b_down ? p.b_down[j] : T(0)) + shift;
     }
   }
-  Columns<T> up_panels() const { return {wut.data(), kUpBlock<T>, r * kUpBlock<T>}; }
 };
 
 template <class S>
@@ -377,6 +384,7 @@ bool forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
   const Dropout drop(w);
   const Folded<T> f(w, p);
   const int64_t N = x.rows, d = w.d, r = w.r, rp = f.rp;
+  const Columns<T> w_up = Columns<T>::panels(f.wut.data(), r);
   // Rows are independent here: the tiles may follow the thread count, a whole multiple of it.
   Split split = Split::at_most(0, N, tile_rows(d, kForwardTileElements));
   const int64_t threads = max_threads();
@@ -442,7 +450,7 @@ bool forward_typed(const Bottleneck& w, const View2D& x, const View2D* residual,
       // dropout and the residual over those rows while they are in L1.
       for (int64_t i = 0; i < m; i += kUpRows) {
         const int64_t mr = std::min<int64_t>(kUpRows, m - i);
-        up_tile(z.data() + i * r, r, 1, r, f.up_panels(), f.dp, mr, [&](int64_t q, int64_t c, const Vec<T>& u) {
+        up_tile(z.data() + i * r, r, 1, r, w_up, f.dp, mr, [&](int64_t q, int64_t c, const Vec<T>& u) {
           store_vec(v.data() + q * f.dp + c, load_vec(f.scale.data() + c) * (u + load_vec(f.b_up.data() + c)));
         });
         for (int64_t q = 0; q < mr; ++q) {
@@ -560,7 +568,7 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
         for (int64_t i = 0; i < m; ++i) {
           for (int64_t k = 0; k < r; ++k) zt[size_t(k * m + i)] = activate(w.act, at[i * r + k]);
         }
-        up_tile(zt.data(), m, 1, m, Columns<T>{g.data(), ld, kUpBlock<T>}, dp, r, accumulate(part.mt));
+        up_tile(zt.data(), m, 1, m, Columns<T>::rows(g.data(), ld), dp, r, accumulate(part.mt));
         down_tile<T>(g.data(), ld, nullptr, w_up_scaled.data(), rp, d, m, proj.data(), nullptr);
         for (int64_t i = 0; i < m; ++i) {
           for (int64_t k = 0; k < r; ++k) {
@@ -569,11 +577,11 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
             part.da_sum[k] += v;
           }
         }
-        up_tile(dat.data(), m, 1, m, Columns<T>{xhat.data(), ld, kUpBlock<T>}, dp, r, accumulate(part.dt));
+        up_tile(dat.data(), m, 1, m, Columns<T>::rows(xhat.data(), ld), dp, r, accumulate(part.dt));
         // dh kUpRows rows at a time, then the layer norm's backward over those rows in L1.
         for (int64_t i0 = 0; i0 < m; i0 += kUpRows) {
           const int64_t mr = std::min<int64_t>(kUpRows, m - i0);
-          up_tile(da.data() + i0 * r, r, 1, r, Columns<T>{w_down.data(), kUpBlock<T>, r * kUpBlock<T>}, dp, mr,
+          up_tile(da.data() + i0 * r, r, 1, r, Columns<T>::panels(w_down.data(), r), dp, mr,
                   [&](int64_t q, int64_t col, const Vec<T>& v) { store_vec(dh.data() + q * dp + col, v); });
           for (int64_t q = 0; q < mr; ++q) {
             const int64_t n = n0 + i0 + q;
