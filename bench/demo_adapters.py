@@ -1,6 +1,8 @@
 """Fine-tune a small frozen torch.nn transformer with transferops adapters on the CPU, and the
 same model with eager adapters (the reference backend: nn.LayerNorm/nn.Linear math), side by
-side: loss per step, time per step, and the activation memory autograd keeps for backward.
+side: loss per step, time per step, the activation memory autograd keeps for backward, and the
+training loop's peak memory (each in a process of its own: peak resident memory during the
+steps, above what the process held before them; Linux).
 
     python -m transferops.bench.demo_adapters [--steps 30]
 
@@ -11,7 +13,11 @@ on each feed-forward input projection) and the classifier head train.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import time
+from typing import Optional
 
 import torch
 from torch import nn
@@ -52,10 +58,30 @@ def batches(steps: int, seed: int = 1):
         yield tokens, labels
 
 
-def train(backend: str, steps: int):
+def _status_kib(field: str) -> Optional[int]:
+    """A field of /proc/self/status (VmRSS, VmHWM) in KiB; None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def _reset_peak_rss() -> bool:
+    """Sets VmHWM, the peak resident memory, to the current one (Linux 4.0 and later)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def train(backend: str, steps: int) -> dict:
     model = Model(backend)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses, times = [], []
+    before = _status_kib("VmRSS") if _reset_peak_rss() else None
     for tokens, labels in batches(steps):
         t0 = time.perf_counter()
         loss = nn.functional.cross_entropy(model(tokens), labels)
@@ -64,23 +90,44 @@ def train(backend: str, steps: int):
         opt.step()
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
+    peak = _status_kib("VmHWM")
     tokens, _ = next(batches(1))
-    return losses, sorted(times)[len(times) // 2], saved_bytes(lambda: model(tokens), model.parameters())
+    return dict(losses=losses, step_s=sorted(times)[len(times) // 2],
+                saved=saved_bytes(lambda: model(tokens), model.parameters()),
+                peak=None if before is None or peak is None else (peak - before) * 1024)
+
+
+def _in_own_process(backend: str, steps: int) -> dict:
+    """train() in a fresh interpreter, so that one run's freed memory does not serve the other's."""
+    command = [sys.executable, "-m", "transferops.bench.demo_adapters", "--steps", str(steps), "--backend", backend]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.splitlines()[-1])
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--backend", help=argparse.SUPPRESS)  # one run, printed as JSON (see _in_own_process)
     args = p.parse_args(argv)
-    results = {name: train(backend, args.steps) for name, backend in (("transferops", "auto"), ("eager", "reference"))}
+    if args.steps < 1:
+        p.error(f"--steps: expected at least 1, got {args.steps}")
+    if args.backend:
+        print(json.dumps(train(args.backend, args.steps)))
+        return
+    results = {name: _in_own_process(backend, args.steps) for name, backend in (("transferops", "auto"),
+                                                                                 ("eager", "reference"))}
     print(f"{'step':>4}  {'loss transferops':>16}  {'loss eager':>10}")
     for i in range(0, args.steps, max(1, args.steps // 10)):
-        print(f"{i:>4}  {results['transferops'][0][i]:>16.4f}  {results['eager'][0][i]:>10.4f}")
-    for name, (losses, step_s, saved) in results.items():
+        print(f"{i:>4}  {results['transferops']['losses'][i]:>16.4f}  {results['eager']['losses'][i]:>10.4f}")
+    mib = 2.0 ** 20
+    for name, r in results.items():
+        losses = r["losses"]
         k = max(1, min(5, len(losses) // 2))
         first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-        print(f"{name:>12}: loss {first:.3f} -> {last:.3f} (mean of first/last {k} steps), {step_s * 1e3:.1f} ms/step "
-              f"(median), activations saved for backward {saved / 2**20:.1f} MiB")
+        peak = "n/a" if r["peak"] is None else f"{r['peak'] / mib:.1f} MiB"
+        print(f"{name:>12}: loss {first:.3f} -> {last:.3f} (mean of first/last {k} steps), {r['step_s'] * 1e3:.1f} "
+              f"ms/step (median), activations saved for backward {r['saved'] / mib:.1f} MiB, peak memory of the "
+              f"steps {peak}")
 
 
 if __name__ == "__main__":

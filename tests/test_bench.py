@@ -69,3 +69,13 @@ def test_print_table_lists_every_row(capsys):
 def test_unknown_hot_path_is_an_error():
     with pytest.raises(ValueError, match="only: unknown hot path"):
         harness.run(only=["nope"])
+
+
+def test_adapters_demo_trains_both_side_by_side(capsys):
+    from transferops.bench import demo_adapters
+
+    demo_adapters.main(["--steps", "3"])
+    out = capsys.readouterr().out
+    for name in ("transferops", "eager"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(f"{name}:"))
+        assert "ms/step" in line and "saved for backward" in line and "peak memory of the steps" in line, line
