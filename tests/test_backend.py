@@ -63,6 +63,7 @@ def test_custom_op_eager_calls_skip_the_dispatcher_with_the_same_results():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
 def test_custom_op_calls_that_something_intercepts_go_through_the_op():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -81,6 +82,8 @@ def test_custom_op_calls_that_something_intercepts_go_through_the_op():
     with FakeTensorMode() as fake:  # only the op has a fake implementation
         y, total = _scaled(fake.from_tensor(x), 2.0)
     assert y.shape == x.shape and total.shape == ()
+    traced = torch.jit.trace(lambda t: _scaled(t, 2.0)[0], (x,))
+    assert "transferops_test::scaled" in str(traced.graph)
     compiled = torch.compile(lambda t: _scaled(t, 2.0)[0] + 1, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), x * 2 + 1)
 

@@ -6,9 +6,9 @@ list once per argument. For an adapter layer on a few tokens that is most of a t
 a bottleneck adapter's forward+backward at 8 x 768, r=16, takes 795 us through its op and
 565 us through an autograd.Function made of the same pieces (eager torch: 366 us; p50 of 2000
 interleaved calls; the native kernels alone take 93 us). So a call on plain tensors, outside
-torch.compile, dispatch modes and functorch transforms, runs the op's function (and, where
-autograd needs it, its registered backward) through such a Function; any other call goes
-through the op, which is what those systems trace and check.
+torch.compile, torch.jit.trace, dispatch modes and functorch transforms, runs the op's
+function (and, where autograd needs it, its registered backward) through such a Function; any
+other call goes through the op, which is what those systems trace and check.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 def _plain(args) -> bool:
     """Whether a call with ``args`` may bypass the dispatcher: nothing intercepts it."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch._C._are_functorch_transforms_active()):
