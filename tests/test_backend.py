@@ -69,7 +69,9 @@ def test_custom_op_calls_that_something_intercepts_go_through_the_op():
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Seen(TorchDispatchMode):
-        names: list = []
+        def __init__(self):
+            super().__init__()
+            self.names = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.names.append(str(func))
