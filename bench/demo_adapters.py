@@ -17,7 +17,6 @@ import json
 import subprocess
 import sys
 import time
-from typing import Optional
 
 import torch
 from torch import nn
@@ -25,6 +24,7 @@ from torch import nn
 from transferops.nn import BottleneckAdapter, LoRALinear
 
 from .bench_adapters import saved_bytes
+from .harness import peak_rss, reset_peak_rss
 
 VOCAB, D, LAYERS, SEQ, BATCH = 32, 256, 2, 64, 32
 
@@ -58,30 +58,11 @@ def batches(steps: int, seed: int = 1):
         yield tokens, labels
 
 
-def _status_kib(field: str) -> Optional[int]:
-    """A field of /proc/self/status (VmRSS, VmHWM) in KiB; None where there is none."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-    except (OSError, StopIteration):
-        return None
-
-
-def _reset_peak_rss() -> bool:
-    """Sets VmHWM, the peak resident memory, to the current one (Linux 4.0 and later)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def train(backend: str, steps: int) -> dict:
     model = Model(backend)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses, times = [], []
-    before = _status_kib("VmRSS") if _reset_peak_rss() else None
+    before = reset_peak_rss()
     for tokens, labels in batches(steps):
         t0 = time.perf_counter()
         loss = nn.functional.cross_entropy(model(tokens), labels)
@@ -90,11 +71,11 @@ def train(backend: str, steps: int) -> dict:
         opt.step()
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
-    peak = _status_kib("VmHWM")
+    peak = peak_rss()
     tokens, _ = next(batches(1))
     return dict(losses=losses, step_s=sorted(times)[len(times) // 2],
                 saved=saved_bytes(lambda: model(tokens), model.parameters()),
-                peak=None if before is None or peak is None else (peak - before) * 1024)
+                peak=None if before is None or peak is None else peak - before)
 
 
 def _in_own_process(backend: str, steps: int) -> dict:

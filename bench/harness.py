@@ -119,6 +119,32 @@ def optional_import(module: str):
         return None
 
 
+def _status_bytes(field: str) -> int | None:
+    """A field of /proc/self/status (VmRSS, VmHWM) in bytes; None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def reset_peak_rss() -> int | None:
+    """Sets the process's peak resident memory (VmHWM) to its current one and returns that, in
+    bytes, so that peak_rss() - reset_peak_rss() is what the code in between added at its peak
+    (Linux 4.0 and later, through /proc/self/clear_refs); None elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _status_bytes("VmRSS")
+
+
+def peak_rss() -> int | None:
+    """The process's peak resident memory (VmHWM) in bytes since start or reset_peak_rss()."""
+    return _status_bytes("VmHWM")
+
+
 def _is_cuda(device: str) -> bool:
     return torch.device(device).type == "cuda"
 

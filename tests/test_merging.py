@@ -949,17 +949,15 @@ def test_in_memory_merge_needs_little_beyond_its_output(dtype):
         pytest.skip("needs Linux /proc")
     prog = f"""
 import json, torch
+from transferops.bench.harness import peak_rss, reset_peak_rss
 from transferops.merging import merge
-def rss(field):
-    return int(next(l for l in open('/proc/self/status') if l.startswith(field)).split()[1]) * 1024
 g = torch.Generator().manual_seed(0)
 base = {{"w": torch.randn(2048, 2600, generator=g).to(torch.{dtype})}}
 models = [{{"w": (base["w"].float() + 0.01 * torch.randn(2048, 2600, generator=g)).to(torch.{dtype})}} for _ in range(4)]
 merge({{"w": base["w"][:1]}}, [{{"w": m["w"][:1]}} for m in models], method="ties", density=0.2)
-open('/proc/self/clear_refs', 'w').write('5')
-before = rss('VmRSS:')
+before = reset_peak_rss()
 merge(base, models, method="ties", density=0.2)
-print(json.dumps({{"growth": rss('VmHWM:') - before, "output": base["w"].numel() * base["w"].element_size()}}))
+print(json.dumps({{"growth": peak_rss() - before, "output": base["w"].numel() * base["w"].element_size()}}))
 """
     # A fixed mmap threshold: glibc then returns large freed blocks to the system at once, and a
     # fresh output cannot hide in memory the set-up freed.
@@ -1018,17 +1016,15 @@ def test_cli_merges_a_multishard_bf16_checkpoint_under_a_memory_cap(tmp_path, ge
     warm = ["merge", "--method", "ties", "--density", "0.2", "--base", str(tiny_paths[0]), *map(str, tiny_paths[1:]),
             "-o", str(tmp_path / "warm"), "--max-memory", str(cap), "-q"]
     prog = f"""
-import json, sys, resource
+import json, sys
+from transferops.bench.harness import peak_rss, reset_peak_rss
 from transferops.cli import main
-def rss(field):
-    return int(next(l for l in open('/proc/self/status') if l.startswith(field)).split()[1]) * 1024
 # A first run on a tiny model pays the one-time costs (imports, kernels' first use, thread
 # pools); then the peak is reset (Linux: clear_refs 5) and the measured run starts.
 assert main({warm!r}) == 0
-open('/proc/self/clear_refs', 'w').write('5')
-before = rss('VmRSS:')
+before = reset_peak_rss()
 code = main(sys.argv[1:])
-print(json.dumps({{"code": code, "before": before, "peak": rss('VmHWM:')}}))
+print(json.dumps({{"code": code, "before": before, "peak": peak_rss()}}))
 """
     args = ["merge", "--method", "ties", "--density", "0.2", "--lam", "0.9", "--base", str(paths[0]),
             *map(str, paths[1:]), "-o", str(tmp_path / "out"), "--max-memory", str(cap), "--shard-size", "4MB", "-q"]
