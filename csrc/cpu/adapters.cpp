@@ -512,6 +512,7 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
   for (int64_t k = 0; k < r; ++k) {
     for (int64_t j = 0; j < d; ++j) w_down[size_t(panel_offset<T>(r, k, j))] = p.w_down[k * d + j];
   }
+  const Columns<T> w_down_panels = Columns<T>::panels(w_down.data(), r);
   // The chunks, and the tiles within each, follow from N and d only: the sums' order does not
   // depend on the thread count.
   const Split chunk_rows(0, N, std::min(kMaxChunks, N / kMinChunkRows));
@@ -581,7 +582,7 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
         // dh kUpRows rows at a time, then the layer norm's backward over those rows in L1.
         for (int64_t i0 = 0; i0 < m; i0 += kUpRows) {
           const int64_t mr = std::min<int64_t>(kUpRows, m - i0);
-          up_tile(da.data() + i0 * r, r, 1, r, Columns<T>::panels(w_down.data(), r), dp, mr,
+          up_tile(da.data() + i0 * r, r, 1, r, w_down_panels, dp, mr,
                   [&](int64_t q, int64_t col, const Vec<T>& v) { store_vec(dh.data() + q * dp + col, v); });
           for (int64_t q = 0; q < mr; ++q) {
             const int64_t n = n0 + i0 + q;
