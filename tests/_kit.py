@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,15 @@ TOLERANCES = {
     torch.bfloat16: dict(rtol=2 ** -7, atol=1e-5),
     torch.float16: dict(rtol=2 ** -10, atol=1e-5),
 }
+
+
+def peer(name: str):
+    """Import ``name``, a library that the test extra installs (a peer to compare with, or a file
+    format's reader). Where it is missing the test is skipped, except under CI=true: CI installs
+    the extra, so there a missing or broken peer fails the test instead of hiding it."""
+    if os.environ.get("CI") == "true":
+        return importlib.import_module(name)
+    return pytest.importorskip(name)
 
 
 def device_for(backend: str) -> torch.device:

@@ -8,8 +8,8 @@ from transferops.adapters import ACTIVATIONS, bottleneck_adapter, dropout_factor
 from transferops.bench.bench_adapters import peft_layer, saved_bytes
 from transferops.nn import BottleneckAdapter, IA3Linear, LoRALinear, MultiLoRALinear, ScaLearn
 
-from _kit import (DTYPES, assert_close, native_isa, noncontiguous, outputs_per_isa, require_backend, require_thp,
-                  thp_eligible)
+from _kit import (DTYPES, assert_close, native_isa, noncontiguous, outputs_per_isa, peer, require_backend,
+                  require_thp, thp_eligible)
 
 FAST = ["native", "triton"]
 # One unit in the last place, relative: a 16-bit result rounded once from float32 is within it.
@@ -414,7 +414,7 @@ def test_lora_custom_op_passes_opcheck(gen):
 
 
 def test_lora_module_matches_peft_and_merges():
-    peft = pytest.importorskip("peft")
+    peft = peer("peft")
     torch.manual_seed(0)
     base = nn.Linear(12, 10)
     ours = LoRALinear(nn.Linear(12, 10), r=4, alpha=8)
@@ -471,7 +471,7 @@ def test_multi_lora_matches_per_token_loop(gen):
 
 @pytest.mark.parametrize("feedforward", [False, True])
 def test_ia3_matches_peft(feedforward):
-    peft = pytest.importorskip("peft")
+    peft = peer("peft")
     torch.manual_seed(0)
     ours = IA3Linear(nn.Linear(8, 6), feedforward=feedforward)
     nn.init.normal_(ours.ia3_l["default"])

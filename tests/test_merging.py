@@ -13,7 +13,7 @@ from transferops.merging import (MergeSpec, _MARKS, _NativeSelect, _abs_topks, _
                                  disjoint_merge, magnitude_prune, merge_op, task_arithmetic, ties)
 
 from _kit import (DTYPES, assert_close, assert_matches_reference, guarded_empty, native_isa, noncontiguous,
-                  outputs_per_isa, randn, require_backend, require_thp, thp_eligible)
+                  outputs_per_isa, peer, randn, require_backend, require_thp, thp_eligible)
 
 _ROOT = Path(__file__).resolve().parents[1]
 # shared/ lies beside the checkout (developers, CI) or inside it (runs on a lent GPU).
@@ -632,7 +632,7 @@ def test_paper_semantics_reproduce_the_authors_code(gen, backend, majority):
 def test_paper_semantics_over_the_whole_model(tmp_path, gen, backend):
     """merge(scope='global', semantics='paper') = the authors' pipeline on the sorted, flattened
     model; streamed from sharded files in tiny chunks it gives the same bits."""
-    pytest.importorskip("safetensors")
+    peer("safetensors")
     from transferops.merging import merge, merge_files
 
     require_backend("native")
@@ -750,7 +750,7 @@ def transferops_available(backend):
 
 @pytest.mark.parametrize("method", ["total", "frequency"])
 def test_matches_installed_peft(gen, method):
-    merge_utils = pytest.importorskip("peft.utils.merge_utils")
+    merge_utils = peer("peft.utils.merge_utils")
     tvs = [randn((64, 33), torch.float32, gen, zeros=0.6) for _ in range(4)]
     weights = torch.rand(4, generator=gen).add(0.1)
     stacked = torch.stack(tvs)
@@ -817,7 +817,7 @@ MODEL_METHODS = [("ties", dict(density=0.2)), ("ties", dict(density=0.3, semanti
 def test_merge_files_streams_exactly_the_in_memory_merge(tmp_path, gen, method, kw, backend):
     """Sharded inputs, tensors split in many chunks (tiny memory budget), several output shards:
     the result equals the in-memory merge bit for bit, top-k ties and DARE masks included."""
-    pytest.importorskip("safetensors")
+    peer("safetensors")
     from transferops.merging import merge, merge_files
 
     require_backend(backend)
@@ -999,7 +999,7 @@ def test_large_native_outputs_are_advised_huge_pages(monkeypatch, gen, dtype):
 def test_cli_merges_a_multishard_bf16_checkpoint_under_a_memory_cap(tmp_path, gen):
     """The CLI's peak memory growth stays far below one model (measured, in a child process)
     and its output loads with safetensors and equals the in-memory merge."""
-    pytest.importorskip("safetensors")
+    peer("safetensors")
     import json as _json
     import subprocess
     import sys
@@ -1045,7 +1045,7 @@ def _no_output(folder: Path) -> bool:
 
 
 def test_merge_files_errors_leave_no_output(tmp_path, gen):
-    pytest.importorskip("safetensors")
+    peer("safetensors")
     from safetensors.torch import save_file
 
     from transferops._safetensors import CheckpointError
@@ -1092,8 +1092,8 @@ def test_merge_files_errors_leave_no_output(tmp_path, gen):
 
 
 def test_cli_reads_a_mergekit_config(tmp_path, gen):
-    pytest.importorskip("safetensors")
-    pytest.importorskip("yaml")
+    peer("safetensors")
+    peer("yaml")
     from safetensors.torch import save_file
 
     from transferops.cli import main
@@ -1170,7 +1170,7 @@ def test_global_scope_thresholds_the_whole_model(tmp_path, gen, backend):
     """scope='global': one top-k per task over all float tensors together (ties: lowest
     position in sorted-name order first), then PEFT's election per entry; streamed == in memory
     although the files hold the tensors in another order."""
-    pytest.importorskip("safetensors")
+    peer("safetensors")
     from transferops.merging import merge, merge_files
 
     require_backend("native")  # the global radix select streams through the native kernels

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from _kit import outputs_per_isa
+from _kit import outputs_per_isa, peer
 from transferops.ot import cost_matrix, sinkhorn, sinkhorn_cost_matrix, sinkhorn_divergence
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
@@ -221,7 +221,7 @@ def test_anderson_acceleration_cuts_iterations(monkeypatch):
 def test_pot_compat_is_a_drop_in():
     """transferops.compat.pot against POT itself: same signatures, numpy in and out, same values
     at a tight stopThr (POT's sinkhorn_log, which converges where the kernel form would not)."""
-    ot = pytest.importorskip("ot")
+    ot = peer("ot")
     from transferops.compat import pot
 
     g = np.random.default_rng(0)
@@ -344,7 +344,7 @@ def test_online_batches_unbalanced_scaling_and_progress(online, capsys):
 def test_dataset_distance_matches_an_explicit_construction(inner):
     """OTDD against its definition built by hand: Bures distances through scipy's sqrtm (or POT's
     Sinkhorn between the class samples), the label-augmented cost, and POT's Sinkhorn on it."""
-    ot = pytest.importorskip("ot")
+    ot = peer("ot")
     from scipy.linalg import sqrtm
 
     from transferops.ot import dataset_distance

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from _kit import peer
 from transferops.transferability import gbc, hscore, leep, logme, nce, sfda, tmi, transrate
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
@@ -212,7 +213,7 @@ def test_hscore_matches_its_definition(golden, case):
 
 
 def test_regularized_hscore_matches_scikit_learn(golden):
-    sklearn = pytest.importorskip("sklearn.covariance")
+    sklearn = peer("sklearn.covariance")
     d, _ = golden["logme_n600_d128_k10"]
     f, y = d["features"].astype(np.float64), d["labels"]
     lw = sklearn.LedoitWolf().fit(f)
@@ -465,7 +466,7 @@ def test_sfda_matches_its_definition(N, D, scale):
 def test_demo_ranks_extractors_like_their_linear_probes():
     """The digits demo: eight extractors; LogME and the H-scores order them nearly as their
     held-out linear-probe accuracy does (Kendall tau measured 0.79), GBC and SFDA too (0.86)."""
-    pytest.importorskip("sklearn")
+    peer("sklearn")
     from transferops.bench.demo_transferability import run
 
     result = run()
@@ -477,7 +478,7 @@ def test_demo_ranks_extractors_like_their_linear_probes():
 def test_otce_matches_a_plan_built_by_pot():
     """The label joint and conditional entropy from POT's own plan (sinkhorn_log at the same eps),
     and, as eps shrinks, from the exact coupling (ot.emd) the paper uses."""
-    ot = pytest.importorskip("ot")
+    ot = peer("ot")
     from transferops.transferability import otce
 
     g = torch.Generator().manual_seed(9)

@@ -1,7 +1,7 @@
 // Counter-based random numbers (Philox4x32-10, Salmon et al., SC 2011): the draw for an element
 // is a pure function of (seed, stream, task, element index), so DARE and dropout masks are
 // identical on every backend, chunking and thread count, and are never stored. Mirrored in torch by
-// transferops._philox and in Triton by kernels/philox.py; the CPU kernels draw runs of it
+// transferops._philox and in Triton by transferops.kernels.philox; the CPU kernels draw runs of it
 // eight counters (32 draws) at a time (cpu/philox_run.h).
 #pragma once
 #include <cstdint>

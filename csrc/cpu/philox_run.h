@@ -1,6 +1,7 @@
 // Philox draws (common/philox.h) for runs of consecutive element indices on the CPU: the AVX2
 // build takes eight counters per register (32 draws), the baseline build one at a time. Both
-// give the same bits as kernels/philox.py and transferops._philox, so masks match every backend.
+// give the same bits as transferops.kernels.philox and transferops._philox, so masks match
+// every backend.
 #pragma once
 #include <algorithm>
 #include <cstdint>
