@@ -99,8 +99,8 @@ def _blas_libraries() -> tuple:
 def single_threaded_blas() -> Iterator[dict]:
     """BLAS limited to one thread inside the block, for kernels whose OpenMP threads each call
     BLAS on their own tiles; yields scipy's GEMM capsules (scipy's LAPACK runs on the same
-    OpenBLAS). Sets the libraries' thread counts directly: ~2 us, where entering
-    threadpoolctl.threadpool_limits costs ~1.3 ms a call (it rescans the loaded libraries)."""
+    OpenBLAS). Sets the libraries' thread counts directly, where entering
+    threadpoolctl.threadpool_limits would rescan the loaded libraries on every call."""
     libs = _blas_libraries()
     before = [lib.get_num_threads() for lib in libs]
     for lib in libs:

@@ -1,10 +1,9 @@
 """Fresh CPU outputs backed by transparent huge pages.
 
 A merge or an adapter pass writes its result once, at memory speed, so the kernel's
-first-touch faults on a fresh 4 KB-paged output cost as much as the pass itself: on a 2-core
-VM, 75 ms to fault and zero 180 MB on one thread against 13 ms with 2 MB pages (and 6 ms to
-rewrite it); a bottleneck adapter's forward at 2048 x 4096 took 24.5 ms into 4 KB pages and
-13.7 ms into huge ones. Large outputs are therefore mapped privately and advised
+first-touch faults on a fresh 4 KB-paged output can cost as much as the pass itself: each
+page is faulted and zeroed on its own, where a 2 MB page takes one fault for 512 of them.
+Large outputs are therefore mapped privately and advised
 MADV_HUGEPAGE, which takes effect where the system's THP mode is ``madvise`` or ``always``
 (the common defaults) and is a no-op elsewhere. ``TRANSFEROPS_HUGEPAGES=0`` turns it off, for
 systems where direct compaction stalls the faults instead.
@@ -19,8 +18,8 @@ import os
 import torch
 
 # Below this the faults are a small share of the call, and smaller tensors keep the allocator's
-# memory reuse (at 8 MB, an adapter forward of 8192 x 768 went from 9.8 to 42.7 ms p50: glibc had
-# reused its 25 MB outputs without faults, and fresh huge pages stalled on compaction).
+# memory reuse: glibc hands freed outputs of a few tens of MB back without faults, where fresh
+# huge pages can stall on compaction.
 HUGE_MIN_BYTES = 32 << 20
 
 
