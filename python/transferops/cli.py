@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .merging import METHODS, SEMANTICS
 
@@ -15,9 +16,31 @@ def _info(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import run
+    from .bench import results, run
 
-    run(quick=args.quick, only=args.only, device=args.device, json_path=args.json)
+    def fail(message: str) -> int:
+        print(f"transferops bench: error: {message}", file=sys.stderr)
+        return 2
+
+    results_dir = args.results or results.default_results_dir()
+    needs_dir = "--record" if args.record else "--headline" if args.headline else "--compare" if args.compare == [] else None
+    if needs_dir and results_dir is None:
+        return fail(f"{needs_dir} needs --results DIR (transferops is installed, not run from a checkout "
+                    "with bench/results/)")
+    try:
+        if args.headline:
+            print(results.headline(results_dir))
+        elif args.compare is not None:
+            files = args.compare or [results_dir / f"{kind}.jsonl" for kind in results.this_machine(args.device)]
+            for f in files:
+                if not args.compare and not f.exists():
+                    return fail(f"{f}: no run of this machine kind recorded (bench --record), or give --compare FILE")
+            print("\n\n".join(results.compare(f) for f in files))
+        else:
+            run(quick=args.quick, only=args.only, device=args.device, json_path=args.json,
+                results_dir=results_dir if args.record else None)
+    except results.ResultsError as e:
+        return fail(str(e))
     return 0
 
 
@@ -215,6 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", metavar="PATH", help="hot paths to run (e.g. merging)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu, and cuda when present")
     p.add_argument("--json", metavar="FILE", help="also write the rows, machine and versions as JSON")
+    p.add_argument("--results", metavar="DIR", type=Path,
+                   help="results folder of --record, --compare and --headline (default: the checkout's bench/results)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--record", action="store_true",
+                      help="append the run to <results>/<machine kind>.jsonl (see bench/results/README.md)")
+    mode.add_argument("--compare", nargs="*", metavar="FILE", type=Path,
+                      help="print each case's last two runs side by side (default: this machine's results files)")
+    mode.add_argument("--headline", action="store_true",
+                      help="print the headline table of the newest full runs as Markdown (README.md's)")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("merge", help="merge fine-tuned safetensors checkpoints into a base, streaming in bounded memory")

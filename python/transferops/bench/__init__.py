@@ -2,7 +2,8 @@
 
 ``run(quick=True)`` measures the machine's floors (copy bandwidth, GEMM rate), times every
 available backend and every installed peer on the same inputs after checking that they agree
-with the reference backend, prints a table and returns its rows (optionally writing JSON)::
+with the reference backend, prints a table and returns its rows (optionally writing JSON, or
+appending the run to its machine kind's results file, :mod:`transferops.bench.results`)::
 
     python -c "import transferops.bench as b; b.run(quick=True)"
 

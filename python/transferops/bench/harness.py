@@ -185,11 +185,10 @@ def time_interleaved(fns: dict, *, warmup: int, repeats: int, device: str, budge
                      min_repeats: int = 3, slow=frozenset()) -> dict:
     """{name: p20/p50/p80 seconds} of each ``fns[name]()``, timed in rounds of one call each in a
     rotating order, so that the machine's drifts (neighbours, clocks) fall on all of them alike
-    and their ratios hold (on the shared 2-core VM one callable's speed swung 2x within a
-    minute, and callables timed one after another caught different phases). Each callable takes
-    ``warmup`` untimed calls, then stops after ``repeats`` timed ones, or once past
-    ``min_repeats`` they add up to ``budget_s``; those in ``slow`` (already warmed by a call
-    over a second) take no warmup and stop after 3."""
+    and their ratios hold (on a shared VM, callables timed one after another catch different
+    phases of its speed). Each callable takes ``warmup`` untimed calls, then stops after
+    ``repeats`` timed ones, or once past ``min_repeats`` they add up to ``budget_s``; those in
+    ``slow`` (already warmed by a call over a second) take no warmup and stop after 3."""
     once = {name: _timer(fn, device) for name, fn in fns.items()}
     _sync(device)
     for name, fn in fns.items():
@@ -366,11 +365,14 @@ def _fmt_time(s: float) -> str:
     return f"{s / 1e-9:.3g} ns"
 
 
+def _fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.{2 if x < 10 else 1}f}x"
+
+
 def _cells(r: dict) -> tuple[str, ...]:
-    ratio, frac = r["ratio_to_best_peer"], r["floor_fraction"]
+    frac = r["floor_fraction"]
     return (r["op"], r["size"], r["backend_or_peer"] + (" (!)" if r["matches"] is False else ""),
-            _fmt_time(r["p50"]),
-            "-" if ratio is None else f"{ratio:.{2 if ratio < 10 else 1}f}x",
+            _fmt_time(r["p50"]), _fmt_ratio(r["ratio_to_best_peer"]),
             "-" if frac is None else f"{100 * frac:.1f}%",
             "-" if r["gbps"] is None else f"{r['gbps']:.3g}")
 
@@ -412,12 +414,13 @@ def write_json(rows: list[dict], meta: dict, path: str) -> None:
 
 
 def run(*, quick: bool = False, only: list[str] | None = None, device: str | None = None,
-        json_path: str | None = None, out=sys.stdout) -> list[dict]:
+        json_path: str | None = None, results_dir: str | None = None, out=sys.stdout) -> list[dict]:
     """Measure floors, check and time every hot path's cases, print the table, optionally write
     JSON, and return the rows.
 
     ``only`` keeps the named hot paths (see ``HOT_PATHS``); ``device`` None means the CPU plus
-    CUDA when available.
+    CUDA when available. ``results_dir`` appends the run to its machine kinds' JSON Lines files
+    there (:mod:`transferops.bench.results`).
     """
     only = [only] if isinstance(only, str) else only
     unknown = set(only or ()) - set(HOT_PATHS)
@@ -428,16 +431,20 @@ def run(*, quick: bool = False, only: list[str] | None = None, device: str | Non
     s = QUICK if quick else FULL
     started = time.perf_counter()
     rows: list[Row] = []
+    hot_paths: list[str | None] = []  # each row's, None for the floors
     notes: list[str] = []
     warnings: list[str] = []
     for dev in devices:
         floors, floor_rows = measure_floors(dev, quick, s)
         rows += floor_rows
+        hot_paths += [None] * len(floor_rows)
         for stem in stems:
             module = importlib.import_module(f"{__package__}.bench_{stem}")
             for case in module.cases(quick, dev):
                 print(f"  {dev}: {case.op} {case.size}", file=sys.stderr, flush=True)  # progress
-                rows += run_case(case, dev, floors, s, notes, warnings)
+                case_rows = run_case(case, dev, floors, s, notes, warnings)
+                rows += case_rows
+                hot_paths += [stem] * len(case_rows)
     meta = run_meta(devices, quick)
     meta["elapsed_s"] = round(time.perf_counter() - started, 2)
     meta["notes"], meta["warnings"] = list(dict.fromkeys(notes)), list(dict.fromkeys(warnings))
@@ -451,4 +458,9 @@ def run(*, quick: bool = False, only: list[str] | None = None, device: str | Non
             print(f"{label}: {item}", file=out)
     if json_path:
         write_json(dicts, meta, json_path)
+    if results_dir:
+        from .results import record  # results imports this module
+
+        for path in record(dicts, meta, hot_paths, results_dir):
+            print(f"recorded in {path}", file=out)
     return dicts
