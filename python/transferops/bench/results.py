@@ -42,14 +42,10 @@ def machine_kind(meta: dict, device: str) -> str:
     """The results file's stem for ``device``'s rows of a run with metadata ``meta`` (run_meta()):
     ``cuda-<GPU name>`` for CUDA rows; for CPU rows ``cpu-<CPU model>-<cores>core-<isa>``, the
     ISA being the one the native CPU kernels ran (``transferops info``'s native_cpu_isa: the best
-    this build compiled and this CPU runs), ``base`` for native modules older than that field
-    and ``nonative`` where the native module did not load."""
+    this build compiled and this CPU runs), ``nonative`` where the native module did not load."""
     if device.startswith("cuda"):
         return "cuda-" + _slug(meta["devices"][device])
-    machine, info = meta["machine"], meta.get("transferops_info", {})
-    isa = info.get("native_cpu_isa")
-    if isa is None:
-        isa = "nonative" if str(info.get("native_module", "unavailable")).startswith("unavailable") else "base"
+    machine, isa = meta["machine"], meta["transferops_info"]["native_cpu_isa"] or "nonative"
     return f"cpu-{_slug(machine['cpu'])}-{machine['cores']}core-{isa}"
 
 
@@ -78,12 +74,13 @@ def default_results_dir() -> Path | None:
 def git_state() -> tuple[str | None, bool | None]:
     """(commit, uncommitted changes to tracked files) of the checkout; (None, None) outside one."""
     root = checkout_root()
+
+    def git(*args) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
     if root is None:
         return None, None
     try:
-        def git(*args):
-            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True,
-                                  timeout=30).stdout.strip()
         return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         return None, None
@@ -96,9 +93,9 @@ def run_id(date: str, commit: str | None) -> str:
 
 
 def run_lines(rows: list[dict], meta: dict, hot_paths: list[str | None], *, run: str, commit: str | None,
-              dirty: bool | None, source: dict | None = None) -> dict[str, list[dict]]:
+              dirty: bool | None) -> dict[str, list[dict]]:
     """{machine kind: [run line, row lines...]} of one run; ``hot_paths[i]`` is ``rows[i]``'s
-    hot path (None for the floors). ``source`` (folded runs only) says where the run came from."""
+    hot path (None for the floors)."""
     common = {"run": run, "date": meta["date"], "commit": commit, "dirty": dirty, "quick": meta["quick"]}
     out: dict[str, list[dict]] = defaultdict(list)
     for row, hot_path in zip(rows, hot_paths):
@@ -107,11 +104,8 @@ def run_lines(rows: list[dict], meta: dict, hot_paths: list[str | None], *, run:
                           "machine": meta["machine"], "device_name": meta["devices"][row["device"]],
                           "versions": meta["versions"]})
     for kind, lines in out.items():
-        head = {"record": "run", **common, "machine_kind": kind, "rows": len(lines),
-                "hot_paths": sorted({r["hot_path"] for r in lines if r["hot_path"]}), "meta": meta}
-        if source is not None:
-            head["source"] = source
-        lines.insert(0, head)
+        lines.insert(0, {"record": "run", **common, "machine_kind": kind, "rows": len(lines),
+                         "hot_paths": sorted({r["hot_path"] for r in lines if r["hot_path"]}), "meta": meta})
     return dict(out)
 
 
