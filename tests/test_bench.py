@@ -197,10 +197,10 @@ def test_compare_prints_each_case_last_two_runs(tmp_path, capsys):
     _two_runs_and_one(path)
     assert cli.main(["bench", "--compare", str(path)]) == 0
     out = capsys.readouterr().out.splitlines()
-    native = next(i for i, line in enumerate(out) if line.startswith("run-2 -> run-3"))
+    native = next(i for i, line in enumerate(out) if line.startswith("run-2 (2026-01-02T00:00:00+00:00, full) -> run-3"))
     assert out[native + 2].split() == ["ties", "P=1M", "native", "f32", "cpu", "2", "ms", "3", "ms", "+50.0%",
                                        "5.00x", "4.00x"]
-    peft = next(i for i, line in enumerate(out) if line.startswith("run-1 -> run-2"))
+    peft = next(i for i, line in enumerate(out) if line.startswith("run-1 (") and " -> run-2 (" in line)
     assert out[peft + 2].split()[2:] == ["peer:peft", "f32", "cpu", "8", "ms", "10", "ms", "+25.0%", "1.00x", "1.00x"]
     once = next(i for i, line in enumerate(out) if line.startswith("run-3 (2026-01-03") and "timed once" in line)
     assert out[once + 2].split()[:3] == ["dare", "P=1M", "native"] and out[once + 2].split()[5] == "-"

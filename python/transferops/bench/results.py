@@ -190,10 +190,12 @@ def compare(path: str | Path) -> str:
         groups.setdefault((before and before["run"], after["run"]), []).append((before, after))
     order = {run: i for i, run in enumerate(dict.fromkeys(r["run"] for r in rows))}
     out = [str(path)]
+    def when(r: dict) -> str:
+        return f"{r['run']} ({r['date']}, {'quick' if r['quick'] else 'full'})"
+
     for (run_a, run_b), pairs in sorted(groups.items(), key=lambda g: (order[g[0][1]], order.get(g[0][0], -1))):
-        after = pairs[0][1]
-        when = f"{run_b} ({after['date']}, {'quick' if after['quick'] else 'full'})"
-        out.append(f"\n{run_a} -> {when}" if run_a else f"\n{when}, timed once")
+        a, b = pairs[0]
+        out.append(f"\n{when(a)} -> {when(b)}" if a else f"\n{when(b)}, timed once")
         table = [("op", "size", "backend", "dtype", "device", "p50 before", "p50 after", "change",
                   "vs peer before", "vs peer after")]
         for a, b in pairs:
