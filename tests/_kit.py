@@ -14,6 +14,15 @@ from transferops._backend import backend_reason
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
+# CI installs the test extra and lays shared/ beside its clone: there, what a test needs and
+# cannot find fails the test instead of skipping it.
+IN_CI = os.environ.get("CI") == "true"
+
+_ROOT = Path(__file__).resolve().parents[1]
+# shared/ lies beside the checkout (developers, CI) or inside it (runs on a lent GPU).
+GOLDEN = next((p for p in (_ROOT.parent / "shared", _ROOT / "shared") if p.is_dir()), _ROOT.parent / "shared") \
+    / "golden"
+
 # |out - ref| <= atol + rtol * |ref|, ref computed in float64 from the same (rounded) inputs.
 # Low-precision outputs are rounded once from an fp32 accumulator: 2 ulps of the output dtype.
 TOLERANCES = {
@@ -26,11 +35,23 @@ TOLERANCES = {
 
 def peer(name: str):
     """Import ``name``, a library that the test extra installs (a peer to compare with, or a file
-    format's reader). Where it is missing the test is skipped, except under CI=true: CI installs
-    the extra, so there a missing or broken peer fails the test instead of hiding it."""
-    if os.environ.get("CI") == "true":
+    format's reader). Where it is missing the test is skipped, except under CI=true, where a
+    missing or broken peer fails the test."""
+    if IN_CI:
         return importlib.import_module(name)
     return pytest.importorskip(name)
+
+
+def golden_file(name: str) -> Path:
+    """The path of ``name`` in the golden data (shared/golden: the peers' own outputs). Where it
+    is missing the test is skipped, except under CI=true, where it fails."""
+    path = GOLDEN / name
+    if not path.exists():
+        why = f"golden data not found at {path}"
+        if IN_CI:
+            pytest.fail(f"{why} (CI=true: CI lays shared/ beside its clone)", pytrace=False)
+        pytest.skip(why)
+    return path
 
 
 def device_for(backend: str) -> torch.device:
@@ -190,5 +211,5 @@ def thp_eligible(t: torch.Tensor) -> bool:
     raise AssertionError("no mapping holds the tensor")
 
 
-__all__ = ["DTYPES", "TOLERANCES", "assert_close", "assert_matches_reference", "guarded_empty",
+__all__ = ["DTYPES", "TOLERANCES", "assert_close", "assert_matches_reference", "golden_file", "guarded_empty",
            "noncontiguous", "poisoned_outputs", "randn", "require_backend"]

@@ -1,5 +1,8 @@
 import os
+import random
+import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,10 +12,78 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _seed_option(value: str) -> str | int:
+    if value in ("fixed", "random"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise pytest.UsageError(f"--seed: expected 'fixed', 'random' or an integer, got {value!r}") from None
+
+
+def pytest_addoption(parser):
+    parser.addoption("--seed", default="fixed", type=_seed_option, metavar="fixed|random|N",
+                     help="each test's seed: 'fixed' (default) derives it from the test's id, the same on every "
+                          "run; 'random' draws a fresh one per test; N uses N for every test (to replay the "
+                          "seed a failing test printed)")
+
+
+@pytest.fixture(autouse=True)
+def seed(request) -> int:
+    """This test's seed (see --seed), printed so that a failure can be replayed. Every test
+    starts with torch's, numpy's and Python's global generators seeded with it, so draws
+    without a generator repeat too, whatever ran before."""
+    option = request.config.getoption("seed")
+    if option == "fixed":
+        value = zlib.crc32(request.node.nodeid.encode())
+    elif option == "random":
+        value = int.from_bytes(os.urandom(4), "little")
+    else:
+        value = option
+    print(f"{request.node.nodeid}: seed={value} (replay with --seed={value})")
+    torch.manual_seed(value)
+    np.random.seed(value % 2**32)
+    random.seed(value)
+    return value
+
+
 @pytest.fixture
-def gen(request):
-    """A torch.Generator with a fresh seed per test; the seed is printed so a failure can be
-    replayed with TRANSFEROPS_TEST_SEED=<seed>."""
-    seed = int(os.environ.get("TRANSFEROPS_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
-    print(f"{request.node.nodeid}: seed={seed} (replay with TRANSFEROPS_TEST_SEED={seed})")
+def gen(seed) -> torch.Generator:
+    """A torch.Generator seeded with the test's seed."""
     return torch.Generator().manual_seed(seed)
+
+
+_NO_GPU = pytest.StashKey[int]()  # how many items were deselected for want of a GPU
+
+
+@pytest.hookimpl(tryfirst=True)  # markers first: `-m` then selects on them
+def pytest_collection_modifyitems(config, items):
+    """Markers from the backend an item is parametrized with: 'cuda' needs a GPU, and so does
+    'triton' where one is present; without one, 'triton' runs in the interpreter. Of a test's
+    interpreter items, those that do not match its `interpreter_quick` parameters are `slow`.
+    Where torch sees no CUDA device, the items marked `cuda` are deselected."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("backend") if callspec else None
+        if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+            item.add_marker("cuda")
+        elif backend == "triton":
+            item.add_marker("interpreter")
+        quick = item.get_closest_marker("interpreter_quick")
+        if quick and item.get_closest_marker("interpreter") and \
+                any(callspec.params[name] != value for name, value in quick.kwargs.items()):
+            item.add_marker("slow")
+    if not torch.cuda.is_available():
+        kept, gpu = [], []
+        for item in items:
+            (gpu if item.get_closest_marker("cuda") else kept).append(item)
+        if gpu:
+            config.hook.pytest_deselected(items=gpu)
+            items[:] = kept
+            config.stash[_NO_GPU] = len(gpu)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if _NO_GPU in config.stash:
+        terminalreporter.write_line(f"cuda: {config.stash[_NO_GPU]} items marked cuda deselected: "
+                                    "torch.cuda.is_available() is False")

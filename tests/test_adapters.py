@@ -78,6 +78,7 @@ def _check_against_reference(backend, x, w, res, kw, gen, dtype, *, conditioned=
                 f"{name}[{backend}] {dtype}: error {err:.3e} vs torch eager {err_torch:.3e}"
 
 
+@pytest.mark.interpreter_quick(dtype=torch.float32)
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ln", [False, True])

@@ -12,13 +12,9 @@ from transferops.merging import (MergeSpec, _MARKS, _NativeSelect, _abs_topks, _
                                  della, della_linear, fisher_average, _fnv1a32, _topk_keep, dare_linear, dare_ties,
                                  disjoint_merge, magnitude_prune, merge_op, task_arithmetic, ties)
 
-from _kit import (DTYPES, assert_close, assert_matches_reference, guarded_empty, native_isa, noncontiguous,
-                  outputs_per_isa, peer, randn, require_backend, require_thp, thp_eligible)
+from _kit import (DTYPES, assert_close, assert_matches_reference, golden_file, guarded_empty, native_isa,
+                  noncontiguous, outputs_per_isa, peer, randn, require_backend, require_thp, thp_eligible)
 
-_ROOT = Path(__file__).resolve().parents[1]
-# shared/ lies beside the checkout (developers, CI) or inside it (runs on a lent GPU).
-GOLDEN = next((p for p in (_ROOT.parent / "shared", _ROOT / "shared") if p.is_dir()), _ROOT.parent / "shared") \
-    / "golden" / "merge_peft_golden.npz"
 FAST = ["native", "triton", "cuda"]
 SHAPES = [(1,), (7,), (37, 301), (3, 5, 129)]
 
@@ -30,6 +26,7 @@ def _task_vectors(gen, T, shape, dtype, device, layout):
     return tvs
 
 
+@pytest.mark.interpreter_quick(dtype=torch.float32, shape=(3, 5, 129))
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -207,6 +204,7 @@ def _mixed_sign_weights(T: int, gen: torch.Generator) -> list[float]:
             return w.tolist()
 
 
+@pytest.mark.interpreter_quick(dtype=torch.float32, shape=(3, 5, 129), values="tied")
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -569,9 +567,7 @@ def test_auto_prefers_native_on_cpu():
 
 @pytest.fixture(scope="module")
 def golden():
-    if not GOLDEN.exists():
-        pytest.skip(f"golden data not found at {GOLDEN}")
-    return dict(np.load(GOLDEN))
+    return dict(np.load(golden_file("merge_peft_golden.npz")))
 
 
 def _golden_tvs(g, name):
@@ -850,7 +846,7 @@ def test_merge_in_memory_matches_the_per_tensor_functions(gen):
 @pytest.mark.parametrize("method,kw", [("ties", dict(density=0.2)), ("ties", dict(density=0.25, semantics="paper")),
                                        ("ties", dict(density=0.2, scope="global")), ("dare_linear", dict(density=0.7, seed=3))],
                          ids=["ties", "paper", "global", "dare"])
-@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("backend", ["native", pytest.param("reference", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("in_place", [False, True], ids=["into", "in_place"])
 def test_merge_out_writes_what_a_fresh_merge_returns(gen, method, kw, backend, in_place):
     """merge(..., out=) fills the given tensors, the base's own included (in place, where every
@@ -934,6 +930,7 @@ def test_block_weights_compose_per_parameter_block(gen):
         merge(base, models, method="task_arithmetic", weights={"layer.*": [1.0] * 3})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_in_memory_merge_needs_little_beyond_its_output(dtype):
     """merge() on the native path (whole tensors, exact top-k by the bracketed select) grows
@@ -996,6 +993,7 @@ def test_large_native_outputs_are_advised_huge_pages(monkeypatch, gen, dtype):
     assert not thp_eligible(task_arithmetic([want], backend="native"))
 
 
+@pytest.mark.slow
 def test_cli_merges_a_multishard_bf16_checkpoint_under_a_memory_cap(tmp_path, gen):
     """The CLI's peak memory growth stays far below one model (measured, in a child process)
     and its output loads with safetensors and equals the in-memory merge."""

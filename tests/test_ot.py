@@ -1,30 +1,26 @@
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from _kit import outputs_per_isa, peer
+from _kit import golden_file, outputs_per_isa, peer
 from transferops.ot import cost_matrix, sinkhorn, sinkhorn_cost_matrix, sinkhorn_divergence
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 POINT_CLOUDS = ["ot_pc_n200_m300_d64_rand", "ot_pc_n64_m48_d64_unif"]
 BACKENDS = ["reference", "native"]
 
 
 def _golden(name: str) -> dict:
-    path = GOLDEN / f"{name}.npz"
-    if not path.exists():
-        pytest.skip(f"golden data not found at {path}")
-    return {k: (torch.from_numpy(v) if v.dtype.kind == "f" and v.ndim else v) for k, v in np.load(path).items()}
+    data = np.load(golden_file(f"{name}.npz"))
+    return {k: (torch.from_numpy(v) if v.dtype.kind == "f" and v.ndim else v) for k, v in data.items()}
 
 
 def _rel(a, b) -> float:
     return abs(float(a) - float(b)) / abs(float(b))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [pytest.param("reference", marks=pytest.mark.slow), "native"])
 @pytest.mark.parametrize("name", POINT_CLOUDS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-8), (torch.float32, 1e-4)])
 def test_point_clouds_match_pot(name, dtype, tol, backend):
@@ -44,7 +40,7 @@ def test_point_clouds_match_pot(name, dtype, tol, backend):
     assert _rel(div, d["sinkhorn_divergence"]) < tol
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [pytest.param("reference", marks=pytest.mark.slow), "native"])
 def test_cost_matrix_and_unbalanced_match_pot(backend):
     d = _golden("ot_costmatrix_128x96_uniformcost_eps002")
     r = sinkhorn_cost_matrix(d["C"], d["a"], d["b"], eps=float(d["eps"]), tol=1e-12, backend=backend)
@@ -166,7 +162,7 @@ def test_bad_input_is_a_clear_error(call, error, match):
 
 @pytest.mark.parametrize("N,M,reach,symmetric,scaling", [
     (37, 23, None, False, None), (64, 64, None, True, None), (29, 41, 0.3, False, None), (50, 31, None, False, 0.6),
-    (300, 200, None, False, None),
+    pytest.param(300, 200, None, False, None, marks=pytest.mark.slow),
 ])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_native_matches_reference(N, M, reach, symmetric, scaling, dtype):
@@ -434,7 +430,7 @@ def test_dataset_distance_bad_input(call, error, match):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("materialize", [True, False])
+@pytest.mark.parametrize("materialize", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_native_isas_agree_bit_for_bit(dtype, materialize, monkeypatch):
     """Every build of the Sinkhorn kernels this CPU runs gives identical bits (fixed lanes, no
     FMA contraction), stored costs and online alike."""

@@ -5,8 +5,6 @@ import textwrap
 import tomllib
 from pathlib import Path
 
-import pytest
-
 from _kit import peer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,23 +1,19 @@
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from _kit import peer
+from _kit import golden_file, peer
 from transferops.transferability import gbc, hscore, leep, logme, nce, sfda, tmi, transrate
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 CASES = ["logme_n600_d128_k10", "logme_n200_d512_k7"]
 
 
 @pytest.fixture(scope="module")
 def golden():
-    if not (GOLDEN / "logme_golden.json").exists():
-        pytest.skip(f"golden data not found at {GOLDEN}")
-    facts = {c["file"].removesuffix(".npz"): c for c in json.loads((GOLDEN / "logme_golden.json").read_text())["cases"]}
-    return {name: (dict(np.load(GOLDEN / f"{name}.npz")), facts[name]) for name in CASES}
+    facts = {c["file"].removesuffix(".npz"): c for c in json.loads(golden_file("logme_golden.json").read_text())["cases"]}
+    return {name: (dict(np.load(golden_file(f"{name}.npz"))), facts[name]) for name in CASES}
 
 
 def _rel(a, b) -> float:
