@@ -18,11 +18,11 @@
 #include "common/dtype.h"
 #include "common/parallel.h"
 #include "cpu/adapters.h"
-#include "cpu/merge.h"
+#include "cpu/merging.h"
 #include "cpu/ot.h"
 #include "cpu/transferability.h"
 #ifdef TRANSFEROPS_WITH_CUDA
-#include "cuda/merge.h"
+#include "cuda/merging.h"
 #endif
 
 namespace py = pybind11;

@@ -493,7 +493,7 @@ def test_kernels_write_only_their_output(gen, backend, dtype):
     tvs = [as_rows(randn((9, 77), dtype, gen, device=device, zeros=0.3, noncontig=True)) for _ in range(3)]
     out, check = guarded_empty((9, 77), dtype, device)
     if backend == "triton":
-        from transferops.kernels import merge as kernels
+        from transferops.kernels import merging as kernels
 
         assert kernels.merge(tvs, out, None, elect=True, count=False, weight_before_election=False, dare=None,
                              block=32) == 0

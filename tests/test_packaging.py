@@ -81,11 +81,11 @@ def test_kernels_and_bench_ship_inside_the_package():
     peer("triton")
     import transferops
     import transferops.bench
-    import transferops.kernels.merge
+    import transferops.kernels.merging
 
-    assert callable(transferops.bench.run) and callable(transferops.kernels.merge.merge)
+    assert callable(transferops.bench.run) and callable(transferops.kernels.merging.merge)
     package = Path(transferops.__file__).resolve().parent
-    for module in (transferops.kernels, transferops.kernels.merge, transferops.bench):
+    for module in (transferops.kernels, transferops.kernels.merging, transferops.bench):
         assert Path(module.__file__).resolve().is_relative_to(package), module.__file__
 
 

@@ -282,7 +282,7 @@ class _TritonSelect:
     tie cut with torch on the device."""
     @staticmethod
     def histograms(bufs, base, prefixes, shift: int, dbits: int) -> np.ndarray:
-        from .kernels import merge as kernels
+        from .kernels import merging as kernels
 
         return kernels.abs_digit_histograms(bufs, prefixes, shift, dbits, _KEY_BITS[bufs[0].dtype]).cpu().numpy()
 
@@ -518,7 +518,7 @@ def _dare_args(spec: MergeSpec):
 @merge_op.register("triton", dtypes=_DTYPES, limit=_fused_only("triton", della=None, zero_sign=1))
 @_unfused_base
 def _merge_triton(tvs, weights, spec: MergeSpec):
-    from .kernels import merge as kernels
+    from .kernels import merging as kernels
 
     rows = [_checks.as_rows(t) for t in tvs]
     out = torch.empty_like(tvs[0], memory_format=torch.contiguous_format)

@@ -1,4 +1,4 @@
-#include "cpu/merge.h"
+#include "cpu/merging.h"
 
 #include <algorithm>
 #include <cmath>

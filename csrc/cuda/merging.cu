@@ -5,7 +5,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "cuda/merge.h"
+#include "cuda/merging.h"
 
 namespace transferops::cuda {
 namespace {

@@ -1,5 +1,5 @@
 """Triton kernels of the merging hot path: the fused merge pass and the radix select's digit
-histograms (see csrc/cpu/merge.cpp for the same algorithms on the CPU; both keep and drop the
+histograms (see csrc/cpu/merging.cpp for the same algorithms on the CPU; both keep and drop the
 same entries)."""
 from __future__ import annotations
 
