@@ -107,7 +107,7 @@ def _merge_config(path: str) -> dict:
 def _merge(args) -> int:
     import time
 
-    from .merging import merge_files
+    from .merging_models import merge_files
 
     cfg = _merge_config(args.config) if args.config else {}
     base = args.base or cfg.get("base")
