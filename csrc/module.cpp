@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <array>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <stdexcept>
@@ -20,6 +21,7 @@
 #include "cpu/adapters.h"
 #include "cpu/merging.h"
 #include "cpu/ot.h"
+#include "cpu/topk.h"
 #include "cpu/transferability.h"
 #ifdef TRANSFEROPS_WITH_CUDA
 #include "cuda/merging.h"
@@ -233,6 +235,39 @@ uint64_t abs_order_statistic(const py::array_t<uint64_t, py::array::c_style | py
   if (keys.ndim() != 1) throw std::invalid_argument("abs_order_statistic: keys: expected a 1-D array");
   py::gil_scoped_release release;
   return cpu::abs_order_statistic(keys.data(), keys.shape(0), i);
+}
+
+py::list thresholds_list(const std::vector<cpu::Threshold>& found) {
+  py::list out;
+  for (const auto& t : found) out.append(py::make_tuple(t.lo, t.hi, t.cut));
+  return out;
+}
+
+// See cpu::abs_topk: per task (lo, hi, cut).
+py::list abs_topk(const std::vector<py::buffer>& tasks, const std::optional<py::buffer>& base, int64_t k,
+                  bool keep_ties) {
+  const SelectViews s(tasks, base);
+  std::vector<cpu::Threshold> found;
+  {
+    py::gil_scoped_release release;
+    found = cpu::abs_topk(s.views, s.base_view(), k, keep_ties);
+  }
+  return thresholds_list(found);
+}
+
+std::unique_ptr<cpu::TopkSelect> topk_select(int64_t k, int64_t numel, int tasks, int64_t chunk, bool keep_ties,
+                                             bool bracket, const std::optional<int64_t>& max_kept, bool blind_sample) {
+  cpu::SelectOptions options;
+  options.bracket = bracket;
+  if (max_kept) options.max_kept = *max_kept;
+  options.blind_sample = blind_sample;
+  return std::make_unique<cpu::TopkSelect>(k, numel, tasks, chunk, keep_ties, options);
+}
+
+bool topk_feed(cpu::TopkSelect& select, const std::vector<py::buffer>& tasks, const std::optional<py::buffer>& base) {
+  const SelectViews s(tasks, base);
+  py::gil_scoped_release release;
+  return select.feed(s.views, s.base_view());
 }
 
 // Per task (lo, hi, marks, expected) from a sample's keys [T, runs, run length].
@@ -641,7 +676,7 @@ PYBIND11_MODULE(_native, m) {
   m.def("abs_order_statistic", &abs_order_statistic, py::arg("keys"), py::arg("i"),
         "the key at position i of keys (non-negative integers) sorted ascending");
   m.def("abs_sample_brackets", &abs_sample_brackets, py::arg("keys"), py::arg("q"), py::arg("numel"), py::arg("nbits"),
-        py::arg("max_marks"),
+        py::arg("max_marks") = cpu::kMaxMarks,
         "per task of a sample's keys [T, runs, run length]: (lo, hi, marks, expected keys inside) bracketing "
         "the top fraction q of numel keys");
   m.def("abs_bracket", &abs_bracket, py::arg("tasks"), py::arg("base"), py::arg("lo"), py::arg("hi"), py::arg("marks"),
@@ -650,4 +685,21 @@ PYBIND11_MODULE(_native, m) {
         "(no marks, at most capacity) or counts per block of SELECT_BLOCK row columns in bins: each mark and "
         "each gap between marks)");
   m.attr("SELECT_BLOCK") = cpu::kSelectBlock;
+  m.attr("SELECT_MARKS") = cpu::kMaxMarks;
+  m.def("abs_topk", &abs_topk, py::arg("tasks"), py::arg("base"), py::arg("k"), py::arg("keep_ties"),
+        "Exact top-k of |x| (x = task - base with a base) per task, every pass in one call: (lo, hi, cut) per "
+        "task, ties at the k-th kept lowest flat index first (or all)");
+  py::class_<cpu::TopkSelect>(m, "TopkSelect",
+                              "The same select over tasks streamed in chunks: while next_pass() names tasks, feed "
+                              "their chunks in flat order until feed returns False or they end; then thresholds()")
+      .def(py::init(&topk_select), py::arg("k"), py::arg("numel"), py::arg("tasks"), py::arg("chunk"),
+           py::arg("keep_ties"), py::arg("bracket") = true, py::arg("max_kept") = py::none(),
+           py::arg("blind_sample") = false)
+      .def("next_pass", &cpu::TopkSelect::next_pass, py::call_guard<py::gil_scoped_release>(),
+           "the tasks the next pass reads (empty: done)")
+      .def("feed", &topk_feed, py::arg("tasks"), py::arg("base"),
+           "the pass's next chunk of its tasks (and base); False: the pass needs no more")
+      .def("thresholds", [](const cpu::TopkSelect& s) { return thresholds_list(s.thresholds()); },
+           "(lo, hi, cut) per task")
+      .def_property_readonly("radix_passes", &cpu::TopkSelect::radix_passes);
 }

@@ -8,7 +8,8 @@ import torch
 from transferops import BackendUnavailable, available_backends, use_backend
 from transferops._backend import native_buffer, native_module
 from transferops._philox import draws, philox4
-from transferops.merging import (MergeSpec, _MARKS, _NativeSelect, _abs_topks, _dare_keep, _della_keep_probability, breadcrumbs, breadcrumbs_ties,
+from transferops._topk import drive
+from transferops.merging import (MergeSpec, _dare_keep, _della_keep_probability, breadcrumbs, breadcrumbs_ties,
                                  della, della_linear, fisher_average, _fnv1a32, _topk_keep, dare_linear, dare_ties,
                                  disjoint_merge, magnitude_prune, merge_op, task_arithmetic, ties)
 
@@ -250,33 +251,13 @@ def test_native_trim_keeps_exactly_the_reference_entries(gen, dtype):
             assert int((got != 0).sum()) <= k_used
 
 
-class _RadixOnly:
-    """The native select's radix steps alone: what the bracketed select must agree with."""
-    histograms, cut, size = (staticmethod(getattr(_NativeSelect, n)) for n in ("histograms", "cut", "size"))
-
-
-class _Counting(_NativeSelect):
-    """The native select, counting its radix passes (0 when every bracket finds its k-th)."""
-    radix_passes = 0
-
-    @classmethod
-    def histograms(cls, *args):
-        cls.radix_passes += 1
-        return _NativeSelect.histograms(*args)
-
-
-class _Misled(_Counting):
-    """A sample that brackets nothing near the threshold: every task must fall back."""
-    @staticmethod
-    def sample(bufs, base, runs, seed):
-        return np.zeros((len(bufs), runs, 16), dtype=np.uint64)
-
-
-class _Cramped(_Counting):
-    """Room for 10 kept keys per task: every listed bracket overflows and falls back."""
-    @staticmethod
-    def bracket(bufs, base, lo, hi, marks, capacity):
-        return _NativeSelect.bracket(bufs, base, lo, hi, marks, min(capacity, 10))
+def _select(passes, k, n, chunk, keep_ties, **options):
+    """The native select of three tasks streamed by ``passes``: (its thresholds, the radix
+    passes it ran, 0 when every bracket finds its k-th). ``options``: bracket=False runs the
+    radix alone; blind_sample=True gives a sample that brackets nothing near the threshold;
+    max_kept=10 leaves room for 10 kept keys per task, so every listed bracket overflows."""
+    select = native_module().TopkSelect(k, n, 3, chunk, keep_ties, **options)
+    return drive(select, passes), select.radix_passes
 
 
 def _select_inputs(kind, gen):
@@ -306,7 +287,6 @@ def test_bracketed_select_agrees_with_the_radix(gen, kind, chunked):
     to the radix and still agrees."""
     require_backend("native")
     tasks, base = _select_inputs(kind, gen)
-    key_dtype = torch.float32
     if chunked:
         flat = [t.reshape(1, -1) for t in tasks]
         bflat = None if base is None else base.reshape(1, -1)
@@ -324,17 +304,15 @@ def test_bracketed_select_agrees_with_the_radix(gen, kind, chunked):
     n = tasks[0].numel()
     for k in (1, n // 5, n // 2, n - 3):
         for keep_ties in (False, True):
-            want = _abs_topks(passes, k, n, key_dtype, 3, chunk, keep_ties, _RadixOnly)
-            _Counting.radix_passes = 0
-            assert _abs_topks(passes, k, n, key_dtype, 3, chunk, keep_ties, _Counting) == want, (k, keep_ties)
-            assert _Counting.radix_passes == 0, (k, keep_ties)
+            want, _ = _select(passes, k, n, chunk, keep_ties, bracket=False)
+            got, radix_passes = _select(passes, k, n, chunk, keep_ties)
+            assert got == want, (k, keep_ties)
+            assert radix_passes == 0, (k, keep_ties)
     k = n // 5
-    want = _abs_topks(passes, k, n, key_dtype, 3, chunk, False, _RadixOnly)
-    for engine in (_Misled, _Cramped):
-        assert _abs_topks(passes, k, n, key_dtype, 3, chunk, False, engine) == want, engine.__name__
-    _Misled.radix_passes = 0
-    _abs_topks(passes, k, n, key_dtype, 3, chunk, False, _Misled)
-    assert _Misled.radix_passes > 0
+    want, _ = _select(passes, k, n, chunk, False, bracket=False)
+    for options in (dict(blind_sample=True), dict(max_kept=10)):
+        assert _select(passes, k, n, chunk, False, **options)[0] == want, options
+    assert _select(passes, k, n, chunk, False, blind_sample=True)[1] > 0
 
 
 @pytest.mark.parametrize("kind, dtype", [("normal", torch.float32), ("normal", torch.float64),
@@ -356,12 +334,12 @@ def test_bracket_pass_agrees_across_isas(gen, kind, dtype):
         bufs = [native_buffer(t) for t in tasks]
         base_buf = None if base is None else native_buffer(base)
         n = tasks[0].numel()
-        keys = _NativeSelect.sample(bufs, base_buf, 1024, 0)
-        lo, hi, marks, _ = zip(*_NativeSelect.brackets(keys, 0.2, n, nbits))
+        keys = native_module().abs_sample_keys(bufs, base_buf, 1024, 0)
+        lo, hi, marks, _ = zip(*native_module().abs_sample_brackets(keys, 0.2, n, nbits))
         if any(marks) or kind != "bf16_models":
             break
     assert any(marks) == (kind == "bf16_models")
-    outs = outputs_per_isa(lambda: _NativeSelect.bracket(bufs, base_buf, list(lo), list(hi), list(marks), n))
+    outs = outputs_per_isa(lambda: native_module().abs_bracket(bufs, base_buf, list(lo), list(hi), list(marks), n))
     for isa, got in outs.items():
         for t, ((above, inside, k0, p0, c0), (a, i, k1, p1, c1)) in enumerate(zip(outs["base"], got)):
             assert (above, inside) == (a, i) and inside > 0, (isa, t)
@@ -378,7 +356,7 @@ def test_bracket_pass_counts_a_one_key_bracket(gen):
     tasks, base = _select_inputs("bf16_models", gen)
     keys = [(t.float() - base.float()).abs().view(torch.int32).long() for t in tasks]
     marks = [int(k.flatten().sort().values[int(0.8 * k.numel())]) for k in keys]
-    got = _NativeSelect.bracket([native_buffer(t) for t in tasks], native_buffer(base), marks, marks,
+    got = native_module().abs_bracket([native_buffer(t) for t in tasks], native_buffer(base), marks, marks,
                                 [[m] for m in marks], 0)
     block = native_module().SELECT_BLOCK
     for k, m, (above, inside, _, _, counts) in zip(keys, marks, got, strict=True):
@@ -420,7 +398,7 @@ def _sorted_bracket(runs: np.ndarray, q: float, numel: int, nbits: int):
     lo = int(ordered[s - 1 - bottom]) if bottom < s else 0
     seen, count = np.unique(ordered[(ordered >= lo) & (ordered <= hi)], return_counts=True)
     expected = count.sum() / s * numel
-    heaviest = [int(key) for _, key in sorted(zip(count.tolist(), seen.tolist()), reverse=True)[:_MARKS - 2]]
+    heaviest = [int(key) for _, key in sorted(zip(count.tolist(), seen.tolist()), reverse=True)[:native_module().SELECT_MARKS - 2]]
     marked = expected > 1 << 16 and 4 * count.max() >= count.sum()
     return lo, hi, sorted({lo, hi, *heaviest}) if marked else [], expected
 
@@ -443,11 +421,11 @@ def test_sample_brackets_equal_those_of_the_sorted_sample(gen):
     for keys, q, nbits in cases:
         runs = keys.astype(np.uint64).reshape(2, -1, 16)
         numel = 10**9
-        for t, (lo, hi, marks, expected) in enumerate(_NativeSelect.brackets(runs, q, numel, nbits)):
+        for t, (lo, hi, marks, expected) in enumerate(native_module().abs_sample_brackets(runs, q, numel, nbits)):
             want = _sorted_bracket(runs[t], q, numel, nbits)
             assert (lo, hi, marks) == want[:3], (keys.size, q, nbits, t)
             assert expected == pytest.approx(want[3], rel=1e-12)
-    assert any(_NativeSelect.brackets(np.asarray(rng.choice([3, 9], 4096 * 16)).astype(np.uint64).reshape(1, -1, 16),
+    assert any(native_module().abs_sample_brackets(np.asarray(rng.choice([3, 9], 4096 * 16)).astype(np.uint64).reshape(1, -1, 16),
                                       0.2, 10**9, 31)[0][2])  # heavy ties: marked
 
 

@@ -1,7 +1,6 @@
 // CPU kernels of the merging hot path. Plain C++17: no Python headers, testable alone.
 #pragma once
 #include <cstdint>
-#include <string>
 #include <vector>
 
 #include "common/view.h"
@@ -11,69 +10,10 @@ namespace transferops::cpu {
 
 enum class SignRule : int { sum = 0, count = 1 };
 
-// Exact top-k of |x| without sorting, as a radix select over the bits of |x| driven by the
-// caller (so the data may stream from disk between passes). For non-negative IEEE values,
-// integer order of the bits is value order. `nbits` of a key: 31 (float32), 63 (float64),
-// 15 (bf16, fp16).
-//
-// With `base` (same layout) the values are view - base formed in the accumulation type
-// (float32; float64 for float64), whose keys then have 31 (63) bits.
-//
-// Histograms, one per task ([T][2^dbits], flattened), of the digit of `dbits` bits at `shift`
-// over the elements of tasks[t] whose key bits above the digit equal prefixes[t]. One pass for
-// all tasks, reading a shared base once. All views share rows, cols and dtype.
-std::vector<int64_t> abs_digit_histograms(const std::vector<View2D>& tasks, const View2D* base,
-                                          const std::vector<uint64_t>& prefixes, int shift, int dbits);
-// The flat (row-major) position just after the rank-th element (1-based) of `view` with key
-// `key`; if there are fewer, minus their count (so a caller streaming chunks can subtract it
-// from the rank and go on).
-int64_t abs_equal_cut(const View2D& view, const View2D* base, uint64_t key, int64_t rank);
-
-// The bracketed form of the same select, one pass where the radix takes two or more: keys at
-// `runs` runs of kSampleRun consecutive elements spread over the views (seeded; written to
-// `out` as [T][runs * kSampleRun]), from which the caller brackets each threshold; then
-// abs_bracket counts per task the keys above hi[t] and the keys in [lo[t], hi[t]], and keeps
-// the latter either as (key, flat position) pairs, at most `capacity` per task (marks[t]
-// empty), or as counts per block of kSelectBlock columns of a row ([blocks][2 m - 1], blocks
-// in row-major order) in 2 m - 1 bins: each of the m marked keys marks[t] (ascending, from lo
-// to hi: heavily tied keys the sample found), and each gap between two of them. A tie cut is
-// then found by scanning one block.
-constexpr int64_t kSampleRun = 16;
-constexpr int64_t kSelectBlock = 4096;
-void abs_sample_keys(const std::vector<View2D>& tasks, const View2D* base, int64_t runs, uint64_t seed,
-                     uint64_t* out);
-// From such a sample (`keys`: [T][runs * kSampleRun]), per task the bracket [lo, hi] around
-// the top fraction q of its keys: the sample's position of that quantile, four standard errors
-// of it either side (the larger of the binomial one and the spread between runs, which are
-// correlated inside), plus four positions; hi = 2^nbits - 1 (lo = 0) where that runs past the
-// sample. `expected` is the keys inside scaled to `numel`. Where it exceeds 2^16 and one key
-// holds a quarter of those inside the sample, `marks` lists lo, hi and the (up to
-// max_marks - 2) keys the sample holds most often (the larger key first among equal counts),
-// ascending; else it is empty.
-struct SampleBracket {
-  uint64_t lo, hi;
-  std::vector<uint64_t> marks;
-  double expected;
-};
-std::vector<SampleBracket> abs_sample_brackets(const uint64_t* keys, int64_t tasks, int64_t runs, double q,
-                                               int64_t numel, int nbits, int max_marks);
-// The key at position i (0-based) of `keys` sorted ascending, without sorting them all.
-uint64_t abs_order_statistic(const uint64_t* keys, int64_t n, int64_t i);
-struct BracketResult {
-  std::vector<int64_t> above, inside;
-  // Per task, the kept pairs in parts (one per thread, in no order), concatenated by the caller.
-  std::vector<std::vector<std::vector<uint64_t>>> keys;
-  std::vector<std::vector<std::vector<uint32_t>>> positions;
-  std::vector<std::vector<uint32_t>> counts;
-};
-BracketResult abs_bracket(const std::vector<View2D>& tasks, const View2D* base, const std::vector<uint64_t>& lo,
-                          const std::vector<uint64_t>& hi, const std::vector<std::vector<uint64_t>>& marks,
-                          int64_t capacity);
-
 // Per task: entries kept by a trim are |v| >= lo at flat index < cut and |v| >= hi after it,
 // where hi is the next float above lo (so "> threshold"), i.e. a top-k set; entries of a
 // second, smaller top-k set (the same form, drop_*) are dropped again (Model Breadcrumbs'
-// outliers). No trim: lo = hi = 0; no drop: drop_lo = drop_hi = +inf.
+// outliers). No trim: lo = hi = 0; no drop: drop_lo = drop_hi = +inf. cpu/topk.h finds them.
 struct Trim {
   double lo, hi;
   int64_t cut;

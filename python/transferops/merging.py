@@ -19,12 +19,12 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 
 from . import _checks
 from . import _memory
 from . import _philox
+from . import _topk
 from ._philox import U32 as _U32
 from ._backend import Op, native_buffer, native_module
 
@@ -43,7 +43,7 @@ class MergeSpec:
     seed: int = 0  # DARE: with `stream` (a hash of the tensor's name), keys the Philox counter
     stream: int = 0
     # Set only when a tensor is merged in chunks: the whole tensor's top-k trims, one
-    # (lo, hi, cut, drop_lo, drop_hi, drop_cut) per task (see _trims), and the chunk's first
+    # (lo, hi, cut, drop_lo, drop_hi, drop_cut) per task (see _topk.trims), and the chunk's first
     # flat index (for the trims' cuts and DARE).
     trims: tuple | None = None
     offset: int = 0
@@ -127,7 +127,7 @@ def _della_keep_probability(x: torch.Tensor, density: float, epsilon: float) -> 
 
 
 def _trim_keep(x: torch.Tensor, trim, offset: int) -> torch.Tensor:
-    """The mask of a precomputed trim (see _trims) on a chunk starting at flat ``offset``."""
+    """The mask of a precomputed trim (see _topk.trims) on a chunk starting at flat ``offset``."""
     lo, hi, cut, drop_lo, drop_hi, drop_cut = trim
     idx = torch.arange(offset, offset + x.numel(), device=x.device).view(x.shape)
     a = x.abs()
@@ -228,264 +228,13 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-_KEY_BITS = {torch.float32: 31, torch.float64: 63, torch.bfloat16: 15, torch.float16: 15}
-_KEY_INTS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
-             torch.float16: torch.int16}
-
-
-def _digit_bits(chunk: int) -> int:
-    """65536-bin histograms (2 passes for float32, 1 for 16-bit keys) over large chunks:
-    magnitudes cluster, so the bins in use stay in cache whatever the width and wider digits
-    just save passes. Small chunks (small tensors, or a tight memory budget) take 2048 bins,
-    whose per-thread copies (2 x 4 bytes x bins per task) then cost less to zero, merge and hold."""
-    return 16 if chunk >= 1 << 20 else 11
-
-
-class _NativeSelect:
-    """The select's steps on native buffers (CPU): the radix's and the bracketed ones."""
-    @staticmethod
-    def histograms(bufs, base, prefixes, shift: int, dbits: int) -> np.ndarray:
-        return native_module().abs_digit_histograms(bufs, base, prefixes, shift, dbits)
-
-    @staticmethod
-    def cut(buf, base, key: int, rank: int) -> int:
-        return native_module().abs_equal_cut(buf, base, key, rank)
-
-    @staticmethod
-    def size(buf) -> int:
-        return buf.size
-
-    @staticmethod
-    def sample(bufs, base, runs: int, seed: int) -> np.ndarray:
-        return native_module().abs_sample_keys(bufs, base, runs, seed)
-
-    @staticmethod
-    def brackets(keys: np.ndarray, q: float, numel: int, nbits: int) -> list:
-        """Per task of a sample's keys: (lo, hi, marks, expected keys inside) around the top
-        fraction ``q`` of ``numel``; marks empty: keep the keys inside as a list."""
-        return native_module().abs_sample_brackets(keys, q, numel, nbits, _MARKS)
-
-    @staticmethod
-    def bracket(bufs, base, lo, hi, marks, capacity: int) -> list:
-        return native_module().abs_bracket(bufs, base, lo, hi, marks, capacity)
-
-    @staticmethod
-    def block(buf, item: int):
-        """Block ``item`` of the bracket's per-block counts: (its 1-row view, its flat start)."""
-        size = native_module().SELECT_BLOCK
-        per_row = -(-buf.shape[1] // size)
-        row, col = divmod(item, per_row)
-        col *= size
-        return buf[row:row + 1, col:col + size], row * buf.shape[1] + col
-
-
-class _TritonSelect:
-    """The radix's steps on 2-D device tensors (task vectors, no base): Triton histograms, the
-    tie cut with torch on the device."""
-    @staticmethod
-    def histograms(bufs, base, prefixes, shift: int, dbits: int) -> np.ndarray:
-        from .kernels import merging as kernels
-
-        return kernels.abs_digit_histograms(bufs, prefixes, shift, dbits, _KEY_BITS[bufs[0].dtype]).cpu().numpy()
-
-    @staticmethod
-    def cut(buf, base, key: int, rank: int) -> int:
-        keys = buf.contiguous().view(_KEY_INTS[buf.dtype]).flatten().to(torch.int64) & ((1 << _KEY_BITS[buf.dtype]) - 1)
-        at = torch.nonzero(keys == key).flatten()
-        return int(at[rank - 1]) + 1 if at.numel() >= rank else -at.numel()
-
-    @staticmethod
-    def size(buf) -> int:
-        return buf.numel()
-
-
-def _abs_topks(passes, k: int, numel: int, dtype: torch.dtype, tasks: int, chunk: int, keep_ties: bool,
-               engine=_NativeSelect) -> list:
-    """Exact top-k of |x| of each of ``tasks`` tensors as trims (lo, hi, cut) for the fused
-    pass: the k-th largest key (the bits of |x|, whose integer order is value order for
-    non-negative floats), ties at it kept lowest flat index first (or all kept).
-    ``passes(which)`` returns a fresh iterable of (buffers of the tasks ``which``, base)
-    covering the tensors in flat order, base None or a buffer: then x is buffer - base, formed
-    in ``dtype``. Each step reads every task in one pass (a base once), so the data may stream
-    from disk; ``chunk`` is the largest chunk's size. ``engine`` runs the steps: the bracketed
-    select where it can, the radix select for the tasks it leaves."""
-    acc = _accumulation_dtype(dtype)
-    if k <= 0:
-        return [(math.inf, math.inf, 0)] * tasks
-    if k >= numel:
-        return [(0.0, 0.0, numel)] * tasks
-    found = [None] * tasks
-    if numel >= _BRACKET_MIN and hasattr(engine, "bracket"):
-        found = _bracketed_select(passes, k, numel, dtype, tasks, chunk, keep_ties, engine)
-    todo = [t for t in range(tasks) if found[t] is None]
-    for t, key_cut in zip(todo, _radix_select(passes, k, numel, dtype, todo, chunk, keep_ties, engine)):
-        found[t] = key_cut
-    trims = []
-    for key, cut in found:
-        lo = torch.tensor([key], dtype=torch.int64).to(_KEY_INTS[dtype]).view(dtype).to(acc)
-        hi = torch.nextafter(lo, torch.tensor([math.inf], dtype=acc))
-        trims.append((lo.item(), hi.item(), cut))
-    return trims
-
-
-def _radix_select(passes, k: int, numel: int, dtype: torch.dtype, which: list, chunk: int, keep_ties: bool,
-                  engine) -> list:
-    """(k-th largest key, tie cut) of the tasks ``which``: one histogram pass per digit of the
-    key's bits, each narrowing to the digit holding the k-th."""
-    nbits, known, digit = _KEY_BITS[dtype], 0, _digit_bits(chunk)
-    prefix, rank, ties = [0] * len(which), [k] * len(which), [0] * len(which)
-    while which and known < nbits:
-        dbits = min(digit, nbits - known)
-        shift = nbits - known - dbits
-        hist = sum(engine.histograms(bufs, base, prefix, shift, dbits) for bufs, base in passes(which))
-        for i in range(len(which)):
-            d, rank[i] = _rth_largest_bin(hist[i], rank[i])
-            prefix[i], ties[i] = (prefix[i] << dbits) | d, int(hist[i, d])
-        known += dbits
-    return [(prefix[i], numel if rank[i] >= ties[i] or keep_ties else _tie_cut(passes, t, prefix[i], rank[i], engine))
-            for i, t in enumerate(which)]
-
-
-def _rth_largest_bin(counts: np.ndarray, r: int) -> tuple[int, int]:
-    """(the bin of ascending ``counts`` holding the r-th largest element, its rank in that bin)."""
-    above = np.cumsum(counts[::-1])  # above[j]: elements in the top j + 1 bins
-    j = int(np.searchsorted(above, r))  # the first top-(j + 1) holding >= r elements
-    return counts.size - 1 - j, r - (int(above[j - 1]) if j else 0)
-
-
-def _tie_cut(passes, t: int, key: int, rank: int, engine) -> int:
-    """The flat position just after task ``t``'s rank-th element of key ``key``."""
-    before = 0
-    for (buf,), base in passes([t]):
-        pos = engine.cut(buf, base, key, rank)
-        if pos > 0:
-            return before + pos
-        rank += pos  # pos = -(ties in this chunk)
-        before += engine.size(buf)
-    raise AssertionError("fewer ties than counted")
-
-
-# The bracketed select: a sample of runs of consecutive elements brackets each task's k-th key
-# between two sample keys, wide enough (4 standard errors of the sample's quantile, measured
-# between runs, so that correlated neighbours widen it) that one pass finds the k-th inside it
-# almost always; where it does not, or the bracket holds more keys than the budget, the radix
-# select takes the task. Below _BRACKET_MIN elements the radix's passes stay in cache anyway.
-_BRACKET_MIN = 1 << 20
-_MARKS = 16  # at most this many keys of a heavily tied bracket are counted per block
-
-
-def _bracketed_select(passes, k: int, numel: int, dtype: torch.dtype, tasks: int, chunk: int, keep_ties: bool,
-                      engine) -> list:
-    """(k-th largest key, tie cut) per task, or None where the radix select must find it."""
-    # 16 keys a run, at most 1 MB of float32 a task; memory for the sample and the kept keys
-    # stays within a few bytes per element of the largest chunk.
-    runs = min(16384, max(1024, numel // 1024), chunk // (32 * tasks))
-    if runs < 256:
-        return [None] * tasks
-    samples = []
-    for i, (bufs, base) in enumerate(passes(range(tasks))):
-        n = engine.size(bufs[0])
-        if runs * n // numel:
-            samples.append(engine.sample(bufs, base, runs * n // numel, i))
-    # [T, runs, run length]; one chunk's sample as it is (a copy of 16 MB had cost 1.2 ms at T = 8)
-    keys = samples[0] if len(samples) == 1 else np.concatenate(samples, axis=1)
-    lo, hi, marks, expected = zip(*engine.brackets(keys, k / numel, numel, _KEY_BITS[dtype]))
-    listed = [int(2 * e) + 4096 for m, e in zip(marks, expected) if not m]
-    capacity = min(max(listed, default=0), chunk // (2 * tasks))  # kept (key, position) pairs per task
-    above, inside = [0] * tasks, [0] * tasks
-    kept = [[] for _ in range(tasks)]  # per chunk: (keys, positions in it, its flat offset) or per-block counts
-    for offset, (bufs, base) in _offsets(passes(range(tasks)), engine):
-        for t, (a, n, keys_in, positions, counts) in enumerate(engine.bracket(bufs, base, lo, hi, marks, capacity)):
-            above[t] += a
-            inside[t] += n
-            kept[t].append(counts if marks[t] else (keys_in, positions, offset))
-    found = []
-    for t in range(tasks):
-        r = k - above[t]  # the k-th largest is the r-th largest in the bracket
-        if not 1 <= r <= inside[t]:
-            found.append(None)
-        elif marks[t]:
-            found.append(_marked_bracket(passes, t, r, marks[t], kept[t], numel, keep_ties, engine))
-        else:
-            found.append(_listed_bracket(r, inside[t], kept[t], numel, keep_ties))
-    return found
-
-
-def _offsets(chunks, engine):
-    """(flat offset, chunk) over ``passes``' chunks."""
-    offset = 0
-    for bufs, base in chunks:
-        yield offset, (bufs, base)
-        offset += engine.size(bufs[0])
-
-
-def _listed_bracket(r: int, inside: int, kept: list, numel: int, keep_ties: bool):
-    """The r-th largest of the bracket's kept keys, and the tie cut from their positions; None
-    if the budget kept fewer than were inside."""
-    # Positions stay chunk-relative and 32-bit until a tie needs them: widening all had cost a
-    # copy of every kept pair.
-    keys = kept[0][0] if len(kept) == 1 else np.concatenate([keys for keys, _, _ in kept])
-    if keys.size < inside:
-        return None
-    key = native_module().abs_order_statistic(keys, keys.size - r)
-    tied = keys == key
-    rank = r - int(np.count_nonzero(keys > key))
-    if keep_ties or rank >= int(np.count_nonzero(tied)):
-        return key, numel
-    positions = np.concatenate([at[part == key].astype(np.int64) + offset for part, at, offset in kept])
-    return key, native_module().abs_order_statistic(positions, rank - 1) + 1
-
-
-def _marked_bracket(passes, t: int, r: int, marks: list, kept: list, numel: int, keep_ties: bool, engine):
-    """The r-th largest key of a bracket counted per block in bins (each marked key, each gap
-    between two), and the tie cut from the one block that holds it; None if it lies in a gap."""
-    per_bin = sum(counts.sum(axis=0, dtype=np.int64) for counts in kept)
-    d, rank = _rth_largest_bin(per_bin, r)
-    if d % 2:
-        return None
-    key = marks[d // 2]
-    if keep_ties or rank >= int(per_bin[d]):
-        return key, numel
-    seen = 0
-    for (offset, ((buf,), base)), counts in zip(_offsets(passes([t]), engine), kept):
-        tied = np.cumsum(counts[:, d], dtype=np.int64)
-        if seen + int(tied[-1]) < rank:
-            seen += int(tied[-1])
-            continue
-        item = int(np.searchsorted(tied, rank - seen))
-        view, start = engine.block(buf, item)
-        base_view = None if base is None else engine.block(base, item)[0]
-        return key, offset + start + engine.cut(view, base_view, key, rank - seen - (int(tied[item - 1]) if item else 0))
-    raise AssertionError("fewer ties than counted")
-
-
-def _trims(passes, numel: int, dtype: torch.dtype, tasks: int, chunk: int, spec: MergeSpec,
-           engine=_NativeSelect) -> list:
-    """Per task (lo, hi, cut, drop_lo, drop_hi, drop_cut) of a tensor of ``numel`` elements
-    (``passes`` and the rest as :func:`_abs_topks`): the fused pass keeps |v| >= lo before flat
-    index ``cut`` and |v| >= hi (the next float above lo, i.e. > lo) from it on, and drops
-    what the drop_* trim (breadcrumbs' top outliers, else nothing) would keep."""
-    k, g = spec.keep_count(numel), spec.drop_count(numel)
-    keep = _abs_topks(passes, k + g, numel, dtype, tasks, chunk, spec.keep_ties, engine)
-    drop = _abs_topks(passes, g, numel, dtype, tasks, chunk, False, engine) if g else [(math.inf, math.inf, 0)] * tasks
-    return [a + b for a, b in zip(keep, drop)]
-
-
-def _shift_trims(trims, offset: int, numel: int | None = None) -> tuple:
-    """Whole-scope trims seen from a piece starting at flat ``offset`` (cuts clamped to the
-    piece's ``numel`` when given)."""
-    clamp = (lambda c: c) if numel is None else (lambda c: min(max(c, 0), numel))
-    return tuple((lo, hi, clamp(cut - offset), dlo, dhi, clamp(dcut - offset))
-                 for lo, hi, cut, dlo, dhi, dcut in trims)
-
-
-def _native_trims(bufs, base, numel: int, spec: MergeSpec, dtype: torch.dtype):
+def _native_trims(bufs, base, numel: int, spec: MergeSpec):
     """The chunk's trims for the native pass, found here unless ``spec`` brings them."""
     if spec.trims is not None:
-        return _shift_trims(spec.trims, spec.offset)
+        return _topk.shift(spec.trims, spec.offset)
     if spec.density is None:
         return None
-    return _trims(lambda which: [([bufs[t] for t in which], base)], numel, dtype, len(bufs), numel, spec)
+    return _topk.trims(_topk.in_memory(bufs, base), numel, spec)
 
 
 @merge_op.register("native", dtypes=_DTYPES, limit=_fused_only("native", della=None))
@@ -495,8 +244,7 @@ def _merge_native(tvs, weights, spec: MergeSpec, base=None, out=None):
         out = _memory.empty(like.shape, like.dtype)
     bufs = [native_buffer(_checks.as_rows(t)) for t in tvs]
     base_buf = None if base is None else native_buffer(_checks.as_rows(base))
-    key_dtype = out.dtype if base is None else _accumulation_dtype(out.dtype)
-    spec = replace(spec, trims=_native_trims(bufs, base_buf, out.numel(), spec, key_dtype))
+    spec = replace(spec, trims=_native_trims(bufs, base_buf, out.numel(), spec))
     if spec.zero_sign is None:  # the paper's majority: a counting pass first
         spec = replace(spec, zero_sign=_majority(_native_pass(bufs, base_buf, None, weights, spec)[1]))
     bad, _ = _native_pass(bufs, base_buf, native_buffer(_checks.as_rows(out)), weights, spec)
@@ -526,10 +274,9 @@ def _merge_triton(tvs, weights, spec: MergeSpec):
     out = torch.empty_like(tvs[0], memory_format=torch.contiguous_format)
     numel = out.numel()
     if spec.trims is not None:
-        trims = _shift_trims(spec.trims, spec.offset)
+        trims = _topk.shift(spec.trims, spec.offset)
     elif spec.density is not None:
-        trims = _trims(lambda which: [([rows[t] for t in which], None)], numel, out.dtype, len(rows), numel, spec,
-                       _TritonSelect)
+        trims = _topk.trims(_topk.triton(rows), numel, spec)
     else:
         trims = None
     bad = kernels.merge(rows, _checks.as_rows(out), weights, elect=spec.elect, count=spec.sign == "count",

@@ -18,9 +18,10 @@ import torch
 
 from . import _checks
 from . import _memory
+from . import _topk
 from ._backend import BackendUnavailable, native_buffer, native_module
 from .merging import (_DTYPES, MergeSpec, _accumulation_dtype, _check_compatible, _fnv1a32, _majority, _native_pass,
-                      _native_trims, _reference_votes, _shift_trims, _task_vectors, _trims, merge_op, method_spec)
+                      _native_trims, _reference_votes, _task_vectors, merge_op, method_spec)
 
 # merge() works through tensors in chunks of this many elements where a backend forms the task
 # vectors, so that they stay O(chunk) rather than O(T x tensor); the fused native pass forms
@@ -55,8 +56,8 @@ def _merge_tensor(name: str, base_read, model_reads, numel: int, dtype: torch.dt
     if trims is not None:
         spec = replace(spec, trims=trims)
     elif spec.density is not None and len(ranges) > 1:
-        spec = replace(spec, trims=tuple(_trims(_model_passes(pieces), numel, _accumulation_dtype(dtype),
-                                                 len(model_reads), chunk, spec)))
+        select = _topk.streamed(_model_passes(pieces), numel, len(model_reads), chunk)
+        spec = replace(spec, trims=tuple(_topk.trims(select, numel, spec)))
     if spec.zero_sign is None and len(ranges) > 1:
         spec = replace(spec, zero_sign=_scope_majority([p + (dtype, spec.trims, weights) for p in pieces], spec, backend))
     for s, c in ranges:
@@ -76,7 +77,7 @@ def _scope_majority(pieces, spec: MergeSpec, backend: str) -> int:
         models, base, piece = [read(s, c) for read in model_reads], base_read(s, c), replace(spec, offset=s, trims=trims)
         if native:
             bufs = [native_buffer(_checks.as_rows(m)) for m in models]
-            trims = _native_trims(bufs, None, c, piece, dtype)
+            trims = _native_trims(bufs, None, c, piece)
             total += _native_pass(bufs, native_buffer(_checks.as_rows(base)), None, weights,
                                   replace(piece, trims=trims, zero_sign=1))[1]
         else:
@@ -85,8 +86,8 @@ def _scope_majority(pieces, spec: MergeSpec, backend: str) -> int:
 
 
 def _model_passes(pieces):
-    """``passes`` for :func:`_abs_topks` over chunks (model_reads, base_read, start, count) in
-    order: the native histograms form theta_t - theta_0 themselves."""
+    """``passes`` for :func:`transferops._topk.streamed` over chunks (model_reads, base_read,
+    start, count) in order: the native passes form theta_t - theta_0 themselves."""
     def passes(which):
         for model_reads, base_read, s, c in pieces:
             yield ([native_buffer(model_reads[t](s, c).view(1, -1)) for t in which],
@@ -109,15 +110,15 @@ def _global_trims(items, spec: MergeSpec, chunk_of, weights_of, backend: str) ->
         raise ValueError("scope: 'global' needs the float tensors all float64 or none float64")
     if native_module() is None:
         raise BackendUnavailable("scope='global' needs the native module (its radix select streams the model)")
-    acc = accs.pop()
     total = sum(numel for _, numel, _, _ in items)
 
     pieces = [(reads[1:], reads[0], s, c) for _, numel, dtype, reads in items
               for s, c in _chunks(numel, chunk_of(numel, dtype))]
-    per_task = _trims(_model_passes(pieces), total, acc, len(items[0][3]) - 1, max(c for *_, c in pieces), spec)
+    select = _topk.streamed(_model_passes(pieces), total, len(items[0][3]) - 1, max(c for *_, c in pieces))
+    per_task = _topk.trims(select, total, spec)
     out, offset = {}, 0
     for name, numel, _, _ in items:
-        out[name] = _shift_trims(per_task, offset, numel)
+        out[name] = _topk.shift(per_task, offset, numel)
         offset += numel
     if spec.zero_sign is None:
         spec = replace(spec, zero_sign=_scope_majority(

@@ -127,6 +127,13 @@ def _digit_histogram_kernel(base, offsets, strides, prefixes, hist, cols, shift,
     tl.atomic_add(hist + t * bins + digit, 1, mask=ok)
 
 
+def digit_bits(numel: int) -> int:
+    """Bits per digit of abs_digit_histograms over tensors of ``numel`` elements: 2^16 bins over
+    large ones, so fewer passes (2 for float32 keys, 1 for 16-bit ones); 2^11 over small ones,
+    whose bins then cost less to zero than the passes they save."""
+    return 16 if numel >= 1 << 20 else 11
+
+
 _KEY_INT = {torch.float32: tl.int32, torch.float64: tl.int64, torch.bfloat16: tl.int16, torch.float16: tl.int16}
 
 
