@@ -69,10 +69,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker("cuda")
         elif backend == "triton":
             item.add_marker("interpreter")
-        quick = item.get_closest_marker("interpreter_quick")
-        if quick and item.get_closest_marker("interpreter") and \
-                any(callspec.params[name] != value for name, value in quick.kwargs.items()):
-            item.add_marker("slow")
+            quick = item.get_closest_marker("interpreter_quick")
+            if quick and any(callspec.params[name] != value for name, value in quick.kwargs.items()):
+                item.add_marker("slow")
     if not torch.cuda.is_available():
         kept, gpu = [], []
         for item in items:
