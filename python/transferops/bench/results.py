@@ -59,11 +59,14 @@ def this_machine(device: str | None = None) -> list[str]:
 
 
 def checkout_root() -> Path | None:
-    """The repository this transferops is imported from (python/transferops in a git checkout),
-    or None for an installed wheel."""
+    """The git checkout of transferops to record into: the one this transferops is imported from
+    (an editable install), else the working directory where it is one (a wheel installed from
+    the checkout one works in); None otherwise."""
     package = Path(transferops.__file__).resolve().parent
-    root = package.parents[1]
-    return root if package == root / "python" / "transferops" and (root / ".git").exists() else None
+    for root in (package.parents[1], Path.cwd().resolve()):
+        if (root / "python" / "transferops" / "__init__.py").is_file() and (root / ".git").exists():
+            return root
+    return None
 
 
 def default_results_dir() -> Path | None:
