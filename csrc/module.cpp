@@ -221,7 +221,7 @@ int64_t abs_equal_cut(const py::buffer& tensor, const std::optional<py::buffer>&
 py::array_t<uint64_t> abs_sample_keys(const std::vector<py::buffer>& tasks, const std::optional<py::buffer>& base,
                                       int64_t runs, uint64_t seed) {
   const SelectViews s(tasks, base);
-  // Written in place: a second buffer of this size cost as much in page faults as the sampling.
+  // Written in place: a second buffer of this size would cost as much in page faults as the sampling.
   py::array_t<uint64_t> keys({py::ssize_t(s.views.size()), py::ssize_t(std::max<int64_t>(runs, 0)), py::ssize_t(cpu::kSampleRun)});
   uint64_t* out = keys.mutable_data();
   {

@@ -1,5 +1,5 @@
 // The keys of |x| that the top-k select and the fused pass compare, and the task-vector values
-// they are taken of. Included inside each ISA build's namespace.
+// they are taken of. Defined in each ISA build's namespace (cpu/isa.h).
 #pragma once
 #include <cstdint>
 #include <cstring>

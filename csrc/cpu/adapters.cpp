@@ -19,11 +19,9 @@ namespace TRANSFEROPS_ISA {
 namespace {
 
 // Rows per tile: about this many values of the compute type per [rows, d] buffer, never below
-// 16 rows. Smaller forward tiles balance the two threads better (2048 x 768 is 13 tiles at 2^17)
-// and leave the weights in L2: at 2^15, 2-thread forward min of 4 alternated runs, 2048 x 768
-// r=16 0.90 -> 0.80 ms, r=64 2.76 -> 2.50 ms, 2048 x 4096 r=64 20.0 -> 17.6 ms. Backward adds
-// each tile's weight-gradient products into [r, d] sums: 2^14 measured slower at 2048 x 768,
-// 2^15 to 2^17 alike within this machine's noise.
+// 16 rows. Forward's tiles are small: more of them share out evenly between threads, and the
+// weights stay in L2 beside them. Backward's are larger: each tile adds its weight-gradient
+// products into [r, d] sums, and fewer tiles add fewer of them.
 constexpr int64_t kForwardTileElements = int64_t(1) << 15;
 constexpr int64_t kBackwardTileElements = int64_t(1) << 17;
 // Weight gradients are summed over at most this many fixed row chunks (their partials take
@@ -41,8 +39,7 @@ constexpr uint32_t kDropoutStream = 0x41445054u;
 int64_t tile_rows(int64_t d, int64_t elements) { return std::max<int64_t>(16, elements / std::max<int64_t>(d, 1)); }
 
 // Rows [begin, begin + rows) cut into `count` parts whose sizes differ by at most one row: equal
-// parts keep the threads in step (backward had cut 2048 rows into 13 tiles of up to 170 rows,
-// 7 for one thread and 6 for the other).
+// parts keep the threads in step, where tiles of a fixed size can leave one thread a tile more.
 struct Split {
   int64_t begin, rows, count;
   Split(int64_t begin_, int64_t rows_, int64_t count_)
@@ -56,8 +53,7 @@ struct Split {
 
 // Sum of f(j) for j < n in 32 interleaved partial sums, combined in a fixed order: without
 // -ffast-math, one running sum cannot vectorize; these lanes can, as four independent vector
-// sums (one, with its add latency per 8 terms, had made the layer-norm statistics about a quarter
-// of a one-thread forward at d = 768).
+// sums (one vector sum would wait on its add latency every 8 terms).
 template <class T, class F>
 T lane_sum(int64_t n, F&& f) {
   constexpr int kLanes = 32;
@@ -77,22 +73,20 @@ T lane_sum(int64_t n, F&& f) {
 template <class T>
 constexpr int64_t kLanes = kVecBytes / int64_t(sizeof(T));
 
-// Register blocks of the two skinny products, measured on the 2-core EPYC (AVX2, float32, one
-// thread): 6 rows x 2 vectors for the down-projection (42 rows, d = 768: r=64 48-52 GFLOP/s in
-// blocks of 4 rows, 63-66 in blocks of 6; r=16 65-88 -> 75-98; 48 rows, d = 4096, r=64: 39 -> 47-50;
-// OpenBLAS on 32-row tiles at d = 4096, r=16: 16); 3 rows x 4 vectors 62 GFLOP/s for the
-// up-projection (N=2048, d=4096, r=16; OpenBLAS: 45; 4 x 2: 34, 6 x 2: 54).
+// Register blocks of the two skinny products, the fastest of those tried with AVX2 (16 vector
+// registers): 6 rows x 2 vectors for the down-projection (12 accumulators; each k loads two
+// weight vectors and broadcasts six inputs), 3 rows x 4 vectors for the up-projection (12
+// accumulators; each k loads four weight vectors and broadcasts three inputs).
 constexpr int kDownRows = 6;
 constexpr int kUpRows = 3;
 constexpr int64_t kUpVectors = 4;
 
 // p[i, j] = sum_k x[i, k] wt[k, j] for MR rows and j < rp (a multiple of 2 vectors): wt is
 // [d, rp], so each k loads two weight vectors and broadcasts MR inputs straight from memory
-// (forward centres the rows beforehand: subtracting here cost a scalar load, subtract and
+// (forward centres the rows beforehand: subtracting here would take a scalar load, subtract and
 // broadcast per row, k and column block, on the pipes the products need).
 // The sum over k runs in blocks of kSumBlock terms added to a running total: its rounding
-// error grows with kSumBlock + d / kSumBlock rather than d (one running sum over d = 4096 was
-// 10x less accurate than torch's GEMM; blocked, it is as accurate).
+// error grows with kSumBlock + d / kSumBlock rather than d, as a blocked GEMM's (torch's) does.
 constexpr int64_t kSumBlock = 64;
 
 template <class T, int MR>
@@ -133,9 +127,7 @@ constexpr int64_t kUpBlock = kUpVectors * kLanes<T>;
 // time: row-major, rows `ld` apart (`block` = kUpBlock), or packed in panels, each block's n rows
 // of kUpBlock values contiguous (ld = kUpBlock, block = n kUpBlock; see panel_offset). A block of
 // rows ld apart maps to few of L1's sets when ld is a multiple of a large power of two, and the
-// prefetchers do not follow it: forward's up-projection on one thread, 3 rows at a time, went
-// from 18-20 to 45-58 GFLOP/s in panels at d = 4096, r = 64, from 30-40 to 50-66 at d = 768,
-// r = 64 (d = 768, r = 16: 35 -> 37-41).
+// prefetchers do not follow it; a panel is one contiguous stream.
 template <class T>
 struct Columns {
   const T* w;
@@ -202,21 +194,18 @@ int64_t up_width(int64_t d) {
 
 // The row stride of a tile buffer of dp (up_width) values per row that up_tile walks down its
 // columns: one cache line more, an odd number of lines, so that a column block's rows spread
-// over all of L1's sets (rows of 768 floats, 48 lines, had used a sixteenth of them; 4096, one).
-// The weight-gradient product's shape, 2048 x 768, r=16, one thread: 36 -> 71 GFLOP/s (LoRA's
-// dA in 59c1668); the bottleneck's backward at 2048 x 4096, r=64, 2 threads, p50 of alternated
-// runs: 108-117 -> 94-108 ms (2048 x 768, r=16: within noise).
+// over all of L1's sets (rows of 768 floats, 48 lines, would use a sixteenth of them; 4096,
+// one).
 template <class T>
 int64_t padded_ld(int64_t dp) {
   return dp + 64 / int64_t(sizeof(T));
 }
 
 // The two products over m rows in register blocks (the down-projection's remainder in blocks of
-// half as many rows, then single rows: 16 rows at d = 4096, r=64 had run at 26 GFLOP/s in two
-// blocks of 6 and four single rows, 38 in blocks of 4). With a
-// `mean`, the down-projection reads each block's rows centred on their means, written to
-// `scratch` [kDownRows, d] (it stays in L1; a centred copy of the whole tile had pushed the
-// weights out of L2 at r = 64).
+// half as many rows, then single rows, so that few rows run one at a time). With a `mean`, the
+// down-projection reads each block's rows centred on their means, written to `scratch`
+// [kDownRows, d] (it stays in L1, where a centred copy of the whole tile would push the weights
+// out of L2).
 template <class T>
 void down_tile(const T* x, int64_t ld, const T* mean, const T* wt, int64_t rp, int64_t d, int64_t m, T* p,
                T* scratch) {
@@ -355,8 +344,8 @@ struct Folded {
       if (p.ln_weight) ln_weight[size_t(k)] = p.ln_weight[k];
       if (p.ln_bias) ln_bias[size_t(k)] = p.ln_bias[k];
     }
-    // The transposes in column blocks (with the bias in lanes, a forward call over 4 rows at
-    // d = 768, r = 16 went from 32 to 21 us; folding had been 70% of it).
+    // The transposes in column blocks (see kColumnBlock): at a few rows, folding the weights is
+    // most of a call.
     for (int64_t k0 = 0; k0 < d; k0 += kColumnBlock) {
       const int64_t k1 = std::min(d, k0 + kColumnBlock);
       for (int64_t j = 0; j < r; ++j) {
@@ -488,8 +477,8 @@ struct Partials {
 
 // Every product runs in the register blocks of forward's kernels, on tiles of g' and xhat copied
 // dp wide into per-thread buffers that stay in L2: the weight gradients as sums of outer
-// products (up_tile over phi(a) and da transposed), where OpenBLAS had spent more time packing
-// the [m, d] operand than multiplying it at r = 16.
+// products (up_tile over phi(a) and da transposed): at small r a BLAS spends more time packing
+// the [m, d] operand than multiplying it.
 template <class S>
 void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, const void* a_in, const void* mean_in,
                     const void* rstd_in, const View2D& dx, const BottleneckGrads& out) {
@@ -504,7 +493,7 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
   // transpose; dh = da W_down in up_block's, W_down [r, dp] in up_tile's panels.
   const int64_t rp = down_width<T>(r), dp = up_width<T>(d), ld = padded_ld<T>(dp);
   std::vector<T> w_up_scaled(size_t(d * rp)), w_down(size_t(r * dp)), ln_weight(size_t(d), T(1));
-  // Row by row: interleaved with the other copy, W_down's r streams d apart had thrashed L1's sets.
+  // Row by row: interleaved with the other copy, W_down's r streams d apart would thrash L1's sets.
   for (int64_t j = 0; j < d; ++j) {
     if (p.ln_weight) ln_weight[size_t(j)] = p.ln_weight[j];
     for (int64_t k = 0; k < r; ++k) w_up_scaled[size_t(j * rp + k)] = p.scale[j] * p.w_up[j * r + k];
@@ -518,8 +507,7 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
   const Split chunk_rows(0, N, std::min(kMaxChunks, N / kMinChunkRows));
   const int64_t chunks = chunk_rows.count, rows = std::min(tm, chunk_rows.largest());
   // Each chunk's partials are zeroed by the thread that sums them, then added up in chunk order by
-  // all threads over slices of the block, where one thread had done both while the others waited
-  // (with equal tiles: 2048 x 768, r = 16, 2 threads, 4.3-5.7 -> 3.7-4.2 ms).
+  // all threads over slices of the block, so that no thread waits while another does both.
   const int64_t width = Partials<T>::width(dp, r);
   const std::unique_ptr<T[]> sums(new T[size_t(chunks * width)]);
 #ifdef TRANSFEROPS_OPENMP
@@ -527,8 +515,7 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
 #endif
   {
     // phi(a) and da also transposed ([r, m]), so that the weight gradients' broadcasts walk each
-    // column's m values in order (2048 x 768 and 8192 x 768, r=64, paired: 1.03-1.07x faster than
-    // reading [m, r] with stride r; r=16 alike).
+    // column's m values in order rather than with stride r.
     std::vector<T> g(size_t(rows * ld)), xhat(size_t(rows * ld)), dh(size_t(kUpRows * dp)), zt(size_t(rows * r)),
         da(size_t(rows * r)), dat(size_t(rows * r)), proj(size_t(rows * rp));
     const auto accumulate = [dp](T* sum) {
@@ -616,8 +603,7 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
       }
     }
     // In blocks, chunks inside, so that the adds run along each chunk's contiguous values and
-    // vectorize (one value at a time across 16 chunks 100 KB apart had been a quarter of a
-    // one-thread pass of the same shape, LoRA's backward at 2048 x 768, r = 16, in 59c1668).
+    // vectorize, rather than one value at a time across chunks far apart.
 #ifdef TRANSFEROPS_OPENMP
 #pragma omp for schedule(static)
 #endif
@@ -649,8 +635,7 @@ void backward_typed(const Bottleneck& w, const View2D& grad, const View2D& x, co
   std::copy_n(total.ln_bias, d, gln_b);
   // y_j = s_j (W_up z + b_up)_j: dW_up = diag(s) mt^T, db_up = s g'_sum, ds_j = <W_up_j, mt^T_j> + b_up_j g'_sum_j.
   // In column blocks, k inside: along j alone mt's r rows thrash L1, and along k alone each ds is
-  // one chain of r dependent adds (with W_down copied by rows, a backward call over 4 rows at
-  // d = 768, r = 16 went from 61 to 55 us).
+  // one chain of r dependent adds.
   for (int64_t j0 = 0; j0 < d; j0 += kColumnBlock) {
     const int64_t j1 = std::min(d, j0 + kColumnBlock);
     T ds[kColumnBlock] = {};

@@ -1,6 +1,6 @@
 // The loop skeleton of the merging and top-k passes over views (cpu/merging.cpp,
 // cpu/topk_passes.cpp): work items of a row's column block, streams read ahead of the hardware
-// prefetcher, runtime flags made template ones. Included inside each ISA build's namespace.
+// prefetcher, runtime flags made template ones. Defined in each ISA build's namespace (cpu/isa.h).
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -14,7 +14,7 @@ namespace TRANSFEROPS_ISA {
 
 // The fused pass's loops index stack arrays through lambdas' captures: unless every level is
 // inlined into the function that owns the arrays, GCC must assume that they alias the inputs,
-// and past ten pairs it stops checking at run time and leaves the loop scalar (10x slower).
+// and past ten pairs it stops checking at run time and leaves the loop scalar.
 #define TRANSFEROPS_INLINE __attribute__((always_inline))
 
 // Calls f(std::true_type{}) or f(std::false_type{}): a runtime flag becomes a template one.
@@ -33,11 +33,10 @@ struct Blocks {
   int64_t len(int64_t item) const { return std::min(block, cols - col(item)); }
 };
 
-// The passes here read T + 1 streams (tasks and a base), a block of each in turn, and the
-// hardware prefetcher fell behind them: out of cache, one thread's bracket pass at T = 8 (then
-// so) ran at a third of its in-cache rate. So each loop over a block runs in chunks of four
-// cache lines, first asking for the lines kPrefetchBytes ahead in each stream. Lines past a
-// block's end are those of the next block of the row, which the same thread reads next.
+// The passes read T + 1 streams (tasks and a base), a block of each in turn: more streams than
+// the hardware prefetcher follows. So each loop over a block runs in chunks of four cache
+// lines, first asking for the lines kPrefetchBytes ahead in each stream. Lines past a block's
+// end are those of the next block of the row, which the same thread reads next.
 constexpr int64_t kPrefetchBytes = 8192;
 
 template <class S, size_t N, class F>

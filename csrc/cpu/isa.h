@@ -1,9 +1,8 @@
 // Which instruction set the CPU kernels run with. Files with hot loops are compiled more than
 // once on x86-64: adapters.cpp, merging.cpp and ot.cpp for the baseline ISA (namespace cpu::base)
-// and with -mavx2 (cpu::avx2); merging.cpp also with AVX-512 (cpu::avx512), where its passes ran
-// 25-40% faster in cache and a whole TIES merge of 8 tasks 5-10% faster out of cache, while the
-// adapter and Sinkhorn register blocks are sized for 32-byte vectors. Entry points pick a build
-// at run time.
+// and with -mavx2 (cpu::avx2); merging.cpp and topk_passes.cpp also with AVX-512 (cpu::avx512),
+// whose masked adds and compares their passes use, while the adapter and Sinkhorn register blocks
+// are sized for 32-byte vectors. Entry points pick a build at run time.
 #pragma once
 #include <string>
 #include <vector>

@@ -26,8 +26,7 @@ namespace {
 
 // Columns handled per work item: the per-column accumulators stay in L1 and the inner loops
 // over them vectorize. Such stack arrays are declared 64-byte aligned: GCC 12's AVX-512 build
-// had placed the bracket's flags 16 bytes off a 32-byte boundary and stored to them with aligned
-// 32-byte moves (a segfault on float64).
+// can place them off a 32-byte boundary and still store to them with aligned 32-byte moves.
 constexpr int64_t kBlock = 512;
 
 // n values from q widened into out: a base's block, read once per task by the loops after it.
@@ -50,8 +49,8 @@ inline A kept_if(bool c, A x) {
   return x;
 }
 
-// n + 1 where c holds. AVX-512 adds under a mask in one instruction (the fused pass over eight
-// bf16 tasks in cache: 10% faster than adding the 0 or 1); AVX2 adds the 0 or 1 faster (by 8%).
+// n + 1 where c holds. AVX-512 adds under a mask in one instruction; AVX2 has no masked add, and
+// adds the 0 or 1.
 template <class I>
 TRANSFEROPS_INLINE inline I counted_if(bool c, I n) {
 #ifdef __AVX512F__
@@ -94,8 +93,8 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
   constexpr bool intrinsic = false;
 #endif
   // The most tasks one sweep takes (below). The intrinsic loop keeps eight tasks' kept values in
-  // its 32 registers: at eight tasks one sweep ran 15-18% (f32) and 4% (bf16) faster than two
-  // groups of four, on one core. GCC's code for the generic loop takes four.
+  // its 32 registers, so eight tasks take one sweep rather than two groups of four; GCC's code
+  // for the generic loop holds four.
   constexpr int one_sweep_max = intrinsic ? 8 : 4;
 
 #pragma omp parallel for schedule(static) reduction(+ : nonfinite, sign_sum) \
@@ -108,14 +107,14 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
     const uint64_t index0 = uint64_t(d.offset + flat0);
     // Up to one_sweep_max tasks (`whole`, the common case) go in one sweep that keeps each
     // entry's accumulators in registers: the votes first, then the sum over the elected side only.
-    // Zeroing, storing and reloading per-entry arrays had been 24 bytes of L1 traffic per element
+    // Per-entry arrays would be zeroed, stored and reloaded: 24 bytes of L1 traffic per element
     // beside T = 2 bf16 models' 6 of input. More tasks go four per sweep (then one by one) over
-    // arrays of both sides' sums, loaded and stored once per sweep, not per task (at eight tasks
-    // their traffic, not the inputs', bounded the pass). Either way the additions keep task
-    // order, so results do not depend on grouping.
+    // arrays of both sides' sums, loaded and stored once per sweep, not per task, so that their
+    // traffic stays below the inputs'. Either way the additions keep task order, so results do
+    // not depend on grouping.
     // The block is swept in segments between the trims' cuts, inside each of which every task
     // keeps |v| in one [bound, drop): the cuts fall in one block per task in the tensor, and
-    // per-element index compares and selects had cost a third of the loop's instructions.
+    // spare every element an index compare and select.
     const bool whole = T <= one_sweep_max;
     alignas(64) A vote[kBlock], pos_sum[kBlock], neg_sum[kBlock];
     alignas(64) Den pos_den[kBlock], neg_den[kBlock];
@@ -152,8 +151,8 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
         bound[g] = A(flat0 + j0 < m.cut ? m.lo : m.hi);
         drop[g] = A(flat0 + j0 < m.drop_cut ? m.drop_lo : m.drop_hi);
       }
-      // DARE's draws for the segment, 32 per AVX2 block of eight Philox counters (the
-      // per-element Philox that GCC vectorizes in this loop took 2.4x as long).
+      // DARE's draws for the segment, 32 per AVX2 block of eight Philox counters, rather than a
+      // Philox per element inside the loop.
       alignas(64) uint32_t draw[dare ? G : 1][dare ? kBlock : 1];
       if constexpr (dare) {
         for (int g = 0; g < G; ++g) {
@@ -162,12 +161,12 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
       }
       // Branch-free selects only, so GCC vectorizes this loop under -fno-trapping-math (check
       // with -fopt-info-vec). No software prefetching: the loop reads its tasks in turn 32-64
-      // bytes at a time, and without it ran 10-20% faster (one and two threads, T = 2 and 8).
+      // bytes at a time, short enough for the hardware prefetcher.
       int32_t segment_bad = 0, segment_signs = 0;  // local, so that their sums vectorize
       int64_t j = j0;
 #ifdef __AVX512F__
       // PEFT's TIES over float32 or bf16 tasks, written with intrinsics: GCC's code for the
-      // loop below took 27 instructions per task and 16 entries in groups (two loads of each
+      // loop below spends 27 instructions per task and 16 entries in groups (two loads of each
       // bf16 vector, |x| twice, v > 0 compared twice, a multiply under a mask then an addition
       // for each side's sum). Here the additions themselves are masked. The same results bit
       // for bit: each sum starts at +0, so it never holds -0, and adding the +0 of an entry not

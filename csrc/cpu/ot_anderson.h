@@ -21,18 +21,14 @@ namespace TRANSFEROPS_ISA {
 // column update: the next G is T(G) corrected along the last `memory` differences of iterates and
 // of residuals r = T(G) - G, weighted to minimize the linearized residual. The slow modes of
 // Sinkhorn on clustered clouds are few (mass moving between clusters), and a short history spans
-// them. Measured, in iterations to a 1e-4 error (clustered d=64 clouds, eps 0.05, costs of mean 1;
-// plain, tuned over-relaxation (what this replaced), memory 8): 64 problems of 256 points 21080,
-// 7230, 3200; one of 8000 points 1020, 250, 80; of 20000 points (online) over-relaxation made no
-// progress past a 1e-2 error in 100 iterations, memory 8 converged in 80.
+// them, where plain or over-relaxed steps crawl along them.
 // Guards, in units of eps (log-scaling units): steps are plain until the root mean square of
-// T(G) - G is <= kLinear eps, the map's linear regime (the largest entry was held up for 160
-// iterations by a few outlying points at N = 20000), and a correction that would move some G_j
-// by more than kReach eps is shortened to that (a trust region: the secant step along the slow
-// mode at N = 20000 asked for 67 eps at once and overshot; unguarded steps also threw the kernel
-// domain into rebuilds and underflowed rows, 2.5x slower iterations). A residual 10x above the
-// smallest since the last restart clears the history. The fixed point, hence the answer, is
-// Sinkhorn's.
+// T(G) - G is <= kLinear eps, the map's linear regime (the largest entry can stay far above it,
+// held up by a few outlying points), and a correction that would move some G_j by more than
+// kReach eps is shortened to that (a trust region: a secant step along a slow mode can ask for
+// tens of eps at once and overshoot, throwing the kernel domain into rebuilds and underflowed
+// rows). A residual 10x above the smallest since the last restart clears the history. The fixed
+// point, hence the answer, is Sinkhorn's.
 constexpr double kLinear = 0.2, kReach = 5.0;
 class Anderson {
  public:

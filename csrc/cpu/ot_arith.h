@@ -39,7 +39,7 @@ template <> struct ExpConstants<float> {  // degree 6: relative error below 2e-7
   static constexpr Bits bias = 127;
 };
 
-// Series coefficients at compile time: computed per call, the divisions' chain cost as much as
+// Series coefficients at compile time: computed per call, the divisions' chain would cost as much as
 // the exponentials of the four-row updates of a sweep.
 template <class T, int Degree>
 constexpr std::array<T, Degree + 1> inverse_factorials() {
@@ -114,12 +114,12 @@ constexpr int kLanes = 8;
 constexpr int64_t kFlush = 512;
 
 // Accumulators are vectors of cpu/vec.h, kLanes / their width of them per row; each lane adds the
-// same terms in the same order in both builds. (One 64-byte vector of doubles, wider than any
-// register, went through memory: 4x slower.)
+// same terms in the same order in both builds. (A 64-byte vector of doubles, wider than any
+// register, would go through memory.)
 
 // out[r] = sum_j K_rj w_j for R rows (leading dimension ld) sharing the loads of w. Vector types
-// keep the accumulators in registers (as plain arrays GCC spilled them and assembled w from
-// scalar loads: 4.6 us for a 256 x 256 float product, 2.5 us now).
+// keep the accumulators in registers (as plain arrays GCC spills them and assembles w from
+// scalar loads).
 template <int R, class T>
 void dots(const T* k, int64_t ld, const T* w, int64_t n, double* out) {
   constexpr int W = kVecBytes / int(sizeof(T)), P = kLanes / W;

@@ -236,7 +236,7 @@ void solve_points(const Gemm& gm, PointProblem<T>& p, const SinkhornSettings& s,
   }
   // Values: the row marginals of P and <C, P>, in one more pass over the tiles. Each row is one
   // thread's, so the sums do not depend on how the tiles were shared (column sums accumulated
-  // per thread did: ot_eps varied in its last bits from run to run).
+  // per thread would: ot_eps would vary in its last bits from run to run).
   const int threads = max_threads();
   std::vector<double> r(N, 0.0), cost_rows(N, 0.0);
   std::vector<std::vector<double>> z(threads, std::vector<double>(kColBlock)), e(threads, std::vector<double>(kColBlock)),

@@ -284,6 +284,7 @@ void TopkSelect::resolve_brackets() {
     }
     s.keys = {};
     s.positions = {};
+    if (marked_.empty() || marked_.back() != t) s.counts = {};  // kept only for a tie-cut pass
   }
 }
 

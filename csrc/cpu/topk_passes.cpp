@@ -24,8 +24,7 @@ namespace TRANSFEROPS_ISA {
 namespace {
 
 // The bracket pass reads the tasks in turn 256 bytes at a time (a step), not a block (8-16 KB)
-// at a time, and needs no prefetching: on two cores, nine streams read so ran at 35 GB/s,
-// against 20 GB/s by 8 KB (with or without prefetching).
+// at a time: short runs of many streams, which the hardware prefetcher follows unaided.
 constexpr int64_t kStepBytes = 256;
 constexpr int64_t kLocateStep = kStepBytes / 2;  // elements of a step, at most (16-bit values)
 
@@ -44,9 +43,8 @@ inline const View2D& uint32_view(const std::vector<View2D>& tasks, const char* o
 template <class S, bool diff>
 struct ItemKeys {
   alignas(64) acc_t<S> base[kSelectBlock];
-  // The base's values at columns c + j0 ... of row r, len of them. Not widen_block: the
-  // bracket pass reads a step of 256 bytes at a time, and widen_block's prefetching slowed it
-  // (8 bf16 models, 45M elements, two threads: 30.4-32.3 -> 33.3-33.6 ms, A/B alternated).
+  // The base's values at columns c + j0 ... of row r, len of them, without software
+  // prefetching: the bracket pass reads a step of 256 bytes at a time (see kStepBytes).
   void load_base(const View2D* b, int64_t r, int64_t c, int64_t j0, int64_t len) {
     if constexpr (diff) {
       const S* q = b->row<S>(r) + c + j0;
@@ -58,10 +56,9 @@ struct ItemKeys {
     else return abs_key(p[j]);
   }
 #ifdef __AVX512BW__
-  // The keys at j ... j + 15 in 32-bit lanes, formed in registers for the bracket pass, which
-  // had stored every key to a buffer and loaded it back (with the one-compare bracket test, a
-  // pass over eight bf16 models of 45M elements on one thread went 92 -> 55-59 ms). f16 models
-  // take the scalar keys: vcvtph2ps quiets a signaling NaN, and keys must not depend on the ISA.
+  // The keys at j ... j + 15 in 32-bit lanes, formed in registers for the bracket pass, not
+  // stored to a buffer and loaded back. f16 models take the scalar keys: vcvtph2ps quiets a
+  // signaling NaN, and keys must not depend on the ISA.
   __m512i sixteen(const S* p, int64_t j) const {
     static_assert(sizeof(operator()(p, j)) <= 4, "32-bit lanes hold the keys");
     if constexpr (!diff || std::is_same_v<S, float> || std::is_same_v<S, bf16>) {
@@ -215,7 +212,7 @@ void sample_keys(const std::vector<View2D>& tasks, const View2D* base, int64_t r
       }
     }
     const int64_t start = start_of(i);
-    int64_t r = start / v.cols, c = start % v.cols;  // one division a run (one thread, T = 8: 8.7 -> 7.4 ms)
+    int64_t r = start / v.cols, c = start % v.cols;  // one division a run, not one per element
     for (int64_t e = 0; e < kSampleRun; ++e, ++c) {
       if (c == v.cols) c = 0, ++r;
       const S* q = diff ? base->row<S>(r) + c : nullptr;
@@ -234,8 +231,8 @@ enum class Kept { count, positions, keyed };
 // One task's share of a work item in the bracket pass: counts the keys above `top` and the keys
 // in [bottom, top], and lists the latter's positions (ascending) and keys as `kept` asks. Keys
 // in a bracket are 1-2% of all, at random places. A branch on them mispredicts about once per
-// key, and while the pass streamed from memory each misprediction cost 26 ns, against 10 in
-// cache. So the streaming loop has no branch on them: portably it sets a flag per key and a
+// key, and a misprediction costs most while the pass streams from memory. So the streaming
+// loop has no branch on them: portably it sets a flag per key and a
 // scan per step lists the set ones; with AVX-512 and keys of 32 bits or fewer it keeps each 16
 // keys' compare mask (or counts them in vectors), and the item's masks are scanned at its end,
 // when its data are in cache.
@@ -377,8 +374,8 @@ BracketResult bracket_typed(const std::vector<View2D>& tasks, const View2D* base
 #pragma omp parallel if (v.rows * v.cols > kParallelMinElements)
   {
     std::vector<int64_t> above(T, 0), inside(T, 0);
-    // Per thread, so that no slot is shared; reserved (untouched pages cost nothing), since
-    // growing them had cost 40% of the pass in copies and page faults.
+    // Per thread, so that no slot is shared; reserved (untouched pages cost nothing), so that
+    // they never grow by copies and page faults.
     std::vector<std::vector<uint64_t>> kept_keys(T);
     std::vector<std::vector<uint32_t>> kept_at(T);
     for (int t = 0; t < T; ++t) {
@@ -482,9 +479,9 @@ std::vector<uint64_t> kept_where(const uint64_t* keys, int64_t n, size_t room, F
 }
 
 // Order statistics of a sample's keys without sorting them all: a histogram of 2^16 digits of
-// key - min over their range, then only the digit holding a wanted position, sorted on demand.
-// numpy's version over the uint64 keys of a 2^18-key sample had cost 1.2-1.7 ms per task and
-// tensor (a seventh of a merge of eight bf16 models). Also picks the k-th of a bracket's keys.
+// key - min over their range, then only the digit holding a wanted position, sorted on demand,
+// where a full sort of a 2^18-key sample per task and tensor would weigh on a merge. Also picks
+// the k-th of a bracket's keys.
 class SampleOrder {
  public:
   SampleOrder(const uint64_t* keys, int64_t n) : keys_(keys), n_(n) {

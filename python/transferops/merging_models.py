@@ -220,7 +220,7 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
     contiguous tensor of the base's shape, dtype and device for each of its names (say, the
     state dict of a model to load the merge into, or ``base`` itself to merge in place and
     save a model's memory). Writing into memory in use also spares the kernel's first-touch
-    faults of a fresh output, about a tenth of a merge of bf16 models on a 2-core VM.
+    page faults of a fresh output.
     """
     spec = method_spec(method, density=density, sign=sign, semantics=semantics, seed=seed, gamma=gamma, epsilon=epsilon)
     _checks.choice(scope, "scope", SCOPES)
