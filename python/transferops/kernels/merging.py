@@ -1,6 +1,6 @@
 """Triton kernels of the merging hot path: the fused merge pass and the radix select's digit
-histograms (see csrc/cpu/merging.cpp for the same algorithms on the CPU; both keep and drop the
-same entries)."""
+histograms, which transferops._topk drives (csrc/cpu/merging.cpp and csrc/cpu/topk.h hold the same
+algorithms on the CPU; both keep and drop the same entries)."""
 from __future__ import annotations
 
 import torch
