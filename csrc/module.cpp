@@ -195,29 +195,6 @@ py::array_t<T> concatenated(const std::vector<std::vector<T>>& parts) {
   return out;
 }
 
-// A numpy array [T, 2^dbits]: up to 65536 bins per task, which a Python list would box one by one.
-py::array_t<int64_t> abs_digit_histograms(const std::vector<py::buffer>& tasks, const std::optional<py::buffer>& base,
-                                          const std::vector<uint64_t>& prefixes, int shift, int dbits) {
-  const SelectViews s(tasks, base);
-  std::vector<int64_t> hist;
-  {
-    py::gil_scoped_release release;
-    hist = cpu::abs_digit_histograms(s.views, s.base_view(), prefixes, shift, dbits);
-  }
-  return to_array(hist).reshape({py::ssize_t(s.views.size()), py::ssize_t(1) << dbits});
-}
-
-int64_t abs_equal_cut(const py::buffer& tensor, const std::optional<py::buffer>& base, uint64_t key, int64_t rank) {
-  const BufferView v = buffer_view(tensor, "tensor", false);
-  std::optional<BufferView> b;
-  if (base) {
-    b = buffer_view(*base, "base", false);
-    check_same_layout(b->view, v.view, "base");
-  }
-  py::gil_scoped_release release;
-  return cpu::abs_equal_cut(v.view, b ? &b->view : nullptr, key, rank);
-}
-
 py::array_t<uint64_t> abs_sample_keys(const std::vector<py::buffer>& tasks, const std::optional<py::buffer>& base,
                                       int64_t runs, uint64_t seed) {
   const SelectViews s(tasks, base);
@@ -637,11 +614,6 @@ PYBIND11_MODULE(_native, m) {
         "elected signs)");
   m.def("fisher_average", &fisher_average, py::arg("models"), py::arg("fishers"), py::arg("out"), py::arg("weights"),
         py::arg("eps"), "Fisher merging in one pass; returns (positions with NaN/Inf, positions with a negative Fisher)");
-  m.def("abs_digit_histograms", &abs_digit_histograms, py::arg("tasks"), py::arg("base"), py::arg("prefixes"),
-        py::arg("shift"), py::arg("dbits"),
-        "Radix-select step for T tasks in one pass: per task, the histogram of the digit at `shift` "
-        "of the bits of |x| (x = task - base with a base) over the elements whose higher bits equal "
-        "its prefix");
   m.def("sinkhorn_matrix", &sinkhorn_matrix, py::arg("C"), py::arg("N"), py::arg("a"), py::arg("b"), py::arg("f"),
         py::arg("g"), py::arg("eps"), py::arg("lam"), py::arg("rho"), py::arg("tol"), py::arg("memory"),
         py::arg("max_iter"), py::arg("check_every"), py::arg("symmetric"), py::arg("schedule"),
@@ -670,7 +642,6 @@ PYBIND11_MODULE(_native, m) {
         py::arg("mean"), py::arg("rstd"), py::arg("dx"), py::arg("r"), py::arg("params"), py::arg("grads"),
         py::arg("layer_norm"), py::arg("eps"), py::arg("activation"), py::arg("residual_mode"), py::arg("dropout"),
         py::arg("seed"), "fused bottleneck adapter backward, recomputing LN, activation and dropout mask");
-  m.def("abs_equal_cut", &abs_equal_cut, py::arg("tensor"), py::arg("base"), py::arg("key"), py::arg("rank"));
   m.def("abs_sample_keys", &abs_sample_keys, py::arg("tasks"), py::arg("base"), py::arg("runs"), py::arg("seed"),
         "keys of |x| at runs of consecutive elements spread over the views: [T, runs, run length]");
   m.def("abs_order_statistic", &abs_order_statistic, py::arg("keys"), py::arg("i"),
