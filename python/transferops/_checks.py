@@ -77,6 +77,17 @@ def fraction(value, name: str) -> float:
     return v
 
 
+def finite(value, name: str) -> float:
+    """A finite real number: an int, a float or a 0-d tensor (not a bool, not a string)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a finite number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
+
+
 def seed(value, name: str = "seed") -> int:
     """An integer in [0, 2^64)."""
     if isinstance(value, bool) or not isinstance(value, int):
