@@ -3,6 +3,7 @@ and what was given."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -78,10 +79,11 @@ def fraction(value, name: str) -> float:
 
 
 def finite(value, name: str) -> float:
-    """A finite real number: an int, a float or a 0-d tensor (not a bool, not a string)."""
+    """A finite real number: a Python or NumPy int or float or a 0-d tensor (not a bool, not a
+    string)."""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_complex:
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a finite number, got {type(value).__name__} {value!r}")
     if not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number, got {value!r}")
