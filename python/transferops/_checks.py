@@ -90,6 +90,15 @@ def finite(value, name: str) -> float:
     return float(value)
 
 
+def count(value, name: str, *, low: int = 0, high: int | None = None) -> int:
+    """An int in [low, high] (not a bool, not a float)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name}: expected an int in [{low}, {'inf' if high is None else high}], got {value}")
+    return int(value)
+
+
 def seed(value, name: str = "seed") -> int:
     """An integer in [0, 2^64)."""
     if isinstance(value, bool) or not isinstance(value, int):
