@@ -49,16 +49,11 @@ def weight_list(weights, count: int, name: str = "weights") -> list[float] | Non
         if weights.dim() != 1:
             raise ValueError(f"{name}: expected a 1-D tensor of {count} values, got shape {tuple(weights.shape)}")
         weights = weights.detach().cpu().double().tolist()
-    elif isinstance(weights, Sequence):
-        weights = [float(w) for w in weights]
-    else:
+    elif not isinstance(weights, Sequence) or isinstance(weights, (str, bytes)):
         raise TypeError(f"{name}: expected a sequence of floats or a 1-D tensor, got {type(weights).__name__}")
     if len(weights) != count:
         raise ValueError(f"{name}: expected {count} values (one per task), got {len(weights)}")
-    bad = [i for i, w in enumerate(weights) if not math.isfinite(w)]
-    if bad:
-        raise ValueError(f"{name}: expected finite values, got {weights[bad[0]]} at index {bad[0]}")
-    return weights
+    return [finite(w, f"{name}[{i}]") for i, w in enumerate(weights)]
 
 
 def choice(value, name: str, options: Sequence[str]) -> str:
@@ -69,11 +64,8 @@ def choice(value, name: str, options: Sequence[str]) -> str:
 
 def fraction(value, name: str) -> float:
     """A finite float in [0, 1]."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a number in [0, 1], got {type(value).__name__}") from None
-    if not 0.0 <= v <= 1.0:  # False for NaN too
+    v = finite(value, name)
+    if not 0.0 <= v <= 1.0:
         raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
     return v
 

@@ -1,135 +1,269 @@
-"""Reading and writing safetensors checkpoints in bounded memory.
+"""Reading and writing safetensors checkpoints in bounded memory; checkpoints are untrusted.
 
-Readers parse the header and read byte ranges with ``os.pread`` (no mmap, so address-space
-limits and page cache stay small); writers stream tensors into a file whose header was laid
-out in advance, under a temporary name renamed into place only when complete.
-Format: 8-byte little-endian header length, a JSON header mapping names to dtype, shape and
-data_offsets (relative to the end of the header), then the raw little-endian data.
+Format: 8-byte little-endian header length, a UTF-8 JSON header mapping names to dtype, shape
+and data_offsets (relative to the end of the header; the tensors tile the data exactly), then
+the raw little-endian data. Headers are validated as strictly as the safetensors library does,
+in time linear in their size; every shard a folder's index names must resolve (symlinks
+followed) to a regular file inside the folder, or inside the ``blobs`` of a Hugging Face cache
+snapshot. Files are opened non-blocking (a FIFO cannot hang the open) and read through the
+descriptors checked at open, with ``os.pread`` (no mmap, so address space and page cache stay
+small). Writers stream tensors into files whose headers were laid out in advance, in a
+private staging folder of the output (see :mod:`transferops._outdir`).
 """
 from __future__ import annotations
 
 import errno
 import json
+import math
 import os
+import stat
 import struct
-from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+          "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool}
 CODES = {v: k for k, v in DTYPES.items()}
+ITEMSIZE = {code: torch.empty(0, dtype=dtype).element_size() for code, dtype in DTYPES.items()}
 INDEX = "model.safetensors.index.json"
+# The safetensors library's limit on a header; indexes get the same.
+MAX_HEADER = 100_000_000
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file or folder is missing, corrupt or inconsistent; the message says which."""
+    """A checkpoint file or folder is missing, corrupt, unsafe or inconsistent; the message says
+    which file and what is wrong."""
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
     path: Path
     start: int  # absolute byte offset in the file
     nbytes: int
-
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+    numel: int
 
 
-def _read_header(path: Path) -> tuple[dict, int, dict]:
+def _open_regular(path: Path, what: str) -> tuple[int, int]:
+    """(descriptor, size) of a regular file, opened without blocking (a FIFO or device is
+    refused, not waited on) and without following a symlink as its last component."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100 << 20:
-                raise CheckpointError(f"{path}: corrupt header length {n} (file has {size} bytes)")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read safetensors header: {e}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object")
-    meta = header.pop("__metadata__", {}) or {}
-    return header, 8 + n, meta
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CheckpointError(f"{path}: {what} is a symbolic link that could not be resolved") from None
+        raise CheckpointError(f"{path}: cannot open {what}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: {what} is not a regular file")
+    return fd, st.st_size
 
 
-def _file_tensors(path: Path) -> tuple[dict[str, TensorInfo], dict]:
-    header, base, meta = _read_header(path)
-    size = path.stat().st_size
-    out = {}
-    for name, h in header.items():
-        try:
-            dtype = DTYPES[h["dtype"]]
-            shape = tuple(int(s) for s in h["shape"])
-            begin, end = (int(x) for x in h["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r}: bad header entry {h!r}") from None
-        itemsize = torch.tensor([], dtype=dtype).element_size()
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * itemsize or begin < 0 or base + end > size:
-            raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {begin}..{end} do not fit its "
-                                  f"shape {shape} {h['dtype']} or the file's {size} bytes (truncated?)")
-        out[name] = TensorInfo(name, dtype, shape, path, base + begin, end - begin)
-    return out, meta
+def _pread_exact(fd: int, n: int, offset: int, path: Path) -> bytes:
+    chunks, done = [], 0
+    while done < n:
+        got = os.pread(fd, n - done, offset + done)
+        if not got:
+            raise CheckpointError(f"{path}: file ends early (truncated?)")
+        chunks.append(got)
+        done += len(got)
+    return b"".join(chunks)
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _object(pairs):
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        raise _Duplicate(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json(raw: bytes, path: Path, what: str):
+    """JSON as the safetensors library reads it: UTF-8 only, no duplicate keys, no NaN or
+    Infinity; every failure (nesting deep enough to exhaust the recursion limit included) is a
+    CheckpointError naming the file."""
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_object, parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: {what} is not UTF-8 text") from None
+    except _Duplicate as e:
+        raise CheckpointError(f"{path}: {what} names {e.args[0]!r} twice") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: {what} nests too deeply") from None
+    except ValueError as e:  # JSONDecodeError, constants, integers of over 4300 digits
+        raise CheckpointError(f"{path}: {what} is not valid JSON: {e}") from None
+
+
+def _is_count(v) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _bad(path: Path, name: str, why: str) -> CheckpointError:
+    return CheckpointError(f"{path}: corrupt header: tensor {name!r}: {why}")
+
+
+def _parse_header(fd: int, size: int, path: Path) -> dict[str, TensorInfo]:
+    if size < 8:
+        raise CheckpointError(f"{path}: corrupt header: not a safetensors file (shorter than 8 bytes)")
+    (n,) = struct.unpack("<Q", _pread_exact(fd, 8, 0, path))
+    if n > min(size - 8, MAX_HEADER):
+        # The length itself is not printed: on a file that is not a checkpoint it is content.
+        raise CheckpointError(f"{path}: corrupt header: not a safetensors file (its header length exceeds "
+                              f"the file's {size} bytes or the {MAX_HEADER}-byte limit)")
+    raw = _pread_exact(fd, n, 8, path)
+    if not raw.startswith(b"{"):
+        raise CheckpointError(f"{path}: corrupt header: not a safetensors file (the header is not a JSON object)")
+    header = strict_json(raw, path, "header")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (type(meta) is dict and all(type(v) is str for v in meta.values())):
+        raise CheckpointError(f"{path}: corrupt header: __metadata__ is not an object of strings")
+    base, data = 8 + n, size - 8 - n
+    out, begins, ends = {}, np.empty(len(header), np.int64), np.empty(len(header), np.int64)
+    for i, (name, h) in enumerate(header.items()):
+        if type(h) is not dict:
+            raise _bad(path, name, "expected an object with dtype, shape and data_offsets")
+        code, shape, offsets = h.get("dtype"), h.get("shape"), h.get("data_offsets")
+        if type(code) is not str or code not in ITEMSIZE:
+            raise _bad(path, name, f"unsupported dtype {code!r} (expected one of {sorted(ITEMSIZE)})")
+        if type(shape) is not list or not all(_is_count(s) for s in shape):
+            raise _bad(path, name, f"shape {shape!r} is not a list of non-negative integers")
+        if type(offsets) is not list or len(offsets) != 2 or not all(_is_count(o) for o in offsets) \
+                or offsets[0] > offsets[1]:
+            raise _bad(path, name, f"data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
+        if offsets[1] > data:
+            raise _bad(path, name, f"data_offsets {offsets} reach past the data's {data} bytes (file truncated?)")
+        numel = math.prod(shape)  # exact: Python integers do not wrap
+        begin, end = offsets
+        if numel * ITEMSIZE[code] != end - begin:
+            raise _bad(path, name, f"shape {shape} {code} needs {numel * ITEMSIZE[code]} bytes, data_offsets "
+                                   f"span {end - begin}")
+        begins[i], ends[i] = begin, end
+        out[name] = TensorInfo(name, DTYPES[code], tuple(shape), path, base + begin, end - begin, numel)
+    # The tensors must tile the data: sorted by offsets, each begins where the previous ends.
+    order = np.lexsort((ends, begins))
+    b, e = begins[order], ends[order]
+    gaps = np.flatnonzero(b != np.concatenate(([0], e[:-1])))
+    if gaps.size or (e[-1] if e.size else 0) != data:
+        where = list(out)[order[gaps[0]]] if gaps.size else None
+        raise CheckpointError(f"{path}: corrupt header: " + (
+            f"tensor {where!r} overlaps another or leaves a gap before it" if where is not None else
+            f"the tensors cover {int(e[-1]) if e.size else 0} of the data's {data} bytes (truncated or padded?)"))
+    return out
+
+
+def _allowed_roots(folder: Path) -> list[str]:
+    """Where a folder's shards may live: inside it, or for a Hugging Face cache snapshot
+    (``models--org--name/snapshots/<rev>``, whose files link to ``../../blobs``), in its blobs."""
+    real = os.path.realpath(folder)
+    roots = [real]
+    if folder.parent.name == "snapshots":
+        roots.append(os.path.realpath(folder.parent.parent / "blobs"))
+    return roots
+
+
+def _shard_path(folder: Path, name, roots: list[str], where: str) -> Path:
+    """The real path of shard ``name`` of ``folder`` (named by ``where``): a relative path
+    that resolves inside ``roots``."""
+    if type(name) is not str or not name or "\0" in name:
+        raise CheckpointError(f"{where}: shard file {name!r} is not a file name")
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise CheckpointError(f"{where}: shard file {name!r} lies outside {folder}")
+    real = os.path.realpath(folder / rel)
+    if not any(os.path.commonpath([root, real]) == root for root in roots):
+        raise CheckpointError(f"{where}: shard file {name!r} links outside {folder}")
+    return Path(real)
 
 
 class Checkpoint:
     """A safetensors file, or a folder of shards with ``model.safetensors.index.json`` (or a
-    folder holding a single ``*.safetensors``), read lazily."""
+    folder holding a single ``*.safetensors``), read lazily. ``sources`` holds the real paths
+    it reads (for the caller to keep outputs away from them)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._fds: dict[Path, int] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+        self.sources = {Path(os.path.realpath(self.path)), *self._fds}
+
+    def _load(self) -> None:
         if self.path.is_dir():
             index = self.path / INDEX
-            if index.exists():
+            roots = _allowed_roots(self.path)
+            if os.path.lexists(index):
+                fd, size = _open_regular(_shard_path(self.path, INDEX, roots, str(self.path)), "the shard index")
                 try:
-                    weight_map = json.loads(index.read_text())["weight_map"]
-                except (OSError, ValueError, KeyError) as e:
-                    raise CheckpointError(f"{index}: cannot read the shard index: {e}") from None
-                files = sorted(set(weight_map.values()))
+                    if size > MAX_HEADER:
+                        raise CheckpointError(f"{index}: the shard index is over {MAX_HEADER} bytes")
+                    doc = strict_json(_pread_exact(fd, size, 0, index), index, "the shard index")
+                finally:
+                    os.close(fd)
+                weight_map = doc.get("weight_map") if type(doc) is dict else None
+                if type(weight_map) is not dict:
+                    raise CheckpointError(f"{index}: expected an object with a \"weight_map\" object mapping tensor "
+                                          "names to shard files")
+                where = f"{index}: weight_map"
+                files = {name: _shard_path(self.path, name, roots, where) for name in set(weight_map.values())}
             else:
-                files = sorted(p.name for p in self.path.glob("*.safetensors"))
-                if len(files) != 1:
+                found = sorted(e.name for e in os.scandir(self.path) if e.name.endswith(".safetensors"))
+                if len(found) != 1:
                     raise CheckpointError(f"{self.path}: expected {INDEX} or exactly one *.safetensors, "
-                                          f"found {len(files)} .safetensors files")
-                weight_map = None
-            self.tensors: dict[str, TensorInfo] = {}
-            for f in files:
-                if not (self.path / f).exists():
-                    raise CheckpointError(f"{self.path}: shard {f} named in {INDEX} is missing")
-                tensors, _ = _file_tensors(self.path / f)
-                for name, info in tensors.items():
-                    if weight_map is not None and weight_map.get(name) != f:
-                        raise CheckpointError(f"{self.path / f}: tensor {name!r} is not mapped to this shard in {INDEX}")
-                    self.tensors[name] = info
-            if weight_map is not None and set(weight_map) != set(self.tensors):
+                                          f"found {len(found)} .safetensors files")
+                weight_map, files = None, {found[0]: _shard_path(self.path, found[0], roots, str(self.path))}
+            for name, real in sorted(files.items()):
+                tensors = self._add(real, self.path / name)
+                for t in tensors if weight_map is not None else ():
+                    if weight_map.get(t) != name:
+                        raise CheckpointError(f"{self.path / name}: tensor {t!r} is not mapped to this shard in {INDEX}")
+            if weight_map is not None and len(weight_map) != len(self.tensors):
                 missing = sorted(set(weight_map) - set(self.tensors))[:3]
                 raise CheckpointError(f"{self.path}: tensors listed in {INDEX} but absent from the shards: {missing}")
-        elif self.path.is_file():
-            self.tensors, _ = _file_tensors(self.path)
+        elif os.path.exists(self.path):
+            self._add(Path(os.path.realpath(self.path)), self.path)
         else:
             raise CheckpointError(f"{self.path}: no such file or folder")
-        self._fds: dict[Path, int] = {}
+
+    def _add(self, real: Path, shown: Path) -> dict[str, TensorInfo]:
+        """Parse the file at ``real`` (named ``shown`` in messages) and add its tensors."""
+        if real in self._fds:
+            raise CheckpointError(f"{shown}: the same file is named twice")
+        fd, size = _open_regular(real, "shard" if shown != self.path else "checkpoint")
+        self._fds[real] = fd
+        tensors = _parse_header(fd, size, shown)
+        for t in tensors:
+            if t in self.tensors:
+                raise CheckpointError(f"{shown}: tensor {t!r} is also in {self.tensors[t].path}")
+        self.tensors.update((name, info._replace(path=real)) for name, info in tensors.items())
+        return tensors
 
     def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
         """Elements [start, start + count) of tensor ``name`` in flat order, as a new 1-D tensor."""
         info = self.tensors[name]
-        itemsize = info.nbytes // max(info.numel, 1) if info.numel else 1
+        itemsize = info.dtype.itemsize
         count = info.numel - start if count is None else count
-        fd = self._fds.get(info.path)
-        if fd is None:
-            fd = self._fds[info.path] = os.open(info.path, os.O_RDONLY)
         out = torch.empty(count, dtype=info.dtype)
         view = memoryview(out.view(torch.uint8).numpy()) if count else memoryview(b"")
-        offset, done = info.start + start * itemsize, 0
+        offset, done, fd = info.start + start * itemsize, 0, self._fds[info.path]
         while done < count * itemsize:
             n = os.preadv(fd, [view[done:]], offset + done)
             if n <= 0:
@@ -151,18 +285,17 @@ class Checkpoint:
 
 class ShardedWriter:
     """Writes tensors, in a fixed order announced up front, into shards of at most
-    ``shard_bytes`` (one tensor never splits) plus an index when there is more than one shard.
-    Everything goes to temporary names in ``out_dir``; ``commit`` renames them into place and
-    ``abort`` removes them, so a failed merge leaves no partial checkpoint."""
+    ``shard_bytes`` (one tensor never splits) plus an index when there is more than one shard,
+    all created in ``folder``'s staging area; ``commit`` moves them into place and ``abort``
+    removes them, so a failed merge leaves no partial checkpoint."""
 
-    def __init__(self, out_dir: str | os.PathLike, plan: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 shard_bytes: int, metadata: dict[str, str]):
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, folder, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_bytes: int,
+                 metadata: dict[str, str]):
+        self.folder = folder
         shards: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
         used = 0
         for name, dtype, shape in plan:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * torch.tensor([], dtype=dtype).element_size()
+            nbytes = math.prod(shape) * dtype.itemsize
             if shards[-1] and used + nbytes > shard_bytes:
                 shards.append([])
                 used = 0
@@ -179,10 +312,9 @@ class ShardedWriter:
                 self.weight_map[name] = self.names[i]
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-            tmp = self.out_dir / f".{self.names[i]}.partial"
-            f = open(tmp, "wb")
+            f = folder.create(self.names[i])
+            self.files.append(f)
             f.write(struct.pack("<Q", len(raw)) + raw)
-            self.files.append((f, tmp))
             base = 8 + len(raw)
             for name, dtype, shape, nbytes in shard:
                 self.where[name] = (i, base + header[name]["data_offsets"][0], nbytes, dtype)
@@ -191,8 +323,8 @@ class ShardedWriter:
                 os.posix_fallocate(f.fileno(), 0, base + offset)
             except OSError as e:
                 if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                    self.abort()
-                    raise OSError(e.errno, f"{tmp}: cannot reserve {base + offset} bytes: {e.strerror}") from None
+                    raise OSError(e.errno, f"{folder.path / self.names[i]}: cannot reserve {base + offset} bytes: "
+                                           f"{e.strerror}") from None
                 f.truncate(base + offset)
 
     def write(self, name: str, start_element: int, data: torch.Tensor) -> None:
@@ -200,33 +332,29 @@ class ShardedWriter:
         i, offset, nbytes, dtype = self.where[name]
         if data.dtype != dtype:
             raise TypeError(f"{name}: writing {data.dtype} into a {dtype} tensor")
-        raw = data.contiguous().view(torch.uint8).numpy().tobytes() if data.numel() else b""
+        raw = data.contiguous().view(torch.uint8).numpy() if data.numel() else b""
         pos = offset + start_element * data.element_size()
         if pos + len(raw) > offset + nbytes:
             raise ValueError(f"{name}: write past the tensor's end")
-        f = self.files[i][0]
-        f.seek(pos)
-        f.write(raw)
+        view, fd = memoryview(raw).cast("B"), self.files[i].fileno()
+        while view:  # one pwrite moves at most about 2 GB
+            n = os.pwrite(fd, view, pos)
+            view, pos = view[n:], pos + n
 
     def commit(self) -> list[Path]:
-        for f, _ in self.files:
+        """Flush every shard, write the index, and move them all into the output folder."""
+        for f in self.files:
             f.flush()
             os.fsync(f.fileno())
             f.close()
-        paths = []
         if len(self.names) > 1:
-            index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
-            tmp = self.out_dir / f".{INDEX}.partial"
-            tmp.write_text(json.dumps(index, indent=2))
-            self.files.append((None, tmp))
+            with self.folder.create(INDEX) as f:
+                f.write(json.dumps({"metadata": {"total_size": self.total}, "weight_map": self.weight_map},
+                                   indent=2).encode())
             self.names.append(INDEX)
-        for (_, tmp), name in zip(self.files, self.names):
-            os.replace(tmp, self.out_dir / name)
-            paths.append(self.out_dir / name)
-        return paths
+        return self.folder.commit(self.names)
 
     def abort(self) -> None:
-        for f, tmp in self.files:
-            if f is not None and not f.closed:
-                f.close()
-            tmp.unlink(missing_ok=True)
+        for f in self.files:
+            f.close()
+        self.folder.abort()

@@ -2,10 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import threading
 from pathlib import Path
 
 from .merging import METHODS, SEMANTICS
+
+
+class CLIError(Exception):
+    """A user's mistake: printed as one ``error:`` line, exit status 2."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP, raised where the program is so that cleanup runs as for Ctrl-C."""
 
 
 def _info(args) -> int:
@@ -18,14 +28,10 @@ def _info(args) -> int:
 def _bench(args) -> int:
     from .bench import results, run
 
-    def fail(message: str) -> int:
-        print(f"transferops bench: error: {message}", file=sys.stderr)
-        return 2
-
     results_dir = args.results or results.default_results_dir()
     needs_dir = "--record" if args.record else "--headline" if args.headline else "--compare" if args.compare == [] else None
     if needs_dir and results_dir is None:
-        return fail(f"{needs_dir} needs --results DIR (transferops is installed, not run from a checkout "
+        raise CLIError(f"{needs_dir} needs --results DIR (transferops is installed, not run from a checkout "
                     "with bench/results/)")
     try:
         if args.headline:
@@ -34,86 +40,42 @@ def _bench(args) -> int:
             files = args.compare or [results_dir / f"{kind}.jsonl" for kind in results.this_machine(args.device)]
             for f in files:
                 if not args.compare and not f.exists():
-                    return fail(f"{f}: no run of this machine kind recorded (bench --record), or give --compare FILE")
+                    raise CLIError(f"{f}: no run of this machine kind recorded (bench --record), or give --compare FILE")
             print("\n\n".join(results.compare(f) for f in files))
         else:
             run(quick=args.quick, only=args.only, device=args.device, json_path=args.json,
                 results_dir=results_dir if args.record else None)
     except results.ResultsError as e:
-        return fail(str(e))
+        raise CLIError(str(e))
     return 0
 
 
 def _size(text: str) -> int:
-    """'2GB', '512MiB', '1e9' -> bytes."""
+    """'2GB', '512MiB', '1e9' -> a positive whole number of bytes."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
     t = text.strip().upper()
     num = t.rstrip("KMGTIB")
     try:
-        return int(float(num) * units[t[len(num):]])
+        value = float(num) * units[t[len(num):]]
     except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"expected a size like 2GB or 512MiB, got {text!r}") from None
-
-
-def _merge_config(path: str) -> dict:
-    """Our YAML (method, base, models: [{path, weight}], parameters) or mergekit's
-    (merge_method, base_model, models: [{model, parameters: {weight, density}}], parameters)."""
-    try:
-        import yaml
-    except ImportError:
-        raise SystemExit("transferops merge --config needs PyYAML (pip install pyyaml)") from None
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
-    params = dict(cfg.get("parameters") or {})
-    entries = cfg.get("models") or []
-    models, weights, densities = [], [], set()
-    for e in entries:
-        p = dict(e.get("parameters") or {})
-        models.append(str(e.get("path") or e.get("model")))
-        weights.append(float(e.get("weight", p.get("weight", 1.0))))
-        if "density" in p:
-            densities.add(float(p["density"]))
-    if len(densities) > 1:
-        raise SystemExit(f"{path}: per-model densities differ ({sorted(densities)}); transferops takes one")
-    base = cfg.get("base") or cfg.get("base_model")
-    method = cfg.get("method") or cfg.get("merge_method")
-    if not base or not method or not models:
-        raise SystemExit(f"{path}: expected a method (or merge_method), base (or base_model) and models")
-    out = {"method": method, "base": str(base), "models": models, "weights": weights}
-    if densities:
-        out["density"] = densities.pop()
-    for key in ("density", "lam", "sign", "semantics", "seed", "gamma", "epsilon", "scope"):
-        if key in params:
-            out[key] = params[key]
-    if "lambda" in params:
-        out["lam"] = params["lambda"]
-    if cfg.get("merge_method"):  # mergekit's config: its semantics unless the file says otherwise
-        if method not in ("ties", "task_arithmetic", "breadcrumbs", "breadcrumbs_ties"):
-            raise SystemExit(f"{path}: mergekit's {method!r} is not reproduced yet (its DARE rescales by "
-                             "L1 norm, ours by 1/density): use our config format to run ours")
-        # mergekit's defaults: ties normalizes, breadcrumbs_ties does not (it sums).
-        if method in ("ties", "breadcrumbs_ties") and params.get("normalize", method == "ties") is False:
-            raise SystemExit(f"{path}: mergekit {method} with normalize: false (a sum of the agreeing "
-                             "entries) is not reproduced yet")
-        if params.get("rescale"):
-            raise SystemExit(f"{path}: mergekit's rescale (to the L1 norm) is not reproduced yet")
-        out.setdefault("semantics", "mergekit")
-        if params.get("consensus_method") == "count":
-            out["sign"] = "count"
-    return out
+        value = math.nan
+    if not (math.isfinite(value) and 1 <= value < 2**63):
+        raise argparse.ArgumentTypeError(f"expected a positive size like 2GB or 512MiB, got {text!r}")
+    return int(value)
 
 
 def _merge(args) -> int:
     import time
 
+    from . import _mergeconfig
     from .merging_models import merge_files
 
-    cfg = _merge_config(args.config) if args.config else {}
+    cfg = _mergeconfig.load(args.config) if args.config else {}
     base = args.base or cfg.get("base")
     models = args.models or cfg.get("models") or []
     if not base or not models:
-        raise SystemExit("transferops merge: give --base and at least one model (or --config)")
+        raise CLIError("give --base and at least one model (or --config)")
     kw = dict(method=args.method or cfg.get("method"), lam=args.lam if args.lam is not None else cfg.get("lam", 1.0),
               weights=args.weights or cfg.get("weights"),
               density=args.density if args.density is not None else cfg.get("density"),
@@ -123,7 +85,7 @@ def _merge(args) -> int:
               epsilon=args.epsilon if args.epsilon is not None else cfg.get("epsilon"),
               scope=args.scope or cfg.get("scope", "tensor"))
     if not kw["method"]:
-        raise SystemExit("transferops merge: --method is required")
+        raise CLIError("--method is required")
     started, last = time.perf_counter(), [0.0]
 
     def progress(done, total, name):
@@ -135,47 +97,54 @@ def _merge(args) -> int:
         print(f"\r  merged {done / 1e6:,.0f} / {total / 1e6:,.0f} MB ({100 * done / max(total, 1):.0f}%, "
               f"{rate:,.0f} MB/s) {name[-40:]:<40}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-    try:
-        paths = merge_files(base, models, args.output, max_memory=args.max_memory, shard_size=args.shard_size,
-                            backend=args.backend, progress=progress, **kw)
-    except (ValueError, TypeError, OSError) as e:
-        print(f"transferops merge: error: {e}", file=sys.stderr)
-        return 2
+    paths = merge_files(base, models, args.output, max_memory=args.max_memory, shard_size=args.shard_size,
+                        overwrite=args.overwrite, backend=args.backend, progress=progress, **kw)
     print(f"wrote {len(paths)} file(s) to {args.output} in {time.perf_counter() - started:.1f} s")
     return 0
 
 
 def _load_array(path: str, what: str):
     """The array in a .npy/.npz/.pt/.safetensors file: the only one it holds, or the one named
-    "features"/"labels" (``what``)."""
+    "features"/"labels" (``what``). Files are untrusted: no pickles (NumPy's refused, torch's
+    restricted to tensors), safetensors headers validated."""
     import numpy as np
     import torch
 
     suffix = path.rsplit(".", 1)[-1].lower()
+    if suffix not in ("npy", "npz", "pt", "safetensors"):
+        raise CLIError(f"{path}: expected a .npy, .npz, .pt or .safetensors file")
     try:
         if suffix == "npy":
-            return torch.from_numpy(np.load(path, allow_pickle=False))
-        if suffix == "npz":
+            arrays = {what: np.load(path, allow_pickle=False)}
+        elif suffix == "npz":
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         elif suffix == "pt":
             obj = torch.load(path, map_location="cpu", weights_only=True)
             arrays = obj if isinstance(obj, dict) else {what: obj}
-        elif suffix == "safetensors":
-            from safetensors.torch import load_file
-
-            arrays = load_file(path)
         else:
-            raise SystemExit(f"{path}: expected a .npy, .npz, .pt or .safetensors file")
-    except (OSError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"{path}: cannot read: {e}") from None
+            from ._safetensors import Checkpoint
+
+            with Checkpoint(path) as c:
+                arrays = {name: c.read(name).view(info.shape) for name, info in c.tensors.items()}
+    except OSError as e:
+        raise CLIError(f"{path}: cannot read: {e.strerror or e}") from None
+    except CLIError:
+        raise
+    except Exception as e:  # each format's own errors: corrupt archives, refused pickles, bad headers
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CLIError(f"{path}: cannot read as .{suffix}: {first}") from None
     if what in arrays:
         x = arrays[what]
     elif len(arrays) == 1:
         x = next(iter(arrays.values()))
     else:
-        raise SystemExit(f"{path}: holds {sorted(arrays)}; name the array {what!r} or keep one per file")
-    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+        raise CLIError(f"{path}: holds {sorted(map(str, arrays))[:10]}; name the array {what!r} or keep one per file")
+    if isinstance(x, np.ndarray) and x.dtype.kind in "biuf":
+        return torch.from_numpy(x)
+    if isinstance(x, torch.Tensor):
+        return x
+    raise CLIError(f"{path}: {what}: expected a numeric array, got {getattr(x, 'dtype', type(x).__name__)}")
 
 
 RANK_SCORES = ("logme", "hscore", "hscore_shrinkage", "gbc", "transrate", "sfda", "tmi")
@@ -195,20 +164,21 @@ def _rank(args) -> int:
                "sfda": lambda f: tr.sfda(f, labels), "tmi": lambda f: tr.tmi(f, labels)}
     wanted = args.scores or (["logme"] if args.regression else list(RANK_SCORES))
     if args.regression and set(wanted) - {"logme"}:
-        raise SystemExit("transferops rank: with --regression only logme applies")
+        raise CLIError("with --regression only logme applies")
     rows = []
-    try:
-        for path in args.features:
-            feats = _load_array(path, "features")
-            row = {"model": Path(path).name, "N": int(feats.shape[0]), "D": int(feats.shape[-1])}
-            for name in wanted:
-                t0 = time.perf_counter()
+    for path in args.features:
+        feats = _load_array(path, "features")
+        if feats.dim() != 2:
+            raise CLIError(f"{path}: features: expected [N, D], got shape {tuple(feats.shape)}")
+        row = {"model": Path(path).name, "N": int(feats.shape[0]), "D": int(feats.shape[-1])}
+        for name in wanted:
+            t0 = time.perf_counter()
+            try:
                 row[name] = float(scorers[name](feats))
-                row[f"{name}_s"] = time.perf_counter() - t0
-            rows.append(row)
-    except (ValueError, TypeError) as e:
-        print(f"transferops rank: error: {e}", file=sys.stderr)
-        return 2
+            except (ValueError, TypeError) as e:
+                raise CLIError(f"{path}: {name}: {e}") from None
+            row[f"{name}_s"] = time.perf_counter() - t0
+        rows.append(row)
     rows.sort(key=lambda r: -r[wanted[0]])
     width = max(len(r["model"]) for r in rows)
     print(f"{'rank':>4}  {'model':<{width}}  " + "  ".join(f"{n:>16} {'time':>8}" for n in wanted))
@@ -252,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("merge", help="merge fine-tuned safetensors checkpoints into a base, streaming in bounded memory")
     p.add_argument("models", nargs="*", help="fine-tuned checkpoints: .safetensors files or sharded folders")
     p.add_argument("--base", help="the pretrained checkpoint the models were fine-tuned from")
-    p.add_argument("-o", "--output", required=True, help="output folder (written atomically)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output folder: new or empty (see --overwrite), apart from the inputs; written atomically")
+    p.add_argument("--overwrite", action="store_true", help="replace the output folder's contents as a whole")
     p.add_argument("--method", help=" | ".join(METHODS))
     p.add_argument("--density", type=float, help="fraction kept by the trim (all but task_arithmetic)")
     p.add_argument("--gamma", type=float, help="breadcrumbs: fraction of the largest magnitudes dropped (default 0.01)")
@@ -283,7 +255,37 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_rank)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    return _run(args)
+
+
+def _run(args) -> int:
+    """``args.func(args)`` with a user's mistake as one ``error:`` line and exit status 2, and
+    SIGINT/SIGTERM/SIGHUP as one line and 128 + the signal's number, after the command has
+    cleaned up (a merge removes its partial output)."""
+    import signal
+
+    from ._mergeconfig import ConfigError
+
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    own = threading.current_thread() is threading.main_thread()
+    names = [s for s in ("SIGTERM", "SIGHUP") if hasattr(signal, s)]
+    previous = {s: signal.signal(getattr(signal, s), interrupt) for s in names} if own else {}
+    prog = f"transferops {args.command}"
+    try:
+        return args.func(args)
+    except (CLIError, ConfigError, ValueError, TypeError, OSError) as e:
+        text = str(e) if not isinstance(e, OSError) or e.filename is None else f"{e.filename}: {e.strerror}"
+        print(f"{prog}: error: {text}", file=sys.stderr)
+        return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = e.args[0] if isinstance(e, Interrupted) else signal.SIGINT
+        print(f"{prog}: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        for s, handler in previous.items():
+            signal.signal(getattr(signal, s), handler)
 
 
 if __name__ == "__main__":

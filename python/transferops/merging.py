@@ -353,7 +353,8 @@ def method_spec(method: str, *, density=None, sign: str = "sum", semantics: str 
         raise ValueError(f"seed: method {method!r} needs an integer seed for its random masks")
     if method.startswith("della"):
         density = _checks.fraction(density, "density")
-        if epsilon is None or not 0 <= epsilon < density or density + epsilon > 1:
+        epsilon = None if epsilon is None else _checks.fraction(epsilon, "epsilon")
+        if epsilon is None or not epsilon < density or density + epsilon > 1:
             raise ValueError(f"epsilon: method {method!r} needs 0 <= epsilon < density and density + epsilon <= 1 "
                              f"(keep probabilities density -/+ epsilon), got epsilon={epsilon!r}, density={density}")
         return MergeSpec(None, method == "della", sign=sign, della=(density, float(epsilon)),

@@ -181,6 +181,9 @@ def _check_out(out, base: dict, models: list) -> None:
                              f"got {tuple(o.shape)} {o.dtype} on {o.device}")
         if not o.is_contiguous():
             raise ValueError(f"out[{name!r}]: expected a contiguous tensor")
+        if o.requires_grad:
+            raise ValueError(f"out[{name!r}]: requires grad, and the merge writes into it in place; pass a tensor "
+                             "that does not (t.detach(), or a model's state_dict())")
         if o.numel():
             spans.append((*_extent(o), f"out[{name!r}]", name))
             if not (o.data_ptr() == b.data_ptr() and b.is_contiguous()):
@@ -223,6 +226,7 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
     page faults of a fresh output.
     """
     spec = method_spec(method, density=density, sign=sign, semantics=semantics, seed=seed, gamma=gamma, epsilon=epsilon)
+    lam = _checks.finite(lam, "lam")
     _checks.choice(scope, "scope", SCOPES)
     if not models:
         raise ValueError("models: expected at least one fine-tuned state dict")
@@ -257,27 +261,39 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
 
 def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=None, density=None,
                 sign: str = "sum", semantics: str = "peft", seed=None, gamma=None, epsilon=None, scope: str = "tensor",
-                max_memory: int = 2 << 30, shard_size: int = 5 << 30, backend: str = "auto", progress=None) -> list:
+                max_memory: int = 2 << 30, shard_size: int = 5 << 30, overwrite: bool = False, backend: str = "auto",
+                progress=None) -> list:
     """:func:`merge` over safetensors checkpoints (files, or folders of shards with
     ``model.safetensors.index.json``), streamed tensor by tensor and in chunks of huge tensors
     so that the working memory stays under about ``max_memory`` bytes whatever the model size.
-    Writes ``out`` (a folder) as safetensors shards of at most ``shard_size`` bytes, with an
-    index when there are several and metadata naming the method and its arguments. Inputs are
-    validated before anything is written; on any error no output file is left behind.
-    ``progress(done_bytes, total_bytes, name)`` is called after each tensor. Returns the
-    written paths."""
+    Writes the folder ``out`` as safetensors shards of at most ``shard_size`` bytes, with an
+    index when there are several and metadata naming the method and its arguments.
+    Checkpoints are untrusted: headers are validated and no file outside a checkpoint's folder
+    is read. ``out`` must not be or lie inside an input, must be empty unless ``overwrite``
+    (which replaces its contents as a whole), and is locked against a concurrent merge.
+    Inputs are validated before anything is written; on any error, or an interrupt, no output
+    file is left behind. ``progress(done_bytes, total_bytes, name)`` is called after each
+    tensor. Returns the written paths."""
     import json
 
     from . import __version__
+    from ._outdir import OutputFolder
     from ._safetensors import Checkpoint, ShardedWriter
 
     spec = method_spec(method, density=density, sign=sign, semantics=semantics, seed=seed, gamma=gamma, epsilon=epsilon)
+    lam = _checks.finite(lam, "lam")
     _checks.choice(scope, "scope", SCOPES)
+    max_memory = _checks.count(max_memory, "max_memory", low=1)
+    shard_size = _checks.count(shard_size, "shard_size", low=1)
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite: expected a bool, got {type(overwrite).__name__}")
     if not models:
         raise ValueError("models: expected at least one fine-tuned checkpoint")
     weights_of = _block_weights(weights, len(models))
-    ckpts = [Checkpoint(base)] + [Checkpoint(m) for m in models]
+    ckpts = []
     try:
+        for path in [base, *models]:
+            ckpts.append(Checkpoint(path))
         b, ms = ckpts[0], ckpts[1:]
         layout = lambda c: {name: (info.shape, info.dtype) for name, info in c.tensors.items()}
         _check_compatible(layout(b), [layout(m) for m in ms], [f"models[{i}] ({m.path})" for i, m in enumerate(ms)])
@@ -290,34 +306,39 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
                 "merge_inputs": json.dumps([str(c.path) for c in ckpts])}
 
         def chunk_of(numel: int, dtype: torch.dtype) -> int:
-            item = torch.tensor([], dtype=dtype).element_size()
+            item = dtype.itemsize
             # T + 1 chunks read and 1 written; T + 3 accumulation-dtype temporaries where the
             # backend forms the task vectors before merging (the fused native pass has none).
             per_element = (T + 2) * item + (T + 3) * _accumulation_dtype(dtype).itemsize
             return _chunk_elements(spec, numel, max(1024, max_memory // per_element))
 
-        items = [(name, info.numel, info.dtype, [lambda s, c, m=m, name=name: m.read(name, s, c) for m in ckpts])
-                 for name, info in b.tensors.items() if info.dtype in _DTYPES]
-        trims, spec = _global_trims(items, spec, chunk_of, weights_of, backend) if scope == "global" else ({}, spec)
-        reads_of = {name: reads for name, _, _, reads in items}
-        writer = ShardedWriter(out, plan, shard_size, meta)
+        folder = OutputFolder(out, inputs=set().union(*(c.sources for c in ckpts)), overwrite=overwrite)
+        writer = None
         try:
+            items = [(name, info.numel, info.dtype, [lambda s, c, m=m, name=name: m.read(name, s, c) for m in ckpts])
+                     for name, info in b.tensors.items() if info.dtype in _DTYPES]
+            trims, spec = _global_trims(items, spec, chunk_of, weights_of, backend) if scope == "global" else ({}, spec)
+            reads_of = {name: reads for name, _, _, reads in items}
+            writer = ShardedWriter(folder, plan, shard_size, meta)
             total, done = sum(i.nbytes for i in b.tensors.values()), 0
             for name, info in b.tensors.items():
                 if info.dtype not in _DTYPES:
                     writer.write(name, 0, b.read(name))
                 else:
                     reads, chunk = reads_of[name], chunk_of(info.numel, info.dtype)
-                    out = torch.empty(min(chunk, info.numel), dtype=info.dtype)  # reused by every chunk
+                    buf = torch.empty(min(chunk, info.numel), dtype=info.dtype)  # reused by every chunk
                     _merge_tensor(name, reads[0], reads[1:], info.numel, info.dtype, spec, weights_of(name), lam, chunk,
-                                  backend, lambda s, c: out[:c], lambda s, x, name=name: writer.write(name, s, x),
+                                  backend, lambda s, c: buf[:c], lambda s, x, name=name: writer.write(name, s, x),
                                   trims=trims.get(name))
                 done += info.nbytes
                 if progress:
                     progress(done, total, name)
             return writer.commit()
         except BaseException:
-            writer.abort()
+            if writer is not None:
+                writer.abort()
+            else:
+                folder.abort()
             raise
     finally:
         for c in ckpts:

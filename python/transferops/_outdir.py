@@ -1,0 +1,153 @@
+"""An output folder written safely next to untrusted or valuable files.
+
+The folder is opened once without following a symlink and then used only through that
+descriptor (``dir_fd``), so that no path component can be swapped underneath. An exclusive
+``flock`` on it keeps a second writer out. Files are created with O_EXCL | O_NOFOLLOW in a
+staging folder of random name made inside it with mode 0700, so nothing planted in the output
+(a symlink named like a temporary file, say) is ever opened; ``commit`` removes what an
+``overwrite`` replaces and renames the staged files into place with termination signals held
+back, ``abort`` removes the staging folder (and the output folder, if this writer made it).
+Staging folders left by a killed writer are removed by the next writer that takes the lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+import shutil
+import signal
+import stat
+import threading
+from pathlib import Path
+
+STAGING = ".transferops-staging-"
+_SIGNALS = tuple(getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s))
+
+
+class OutputError(ValueError):
+    """The output folder cannot be written as asked; the message says why."""
+
+
+@contextlib.contextmanager
+def held_signals():
+    """Run the body with SIGINT/SIGTERM/SIGHUP recorded rather than acted on, then deliver
+    the first one recorded to the handler that was in place (only the main thread can)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in _SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+class OutputFolder:
+    """``path`` to be (re)written as a whole: an error if it is a symlink, equal to or inside
+    one of ``inputs`` (real paths of files or folders read) or holding one of them, if it
+    holds anything and ``overwrite`` is false, or if another writer holds it."""
+
+    def __init__(self, path: str | os.PathLike, *, inputs=(), overwrite: bool = False):
+        self.path = Path(path)
+        real = Path(os.path.realpath(self.path))
+        for source in inputs:
+            if _inside(real, source):
+                raise OutputError(f"output {self.path}: is or lies inside the input {source}; "
+                                  "choose a folder apart from the models")
+            if _inside(source, real):
+                raise OutputError(f"output {self.path}: holds the input {source}; choose a folder apart from the models")
+        self.made, self.fd, self.stage_fd, self.stage = False, None, None, None
+        try:
+            os.mkdir(self.path)
+            self.made = True
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise OutputError(f"output {self.path}: cannot create the folder: {e.strerror}") from None
+        try:
+            self._open(overwrite)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _open(self, overwrite: bool) -> None:
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            why = "is a symbolic link; give the folder itself" if os.path.islink(self.path) else e.strerror
+            raise OutputError(f"output {self.path}: {why}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise OutputError(f"output {self.path}: another merge is writing to this folder") from None
+        entries = os.listdir(self.fd)
+        for name in entries:  # left by a writer that was killed: nobody else holds the lock
+            if name.startswith(STAGING):
+                shutil.rmtree(name, dir_fd=self.fd)
+        self.old = sorted(name for name in entries if not name.startswith(STAGING))
+        if self.old and not overwrite:
+            shown = ", ".join(self.old[:3]) + (", ..." if len(self.old) > 3 else "")
+            raise OutputError(f"output {self.path}: the folder is not empty ({shown}); pass --overwrite "
+                              "(overwrite=True) to replace its contents, or choose a new folder")
+        while True:
+            name = STAGING + secrets.token_hex(8)
+            try:
+                os.mkdir(name, 0o700, dir_fd=self.fd)
+                break
+            except FileExistsError:
+                continue
+        self.stage = name
+        self.stage_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+
+    def create(self, name: str):
+        """A new file ``name`` of the staging folder, open for binary writing."""
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                     dir_fd=self.stage_fd)
+        return os.fdopen(fd, "wb")
+
+    def commit(self, names: list[str]) -> list[Path]:
+        """Replace the folder's contents by the staged files ``names``, in that order (the
+        index last, so that it never names a shard not yet in place)."""
+        with held_signals():
+            for name in self.old:
+                if stat.S_ISDIR(os.stat(name, dir_fd=self.fd, follow_symlinks=False).st_mode):
+                    shutil.rmtree(name, dir_fd=self.fd)
+                else:
+                    os.unlink(name, dir_fd=self.fd)
+            for name in names:
+                os.rename(name, name, src_dir_fd=self.stage_fd, dst_dir_fd=self.fd)
+            os.fsync(self.fd)
+            self.made = False
+            self._close()
+        return [self.path / name for name in names]
+
+    def abort(self) -> None:
+        """Remove the staging folder, and the output folder if it was made here and is empty."""
+        self._close()
+        if self.made:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.path)
+
+    def _close(self) -> None:
+        if self.stage_fd is not None:
+            os.close(self.stage_fd)
+            self.stage_fd = None
+        if self.stage is not None:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(self.stage, dir_fd=self.fd)
+            self.stage = None
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
+
