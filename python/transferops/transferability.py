@@ -64,34 +64,40 @@ def _feature_list(features, name: str = "features", *, min_samples: int = 2) -> 
     return feats, many
 
 
-def _class_labels(labels, N: int, name: str = "labels", *, min_classes: int = 2) -> torch.Tensor:
-    """Integer class ids [N] in [0, C); C = max + 1 (absent classes included, as the official
-    LogME code counts them); at least ``min_classes`` classes must occur."""
-    y = _as_tensor(labels, name).reshape(-1) if not isinstance(labels, (list, tuple)) else torch.tensor(labels)
+def _class_labels(labels, N: int, name: str = "labels", *,
+                  min_classes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, y): the distinct class ids, sorted (int64), and each sample's index among them [N],
+    0..C-1 (int64, on the labels' device). Only which samples share an id matters, so any
+    distinct integers name the classes (negative, or 10**12: a class costs the same whatever
+    its id), and an id that no sample has is not a class. Labels: a tensor, array or sequence of
+    any integer or bool dtype, or floats holding integers; at least ``min_classes`` must occur."""
+    try:
+        y = labels.detach() if isinstance(labels, torch.Tensor) else torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError) as e:  # e.g. strings, objects, ints past int64
+        raise TypeError(f"{name}: expected integer class ids, got {type(labels).__name__} ({e})") from None
+    y = y.reshape(-1)
     if y.numel() != N:
         raise ValueError(f"{name}: expected {N} labels (one per sample), got {y.numel()}")
-    if y.is_floating_point():
-        if not bool(torch.isfinite(y).all()) or not bool((y == y.round()).all()):
-            raise ValueError(f"{name}: expected integer class ids, got non-integer values "
-                             "(use regression=True for real-valued targets)")
-        y = y.long()
-    elif y.dtype == torch.bool or y.is_complex():
+    if y.is_complex():
         raise TypeError(f"{name}: expected integer class ids, got {y.dtype}")
-    y = y.long()
-    if int(y.min()) < 0:
-        raise ValueError(f"{name}: class ids must be >= 0, got {int(y.min())}")
-    if y.unique().numel() < min_classes:
-        raise ValueError(f"{name}: expected at least two classes, got only class {int(y[0])}")
-    return y
+    if y.is_floating_point():
+        bad = ~(torch.isfinite(y) & (y == y.round()) & (y >= -2.0**63) & (y < 2.0**63))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"{name}: expected integer class ids, got {float(y[i])} at index {i}")
+    ids, y = torch.unique(y.long(), return_inverse=True)  # uint64 wraps, a bijection: ids stay distinct
+    if ids.numel() < min_classes:
+        raise ValueError(f"{name}: expected at least two classes, got only class {int(ids[0])}")
+    return ids, y
 
 
 def _targets(labels, N: int, regression: bool, name: str = "labels", *,
              min_classes: int = 2) -> tuple[torch.Tensor, torch.Tensor | None]:
     """float64 targets [N, K] (one-hot class indicators, or the regression targets) and the
-    class ids behind them (None for regression)."""
+    class indices behind them, 0..C-1 (None for regression); see :func:`_class_labels`."""
     if not regression:
-        y = _class_labels(labels, N, name, min_classes=min_classes)
-        return torch.nn.functional.one_hot(y, int(y.max()) + 1).double(), y
+        ids, y = _class_labels(labels, N, name, min_classes=min_classes)
+        return torch.nn.functional.one_hot(y, ids.numel()).double(), y
     y = _as_tensor(labels, name)
     if not y.is_floating_point():
         y = y.double()
@@ -120,7 +126,7 @@ class LogMEStream:
     >>> stream.score()
 
     ``compat="official"`` needs N > D in the end (the official code takes another route when
-    N <= D, through F F^T, which does not stream). Classes are 0..max over all chunks.
+    N <= D, through F F^T, which does not stream). Classes are the distinct ids over all chunks.
     """
 
     def __init__(self, *, regression: bool = False, compat: str = "corrected"):
@@ -134,6 +140,7 @@ class LogMEStream:
         self.grams: list[np.ndarray] = []  # per model, lower triangle
         self.projected: list[np.ndarray] = []  # per model, F^T Y [D_m, K]
         self.y2 = np.zeros(0)
+        self.classes = torch.zeros(0, dtype=torch.int64)  # the class id of each target column
 
     def update(self, features, labels) -> "LogMEStream":
         """Add rows: ``features`` [n, D] or a list of [n, D_m] (the same models every time),
@@ -148,7 +155,7 @@ class LogMEStream:
         if [f.shape[1] for f in feats] != widths:
             raise ValueError(f"features: expected models of widths {widths} as in the first update, got "
                              f"{[f.shape[1] for f in feats]}")
-        Y, classes = _targets(labels, n, self.regression, min_classes=1)
+        Y, classes = _targets(labels, n, True) if self.regression else self._class_targets(labels, n)
         Y = Y.cpu()
         if self.regression and self.y2.size and Y.shape[1] != self.y2.size:
             raise ValueError(f"labels: expected {self.y2.size} regression targets per row as before, got {Y.shape[1]}")
@@ -164,6 +171,15 @@ class LogMEStream:
         self.samples += n
         return self
 
+    def _class_targets(self, labels, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One-hot targets of a chunk's labels, and their columns: a class keeps the column it got
+        in the update where it first occurred (score() takes them in id order)."""
+        ids, y = (t.cpu() for t in _class_labels(labels, n, min_classes=1))
+        self.classes = torch.cat([self.classes, ids[~torch.isin(ids, self.classes)]])
+        by_id = torch.argsort(self.classes)
+        columns = by_id[torch.searchsorted(self.classes[by_id], ids)][y]
+        return torch.nn.functional.one_hot(columns, self.classes.numel()).double(), columns
+
     def score(self, *, return_params: bool = False):
         """The scores so far, as :func:`logme` returns them (the stream can go on after)."""
         if self.samples < 2:
@@ -171,13 +187,14 @@ class LogMEStream:
         if not self.regression and int((self.y2 > 0).sum()) < 2:
             raise ValueError("labels: expected at least two classes over all updates")
         scores, params = [], []
+        by_id = slice(None) if self.regression else torch.argsort(self.classes).numpy()  # as logme() orders them
         for G, B in zip(self.grams, self.projected):
             D = G.shape[0]
             if self.compat == "official" and self.samples <= D:
                 raise ValueError(f"compat='official' streams only when N > D (N = {self.samples}, D = {D}); "
                                  "use compat='corrected' or logme() on the whole features")
-            red = _reduce([G.copy(order="F")], [B])[0]
-            evidence, p = _logme_evidence(red, self.y2, self.samples, D, True, self.compat, return_params)
+            red = _reduce([G.copy(order="F")], [B[:, by_id]])[0]
+            evidence, p = _logme_evidence(red, self.y2[by_id], self.samples, D, True, self.compat, return_params)
             scores.append(float(evidence.mean()))
             if return_params:
                 params.append(_params_tensors(p, p["Qz"].T))
@@ -195,8 +212,8 @@ def logme(features, labels, *, regression: bool = False, compat: str = "correcte
     ----------
     features : [N, D] tensor (one model), [M, N, D] tensor or a list of [N, D_m] tensors (one per
         model), any float dtype (computed in float64), or numpy arrays.
-    labels : class ids [N] (classes 0..max, absent ones included as in the official code), or
-        with ``regression=True`` real targets [N] or [N, K].
+    labels : class ids [N] (any distinct integers, see below), or with ``regression=True`` real
+        targets [N] or [N, K].
     compat : "corrected" (default) or "official". "official" reproduces thuml/LogME's
         ``LogME.fit`` (the fixed-point solver) to float64 rounding, including its defect for
         rank k < D (always when N < D, upstream issue #23): its log-determinant sums log(alpha +
@@ -208,7 +225,12 @@ def logme(features, labels, *, regression: bool = False, compat: str = "correcte
         official code as here, so official scores of such inputs differ between backends; the
         corrected mode does not have this problem.
     return_params : also return, per model, a dict of float64 tensors ``alpha`` [K], ``beta``
-        [K], ``m`` [K, D] (posterior mean weights) and ``evidence`` [K] (per target).
+        [K], ``m`` [K, D] (posterior mean weights) and ``evidence`` [K] (per target: the classes
+        in the order of their ids).
+
+    The classes are the distinct ids in ``labels``, as in every score here: the official code
+    also counts each absent id below the largest (0..max) as a class, with an all-zero target;
+    with ids 0..C-1 that all occur, the two agree.
 
     Returns
     -------
@@ -241,14 +263,14 @@ def leep(source_probs, labels):
     probability vector (non-negative, summing to 1 within 1e-3). Returns float64 scores, 0-d or
     [M]. A source class no sample gives mass to has no P(y | z) and is skipped."""
     probs, many = _feature_list(source_probs, "source_probs")
-    y = _class_labels(labels, probs[0].shape[0])
+    ids, y = _class_labels(labels, probs[0].shape[0])
     scores = []
     for i, p in enumerate(probs):
         p = p.to(torch.float64)
         what = f"source_probs[{i}]" if many else "source_probs"
         if bool((p < 0).any()) or float((p.sum(1) - 1).abs().max()) > 1e-3:
             raise ValueError(f"{what}: expected rows of probabilities (>= 0, summing to 1); apply softmax to logits")
-        onehot = torch.nn.functional.one_hot(y.to(p.device), int(y.max()) + 1).double()
+        onehot = torch.nn.functional.one_hot(y.to(p.device), ids.numel()).double()
         joint = onehot.T @ p / p.shape[0]  # [C, Z]
         mass = joint.sum(0)
         cond = torch.where(mass > 0, joint / mass.clamp(min=torch.finfo(torch.float64).tiny), 0.0)  # P(y | z)
@@ -263,25 +285,20 @@ def nce(source_labels, labels):
     target labels given the source model's predicted labels, from their empirical joint.
 
     ``source_labels``: source class ids [N] (e.g. the argmax of the source model's outputs),
-    [M, N] or a list of [N]. Returns float64 scores, 0-d or [M]."""
+    [M, N] or a list of [N]; like ``labels``, any distinct integers. Returns float64 scores,
+    0-d or [M]."""
     if isinstance(source_labels, (list, tuple)):
         zs, many = [_as_tensor(z, f"source_labels[{i}]") for i, z in enumerate(source_labels)], True
     else:
         z = _as_tensor(source_labels, "source_labels")
         zs, many = (list(z.unbind(0)) if z.dim() == 2 else [z]), z.dim() == 2
-    y = _class_labels(labels, zs[0].numel())
+    ids, y = _class_labels(labels, zs[0].numel())
     scores = []
     for i, z in enumerate(zs):
-        what = f"source_labels[{i}]" if many else "source_labels"
-        if z.is_floating_point() and not bool((z == z.round()).all()):
-            raise ValueError(f"{what}: expected integer source class ids")
-        if z.numel() != y.numel():
-            raise ValueError(f"{what}: expected {y.numel()} labels, got {z.numel()}")
-        z = z.reshape(-1).long().cpu()
-        if int(z.min()) < 0:
-            raise ValueError(f"{what}: class ids must be >= 0")
-        joint = torch.zeros(int(y.max()) + 1, int(z.max()) + 1, dtype=torch.float64)
-        joint.index_put_((y.cpu(), z), torch.full((z.numel(),), 1.0 / z.numel(), dtype=torch.float64), accumulate=True)
+        source_ids, z = _class_labels(z, y.numel(), f"source_labels[{i}]" if many else "source_labels", min_classes=1)
+        joint = torch.zeros(ids.numel(), source_ids.numel(), dtype=torch.float64)
+        joint.index_put_((y.cpu(), z.cpu()), torch.full((z.numel(),), 1.0 / z.numel(), dtype=torch.float64),
+                         accumulate=True)
         pz = joint.sum(0, keepdim=True)
         cond = joint / pz.clamp(min=torch.finfo(torch.float64).tiny)
         scores.append(torch.xlogy(joint, cond).sum())  # sum P(y, z) log P(y | z), 0 log 0 = 0
@@ -310,10 +327,10 @@ def _ledoit_wolf(Xc: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def _per_model(features, labels, score) -> torch.Tensor:
-    """``score(F, y)`` for every model's features F (float64 [N, D]) with the class ids y on F's
-    device, after checking both: float64 scores, 0-d for one [N, D] model, [M] for several."""
+    """``score(F, y)`` for every model's features F (float64 [N, D]) with the class indices y
+    (0..C-1, every one occurring; see :func:`_class_labels`) on F's device, after checking both: float64 scores, 0-d for one [N, D] model, [M] for several."""
     feats, many = _feature_list(features)
-    y = _class_labels(labels, feats[0].shape[0])
+    _, y = _class_labels(labels, feats[0].shape[0])
     scores = torch.stack([score(F, y.to(F.device)) for F in (f.to(torch.float64) for f in feats)])
     return scores if many else scores[0]
 
@@ -328,10 +345,7 @@ def hscore(features, labels, *, shrinkage: bool = False):
     ``features`` as :func:`logme`; ``labels`` class ids [N]. Returns float64 scores, 0-d or [M]."""
     def one(F, y):
         N = F.shape[0]
-        onehot = torch.nn.functional.one_hot(y, int(y.max()) + 1).double()
-        counts = onehot.sum(0)
-        means = (onehot.T @ F) / counts.clamp(min=1)[:, None]  # class means (absent classes unused)
-        G = means[y]  # E[f | y] per sample
+        G = _class_means(F, y)[1][y]  # E[f | y] per sample
         Gc = G - G.mean(0)
         cov_g = Gc.T @ Gc / (N - 1)
         Fc = F - F.mean(0)
@@ -344,12 +358,23 @@ def hscore(features, labels, *, shrinkage: bool = False):
     return _per_model(features, labels, one)
 
 
-def _present_classes(F: torch.Tensor, y: torch.Tensor):
-    """(inverse, counts, means [C', D]) of the C' classes that occur in ``y``: each sample's
-    index among them, their sizes and their mean rows."""
-    ids, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
-    sums = torch.zeros(ids.numel(), F.shape[1], dtype=F.dtype, device=F.device).index_add_(0, inverse, F)
-    return inverse, counts, sums / counts[:, None]
+def _class_means(F: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts [C], means [C, D]) of the classes y (0..C-1, each occurring) over F's rows."""
+    counts = torch.bincount(y)
+    sums = torch.zeros(counts.numel(), F.shape[1], dtype=F.dtype, device=F.device).index_add_(0, y, F)
+    return counts, sums / counts[:, None]
+
+
+def _rows_by_class(Z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rows of each class 0..C-1, from one sort of the labels (not C passes over them)."""
+    return Z[torch.argsort(y, stable=True)].split(torch.bincount(y).tolist())
+
+
+def _positive(value, name: str) -> float:
+    v = _checks.finite(value, name)
+    if not v > 0:
+        raise ValueError(f"{name}: expected a positive number, got {value!r}")
+    return v
 
 
 GBC_TYPES = ("diagonal", "spherical")
@@ -370,8 +395,8 @@ def gbc(features, labels, *, gaussian_type: str = "diagonal"):
     if gaussian_type not in GBC_TYPES:
         raise ValueError(f"gaussian_type: expected one of {list(GBC_TYPES)}, got {gaussian_type!r}")
     def one(F, y):
-        inverse, counts, means = _present_classes(F, y)
-        var = torch.zeros_like(means).index_add_(0, inverse, (F - means[inverse]) ** 2) / counts[:, None]
+        counts, means = _class_means(F, y)
+        var = torch.zeros_like(means).index_add_(0, y, (F - means[y]) ** 2) / counts[:, None]
         var = var.clamp(min=_GBC_MIN_VARIANCE)
         if gaussian_type == "spherical":
             var = var.mean(1, keepdim=True)
@@ -400,17 +425,16 @@ def _coding_rate(Z: torch.Tensor, eps: float) -> torch.Tensor:
 def transrate(features, labels, *, eps: float = 1e-4):
     """TransRate (Huang et al., ICML 2022, eq. 6): the coding rate of the centered features
     minus their rate given the label, TrR = R(Z, eps) - 1/C sum_c R(Z_c, eps), with
-    R(Z, eps) = 1/2 log det(I + Z^T Z / (n eps)) as the authors' code (and TLlib) compute it:
-    classes 0..max (an absent class contributes 0 but counts in C), eps = 1e-4.
+    R(Z, eps) = 1/2 log det(I + Z^T Z / (n eps)) as the authors' code (and TLlib) compute it,
+    eps = 1e-4. C counts the distinct ids (the authors' code counts 0..max, an absent id with
+    rate 0; the same for ids 0..C-1 that all occur).
 
     ``features`` as :func:`logme`; ``labels`` class ids [N]. Returns float64 scores, 0-d or [M]."""
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps: expected a positive number, got {eps!r}")
+    eps = _positive(eps, "eps")
     def one(Z, y):
         Z = Z - Z.mean(0)
-        C = int(y.max()) + 1
-        conditional = sum(_coding_rate(Z[y == c], eps) for c in range(C)) / C
-        return _coding_rate(Z, eps) - conditional
+        rows = _rows_by_class(Z, y)
+        return _coding_rate(Z, eps) - sum(_coding_rate(Zc, eps) for Zc in rows) / len(rows)
     return _per_model(features, labels, one)
 
 
@@ -434,9 +458,10 @@ def tmi(features, labels, *, k: int = 3, min_dist: float = 1.0):
     Kozachenko-Leonenko k-nearest-neighbour estimate in Kraskov et al.'s max-norm form (Phys.
     Rev. E 2004), H_c = -psi(k) + psi(n_c) + d/n_c sum_i log(2 max(eps_i, min_dist)), eps_i the
     max-norm distance of sample i to its k-th nearest neighbour in its class. As the authors' code
-    (k = 3, min_dist = 1.0) the score is the mean of p_c H_c over the classes 0..max(labels):
-    H(Z | Y) / C when every class has more than k samples; a class with 0 or 1 samples adds 0
-    and counts, one with 2..k samples (no k-th neighbour) is left out.
+    (k = 3, min_dist = 1.0) the score is the mean of p_c H_c over the classes: H(Z | Y) / C when
+    every class has more than k samples; a class of 1 sample adds 0 and counts, one with 2..k
+    samples (no k-th neighbour) is left out. The classes are the distinct ids (the authors' code
+    takes 0..max, where an absent id adds 0 and counts; the same for ids 0..C-1 that all occur).
 
     The clamp at ``min_dist`` matters: features whose neighbours all lie closer than it (unit
     normalized embeddings, say) score the same whatever their quality; scale them, or lower it.
@@ -444,19 +469,20 @@ def tmi(features, labels, *, k: int = 3, min_dist: float = 1.0):
     Returns float64 scores, 0-d or [M]."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k: expected a positive integer number of neighbours, got {k!r}")
-    if not (isinstance(min_dist, (int, float)) and math.isfinite(min_dist) and min_dist > 0):
-        raise ValueError(f"min_dist: expected a positive number, got {min_dist!r}")
+    min_dist = _positive(min_dist, "min_dist")
     def one(Z, y):
-        counts = torch.bincount(y).tolist()
-        if max(counts) <= k:
-            raise ValueError(f"labels: tmi needs a class with more than k = {k} samples, the largest has {max(counts)}")
+        rows = _rows_by_class(Z, y)
+        largest = max(Zc.shape[0] for Zc in rows)
+        if largest <= k:
+            raise ValueError(f"labels: tmi needs a class with more than k = {k} samples, the largest has {largest}")
         total, classes = torch.zeros((), dtype=torch.float64, device=Z.device), 0
-        for c, n in enumerate(counts):
+        for Zc in rows:
+            n = Zc.shape[0]
             if 2 <= n <= k:
                 continue
             classes += 1
             if n > k:
-                eps = _kth_neighbour_distance(Z[y == c], k).clamp(min=min_dist)
+                eps = _kth_neighbour_distance(Zc, k).clamp(min=min_dist)
                 psi_k, psi_n = torch.special.digamma(torch.tensor([k, n], dtype=torch.float64, device=Z.device))
                 total = total + n / y.numel() * (psi_n - psi_k + Z.shape[1] / n * torch.log(2 * eps).sum())
         return total / classes
@@ -477,15 +503,15 @@ def _top_eigenvalue_estimate(A: torch.Tensor, iterations: int = 3) -> float:
 
 
 def _regularized_fda(X: torch.Tensor, y: torch.Tensor, shrinkage: float | None):
-    """SFDA's regularized Fisher discriminant, fit on and applied to X: (class posteriors [N, C'],
-    the shrinkage used, each sample's class index, the class means [C', D]) over the C' classes
-    that occur. The within-class scatter S_w = sum_c p_c cov_c (1/n_c normalization) is shrunk
+    """SFDA's regularized Fisher discriminant, fit on and applied to X with the classes y
+    (0..C-1, each occurring): (class posteriors [N, C], the shrinkage used, the class means
+    [C, D]). The within-class scatter S_w = sum_c p_c cov_c (1/n_c normalization) is shrunk
     to (1 - s) S_w + s tr(S_w)/D I, s = max(exp(-5 lambda_max(S_w)), 1e-10) unless given. The
     authors project on all D generalized eigenvectors V of (S_b, shrunk S_w) and classify with
     means V V^T; V V^T is the inverse of the shrunk S_w, applied here by Cholesky instead."""
     N, D = X.shape
-    inverse, counts, means = _present_classes(X, y)
-    R = X - means[inverse]
+    counts, means = _class_means(X, y)
+    R = X - means[y]
     Sw = R.T @ R / N
     if shrinkage is None:
         shrinkage = max(math.exp(-5 * _top_eigenvalue_estimate(Sw)), 1e-10)
@@ -495,9 +521,9 @@ def _regularized_fda(X: torch.Tensor, y: torch.Tensor, shrinkage: float | None):
     if int(info) != 0:
         raise ValueError("features: sfda needs features that vary within the classes; the within-class scatter "
                          "is singular")
-    coef = torch.cholesky_solve(means.T, L).T  # [C', D]
+    coef = torch.cholesky_solve(means.T, L).T  # [C, D]
     intercept = -0.5 * (means * coef).sum(1) + torch.log(counts.to(X.dtype) / N)
-    return torch.softmax(X @ coef.T + intercept, dim=1), shrinkage, inverse, means
+    return torch.softmax(X @ coef.T + intercept, dim=1), shrinkage, means
 
 
 def sfda(features, labels, *, shrinkage: float | None = None):
@@ -511,15 +537,15 @@ def sfda(features, labels, *, shrinkage: float | None = None):
 
     ``features`` as :func:`logme`; ``labels`` class ids [N]. Costs O(N D^2 + D^3) per model.
     Returns float64 scores in (0, 1), 0-d or [M]."""
-    if shrinkage is not None and not (isinstance(shrinkage, (int, float)) and 0 < shrinkage <= 1):
+    if shrinkage is not None and not 0 < _checks.finite(shrinkage, "shrinkage") <= 1:
         raise ValueError(f"shrinkage: expected None (adaptive) or a number in (0, 1], got {shrinkage!r}")
     def one(X, y):
         rows = torch.arange(X.shape[0], device=X.device)
-        probs, s, inverse, means = _regularized_fda(X, y, shrinkage)
-        q = torch.softmax(probs, dim=1)[rows, inverse][:, None]
+        probs, s, means = _regularized_fda(X, y, shrinkage)
+        q = torch.softmax(probs, dim=1)[rows, y][:, None]
         others = (means.sum(0) - means) / (means.shape[0] - 1)
-        probs, *_ = _regularized_fda(q * X + (1 - q) * others[inverse], y, s)
-        return probs[rows, inverse].mean()
+        probs, *_ = _regularized_fda(q * X + (1 - q) * others[y], y, s)
+        return probs[rows, y].mean()
     return _per_model(features, labels, one)
 
 
@@ -532,7 +558,8 @@ def otce(source_features, source_labels, target_features, target_labels, *, eps:
 
     ``source_features`` [Ns, d] with class ids ``source_labels`` [Ns]; the same for the target.
     With ``return_parts``, also a dict: ``conditional_entropy``, ``domain_difference`` (the
-    transport cost, OTCE's W_D) and ``joint`` [source classes, target classes]."""
+    transport cost, OTCE's W_D) and ``joint`` [source classes, target classes] (the distinct
+    ids of each, in order)."""
     from .ot import sinkhorn
 
     Xs, _ = _feature_list(source_features, "source_features")
@@ -540,11 +567,11 @@ def otce(source_features, source_labels, target_features, target_labels, *, eps:
     if len(Xs) != 1 or len(Xt) != 1:
         raise ValueError("otce: expected one source and one target feature matrix [n, d]")
     Xs, Xt = Xs[0].to(torch.float64), Xt[0].to(torch.float64)
-    ys = _class_labels(source_labels, Xs.shape[0], "source_labels", min_classes=1)
-    yt = _class_labels(target_labels, Xt.shape[0], "target_labels", min_classes=1)
+    source_ids, ys = _class_labels(source_labels, Xs.shape[0], "source_labels", min_classes=1)
+    target_ids, yt = _class_labels(target_labels, Xt.shape[0], "target_labels", min_classes=1)
     result = sinkhorn(Xs, Xt, eps=eps, tol=tol)
-    source_onehot = torch.nn.functional.one_hot(ys.to(Xs.device), int(ys.max()) + 1).double()
-    target_onehot = torch.nn.functional.one_hot(yt.to(Xs.device), int(yt.max()) + 1).double()
+    source_onehot = torch.nn.functional.one_hot(ys.to(Xs.device), source_ids.numel()).double()
+    target_onehot = torch.nn.functional.one_hot(yt.to(Xs.device), target_ids.numel()).double()
     joint = source_onehot.T @ result.apply(target_onehot)  # [Cs, Ct], never the N x M plan
     marginal = joint.sum(1, keepdim=True)
     entropy = -torch.xlogy(joint, joint / marginal.clamp(min=torch.finfo(torch.float64).tiny)).sum()
