@@ -20,7 +20,9 @@ def philox4(c0, c1, c2, c3, k0: int, k1: int):
 
 def draws(count: int, *, seed: int, stream: int, task: int = 0, offset: int = 0, device="cpu") -> torch.Tensor:
     """The draws of flat element indices i = offset .. offset + count - 1: word i mod 4 of
-    Philox4x32-10 at counter (i div 4 as two 32-bit halves, task, stream), key seed."""
+    Philox4x32-10 at counter (i div 4 as two 32-bit halves, task, stream), key seed mod 2^64 (a
+    seed >= 2^63 that crossed a custom op as an int64, its two's complement, keys the same)."""
+    seed %= 2**64
     first, last = offset >> 2, (offset + count - 1) >> 2
     q = torch.arange(first, last + 1, dtype=torch.int64, device=device)
     zeros = torch.zeros_like(q)

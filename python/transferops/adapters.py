@@ -69,7 +69,7 @@ def _dropped(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
         return t * dropout_factor(t.shape[0], t.shape[1], p, seed, t.device, t.dtype)
     rows = _checks.as_rows(t)
     out = torch.empty(rows.shape, dtype=t.dtype)
-    nm.adapter_dropout(native_buffer(rows), native_buffer(out), p, seed)
+    nm.adapter_dropout(native_buffer(rows), native_buffer(out), p, seed % 2**64)
     return out.view(t.shape)
 
 
@@ -177,7 +177,7 @@ def _bottleneck_native_fwd(x, residual, w_down, b_down, w_up, b_up, ln_weight, l
     params = [_flat(t) for t in (w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale)]
     finite = native_module().bottleneck_forward(native_buffer(xr), res, native_buffer(out), native_buffer(a),
                                                 native_buffer(mean), native_buffer(rstd), r, params, layer_norm,
-                                                eps, activation, residual_mode, dropout, seed)
+                                                eps, activation, residual_mode, dropout, seed % 2**64)
     if not finite:
         _name_nonfinite((("x", x), ("w_down", w_down), ("b_down", b_down), ("ln_weight", ln_weight),
                          ("ln_bias", ln_bias)))
@@ -194,7 +194,7 @@ def _bottleneck_native_bwd(grad, x, a, mean, rstd, w_down, b_down, w_up, b_up, l
     native_module().bottleneck_backward(native_buffer(_checks.as_rows(grad)), native_buffer(xr), native_buffer(a),
                                         native_buffer(mean), native_buffer(rstd), native_buffer(dx), r, params,
                                         [native_buffer(g) for g in grads], layer_norm, eps, activation,
-                                        residual_mode, dropout, seed)
+                                        residual_mode, dropout, seed % 2**64)
     return [dx.view(x.shape), *grads]
 
 
@@ -269,10 +269,13 @@ def _rows_input(x, name: str = "x") -> torch.Tensor:
 
 
 def _seed(dropout: float, seed) -> int:
-    """The dropout seed of one call: the caller's, or a fresh draw from torch's generator (so
-    torch.manual_seed makes a run reproducible)."""
+    """The dropout seed of one call: the caller's, in [0, 2^64), or a fresh draw from torch's
+    generator (so torch.manual_seed makes a run reproducible). As the custom ops carry it: an
+    int64, so a seed >= 2^63 travels as its two's complement; every backend keys Philox with the
+    seed mod 2^64, so the 2^64 seeds draw distinct masks."""
     if seed is not None:
-        return _checks.seed(seed) & (2**63 - 1)
+        seed = _checks.seed(seed)
+        return seed - 2**64 if seed >= 2**63 else seed
     return int(torch.randint(0, 2**62, ())) if dropout > 0 else 0
 
 
