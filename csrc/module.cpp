@@ -21,6 +21,7 @@
 #include "cpu/adapters.h"
 #include "cpu/merging.h"
 #include "cpu/ot.h"
+#include "cpu/safetensors_header.h"
 #include "cpu/topk.h"
 #include "cpu/transferability.h"
 #ifdef TRANSFEROPS_WITH_CUDA
@@ -564,6 +565,29 @@ py::tuple logme_fixed_point(const Vector& diag, const Vector& off, const Vector&
   return py::make_tuple(evidence, alpha, beta, t_used, z ? py::object(*z) : py::object(py::none()));
 }
 
+// A safetensors header's structure as (names, dtype indices into codes, ranks, dims: a 1 then
+// the shape per tensor, offsets: begin and end per tensor, metadata dict or None); see
+// cpu/safetensors_header.h for the grammar. Errors are ValueError.
+py::tuple safetensors_header(const py::bytes& raw, const std::vector<std::string>& codes) {
+  char* data = nullptr;
+  py::ssize_t size = 0;
+  if (PyBytes_AsStringAndSize(raw.ptr(), &data, &size) != 0) throw py::error_already_set();
+  cpu::SafetensorsHeader h;
+  {
+    py::gil_scoped_release release;
+    h = cpu::parse_safetensors_header(data, static_cast<size_t>(size), codes);
+  }
+  py::list names(h.names.size());
+  for (size_t i = 0; i < h.names.size(); ++i) names[i] = py::str(h.names[i]);
+  py::object meta = py::none();
+  if (h.has_metadata) {
+    py::dict d;
+    for (const auto& [k, v] : h.metadata) d[py::str(k)] = py::str(v);
+    meta = d;
+  }
+  return py::make_tuple(names, to_array(h.dtypes), to_array(h.ranks), to_array(h.dims), to_array(h.offsets), meta);
+}
+
 #ifdef TRANSFEROPS_WITH_CUDA
 // (pointer, row_stride) pairs of device memory; rows, cols and dtype shared by all.
 View2D device_view(uintptr_t ptr, int64_t row_stride, int64_t rows, int64_t cols, int dtype) {
@@ -592,6 +616,8 @@ PYBIND11_MODULE(_native, m) {
   m.def("cpu_isa", &cpu::cpu_isa, "instruction set of the CPU kernels: avx512, avx2 or base");
   m.def("cpu_isas", &cpu::cpu_isas, "the instruction sets this build compiled and this CPU runs, lowest first");
   m.def("set_cpu_isa", &cpu::set_cpu_isa, py::arg("isa"), "force the CPU kernels' instruction set");
+  m.def("safetensors_header", &safetensors_header, py::arg("raw"), py::arg("codes"),
+        "a safetensors header parsed strictly: (names, dtype indices, ranks, dims, offsets, metadata)");
 #ifdef TRANSFEROPS_OPENMP
   m.attr("has_openmp") = true;
 #else

@@ -13,6 +13,8 @@ private staging folder of the output (see :mod:`transferops._outdir`).
 from __future__ import annotations
 
 import errno
+import gc
+import itertools
 import json
 import math
 import os
@@ -93,12 +95,24 @@ def _no_constant(name):
     raise ValueError(f"{name} is not JSON")
 
 
-def strict_json(raw: bytes, path: Path, what: str):
+def _count(token: str) -> int:
+    """A JSON integer token that a shape or offset may hold: no sign, below 2^63."""
+    if token.startswith("-"):
+        raise ValueError("expected a non-negative integer, got a negative number")
+    value = int(token)
+    if value >= 1 << 63:
+        raise ValueError("integer too large")
+    return value
+
+
+def strict_json(raw: bytes, path: Path, what: str, *, counts: bool = False):
     """JSON as the safetensors library reads it: UTF-8 only, no duplicate keys, no NaN or
-    Infinity; every failure (nesting deep enough to exhaust the recursion limit included) is a
+    Infinity (``counts``: integers as in a header, non-negative and below 2^63); every
+    failure (nesting deep enough to exhaust the recursion limit included) is a
     CheckpointError naming the file."""
     try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=_object, parse_constant=_no_constant)
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_object, parse_constant=_no_constant,
+                          parse_int=_count if counts else None)
     except UnicodeDecodeError:
         raise CheckpointError(f"{path}: {what} is not UTF-8 text") from None
     except _Duplicate as e:
@@ -109,15 +123,46 @@ def strict_json(raw: bytes, path: Path, what: str):
         raise CheckpointError(f"{path}: {what} is not valid JSON: {e}") from None
 
 
-def _is_count(v) -> bool:
-    return type(v) is int and v >= 0
-
-
 def _bad(path: Path, name: str, why: str) -> CheckpointError:
     return CheckpointError(f"{path}: corrupt header: tensor {name!r}: {why}")
 
 
-def _parse_header(fd: int, size: int, path: Path) -> dict[str, TensorInfo]:
+_CODES = list(DTYPES)
+_KINDS = list(DTYPES.values())
+_ITEMSIZES = np.array([ITEMSIZE[c] for c in _CODES], np.int64)
+_KEYS = {"dtype", "shape", "data_offsets"}
+
+
+def _structure_python(raw: bytes, path: Path):
+    """The native ``safetensors_header``'s result, for the grammar of
+    csrc/cpu/safetensors_header.h, from Python's json module (with the native module missing)."""
+    header = strict_json(raw, path, "header", counts=True)
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (type(meta) is dict and all(type(v) is str for v in meta.values())):
+        raise CheckpointError(f"{path}: corrupt header: __metadata__ is not an object of strings")
+    dtypes, ranks, dims, offsets = [], [], [], []
+    for name, h in header.items():
+        name.encode()  # a lone surrogate from a \u escape raises here, as natively
+        if type(h) is not dict or h.keys() != _KEYS:
+            raise _bad(path, name, "expected an object with exactly dtype, shape and data_offsets")
+        code, shape, offs = h["dtype"], h["shape"], h["data_offsets"]
+        if type(code) is not str or code not in DTYPES:
+            raise _bad(path, name, f"unsupported dtype {code!r}")
+        if type(shape) is not list or not all(type(d) is int for d in shape):
+            raise _bad(path, name, f"shape {shape!r} is not an array of integers")
+        if type(offs) is not list or len(offs) != 2 or not all(type(o) is int for o in offs):
+            raise _bad(path, name, f"data_offsets {offs!r} are not [begin, end]")
+        dtypes.append(_CODES.index(code))
+        ranks.append(len(shape))
+        dims += [1, *shape]
+        offsets += offs
+    return (list(header), np.array(dtypes, np.int32), np.array(ranks, np.int64), np.array(dims, np.int64),
+            np.array(offsets, np.int64), meta)
+
+
+def _parse_header(fd: int, size: int, path: Path, real: Path) -> dict[str, TensorInfo]:
+    from ._backend import native_module
+
     if size < 8:
         raise CheckpointError(f"{path}: corrupt header: not a safetensors file (shorter than 8 bytes)")
     (n,) = struct.unpack("<Q", _pread_exact(fd, 8, 0, path))
@@ -128,42 +173,63 @@ def _parse_header(fd: int, size: int, path: Path) -> dict[str, TensorInfo]:
     raw = _pread_exact(fd, n, 8, path)
     if not raw.startswith(b"{"):
         raise CheckpointError(f"{path}: corrupt header: not a safetensors file (the header is not a JSON object)")
-    header = strict_json(raw, path, "header")
-    meta = header.pop("__metadata__", None)
-    if meta is not None and not (type(meta) is dict and all(type(v) is str for v in meta.values())):
-        raise CheckpointError(f"{path}: corrupt header: __metadata__ is not an object of strings")
-    base, data = 8 + n, size - 8 - n
-    out, begins, ends = {}, np.empty(len(header), np.int64), np.empty(len(header), np.int64)
-    for i, (name, h) in enumerate(header.items()):
-        if type(h) is not dict:
-            raise _bad(path, name, "expected an object with dtype, shape and data_offsets")
-        code, shape, offsets = h.get("dtype"), h.get("shape"), h.get("data_offsets")
-        if type(code) is not str or code not in ITEMSIZE:
-            raise _bad(path, name, f"unsupported dtype {code!r} (expected one of {sorted(ITEMSIZE)})")
-        if type(shape) is not list or not all(_is_count(s) for s in shape):
-            raise _bad(path, name, f"shape {shape!r} is not a list of non-negative integers")
-        if type(offsets) is not list or len(offsets) != 2 or not all(_is_count(o) for o in offsets) \
-                or offsets[0] > offsets[1]:
-            raise _bad(path, name, f"data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
-        if offsets[1] > data:
-            raise _bad(path, name, f"data_offsets {offsets} reach past the data's {data} bytes (file truncated?)")
-        numel = math.prod(shape)  # exact: Python integers do not wrap
-        begin, end = offsets
-        if numel * ITEMSIZE[code] != end - begin:
-            raise _bad(path, name, f"shape {shape} {code} needs {numel * ITEMSIZE[code]} bytes, data_offsets "
-                                   f"span {end - begin}")
-        begins[i], ends[i] = begin, end
-        out[name] = TensorInfo(name, DTYPES[code], tuple(shape), path, base + begin, end - begin, numel)
+    native = native_module()
+    if native is not None and hasattr(native, "safetensors_header"):
+        try:
+            structure = native.safetensors_header(raw, _CODES)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: corrupt header: {e}") from None
+    else:
+        structure = _structure_python(raw, path)
+    return _tensors(path, real, 8 + n, size - 8 - n, *structure[:-1])
+
+
+def _tensors(path: Path, real: Path, base: int, data: int, names, dtypes, ranks, dims, offsets) -> dict[str, TensorInfo]:
+    """TensorInfos from a header's structure, checked in whole-array operations: each shape
+    needs exactly its data_offsets' bytes and the tensors tile the data. ``dims`` holds a 1
+    and then the shape for each tensor (so that no product is over an empty segment)."""
+    count = len(names)
+    if count == 0:
+        if data:
+            raise CheckpointError(f"{path}: corrupt header: no tensors, but {data} bytes of data")
+        return {}
+    begins, ends = offsets[0::2], offsets[1::2]
+    marks = np.concatenate(([0], np.cumsum(ranks + 1)[:-1]))
+    itemsize = _ITEMSIZES[dtypes]
+    # A float64 product first: an int64 one could wrap (a zero dim makes both zero).
+    fits = np.multiply.reduceat(dims.astype(np.float64), marks) * itemsize <= float(1 << 62)
+    numel = np.multiply.reduceat(np.where(np.repeat(fits, ranks + 1), dims, 0), marks)
+    bad = np.flatnonzero(~fits | (begins > ends) | (numel * itemsize != ends - begins) | (ends > data))
+    if bad.size:
+        i = int(bad[0])
+        shape, offs = dims[marks[i] + 1:marks[i] + 1 + ranks[i]].tolist(), [int(begins[i]), int(ends[i])]
+        if begins[i] > ends[i]:
+            raise _bad(path, names[i], f"data_offsets {offs} are not [begin, end] with begin <= end")
+        if ends[i] > data:
+            raise _bad(path, names[i], f"data_offsets {offs} reach past the data's {data} bytes (file truncated?)")
+        raise _bad(path, names[i], f"shape {shape} {_CODES[dtypes[i]]} does not fit data_offsets {offs}")
     # The tensors must tile the data: sorted by offsets, each begins where the previous ends.
     order = np.lexsort((ends, begins))
     b, e = begins[order], ends[order]
     gaps = np.flatnonzero(b != np.concatenate(([0], e[:-1])))
-    if gaps.size or (e[-1] if e.size else 0) != data:
-        where = list(out)[order[gaps[0]]] if gaps.size else None
-        raise CheckpointError(f"{path}: corrupt header: " + (
-            f"tensor {where!r} overlaps another or leaves a gap before it" if where is not None else
-            f"the tensors cover {int(e[-1]) if e.size else 0} of the data's {data} bytes (truncated or padded?)"))
-    return out
+    if gaps.size:
+        raise CheckpointError(f"{path}: corrupt header: tensor {names[int(order[gaps[0]])]!r} overlaps another or "
+                              "leaves a gap before it")
+    if int(e[-1]) != data:
+        raise CheckpointError(f"{path}: corrupt header: the tensors cover {int(e[-1])} of the data's {data} bytes "
+                              "(truncated or padded?)")
+    # Millions of small tuples: the cyclic collector would rescan them all again and again.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        dim_list = dims.tolist()
+        shapes = [tuple(dim_list[m + 1:m + 1 + r]) for m, r in zip(marks.tolist(), ranks.tolist())]
+        return dict(zip(names, map(TensorInfo._make, zip(
+            names, [_KINDS[d] for d in dtypes.tolist()], shapes, itertools.repeat(real, count),
+            (begins + base).tolist(), (ends - begins).tolist(), numel.tolist()))))
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _allowed_roots(folder: Path) -> list[str]:
@@ -249,11 +315,11 @@ class Checkpoint:
             raise CheckpointError(f"{shown}: the same file is named twice")
         fd, size = _open_regular(real, "shard" if shown != self.path else "checkpoint")
         self._fds[real] = fd
-        tensors = _parse_header(fd, size, shown)
-        for t in tensors:
-            if t in self.tensors:
-                raise CheckpointError(f"{shown}: tensor {t!r} is also in {self.tensors[t].path}")
-        self.tensors.update((name, info._replace(path=real)) for name, info in tensors.items())
+        tensors = _parse_header(fd, size, shown, real)
+        if not self.tensors.keys().isdisjoint(tensors):
+            t = next(t for t in tensors if t in self.tensors)
+            raise CheckpointError(f"{shown}: tensor {t!r} is also in {self.tensors[t].path}")
+        self.tensors.update(tensors)
         return tensors
 
     def read(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
