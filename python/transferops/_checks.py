@@ -91,6 +91,14 @@ def count(value, name: str, *, low: int = 0, high: int | None = None) -> int:
     return int(value)
 
 
+def positive(value, name: str) -> float:
+    """A finite real number > 0 (see :func:`finite`)."""
+    v = finite(value, name)
+    if not v > 0:
+        raise ValueError(f"{name}: expected a positive number, got {value!r}")
+    return v
+
+
 def seed(value, name: str = "seed") -> int:
     """An integer in [0, 2^64)."""
     if isinstance(value, bool) or not isinstance(value, int):

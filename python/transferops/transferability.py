@@ -370,13 +370,6 @@ def _rows_by_class(Z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]
     return Z[torch.argsort(y, stable=True)].split(torch.bincount(y).tolist())
 
 
-def _positive(value, name: str) -> float:
-    v = _checks.finite(value, name)
-    if not v > 0:
-        raise ValueError(f"{name}: expected a positive number, got {value!r}")
-    return v
-
-
 GBC_TYPES = ("diagonal", "spherical")
 _GBC_MIN_VARIANCE = 1e-4  # the authors' floor on each class's per-feature variance
 
@@ -430,7 +423,7 @@ def transrate(features, labels, *, eps: float = 1e-4):
     rate 0; the same for ids 0..C-1 that all occur).
 
     ``features`` as :func:`logme`; ``labels`` class ids [N]. Returns float64 scores, 0-d or [M]."""
-    eps = _positive(eps, "eps")
+    eps = _checks.positive(eps, "eps")
     def one(Z, y):
         Z = Z - Z.mean(0)
         rows = _rows_by_class(Z, y)
@@ -469,7 +462,7 @@ def tmi(features, labels, *, k: int = 3, min_dist: float = 1.0):
     Returns float64 scores, 0-d or [M]."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k: expected a positive integer number of neighbours, got {k!r}")
-    min_dist = _positive(min_dist, "min_dist")
+    min_dist = _checks.positive(min_dist, "min_dist")
     def one(Z, y):
         rows = _rows_by_class(Z, y)
         largest = max(Zc.shape[0] for Zc in rows)
