@@ -26,6 +26,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ._backend import BackendUnavailable, native_module
+
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -160,9 +162,7 @@ def _structure_python(raw: bytes, path: Path):
             np.array(offsets, np.int64), meta)
 
 
-def _parse_header(fd: int, size: int, path: Path, real: Path) -> dict[str, TensorInfo]:
-    from ._backend import native_module
-
+def _parse_header(fd: int, size: int, path: Path, real: Path, native: bool) -> dict[str, TensorInfo]:
     if size < 8:
         raise CheckpointError(f"{path}: corrupt header: not a safetensors file (shorter than 8 bytes)")
     (n,) = struct.unpack("<Q", _pread_exact(fd, 8, 0, path))
@@ -173,10 +173,9 @@ def _parse_header(fd: int, size: int, path: Path, real: Path) -> dict[str, Tenso
     raw = _pread_exact(fd, n, 8, path)
     if not raw.startswith(b"{"):
         raise CheckpointError(f"{path}: corrupt header: not a safetensors file (the header is not a JSON object)")
-    native = native_module()
-    if native is not None and hasattr(native, "safetensors_header"):
+    if native:
         try:
-            structure = native.safetensors_header(raw, _CODES)
+            structure = native_module().safetensors_header(raw, _CODES)
         except ValueError as e:
             raise CheckpointError(f"{path}: corrupt header: {e}") from None
     else:
@@ -259,10 +258,16 @@ def _shard_path(folder: Path, name, roots: list[str], where: str) -> Path:
 class Checkpoint:
     """A safetensors file, or a folder of shards with ``model.safetensors.index.json`` (or a
     folder holding a single ``*.safetensors``), read lazily. ``sources`` holds the real paths
-    it reads (for the caller to keep outputs away from them)."""
+    it reads (for the caller to keep outputs away from them). ``parser``: "native" (C++),
+    "python" (the json module, the same rules; slower) or "auto" (native where built)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, parser: str = "auto"):
         self.path = Path(path)
+        if parser not in ("auto", "native", "python"):
+            raise ValueError(f"parser: expected 'auto', 'native' or 'python', got {parser!r}")
+        if parser == "native" and native_module() is None:
+            raise BackendUnavailable("parser='native' needs the native module, which is not built")
+        self._native = parser == "native" or (parser == "auto" and native_module() is not None)
         self._fds: dict[Path, int] = {}
         self.tensors: dict[str, TensorInfo] = {}
         try:
@@ -315,7 +320,7 @@ class Checkpoint:
             raise CheckpointError(f"{shown}: the same file is named twice")
         fd, size = _open_regular(real, "shard" if shown != self.path else "checkpoint")
         self._fds[real] = fd
-        tensors = _parse_header(fd, size, shown, real)
+        tensors = _parse_header(fd, size, shown, real, self._native)
         if not self.tensors.keys().isdisjoint(tensors):
             t = next(t for t in tensors if t in self.tensors)
             raise CheckpointError(f"{shown}: tensor {t!r} is also in {self.tensors[t].path}")

@@ -12,6 +12,7 @@
 - merge (full runs): whole state dicts of ~50M parameters in realistic shapes (4096x11008,
   4096x1024, vectors), theta_0 + ties(theta_t - theta_0); the peers get float32 task vectors
   per tensor, as ours are formed.
+- checkpoint_header, merge_files: reading untrusted checkpoints (see bench_checkpoints).
 
 Peers run on the same inputs, stacking included (their APIs take one [T, ...] tensor, so
 users pay for the stack). All weights are 1: mergekit weights before the election and divides
@@ -26,6 +27,7 @@ import torch
 
 from transferops.merging import dare_ties, disjoint_merge, fisher_average, merge, task_arithmetic, ties
 
+from . import bench_checkpoints
 from .harness import DTYPE_NAMES, Case, optional_import, timed_backends
 
 DENSITY = 0.2  # TIES keeps the top 20% of each task vector; the rest are exact zeros
@@ -206,3 +208,4 @@ def cases(quick: bool, device: str):
         for T in (2, 8):
             for dtype in (torch.float32, torch.bfloat16):
                 yield _model_case(T, dtype, device, backends, peft, mergekit, sparsify)
+    yield from bench_checkpoints.cases(quick, device)
