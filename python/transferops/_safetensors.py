@@ -144,7 +144,10 @@ def _structure_python(raw: bytes, path: Path):
         raise CheckpointError(f"{path}: corrupt header: __metadata__ is not an object of strings")
     dtypes, ranks, dims, offsets = [], [], [], []
     for name, h in header.items():
-        name.encode()  # a lone surrogate from a \u escape raises here, as natively
+        try:
+            name.encode()
+        except UnicodeEncodeError:  # a lone surrogate from a \u escape, refused natively too
+            raise CheckpointError(f"{path}: corrupt header: a tensor name holds a lone surrogate") from None
         if type(h) is not dict or h.keys() != _KEYS:
             raise _bad(path, name, "expected an object with exactly dtype, shape and data_offsets")
         code, shape, offs = h["dtype"], h["shape"], h["data_offsets"]
