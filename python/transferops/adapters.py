@@ -78,10 +78,21 @@ def _(t, p, seed):
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
+# NaN/Inf in x or a weight is a ValueError naming the first argument (in signature order) that
+# holds one, on CPU tensors, on every backend alike: the native bottleneck would otherwise turn
+# a NaN pre-activation into 0 (its relu), and at scaling = 0 the native LoRA's addmm skips the
+# factors' product, so neither could give the reference's NaN outputs. On a GPU nothing is
+# checked (a check would wait for the device) and NaN/Inf propagate as in torch; nor while
+# torch.compile traces (a graph cannot branch on data; the custom ops' bodies run untraced).
+# Finite inputs whose products overflow pass, as in torch. The bottleneck's separate residual
+# is only added to the output, so its NaN/Inf propagate, the same on every backend.
+
+def _checking(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _name_nonfinite(inputs) -> None:
-    """Raises naming the first of ``inputs`` (name, tensor or None) that holds NaN/Inf. Called
-    when the [N, r] projection they all feed is not finite, so that finite calls never read
-    them; finite inputs whose products overflow pass, as in torch."""
+    """Raises naming the first of ``inputs`` (name, tensor or None) that holds NaN/Inf."""
     for name, t in inputs:
         if t is not None:
             _checks.raise_nonfinite(_checks.count_nonfinite(t), name)
@@ -97,9 +108,16 @@ def _activate(a: torch.Tensor, activation: str) -> torch.Tensor:
 # Bottleneck adapter
 # ---------------------------------------------------------------------------------------------
 
+def _bottleneck_named(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale) -> tuple:
+    return (("x", x), ("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up), ("ln_weight", ln_weight),
+            ("ln_bias", ln_bias), ("scale", scale))
+
+
 def _bottleneck_reference(x, residual, w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale, layer_norm, eps,
                           activation, residual_mode, dropout, seed):
     """y = R + drop(s * (W_up phi(W_down LN(x) + b_down) + b_up)), eagerly, in x's dtype."""
+    if _checking(x):
+        _name_nonfinite(_bottleneck_named(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale))
     h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps) if layer_norm else x
     u = F.linear(_activate(F.linear(h, w_down, b_down), activation), w_up, b_up) * scale
     if dropout > 0:
@@ -178,9 +196,10 @@ def _bottleneck_native_fwd(x, residual, w_down, b_down, w_up, b_up, ln_weight, l
     finite = native_module().bottleneck_forward(native_buffer(xr), res, native_buffer(out), native_buffer(a),
                                                 native_buffer(mean), native_buffer(rstd), r, params, layer_norm,
                                                 eps, activation, residual_mode, dropout, seed % 2**64)
-    if not finite:
-        _name_nonfinite((("x", x), ("w_down", w_down), ("b_down", b_down), ("ln_weight", ln_weight),
-                         ("ln_bias", ln_bias)))
+    # The kernel flags a non-finite [N, r] pre-activation, which NaN/Inf in x (or in w_down,
+    # b_down, ln_weight, ln_bias) makes: x is read again only then. The weights, O(r d), always.
+    named = _bottleneck_named(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale)
+    _name_nonfinite(named if not finite else named[1:])
     return out.view(x.shape), a, mean, rstd
 
 
@@ -207,6 +226,8 @@ def _bottleneck_triton_fwd(x, residual, w_down, b_down, w_up, b_up, ln_weight, l
     f = dict(dtype=torch.float32, device=x.device)
     out = torch.empty(xr.shape, dtype=x.dtype, device=x.device)
     a, mean, rstd = torch.empty(N, r, **f), torch.empty(N, **f), torch.empty(N, **f)
+    if _checking(x):
+        _name_nonfinite(_bottleneck_named(x, w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale))
     if N:
         kernels.bottleneck_forward(xr, None if residual is None else _checks.as_rows(residual), out, a, mean, rstd,
                                    kernels.Folded(w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale, layer_norm),
@@ -268,6 +289,15 @@ def _rows_input(x, name: str = "x") -> torch.Tensor:
     return x
 
 
+def _dropout_rate(dropout, training: bool = True) -> float:
+    """A dropout probability, a finite number in [0, 1), checked whether or not training; 0
+    when not training."""
+    p = _checks.fraction(dropout, "dropout")
+    if p >= 1:
+        raise ValueError(f"dropout: expected a probability below 1, got {dropout!r}")
+    return p if training else 0.0
+
+
 def _seed(dropout: float, seed) -> int:
     """The dropout seed of one call: the caller's, in [0, 2^64), or a fresh draw from torch's
     generator (so torch.manual_seed makes a run reproducible). As the custom ops carry it: an
@@ -287,11 +317,7 @@ def _scale_vector(scale, d: int, like: torch.Tensor, T: torch.dtype) -> torch.Te
         if scale.device != like.device:
             raise ValueError(f"scale: expected device {like.device}, got {scale.device}")
         return scale.to(T).reshape(-1).expand(d)
-    try:
-        s = float(scale)
-    except (TypeError, ValueError):
-        raise TypeError(f"scale: expected a number or a tensor, got {type(scale).__name__}") from None
-    return torch.full((d,), s, dtype=T, device=like.device)
+    return torch.full((d,), _checks.finite(scale, "scale"), dtype=T, device=like.device)
 
 
 def bottleneck_adapter(x, w_down, b_down, w_up, b_up, *, residual=None, layer_norm: bool = False, ln_weight=None,
@@ -325,12 +351,8 @@ def bottleneck_adapter(x, w_down, b_down, w_up, b_up, *, residual=None, layer_no
     _checks.choice(activation, "activation", ACTIVATIONS)
     if not layer_norm and (ln_weight is not None or ln_bias is not None):
         raise ValueError("ln_weight/ln_bias: given, but layer_norm=False (pass layer_norm=True to use them)")
-    eps = float(eps)
-    if not eps > 0:
-        raise ValueError(f"eps: expected a positive number, got {eps}")
-    p = _checks.fraction(dropout, "dropout") if training else 0.0
-    if p >= 1:
-        raise ValueError("dropout: expected a probability below 1, got 1")
+    eps = _checks.positive(eps, "eps")
+    p = _dropout_rate(dropout, training)
     if residual is not None:
         residual = _rows_input(residual, "residual")
         if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
@@ -370,7 +392,18 @@ bottleneck_op.register("triton", dtypes=(torch.float32, torch.bfloat16, torch.fl
 def _lora_reference(x, weight, bias, lora_A, lora_B, scaling, dropout, seed):
     """y = x W^T + b + s * drop(x) A^T B^T, eagerly, as PEFT's LoRA layer computes it."""
     xd = x * dropout_factor(x.shape[0], x.shape[1], dropout, seed, x.device, x.dtype) if dropout > 0 else x
-    return F.linear(x, weight, bias) + F.linear(F.linear(xd, lora_A), lora_B) * scaling
+    y = F.linear(x, weight, bias) + F.linear(F.linear(xd, lora_A), lora_B) * scaling
+    _check_lora(y, x, weight, bias, lora_A, lora_B)
+    return y
+
+
+def _check_lora(y, x, weight, bias, lora_A, lora_B) -> None:
+    """One reduction of y clears a call of NaN/Inf in x, weight and bias (each reaches every
+    output it touches: nothing nonlinear follows); the factors, O(r (in + out)), are read
+    directly, as addmm with alpha = scaling = 0 does not read them."""
+    if _checking(x) and (_checks.count_nonfinite(y) or _checks.count_nonfinite(lora_A)
+                         or _checks.count_nonfinite(lora_B)):
+        _name_nonfinite((("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)))
 
 
 def _merges_exactly(dtype: torch.dtype) -> bool:
@@ -392,15 +425,12 @@ def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
               lora_B: torch.Tensor, scaling: float, dropout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     xd = _dropped(x, dropout, seed) if dropout > 0 else x
     u = xd @ lora_A.t()
-    # NaN/Inf in u reaches its sum (as may an overflow of finite terms: _name_nonfinite then finds
-    # no culprit): one reduction, without the [N, r] bool temporary of isfinite(u).all(). A GPU
-    # check would wait for the device.
-    if x.device.type == "cpu" and not bool(torch.isfinite(u.sum())):
-        _name_nonfinite((("x", x), ("lora_A", lora_A)))
     if dropout == 0 and _folds(x.shape[0], x.shape[1], x.dtype):
-        return F.linear(x, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias), u
-    out = F.linear(x, weight, bias)
-    return out.addmm_(u, lora_B.t(), alpha=scaling), u
+        out = F.linear(x, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias)
+    else:
+        out = F.linear(x, weight, bias).addmm_(u, lora_B.t(), alpha=scaling)
+    _check_lora(out, x, weight, bias, lora_A, lora_B)
+    return out, u
 
 
 @_lora_fwd.register_fake
@@ -478,10 +508,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, *, scaling: float, dropout: flo
     for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name}: expected x's dtype {x.dtype}, got {t.dtype}")
-    scaling = float(scaling)
-    p = _checks.fraction(dropout, "dropout") if training else 0.0
-    if p >= 1:
-        raise ValueError("dropout: expected a probability below 1, got 1")
+    scaling = _checks.finite(scaling, "scaling")
+    p = _dropout_rate(dropout, training)
     seed = _seed(p, seed)
     y = lora_op.impls[_choose(lora_op, backend, x.device, x.dtype)](x.reshape(-1, d_in), weight, bias, lora_A, lora_B,
                                                                     scaling, p, seed)
@@ -496,9 +524,15 @@ def _ia3_reference(x, weight, bias, scale, feedforward):
     """(IA)^3 (Liu et al. 2022, sec. 3.3): ``y = (x * l) W^T + b`` (feed-forward: l rescales the
     inputs) or ``y = (x W^T + b) * l`` (keys and values: l rescales the outputs), eagerly, as
     PEFT's IA3 layer computes it."""
-    if feedforward:
-        return F.linear(x * scale, weight, bias)
-    return F.linear(x, weight, bias) * scale
+    y = F.linear(x * scale, weight, bias) if feedforward else F.linear(x, weight, bias) * scale
+    _check_ia3(y, x, weight, bias, scale)
+    return y
+
+
+def _check_ia3(y, x, weight, bias, scale) -> None:
+    """One reduction of y clears a call: NaN/Inf in any input reaches every output it touches."""
+    if _checking(x) and _checks.count_nonfinite(y):
+        _name_nonfinite((("x", x), ("weight", weight), ("bias", bias), ("scale", scale)))
 
 
 def _ia3_folded(weight, bias, scale, feedforward):
@@ -512,7 +546,9 @@ def _ia3_folded(weight, bias, scale, feedforward):
 @custom_op("transferops::ia3_fwd")
 def _ia3_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor,
              feedforward: bool) -> torch.Tensor:
-    return F.linear(x, *_ia3_folded(weight, bias, scale, feedforward))
+    y = F.linear(x, *_ia3_folded(weight, bias, scale, feedforward))
+    _check_ia3(y, x, weight, bias, scale)
+    return y
 
 
 @_ia3_fwd.register_fake

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from .adapters import ACTIVATIONS, bottleneck_adapter, ia3_linear, lora_linear
+from .adapters import ACTIVATIONS, _dropout_rate, bottleneck_adapter, ia3_linear, lora_linear
 
 ADAPTER_NAME = "default"
 
@@ -44,22 +44,22 @@ class BottleneckAdapter(nn.Module):
                  learned_scale=False, dropout: float = 0.0, eps: float = 1e-5, backend: str = "auto",
                  device=None, dtype=None):
         super().__init__()
-        if d < 1 or r < 1:
-            raise ValueError(f"d, r: expected positive sizes, got d={d}, r={r}")
+        d, r = _checks.count(d, "d", low=1), _checks.count(r, "r", low=1)
         self.placement = _checks.choice(placement, "placement", ("sequential", "parallel"))
         _checks.choice(layer_norm, "layer_norm", (None, "before"))
-        self.residual_before_ln, self.dropout, self.eps, self.backend = residual_before_ln, dropout, eps, backend
-        _checks.fraction(dropout, "dropout")
+        self.residual_before_ln, self.backend = residual_before_ln, backend
+        self.dropout, self.eps = _dropout_rate(dropout), _checks.positive(eps, "eps")
+        scale = _checks.finite(scale, "scale")
         kw = dict(device=device, dtype=dtype)
         down = [nn.LayerNorm(d, eps=eps, **kw)] if layer_norm else []
         self.adapter_down = nn.Sequential(*down, nn.Linear(d, r, **kw), _Activation(activation))
         self.adapter_up = nn.Linear(r, d, **kw)
         if learned_scale is True:
-            self.scaling = nn.Parameter(torch.full((1,), float(scale), **kw))
+            self.scaling = nn.Parameter(torch.full((1,), scale, **kw))
         elif learned_scale == "channel":
-            self.scaling = nn.Parameter(torch.full((d,), float(scale), **kw))
+            self.scaling = nn.Parameter(torch.full((d,), scale, **kw))
         elif learned_scale is False:
-            self.scaling = float(scale)
+            self.scaling = scale
         else:
             raise ValueError(f"learned_scale: expected False, True or 'channel', got {learned_scale!r}")
         # As the adapters library's "bert" init: a near-identity adapter at the start.
@@ -93,10 +93,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
-        if r < 1:
-            raise ValueError(f"r: expected a positive rank, got {r}")
-        self.base_layer, self.r, self.alpha, self.backend = base, r, float(alpha), backend
-        self.dropout = _checks.fraction(dropout, "dropout")
+        r = _checks.count(r, "r", low=1)
+        self.base_layer, self.r, self.backend = base, r, backend
+        self.alpha, self.dropout = _checks.finite(alpha, "alpha"), _dropout_rate(dropout)
         base.requires_grad_(False)
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.ModuleDict({ADAPTER_NAME: nn.Linear(base.in_features, r, bias=False, **kw)})
@@ -146,9 +145,8 @@ class MultiLoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
-        if num_adapters < 1 or r < 1:
-            raise ValueError(f"num_adapters, r: expected positive sizes, got {num_adapters}, {r}")
-        self.base_layer, self.r, self.alpha = base, r, float(alpha)
+        num_adapters, r = _checks.count(num_adapters, "num_adapters", low=1), _checks.count(r, "r", low=1)
+        self.base_layer, self.r, self.alpha = base, r, _checks.finite(alpha, "alpha")
         base.requires_grad_(False)
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         bound = 1 / math.sqrt(base.in_features)
@@ -212,9 +210,7 @@ class ScaLearn(nn.Module):
 
     def __init__(self, K: int, d: int, *, uniform: bool = False, backend: str = "auto"):
         super().__init__()
-        if K < 1 or d < 1:
-            raise ValueError(f"K, d: expected positive sizes, got K={K}, d={d}")
-        self.K, self.d, self.backend = K, d, backend
+        self.K, self.d, self.backend = _checks.count(K, "K", low=1), _checks.count(d, "d", low=1), backend
         self.omega = nn.Parameter(torch.full((K, 1) if uniform else (K, d), 1.0 / K))
 
     def forward(self, h: torch.Tensor, sources: Sequence[BottleneckAdapter]) -> torch.Tensor:

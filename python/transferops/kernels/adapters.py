@@ -26,7 +26,7 @@ MAX_RANK = 256
 @triton.jit
 def _activate(a, ACT: tl.constexpr):
     if ACT == 0:
-        z = tl.maximum(a, 0.0)
+        z = tl.maximum(a, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.relu
     elif ACT == 1:
         z = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
     elif ACT == 2:
