@@ -297,6 +297,9 @@ class Checkpoint:
                     raise CheckpointError(f"{index}: expected an object with a \"weight_map\" object mapping tensor "
                                           "names to shard files")
                 where = f"{index}: weight_map"
+                wrong = next((t for t, f in weight_map.items() if type(f) is not str), None)
+                if wrong is not None:
+                    raise CheckpointError(f"{where}: tensor {wrong!r} maps to {weight_map[wrong]!r}, not a file name")
                 files = {name: _shard_path(self.path, name, roots, where) for name in set(weight_map.values())}
             else:
                 found = sorted(e.name for e in os.scandir(self.path) if e.name.endswith(".safetensors"))
