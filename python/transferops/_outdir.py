@@ -67,6 +67,7 @@ class OutputFolder:
                 raise OutputError(f"output {self.path}: holds the input {source}; choose a folder apart from the models")
         self.made, self.fd, self.stage_fd, self.stage = False, None, None, None
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             os.mkdir(self.path)
             self.made = True
         except FileExistsError:
