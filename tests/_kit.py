@@ -212,4 +212,4 @@ def thp_eligible(t: torch.Tensor) -> bool:
 
 
 __all__ = ["DTYPES", "TOLERANCES", "assert_close", "assert_matches_reference", "golden_file", "guarded_empty",
-           "noncontiguous", "poisoned_outputs", "randn", "require_backend"]
+           "noncontiguous", "peer", "poisoned_outputs", "randn", "require_backend"]
