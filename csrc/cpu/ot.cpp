@@ -245,33 +245,34 @@ double row_error(const Problem<T>& p, const SinkhornSettings& s, const std::vect
 }
 
 // <C, P> and ot_eps of the final state, with P = diag(a u) K diag(b v) read from the stored
-// kernel: eps KL(P | a x b) = sum_i F_i r_i + sum_j G_j c_j - <C, P> - eps (sum P - sum a sum b)
-// for the marginals r, c of P, so ot_eps needs one pass for <C, P> and the marginals.
+// kernel: ot_eps = <C, P> + eps sum_ij a_i b_j h(z_ij) (+ the marginals' KL terms), z_ij =
+// (F_i + G_j - C_ij) / eps in double, e^z = u_i K_ij v_j (see entropy_term).
 template <class T>
 void values(Problem<T>& p, const SinkhornSettings& s, double* transport, double* value) {
-  std::vector<double> r(p.N), c(p.M, 0.0), bv(p.M);
-  for (int64_t j = 0; j < p.M; ++j) bv[j] = p.b[j] * p.v[j];
-  double cost = 0.0;
+  std::vector<double> r(p.N, 0.0), c(p.M, 0.0), z(p.M), ez(p.M), h(p.M);
+  double cost = 0.0, entropy = 0.0;
   for (int64_t i = 0; i < p.N; ++i) {
-    const double au = p.a[i] * p.u[i];
-    if (au == 0.0) {
-      r[i] = 0.0;
-      continue;
-    }
+    if (p.a[i] == 0.0) continue;
     const T* k = p.K.data() + i * p.M;
     const T* ci = p.C + i * p.ldc;
+    for (int64_t j = 0; j < p.M; ++j) z[j] = (p.F[i] + p.G[j] - double(ci[j])) / s.eps;
+    for (int64_t j = 0; j < p.M; ++j) ez[j] = p.u[i] * double(k[j]) * p.v[j];
+    entropy_terms(z.data(), ez.data(), p.b, h.data(), p.M);
+    double row_entropy;
+    dots<1>(h.data(), 0, p.b, p.M, &row_entropy);
     double row = 0.0, row_cost = 0.0;
     for (int64_t j = 0; j < p.M; ++j) {
-      const double pij = au * double(k[j]) * bv[j];
+      const double pij = p.a[i] * p.b[j] * ez[j];
       row += pij;
       row_cost += pij * double(ci[j]);
       c[j] += pij;
     }
     r[i] = row;
     cost += row_cost;
+    entropy += p.a[i] * row_entropy;
   }
   *transport = cost;
-  *value = objective(s, p.F, p.G, r, c, p.a, p.b);
+  *value = objective(s, cost, entropy, r, c, p.a, p.b);
 }
 
 template <class T>
@@ -298,7 +299,8 @@ void solve(Problem<T>& p, const SinkhornSettings& s, int64_t* n_iter, double* er
   p.K.resize(size_t(p.N) * p.M);
   build_kernel(p, s.eps, parallel);
   std::vector<double> w(std::max(p.N, p.M)), sums(std::max(p.N, p.M));
-  double err = std::numeric_limits<double>::infinity();
+  double err = std::numeric_limits<double>::infinity(), best = err;
+  std::vector<double> best_F, best_G;  // the state of the smallest error checked (see keep_best)
   Anderson mix(s.symmetric ? 0 : int(s.memory), p.M, s.eps);
   // A check of the state after iteration `it` takes the row sums with b v, which are also the
   // next iteration's: that sweep reuses them.
@@ -313,10 +315,17 @@ void solve(Problem<T>& p, const SinkhornSettings& s, int64_t* n_iter, double* er
 #endif
       for (int64_t q = 0; q < (p.N + 3) / 4; ++q) row_products(p, p.wt.data(), 4 * q, std::min(p.N, 4 * q + 4), sums.data());
       err = row_error(p, s, sums);
+      keep_best(err, p.F, p.G, best, best_F, best_G);
       if (err <= s.tol || it == s.max_iter) break;
     }
     ++it;
     if (sweep(p, s, mix, check, w, sums, parallel)) absorb(p, s.eps, parallel);
+  }
+  if (err > best) {
+    p.F.swap(best_F);
+    p.G.swap(best_G);
+    absorb(p, s.eps, parallel);
+    err = best;
   }
   std::copy(p.F.begin(), p.F.end(), p.f);
   std::copy(p.G.begin(), p.G.end(), p.g);

@@ -139,9 +139,14 @@ class Anderson {
 };
 
 inline void check_settings(const SinkhornSettings& s) {
-  if (!(s.eps > 0) || !(s.tol > 0) || s.max_iter < 1 || s.check_every < 1 || s.memory < 0 ||
-      s.memory > Anderson::kMaxMemory) {
-    throw std::invalid_argument("sinkhorn: expected eps > 0, tol > 0, max_iter >= 1, check_every >= 1, 0 <= memory <= 16");
+  const auto positive = [](double v) { return v > 0 && std::isfinite(v); };
+  bool ok = positive(s.eps) && positive(s.tol) && s.lam >= 0 && s.lam <= 1 && (s.rho <= 0 || positive(s.rho)) &&
+            s.max_iter >= 1 && s.check_every >= 1 && s.memory >= 0 && s.memory <= Anderson::kMaxMemory &&
+            s.schedule_len >= 0;
+  for (int64_t k = 0; ok && k < s.schedule_len; ++k) ok = positive(s.schedule[k]);
+  if (!ok) {
+    throw std::invalid_argument("sinkhorn: expected finite eps, tol, rho and schedule values > 0, 0 <= lam <= 1, "
+                                "max_iter >= 1, check_every >= 1, 0 <= memory <= 16");
   }
 }
 

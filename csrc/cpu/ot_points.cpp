@@ -221,29 +221,38 @@ void solve_points(const Gemm& gm, PointProblem<T>& p, const SinkhornSettings& s,
     return err / mass;
   };
   Anderson mix(s.symmetric ? 0 : int(s.memory), M, s.eps);
-  double err = std::numeric_limits<double>::infinity();
+  double err = std::numeric_limits<double>::infinity(), best = err;
+  std::vector<double> best_F, best_G;
   int64_t it = 0;
   for (;;) {
     lse_pass(gm, p.X, p.Y, p.d, p.scale, lb, G, s.eps, L, parallel);
     if (it > 0) {  // every iteration: the error is O(N) next to the pass that gave L
       err = row_error();
       progress(problem, it, err);
+      keep_best(err, F, G, best, best_F, best_G);
       if (err <= s.tol || it == s.max_iter) break;
     }
     ++it;
     take_rows(s.eps, s.lam, s.symmetric ? 0.5 : 1.0);
     update_cols(s.eps, s.lam, &mix);
   }
-  // Values: the row marginals of P and <C, P>, in one more pass over the tiles. Each row is one
-  // thread's, so the sums do not depend on how the tiles were shared (column sums accumulated
-  // per thread would: ot_eps would vary in its last bits from run to run).
+  if (err > best) {  // back to the best state; Lc (for the column marginals) follows its F
+    F.swap(best_F);
+    G.swap(best_G);
+    if (!s.symmetric) lse_pass(gm, p.Y, p.X, p.d, p.scale, la, F, s.eps, Lc, parallel);
+    err = best;
+  }
+  // Values: the row marginals of P, <C, P> and sum_j b_j h(z_ij) (see entropy_term), z_ij = (F_i
+  // + G_j - C_ij) / eps, in one more pass over the tiles. Each row is one thread's, so the sums do
+  // not depend on how the tiles were shared (column sums accumulated per thread would: ot_eps
+  // would vary in its last bits from run to run).
   const int threads = max_threads();
-  std::vector<double> r(N, 0.0), cost_rows(N, 0.0);
+  std::vector<double> r(N, 0.0), cost_rows(N, 0.0), entropy_rows(N, 0.0);
   std::vector<std::vector<double>> z(threads, std::vector<double>(kColBlock)), e(threads, std::vector<double>(kColBlock)),
-      cij(threads, std::vector<double>(kColBlock));
+      cij(threads, std::vector<double>(kColBlock)), hs(threads, std::vector<double>(kColBlock));
   for_each_tile(gm, p.X, p.Y, p.d, parallel, [&](int64_t, int64_t i0, int64_t ni, int64_t j0, int64_t nj, const T* tile,
                                                  int thread) {
-    double *zt = z[thread].data(), *et = e[thread].data(), *ct = cij[thread].data();
+    double *zt = z[thread].data(), *et = e[thread].data(), *ct = cij[thread].data(), *ht = hs[thread].data();
     for (int64_t rr = 0; rr < ni; ++rr) {
       const int64_t i = i0 + rr;
       if (p.a[i] == 0.0) continue;
@@ -251,18 +260,21 @@ void solve_points(const Gemm& gm, PointProblem<T>& p, const SinkhornSettings& s,
       label_runs(p.X, p.Y, i, j0, nj, [&](int64_t lo, int64_t hi, double label) {
         for (int64_t j = lo; j < hi; ++j) {
           ct[j] = std::max(0.0, p.X.norms[i] + p.Y.norms[j0 + j] - 2.0 * p.scale * double(t[j])) + label;
-          zt[j] = la[i] + lb[j0 + j] + (F[i] + G[j0 + j] - ct[j]) / s.eps;
+          zt[j] = std::min((F[i] + G[j0 + j] - ct[j]) / s.eps, ExpConstants<double>::highest);
         }
       });
       exp_array(zt, et, nj);
-      double row = 0.0, row_cost = 0.0;
+      entropy_terms(zt, et, p.b + j0, ht, nj);
+      double row = 0.0, row_cost = 0.0, row_entropy;
+      dots<1>(ht, 0, p.b + j0, nj, &row_entropy);
       for (int64_t j = 0; j < nj; ++j) {
-        const double pij = lb[j0 + j] == neg_inf() ? 0.0 : et[j];
+        const double pij = p.a[i] * p.b[j0 + j] * et[j];
         row += pij;
         row_cost += pij * ct[j];
       }
       r[i] += row;
       cost_rows[i] += row_cost;
+      entropy_rows[i] += p.a[i] * row_entropy;
     }
   });
   // The column marginals c_j = b_j e^(G_j / eps) sum_i a_i e^((F_i - C_ij) / eps) from the last
@@ -271,14 +283,14 @@ void solve_points(const Gemm& gm, PointProblem<T>& p, const SinkhornSettings& s,
   for (int64_t j = 0; j < M; ++j) {
     cols[j] = s.symmetric ? r[j] : lb[j] == neg_inf() ? 0.0 : std::exp(lb[j] + G[j] / s.eps + Lc[j]);
   }
-  double cost = 0.0;
-  for (int64_t i = 0; i < N; ++i) cost += cost_rows[i];
+  double cost = 0.0, entropy = 0.0;
+  for (int64_t i = 0; i < N; ++i) cost += cost_rows[i], entropy += entropy_rows[i];
   std::copy(F.begin(), F.end(), p.f);
   std::copy(G.begin(), G.end(), p.g);
   *n_iter = it;
   *error = err;
   *transport = cost;
-  *value = objective(s, F, G, r, cols, p.a, p.b);
+  *value = objective(s, cost, entropy, r, cols, p.a, p.b);
 }
 
 template <class T>

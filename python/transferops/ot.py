@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _checks
+from . import _checks, _ot_checks, _ot_limit
 from ._backend import Op, native_buffer, native_module, single_threaded_blas
 from ._custom_ops import custom_op
 
@@ -73,7 +73,7 @@ class _Points(NamedTuple):
         return C
 
     def max_cost(self) -> float:
-        """An upper bound of the costs (for the eps-scaling schedule)."""
+        """An upper bound of the costs (for the eps-scaling schedule and the smallest eps)."""
         x, y = self.x.detach().double(), self.y.detach().double()
         label = 0.0 if self.labels is None else float(self.labels[2].max())
         return self.scale * float(x.norm(dim=-1).max() + y.norm(dim=-1).max()) ** 2 + label
@@ -85,13 +85,6 @@ def _class_starts(labels: torch.Tensor, classes: int) -> list[int]:
 
 
 # ---- inputs ----------------------------------------------------------------------------------
-
-
-def _finite_float(value, name: str, *, positive: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
-            (positive and value <= 0):
-        raise ValueError(f"{name}: expected a finite number{' > 0' if positive else ''}, got {value!r}")
-    return float(value)
 
 
 def _points(x, name: str) -> torch.Tensor:
@@ -223,22 +216,27 @@ def _sinkhorn_loop(C: torch.Tensor, la: torch.Tensor, lb: torch.Tensor, eps: flo
     return f, g, n_iter, error
 
 
-def _generalized_kl(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor, dim) -> torch.Tensor:
-    """sum p log(p / q) - sum p + sum q over ``dim`` (p = 0 terms contribute q only)."""
-    return (torch.where(p > 0, p * (log_p - log_q), 0.0) - p + log_q.exp()).sum(dim)
+def _generalized_kl(p: torch.Tensor, log_q: torch.Tensor, dim) -> torch.Tensor:
+    """sum p log(p / q) - sum p + sum q over ``dim``, as sum q h(log(p / q)) (0 log 0 = 0)."""
+    q = log_q.exp()
+    z = p.log() - log_q
+    return torch.where(q > 0, torch.where(p > 0, q * _ot_limit.entropy_term(z, p / q), q), 0.0).sum(dim)
 
 
 def _values(C, la, lb, f, g, eps, rho):
     """(transport_cost, ot_eps): <C, P> and the primal objective <C, P> + eps KL(P | a x b)
-    (+ rho KL(P 1 | a) + rho KL(P^T 1 | b) when unbalanced)."""
+    (+ rho KL(P 1 | a) + rho KL(P^T 1 | b) when unbalanced). KL(P | a x b) = sum a_i b_j h(z_ij)
+    with z_ij = (f_i + g_j - C_ij) / eps: the form that stays exact when eps dwarfs the costs."""
     log_ab = la[:, :, None] + lb[:, None, :]
-    log_p = log_ab + (f[:, :, None] + g[:, None, :] - C) / eps
-    P = log_p.exp()
+    z = (f[:, :, None] + g[:, None, :] - C) / eps
+    P = (log_ab + z).exp()
     transport = (P * C).sum((-1, -2))
-    value = transport + eps * _generalized_kl(P, log_p, log_ab, (-1, -2))
+    ab = log_ab.exp()
+    entropy = torch.where(ab > 0, ab * _ot_limit.entropy_term(z, z.exp()), 0.0).sum((-1, -2))
+    value = transport + eps * entropy
     if rho is not None:
         rows, cols = P.sum(-1), P.sum(-2)
-        value = value + rho * (_generalized_kl(rows, rows.log(), la, -1) + _generalized_kl(cols, cols.log(), lb, -1))
+        value = value + rho * (_generalized_kl(rows, la, -1) + _generalized_kl(cols, lb, -1))
     return transport, value
 
 
@@ -315,21 +313,6 @@ def _sinkhorn_native(costs, a, b, eps, rho, tol, max_iter, schedule, symmetric, 
     return f, g, *(torch.from_numpy(t) for t in (transport, value, n_iter, error))
 
 
-def _schedule(eps: float, eps_scaling, costs) -> list[float]:
-    """eps-scaling: from the largest cost down to eps by factors of ``eps_scaling`` (one update
-    per value, as GeomLoss anneals), or nothing."""
-    if eps_scaling is None:
-        return []
-    q = _finite_float(eps_scaling, "eps_scaling")
-    if not q < 1:
-        raise ValueError(f"eps_scaling: expected a factor in (0, 1), got {eps_scaling!r}")
-    out, e = [], costs.max_cost() if isinstance(costs, _Points) else float(costs.max())
-    while e > eps:
-        out.append(e)
-        e *= q
-    return out
-
-
 def _dual_surrogate(C, a, b, f, g, eps, rho):
     """Zero in value, with the gradient of ot_eps in C, a and b (envelope theorem: the dual
     objective at the optimal potentials, held fixed). The dual is <a, f> + <b, g> (balanced), or
@@ -391,25 +374,52 @@ class _OnlineDual(torch.autograd.Function):
 def _solve(C, a, b, *, dtype: torch.dtype, eps, tol, max_iter, eps_scaling, reach, batched: bool,
            backend: str, log_plan_of, symmetric: bool = False, progress: bool = False) -> SinkhornResult:
     """``C``: the costs [B, N, M] (float64 when gradients flow through them), or :class:`_Points`."""
-    eps = _finite_float(eps, "eps")
-    tol = _finite_float(tol, "tol")
-    rho = None if reach is None else _finite_float(reach, "reach")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter: expected an int >= 1, got {max_iter!r}")
+    eps = _ot_checks.positive(eps, "eps")
+    tol = _ot_checks.tol(tol, dtype)
+    rho = None if reach is None else _ot_checks.positive(reach, "reach")
+    max_iter = _ot_checks.max_iter(max_iter)
     points = isinstance(C, _Points)
     B, N, M = (C.x.shape[0], C.x.shape[1], C.y.shape[1]) if points else C.shape
     like = C.x if points else C
     a = _weights(a, (B, N), like, "a")
     b = _weights(b, (B, M), like, "b")
-    if rho is None and bool(((a.sum(-1) - b.sum(-1)).abs() > 1e-6 * a.sum(-1)).any()):
-        raise ValueError("a, b: balanced OT needs equal masses in each problem "
-                         f"(got {a.sum(-1).tolist()} and {b.sum(-1).tolist()}); pass reach= for unbalanced OT")
+    if rho is None:
+        mass = a.sum(-1)
+        if bool(((mass - b.sum(-1)).abs() > 1e-6 * mass).any()):
+            raise ValueError("a, b: balanced OT needs equal masses in each problem "
+                             f"(got {mass.tolist()} and {b.sum(-1).tolist()}); pass reach= for unbalanced OT")
+        # Masses equal within 1e-6 (weights rounded to float32, say) made equal: a gap between
+        # them is a marginal error no iteration removes, and chasing it drifts the potentials.
+        b = b * (mass / b.sum(-1)).detach()[:, None]
     # The solvers see C in the working precision (float32 for float32/16-bit inputs); the
     # gradient surrogate uses C itself.
     work = C if points else C.detach().to(dtype)
-    f, g, transport, value, n_iter, error = sinkhorn_op(backend, like.device, dtype, work, a.detach(), b.detach(), eps,
-                                                        rho, tol, max_iter, _schedule(eps, eps_scaling, work), symmetric,
-                                                        progress)
+    largest = C.max_cost() if points else float(work.abs().amax())
+    _ot_checks.eps_against_costs(eps, largest)
+    schedule = _ot_checks.schedule(eps, eps_scaling, largest, max_iter)
+    limit = torch.zeros(B, dtype=torch.bool, device=like.device)
+    if rho is None:
+        spread = (_ot_limit.points_spread(C.x, C.y, C.scale, None if C.labels is None else C.labels[2]) if points
+                  else _ot_limit.matrix_spread(work))
+        limit = spread < eps * _ot_limit.RESOLUTION[dtype]
+    if bool(limit.all()):
+        n_iter = torch.zeros(B, dtype=torch.int64, device=like.device)
+        error = torch.zeros(B, dtype=torch.float64, device=like.device)
+    else:
+        f, g, transport, value, n_iter, error = sinkhorn_op(backend, like.device, dtype, work, a.detach(), b.detach(),
+                                                            eps, rho, tol, max_iter, schedule, symmetric, progress)
+    if bool(limit.any()):  # eps beyond the costs' spread: the closed form (see _ot_limit)
+        ad, bd = a.detach(), b.detach()
+        an, bn = ad / ad.sum(-1, keepdim=True), bd / bd.sum(-1, keepdim=True)
+        moments = (_ot_limit.points_moments(C.x, C.y, C.scale, C.labels, an, bn) if points
+                   else _ot_limit.matrix_moments(work, an, bn))
+        closed = _ot_limit.solve(moments, _ot_limit.common_mass(mass.detach(), N), eps)
+        if bool(limit.all()):
+            f, g, transport, value = closed
+        else:
+            f, g, transport, value = (torch.where(limit.view(-1, *[1] * (t.dim() - 1)), c, t)
+                                      for c, t in zip(closed, (f, g, transport, value)))
+        n_iter, error = torch.where(limit, 0, n_iter), torch.where(limit, 0.0, error)
     if points and (C.x.requires_grad or C.y.requires_grad or a.requires_grad or b.requires_grad):
         value = value + _OnlineDual.apply(C.x, C.y, a, b, f, g, eps, rho, C.scale)
     elif not points and (C.requires_grad or a.requires_grad or b.requires_grad):
@@ -439,10 +449,16 @@ def sinkhorn(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean", tol
     with weights a [N], b [M] (or [B, N], [B, M]; uniform when None; zero weights pad ragged
     batches). ``cost``: "sqeuclidean" |x - y|^2 or "sqeuclidean_half" |x - y|^2 / 2.
     ``tol``: the L1 marginal error relative to the mass at which a problem stops (each problem
-    of a batch stops on its own); ``max_iter``; ``eps_scaling``: anneal eps from the largest
-    cost by this factor first; ``reach``: unbalanced OT with KL-relaxed marginals of strength
-    ``reach``. Returns a :class:`SinkhornResult`; problems that did not converge are flagged in
-    ``converged`` and warned about. See the module docstring for the equations.
+    of a batch stops on its own), raised with a warning to what the working precision resolves
+    (1e-7 in float32, 1e-15 in float64); ``max_iter``: an int in [1, 2^31 - 1]; ``eps_scaling``:
+    anneal eps from the largest cost by this factor first (at most ``max_iter`` steps);
+    ``reach``: unbalanced OT with KL-relaxed marginals of strength ``reach``. Returns a
+    :class:`SinkhornResult`; problems that did not converge are flagged in ``converged`` and
+    warned about (their potentials: those of the smallest marginal error seen). See the module
+    docstring for the equations. Balanced masses equal within 1e-6 are made equal (b scaled to
+    a's mass); balanced problems whose costs' spread is below eps times the working precision's
+    rounding take a closed form (``n_iter`` 0; see :mod:`transferops._ot_limit`); eps below 2^-44
+    times the largest cost, where rounding swamps the plan, is an error.
 
     Costs that would take more than ``MATERIALIZE_BYTES`` (2^28 bytes) are never stored: the native
     backend recomputes them in tiles at every update (memory O((N + M) d)) and, with
@@ -508,17 +524,13 @@ def sinkhorn_divergence(x, y, a=None, b=None, *, eps: float, cost: str = "sqeucl
 INNER = ("gaussian", "exact")
 
 
-def _labeled(X, y, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _labeled(X, y, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features in float64, each label as its class's index among the distinct ids, and the ids."""
     X = _points(X, f"X{name}")
     if X.dim() != 2:
         raise ValueError(f"X{name}: expected features [n, d], got shape {tuple(X.shape)}")
-    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
-        raise TypeError(f"y{name}: expected integer class ids [n] as a tensor")
-    if y.numel() != X.shape[0]:
-        raise ValueError(f"y{name}: expected {X.shape[0]} labels (one per row of X{name}), got {y.numel()}")
-    if int(y.min()) < 0:
-        raise ValueError(f"y{name}: class ids must be >= 0, got {int(y.min())}")
-    return X.to(torch.float64), y.to(X.device)
+    index, ids = _ot_checks.labels(y, X.shape[0], f"y{name}")
+    return X.to(torch.float64), index.to(X.device), ids
 
 
 def _gaussian_w2(Xs, ys, Xt, yt) -> torch.Tensor:
@@ -552,22 +564,24 @@ def dataset_distance(Xs, ys, Xt, yt, *, eps: float, inner: str = "gaussian", inn
     samples at ``inner_eps`` (default ``eps``). Costs are not rescaled: ``eps`` is absolute.
     There is no sample limit: outer costs above ``MATERIALIZE_BYTES`` in float64 are never
     stored: the native backend recomputes them in tiles (in float64, with progress on stderr), as
-    :func:`sinkhorn` does for large clouds.
+    :func:`sinkhorn` does for large clouds. Class ids: a 1-D tensor of any integer dtype, bool,
+    or floats holding integers, >= 0; memory follows the classes present, not the ids' size.
 
     Returns the outer :class:`SinkhornResult` (its ``transport_cost`` is the distance), and with
     ``return_label_distances`` also W_2^2 [source classes, target classes] (rows and columns of
-    absent classes are 0)."""
+    absent classes are 0; a table of at most ``_ot_checks.LABEL_TABLE_ENTRIES`` entries)."""
     if inner not in INNER:
         raise ValueError(f"inner: expected one of {list(INNER)}, got {inner!r}")
-    Xs, ys = _labeled(Xs, ys, "s")
-    Xt, yt = _labeled(Xt, yt, "t")
+    Xs, ys, source_ids = _labeled(Xs, ys, "s")
+    Xt, yt, target_ids = _labeled(Xt, yt, "t")
+    eps = _ot_checks.positive(eps, "eps")
     if Xs.shape[1] != Xt.shape[1] or Xs.device != Xt.device:
         raise ValueError(f"Xs, Xt: expected features of one width on one device, got {tuple(Xs.shape)} on "
                          f"{Xs.device} and {tuple(Xt.shape)} on {Xt.device}")
     if inner == "gaussian":
         W = _gaussian_w2(Xs, ys, Xt, yt)
     else:
-        inner_eps = eps if inner_eps is None else inner_eps
+        inner_eps = eps if inner_eps is None else _ot_checks.positive(inner_eps, "inner_eps")
         W = torch.zeros(int(ys.max()) + 1, int(yt.max()) + 1, dtype=torch.float64, device=Xs.device)
         for c in torch.unique(ys).tolist():
             for c2 in torch.unique(yt).tolist():
@@ -583,7 +597,7 @@ def dataset_distance(Xs, ys, Xt, yt, *, eps: float, inner: str = "gaussian", inn
     else:
         result = sinkhorn_cost_matrix(cost_matrix(Xs, Xt) + W[ys][:, yt], eps=eps, tol=tol, max_iter=max_iter,
                                       backend=backend)
-    return (result, W) if return_label_distances else result
+    return (result, _ot_checks.label_table(W, source_ids, target_ids)) if return_label_distances else result
 
 
 # ---- a loss for training graphs --------------------------------------------------------------------
@@ -642,6 +656,6 @@ def sinkhorn_loss(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean"
          else a.to(torch.float64).expand(B, N).contiguous())
     b = (torch.full((B, M), 1.0 / M, dtype=torch.float64, device=x.device) if b is None
          else b.to(torch.float64).expand(B, M).contiguous())
-    value, _, _ = _ot_eps_op(xb, yb, a, b, _finite_float(eps, "eps"), COSTS[cost], _finite_float(tol, "tol"),
-                             int(max_iter))
+    value, _, _ = _ot_eps_op(xb, yb, a, b, _ot_checks.positive(eps, "eps"), COSTS[cost],
+                             _ot_checks.positive(tol, "tol"), _ot_checks.max_iter(max_iter))
     return value if batched else value[0]

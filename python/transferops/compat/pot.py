@@ -4,7 +4,8 @@
 
 Same semantics as POT 0.9 for one histogram pair: empty ``a``/``b`` mean uniform weights, ``M``
 is the cost matrix, ``reg`` is eps, the entropy is KL(P | a x b), ``reg_m`` relaxes the
-marginals with KL terms (POT's ``reg_type="kl"``), numpy in gives numpy out and torch in gives
+marginals with KL terms (POT's ``reg_type="kl"``; ``inf``: balanced), ``warn=False`` silences
+the warnings, numbers are checked under POT's names, numpy in gives numpy out and torch in gives
 torch out. Every ``method`` ("sinkhorn", "sinkhorn_log", "sinkhorn_stabilized", ...) runs the
 same log-stable solver, which returns the answer every one of them converges to. Differences:
 ``stopThr`` bounds the L1 error of the marginals relative to the mass (POT: the L2 norm of the
@@ -13,9 +14,14 @@ supported (solve a batch with :func:`transferops.sinkhorn_cost_matrix` instead).
 """
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
+
 import numpy as np
 import torch
 
+from .. import _ot_checks
 from .. import ot as _ot
 
 
@@ -40,12 +46,38 @@ def _weights(w, n: int, name: str, like: torch.Tensor) -> torch.Tensor:
     return w.to(device=like.device, dtype=torch.float64)
 
 
-def _solve(a, b, M, reg, reach, numItermax, stopThr):
+def _reach(reg_m) -> float | None:
+    """POT's reg_m: one value, or one per marginal (equal here); inf is balanced OT."""
+    if isinstance(reg_m, np.ndarray):
+        reg_m = reg_m.tolist()  # a 0-d array gives its number, a 1-d one a list
+    values = list(reg_m) if isinstance(reg_m, (list, tuple)) else [reg_m]
+    if len(values) not in (1, 2):
+        raise ValueError(f"reg_m: expected a number or one per marginal, got {len(values)} values")
+    out = [None if isinstance(v, numbers.Real) and v == math.inf else _ot_checks.positive(v, "reg_m") for v in values]
+    if out[0] != out[-1]:
+        raise ValueError(f"reg_m: a different relaxation per marginal is not supported, got {values}")
+    return out[0]
+
+
+def _run(solve, reg, iterations, iterations_name: str, stopThr, dtype: torch.dtype, warn: bool, stacklevel: int):
+    """solve(eps=, tol=, max_iter=) with POT's settings checked under POT's names; ``warn``
+    (POT's flag) False silences the warnings (stopThr floored, not converged)."""
+    reg = _ot_checks.positive(reg, "reg")
+    iterations = _ot_checks.max_iter(iterations, iterations_name)
+    with warnings.catch_warnings():
+        if not warn:
+            warnings.simplefilter("ignore", RuntimeWarning)
+        tol = _ot_checks.tol(stopThr, dtype, "stopThr", stacklevel=stacklevel)
+        return solve(eps=reg, tol=tol, max_iter=iterations)
+
+
+def _solve(a, b, M, reg, reach, numItermax, stopThr, warn):
     C, numpy_in = _tensor(M, "M")
-    if C.dim() != 2:
-        raise ValueError(f"M: expected a cost matrix [n, m], got shape {tuple(C.shape)}")
+    if C.dim() != 2 or not C.is_floating_point():
+        raise ValueError(f"M: expected a float cost matrix [n, m], got {C.dtype} of shape {tuple(C.shape)}")
     a, b = _weights(a, C.shape[0], "a", C), _weights(b, C.shape[1], "b", C)
-    result = _ot.sinkhorn_cost_matrix(C, a, b, eps=reg, tol=stopThr, max_iter=numItermax, reach=reach)
+    result = _run(lambda **kw: _ot.sinkhorn_cost_matrix(C, a, b, reach=reach, **kw), reg, numItermax, "numItermax",
+                  stopThr, _ot._working_dtype(C.dtype), warn, stacklevel=6)
     return result, C, numpy_in, a, b
 
 
@@ -62,9 +94,9 @@ def _log(result, a: torch.Tensor, b: torch.Tensor, reg: float, numpy_in: bool) -
     return {k: (v.numpy() if numpy_in and isinstance(v, torch.Tensor) else v) for k, v in logs.items()}
 
 
-def _entry(a, b, M, reg, reach, numItermax, stopThr, log, plan: bool):
+def _entry(a, b, M, reg, reach, numItermax, stopThr, log, plan: bool, warn: bool = True):
     """The plan or <M, P>, with POT's log dict on request."""
-    result, C, numpy_in, a, b = _solve(a, b, M, reg, reach, numItermax, stopThr)
+    result, C, numpy_in, a, b = _solve(a, b, M, reg, reach, numItermax, stopThr, warn)
     out = _out(result.plan() if plan else result.transport_cost, numpy_in, C)
     return (out, _log(result, a, b, reg, numpy_in)) if log else out
 
@@ -79,27 +111,27 @@ def sinkhorn(a, b, M, reg, method="sinkhorn", numItermax=1000, stopThr=1e-9, ver
     """The entropic plan P [n, m] (``ot.sinkhorn``); with ``log`` also a dict (``niter``,
     ``err``, and the potentials f, g under ``log_u``/``log_v`` as P = a_i b_j exp((f_i + g_j -
     M_ij) / reg))."""
-    return _entry(a, b, M, reg, None, numItermax, stopThr, log, plan=True)
+    return _entry(a, b, M, reg, None, numItermax, stopThr, log, plan=True, warn=warn)
 
 
 def sinkhorn2(a, b, M, reg, method="sinkhorn", numItermax=1000, stopThr=1e-9, verbose=False, log=False, warn=True,
               **kwargs):
     """<M, P> of the entropic plan (``ot.sinkhorn2``); with ``log`` also the dict of :func:`sinkhorn`."""
-    return _entry(a, b, M, reg, None, numItermax, stopThr, log, plan=False)
+    return _entry(a, b, M, reg, None, numItermax, stopThr, log, plan=False, warn=warn)
 
 
 def sinkhorn_unbalanced(a, b, M, reg, reg_m, method="sinkhorn", reg_type="kl", numItermax=1000, stopThr=1e-6,
                         verbose=False, log=False, **kwargs):
     """The unbalanced plan (``ot.sinkhorn_unbalanced`` with KL marginal penalties ``reg_m``)."""
     _kl_only(reg_type)
-    return _entry(a, b, M, reg, reg_m, numItermax, stopThr, log, plan=True)
+    return _entry(a, b, M, reg, _reach(reg_m), numItermax, stopThr, log, plan=True)
 
 
 def sinkhorn_unbalanced2(a, b, M, reg, reg_m, method="sinkhorn", reg_type="kl", numItermax=1000, stopThr=1e-6,
                          verbose=False, log=False, **kwargs):
     """<M, P> of the unbalanced plan (``ot.sinkhorn_unbalanced2``, POT's default ``returnCost="linear"``)."""
     _kl_only(reg_type)
-    return _entry(a, b, M, reg, reg_m, numItermax, stopThr, log, plan=False)
+    return _entry(a, b, M, reg, _reach(reg_m), numItermax, stopThr, log, plan=False)
 
 
 def empirical_sinkhorn2(X_s, X_t, reg, a=None, b=None, metric="sqeuclidean", numIterMax=10000, stopThr=1e-9,
@@ -110,6 +142,7 @@ def empirical_sinkhorn2(X_s, X_t, reg, a=None, b=None, metric="sqeuclidean", num
     x, numpy_in = _tensor(X_s, "X_s")
     y, _ = _tensor(X_t, "X_t")
     a, b = _weights(a, x.shape[0], "a", x), _weights(b, y.shape[0], "b", y)
-    result = _ot.sinkhorn(x, y, a, b, eps=reg, tol=stopThr, max_iter=numIterMax)
+    result = _run(lambda **kw: _ot.sinkhorn(x, y, a, b, **kw), reg, numIterMax, "numIterMax", stopThr,
+                  _ot._working_dtype(x.dtype, y.dtype), warn, stacklevel=4)
     value = _out(result.transport_cost, numpy_in, x)
     return (value, _log(result, a, b, reg, numpy_in)) if log else value
