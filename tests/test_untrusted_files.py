@@ -248,7 +248,7 @@ def test_output_folder_must_be_empty_unless_overwrite(trio, tmp_path, capsys, ge
     _one_error_line(err, "is not empty", "--overwrite")
     code, err = _cli(args + ["--overwrite"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.safetensors"]
     from safetensors.torch import load_file
 
     want = merge(states[0], states[1:], method="task_arithmetic")
@@ -309,7 +309,7 @@ def test_failed_merge_leaves_no_output_and_stale_staging_is_cleaned(trio, tmp_pa
     with pytest.raises(ValueError, match="lam"):
         merge_files(paths[0], [paths[1]], out, method="task_arithmetic", lam=float("nan"))
     merge_files(paths[0], [paths[1]], out, method="task_arithmetic")
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.safetensors"]
 
 
 _SLOW_MERGE = """
@@ -391,9 +391,8 @@ def _config_cases(base, model):
                               "parameters: {density: 0.5, seed: 1, epsilon: x}\n", "epsilon"
     # An alias chain whose expansion doubles at each level: the path must be a string, and is
     # refused before anything expands it.
-    chain = "a0: &a0 [x, x]\n" + "".join(f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]\n" for i in range(1, 40))
-    yield "alias_bomb.yaml", chain + f"method: task_arithmetic\nbase: {base}\nmodels: [{{path: *a39}}]\n", \
-        "models[0].path"
+    chain = "  - {path: &a0 [x, x]}\n" + "".join(f"  - {{path: &a{i} [*a{i - 1}, *a{i - 1}]}}\n" for i in range(1, 40))
+    yield "alias_bomb.yaml", f"method: task_arithmetic\nbase: {base}\nmodels:\n" + chain, "models[0].path"
     yield "nested.yaml", "a: " + "[" * 5000 + "]" * 5000 + "\n", ""
 
 

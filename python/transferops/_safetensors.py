@@ -418,18 +418,20 @@ class ShardedWriter:
             n = os.pwrite(fd, view, pos)
             view, pos = view[n:], pos + n
 
-    def commit(self) -> list[Path]:
-        """Flush every shard, write the index, and move them all into the output folder."""
+    def commit(self, extra: list[str] = ()) -> list[Path]:
+        """Flush every shard, write the index, and move them all, with the ``extra`` files
+        staged beside them, into the output folder (the index last)."""
         for f in self.files:
             f.flush()
             os.fsync(f.fileno())
             f.close()
+        names = self.names + list(extra)
         if len(self.names) > 1:
             with self.folder.create(INDEX) as f:
                 f.write(json.dumps({"metadata": {"total_size": self.total}, "weight_map": self.weight_map},
                                    indent=2).encode())
-            self.names.append(INDEX)
-        return self.folder.commit(self.names)
+            names.append(INDEX)
+        return self.folder.commit(names)
 
     def abort(self) -> None:
         for f in self.files:

@@ -18,6 +18,9 @@ class Interrupted(BaseException):
     """SIGTERM or SIGHUP, raised where the program is so that cleanup runs as for Ctrl-C."""
 
 
+_DTYPES = ("bfloat16", "float16", "float32", "float64")
+
+
 def _info(args) -> int:
     from ._info import info
 
@@ -68,6 +71,8 @@ def _size(text: str) -> int:
 def _merge(args) -> int:
     import time
 
+    import torch
+
     from . import _mergeconfig
     from .merging_models import merge_files
 
@@ -83,7 +88,11 @@ def _merge(args) -> int:
               seed=args.seed if args.seed is not None else cfg.get("seed"),
               gamma=args.gamma if args.gamma is not None else cfg.get("gamma"),
               epsilon=args.epsilon if args.epsilon is not None else cfg.get("epsilon"),
-              scope=args.scope or cfg.get("scope", "tensor"))
+              scope=args.scope or cfg.get("scope", "tensor"),
+              dtype=getattr(torch, args.dtype) if args.dtype else cfg.get("dtype"),
+              out_dtype=getattr(torch, args.out_dtype) if args.out_dtype else cfg.get("out_dtype"),
+              tokenizer_source=args.tokenizer_source or cfg.get("tokenizer_source"),
+              config_text=cfg.get("config_text"))
     if not kw["method"]:
         raise CLIError("--method is required")
     started, last = time.perf_counter(), [0.0]
@@ -237,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scope", choices=["tensor", "global"],
                    help="top-k threshold per tensor (default) or over the whole model (TIES paper)")
     p.add_argument("--config", help="YAML config: ours, or mergekit's for the methods both have")
+    p.add_argument("--dtype", choices=_DTYPES, help="dtype the inputs are merged in (default: their own)")
+    p.add_argument("--out-dtype", choices=_DTYPES, help="dtype written (default: --dtype, else the base's)")
+    p.add_argument("--tokenizer-source", metavar="FOLDER", help="where the tokenizer files come from (default: base)")
     p.add_argument("--max-memory", type=_size, default=_size("2GiB"), help="working-memory budget (default 2GiB)")
     p.add_argument("--shard-size", type=_size, default=_size("5GB"), help="largest output shard (default 5GB)")
     p.add_argument("--backend", default="auto", help="auto | reference | native")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -261,8 +262,9 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
 
 def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=None, density=None,
                 sign: str = "sum", semantics: str = "peft", seed=None, gamma=None, epsilon=None, scope: str = "tensor",
-                max_memory: int = 2 << 30, shard_size: int = 5 << 30, overwrite: bool = False, backend: str = "auto",
-                progress=None) -> list:
+                max_memory: int = 2 << 30, shard_size: int = 5 << 30, overwrite: bool = False, dtype=None,
+                out_dtype=None, model_files: bool = True, tokenizer_source=None, config_text: str | None = None,
+                backend: str = "auto", progress=None) -> list:
     """:func:`merge` over safetensors checkpoints (files, or folders of shards with
     ``model.safetensors.index.json``), streamed tensor by tensor and in chunks of huge tensors
     so that the working memory stays under about ``max_memory`` bytes whatever the model size.
@@ -273,10 +275,17 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
     (which replaces its contents as a whole), and is locked against a concurrent merge.
     Inputs are validated before anything is written; on any error, or an interrupt, no output
     file is left behind. ``progress(done_bytes, total_bytes, name)`` is called after each
-    tensor. Returns the written paths."""
+    tensor. Returns the written paths.
+
+    ``dtype``: the float dtype the inputs are cast to and merged in (default: each tensor's
+    own), ``out_dtype`` the one written (default: ``dtype``), as mergekit's keys of those
+    names. ``model_files``: also write what makes the folder load as a model (config.json and
+    generation_config.json from ``base``, the tokenizer's files from ``tokenizer_source``,
+    default ``base``, a model card naming the merge, and ``config_text`` as
+    mergekit_config.yml); see :mod:`transferops._modelfiles`."""
     import json
 
-    from . import __version__
+    from . import __version__, _modelfiles
     from ._outdir import OutputFolder
     from ._safetensors import Checkpoint, ShardedWriter
 
@@ -285,8 +294,13 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
     _checks.choice(scope, "scope", SCOPES)
     max_memory = _checks.count(max_memory, "max_memory", low=1)
     shard_size = _checks.count(shard_size, "shard_size", low=1)
-    if not isinstance(overwrite, bool):
-        raise TypeError(f"overwrite: expected a bool, got {type(overwrite).__name__}")
+    for flag, name in ((overwrite, "overwrite"), (model_files, "model_files")):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+    for d, name in ((dtype, "dtype"), (out_dtype, "out_dtype")):
+        if d is not None and d not in _DTYPES:
+            raise ValueError(f"{name}: expected one of {sorted(map(str, _DTYPES))} or None, got {d!r}")
+    out_dtype = out_dtype or dtype
     if not models:
         raise ValueError("models: expected at least one fine-tuned checkpoint")
     weights_of = _block_weights(weights, len(models))
@@ -298,12 +312,15 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
         layout = lambda c: {name: (info.shape, info.dtype) for name, info in c.tensors.items()}
         _check_compatible(layout(b), [layout(m) for m in ms], [f"models[{i}] ({m.path})" for i, m in enumerate(ms)])
         T = len(ms)
-        plan = [(n, i.dtype, i.shape) for n, i in b.tensors.items()]
+        compute = {n: dtype if dtype is not None and i.dtype in _DTYPES else i.dtype for n, i in b.tensors.items()}
+        written = {n: out_dtype if out_dtype is not None and i.dtype in _DTYPES else i.dtype
+                   for n, i in b.tensors.items()}
+        plan = [(n, written[n], i.shape) for n, i in b.tensors.items()]
+        args = {"lam": lam, "weights": _jsonable(weights), "density": density, "sign": sign, "semantics": semantics,
+                "seed": seed, "gamma": gamma, "epsilon": epsilon, "scope": scope,
+                "dtype": None if dtype is None else str(dtype), "out_dtype": None if out_dtype is None else str(out_dtype)}
         meta = {"format": "pt", "merged_by": f"transferops {__version__}", "merge_method": method,
-                "merge_args": json.dumps({"lam": lam, "weights": _jsonable(weights), "density": density, "sign": sign,
-                                          "semantics": semantics, "seed": seed, "gamma": gamma, "epsilon": epsilon,
-                                          "scope": scope}),
-                "merge_inputs": json.dumps([str(c.path) for c in ckpts])}
+                "merge_args": json.dumps(args), "merge_inputs": json.dumps([str(c.path) for c in ckpts])}
 
         def chunk_of(numel: int, dtype: torch.dtype) -> int:
             item = dtype.itemsize
@@ -315,7 +332,8 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
         folder = OutputFolder(out, inputs=set().union(*(c.sources for c in ckpts)), overwrite=overwrite)
         writer = None
         try:
-            items = [(name, info.numel, info.dtype, [lambda s, c, m=m, name=name: m.read(name, s, c) for m in ckpts])
+            items = [(name, info.numel, compute[name],
+                      [lambda s, c, m=m, name=name: m.read(name, s, c).to(compute[name]) for m in ckpts])
                      for name, info in b.tensors.items() if info.dtype in _DTYPES]
             trims, spec = _global_trims(items, spec, chunk_of, weights_of, backend) if scope == "global" else ({}, spec)
             reads_of = {name: reads for name, _, _, reads in items}
@@ -325,15 +343,19 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
                 if info.dtype not in _DTYPES:
                     writer.write(name, 0, b.read(name))
                 else:
-                    reads, chunk = reads_of[name], chunk_of(info.numel, info.dtype)
-                    buf = torch.empty(min(chunk, info.numel), dtype=info.dtype)  # reused by every chunk
-                    _merge_tensor(name, reads[0], reads[1:], info.numel, info.dtype, spec, weights_of(name), lam, chunk,
-                                  backend, lambda s, c: buf[:c], lambda s, x, name=name: writer.write(name, s, x),
+                    reads, chunk = reads_of[name], chunk_of(info.numel, compute[name])
+                    buf = torch.empty(min(chunk, info.numel), dtype=compute[name])  # reused by every chunk
+                    _merge_tensor(name, reads[0], reads[1:], info.numel, compute[name], spec, weights_of(name), lam,
+                                  chunk, backend, lambda s, c: buf[:c],
+                                  lambda s, x, name=name: writer.write(name, s, x.to(written[name])),
                                   trims=trims.get(name))
                 done += info.nbytes
                 if progress:
                     progress(done, total, name)
-            return writer.commit()
+            extra = _modelfiles.write(folder, b.path, None if tokenizer_source is None else Path(tokenizer_source),
+                                      out_dtype, method, args, [str(m.path) for m in ms],
+                                      config_text) if model_files else []
+            return writer.commit(extra)
         except BaseException:
             if writer is not None:
                 writer.abort()
