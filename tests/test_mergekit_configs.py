@@ -1,0 +1,209 @@
+"""A mergekit user's switch: small LLaMA-style models built with transformers (random init, a
+few SGD steps apart, saved sharded with a tokenizer trained with `tokenizers`), merged from
+mergekit YAML files by `transferops merge --config`; the output folder loads with
+AutoModelForCausalLM and AutoTokenizer, holds the merge computed in memory, and equals
+mergekit's own output where mergekit is installed. Every key of the docs' table is honoured
+or refused by name."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from _kit import peer
+from transferops.cli import main
+from transferops.merging import merge
+
+CONFIGS = {
+    "task_arithmetic": "parameters: {normalize: false}\n",
+    "task_arithmetic_normalized": "parameters: {normalize: true, lambda: 0.8}\n",
+    "ties": "parameters: {normalize: true, int8_mask: true}\n",
+    "breadcrumbs": "parameters: {gamma: 0.05}\n",
+}
+# method of each config, and the per-model parameters it gives
+PER_MODEL = {
+    "task_arithmetic": ("task_arithmetic", [{"weight": 0.6}, {"weight": 0.3}]),
+    "task_arithmetic_normalized": ("task_arithmetic", [{"weight": 0.6}, {"weight": 0.3}]),
+    "ties": ("ties", [{"weight": 0.7, "density": 0.4}, {"weight": 0.5, "density": 0.4}]),
+    "breadcrumbs": ("breadcrumbs", [{"weight": 1.0, "density": 0.5}, {"weight": 0.5, "density": 0.5}]),
+}
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory):
+    """A base and two fine-tunes of a tiny LLaMA (bf16, 3 shards each, with a tokenizer)."""
+    peer("transformers")
+    tokenizers = peer("tokenizers")
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("llamas")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=96, special_tokens=["<unk>", "<s>", "</s>"])
+    text = ["merging fine tuned models into one", "task vectors add up", "the base model and its fine tunes"] * 20
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).to(torch.bfloat16)
+    ids = torch.tensor([fast.encode(t) for t in text[:3] if len(fast.encode(t)) >= 4][0][:4])[None]
+    paths = []
+    for i in range(3):
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(base.state_dict())
+        if i:  # a few SGD steps on different text
+            opt = torch.optim.SGD(model.parameters(), lr=0.05 * i)
+            for _ in range(3):
+                loss = model(ids.roll(i, -1), labels=ids.roll(i, -1)).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+        model = model.to(torch.bfloat16)
+        path = root / f"m{i}"
+        model.save_pretrained(path, max_shard_size="40KB")
+        fast.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def _state(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _yaml(name: str, paths: list[Path], extra: str = "") -> str:
+    method, per_model = PER_MODEL[name]
+    models = "".join(f"  - model: {p}\n    parameters: {json.dumps(pm)}\n" for p, pm in zip(paths[1:], per_model))
+    return f"merge_method: {method}\nbase_model: {paths[0]}\nmodels:\n{models}dtype: bfloat16\n{CONFIGS[name]}{extra}"
+
+
+def _want(name: str, states: list[dict]) -> dict:
+    method, per_model = PER_MODEL[name]
+    weights = [pm["weight"] for pm in per_model]
+    kw = {"density": per_model[0]["density"]} if "density" in per_model[0] else {}
+    if name == "task_arithmetic_normalized":
+        weights, kw = [w / sum(weights) for w in weights], {"lam": 0.8}
+    if method == "breadcrumbs":
+        kw["gamma"] = 0.05
+    return merge(states[0], states[1:], method=method, weights=weights, semantics="mergekit", **kw)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_mergekit_yaml_gives_a_model_folder_that_loads(llamas, tmp_path, name):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (tmp_path / "c.yaml").write_text(_yaml(name, llamas))
+    out = tmp_path / "out"
+    assert main(["merge", "--config", str(tmp_path / "c.yaml"), "-o", str(out), "-q"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.encode("task vectors") == AutoTokenizer.from_pretrained(llamas[0]).encode("task vectors")
+    want = _want(name, [_state(p) for p in llamas])
+    got = _state(out)
+    assert sorted(got) == sorted(want)
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], want[k]) for k in want)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k].to(torch.bfloat16), want[k]) for k in want)
+    card = (out / "README.md").read_text()
+    assert PER_MODEL[name][0] in card and str(llamas[1]) in card
+    assert (out / "mergekit_config.yml").read_text() == (tmp_path / "c.yaml").read_text()
+
+
+def test_out_dtype_is_written_and_named_in_config(llamas, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    (tmp_path / "c.yaml").write_text(_yaml("ties", llamas, "out_dtype: float32\n"))
+    out = tmp_path / "out"
+    assert main(["merge", "--config", str(tmp_path / "c.yaml"), "-o", str(out), "-q"]) == 0
+    got = _state(out)
+    want = _want("ties", [_state(p) for p in llamas])
+    assert all(got[k].dtype == torch.float32 and torch.equal(got[k], want[k].float()) for k in want)
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "float32"
+    assert AutoModelForCausalLM.from_pretrained(out).model.embed_tokens.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties", "breadcrumbs"])
+def test_equals_mergekits_own_output(llamas, tmp_path, name):
+    """mergekit 0.1.5 on the same YAML, computing in float32: bit for bit (ties: at every entry not tied at a top-k
+    threshold, where the two keep different ones of equal magnitude)."""
+    mergekit = pytest.importorskip("mergekit.merge")
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    import yaml
+
+    # mergekit's arithmetic runs in `dtype`, rounding every step in bfloat16; ours forms task
+    # vectors in float32 and rounds once. In float32 both round once, at the end.
+    text = _yaml(name, llamas).replace("dtype: bfloat16\n", "dtype: float32\nout_dtype: bfloat16\n")
+    mergekit.run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "mk"),
+                       MergeOptions(quiet=True))
+    (tmp_path / "c.yaml").write_text(text)
+    assert main(["merge", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "ours"), "-q"]) == 0
+    theirs, ours = _state(tmp_path / "mk"), _state(tmp_path / "ours")
+    assert sorted(theirs) == sorted(ours)
+    states = [_state(p) for p in llamas]
+    _, per_model = PER_MODEL[name]
+    compared = 0
+    for k in ours:
+        tied = torch.zeros(ours[k].shape, dtype=torch.bool)
+        for state, pm in zip(states[1:], per_model):
+            if "density" in pm:
+                tied |= _at_a_cut(state[k].float() - states[0][k].float(), pm["density"],
+                                  0.05 if name == "breadcrumbs" else 0.0)
+        assert torch.equal(ours[k][~tied], theirs[k][~tied]), k
+        compared += int((~tied).sum())
+    assert compared > 0.5 * sum(t.numel() for t in ours.values())
+
+
+def _at_a_cut(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Entries whose magnitude equals one at a rank where mergekit's trim cuts (the largest
+    int(gamma n) dropped, the next int(density n) kept): which of them it keeps is arbitrary."""
+    mags = tau.abs().flatten()
+    ranked = mags.sort(descending=True).values
+    n, top, keep = mags.numel(), int(gamma * mags.numel()), int(density * mags.numel())
+    cuts = [ranked[i] for i in {top - 1, top, top + keep - 1, top + keep} if 0 <= i < n]
+    return torch.stack([tau.abs() == c for c in cuts]).any(0) if cuts else torch.zeros(tau.shape, dtype=torch.bool)
+
+
+KEYS_REFUSED = [
+    ("slices: []\n", "slices"), ("chat_template: chatml\n", "chat_template"),
+    ("tokenizer: {source: union}\n", "tokenizer"), ("tokenizer_source: union\n", "tokenizer_source"),
+    ("modules: {}\n", "modules"), ("frobnicate: 1\n", "frobnicate"),
+]
+
+
+@pytest.mark.parametrize("extra,key", KEYS_REFUSED, ids=[k for _, k in KEYS_REFUSED])
+def test_keys_not_honoured_are_errors_naming_them(llamas, tmp_path, capsys, extra, key):
+    (tmp_path / "c.yaml").write_text(_yaml("ties", llamas, extra))
+    assert main(["merge", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "o"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"{key}:" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("params,needle", [
+    ("parameters: {rescale: true}\n", "rescale"), ("parameters: {normalize: 1}\n", "normalize"),
+    ("parameters: {density: [0.1, 0.5]}\n", "parameters.density"),
+    ("parameters: {filter: mlp}\n", "filter"),
+])
+def test_parameter_values_not_honoured_are_errors(llamas, tmp_path, capsys, params, needle):
+    text = _yaml("ties", llamas).replace(CONFIGS["ties"], params)
+    (tmp_path / "c.yaml").write_text(text)
+    assert main(["merge", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "o"), "-q"]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_per_model_values_that_differ_are_errors(llamas, tmp_path, capsys):
+    text = _yaml("ties", llamas).replace('"density": 0.4}', '"density": 0.3}', 1)
+    (tmp_path / "c.yaml").write_text(text)
+    assert main(["merge", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "o"), "-q"]) == 2
+    assert "per-model values differ" in capsys.readouterr().err
