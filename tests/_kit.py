@@ -211,5 +211,15 @@ def thp_eligible(t: torch.Tensor) -> bool:
     raise AssertionError("no mapping holds the tensor")
 
 
+def load_folder(folder: Path) -> dict:
+    """Every tensor of the safetensors files in ``folder``, read by the safetensors library."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for p in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(p))
+    return out
+
+
 __all__ = ["DTYPES", "TOLERANCES", "assert_close", "assert_matches_reference", "golden_file", "guarded_empty",
-           "noncontiguous", "peer", "poisoned_outputs", "randn", "require_backend"]
+           "load_folder", "noncontiguous", "peer", "poisoned_outputs", "randn", "require_backend"]

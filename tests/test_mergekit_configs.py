@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _kit import peer
+from _kit import load_folder, peer
 from transferops.cli import main
 from transferops.merging import merge
 
@@ -70,15 +70,6 @@ def llamas(tmp_path_factory):
     return paths
 
 
-def _state(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 def _yaml(name: str, paths: list[Path], extra: str = "") -> str:
     method, per_model = PER_MODEL[name]
     models = "".join(f"  - model: {p}\n    parameters: {json.dumps(pm)}\n" for p, pm in zip(paths[1:], per_model))
@@ -106,8 +97,8 @@ def test_mergekit_yaml_gives_a_model_folder_that_loads(llamas, tmp_path, name):
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.encode("task vectors") == AutoTokenizer.from_pretrained(llamas[0]).encode("task vectors")
-    want = _want(name, [_state(p) for p in llamas])
-    got = _state(out)
+    want = _want(name, [load_folder(p) for p in llamas])
+    got = load_folder(out)
     assert sorted(got) == sorted(want)
     assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], want[k]) for k in want)
     loaded = model.state_dict()
@@ -123,8 +114,8 @@ def test_out_dtype_is_written_and_named_in_config(llamas, tmp_path):
     (tmp_path / "c.yaml").write_text(_yaml("ties", llamas, "out_dtype: float32\n"))
     out = tmp_path / "out"
     assert main(["merge", "--config", str(tmp_path / "c.yaml"), "-o", str(out), "-q"]) == 0
-    got = _state(out)
-    want = _want("ties", [_state(p) for p in llamas])
+    got = load_folder(out)
+    want = _want("ties", [load_folder(p) for p in llamas])
     assert all(got[k].dtype == torch.float32 and torch.equal(got[k], want[k].float()) for k in want)
     config = json.loads((out / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "float32"
@@ -148,9 +139,9 @@ def test_equals_mergekits_own_output(llamas, tmp_path, name):
                        MergeOptions(quiet=True))
     (tmp_path / "c.yaml").write_text(text)
     assert main(["merge", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "ours"), "-q"]) == 0
-    theirs, ours = _state(tmp_path / "mk"), _state(tmp_path / "ours")
+    theirs, ours = load_folder(tmp_path / "mk"), load_folder(tmp_path / "ours")
     assert sorted(theirs) == sorted(ours)
-    states = [_state(p) for p in llamas]
+    states = [load_folder(p) for p in llamas]
     _, per_model = PER_MODEL[name]
     compared = 0
     for k in ours:
@@ -207,3 +198,28 @@ def test_per_model_values_that_differ_are_errors(llamas, tmp_path, capsys):
     (tmp_path / "c.yaml").write_text(text)
     assert main(["merge", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "o"), "-q"]) == 2
     assert "per-model values differ" in capsys.readouterr().err
+
+
+def test_merge_into_a_tied_model_in_place():
+    """merge() takes nn.Modules; GPT-2 ties lm_head to the token embeddings: merged once, written
+    into the base model's own parameters, still tied, equal to the merge of cloned state dicts."""
+    peer("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    torch.manual_seed(1)
+    models = [GPT2LMHeadModel(config) for _ in range(3)]
+    for m in models[1:]:
+        m.load_state_dict({k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v
+                           for k, v in models[0].state_dict().items()})
+        m.tie_weights()
+    assert models[0].lm_head.weight is models[0].transformer.wte.weight
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    for s in states:
+        s["lm_head.weight"] = s["transformer.wte.weight"]
+    want = merge(states[0], states[1:], method="ties", density=0.3)
+    with torch.no_grad():
+        merge(models[0], models[1:], method="ties", density=0.3, out=models[0])
+    assert models[0].lm_head.weight is models[0].transformer.wte.weight
+    got = models[0].state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)

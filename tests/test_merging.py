@@ -14,7 +14,7 @@ from transferops.merging import (MergeSpec, _dare_keep, _della_keep_probability,
                                  disjoint_merge, magnitude_prune, merge_op, task_arithmetic, ties)
 
 from _kit import (DTYPES, assert_close, assert_matches_reference, golden_file, guarded_empty, native_isa,
-                  noncontiguous, outputs_per_isa, peer, randn, require_backend, require_thp, thp_eligible)
+                  load_folder, noncontiguous, outputs_per_isa, peer, randn, require_backend, require_thp, thp_eligible)
 
 FAST = ["native", "triton", "cuda"]
 SHAPES = [(1,), (7,), (37, 301), (3, 5, 129)]
@@ -624,7 +624,7 @@ def test_paper_semantics_over_the_whole_model(tmp_path, gen, backend):
     paths = [_save_sharded(base, tmp_path / "base")] + [_save_sharded(m, tmp_path / f"ft{i}") for i, m in enumerate(models)]
     merge_files(paths[0], paths[1:], tmp_path / "out", method="ties", density=0.2, lam=0.5, scope="global",
                 semantics="paper", max_memory=1 << 14, backend=backend)
-    streamed = _load_folder(tmp_path / "out")
+    streamed = load_folder(tmp_path / "out")
     assert all(torch.equal(streamed[n], got[n]) for n in got)
 
 
@@ -770,15 +770,6 @@ def _save_sharded(state: dict, folder: Path, shards: int = 2) -> Path:
     return folder
 
 
-def _load_folder(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    out = {}
-    for p in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(p))
-    return out
-
-
 MODEL_METHODS = [("ties", dict(density=0.2)), ("ties", dict(density=0.3, semantics="mergekit", sign="count")),
                  ("ties", dict(density=0.25, semantics="paper")), ("breadcrumbs_ties", dict(density=0.3, gamma=0.1)),
                  ("della", dict(density=0.5, epsilon=0.2, seed=4)),
@@ -803,7 +794,7 @@ def test_merge_files_streams_exactly_the_in_memory_merge(tmp_path, gen, method, 
     written = merge_files(paths[0], paths[1:], tmp_path / "out", method=method, lam=0.8, weights=[1.0, 0.5, 0.7],
                           max_memory=1 << 14, shard_size=30_000, backend=backend, **kw)
     assert (tmp_path / "out" / "model.safetensors.index.json") in written and len(written) >= 3
-    got = _load_folder(tmp_path / "out")
+    got = load_folder(tmp_path / "out")
     assert set(got) == set(want)
     for name in want:
         assert torch.equal(got[name], want[name]), name
@@ -853,7 +844,7 @@ def test_merge_out_refuses_what_it_cannot_write_safely(gen):
     def fresh():
         return {n: torch.empty_like(t) for n, t in base.items()}
     cases = [
-        ([1, 2], TypeError, "out: expected a dict"),
+        ([1, 2], TypeError, "out: expected a state dict"),
         ({n: t for n, t in fresh().items() if n != "emb"}, ValueError, r"out: no tensor for \['emb'\]"),
         ({**fresh(), "emb": torch.empty(50, 34)}, ValueError, r"out\['emb'\]: expected \(50, 33\) torch.float32"),
         ({**fresh(), "emb": torch.empty(50, 33, dtype=torch.float64)}, ValueError, r"out\['emb'\]: expected"),
@@ -867,11 +858,17 @@ def test_merge_out_refuses_what_it_cannot_write_safely(gen):
     for out, error, message in cases:
         with pytest.raises(error, match=message):
             merge(base, models, out=out, **kw)
-    # Tied weights: merging one name in place would change the other's base before it is read.
-    tied = dict(base, emb2=base["emb"])
+    # Tied weights (one tensor under two names) are merged once, in place too, and stay tied;
+    # a model whose two names differ is refused.
+    want = merge(base, models, **kw)
+    tied = {n: t.clone() for n, t in base.items()}
+    tied["emb2"] = tied["emb"]
     tied_models = [dict(m, emb2=m["emb"]) for m in models]
-    with pytest.raises(ValueError, match=r"out\['emb2?'\] overlaps out\['emb2?'\]"):
-        merge(tied, tied_models, out=tied, **kw)
+    for out in (None, tied):
+        got = merge(tied, tied_models, out=out, **kw)
+        assert got["emb2"] is got["emb"] and all(torch.equal(got[n], want[n]) for n in want)
+    with pytest.raises(ValueError, match=r"models\[1\]\['emb2'\]: differs from 'emb'"):
+        merge(dict(base, emb2=base["emb"]), [tied_models[0], dict(models[1], emb2=models[1]["emb"] + 1)], **kw)
     twin = dict(base, emb2=base["emb"].clone())
     twin_models = [dict(m, emb2=m["emb"].clone()) for m in models]
     with pytest.raises(ValueError, match=r"out\['emb2'\] overlaps base\['emb'\]"):
@@ -1011,7 +1008,7 @@ print(json.dumps({{"code": code, "before": before, "peak": peak_rss()}}))
     growth = stats["peak"] - stats["before"]
     print(f"model {model_bytes / 1e6:.1f} MB, cap {cap / 1e6:.2f} MB, peak growth {growth / 1e6:.2f} MB")
     assert growth < 2 * cap, growth  # a whole tensor of one model alone would be 5.6 MB
-    got = _load_folder(tmp_path / "out")
+    got = load_folder(tmp_path / "out")
     want = merge(base, models, method="ties", density=0.2, lam=0.9)
     assert all(torch.equal(got[k], want[k]) for k in want)
 
@@ -1092,7 +1089,7 @@ dtype: bfloat16
 """)
     assert main(["merge", "--config", str(tmp_path / "cfg.yaml"), "-o", str(tmp_path / "out"), "-q"]) == 0
     want = merge(base, models, method="ties", density=0.3, weights=[0.7, 0.4], semantics="mergekit")
-    got = _load_folder(tmp_path / "out")
+    got = load_folder(tmp_path / "out")
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
@@ -1168,5 +1165,5 @@ def test_global_scope_thresholds_the_whole_model(tmp_path, gen, backend):
     paths = [_save_sharded(base, tmp_path / "base")] + [_save_sharded(m, tmp_path / f"ft{i}") for i, m in enumerate(models)]
     merge_files(paths[0], paths[1:], tmp_path / "out", method="ties", density=0.15, lam=0.7, scope="global",
                 max_memory=1 << 14, backend=backend)
-    streamed = _load_folder(tmp_path / "out")
+    streamed = load_folder(tmp_path / "out")
     assert all(torch.equal(streamed[n], got[n]) for n in base)

@@ -163,12 +163,44 @@ def _extent(t: torch.Tensor) -> tuple[int, int]:
     return lo, hi + t.element_size()
 
 
-def _check_out(out, base: dict, models: list) -> None:
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr(), a.dtype, a.shape, a.stride(), a.device) == (b.data_ptr(), b.dtype, b.shape, b.stride(), b.device)
+
+
+def _tied(base: dict, models: list) -> dict[str, str]:
+    """name -> the first name of its tie group, for the names of ``base`` whose tensor is the same
+    view of the same memory as an earlier one (tied parameters: a LLaMA or GPT-2 lm_head and its
+    embeddings), each checked tied or equal in every model too. They are merged once."""
+    seen, tied = {}, {}
+    for name, b in base.items():
+        if not b.numel():
+            continue
+        key = (b.data_ptr(), b.dtype, tuple(b.shape), b.stride(), b.device)
+        first = seen.setdefault(key, name)
+        if first == name:
+            continue
+        for i, m in enumerate(models):
+            if not (_same_view(m[name], m[first]) or torch.equal(m[name], m[first])):
+                raise ValueError(f"models[{i}][{name!r}]: differs from {first!r}, which base ties it to; untie the "
+                                 "base (clone one of them) to merge them apart")
+        tied[name] = first
+    return tied
+
+
+def _state_dict(x, name: str):
+    """A model's state dict (its tensors, sharing their memory), or a mapping as given."""
+    if isinstance(x, torch.nn.Module):
+        return x.state_dict()
+    if not isinstance(x, Mapping):
+        raise TypeError(f"{name}: expected a state dict or an nn.Module, got {type(x).__name__}")
+    return x
+
+
+def _check_out(out, base: dict, models: list, tied: dict[str, str]) -> None:
     """``out`` holds, for every name of ``base``, a contiguous tensor of its shape, dtype and
     device that overlaps no input and no other output, except that it may be the base's own
-    tensor of that name (merging in place: the passes read each element of it before writing)."""
-    if not isinstance(out, Mapping):
-        raise TypeError(f"out: expected a dict of tensors like base's, got {type(out).__name__}")
+    tensor of that name (merging in place: the passes read each element of it before writing).
+    A tied name's output may be its group's first output itself."""
     missing = sorted(set(base) - set(out))
     if missing:
         raise ValueError(f"out: no tensor for {missing[:3]} ({len(missing)} of base's names missing)")
@@ -177,6 +209,8 @@ def _check_out(out, base: dict, models: list) -> None:
         o = out[name]
         if not isinstance(o, torch.Tensor):
             raise TypeError(f"out[{name!r}]: expected a tensor, got {type(o).__name__}")
+        if name in tied and _same_view(o, out[tied[name]]):
+            continue
         if o.shape != b.shape or o.dtype != b.dtype or o.device != b.device:
             raise ValueError(f"out[{name!r}]: expected {tuple(b.shape)} {b.dtype} on {b.device} as in base, "
                              f"got {tuple(o.shape)} {o.dtype} on {o.device}")
@@ -220,6 +254,9 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
     to T floats (see :func:`_block_weights`). The native pass forms the task vectors itself
     and takes whole tensors (its exact top-k keeps about 1% of each task's keys a while);
     other backends process 4M elements at a time, so their temporaries stay O(chunk).
+    ``base``, ``models`` and ``out`` may be ``nn.Module``s (their state dicts are used, so
+    ``out=model`` writes into its parameters). Tied parameters (names of ``base`` that are one
+    tensor) are merged once and stay tied in a fresh output.
     ``out``: where to write the result instead of fresh tensors, returned: a dict with a
     contiguous tensor of the base's shape, dtype and device for each of its names (say, the
     state dict of a model to load the merge into, or ``base`` itself to merge in place and
@@ -232,31 +269,41 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
     if not models:
         raise ValueError("models: expected at least one fine-tuned state dict")
     weights_of = _block_weights(weights, len(models))
+    base = _state_dict(base, "base")
+    models = [_state_dict(m, f"models[{i}]") for i, m in enumerate(models)]
     layout = lambda sd: {name: (tuple(t.shape), t.dtype) for name, t in sd.items()}
     _check_compatible(layout(base), [layout(m) for m in models], [f"models[{i}]" for i in range(len(models))])
+    tied = _tied(base, models)
     if out is not None:
-        _check_out(out, base, models)
+        out = _state_dict(out, "out")
+        _check_out(out, base, models, tied)
     def chunk_of(numel: int, dtype: torch.dtype) -> int:
         fused = merge_op.select(backend, torch.device("cpu"), dtype, ([], None, spec), name="merge")[0] == "native"
         return _chunk_elements(spec, numel, max(numel, 1) if fused else _IN_MEMORY_CHUNK)
 
     items = []
     for name, b in base.items():
-        if b.dtype in _DTYPES:
+        if b.dtype in _DTYPES and name not in tied:
             flat = [b.detach().reshape(-1)] + [m[name].detach().reshape(-1) for m in models]
             items.append((name, b.numel(), b.dtype, [lambda s, c, x=x: x[s:s + c] for x in flat]))
     trims, spec = _global_trims(items, spec, chunk_of, weights_of, backend) if scope == "global" else ({}, spec)
     # Tensors that are not merged (integer buffers) are the base's, copied.
     if out is None:
-        out = {name: _memory.empty(b.shape, b.dtype) if b.dtype in _DTYPES else b.clone() for name, b in base.items()}
+        out = {name: _memory.empty(b.shape, b.dtype) if b.dtype in _DTYPES else b.clone()
+               for name, b in base.items() if name not in tied}
+        out.update({name: out[first] for name, first in tied.items()})  # tied again
+        out = {name: out[name] for name in base}
     else:
         for name, b in base.items():
-            if b.dtype not in _DTYPES:
+            if b.dtype not in _DTYPES and name not in tied:
                 out[name].copy_(b)
     for name, numel, dtype, reads in items:
         result = out[name].view(-1)
         _merge_tensor(name, reads[0], reads[1:], numel, dtype, spec, weights_of(name), lam, chunk_of(numel, dtype), backend,
                       lambda s, c: result[s:s + c], trims=trims.get(name))
+    for name, first in tied.items():
+        if not _same_view(out[name], out[first]):
+            out[name].copy_(out[first])
     return out
 
 
