@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ._safetensors import CheckpointError, _allowed_roots, _open_regular, _pread_exact, _shard_path, strict_json
+from ._safetensors import CheckpointError, read_small, strict_json
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -24,15 +24,7 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 
 def _read(folder: Path, name: str) -> bytes | None:
     """File ``name`` of ``folder``, if there is one, read as an untrusted checkpoint's file."""
-    if not os.path.lexists(folder / name):
-        return None
-    fd, size = _open_regular(_shard_path(folder, name, _allowed_roots(folder), str(folder)), name)
-    try:
-        if size > MAX_FILE:
-            raise CheckpointError(f"{folder / name}: over {MAX_FILE} bytes")
-        return _pread_exact(fd, size, 0, folder / name)
-    finally:
-        os.close(fd)
+    return read_small(folder, name, name, MAX_FILE) if os.path.lexists(folder / name) else None
 
 
 def _model_config(raw: bytes, path: Path, dtype: torch.dtype | None) -> bytes:

@@ -258,6 +258,18 @@ def _shard_path(folder: Path, name, roots: list[str], where: str) -> Path:
     return Path(real)
 
 
+def read_small(folder: Path, name: str, what: str, limit: int) -> bytes:
+    """The whole of file ``name`` of checkpoint folder ``folder`` (at most ``limit`` bytes), found
+    and opened as a shard is."""
+    fd, size = _open_regular(_shard_path(folder, name, _allowed_roots(folder), str(folder)), what)
+    try:
+        if size > limit:
+            raise CheckpointError(f"{folder / name}: {what} is over {limit} bytes")
+        return _pread_exact(fd, size, 0, folder / name)
+    finally:
+        os.close(fd)
+
+
 class Checkpoint:
     """A safetensors file, or a folder of shards with ``model.safetensors.index.json`` (or a
     folder holding a single ``*.safetensors``), read lazily. ``sources`` holds the real paths
@@ -285,13 +297,7 @@ class Checkpoint:
             index = self.path / INDEX
             roots = _allowed_roots(self.path)
             if os.path.lexists(index):
-                fd, size = _open_regular(_shard_path(self.path, INDEX, roots, str(self.path)), "the shard index")
-                try:
-                    if size > MAX_HEADER:
-                        raise CheckpointError(f"{index}: the shard index is over {MAX_HEADER} bytes")
-                    doc = strict_json(_pread_exact(fd, size, 0, index), index, "the shard index")
-                finally:
-                    os.close(fd)
+                doc = strict_json(read_small(self.path, INDEX, "the shard index", MAX_HEADER), index, "the shard index")
                 weight_map = doc.get("weight_map") if type(doc) is dict else None
                 if type(weight_map) is not dict:
                     raise CheckpointError(f"{index}: expected an object with a \"weight_map\" object mapping tensor "
