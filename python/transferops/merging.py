@@ -27,9 +27,8 @@ from . import _philox
 from . import _topk
 from ._philox import U32 as _U32
 from ._backend import Op, native_buffer, native_module
+from ._mergenames import METHODS, SEMANTICS, SIGN_RULES
 
-SIGN_RULES = ("sum", "count")
-SEMANTICS = ("peft", "mergekit", "paper")
 _DTYPES = _checks.FLOAT_DTYPES
 
 
@@ -329,10 +328,6 @@ _COMMON = """
     Tensor of the task vectors' shape, dtype and device. float32, bf16 and fp16 accumulate in
     float32, float64 in float64. NaN or Inf in the inputs raises ValueError (counted in element
     positions during the pass itself, not by an extra pass)."""
-
-
-METHODS = ("task_arithmetic", "ties", "magnitude_prune", "dare_linear", "dare_ties", "breadcrumbs",
-           "breadcrumbs_ties", "della", "della_linear")
 
 
 def method_spec(method: str, *, density=None, sign: str = "sum", semantics: str = "peft", seed=None,
