@@ -5,8 +5,8 @@ Every op is one function with a ``backend=`` argument ("auto" by default); see
 """
 from __future__ import annotations
 
+import importlib as _importlib
 import os as _os
-from importlib.metadata import PackageNotFoundError, version as _version
 
 # Native LogME alternates scipy's OpenBLAS with OpenMP work (torch's and ours). OpenBLAS's idle
 # workers spin for ~2^28 cycles after each call and starve those threads on small machines.
@@ -14,20 +14,40 @@ from importlib.metadata import PackageNotFoundError, version as _version
 # caller's own setting wins.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-from . import adapters, merging, nn, ot, transferability
-from ._backend import BACKENDS, BackendUnavailable, available_backends, use_backend
-from ._info import info
-from .adapters import bottleneck_adapter, ia3_linear, lora_linear
-from .ot import SinkhornResult, dataset_distance, sinkhorn, sinkhorn_cost_matrix, sinkhorn_divergence, sinkhorn_loss
-from .transferability import LogMEStream, gbc, hscore, leep, logme, nce, otce, sfda, tmi, transrate
+# The public names load on first access (PEP 562): `import transferops` imports neither torch
+# nor numpy, so the CLI's --help and tools that only import the package start fast. Each name
+# maps to the module that defines it; a submodule maps to itself.
+_LAZY = {
+    **{name: f".{name}" for name in ("adapters", "merging", "nn", "ot", "transferability")},
+    **dict.fromkeys(("BACKENDS", "BackendUnavailable", "available_backends", "use_backend"), "._backend"),
+    "info": "._info",
+    **dict.fromkeys(("bottleneck_adapter", "ia3_linear", "lora_linear"), ".adapters"),
+    **dict.fromkeys(("SinkhornResult", "dataset_distance", "sinkhorn", "sinkhorn_cost_matrix",
+                     "sinkhorn_divergence", "sinkhorn_loss"), ".ot"),
+    **dict.fromkeys(("LogMEStream", "gbc", "hscore", "leep", "logme", "nce", "otce", "sfda", "tmi", "transrate"),
+                    ".transferability"),
+}
 
-try:
-    __version__ = _version("transferops")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+__all__ = sorted(_LAZY)
 
-__all__ = ["BACKENDS", "BackendUnavailable", "LogMEStream", "SinkhornResult", "adapters", "available_backends",
-           "bottleneck_adapter", "dataset_distance", "gbc", "hscore", "ia3_linear", "info", "leep", "logme",
-           "lora_linear", "merging", "nce", "nn", "ot", "otce",
-           "sfda", "sinkhorn", "sinkhorn_cost_matrix", "sinkhorn_divergence", "sinkhorn_loss", "tmi",
-           "transferability", "transrate", "use_backend"]
+
+def __getattr__(name: str):
+    if name == "__version__":
+        # importlib.metadata alone costs ~40 ms.
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value = version("transferops")
+        except PackageNotFoundError:  # running from a source tree that was never installed
+            value = "0+unknown"
+    elif name in _LAZY:
+        module = _importlib.import_module(_LAZY[name], __name__)
+        value = module if module.__name__ == f"{__name__}.{name}" else getattr(module, name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | {"__version__"})

@@ -34,6 +34,10 @@ class CustomOp:
     torch.library.opcheck), called eagerly as described in this module's docstring."""
 
     def __init__(self, name: str, fn: Callable):
+        # Registered when the defining module is imported, not on first call: registration costs
+        # ~1 ms an op (`import transferops` imports none of their modules), and whatever names
+        # torch.ops.transferops.<op> before any call (a saved torch.export program loaded back,
+        # opcheck of torch.ops.transferops.sinkhorn_ot_eps) needs the op to exist.
         self.op = torch.library.custom_op(name, fn, mutates_args=())
         self._name = name.split("::")[-1]
         self._fn = fn
@@ -63,6 +67,15 @@ class CustomOp:
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return self.op(*args) if self._function is None else self._function.apply(*args)
         return self._fn(*args)
+
+
+def assume_constant_result(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result(fn)`` without its ``import torch._dynamo``, which
+    costs ~0.9 s (sympy, triton, inductor) at ``import transferops``. That decorator only sets
+    this marker, read when dynamo traces a call of ``fn``; tests/test_import_time.py checks that
+    it still does."""
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 def custom_op(name: str) -> Callable[[Callable], CustomOp]:

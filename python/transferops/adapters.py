@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import _checks, _memory, _philox
 from ._backend import Op, native_buffer, native_module
-from ._custom_ops import custom_op
+from ._custom_ops import assume_constant_result, custom_op
 
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 _RESIDUAL_INPUT, _RESIDUAL_NORMALIZED, _RESIDUAL_SEPARATE = 0, 1, 2
@@ -27,7 +27,7 @@ lora_op = Op("lora_linear", order=("native", "reference"))
 ia3_op = Op("ia3_linear", order=("native", "reference"))
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _choose(op: Op, backend: str, device: torch.device, dtype: torch.dtype, *args) -> str:
     """The backend for one call (``args``: what the op's limits look at); a constant while
     torch.compile traces (a later change of TRANSFEROPS_BACKEND or use_backend does not reach
