@@ -10,7 +10,7 @@ import torch
 from transferops import merging_interp as mi
 from transferops._backend import use_backend
 
-from _kit import DTYPES, assert_close, assert_matches_reference, noncontiguous
+from _kit import DTYPES, assert_close, assert_matches_reference, noncontiguous, peer
 
 F64 = torch.float64
 
@@ -93,7 +93,7 @@ def test_torch_matches_reference(name, shape, layout, dtype, seed):
 # ---- against mergekit 0.1.5 -----------------------------------------------------------------
 
 def _mergekit(name, base, models, params):
-    merge_methods = pytest.importorskip("mergekit.merge_methods")
+    merge_methods = peer("mergekit.merge_methods")
     tensors = ([] if base is None else [base]) + models
     return merge_methods.merge_tensors(tensors, name, parameters=params, base_index=None if base is None else 0)
 
@@ -140,7 +140,7 @@ def test_matches_mergekit(name, with_base, count, params, shape, dtype, backend,
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_karcher_weights_match_mergekit(dtype, seed):
-    karcher = pytest.importorskip("mergekit.merge_methods.karcher")
+    karcher = peer("mergekit.merge_methods.karcher")
     gen = torch.Generator().manual_seed(seed)
     xs = [_rand((6, 11), dtype, gen) for _ in range(3)]
     xs[1] = xs[1] * 1e-6  # below tol: out of the mean, still in the scale
@@ -246,9 +246,14 @@ def test_weights_summing_to_zero(seed):
     assert torch.equal(mi.nuslerp(xs[:2], weights=[2.0, -2.0]), mi.nuslerp(xs[:2], weights=[1.0, 1.0]))
     with pytest.raises(ValueError, match="karcher divides"):
         mi.karcher(xs[:2], weights=[1.0, -1.0])
-    if pytest.importorskip("mergekit"):  # what mergekit does instead: Inf/NaN
-        got = _mergekit("linear", None, xs, {"weight": [1.0, -0.5, -0.5]})
-        assert not torch.isfinite(got).all()
+
+
+def test_mergekit_divides_by_zero_weights(seed):
+    """What the ValueError above replaces: mergekit's Inf/NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    xs = [_rand((3, 4), F64, gen) for _ in range(3)]
+    for name in ("linear", "multislerp"):
+        assert not torch.isfinite(_mergekit(name, None, xs, {"weight": [1.0, -0.5, -0.5]})).all()
 
 
 def test_multislerp_antipodal_three_raise(seed):
@@ -256,7 +261,7 @@ def test_multislerp_antipodal_three_raise(seed):
     a = _rand((4, 5), F64, gen)
     with pytest.raises(ValueError, match="weighted mean of the models' directions is zero"):
         mi.multislerp([a, -a, torch.zeros_like(a)], weights=[1, 1, 1])
-    merge_methods = pytest.importorskip("mergekit.merge_methods")
+    merge_methods = peer("mergekit.merge_methods")
     with pytest.raises(ValueError, match="weighted sum of the input tensors is zero"):
         merge_methods.merge_tensors([a, -a, torch.zeros_like(a)], "multislerp", parameters={"weight": [1, 1, 1]})
 
@@ -310,7 +315,7 @@ def test_registry_contract():
 
 def test_registry_keys_are_mergekits():
     """Every key the registry takes is a parameter of mergekit's method, with its default."""
-    merge_methods = pytest.importorskip("mergekit.merge_methods")
+    merge_methods = peer("mergekit.merge_methods")
     for name, m in mi.TENSORWISE.items():
         spec = merge_methods.get(name).spec
         theirs = {p.name: p for p in spec.parameters}

@@ -100,7 +100,7 @@ def _reference_linear(xs, weights, normalize: bool) -> torch.Tensor:
 
 
 def linear(tensors, *, weights, normalize: bool = True, backend: str = "auto") -> torch.Tensor:
-    r"""Linear merge, the weighted model soup (Wortsman et al., ICML 2022, sec. 2):
+    r"""Linear merge, a weighted model soup (Wortsman et al., ICML 2022, arXiv:2203.05482):
     :math:`\sum_t w_t \theta_t / \sum_t w_t` (``normalize=True``) or :math:`\sum_t w_t \theta_t`.
 
     As mergekit 0.1.5 ``linear``: ``normalize`` divides by the plain sum of the weights (no
@@ -148,7 +148,8 @@ def _reference_slerp(a, b, t: float) -> torch.Tensor:
 
 
 def slerp(a, b, *, t: float, backend: str = "auto") -> torch.Tensor:
-    r"""Spherical linear interpolation (Shoemake, SIGGRAPH 1985, eq. of sec. 3.3) from ``a``
+    r"""Spherical linear interpolation (Shoemake, "Animating rotation with quaternion curves",
+    SIGGRAPH 1985) from ``a``
     (t = 0, mergekit's base_model) to ``b`` (t = 1), of the whole tensor as one vector:
     :math:`\frac{\sin((1-t)\theta)}{\sin\theta} a + \frac{\sin(t\theta)}{\sin\theta} b`,
     :math:`\cos\theta = \langle a/\|a\|, b/\|b\| \rangle`.
@@ -292,8 +293,8 @@ def _multislerp_torch(xs, w, base, normalize: bool, eps: float) -> torch.Tensor:
 
 def multislerp(tensors, *, weights, base=None, normalize_weights: bool = True, eps: float = 1e-8,
                backend: str = "auto") -> torch.Tensor:
-    r"""Multi-SLERP (C. Goddard, "Multi-SLERP", goddard.blog 2024; the tangent-space barycentre
-    of Buss & Fillmore, ACM TOG 2001, sec. 3): the weighted mean of the models' unit directions
+    r"""Multi-SLERP (C. Goddard, goddard.blog/posts/multislerp-wow-what-a-cool-idea; after the
+    spherical weighted averages of Buss & Fillmore, ACM TOG 2001): the weighted mean of the models' unit directions
     :math:`u_t = x_t / (\|x_t\| + \epsilon)`, renormalized, times :math:`\sum_t w_t \|x_t\|`,
     with :math:`x_t` the models, or with ``base`` their task vectors (and the base added back).
 
@@ -371,7 +372,7 @@ def _karcher_torch(xs, alphas, max_iter: int, tol: float) -> torch.Tensor:
     valid, a = _karcher_weights(norms, alphas, tol)
     if not valid:
         return torch.zeros_like(xs[0], memory_format=torch.contiguous_format)
-    unit = lambda i: vec(i) / norms[i]  # noqa: E731  (a new tensor: callers update it in place)
+    unit = lambda i: vec(i) / norms[i]  # noqa: E731 - a new tensor, which callers update in place
     mean = torch.zeros(xs[0].numel(), dtype=acc, device=xs[0].device)
     for i in valid:
         mean.add_(unit(i), alpha=a[i])
@@ -398,8 +399,8 @@ def _karcher_torch(xs, alphas, max_iter: int, tol: float) -> torch.Tensor:
 
 def karcher(tensors, *, weights=None, max_iter: int = 10, tol: float = 1e-5, backend: str = "auto") -> torch.Tensor:
     r"""The weighted Karcher (Riemannian) mean of the models' directions on the unit sphere
-    (Karcher, Comm. Pure Appl. Math. 1977; the fixed-point iteration of Buss & Fillmore, ACM TOG
-    2001, sec. 3), times :math:`\sum_t w_t \|\theta_t\|`.
+    (Karcher, Comm. Pure Appl. Math. 1977; the fixed-point iteration of Buss & Fillmore's algorithm
+    A1, ACM TOG 2001), times :math:`\sum_t w_t \|\theta_t\|`.
 
     mergekit 0.1.5's ``karcher_merge_tensors`` (its ``karcher`` method: all weights 1/T, no
     weight parameter; ``weights=None`` here): one model is returned as it is; models of norm at
@@ -408,6 +409,7 @@ def karcher(tensors, *, weights=None, max_iter: int = 10, tol: float = 1e-5, bac
     normalized weighted mean of the units (the first unit where that has norm < tol); each of at
     most ``max_iter`` steps moves along :math:`\sum_t w_t \frac{\theta_t}{\sin\theta_t}(u_t - \cos\theta_t\,m)`,
     skipping units within ``tol`` radians of the mean, and stops once that step has norm < tol.
+    ``tol`` must be > 0 (at 0 mergekit divides 0 by 0 once the mean has converged).
     """
     xs = _models(tensors)
     alphas = [1.0 / len(xs)] * len(xs) if weights is None else _checks.weight_list(weights, len(xs))
@@ -465,7 +467,7 @@ def _model_stock_torch(base, xs, filter_wise: bool) -> torch.Tensor:
 
 
 def model_stock(base, tensors, *, filter_wise: bool = False, backend: str = "auto") -> torch.Tensor:
-    r"""Model Stock (Jang et al., ECCV 2024, eq. 2-3): :math:`t\,\bar\theta + (1 - t)\,\theta_0`
+    r"""Model Stock (Jang et al., ECCV 2024, arXiv:2403.19522): :math:`t\,\bar\theta + (1 - t)\,\theta_0`
     with :math:`\bar\theta` the mean of the k models and
     :math:`t = k\cos\theta / (1 + (k - 1)\cos\theta)`, :math:`\cos\theta` the mean over pairs
     of models of the cosine between their task vectors :math:`\theta_i - \theta_0`.
@@ -550,7 +552,7 @@ def _sce_torch(base, xs, select_topk: float) -> torch.Tensor:
 
 
 def sce(base, tensors, *, select_topk: float = 1.0, backend: str = "auto") -> torch.Tensor:
-    r"""SCE, Select-Calculate-Erase (Wan et al., "FuseChat", 2024, sec. 3.3), on the task
+    r"""SCE, Select-Calculate-Erase (Wan et al., "FuseChat", arXiv:2408.07990), on the task
     vectors :math:`\tau_t = \theta_t - \theta_0`: keep the entries of the largest variance
     across tasks, weight each task by its mean square, elect the sign of
     :math:`\sum_t \tau_t` per entry, and return
@@ -561,10 +563,11 @@ def sce(base, tensors, *, select_topk: float = 1.0, backend: str = "auto") -> to
     lowest flat index first, where mergekit keeps torch.topk's); the weights are the masked task
     vectors' mean squares over their sum, 1/T each where that sum is below 1e-6 (an absolute
     threshold: small task vectors get equal weights); a vote of 0 elects +; zeros never agree.
-    No models: the base. mergekit's sce takes no per-model weight. The weighted disjoint mean
-    divides by the agreeing weights, floored at 1e-6, which the fused pass of
-    :mod:`transferops.merging` does not (it divides by the count or by max(weights, 1)), so it
-    runs here as two torch passes.
+    No models: the base. mergekit's sce takes no per-model weight. ``select_topk`` in [0, 1]
+    (mergekit treats values outside as 0 or 1). The vote of unweighted task vectors with a
+    mean over the agreeing weights floored at 1e-6 is no configuration of the fused pass of
+    :mod:`transferops.merging` (that votes with the weighted values where it divides by the
+    agreeing weights), so it runs here as torch passes over the models.
     """
     if isinstance(tensors, (list, tuple)) and not tensors:
         base = _like(base, "base")
@@ -604,7 +607,7 @@ def _reference_nearswap(base, other, t: float) -> torch.Tensor:
 
 
 def nearswap(base, other, *, t: float, backend: str = "auto") -> torch.Tensor:
-    r"""NearSwap (alchemonaut, QuartetAnemoi-70B model card, 2024): take ``other``'s value where
+    r"""NearSwap (alchemonaut, model card of QuartetAnemoi-70B-t0.0001): take ``other``'s value where
     it is near the base's, :math:`w = \operatorname{clamp}(t / |a - b|, 0, 1)`,
     :math:`w\,b + (1 - w)\,a` with ``a`` the base.
 
@@ -646,6 +649,11 @@ class Method:
     defaults: Mapping[str, object] = field(default_factory=dict)
 
 
+# mergekit's input contracts (base: its base_model; models: the others). slerp, nearswap: a base
+# (slerp's t = 0 end; the values nearswap keeps) and exactly 1 model. nuslerp: exactly 2 models,
+# multislerp: at least 1, each with an optional base (then on task vectors). model_stock: a base
+# and at least 2 models; sce: a base and any number. linear, karcher: at least 1 model and no base
+# role; passthrough: exactly 1 model and no base role.
 TENSORWISE: dict[str, Method] = {
     "linear": Method(lambda b, ms, p, be: linear(ms, weights=p["weight"], normalize=p["normalize"], backend=be),
                      False, per_model=("weight",), shared=("normalize",), kinds={"normalize": "bool"},
