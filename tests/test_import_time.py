@@ -2,10 +2,13 @@
 (CI machines vary), from `python -X importtime` in a fresh interpreter. The issue's bar is
 1.5 s wall for each on an idle 2-core machine; torch alone takes ~1 s there, torch._dynamo
 another ~0.9 s (it pulls sympy, triton and inductor)."""
+import ast
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +23,9 @@ NOT_FOR_IMPORT = ("torch", "numpy", "scipy", "triton", "sympy", "transformers", 
 NOT_FOR_OPS = ("torch._dynamo", "torch._inductor", "sympy", "triton", "scipy", "transformers", "peft",
                "safetensors", "transferops.kernels")
 OPS = ("adapters", "merging", "nn", "ot", "transferability")
+PACKAGE = Path(transferops.__file__).parent
+MODULES = {".".join(("transferops",) + f.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__"): f
+           for f in sorted(PACKAGE.rglob("*.py"))}
 
 
 def _imports(*args: str) -> dict[str, tuple[float, str]]:
@@ -101,3 +107,50 @@ def test_assume_constant_result_marks_functions_as_torch_does():
     assert assume_constant_result(ours) is ours
     assert torch.compiler.assume_constant_result(torchs) is torchs
     assert ours.__dict__ == torchs.__dict__ != {}
+
+
+def _module_level_imports(name: str, path: Path) -> set[str]:
+    """The package's modules that ``name`` imports at its top level (not inside functions, `if`
+    or `try` blocks)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            target = f"{base}.{node.module}" if node.module else base
+            found |= {f"{target}.{a.name}" if f"{target}.{a.name}" in MODULES else target for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return found & MODULES.keys()
+
+
+def test_no_module_level_import_cycles():
+    """With nothing imported by the package's __init__, any module may be imported first; in a
+    cycle of top-level imports the one imported first sees the other half-initialized (merging
+    re-exporting merging_models' names did: `import transferops.merging_models` failed)."""
+    graph = {name: _module_level_imports(name, path) for name, path in MODULES.items()}
+    done, path = set(), []
+
+    def visit(name):
+        if name in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(name):] + [name]))
+        if name not in done:
+            path.append(name)
+            for dep in sorted(graph[name]):
+                visit(dep)
+            path.pop()
+            done.add(name)
+    for name in graph:
+        visit(name)
+
+
+@pytest.mark.slow
+def test_every_module_imports_first_in_a_fresh_interpreter():
+    def run(name):
+        res = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True)
+        return name, res.returncode, res.stderr.strip().splitlines()[-1:]
+    with ThreadPoolExecutor(2) as pool:
+        failed = [(name, err) for name, code, err in pool.map(run, MODULES) if code]
+    assert not failed, failed
