@@ -43,11 +43,13 @@ SIZES = {  # LlamaConfig keyword arguments, and the shard size of save_pretraine
                "vocab_size": 32000}, "16MB"),
 }
 WEIGHTS = (0.7, 0.6, 0.5)
-DENSITY = 0.6  # one for all models: transferops refuses per-model densities that differ
+DENSITY = 0.6  # one for all three models
 CHANGE = 0.05  # a fine-tune's change of each entry, in units of its tensor's mean magnitude
 SEED = 0
 BAND = 2**-7  # relative: bf16 rounds to 2^-8, twice that is a margin
-ULPS = 4  # how far the outputs may differ off the fragile entries (see agreement), in bf16 ulps
+# How far the outputs may differ off the fragile entries (see agreement), in bf16 ulps: the 374M
+# run reached 4; on the quick model, one weight off by 0.05 or the density off by 0.02 gives ~500.
+ULPS = 8
 
 
 def checkpoints(cache: Path, mode: str) -> list[Path]:
@@ -148,8 +150,8 @@ def _fragile(base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
 def agreement(ours: Path, theirs: Path, inputs: list[Path]) -> dict:
     """How the two merged folders differ: the fraction of entries equal, the fraction left out
     (_fragile), the largest difference elsewhere in bf16 ulps of the largest of |base|, either
-    output and |ours - base| (mergekit rounds the task vectors, their weighted sum and its
-    quotient to bf16, each half an ulp of the change at most, then the sum with the base), and
+    output and |ours - base| (mergekit rounds the task vectors, their weighted terms, sum, divisor
+    and quotient to bf16, about half an ulp of the change each, then the sum with the base), and
     ||ours - theirs|| / ||theirs - base|| over the whole model, fragile entries included."""
     a, b = _tensors(ours), _tensors(theirs)
     inputs = [_tensors(p) for p in inputs]
