@@ -16,7 +16,7 @@ zero. The check leaves those out and bounds the difference elsewhere (``agreemen
     python -m transferops.bench.bench_model_merge [--quick] [--record] [--results DIR] [--cache DIR]
 
 Full: 374M parameters (hidden 1024, intermediate 2816, 24 layers, vocabulary 32000, untied
-head); quick: 21M. ``--record`` appends the run to bench/results/<machine kind>.jsonl, as
+head); quick: 20M. ``--record`` appends the run to bench/results/<machine kind>.jsonl, as
 ``transferops bench --record`` does (rows of kind ``demo``: out of the headline).
 """
 from __future__ import annotations
@@ -186,7 +186,7 @@ def _line(label: str, m: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m transferops.bench.bench_model_merge",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a 21M-parameter model instead of 374M")
+    p.add_argument("--quick", action="store_true", help="a 20M-parameter model instead of 374M")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "transferops-bench-models",
                    help="folder of the generated checkpoints, reused by later runs (default: %(default)s)")
     p.add_argument("--record", action="store_true", help="append the run to <results>/<machine kind>.jsonl")
