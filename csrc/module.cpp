@@ -106,13 +106,39 @@ std::vector<View2D> views_of(const std::vector<py::buffer>& bufs, const std::str
   return views;
 }
 
-// With `base`, `tvs` are models theta_t (see cpu::merge). `out` None: a counting pass.
+using TrimArgs = std::optional<std::vector<std::tuple<double, double, int64_t, double, double, int64_t>>>;
+// (seed, stream, keep_below per task, rescale per task, index offset)
+using DareArgs = std::optional<std::tuple<uint64_t, uint32_t, std::vector<uint64_t>, std::vector<double>, int64_t>>;
+
+std::vector<cpu::Trim> trims_of(const TrimArgs& trims, size_t T) {
+  std::vector<cpu::Trim> tr;
+  if (trims) {
+    if (trims->size() != T) throw std::invalid_argument("trims: expected " + std::to_string(T) + " entries");
+    for (const auto& [lo, hi, cut, dlo, dhi, dcut] : *trims) tr.push_back(cpu::Trim{lo, hi, cut, dlo, dhi, dcut});
+  }
+  return tr;
+}
+
+// The cpu::Dare of `dare` (its arrays point into `dare`), or nothing.
+std::optional<cpu::Dare> dare_of(const DareArgs& dare, size_t T) {
+  if (!dare) return std::nullopt;
+  const auto& [seed, stream, keep_below, rescale, offset] = *dare;
+  if (keep_below.size() != T || rescale.size() != T) {
+    throw std::invalid_argument("dare: expected keep_below and rescale for each of " + std::to_string(T) + " tasks");
+  }
+  for (const uint64_t k : keep_below) {
+    if (k > (uint64_t(1) << 32)) throw std::invalid_argument("dare: keep_below exceeds 2^32");
+  }
+  return cpu::Dare{seed, stream, keep_below.data(), rescale.data(), offset};
+}
+
+// With `base`, `tvs` are models theta_t (see cpu::merge). `out` None: a counting pass. `normalize`
+// None: elections divide, sums do not (see cpu::MergeSpec).
 std::tuple<int64_t, int64_t> merge(
     const std::vector<py::buffer>& tvs, const std::optional<py::buffer>& base, const std::optional<py::buffer>& out,
-    const std::optional<std::vector<double>>& weights,
-    const std::optional<std::vector<std::tuple<double, double, int64_t, double, double, int64_t>>>& trims,
-    const std::optional<std::tuple<uint64_t, uint32_t, uint64_t, double, int64_t>>& dare, bool elect, int rule,
-    bool weight_before_election, int zero_sign, double lam) {
+    const std::optional<std::vector<double>>& weights, const TrimArgs& trims, const DareArgs& dare, bool elect,
+    int rule, bool weight_before_election, int zero_sign, double lam, const std::optional<std::vector<double>>& scales,
+    std::optional<bool> normalize) {
   if (rule != 0 && rule != 1) throw std::invalid_argument("rule: expected 0 (sum) or 1 (count)");
   if (zero_sign != 1 && zero_sign != -1) throw std::invalid_argument("zero_sign: expected 1 or -1");
   std::vector<BufferView> keep;
@@ -130,24 +156,36 @@ std::tuple<int64_t, int64_t> merge(
     check_same_layout(b->view, views[0], "base");
   }
   const double* w = weights_ptr(weights, tvs.size());
-  std::vector<cpu::Trim> tr;
-  if (trims) {
-    if (trims->size() != tvs.size()) {
-      throw std::invalid_argument("trims: expected " + std::to_string(tvs.size()) + " entries");
-    }
-    for (const auto& [lo, hi, cut, dlo, dhi, dcut] : *trims) tr.push_back(cpu::Trim{lo, hi, cut, dlo, dhi, dcut});
-  }
-  std::optional<cpu::Dare> dr;
-  if (dare) {
-    const auto& [seed, stream, keep_below, rescale, offset] = *dare;
-    if (keep_below > (uint64_t(1) << 32)) throw std::invalid_argument("dare: keep_below exceeds 2^32");
-    dr = cpu::Dare{seed, stream, keep_below, rescale, offset};
-  }
-  const cpu::MergeSpec spec{elect, static_cast<cpu::SignRule>(rule), weight_before_election, zero_sign, lam};
+  const double* sc = scales ? weights_ptr(scales, tvs.size()) : nullptr;
+  const std::vector<cpu::Trim> tr = trims_of(trims, tvs.size());
+  const std::optional<cpu::Dare> dr = dare_of(dare, tvs.size());
+  const cpu::MergeSpec spec{elect, static_cast<cpu::SignRule>(rule), weight_before_election, normalize.value_or(elect),
+                            zero_sign, lam};
   py::gil_scoped_release release;
-  const cpu::MergeResult r = cpu::merge(views, b ? &b->view : nullptr, out_view, w, trims ? tr.data() : nullptr,
+  const cpu::MergeResult r = cpu::merge(views, b ? &b->view : nullptr, out_view, w, sc, trims ? tr.data() : nullptr,
                                         dr ? &*dr : nullptr, spec);
   return {r.nonfinite, r.sign_sum};
+}
+
+// cpu::kept_l1 into a new float64 array [blocks, T, 2].
+py::array_t<double> kept_l1(const std::vector<py::buffer>& tvs, const std::optional<py::buffer>& base,
+                            const TrimArgs& trims, const DareArgs& dare, int64_t offset) {
+  if (offset < 0) throw std::invalid_argument("offset: expected a flat index >= 0");
+  std::vector<BufferView> keep;
+  const std::vector<View2D> views = views_of(tvs, "task_vectors", keep, nullptr);
+  std::optional<BufferView> b;
+  if (base) {
+    b = buffer_view(*base, "base", false);
+    check_same_layout(b->view, views[0], "base");
+  }
+  const std::vector<cpu::Trim> tr = trims_of(trims, tvs.size());
+  const std::optional<cpu::Dare> dr = dare_of(dare, tvs.size());
+  const int64_t T = int64_t(tvs.size());
+  py::array_t<double> partials({cpu::l1_blocks(offset, views[0].rows * views[0].cols), T, int64_t(2)});
+  double* p = partials.mutable_data();
+  py::gil_scoped_release release;
+  cpu::kept_l1(views, b ? &b->view : nullptr, trims ? tr.data() : nullptr, dr ? &*dr : nullptr, offset, p);
+  return partials;
 }
 
 std::tuple<int64_t, int64_t> fisher_average(const std::vector<py::buffer>& models, const std::vector<py::buffer>& fishers,
@@ -633,11 +671,15 @@ PYBIND11_MODULE(_native, m) {
   m.attr("has_cuda") = false;
 #endif
   m.def("merge", &merge, py::arg("task_vectors"), py::arg("base"), py::arg("out"), py::arg("weights"),
-        py::arg("trims"), py::arg("dare"), py::arg("elect"), py::arg("rule"),
-        py::arg("weight_before_election"), py::arg("zero_sign"), py::arg("lam"),
+        py::arg("trims"), py::arg("dare"), py::arg("elect"), py::arg("rule"), py::arg("weight_before_election"),
+        py::arg("zero_sign"), py::arg("lam"), py::arg("scales") = py::none(), py::arg("normalize") = py::none(),
         "Fused trim + (TIES election and disjoint mean | weighted sum), optionally forming the task "
         "vectors from models and a base; returns (positions where an input was NaN/Inf, sum of the "
         "elected signs)");
+  m.def("kept_l1", &kept_l1, py::arg("task_vectors"), py::arg("base"), py::arg("trims"), py::arg("dare"),
+        py::arg("offset"), "Per block of kept_l1_block flat indices and task: (sum |tv|, sum |kept tv|), float64 "
+        "[blocks, T, 2]");
+  m.attr("kept_l1_block") = cpu::kL1Block;
   m.def("fisher_average", &fisher_average, py::arg("models"), py::arg("fishers"), py::arg("out"), py::arg("weights"),
         py::arg("eps"), "Fisher merging in one pass; returns (positions with NaN/Inf, positions with a negative Fisher)");
   m.def("sinkhorn_matrix", &sinkhorn_matrix, py::arg("C"), py::arg("N"), py::arg("a"), py::arg("b"), py::arg("f"),

@@ -62,7 +62,8 @@ TRANSFEROPS_INLINE inline I counted_if(bool c, I n) {
 
 template <class S, SignRule rule, bool elect, bool wbefore, bool dare, bool diff>
 MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, const View2D& out,
-                        const double* weights, const Trim* trims, const Dare* dr, MergeSpec spec) {
+                        const double* weights, const double* scales, const Trim* trims, const Dare* dr,
+                        MergeSpec spec) {
   using A = acc_t<S>;
   using K = typename AbsKey<A>::K;
   // PEFT's denominators count the agreeing tasks: integers, which the loop adds as masks.
@@ -70,16 +71,30 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
   const int T = int(tvs.size());
   const A inf = std::numeric_limits<A>::infinity();
   const K inf_key = abs_key(inf);
-  std::vector<A> w(T, A(1));
+  // Per task: the weight of its kept values (w_t * scale_t), that of its votes in mergekit's
+  // denominator (w_t), its trim, and DARE's keep test and divisor.
+  std::vector<A> w(T, A(1)), den_w(T, A(1)), rescale(T, A(1));
   std::vector<Trim> tr(T, Trim{0, 0, 0, inf, inf, 0});
+  std::vector<uint32_t> keep_below(T, 0);
+  std::vector<uint8_t> keep_all(T, 1);
+  double weight_sum = 0;
   for (int t = 0; t < T; ++t) {
-    if (weights) w[t] = A(weights[t]);
+    const double wt = weights ? weights[t] : 1.0;
+    weight_sum += wt;
+    w[t] = A(wt * (scales ? scales[t] : 1.0));
+    den_w[t] = A(wt);
     if (trims) tr[t] = trims[t];
+    if constexpr (dare) {
+      keep_all[t] = dr->keep_below[t] >= (uint64_t(1) << 32);
+      keep_below[t] = keep_all[t] ? 0u : uint32_t(dr->keep_below[t]);
+      rescale[t] = A(dr->rescale[t]);
+    }
   }
-  const Dare d = dare ? *dr : Dare{0, 0, 0, 1.0, 0};
-  const A rescale = A(d.rescale), lam = A(spec.lam);
-  const bool keep_all = d.keep_below >= (uint64_t(1) << 32);
-  const uint32_t keep_below = keep_all ? 0u : uint32_t(d.keep_below);
+  const Dare d = dare ? *dr : Dare{0, 0, nullptr, nullptr, 0};
+  const A lam = A(spec.lam);
+  // mergekit's sum with normalize: divided by the weights' sum, unless that is about 0.
+  const A sum_divisor = std::abs(weight_sum) < 1e-8 ? A(1) : A(weight_sum);
+  const bool normalize = spec.normalize;
   const bool zero_elects_plus = spec.zero_sign > 0;
   const bool store = out.data != nullptr;
   const Blocks b(tvs[0], kBlock);
@@ -131,9 +146,13 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
     alignas(64) A merged[kBlock];
     const A zero_vote = zero_elects_plus ? A(1) : A(-1);
     auto elects_plus = [&](A vt) TRANSFEROPS_INLINE { return (vt == A(0) ? zero_vote : vt) > A(0); };
-    // Entry j from the elected side's sum and denominator (all tasks' sum without an election).
-    auto finish = [&](int64_t j, A sum, A den) TRANSFEROPS_INLINE {
-      A m = elect ? sum / (den == A(0) ? A(1) : den) : sum;
+    // Entry j from the elected side's sum and denominator (all tasks' sum without an election),
+    // divided as `divide` says (MergeSpec::normalize) by `by`, the sum's divisor. Both come in
+    // as the caller's locals: read through this lambda's captures inside the loops, they would
+    // be loads that might alias `merged`, and GCC then leaves most instances of the loops scalar.
+    auto finish = [&](int64_t j, A sum, A den, bool divide, A by) TRANSFEROPS_INLINE {
+      A m = sum;
+      if (divide) m = sum / (elect ? (den == A(0) ? A(1) : den) : by);
       if constexpr (diff) m = lam * m + base_row[j];
       return m;
     };
@@ -142,12 +161,17 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
       constexpr int G = decltype(group)::value;
       constexpr bool W = decltype(one_sweep)::value;
       const S* p[G];
-      A wt[G], dw[G], bound[G], drop[G];
+      const bool divide = normalize;
+      const A by = sum_divisor;
+      A wt[G], dw[G], bound[G], drop[G], rs[G];
+      uint32_t below[G];
+      bool all[G];
       for (int g = 0; g < G; ++g) {
         const Trim& m = tr[t0 + g];
         p[g] = tvs[t0 + g].row<S>(r) + c0;
         wt[g] = w[t0 + g];
-        dw[g] = wbefore ? w[t0 + g] : A(1);
+        dw[g] = wbefore ? den_w[t0 + g] : A(1);
+        rs[g] = rescale[t0 + g], below[g] = keep_below[t0 + g], all[g] = keep_all[t0 + g];
         bound[g] = A(flat0 + j0 < m.cut ? m.lo : m.hi);
         drop[g] = A(flat0 + j0 < m.drop_cut ? m.drop_lo : m.drop_hi);
       }
@@ -253,8 +277,8 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
               sum = _mm512_mask_add_ps(sum, agree, sum, L ? v[g] : _mm512_mul_ps(_mm512_set1_ps(wt[g]), v[g]));
               den = _mm512_mask_sub_epi32(den, agree, den, minus_one);
             }
-            const __m512 by = _mm512_mask_blend_ps(_mm512_test_epi32_mask(den, den), _mm512_set1_ps(1.0f),
-                                                   _mm512_cvtepi32_ps(den));
+            const __m512 by = _mm512_mask_blend_ps(normalize ? _mm512_test_epi32_mask(den, den) : __mmask16(0),
+                                                   _mm512_set1_ps(1.0f), _mm512_cvtepi32_ps(den));
             __m512 m = _mm512_div_ps(sum, by);
             if constexpr (diff) m = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(lam), m), _mm512_loadu_ps(base_row + j));
             _mm512_storeu_ps(merged + j, m);
@@ -280,7 +304,7 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
           const A mag = std::abs(raw);
           key = std::max(key, abs_key(mag));  // NaN and Inf have the largest keys
           v[g] = kept_if(mag >= bound[g] && mag < drop[g], raw);
-          if constexpr (dare) v[g] = kept_if(keep_all | (draw[g][j] < keep_below), v[g] / rescale);
+          if constexpr (dare) v[g] = kept_if(all[g] | (draw[g][j] < below[g]), v[g] / rs[g]);
           wv[g] = wt[g] * v[g];
         };
         // What task g votes with, and its ballot under the sign rule.
@@ -331,7 +355,7 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
             }
           }
           segment_bad += key >= inf_key;
-          merged[j] = finish(j, sum, A(den));
+          merged[j] = finish(j, sum, A(den), divide, by);
         }
       }
       bad += segment_bad;
@@ -372,9 +396,11 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
         for (int64_t j = 0; j < n; ++j) signs += (vote[j] > A(0)) - (vote[j] < A(0));
       }
       if (store) {
+        const bool divide = normalize;
+        const A by = sum_divisor;
         for (int64_t j = 0; j < n; ++j) {
           const bool plus = !elect || elects_plus(vote[j]);
-          merged[j] = finish(j, plus ? pos_sum[j] : neg_sum[j], plus ? A(pos_den[j]) : A(neg_den[j]));
+          merged[j] = finish(j, plus ? pos_sum[j] : neg_sum[j], plus ? A(pos_den[j]) : A(neg_den[j]), divide, by);
         }
       }
     }
@@ -430,10 +456,58 @@ FisherResult fisher_typed(const std::vector<View2D>& models, const std::vector<V
   return {nonfinite, negative};
 }
 
+// cpu::kept_l1, one block of kL1Block flat indices per work item: each task's values gathered
+// across rows in flat order, then summed over eight interleaved lanes added up in a fixed order,
+// so a block's sums depend on nothing but its values.
+template <class S, bool dare, bool diff>
+void kept_l1_typed(const std::vector<View2D>& tvs, const View2D* base, const Trim* trims, const Dare* dr,
+                   int64_t offset, double* partials) {
+  using A = acc_t<S>;
+  const int T = int(tvs.size());
+  const int64_t cols = tvs[0].cols, numel = tvs[0].rows * cols;
+  const int64_t first = offset / kL1Block, blocks = l1_blocks(offset, numel);
+  const A inf = std::numeric_limits<A>::infinity();
+#pragma omp parallel for schedule(static) if (numel > kParallelMinElements)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t i0 = std::max((first + b) * kL1Block, offset) - offset;
+    const int64_t i1 = std::min((first + b + 1) * kL1Block, offset + numel) - offset, n = i1 - i0;
+    alignas(64) A mag[kL1Block];
+    alignas(64) uint32_t draw[dare ? kL1Block : 1];
+    for (int t = 0; t < T; ++t) {
+      for (int64_t i = i0; i < i1;) {  // row by row
+        const int64_t r = i / cols, c = i % cols, len = std::min(cols - c, i1 - i);
+        const S* p = tvs[t].row<S>(r) + c;
+        for (int64_t j = 0; j < len; ++j) {
+          const A raw = diff ? widen(p[j]) - widen(base->row<S>(r)[c + j]) : widen(p[j]);
+          mag[i - i0 + j] = std::abs(raw);
+        }
+        i += len;
+      }
+      const Trim m = trims ? trims[t] : Trim{0, 0, 0, inf, inf, 0};
+      const bool keep_all = !dare || dr->keep_below[t] >= (uint64_t(1) << 32);
+      if constexpr (dare) philox_run(uint64_t(dr->offset + i0), uint32_t(t), dr->stream, dr->seed, n, draw);
+      double all[8] = {}, kept[8] = {};
+      for (int64_t j = 0; j < n; ++j) {
+        // The keep test of merge_typed, on the same accumulation-type magnitudes.
+        const int64_t i = i0 + j;
+        const A bound = A(i < m.cut ? m.lo : m.hi), drop = A(i < m.drop_cut ? m.drop_lo : m.drop_hi);
+        bool keep = mag[j] >= bound && mag[j] < drop;
+        if constexpr (dare) keep &= keep_all || draw[j] < dr->keep_below[t];
+        all[j & 7] += double(mag[j]);
+        kept[j & 7] += keep ? double(mag[j]) : 0.0;
+      }
+      double* out = partials + (b * T + t) * 2;
+      out[0] = ((all[0] + all[1]) + (all[2] + all[3])) + ((all[4] + all[5]) + (all[6] + all[7]));
+      out[1] = ((kept[0] + kept[1]) + (kept[2] + kept[3])) + ((kept[4] + kept[5]) + (kept[6] + kept[7]));
+    }
+  }
+}
+
 }  // namespace
 
 MergeResult merge_impl(const std::vector<View2D>& tvs, const View2D* base, const View2D& out,
-                       const double* weights, const Trim* trims, const Dare* dare, MergeSpec spec) {
+                       const double* weights, const double* scales, const Trim* trims, const Dare* dare,
+                       MergeSpec spec) {
   return dispatch_float(tvs[0].dtype, [&](auto tag) -> MergeResult {
     using S = decltype(tag);
     return with_flag(spec.elect, [&](auto elect) {
@@ -445,10 +519,22 @@ MergeResult merge_impl(const std::vector<View2D>& tvs, const View2D* base, const
               constexpr SignRule rule = decltype(count)::value ? SignRule::count : SignRule::sum;
               return merge_typed<S, rule, decltype(elect)::value, decltype(wbefore)::value,
                                  decltype(use_dare)::value, decltype(diff)::value>(tvs, base, out, weights,
-                                                                                  trims, dare, spec);
+                                                                                  scales, trims, dare, spec);
             });
           });
         });
+      });
+    });
+  });
+}
+
+void kept_l1_impl(const std::vector<View2D>& tvs, const View2D* base, const Trim* trims, const Dare* dare,
+                  int64_t offset, double* partials) {
+  dispatch_float(tvs[0].dtype, [&](auto tag) {
+    with_flag(dare != nullptr, [&](auto use_dare) {
+      with_flag(base != nullptr, [&](auto diff) {
+        kept_l1_typed<decltype(tag), decltype(use_dare)::value, decltype(diff)::value>(tvs, base, trims, dare,
+                                                                                      offset, partials);
       });
     });
   });
@@ -463,15 +549,27 @@ FisherResult fisher_impl(const std::vector<View2D>& models, const std::vector<Vi
 #ifdef TRANSFEROPS_ISA_BASE
 #define TRANSFEROPS_MERGING_IMPLS                                                                     \
   MergeResult merge_impl(const std::vector<View2D>& tvs, const View2D* base, const View2D& out,       \
-                         const double* weights, const Trim* trims, const Dare* dare, MergeSpec spec); \
+                         const double* weights, const double* scales, const Trim* trims, const Dare* dare, \
+                         MergeSpec spec);                                                              \
+  void kept_l1_impl(const std::vector<View2D>& tvs, const View2D* base, const Trim* trims,            \
+                    const Dare* dare, int64_t offset, double* partials);                               \
   FisherResult fisher_impl(const std::vector<View2D>& models, const std::vector<View2D>& fishers,     \
                            const View2D& out, const double* weights, double eps);
 TRANSFEROPS_IF_AVX2(namespace avx2 { TRANSFEROPS_MERGING_IMPLS })
 TRANSFEROPS_IF_AVX512(namespace avx512 { TRANSFEROPS_MERGING_IMPLS })
 
 MergeResult merge(const std::vector<View2D>& tvs, const View2D* base, const View2D& out, const double* weights,
-                  const Trim* trims, const Dare* dare, MergeSpec spec) {
-  TRANSFEROPS_RUN_UP_TO_AVX512(merge_impl(tvs, base, out, weights, trims, dare, spec));
+                  const double* scales, const Trim* trims, const Dare* dare, MergeSpec spec) {
+  TRANSFEROPS_RUN_UP_TO_AVX512(merge_impl(tvs, base, out, weights, scales, trims, dare, spec));
+}
+
+int64_t l1_blocks(int64_t offset, int64_t numel) {
+  return numel ? (offset + numel - 1) / kL1Block - offset / kL1Block + 1 : 0;
+}
+
+void kept_l1(const std::vector<View2D>& tvs, const View2D* base, const Trim* trims, const Dare* dare, int64_t offset,
+             double* partials) {
+  TRANSFEROPS_RUN_UP_TO_AVX512(kept_l1_impl(tvs, base, trims, dare, offset, partials));
 }
 
 FisherResult fisher_average(const std::vector<View2D>& models, const std::vector<View2D>& fishers, const View2D& out,

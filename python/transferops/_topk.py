@@ -27,11 +27,24 @@ def trims(select, numel: int, spec) -> list:
     """Per task (lo, hi, cut, drop_lo, drop_hi, drop_cut) of a tensor of ``numel`` elements: the
     fused pass keeps |v| >= lo before flat index ``cut`` and |v| >= hi from it on, and drops
     what the drop_* trim (breadcrumbs' top outliers, else nothing) would keep. ``spec`` (a
-    MergeSpec) gives the counts, keep_count(numel) + drop_count(numel) and drop_count(numel)."""
-    k, g = spec.keep_count(numel), spec.drop_count(numel)
-    keep = select(k + g, spec.keep_ties)
-    drop = select(g, False) if g else [NOTHING] * len(keep)
+    MergeSpec) gives task t's counts, keep_count(numel, t) + drop_count(numel, t) and
+    drop_count(numel, t)."""
+    if spec.tasks is None:  # the same counts for every task
+        k, g = spec.keep_count(numel), spec.drop_count(numel)
+        keep = select(k + g, spec.keep_ties)
+        drop = select(g, False) if g else [NOTHING] * len(keep)
+    else:
+        drops = [spec.drop_count(numel, t) for t in range(spec.tasks)]
+        keep = _per_task(select, [spec.keep_count(numel, t) + g for t, g in enumerate(drops)], spec.keep_ties)
+        drop = _per_task(select, drops, False)
     return [a + b for a, b in zip(keep, drop)]
+
+
+def _per_task(select, counts: list, keep_ties: bool) -> list:
+    """Task t's row of ``select(counts[t], keep_ties)``: one select per distinct count (none for 0,
+    which keeps nothing)."""
+    found = {k: select(k, keep_ties) for k in sorted(set(counts)) if k}
+    return [found[k][t] if k else NOTHING for t, k in enumerate(counts)]
 
 
 def shift(trims, offset: int, numel: int | None = None) -> tuple:

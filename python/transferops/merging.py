@@ -23,22 +23,26 @@ import torch
 
 from . import _checks
 from . import _memory
-from . import _philox
 from . import _topk
 from ._philox import U32 as _U32
 from ._backend import Op, native_buffer, native_module
 from ._mergenames import METHODS, SEMANTICS, SIGN_RULES
+from ._selection import L1_BLOCK, _at, _keep_below, l1_partials, l1_scales, selection as _selection
+from ._selection import _dare_keep, _della_keep_probability, _draws, _topk_keep  # noqa: F401 (tests use them here)
 
 _DTYPES = _checks.FLOAT_DTYPES
 
 
 @dataclass(frozen=True)
 class MergeSpec:
-    density: float | None  # keep the top int(density * numel) magnitudes per task; None: no trim
+    # The fractions density, dare, gamma and della's are one value for all tasks or a tuple of
+    # one per task (mergekit's per-model parameters).
+    density: float | tuple | None  # keep the top int(density * numel) magnitudes per task; None: no trim
     elect: bool  # TIES election + disjoint mean; False: weighted sum
     sign: str = "sum"  # election rule, see SIGN_RULES
     semantics: str = "peft"  # see SEMANTICS and ties()
-    dare: float | None = None  # DARE keep probability (survivors divided by it); None: no DARE
+    # DARE keep probability; survivors divided by it, except under "mergekit". None: no DARE.
+    dare: float | tuple | None = None
     seed: int = 0  # DARE: with `stream` (a hash of the tensor's name), keys the Philox counter
     stream: int = 0
     # Set only when a tensor is merged in chunks: the whole tensor's top-k trims, one
@@ -51,28 +55,58 @@ class MergeSpec:
     # sum of the elected signs over the input, -1 where that is 0 too; set to +1 or -1 when the
     # input is a chunk of a larger scope, whose majority is then found by a pass of its own.
     zero_sign: int | None = 1
-    gamma: float | None = None  # Model Breadcrumbs: the top fraction of magnitudes dropped
+    gamma: float | tuple | None = None  # Model Breadcrumbs: the top fraction of magnitudes dropped
     della: tuple | None = None  # DELLA's (density, epsilon): keep probabilities by rank, see below
+    # Elections divide the agreeing sum by its count or weight, unless False (mergekit's
+    # normalize: false: by 1); sums are divided by the weights' sum only if True (mergekit's
+    # normalize: true; by 1 where |sum| < 1e-8). None: elections divide, sums do not.
+    normalize: bool | None = None
+    # mergekit's rescale: each task's kept values times ||tau_t||_1 / ||kept tau_t||_1 over the
+    # whole tensor (1 where either is below 1e-7); `scales` holds those ratios when the tensor is
+    # merged in chunks, found by a pass of their own (see l1_scales), else the backend finds them.
+    rescale: bool = False
+    scales: tuple | None = None
+
+    @property
+    def divides(self) -> bool:
+        """Whether the fused pass divides its sum (see ``normalize``)."""
+        return self.elect if self.normalize is None else self.normalize
+
+    @property
+    def divides_survivors(self) -> bool:
+        """DARE and DELLA divide survivors by their keep probability (PEFT, the papers), not
+        under mergekit's semantics, where ``rescale`` may rescale them to the L1 norm instead."""
+        return self.semantics != "mergekit"
+
+    @property
+    def tasks(self) -> int | None:
+        """How many tasks the per-task parameters are given for; None: one value for all."""
+        sizes = {len(v) for v in (self.density, self.dare, self.gamma, *(self.della or ())) if isinstance(v, tuple)}
+        return sizes.pop() if sizes else None
 
     @property
     def weight_before_election(self) -> bool:
         """mergekit votes with w_t * tv_t and divides by the agreeing weight."""
         return self.semantics == "mergekit"
 
-    def keep_count(self, numel: int) -> int:
-        """The rank of the top-k trim's threshold: int(density * numel); mergekit keeps at
-        least one of a non-empty tensor when density > 0; the paper's code thresholds at the
+    def keep_count(self, numel: int, task: int = 0) -> int:
+        """The rank of task ``task``'s top-k threshold: int(density * numel); mergekit's
+        ``magnitude`` keeps at least one of a non-empty tensor when density > 0 (its
+        ``magnitude_outliers``, breadcrumbs, does not); the paper's code thresholds at the
         (int(density * numel) + 1)-th largest magnitude and keeps every tie (see keep_ties)."""
-        k = int(self.density * numel)
+        density = _at(self.density, task)
+        k = int(density * numel)
         if self.semantics == "paper":
             return min(k + 1, numel)
-        return max(1, k) if self.semantics == "mergekit" and self.density > 0 else k
+        return max(1, k) if self.semantics == "mergekit" and self.gamma is None and density > 0 else k
 
-    def drop_count(self, numel: int) -> int:
+    def drop_count(self, numel: int, task: int = 0) -> int:
         """Breadcrumbs: how many of the largest magnitudes are dropped, int(gamma * numel), fewer
         where the kept int(density * numel) would otherwise run out of entries (mergekit's
         ``magnitude_outliers``)."""
-        return 0 if self.gamma is None else min(int(self.gamma * numel), numel - self.keep_count(numel))
+        if self.gamma is None:
+            return 0
+        return min(int(_at(self.gamma, task) * numel), numel - self.keep_count(numel, task))
 
     @property
     def keep_ties(self) -> bool:
@@ -99,55 +133,6 @@ def _fnv1a32(name: str) -> int:
     for byte in name.encode():
         h = ((h ^ byte) * 0x01000193) & _U32
     return h
-
-
-def _draws(shape, spec: MergeSpec, task: int) -> torch.Tensor:
-    """The random words (uint32 values in int64) of one task: philox(i, task, stream; seed) for
-    flat element index i, the native kernel drawing the same numbers in place."""
-    return _philox.draws(int(torch.Size(shape).numel()), seed=spec.seed, stream=spec.stream, task=task,
-                         offset=spec.offset).view(shape)
-
-
-def _dare_keep(shape, spec: MergeSpec, task: int) -> torch.Tensor:
-    """DARE's keep mask of one task: element i kept iff its draw is below keep probability * 2^32."""
-    return _draws(shape, spec, task) < int(spec.dare * 2**32)
-
-
-def _della_keep_probability(x: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """DELLA's MagPrune (Deep et al. 2024, sec. 3.1) keep probabilities, as mergekit's
-    della_magprune ranks them: per row (the last dimension; a 1-D tensor is one row), the
-    magnitude rank r = 0..n-1 (equal magnitudes: lower index ranks lower) maps linearly to
-    density - epsilon .. density + epsilon; a row of one entry gets density - epsilon."""
-    rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
-    n = rows.shape[1]
-    ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(torch.float64)
-    spread = ranks / (n - 1) if n > 1 else torch.zeros_like(ranks)
-    return (density - epsilon + 2 * epsilon * spread).view(x.shape)
-
-
-def _trim_keep(x: torch.Tensor, trim, offset: int) -> torch.Tensor:
-    """The mask of a precomputed trim (see _topk.trims) on a chunk starting at flat ``offset``."""
-    lo, hi, cut, drop_lo, drop_hi, drop_cut = trim
-    idx = torch.arange(offset, offset + x.numel(), device=x.device).view(x.shape)
-    a = x.abs()
-    return torch.where(idx < cut, a >= lo, a >= hi) & ~torch.where(idx < drop_cut, a >= drop_lo, a >= drop_hi)
-
-
-def _topk_keep(x: torch.Tensor, k: int, keep_ties: bool = False) -> torch.Tensor:
-    """Boolean mask of the k largest |x|, ties at the threshold kept lowest flat index first
-    (or all kept: ``keep_ties``)."""
-    a = x.abs().flatten()
-    if k <= 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    if k >= a.numel():
-        return torch.ones_like(x, dtype=torch.bool)
-    threshold = a.kthvalue(a.numel() - k + 1).values
-    if keep_ties:
-        return (a >= threshold).view(x.shape)
-    above = a > threshold
-    ties = a == threshold
-    keep = above | (ties & (ties.cumsum(0) <= k - above.sum()))
-    return keep.view(x.shape)
 
 
 def _majority(sign_sum: int) -> int:
@@ -183,23 +168,39 @@ def _unfused_base(impl):
     return run
 
 
+def streamed_scales(model_reads, base_read, numel: int, chunk: int, spec: MergeSpec, native: bool) -> tuple:
+    """mergekit's rescale ratios (see l1_scales) of one tensor that is merged in chunks, from a
+    pass of their own over it: ``model_reads``/``base_read`` (start, count) give flat pieces of
+    the models and the base, ``spec`` carries the whole tensor's trims. Its chunks of about
+    ``chunk`` elements start on kept_l1_block boundaries, so each block's sums, and the ratios,
+    are those of the tensor merged whole: native (cpu::kept_l1) where the merge runs native,
+    torch (l1_partials) where it does not."""
+    step = max(L1_BLOCK, chunk // L1_BLOCK * L1_BLOCK)
+    parts = []
+    for s in range(0, numel, step):
+        c = min(step, numel - s)
+        models, base = [read(s, c) for read in model_reads], base_read(s, c)
+        piece = replace(spec, offset=s)
+        if native:
+            trims = None if spec.trims is None else _topk.shift(spec.trims, s)
+            parts.append(native_module().kept_l1([native_buffer(m.view(1, -1)) for m in models],
+                                                 native_buffer(base.view(1, -1)), trims, _dare_args(piece, len(models)), s))
+        else:
+            x = torch.stack([t.to(torch.float64) for t in _task_vectors(models, base)])
+            parts.append(l1_partials(x, _selection(x, piece)[0], s))
+    return l1_scales(parts)
+
+
 def _reference_votes(tvs: list[torch.Tensor], weights: list[float] | None, spec: MergeSpec):
-    """The reference pass up to the vote, in float64: (trimmed x [T, ...], w, signs of the
+    """The reference pass up to the vote, in float64: (selected x [T, ...], w, signs of the
     voters, vote)."""
     x = torch.stack([t.to(torch.float64) for t in tvs])  # [T, ...]
     _checks.raise_nonfinite(int((~torch.isfinite(x)).any(0).sum()), "task_vectors")
-    if spec.trims is not None:
-        x = x * torch.stack([_trim_keep(xt, tr, spec.offset) for xt, tr in zip(x, spec.trims)])
-    elif spec.density is not None:
-        k, g = spec.keep_count(x[0].numel()), spec.drop_count(x[0].numel())
-        x = x * torch.stack([_topk_keep(xt, k + g, spec.keep_ties) & ~_topk_keep(xt, g) for xt in x])
-    if spec.dare is not None:
-        keep = torch.stack([_dare_keep(x[0].shape, spec, t) for t in range(len(tvs))]).to(x.device)
-        x = torch.where(keep, x / spec.dare, 0.0)
-    if spec.della is not None:
-        p = torch.stack([_della_keep_probability(xt, *spec.della) for xt in x])
-        u = torch.stack([_draws(x[0].shape, spec, t) for t in range(len(tvs))]).to(x.device) / 2.0**32
-        x = torch.where(u < p, x / p, 0.0)
+    keep, divisor = _selection(x, spec)
+    if spec.rescale:
+        scales = spec.scales or l1_scales([l1_partials(x, keep, spec.offset)])
+        divisor = divisor / torch.tensor(scales, dtype=torch.float64, device=x.device).view(-1, *[1] * (x.dim() - 1))
+    x = torch.where(keep, x / divisor, 0.0)
     w = torch.tensor(weights if weights is not None else [1.0] * len(tvs), dtype=torch.float64)
     w = w.view(-1, *([1] * (x.dim() - 1))).to(x.device)
     voter = w * x if spec.weight_before_election else x
@@ -213,12 +214,15 @@ def _reference_votes(tvs: list[torch.Tensor], weights: list[float] | None, spec:
 def _merge_reference(tvs: list[torch.Tensor], weights: list[float] | None, spec: MergeSpec) -> torch.Tensor:
     x, w, s, vote = _reference_votes(tvs, weights, spec)
     if not spec.elect:
-        return (w * x).sum(0).to(tvs[0].dtype)
+        total = float(w.sum())  # mergekit's normalize: true divides by it, unless it is about 0
+        return ((w * x).sum(0) / (total if spec.divides and abs(total) >= 1e-8 else 1.0)).to(tvs[0].dtype)
     zero = spec.zero_sign if spec.zero_sign is not None else _majority(int(torch.sign(vote).sum()))
     elected = torch.where(vote > 0, 1.0, torch.where(vote < 0, -1.0, float(zero))).to(torch.float64)
     agree = s == elected  # zeros have sign 0: they never agree, so never count
     den = ((w if spec.weight_before_election else 1.0) * agree).sum(0)
-    merged = (w * x * agree).sum(0) / torch.where(den == 0, 1.0, den)
+    merged = (w * x * agree).sum(0)
+    if spec.divides:
+        merged = merged / torch.where(den == 0, 1.0, den)
     return merged.to(tvs[0].dtype)
 
 
@@ -244,6 +248,9 @@ def _merge_native(tvs, weights, spec: MergeSpec, base=None, out=None):
     bufs = [native_buffer(_checks.as_rows(t)) for t in tvs]
     base_buf = None if base is None else native_buffer(_checks.as_rows(base))
     spec = replace(spec, trims=_native_trims(bufs, base_buf, out.numel(), spec))
+    if spec.rescale and spec.scales is None:
+        spec = replace(spec, scales=l1_scales([native_module().kept_l1(bufs, base_buf, spec.trims,
+                                                                        _dare_args(spec, len(bufs)), spec.offset)]))
     if spec.zero_sign is None:  # the paper's majority: a counting pass first
         spec = replace(spec, zero_sign=_majority(_native_pass(bufs, base_buf, None, weights, spec)[1]))
     bad, _ = _native_pass(bufs, base_buf, native_buffer(_checks.as_rows(out)), weights, spec)
@@ -254,14 +261,19 @@ def _merge_native(tvs, weights, spec: MergeSpec, base=None, out=None):
 def _native_pass(bufs, base_buf, out_buf, weights, spec: MergeSpec):
     """One native merge pass; ``spec.trims`` already chunk-relative. Returns (positions with a
     NaN/Inf input, sum of the elected signs); ``out_buf`` None: count only."""
-    return native_module().merge(bufs, base_buf, out_buf, weights, spec.trims, _dare_args(spec), spec.elect,
+    return native_module().merge(bufs, base_buf, out_buf, weights, spec.trims, _dare_args(spec, len(bufs)), spec.elect,
                                  SIGN_RULES.index(spec.sign), spec.weight_before_election,
-                                 1 if spec.zero_sign is None else spec.zero_sign, spec.lam)
+                                 1 if spec.zero_sign is None else spec.zero_sign, spec.lam, scales=spec.scales,
+                                 normalize=spec.divides)
 
 
-def _dare_args(spec: MergeSpec):
-    """(seed, stream, keep_below, rescale, index offset) for the fast kernels, or None."""
-    return None if spec.dare is None else (spec.seed, spec.stream, int(spec.dare * 2**32), spec.dare, spec.offset)
+def _dare_args(spec: MergeSpec, tasks: int):
+    """(seed, stream, keep_below per task, divisor of the survivors per task, index offset) for
+    the fast kernels, or None."""
+    if spec.dare is None:
+        return None
+    divisors = [_at(spec.dare, t) if spec.divides_survivors else 1.0 for t in range(tasks)]
+    return spec.seed, spec.stream, [_keep_below(spec, t) for t in range(tasks)], divisors, spec.offset
 
 
 @merge_op.register("triton", dtypes=_DTYPES, limit=_fused_only("triton", della=None, zero_sign=1))
@@ -278,8 +290,14 @@ def _merge_triton(tvs, weights, spec: MergeSpec):
         trims = _topk.trims(_topk.triton(rows), numel, spec)
     else:
         trims = None
+    scales = spec.scales
+    if spec.rescale and scales is None:  # torch on the tensors' device
+        x = torch.stack([t.to(torch.float64) for t in tvs])
+        whole = spec if spec.trims is not None else replace(spec, trims=trims)  # found here: offset 0
+        scales = l1_scales([l1_partials(x, _selection(x, whole)[0], spec.offset)])
     bad = kernels.merge(rows, _checks.as_rows(out), weights, elect=spec.elect, count=spec.sign == "count",
-                        weight_before_election=spec.weight_before_election, dare=_dare_args(spec), trims=trims)
+                        weight_before_election=spec.weight_before_election, dare=_dare_args(spec, len(rows)),
+                        trims=trims, scales=scales, normalize=spec.divides)
     _checks.raise_nonfinite(bad, "task_vectors")
     return out
 
@@ -309,12 +327,27 @@ def _merge_cuda(tvs, weights, spec: MergeSpec):
 def _run(name: str, task_vectors, weights, spec: MergeSpec, backend: str) -> torch.Tensor:
     tvs = _checks.tensor_list(task_vectors, "task_vectors")
     weights = _checks.weight_list(weights, len(tvs))
+    check_tasks(spec, len(tvs))
     if tvs[0].numel() == 0:
         return torch.empty_like(tvs[0], memory_format=torch.contiguous_format)
     tvs = [t.detach() for t in tvs]
     return merge_op(backend, tvs[0].device, tvs[0].dtype, tvs, weights, spec, name=name)
 
 
+_MERGEKIT = r"""
+    density, gamma, epsilon : float, or T floats
+        One fraction for every task, or one per task (mergekit's per-model parameters).
+    semantics : str
+        "peft", "mergekit" or "paper" (see :func:`ties`).
+    normalize : bool, optional
+        Elections divide the agreeing sum by its count or weight, unless False (mergekit's
+        normalize: false, a sum); sums divide by the weights' sum only if True (1 where it is
+        about 0). None: the method's default for ``semantics`` (mergekit's own under "mergekit":
+        False for dare_ties and breadcrumbs_ties).
+    rescale : bool, optional
+        Only with semantics="mergekit": each task's kept values times
+        :math:`\|\tau_t\|_1 / \|\text{kept } \tau_t\|_1` over the whole tensor (1 where either is
+        below 1e-7). None: mergekit's default, True for the dare and della methods."""
 _COMMON = """
     task_vectors : sequence of T tensors of one shape, dtype and device, or one tensor [T, ...]
         Task vectors tau_t = theta_t - theta_0.
@@ -330,12 +363,35 @@ _COMMON = """
     positions during the pass itself, not by an extra pass)."""
 
 
+def _fractions(value, name: str):
+    """A fraction in [0, 1] for all tasks, or a sequence (or 1-D tensor) of one per task, as a tuple."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        value = value.tolist()
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if not value:
+            raise ValueError(f"{name}: expected a fraction, or one per task, got an empty sequence")
+        return tuple(_checks.fraction(v, f"{name}[{i}]") for i, v in enumerate(value))
+    return _checks.fraction(value, name)
+
+
+def check_tasks(spec: MergeSpec, tasks: int) -> None:
+    """The per-task parameters of ``spec`` are given for ``tasks`` tasks (or once for all)."""
+    for name, value in (("density", spec.density), ("density", spec.dare), ("gamma", spec.gamma),
+                        *zip(("density", "epsilon"), spec.della or ())):
+        if isinstance(value, tuple) and len(value) != tasks:
+            raise ValueError(f"{name}: expected one value for all tasks or one per task ({tasks}), got {len(value)}")
+
+
 def method_spec(method: str, *, density=None, sign: str = "sum", semantics: str = "peft", seed=None,
-                gamma=None, epsilon=None) -> MergeSpec:
-    """The fused-pass configuration of a named method (see the function of the same name)."""
+                gamma=None, epsilon=None, normalize=None, rescale=None, tasks: int | None = None) -> MergeSpec:
+    """The fused-pass configuration of a named method (see the function of the same name).
+    ``density``, ``gamma`` and ``epsilon`` are one fraction, or one per task (``tasks`` of them,
+    when given). ``normalize`` (None: the method's default for ``semantics``; see MergeSpec) and
+    ``rescale`` (only with semantics="mergekit"; None: mergekit's default, True for the dare and
+    della methods) follow mergekit's keys of those names."""
     _checks.choice(method, "method", METHODS)
     if method.startswith("breadcrumbs"):
-        gamma = _checks.fraction(0.01 if gamma is None else gamma, "gamma")
+        gamma = _fractions(0.01 if gamma is None else gamma, "gamma")
     elif gamma is not None:
         raise ValueError(f"gamma: only the breadcrumbs methods drop the largest magnitudes, not {method!r}")
     _checks.choice(sign, "sign", SIGN_RULES)
@@ -346,36 +402,58 @@ def method_spec(method: str, *, density=None, sign: str = "sum", semantics: str 
         raise ValueError(f"epsilon: only the della methods spread keep probabilities, not {method!r}")
     if method.startswith(("dare", "della")) and seed is None:
         raise ValueError(f"seed: method {method!r} needs an integer seed for its random masks")
+    for flag, name in ((normalize, "normalize"), (rescale, "rescale")):
+        if flag is not None and not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected True, False or None, got {type(flag).__name__} {flag!r}")
+    mergekit = semantics == "mergekit"
+    if rescale is not None and not mergekit:
+        raise ValueError(f"rescale: mergekit's rescale to the L1 norm needs semantics='mergekit', got "
+                         f"semantics={semantics!r} (PEFT's and the papers' DARE and DELLA divide survivors by their "
+                         "keep probability instead)")
+    if normalize is None and mergekit and method in ("dare_ties", "breadcrumbs_ties"):
+        normalize = False  # mergekit's default for these two: the sum of the agreeing entries
+    common = dict(sign=sign, normalize=normalize, seed=0 if seed is None else _checks.seed(seed),
+                  rescale=method != "task_arithmetic" and (method.startswith(("dare", "della"))
+                                                           if rescale is None else rescale) and mergekit)
+    # DARE and DELLA follow PEFT (the papers' rescale) unless asked for mergekit's semantics.
+    random = dict(semantics="mergekit" if mergekit else "peft", elect=method in ("dare_ties", "della"), **common)
     if method.startswith("della"):
-        density = _checks.fraction(density, "density")
-        epsilon = None if epsilon is None else _checks.fraction(epsilon, "epsilon")
-        if epsilon is None or not epsilon < density or density + epsilon > 1:
-            raise ValueError(f"epsilon: method {method!r} needs 0 <= epsilon < density and density + epsilon <= 1 "
-                             f"(keep probabilities density -/+ epsilon), got epsilon={epsilon!r}, density={density}")
-        return MergeSpec(None, method == "della", sign=sign, della=(density, float(epsilon)),
-                         seed=_checks.seed(seed))
-    if method.startswith("dare"):
-        return MergeSpec(None, method == "dare_ties", sign=sign, dare=_checks.fraction(density, "density"),
-                         seed=_checks.seed(seed))
-    if method == "task_arithmetic":
-        return MergeSpec(None, False)
-    return MergeSpec(_checks.fraction(density, "density"), method in ("ties", "breadcrumbs_ties"), sign=sign,
-                     semantics=semantics, zero_sign=None if semantics == "paper" else 1, gamma=gamma)
+        density = _fractions(density, "density")
+        epsilon = None if epsilon is None else _fractions(epsilon, "epsilon")
+        spec = MergeSpec(None, della=(density, epsilon), **random)
+        check_tasks(spec, spec.tasks or 1)
+        for t in range(spec.tasks or 1):
+            d, e = _at(density, t), _at(epsilon, t)
+            if e is None or not e < d or d + e > 1:
+                raise ValueError(f"epsilon: method {method!r} needs 0 <= epsilon < density and density + epsilon "
+                                 f"<= 1 (keep probabilities density -/+ epsilon), got epsilon={e!r}, density={d}")
+    elif method.startswith("dare"):
+        spec = MergeSpec(None, dare=_fractions(density, "density"), **random)
+    elif method == "task_arithmetic":
+        spec = MergeSpec(None, False, normalize=normalize)
+    else:
+        spec = MergeSpec(_fractions(density, "density"), method in ("ties", "breadcrumbs_ties"), semantics=semantics,
+                         zero_sign=None if semantics == "paper" else 1, gamma=gamma, **common)
+    check_tasks(spec, tasks or spec.tasks or 1)
+    return spec
 
 
-def task_arithmetic(task_vectors, *, weights=None, backend: str = "auto") -> torch.Tensor:
-    r"""Task arithmetic (Ilharco et al., ICLR 2023): :math:`\sum_t w_t \tau_t`."""
-    return _run("task_arithmetic", task_vectors, weights, method_spec("task_arithmetic"), backend)
+def task_arithmetic(task_vectors, *, weights=None, normalize=None, backend: str = "auto") -> torch.Tensor:
+    r"""Task arithmetic (Ilharco et al., ICLR 2023): :math:`\sum_t w_t \tau_t` (``normalize=True``:
+    divided by :math:`\sum_t w_t`, as mergekit's normalize)."""
+    return _run("task_arithmetic", task_vectors, weights, method_spec("task_arithmetic", normalize=normalize), backend)
 
 
-def magnitude_prune(task_vectors, *, density: float, weights=None, backend: str = "auto") -> torch.Tensor:
+def magnitude_prune(task_vectors, *, density, weights=None, semantics: str = "peft", normalize=None, rescale=None,
+                    backend: str = "auto") -> torch.Tensor:
     r"""Keep each task vector's top ``int(density * numel)`` magnitudes, then
     :math:`\sum_t w_t \operatorname{trim}(\tau_t)` (PEFT's ``magnitude_prune``)."""
-    return _run("magnitude_prune", task_vectors, weights, method_spec("magnitude_prune", density=density), backend)
+    spec = method_spec("magnitude_prune", density=density, semantics=semantics, normalize=normalize, rescale=rescale)
+    return _run("magnitude_prune", task_vectors, weights, spec, backend)
 
 
-def ties(task_vectors, *, density: float, weights=None, sign: str = "sum", semantics: str = "peft",
-         backend: str = "auto") -> torch.Tensor:
+def ties(task_vectors, *, density, weights=None, sign: str = "sum", semantics: str = "peft", normalize=None,
+         rescale=None, backend: str = "auto") -> torch.Tensor:
     r"""TIES-Merging (Yadav et al., NeurIPS 2023, eq. 1-3) of already-subtracted task vectors.
 
     Trim each :math:`\tau_t` to its top ``k = int(density * numel)`` magnitudes (ties at the
@@ -402,73 +480,81 @@ def ties(task_vectors, *, density: float, weights=None, sign: str = "sum", seman
 
     With all weights equal to 1 and no ties at the threshold, "peft" and "mergekit" agree.
     """
-    spec = method_spec("ties", density=density, sign=sign, semantics=semantics)
+    spec = method_spec("ties", density=density, sign=sign, semantics=semantics, normalize=normalize, rescale=rescale)
     return _run("ties", task_vectors, weights, spec, backend)
 
 
-def dare_linear(task_vectors, *, density: float, seed: int, weights=None, name: str = "",
-                backend: str = "auto") -> torch.Tensor:
+def dare_linear(task_vectors, *, density, seed: int, weights=None, name: str = "", semantics: str = "peft",
+                normalize=None, rescale=None, backend: str = "auto") -> torch.Tensor:
     r"""DARE (Yu et al., "Language Models are Super Mario", ICML 2024) then task arithmetic:
     drop each entry with probability ``1 - density``, divide survivors by ``density`` (PEFT's
-    rescale), and return :math:`\sum_t w_t \tilde\tau_t`.
+    rescale; ``semantics="mergekit"``: keep them, times :math:`\|\tau_t\|_1 / \|\text{kept}\|_1`
+    over the tensor with ``rescale``, mergekit's default), and return
+    :math:`\sum_t w_t \tilde\tau_t`.
 
     The masks come from Philox4x32-10 keyed by (``seed``, FNV-1a of ``name``, task index,
     flat element index): identical on every backend and thread count, never materialized.
     Give each tensor of a model its ``name`` so that tensors get independent masks."""
-    spec = replace(method_spec("dare_linear", density=density, seed=seed), stream=_fnv1a32(_checks.name(name)))
-    return _run("dare_linear", task_vectors, weights, spec, backend)
+    spec = method_spec("dare_linear", density=density, seed=seed, semantics=semantics, normalize=normalize,
+                       rescale=rescale)
+    return _run("dare_linear", task_vectors, weights, replace(spec, stream=_fnv1a32(_checks.name(name))), backend)
 
 
-def dare_ties(task_vectors, *, density: float, seed: int, weights=None, sign: str = "sum", name: str = "",
-              backend: str = "auto") -> torch.Tensor:
+def dare_ties(task_vectors, *, density, seed: int, weights=None, sign: str = "sum", name: str = "",
+              semantics: str = "peft", normalize=None, rescale=None, backend: str = "auto") -> torch.Tensor:
     """DARE's random drop and rescale (see :func:`dare_linear`), then the TIES election and
-    disjoint mean in PEFT's semantics (see :func:`ties`), in one pass."""
-    spec = replace(method_spec("dare_ties", density=density, sign=sign, seed=seed),
-                   stream=_fnv1a32(_checks.name(name)))
-    return _run("dare_ties", task_vectors, weights, spec, backend)
+    disjoint mean in the given ``semantics`` (see :func:`ties`; "mergekit": its dare_ties, whose
+    default normalize=False sums the agreeing entries), in one pass."""
+    spec = method_spec("dare_ties", density=density, sign=sign, seed=seed, semantics=semantics, normalize=normalize,
+                       rescale=rescale)
+    return _run("dare_ties", task_vectors, weights, replace(spec, stream=_fnv1a32(_checks.name(name))), backend)
 
 
-def breadcrumbs(task_vectors, *, density: float, gamma: float = 0.01, weights=None,
-                backend: str = "auto") -> torch.Tensor:
+def breadcrumbs(task_vectors, *, density, gamma=0.01, weights=None, semantics: str = "peft", normalize=None,
+                rescale=None, backend: str = "auto") -> torch.Tensor:
     r"""Model Breadcrumbs (Davari & Belilovsky, ECCV 2024, sec. 3): drop each task vector's
     largest ``int(gamma * numel)`` magnitudes (outliers) and keep the next
     ``int(density * numel)``, dropping the small rest, then :math:`\sum_t w_t \tilde\tau_t`.
     As mergekit 0.1.5 ``breadcrumbs`` (``magnitude_outliers``): fewer outliers are dropped
     where the kept entries would otherwise run out; ties at either threshold are kept lowest
     flat index first (mergekit: its sort's order)."""
-    spec = method_spec("breadcrumbs", density=density, gamma=gamma)
+    spec = method_spec("breadcrumbs", density=density, gamma=gamma, semantics=semantics, normalize=normalize,
+                       rescale=rescale)
     return _run("breadcrumbs", task_vectors, weights, spec, backend)
 
 
-def breadcrumbs_ties(task_vectors, *, density: float, gamma: float = 0.01, weights=None, sign: str = "sum",
-                     semantics: str = "peft", backend: str = "auto") -> torch.Tensor:
+def breadcrumbs_ties(task_vectors, *, density, gamma=0.01, weights=None, sign: str = "sum",
+                     semantics: str = "peft", normalize=None, rescale=None, backend: str = "auto") -> torch.Tensor:
     """The breadcrumbs trim (see :func:`breadcrumbs`), then the TIES election and disjoint mean
-    of :func:`ties` in the given ``semantics`` ("mergekit": its ``breadcrumbs_ties`` with
-    normalize=True; its default, normalize=False, sums the agreeing entries instead)."""
-    spec = method_spec("breadcrumbs_ties", density=density, gamma=gamma, sign=sign, semantics=semantics)
+    of :func:`ties` in the given ``semantics`` ("mergekit": its ``breadcrumbs_ties``, whose
+    default normalize=False sums the agreeing entries; normalize=True divides by their weight)."""
+    spec = method_spec("breadcrumbs_ties", density=density, gamma=gamma, sign=sign, semantics=semantics,
+                       normalize=normalize, rescale=rescale)
     return _run("breadcrumbs_ties", task_vectors, weights, spec, backend)
 
 
-def della(task_vectors, *, density: float, epsilon: float, seed: int, weights=None, sign: str = "sum", name: str = "",
-          backend: str = "auto") -> torch.Tensor:
+def della(task_vectors, *, density, epsilon, seed: int, weights=None, sign: str = "sum", name: str = "",
+          semantics: str = "peft", normalize=None, rescale=None, backend: str = "auto") -> torch.Tensor:
     r"""DELLA-Merging (Deep et al., 2024): MagPrune then the TIES election and disjoint mean of
-    :func:`ties` (PEFT semantics). MagPrune keeps each entry with a probability that grows
-    linearly with its magnitude rank within its row, from ``density - epsilon`` (smallest) to
+    :func:`ties`. MagPrune keeps each entry with a probability that grows linearly with its
+    magnitude rank within its row, from ``density - epsilon`` (smallest) to
     ``density + epsilon`` (largest), as mergekit's ``della_magprune`` ranks (ties: lower index
-    ranks lower), and divides survivors by their probability (the paper's rescale; mergekit
-    rescales to the L1 norm instead). Draws as :func:`dare_linear` (``seed``, ``name``).
-    Runs on the reference backend only for now (the ranks need a sort per row)."""
-    spec = replace(method_spec("della", density=density, epsilon=epsilon, sign=sign, seed=seed),
-                   stream=_fnv1a32(_checks.name(name)))
-    return _run("della", task_vectors, weights, spec, backend)
+    ranks lower; rows along dimension 1 under "mergekit", the last otherwise), and divides
+    survivors by their probability (the paper's rescale; ``semantics="mergekit"``: keeps them,
+    rescaled to the L1 norm with ``rescale``, mergekit's default). Draws as :func:`dare_linear`
+    (``seed``, ``name``). Runs on the reference backend only for now (the ranks need a sort per
+    row)."""
+    spec = method_spec("della", density=density, epsilon=epsilon, sign=sign, seed=seed, semantics=semantics,
+                       normalize=normalize, rescale=rescale)
+    return _run("della", task_vectors, weights, replace(spec, stream=_fnv1a32(_checks.name(name))), backend)
 
 
-def della_linear(task_vectors, *, density: float, epsilon: float, seed: int, weights=None, name: str = "",
-                 backend: str = "auto") -> torch.Tensor:
+def della_linear(task_vectors, *, density, epsilon, seed: int, weights=None, name: str = "", semantics: str = "peft",
+                 normalize=None, rescale=None, backend: str = "auto") -> torch.Tensor:
     """DELLA's MagPrune (see :func:`della`), then the weighted sum :math:`\\sum_t w_t \\tilde\\tau_t`."""
-    spec = replace(method_spec("della_linear", density=density, epsilon=epsilon, seed=seed),
-                   stream=_fnv1a32(_checks.name(name)))
-    return _run("della_linear", task_vectors, weights, spec, backend)
+    spec = method_spec("della_linear", density=density, epsilon=epsilon, seed=seed, semantics=semantics,
+                       normalize=normalize, rescale=rescale)
+    return _run("della_linear", task_vectors, weights, replace(spec, stream=_fnv1a32(_checks.name(name))), backend)
 
 
 def disjoint_merge(task_vectors, *, sign: str = "sum", weights=None, backend: str = "auto") -> torch.Tensor:
@@ -484,7 +570,8 @@ def disjoint_merge(task_vectors, *, sign: str = "sum", weights=None, backend: st
 
 for _fn in (task_arithmetic, magnitude_prune, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della,
             della_linear, disjoint_merge):
-    _fn.__doc__ = (_fn.__doc__ or "").rstrip() + "\n\n    Parameters\n    ----------" + _COMMON
+    _fn.__doc__ = (_fn.__doc__ or "").rstrip() + "\n\n    Parameters\n    ----------" + (
+        _MERGEKIT if _fn is not disjoint_merge else "") + _COMMON
 
 
 fisher_op = Op("fisher_average", order=("native", "reference"))
@@ -576,5 +663,19 @@ def _check_compatible(base: dict, models: list[dict], labels: list[str]) -> None
                                  f"but the base has {tuple(ref[0])} {ref[1]}")
 
 
-# The model level (merging_models.py), importable from here as well.
-from .merging_models import SCOPES, merge, merge_files  # noqa: E402, F401
+# The model level (merging_models.py), importable from here as well. Resolved on first use
+# (PEP 562): merging_models imports this module, and either must import first now that the
+# package's __init__ imports neither.
+_MODEL_LEVEL = ("SCOPES", "merge", "merge_files")
+
+
+def __getattr__(name: str):
+    if name not in _MODEL_LEVEL:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import merging_models
+
+    return getattr(merging_models, name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MODEL_LEVEL))

@@ -11,12 +11,14 @@ from .philox import philox_draw
 
 
 @triton.jit
-def _merge_kernel(base, offsets, strides, weights, out, out_stride, nonfinite, T, cols,
+def _merge_kernel(base, offsets, strides, weights, den_weights, divisor, out, out_stride, nonfinite, T, cols,
                   seed_lo, seed_hi, stream, keep_below, rescale, index_offset, bounds, cuts,
                   ELECT: tl.constexpr, COUNT: tl.constexpr, WBEFORE: tl.constexpr, DARE: tl.constexpr,
                   TRIM: tl.constexpr, IS_F64: tl.constexpr, BLOCK: tl.constexpr):
     # Task vectors are addressed as base + offsets[t] (in elements): one pointer argument
-    # serves any number of separately allocated tensors, with no stacked copy.
+    # serves any number of separately allocated tensors, with no stacked copy. weights[t] weighs
+    # task t's kept values, den_weights[t] its agreeing entries in an election's denominator (0:
+    # the denominator is 0, so 1: no division); a sum is divided by divisor[0].
     pid = tl.program_id(0).to(tl.int64)
     col_blocks = tl.cdiv(cols, BLOCK)
     row = pid // col_blocks
@@ -50,7 +52,7 @@ def _merge_kernel(base, offsets, strides, weights, out, out_stride, nonfinite, T
             zero = tl.zeros([BLOCK], tl.uint32)
             word = philox_draw(lo32, hi32, zero + t, zero + stream.to(tl.uint32),
                                 seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
-            v = tl.where(word.to(tl.int64) < keep_below, v / rescale, 0.0)
+            v = tl.where(word.to(tl.int64) < tl.load(keep_below + t), v / tl.load(rescale + t).to(acc_t), 0.0)
         wv = w * v
         if ELECT:
             s = wv if WBEFORE else v
@@ -60,7 +62,7 @@ def _merge_kernel(base, offsets, strides, weights, out, out_stride, nonfinite, T
                 vote += pos.to(acc_t) - neg.to(acc_t)
             else:
                 vote += s
-            dw = w if WBEFORE else 1.0
+            dw = tl.load(den_weights + t).to(acc_t)
             pos_sum += tl.where(pos, wv, 0.0)
             neg_sum += tl.where(neg, wv, 0.0)
             pos_den += tl.where(pos, dw, 0.0)
@@ -71,7 +73,7 @@ def _merge_kernel(base, offsets, strides, weights, out, out_stride, nonfinite, T
         merged = tl.where(vote >= 0, pos_sum / tl.where(pos_den == 0, 1.0, pos_den),
                           neg_sum / tl.where(neg_den == 0, 1.0, neg_den))
     else:
-        merged = pos_sum
+        merged = pos_sum / tl.load(divisor).to(acc_t)
     tl.store(out + row * out_stride + c, merged.to(out.dtype.element_ty), mask=mask)
     nbad = tl.sum(((nf != 0) & mask).to(tl.int32), axis=0)
     if nbad > 0:
@@ -79,21 +81,32 @@ def _merge_kernel(base, offsets, strides, weights, out, out_stride, nonfinite, T
 
 
 def merge(task_rows: list[torch.Tensor], out: torch.Tensor, weights: list[float] | None, *, elect: bool,
-          count: bool, weight_before_election: bool, dare: tuple | None, trims=None, block: int = 1024) -> int:
+          count: bool, weight_before_election: bool, dare: tuple | None, trims=None, scales: tuple | None = None,
+          normalize: bool | None = None, block: int = 1024) -> int:
     """Launch the fused pass over 2-D views [rows, cols] with unit column stride (all of one
-    dtype and device); ``dare`` is (seed, stream, keep_below, rescale, index_offset) or None,
-    ``trims`` one (lo, hi, cut, drop_lo, drop_hi, drop_cut) per task (cpu::Trim) or None.
-    Writes ``out`` and returns at how many positions an input was NaN or Inf."""
+    dtype and device), as cpu::merge: ``scales`` multiply each task's kept values (None: 1),
+    ``normalize`` as cpu::MergeSpec (None: ``elect``); ``dare`` is (seed, stream, keep_below per task, rescale per
+    task, index_offset) or None, ``trims`` one (lo, hi, cut, drop_lo, drop_hi, drop_cut) per task
+    (cpu::Trim) or None. Writes ``out`` and returns at how many positions an input was NaN or Inf."""
     device = out.device
     base = task_rows[0]
     size = base.element_size()
     offsets = torch.tensor([(t.data_ptr() - base.data_ptr()) // size for t in task_rows],
                            dtype=torch.int64, device=device)
     strides = torch.tensor([t.stride(0) for t in task_rows], dtype=torch.int64, device=device)
-    w = torch.tensor(weights if weights is not None else [1.0] * len(task_rows),
-                     dtype=torch.float64, device=device)
+    plain = weights if weights is not None else [1.0] * len(task_rows)
+    w = torch.tensor([wt * s for wt, s in zip(plain, scales or [1.0] * len(plain))], dtype=torch.float64, device=device)
+    # An election's denominator: the agreeing weights (mergekit) or count (PEFT); 0 divides by 1.
+    normalize = elect if normalize is None else normalize
+    den_w = torch.tensor(plain if weight_before_election else [1.0] * len(plain), dtype=torch.float64,
+                         device=device) * (normalize and elect)
+    total = sum(plain)
+    divisor = torch.tensor([total if normalize and not elect and abs(total) >= 1e-8 else 1.0], dtype=torch.float64,
+                           device=device)  # mergekit's normalize of a sum
     nonfinite = torch.zeros(1, dtype=torch.int32, device=device)
-    seed, stream, keep_below, rescale, index_offset = dare or (0, 0, 0, 1.0, 0)
+    seed, stream, keep_below, rescale, index_offset = dare or (0, 0, [0], [1.0], 0)
+    keep_below = torch.tensor(keep_below, dtype=torch.int64, device=device)
+    rescale = torch.tensor(rescale, dtype=torch.float64, device=device)
     bound_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32  # the bounds are acc values
     bounds = torch.tensor([[lo, hi, dlo, dhi] for lo, hi, _, dlo, dhi, _ in trims or [(0, 0, 0, 0, 0, 0)]],
                           dtype=bound_dtype, device=device)
@@ -102,7 +115,7 @@ def merge(task_rows: list[torch.Tensor], out: torch.Tensor, weights: list[float]
     rows, cols = out.shape
     grid = (rows * triton.cdiv(cols, block),)
     if grid[0]:
-        _merge_kernel[grid](base, offsets, strides, w, out, out.stride(0), nonfinite, len(task_rows), cols,
+        _merge_kernel[grid](base, offsets, strides, w, den_w, divisor, out, out.stride(0), nonfinite, len(task_rows), cols,
                             seed & 0xFFFFFFFF, seed >> 32, stream, keep_below, rescale, index_offset, bounds, cuts,
                             ELECT=elect, COUNT=count, WBEFORE=weight_before_election, DARE=dare is not None,
                             TRIM=trims is not None, IS_F64=out.dtype == torch.float64, BLOCK=block)
