@@ -86,3 +86,44 @@ def pytest_terminal_summary(terminalreporter, config):
     if _NO_GPU in config.stash:
         terminalreporter.write_line(f"cuda: {config.stash[_NO_GPU]} items marked cuda deselected: "
                                     "torch.cuda.is_available() is False")
+
+
+@pytest.fixture(scope="session")
+def llamas(tmp_path_factory):
+    """A base and two fine-tunes of a tiny LLaMA (bf16, 3 shards each, with a tokenizer)."""
+    from _kit import peer
+
+    peer("transformers")
+    tokenizers = peer("tokenizers")
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("llamas")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=96, special_tokens=["<unk>", "<s>", "</s>"])
+    text = ["merging fine tuned models into one", "task vectors add up", "the base model and its fine tunes"] * 20
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).to(torch.bfloat16)
+    ids = torch.tensor([fast.encode(t) for t in text[:3] if len(fast.encode(t)) >= 4][0][:4])[None]
+    paths = []
+    for i in range(3):
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(base.state_dict())
+        if i:  # a few SGD steps on different text
+            opt = torch.optim.SGD(model.parameters(), lr=0.05 * i)
+            for _ in range(3):
+                loss = model(ids.roll(i, -1), labels=ids.roll(i, -1)).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+        model = model.to(torch.bfloat16)
+        path = root / f"m{i}"
+        model.save_pretrained(path, max_shard_size="40KB")
+        fast.save_pretrained(path)
+        paths.append(path)
+    return paths

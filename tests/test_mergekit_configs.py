@@ -31,45 +31,6 @@ PER_MODEL = {
 }
 
 
-@pytest.fixture(scope="module")
-def llamas(tmp_path_factory):
-    """A base and two fine-tunes of a tiny LLaMA (bf16, 3 shards each, with a tokenizer)."""
-    peer("transformers")
-    tokenizers = peer("tokenizers")
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    root = tmp_path_factory.mktemp("llamas")
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=96, special_tokens=["<unk>", "<s>", "</s>"])
-    text = ["merging fine tuned models into one", "task vectors add up", "the base model and its fine tunes"] * 20
-    tok.train_from_iterator(text, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config).to(torch.bfloat16)
-    ids = torch.tensor([fast.encode(t) for t in text[:3] if len(fast.encode(t)) >= 4][0][:4])[None]
-    paths = []
-    for i in range(3):
-        model = LlamaForCausalLM(config)
-        model.load_state_dict(base.state_dict())
-        if i:  # a few SGD steps on different text
-            opt = torch.optim.SGD(model.parameters(), lr=0.05 * i)
-            for _ in range(3):
-                loss = model(ids.roll(i, -1), labels=ids.roll(i, -1)).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-        model = model.to(torch.bfloat16)
-        path = root / f"m{i}"
-        model.save_pretrained(path, max_shard_size="40KB")
-        fast.save_pretrained(path)
-        paths.append(path)
-    return paths
-
-
 def _yaml(name: str, paths: list[Path], extra: str = "") -> str:
     method, per_model = PER_MODEL[name]
     models = "".join(f"  - model: {p}\n    parameters: {json.dumps(pm)}\n" for p, pm in zip(paths[1:], per_model))
@@ -182,22 +143,16 @@ def test_keys_not_honoured_are_errors_naming_them(llamas, tmp_path, capsys, extr
 
 
 @pytest.mark.parametrize("params,needle", [
-    ("parameters: {rescale: true}\n", "rescale"), ("parameters: {normalize: 1}\n", "normalize"),
-    ("parameters: {density: [0.1, 0.5]}\n", "parameters.density"),
-    ("parameters: {filter: mlp}\n", "filter"),
+    ("parameters: {normalize: 1}\n", "parameters.normalize: expected true or false"),
+    ("parameters: {filter: mlp}\n", "parameters: filter: not a key"),
+    ("parameters: {t: 0.5}\n", "parameters: t: not a key"),
+    ("parameters: {density: abc}\n", "parameters.density: expected a number"),
 ])
 def test_parameter_values_not_honoured_are_errors(llamas, tmp_path, capsys, params, needle):
     text = _yaml("ties", llamas).replace(CONFIGS["ties"], params)
     (tmp_path / "c.yaml").write_text(text)
     assert main(["merge", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "o"), "-q"]) == 2
     assert needle in capsys.readouterr().err
-
-
-def test_per_model_values_that_differ_are_errors(llamas, tmp_path, capsys):
-    text = _yaml("ties", llamas).replace('"density": 0.4}', '"density": 0.3}', 1)
-    (tmp_path / "c.yaml").write_text(text)
-    assert main(["merge", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "o"), "-q"]) == 2
-    assert "per-model values differ" in capsys.readouterr().err
 
 
 def test_merge_into_a_tied_model_in_place():

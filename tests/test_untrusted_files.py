@@ -381,7 +381,7 @@ def _config_cases(base, model):
     yield "models_str.yaml", f"method: task_arithmetic\nbase: {base}\nmodels: {model}\n", "models"
     yield "weight_str.yaml", f"method: task_arithmetic\nbase: {base}\nmodels: [{{path: {model}, weight: abc}}]\n", \
         "models[0].weight"
-    yield "weight_list.yaml", f"method: task_arithmetic\nbase: {base}\nmodels: [{{path: {model}, weight: [1]}}]\n", \
+    yield "weight_list.yaml", f"method: task_arithmetic\nbase: {base}\nmodels: [{{path: {model}, weight: [[1]]}}]\n", \
         "models[0].weight"
     yield "lam_abc.yaml", f"method: task_arithmetic\nbase: {base}\nmodels: [{model}]\nparameters: {{lam: abc}}\n", \
         "lam"

@@ -7,7 +7,9 @@ import sys
 import threading
 from pathlib import Path
 
-from .merging import METHODS, SEMANTICS
+# Only the standard library and torch-free modules at the top: --help and a mistyped command
+# answer without importing torch (~1 s); each command imports what it runs.
+from ._mergenames import METHODS, SEMANTICS
 
 
 class CLIError(Exception):
@@ -68,7 +70,34 @@ def _size(text: str) -> int:
     return int(value)
 
 
+def _merge_adapters(args) -> int:
+    """``merge --adapters``: PEFT LoRA adapter folders into one (PEFT's add_weighted_adapter)."""
+    import torch
+
+    from .merging_adapters import merge_adapters
+
+    other = {"MODELS": args.models, "--base": args.base, "--config": args.config, "--method": args.method,
+             "--lam": args.lam, "--semantics": args.semantics, "--gamma": args.gamma, "--epsilon": args.epsilon,
+             "--scope": args.scope, "--dtype": args.dtype, "--tokenizer-source": args.tokenizer_source}
+    wrong = [flag for flag, value in other.items() if value]
+    if wrong:
+        raise CLIError(f"--adapters: {', '.join(wrong)} apply to whole models, not to adapters")
+    if not args.combination_type or not args.weights:
+        raise CLIError("--adapters needs --combination-type and --weights (one per adapter)")
+    paths = merge_adapters(args.adapters, args.output, combination_type=args.combination_type, weights=args.weights,
+                           density=args.density, majority_sign_method={"sum": "total", "count": "frequency"}[
+                               args.sign or "sum"], svd_rank=args.svd_rank, svd_clamp=args.svd_clamp,
+                           seed=args.seed, dtype=getattr(torch, args.out_dtype) if args.out_dtype else None,
+                           overwrite=args.overwrite, backend=args.backend)
+    print(f"wrote {len(paths)} file(s) to {args.output}")
+    return 0
+
+
 def _merge(args) -> int:
+    if args.adapters:
+        return _merge_adapters(args)
+    if args.combination_type or args.svd_rank is not None or args.svd_clamp is not None:
+        raise CLIError("--combination-type, --svd-rank and --svd-clamp apply to --adapters only")
     import time
 
     import torch
@@ -76,25 +105,22 @@ def _merge(args) -> int:
     from . import _mergeconfig
     from .merging_models import merge_files
 
-    cfg = _mergeconfig.load(args.config) if args.config else {}
-    base = args.base or cfg.get("base")
-    models = args.models or cfg.get("models") or []
-    if not base or not models:
+    kw = _mergeconfig.load(args.config) if args.config else {}
+    # Flags given on the command line override the config's values.
+    flags = {"method": args.method, "lam": args.lam, "weights": args.weights, "density": args.density,
+             "sign": args.sign, "semantics": args.semantics, "seed": args.seed, "gamma": args.gamma,
+             "epsilon": args.epsilon, "scope": args.scope, "tokenizer_source": args.tokenizer_source,
+             "dtype": getattr(torch, args.dtype) if args.dtype else None,
+             "out_dtype": getattr(torch, args.out_dtype) if args.out_dtype else None,
+             "base": args.base, "models": args.models or None}
+    kw.update({k: v for k, v in flags.items() if v is not None})
+    if not kw.get("models"):
         raise CLIError("give --base and at least one model (or --config)")
-    kw = dict(method=args.method or cfg.get("method"), lam=args.lam if args.lam is not None else cfg.get("lam", 1.0),
-              weights=args.weights or cfg.get("weights"),
-              density=args.density if args.density is not None else cfg.get("density"),
-              sign=args.sign or cfg.get("sign", "sum"), semantics=args.semantics or cfg.get("semantics", "peft"),
-              seed=args.seed if args.seed is not None else cfg.get("seed"),
-              gamma=args.gamma if args.gamma is not None else cfg.get("gamma"),
-              epsilon=args.epsilon if args.epsilon is not None else cfg.get("epsilon"),
-              scope=args.scope or cfg.get("scope", "tensor"),
-              dtype=getattr(torch, args.dtype) if args.dtype else cfg.get("dtype"),
-              out_dtype=getattr(torch, args.out_dtype) if args.out_dtype else cfg.get("out_dtype"),
-              tokenizer_source=args.tokenizer_source or cfg.get("tokenizer_source"),
-              config_text=cfg.get("config_text"))
-    if not kw["method"]:
+    if not kw.get("method"):
         raise CLIError("--method is required")
+    if "tensor_args" in kw and any(flags[k] is not None for k in ("weights", "density", "gamma", "epsilon", "lam")):
+        raise CLIError("--config gives per-tensor values (gradients or filters): set them in the config, not as flags")
+    base, models = kw.pop("base", None), kw.pop("models")
     started, last = time.perf_counter(), [0.0]
 
     def progress(done, total, name):
@@ -246,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scope", choices=["tensor", "global"],
                    help="top-k threshold per tensor (default) or over the whole model (TIES paper)")
     p.add_argument("--config", help="YAML config: ours, or mergekit's for the methods both have")
+    p.add_argument("--adapters", nargs="+", metavar="FOLDER",
+                   help="PEFT LoRA adapter folders to merge into one adapter (instead of --base and models)")
+    p.add_argument("--combination-type", metavar="TYPE",
+                   help="with --adapters: PEFT's linear | cat | svd | ties | ties_svd | dare_ties | ...")
+    p.add_argument("--svd-rank", type=int, help="with --adapters, svd types: the merged rank (default: largest)")
+    p.add_argument("--svd-clamp", type=float, help="with --adapters, svd types: quantile clamping A and B")
     p.add_argument("--dtype", choices=_DTYPES, help="dtype the inputs are merged in (default: their own)")
     p.add_argument("--out-dtype", choices=_DTYPES, help="dtype written (default: --dtype, else the base's)")
     p.add_argument("--tokenizer-source", metavar="FOLDER", help="where the tokenizer files come from (default: base)")

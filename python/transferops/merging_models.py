@@ -20,6 +20,9 @@ import torch
 from . import _checks
 from . import _memory
 from . import _topk
+from . import merging_interp
+from ._mergeconfig import layer_fractions
+from .merging_interp import TENSORWISE
 from ._backend import BackendUnavailable, native_buffer, native_module
 from .merging import (_DTYPES, MergeSpec, _accumulation_dtype, _check_compatible, _fnv1a32, _majority, _native_pass,
                       _native_trims, _reference_votes, _task_vectors, merge_op, method_spec)
@@ -43,14 +46,18 @@ def _chunks(numel: int, chunk: int):
 
 
 def _merge_tensor(name: str, base_read, model_reads, numel: int, dtype: torch.dtype, spec: MergeSpec,
-                  weights, lam: float, chunk: int, backend: str, target, emit=None, trims=None) -> None:
+                  weights, lam: float, chunk: int, backend: str, target, emit=None, trims=None, shape=None) -> None:
     """Merge one tensor chunk by chunk with the method's fused pass, which forms
     tau_t = theta_t - theta_0 in the accumulation dtype (float32, or float64 for float64 models)
     and writes theta_0 + lam * merged in ``dtype`` into ``target(start, count)`` (a flat
     tensor), then calls ``emit(start, that tensor)``.
     A top-k trim over several chunks first finds each task's exact threshold over the whole
     tensor, streaming it once per radix digit (``trims`` given: already found, e.g. over the
-    whole model; then ``spec.zero_sign`` is too)."""
+    whole model; then ``spec.zero_sign`` is too); mergekit's rescale, its L1 ratios in one
+    more pass. DELLA, merged whole, sees the tensor in its ``shape``, whose rows it ranks."""
+    from .merging import check_tasks, streamed_scales
+
+    check_tasks(spec, len(model_reads))
     spec = replace(spec, stream=_fnv1a32(name), lam=lam)
     ranges = _chunks(numel, chunk)
     pieces = [(model_reads, base_read, s, c) for s, c in ranges]
@@ -59,13 +66,17 @@ def _merge_tensor(name: str, base_read, model_reads, numel: int, dtype: torch.dt
     elif spec.density is not None and len(ranges) > 1:
         select = _topk.streamed(_model_passes(pieces), numel, len(model_reads), chunk)
         spec = replace(spec, trims=tuple(_topk.trims(select, numel, spec)))
+    if spec.rescale and len(ranges) > 1:  # mergekit's L1 ratios need the whole tensor first
+        native = merge_op.select(backend, torch.device("cpu"), dtype, ([], weights, spec), name="merge")[0] == "native"
+        spec = replace(spec, scales=streamed_scales(model_reads, base_read, numel, chunk, spec, native))
     if spec.zero_sign is None and len(ranges) > 1:
         spec = replace(spec, zero_sign=_scope_majority([p + (dtype, spec.trims, weights) for p in pieces], spec, backend))
+    shaped = (lambda x: x.view(shape)) if spec.della is not None and shape is not None else (lambda x: x)
     for s, c in ranges:
-        merged = merge_op(backend, torch.device("cpu"), dtype, [read(s, c) for read in model_reads], weights,
-                          replace(spec, offset=s), base_read(s, c), target(s, c), name="merge")
+        merged = merge_op(backend, torch.device("cpu"), dtype, [shaped(read(s, c)) for read in model_reads], weights,
+                          replace(spec, offset=s), shaped(base_read(s, c)), shaped(target(s, c)), name="merge")
         if emit:
-            emit(s, merged)
+            emit(s, merged.view(-1))
 
 
 def _scope_majority(pieces, spec: MergeSpec, backend: str) -> int:
@@ -148,6 +159,92 @@ def _block_weights(weights, T: int):
         raise ValueError(f"weights: no pattern matches tensor {name!r} (patterns: {[p for p, _ in table]}); "
                          "add '*' for a default")
     return of
+
+
+class _Plan:
+    """The method's arguments tensor by tensor: ``plan(name)`` gives (spec, weights, lam) for a
+    task-vector method, or the params of a tensor-wise one (:mod:`transferops.merging_interp`).
+    ``tensor_args(name, t)``, when given, overrides ``args`` per tensor, ``t`` being the
+    tensor's layer fraction (see :func:`transferops._mergeconfig.layer_fractions`), as a
+    mergekit config's gradients and filters do."""
+
+    def __init__(self, method: str, lam: float, weights, args: dict, tensor_args, names, T: int):
+        self.method, self.T, self.args, self.tensor_args = method, T, args, tensor_args
+        self.tensorwise = method in TENSORWISE
+        self.lam = _checks.finite(lam, "lam")
+        self.weights = weights
+        self._specs: dict = {}
+        if tensor_args is not None and not callable(tensor_args):
+            raise TypeError(f"tensor_args: expected a callable (name, t) -> arguments, got {type(tensor_args).__name__}")
+        self.t = layer_fractions(names) if tensor_args is not None else {}
+        if self.tensorwise:  # checked before anything is read (per tensor too, by apply)
+            merging_interp.check(method, self(names[0]) if names else self._params(args.get("params"), weights))
+        else:
+            self.spec = self._spec(args)
+            self.weights_of = _block_weights(weights, T)
+
+    def _params(self, params, weights) -> dict:
+        params = dict(params or {})
+        if weights is not None:
+            if isinstance(weights, Mapping):
+                raise ValueError(f"weights: method {self.method!r} takes one weight per model, not per pattern")
+            params["weight"] = _checks.weight_list(weights, self.T)
+        return params
+
+    def _spec(self, args: dict) -> MergeSpec:
+        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in args.items()))
+        if key not in self._specs:
+            self._specs[key] = method_spec(self.method, tasks=self.T, **args)
+        return self._specs[key]
+
+    def __call__(self, name: str):
+        over = {} if self.tensor_args is None else dict(self.tensor_args(name, self.t.get(name, 0.0)))
+        if self.tensorwise:
+            return self._params({**(self.args.get("params") or {}), **over.pop("params", {})}, over.pop("weights", self.weights))
+        weights = over.pop("weights", None)
+        lam = _checks.finite(over.pop("lam", self.lam), "lam")
+        spec = self._spec({**self.args, **over}) if over else self.spec
+        return spec, (_checks.weight_list(weights, self.T) if weights is not None else self.weights_of(name)), lam
+
+
+def _method_args(method: str, *, params=None, **args) -> dict:
+    """The arguments given to merge() or merge_files() for ``method``: a task-vector method's
+    (those left at their defaults dropped, so that a tensor-wise method refuses any other)."""
+    defaults = {"sign": "sum", "semantics": "peft"}
+    given = {k: v for k, v in args.items() if v is not None and v != defaults.get(k)}
+    if method in TENSORWISE:
+        if given:
+            raise ValueError(f"{sorted(given)[0]}: method {method!r} takes its arguments in params "
+                             f"(mergekit's names), not as {sorted(given)}")
+        return {"params": params}
+    if params is not None:
+        raise ValueError(f"params: method {method!r} takes keyword arguments (density, ...), not params")
+    return args
+
+
+def _check_base(plan: _Plan, has_base: bool) -> None:
+    needs = TENSORWISE[plan.method].needs_base if plan.tensorwise else True
+    if needs is True and not has_base:
+        raise ValueError(f"base: method {plan.method!r} needs a base model")
+    if needs is False and has_base:
+        raise ValueError(f"base: method {plan.method!r} takes no base model (give the models only)")
+
+
+def _scope_trims(plan: _Plan, scope: str, items, chunk_of, backend: str) -> tuple[dict, MergeSpec | None]:
+    """Model-wide trims (``scope="global"``) and the spec they go with, or ({}, None)."""
+    if scope != "global":
+        return {}, None
+    if plan.tensorwise or plan.tensor_args is not None:
+        raise ValueError("scope: 'global' takes one set of task-vector arguments for the whole model "
+                         f"({'a tensor-wise method' if plan.tensorwise else 'tensor_args given'})")
+    return _global_trims(items, plan.spec, lambda n, d: chunk_of(n, d, plan.spec), plan.weights_of, backend)
+
+
+def _merge_tensorwise(plan: _Plan, name: str, base, models: list, backend: str) -> torch.Tensor:
+    if backend not in merging_interp.BACKENDS:
+        raise ValueError(f"backend: method {plan.method!r} runs on {merging_interp.BACKENDS}, got {backend!r}")
+    return merging_interp.apply(plan.method, None if base is None else base.detach(), [m.detach() for m in models],
+                                plan(name), backend=backend)
 
 
 def _jsonable(weights):
@@ -239,9 +336,10 @@ def _check_out(out, base: dict, models: list, tied: dict[str, str]) -> None:
         open_.append((first, last, label, written))
 
 
-def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=None, density=None,
-          sign: str = "sum", semantics: str = "peft", seed=None, gamma=None, epsilon=None, scope: str = "tensor",
-          backend: str = "auto", out: dict | None = None) -> dict:
+def merge(base: dict | None, models: list, *, method: str, lam: float = 1.0, weights=None, density=None,
+          sign: str = "sum", semantics: str = "peft", seed=None, gamma=None, epsilon=None, normalize=None,
+          rescale=None, scope: str = "tensor",
+          params: dict | None = None, tensor_args=None, backend: str = "auto", out: dict | None = None) -> dict:
     r"""Merge fine-tuned state dicts into ``base``: for every floating-point tensor,
     :math:`\theta_0 + \lambda \cdot \mathrm{method}(\theta_1 - \theta_0, \dots, \theta_T - \theta_0)`
     in the base's dtype (task vectors formed in float32, float64 for float64 models).
@@ -262,22 +360,31 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
     state dict of a model to load the merge into, or ``base`` itself to merge in place and
     save a model's memory). Writing into memory in use also spares the kernel's first-touch
     page faults of a fresh output.
+
+    The tensor-wise methods of :mod:`transferops.merging_interp` (linear, slerp, model_stock,
+    ...) take their arguments in ``params``, named as in mergekit's configs (per-model values
+    as lists; ``weights`` fills ``params["weight"]``); ``base`` is None where the method needs
+    none. ``tensor_args(name, t)``: per-tensor overrides of the arguments (see :class:`_Plan`).
     """
-    spec = method_spec(method, density=density, sign=sign, semantics=semantics, seed=seed, gamma=gamma, epsilon=epsilon)
-    lam = _checks.finite(lam, "lam")
     _checks.choice(scope, "scope", SCOPES)
     if not models:
         raise ValueError("models: expected at least one fine-tuned state dict")
-    weights_of = _block_weights(weights, len(models))
-    base = _state_dict(base, "base")
     models = [_state_dict(m, f"models[{i}]") for i, m in enumerate(models)]
+    plan = _Plan(method, lam, weights, _method_args(method, density=density, sign=sign, semantics=semantics,
+                                                    seed=seed, gamma=gamma, epsilon=epsilon, normalize=normalize,
+                                                    rescale=rescale, params=params),
+                 tensor_args, list(models[0]), len(models))
+    has_base = base is not None
+    _check_base(plan, has_base)
+    base = _state_dict(base, "base") if has_base else models[0]
     layout = lambda sd: {name: (tuple(t.shape), t.dtype) for name, t in sd.items()}
     _check_compatible(layout(base), [layout(m) for m in models], [f"models[{i}]" for i in range(len(models))])
     tied = _tied(base, models)
     if out is not None:
         out = _state_dict(out, "out")
         _check_out(out, base, models, tied)
-    def chunk_of(numel: int, dtype: torch.dtype) -> int:
+
+    def chunk_of(numel: int, dtype: torch.dtype, spec: MergeSpec) -> int:
         fused = merge_op.select(backend, torch.device("cpu"), dtype, ([], None, spec), name="merge")[0] == "native"
         return _chunk_elements(spec, numel, max(numel, 1) if fused else _IN_MEMORY_CHUNK)
 
@@ -286,7 +393,7 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
         if b.dtype in _DTYPES and name not in tied:
             flat = [b.detach().reshape(-1)] + [m[name].detach().reshape(-1) for m in models]
             items.append((name, b.numel(), b.dtype, [lambda s, c, x=x: x[s:s + c] for x in flat]))
-    trims, spec = _global_trims(items, spec, chunk_of, weights_of, backend) if scope == "global" else ({}, spec)
+    trims, spec = _scope_trims(plan, scope, items, chunk_of, backend)
     # Tensors that are not merged (integer buffers) are the base's, copied.
     if out is None:
         out = {name: _memory.empty(b.shape, b.dtype) if b.dtype in _DTYPES else b.clone()
@@ -298,9 +405,15 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
             if b.dtype not in _DTYPES and name not in tied:
                 out[name].copy_(b)
     for name, numel, dtype, reads in items:
+        if plan.tensorwise:
+            out[name].copy_(_merge_tensorwise(plan, name, base[name] if has_base else None, [m[name] for m in models],
+                                              backend))
+            continue
         result = out[name].view(-1)
-        _merge_tensor(name, reads[0], reads[1:], numel, dtype, spec, weights_of(name), lam, chunk_of(numel, dtype), backend,
-                      lambda s, c: result[s:s + c], trims=trims.get(name))
+        tensor_spec, weights, lam = plan(name)
+        _merge_tensor(name, reads[0], reads[1:], numel, dtype, spec or tensor_spec, weights, lam,
+                      chunk_of(numel, dtype, tensor_spec), backend, lambda s, c: result[s:s + c], trims=trims.get(name),
+                      shape=base[name].shape)
     for name, first in tied.items():
         if not _same_view(out[name], out[first]):
             out[name].copy_(out[first])
@@ -308,8 +421,9 @@ def merge(base: dict, models: list, *, method: str, lam: float = 1.0, weights=No
 
 
 def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=None, density=None,
-                sign: str = "sum", semantics: str = "peft", seed=None, gamma=None, epsilon=None, scope: str = "tensor",
-                max_memory: int = 2 << 30, shard_size: int = 5 << 30, overwrite: bool = False, dtype=None,
+                sign: str = "sum", semantics: str = "peft", seed=None, gamma=None, epsilon=None, normalize=None,
+                rescale=None, scope: str = "tensor",
+                params: dict | None = None, tensor_args=None, max_memory: int = 2 << 30, shard_size: int = 5 << 30, overwrite: bool = False, dtype=None,
                 out_dtype=None, model_files: bool = True, tokenizer_source=None, config_text: str | None = None,
                 backend: str = "auto", progress=None) -> list:
     """:func:`merge` over safetensors checkpoints (files, or folders of shards with
@@ -329,15 +443,18 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
     names. ``model_files``: also write what makes the folder load as a model (config.json and
     generation_config.json from ``base``, the tokenizer's files from ``tokenizer_source``,
     default ``base``, a model card naming the merge, and ``config_text`` as
-    mergekit_config.yml); see :mod:`transferops._modelfiles`."""
+    mergekit_config.yml); see :mod:`transferops._modelfiles`. ``base`` is None for a
+    tensor-wise method that takes none (then the first model gives the layout, the model
+    files and the tensors that are not merged); such methods read whole tensors, which must
+    fit in ``max_memory`` with their temporaries."""
     import json
 
     from . import __version__, _modelfiles
     from ._outdir import OutputFolder
     from ._safetensors import Checkpoint, ShardedWriter
 
-    spec = method_spec(method, density=density, sign=sign, semantics=semantics, seed=seed, gamma=gamma, epsilon=epsilon)
-    lam = _checks.finite(lam, "lam")
+    method_args = _method_args(method, density=density, sign=sign, semantics=semantics, seed=seed, gamma=gamma,
+                               epsilon=epsilon, normalize=normalize, rescale=rescale, params=params)
     _checks.choice(scope, "scope", SCOPES)
     max_memory = _checks.count(max_memory, "max_memory", low=1)
     shard_size = _checks.count(shard_size, "shard_size", low=1)
@@ -350,12 +467,13 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
     out_dtype = out_dtype or dtype
     if not models:
         raise ValueError("models: expected at least one fine-tuned checkpoint")
-    weights_of = _block_weights(weights, len(models))
     ckpts = []
     try:
-        for path in [base, *models]:
+        for path in [base, *models] if base is not None else models:
             ckpts.append(Checkpoint(path))
-        b, ms = ckpts[0], ckpts[1:]
+        b, ms = ckpts[0], ckpts[1:] if base is not None else ckpts
+        merging = _Plan(method, lam, weights, method_args, tensor_args, list(b.tensors), len(ms))
+        _check_base(merging, base is not None)
         layout = lambda c: {name: (info.shape, info.dtype) for name, info in c.tensors.items()}
         _check_compatible(layout(b), [layout(m) for m in ms], [f"models[{i}] ({m.path})" for i, m in enumerate(ms)])
         T = len(ms)
@@ -364,17 +482,27 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
                    for n, i in b.tensors.items()}
         plan = [(n, written[n], i.shape) for n, i in b.tensors.items()]
         args = {"lam": lam, "weights": _jsonable(weights), "density": density, "sign": sign, "semantics": semantics,
-                "seed": seed, "gamma": gamma, "epsilon": epsilon, "scope": scope,
+                "seed": seed, "gamma": gamma, "epsilon": epsilon, "normalize": normalize, "rescale": rescale,
+                "scope": scope, "params": params,
+                "per_tensor": tensor_args is not None,
                 "dtype": None if dtype is None else str(dtype), "out_dtype": None if out_dtype is None else str(out_dtype)}
         meta = {"format": "pt", "merged_by": f"transferops {__version__}", "merge_method": method,
                 "merge_args": json.dumps(args), "merge_inputs": json.dumps([str(c.path) for c in ckpts])}
 
-        def chunk_of(numel: int, dtype: torch.dtype) -> int:
-            item = dtype.itemsize
+        def per_element(dtype: torch.dtype) -> int:
             # T + 1 chunks read and 1 written; T + 3 accumulation-dtype temporaries where the
             # backend forms the task vectors before merging (the fused native pass has none).
-            per_element = (T + 2) * item + (T + 3) * _accumulation_dtype(dtype).itemsize
-            return _chunk_elements(spec, numel, max(1024, max_memory // per_element))
+            return (T + 2) * dtype.itemsize + (T + 3) * _accumulation_dtype(dtype).itemsize
+
+        def chunk_of(numel: int, dtype: torch.dtype, spec: MergeSpec) -> int:
+            return _chunk_elements(spec, numel, max(1024, max_memory // per_element(dtype)))
+
+        if merging.tensorwise:
+            for name, info in b.tensors.items():
+                need = info.numel * per_element(compute[name])
+                if info.dtype in _DTYPES and need > max_memory:
+                    raise ValueError(f"max_memory: {method} merges whole tensors, and {name!r} "
+                                     f"({tuple(info.shape)}) needs about {need} bytes; raise max_memory")
 
         folder = OutputFolder(out, inputs=set().union(*(c.sources for c in ckpts)), overwrite=overwrite)
         writer = None
@@ -382,20 +510,27 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
             items = [(name, info.numel, compute[name],
                       [lambda s, c, m=m, name=name: m.read(name, s, c).to(compute[name]) for m in ckpts])
                      for name, info in b.tensors.items() if info.dtype in _DTYPES]
-            trims, spec = _global_trims(items, spec, chunk_of, weights_of, backend) if scope == "global" else ({}, spec)
+            trims, spec = _scope_trims(merging, scope, items, chunk_of, backend)
             reads_of = {name: reads for name, _, _, reads in items}
             writer = ShardedWriter(folder, plan, shard_size, meta)
             total, done = sum(i.nbytes for i in b.tensors.values()), 0
             for name, info in b.tensors.items():
+                reads = reads_of.get(name)
                 if info.dtype not in _DTYPES:
                     writer.write(name, 0, b.read(name))
+                elif merging.tensorwise:
+                    whole = [read(0, info.numel).view(info.shape) for read in reads]
+                    merged = _merge_tensorwise(merging, name, whole[0] if base is not None else None,
+                                               whole[1:] if base is not None else whole, backend)
+                    writer.write(name, 0, merged.to(written[name]).reshape(-1))
                 else:
-                    reads, chunk = reads_of[name], chunk_of(info.numel, compute[name])
+                    tensor_spec, weights_t, lam_t = merging(name)
+                    chunk = chunk_of(info.numel, compute[name], tensor_spec)
                     buf = torch.empty(min(chunk, info.numel), dtype=compute[name])  # reused by every chunk
-                    _merge_tensor(name, reads[0], reads[1:], info.numel, compute[name], spec, weights_of(name), lam,
-                                  chunk, backend, lambda s, c: buf[:c],
+                    _merge_tensor(name, reads[0], reads[1:], info.numel, compute[name], spec or tensor_spec, weights_t,
+                                  lam_t, chunk, backend, lambda s, c: buf[:c],
                                   lambda s, x, name=name: writer.write(name, s, x.to(written[name])),
-                                  trims=trims.get(name))
+                                  trims=trims.get(name), shape=info.shape)
                 done += info.nbytes
                 if progress:
                     progress(done, total, name)
