@@ -221,5 +221,34 @@ def load_folder(folder: Path) -> dict:
     return out
 
 
-__all__ = ["DTYPES", "TOLERANCES", "assert_close", "assert_matches_reference", "golden_file", "guarded_empty",
-           "load_folder", "noncontiguous", "peer", "poisoned_outputs", "randn", "require_backend"]
+def merge_both_ways(tmp_path: Path, text: str) -> tuple[dict, dict]:
+    """A mergekit YAML merged by mergekit itself and by ``transferops merge --config``, into
+    tmp_path/mk and tmp_path/ours: (mergekit's tensors, ours), the same names."""
+    mergekit = pytest.importorskip("mergekit.merge")
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from transferops.cli import main
+
+    mergekit.run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "mk"),
+                       MergeOptions(quiet=True))
+    (tmp_path / "c.yaml").write_text(text)
+    assert main(["merge", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "ours"), "-q"]) == 0
+    theirs, ours = load_folder(tmp_path / "mk"), load_folder(tmp_path / "ours")
+    assert sorted(theirs) == sorted(ours)
+    return theirs, ours
+
+
+def at_a_cut(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Entries whose magnitude equals one at a rank where mergekit's trim cuts (the largest
+    int(gamma n) dropped, the next int(density n) kept): which of them it keeps is arbitrary."""
+    mags = tau.abs().flatten()
+    ranked = mags.sort(descending=True).values
+    n, top, keep = mags.numel(), int(gamma * mags.numel()), int(density * mags.numel())
+    cuts = [ranked[i] for i in {top - 1, top, top + keep - 1, top + keep} if 0 <= i < n]
+    return torch.stack([tau.abs() == c for c in cuts]).any(0) if cuts else torch.zeros(tau.shape, dtype=torch.bool)
+
+
+__all__ = ["DTYPES", "TOLERANCES", "assert_close", "assert_matches_reference", "at_a_cut", "golden_file",
+           "guarded_empty", "load_folder", "merge_both_ways", "noncontiguous", "peer", "poisoned_outputs", "randn", "require_backend"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _kit import load_folder, peer
+from _kit import at_a_cut, load_folder, merge_both_ways, peer
 from transferops.cli import main
 from transferops.merging import merge
 
@@ -87,21 +87,10 @@ def test_out_dtype_is_written_and_named_in_config(llamas, tmp_path):
 def test_equals_mergekits_own_output(llamas, tmp_path, name):
     """mergekit 0.1.5 on the same YAML, computing in float32: bit for bit (ties: at every entry not tied at a top-k
     threshold, where the two keep different ones of equal magnitude)."""
-    mergekit = pytest.importorskip("mergekit.merge")
-    from mergekit.config import MergeConfiguration
-    from mergekit.options import MergeOptions
-
-    import yaml
-
     # mergekit's arithmetic runs in `dtype`, rounding every step in bfloat16; ours forms task
     # vectors in float32 and rounds once. In float32 both round once, at the end.
     text = _yaml(name, llamas).replace("dtype: bfloat16\n", "dtype: float32\nout_dtype: bfloat16\n")
-    mergekit.run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "mk"),
-                       MergeOptions(quiet=True))
-    (tmp_path / "c.yaml").write_text(text)
-    assert main(["merge", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "ours"), "-q"]) == 0
-    theirs, ours = load_folder(tmp_path / "mk"), load_folder(tmp_path / "ours")
-    assert sorted(theirs) == sorted(ours)
+    theirs, ours = merge_both_ways(tmp_path, text)
     states = [load_folder(p) for p in llamas]
     _, per_model = PER_MODEL[name]
     compared = 0
@@ -109,21 +98,11 @@ def test_equals_mergekits_own_output(llamas, tmp_path, name):
         tied = torch.zeros(ours[k].shape, dtype=torch.bool)
         for state, pm in zip(states[1:], per_model):
             if "density" in pm:
-                tied |= _at_a_cut(state[k].float() - states[0][k].float(), pm["density"],
-                                  0.05 if name == "breadcrumbs" else 0.0)
+                tied |= at_a_cut(state[k].float() - states[0][k].float(), pm["density"],
+                                 0.05 if name == "breadcrumbs" else 0.0)
         assert torch.equal(ours[k][~tied], theirs[k][~tied]), k
         compared += int((~tied).sum())
     assert compared > 0.5 * sum(t.numel() for t in ours.values())
-
-
-def _at_a_cut(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Entries whose magnitude equals one at a rank where mergekit's trim cuts (the largest
-    int(gamma n) dropped, the next int(density n) kept): which of them it keeps is arbitrary."""
-    mags = tau.abs().flatten()
-    ranked = mags.sort(descending=True).values
-    n, top, keep = mags.numel(), int(gamma * mags.numel()), int(density * mags.numel())
-    cuts = [ranked[i] for i in {top - 1, top, top + keep - 1, top + keep} if 0 <= i < n]
-    return torch.stack([tau.abs() == c for c in cuts]).any(0) if cuts else torch.zeros(tau.shape, dtype=torch.bool)
 
 
 KEYS_REFUSED = [

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from _kit import load_folder
+from _kit import at_a_cut, load_folder, merge_both_ways
 from transferops._mergeconfig import ConfigError, _setting, evaluate, layer_fractions, load
 from transferops.cli import main
 
@@ -57,23 +57,6 @@ def test_malformed_settings_are_errors(llamas, tmp_path, value, needle):
     assert needle in str(e.value)
 
 
-def _run_both(tmp_path, text: str):
-    """The YAML merged by mergekit 0.1.5 and by `transferops merge --config`: both folders' tensors."""
-    mergekit = pytest.importorskip("mergekit.merge")
-    from mergekit.config import MergeConfiguration
-    from mergekit.options import MergeOptions
-
-    import yaml
-
-    mergekit.run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "mk"),
-                       MergeOptions(quiet=True))
-    (tmp_path / "c.yaml").write_text(text)
-    assert main(["merge", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "ours"), "-q"]) == 0
-    theirs, ours = load_folder(tmp_path / "mk"), load_folder(tmp_path / "ours")
-    assert sorted(theirs) == sorted(ours)
-    return theirs, ours
-
-
 def test_gradients_and_filters_equal_mergekit_bit_for_bit(llamas, tmp_path):
     """Weights by layer (a gradient) and by tensor name (filters, one holding a gradient), the
     base listed among the models as mergekit users do: float32 arithmetic on both sides."""
@@ -91,7 +74,7 @@ parameters: {{lambda: 0.9}}
 dtype: float32
 out_dtype: bfloat16
 """
-    theirs, ours = _run_both(tmp_path, text)
+    theirs, ours = merge_both_ways(tmp_path, text)
     differ = {k for k in ours if not torch.equal(ours[k], theirs[k])}
     assert not differ, sorted(differ)
     # and the gradient did something: layer 0 and layer 1 got different weights
@@ -152,7 +135,7 @@ def test_every_method_equals_mergekit_and_loads(llamas, tmp_path, name):
     tied at a cut."""
     from transformers import AutoModelForCausalLM
 
-    theirs, ours = _run_both(tmp_path, _method_yaml(name, llamas))
+    theirs, ours = merge_both_ways(tmp_path, _method_yaml(name, llamas))
     states = [load_folder(p) for p in llamas]
     per_model, _, _ = METHODS[name]
     for k in ours:
@@ -160,18 +143,12 @@ def test_every_method_equals_mergekit_and_loads(llamas, tmp_path, name):
         if name in ("ties", "breadcrumbs_ties"):  # entries whose magnitude ties at a cut: mergekit's pick
             for state, pm in zip(states[1:], per_model):
                 tau = state[k].float() - states[0][k].float()
-                close |= _at_a_cut(tau, pm["density"], pm.get("gamma", 0.01) if name == "breadcrumbs_ties" else 0.0)
+                close |= at_a_cut(tau, pm["density"], pm.get("gamma", 0.01) if name == "breadcrumbs_ties" else 0.0)
         assert close.all(), (k, (ours[k] - theirs[k]).abs().max())
     changed = sum(not torch.equal(ours[k], states[0][k].float()) for k in ours)
     assert changed > len(ours) // 2, "the merge left the base as it was"
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
     assert torch.equal(model.state_dict()["model.norm.weight"], ours["model.norm.weight"])
-
-
-def _at_a_cut(tau, density, gamma):
-    from test_mergekit_configs import _at_a_cut as at_a_cut
-
-    return at_a_cut(tau, density, gamma)
 
 
 @pytest.mark.parametrize("text,needle", [
@@ -219,7 +196,7 @@ def test_dare_and_della_configs_run_mergekits_formula(llamas, tmp_path, method):
     models = "".join(f"  - model: {p}\n    parameters: {json.dumps(pm)}\n" for p, pm in zip(llamas[1:], per_model))
     text = (f"merge_method: {method}\nbase_model: {llamas[0]}\nmodels:\n{models}parameters: {json.dumps(shared)}\n"
             "dtype: float32\nout_dtype: float32\n")
-    theirs, ours = _run_both(tmp_path, text)
+    theirs, ours = merge_both_ways(tmp_path, text)
     states = [{k: v.float() for k, v in load_folder(p).items()} for p in llamas]
     per_task = {key: [pm.get(key, 0.15) for pm in per_model] for key in ("density", "epsilon")}
     if not method.startswith("della"):
