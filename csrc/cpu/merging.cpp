@@ -95,6 +95,7 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
   // mergekit's sum with normalize: divided by the weights' sum, unless that is about 0.
   const A sum_divisor = std::abs(weight_sum) < 1e-8 ? A(1) : A(weight_sum);
   const bool normalize = spec.normalize;
+  const A keep_den = normalize ? A(1) : A(0), sum_by = normalize ? sum_divisor : A(1);  // see finish
   const bool zero_elects_plus = spec.zero_sign > 0;
   const bool store = out.data != nullptr;
   const Blocks b(tvs[0], kBlock);
@@ -146,13 +147,15 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
     alignas(64) A merged[kBlock];
     const A zero_vote = zero_elects_plus ? A(1) : A(-1);
     auto elects_plus = [&](A vt) TRANSFEROPS_INLINE { return (vt == A(0) ? zero_vote : vt) > A(0); };
-    // Entry j from the elected side's sum and denominator (all tasks' sum without an election),
-    // divided as `divide` says (MergeSpec::normalize) by `by`, the sum's divisor. Both come in
-    // as the caller's locals: read through this lambda's captures inside the loops, they would
-    // be loads that might alias `merged`, and GCC then leaves most instances of the loops scalar.
-    auto finish = [&](int64_t j, A sum, A den, bool divide, A by) TRANSFEROPS_INLINE {
-      A m = sum;
-      if (divide) m = sum / (elect ? (den == A(0) ? A(1) : den) : by);
+    // Entry j from the elected side's sum and denominator (all tasks' sum without an election):
+    // an election divides by den (1 where it is 0), a sum by `by`. MergeSpec::normalize false
+    // comes as keep = 0, which makes every den 0 and so 1, and as by = 1: exact divisions by 1.
+    // No bool and no branch: with either, GCC leaves most instances of the loops scalar. Both
+    // come in as the caller's locals: read through this lambda's captures inside the loops,
+    // they would be loads that might alias `merged`, with the same effect.
+    auto finish = [&](int64_t j, A sum, A den, A keep, A by) TRANSFEROPS_INLINE {
+      const A kept = den * keep;
+      A m = sum / (elect ? (kept == A(0) ? A(1) : kept) : by);
       if constexpr (diff) m = lam * m + base_row[j];
       return m;
     };
@@ -161,8 +164,7 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
       constexpr int G = decltype(group)::value;
       constexpr bool W = decltype(one_sweep)::value;
       const S* p[G];
-      const bool divide = normalize;
-      const A by = sum_divisor;
+      const A keep = keep_den, by = sum_by;
       A wt[G], dw[G], bound[G], drop[G], rs[G];
       uint32_t below[G];
       bool all[G];
@@ -355,7 +357,7 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
             }
           }
           segment_bad += key >= inf_key;
-          merged[j] = finish(j, sum, A(den), divide, by);
+          merged[j] = finish(j, sum, A(den), keep, by);
         }
       }
       bad += segment_bad;
@@ -396,11 +398,10 @@ MergeResult merge_typed(const std::vector<View2D>& tvs, const View2D* base, cons
         for (int64_t j = 0; j < n; ++j) signs += (vote[j] > A(0)) - (vote[j] < A(0));
       }
       if (store) {
-        const bool divide = normalize;
-        const A by = sum_divisor;
+        const A keep = keep_den, by = sum_by;
         for (int64_t j = 0; j < n; ++j) {
           const bool plus = !elect || elects_plus(vote[j]);
-          merged[j] = finish(j, plus ? pos_sum[j] : neg_sum[j], plus ? A(pos_den[j]) : A(neg_den[j]), divide, by);
+          merged[j] = finish(j, plus ? pos_sum[j] : neg_sum[j], plus ? A(pos_den[j]) : A(neg_den[j]), keep, by);
         }
       }
     }
