@@ -113,9 +113,12 @@ METHODS = {
     "passthrough": ([{"scale": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}], {}, False),
     "nearswap": ([{}], {"t": 0.001}, True),
     "task_arithmetic": ([{"weight": 0.5}, {"weight": [0.2, 0.8]}], {"lambda": 0.7}, True),
-    "ties": ([{"weight": 0.7, "density": 0.3}, {"weight": 0.5, "density": 0.6}], {"rescale": True}, True),
+    # a weight by layer: per-tensor arguments, the density per model alone
+    "ties": ([{"weight": [0.7, 0.3], "density": 0.3}, {"weight": 0.5, "density": 0.6}], {"rescale": True}, True),
     "breadcrumbs_ties": ([{"weight": 0.7, "density": 0.6, "gamma": 0.02}, {"weight": 0.5, "density": 0.5}], {},
                          True),
+    # mergekit's default density, 1: della_magprune keeps every entry, whatever epsilon
+    "della": ([{"weight": 0.7}, {"weight": 0.5, "epsilon": 0.3}], {}, True),
 }
 
 
@@ -161,6 +164,12 @@ def test_every_method_equals_mergekit_and_loads(llamas, tmp_path, name):
      "parameters: weight: not a key"),
     ("merge_method: ties\nbase_model: {0}\nmodels: [{{model: {1}+adapter, parameters: {{weight: 1}}}}]\n", "model+lora"),
     ("merge_method: model_stock\nbase_model: {0}\nmodels: [{{model: {1}}}]\n", "at least 2 model"),
+    ("merge_method: slerp\nbase_model: {0}\nmodels: [{{model: {1}, weight: 0.5}}]\nparameters: {{t: 0.5}}\n",
+     "models[0].weight: slerp takes no weight per model"),
+    ("method: ties\nbase: {0}\nmodels: [{{path: {1}, weight: 0.5, parameters: {{weight: 1}}}}]\n",
+     "models[0].weight: given in its parameters too"),
+    ("merge_method: karcher\nmodels: [{{model: {0}}}, {{model: {1}}}]\nparameters: {{max_iter: [10, 20]}}\n",
+     "parameters.max_iter: takes an integer, one value for every tensor (or filters), not a gradient"),
 ])
 def test_method_contracts_are_errors_naming_the_key(llamas, tmp_path, capsys, text, needle):
     (tmp_path / "c.yaml").write_text(text.format(*llamas))
@@ -226,3 +235,15 @@ def test_seed_picks_other_masks(llamas, tmp_path):
         assert main(["merge", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / f"o{seed}"), "-q"]) == 0
         outs.append(load_folder(tmp_path / f"o{seed}")["model.layers.1.mlp.down_proj.weight"])
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+def test_flags_beside_per_tensor_values_are_errors(llamas, tmp_path, capsys):
+    """A config whose values vary by tensor gives the method's arguments: a flag that would
+    override some of them is an error, not silently outranked."""
+    (tmp_path / "c.yaml").write_text(f"merge_method: dare_ties\nbase_model: {llamas[0]}\nmodels:\n"
+                                     f"  - model: {llamas[1]}\n    parameters: {{weight: [0.2, 0.9], density: 0.5}}\n")
+    for flag in (["--seed", "3"], ["--semantics", "peft"], ["--density", "0.4"]):
+        code = main(["merge", "--config", str(tmp_path / "c.yaml"), "-o", str(tmp_path / "o"), "-q", *flag])
+        err = capsys.readouterr().err
+        assert code == 2 and f"({flag[0]})" in err and "per-tensor values" in err, err
+    assert not (tmp_path / "o").exists()

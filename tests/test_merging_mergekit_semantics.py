@@ -7,7 +7,7 @@ import torch
 
 from transferops import BackendUnavailable
 from transferops.merging import (MergeSpec, _dare_keep, _della_keep_probability, _draws, _fnv1a32, breadcrumbs,
-                                 breadcrumbs_ties, dare_linear, dare_ties, della, magnitude_prune,
+                                 breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, magnitude_prune,
                                  merge, merge_files, method_spec, task_arithmetic, ties)
 
 from _kit import DTYPES, assert_close, assert_matches_reference, load_folder, peer, randn, require_backend
@@ -94,6 +94,16 @@ def test_rescale_restores_each_tasks_l1_norm(gen):
         torch.testing.assert_close(got.abs().sum(), x.abs().sum(), rtol=1e-13, atol=0)
     zero = dare_linear([torch.zeros(9, dtype=torch.float64)], density=0.5, seed=1, semantics="mergekit")
     assert torch.equal(zero, torch.zeros(9, dtype=torch.float64))  # mergekit's 1e-7 guard: no 0 / 0
+
+
+def test_della_keeps_all_at_density_1_and_none_at_0(gen):
+    """mergekit's della_magprune returns a task whole at density 1 and zeros at 0, whatever
+    epsilon (which would otherwise put the probabilities outside [0, 1])."""
+    tvs = [torch.randn(33, 17, generator=gen, dtype=torch.float64) for _ in range(2)]
+    got = della_linear(tvs, density=[1.0, 0.0], epsilon=0.3, seed=1, semantics="mergekit")
+    assert torch.equal(got, tvs[0])
+    with pytest.raises(ValueError, match="epsilon"):
+        della_linear(tvs, density=[1.0, 0.0], epsilon=0.3, seed=1)  # the paper's: probabilities 1.3 and -0.3
 
 
 @pytest.mark.parametrize("call,error,match", [

@@ -116,6 +116,8 @@ def _setting(value, kind: str, where: str, conditional: bool = True) -> tuple:
         return ("filters", tuple(out))
     if any(isinstance(v, (dict, list)) for v in value):
         raise ConfigError(f"{where}: expected a gradient (a list of values) or a list of filters, not a mix")
+    if kind == "int":  # a gradient interpolates: between two integers lie fractions
+        raise ConfigError(f"{where}: takes an integer, one value for every tensor (or filters), not a gradient")
     return ("gradient", tuple(_scalar(v, kind, f"{where}[{i}]") for i, v in enumerate(value)))
 
 
@@ -202,13 +204,6 @@ def _keys_of(method: str, mergekit: bool, path: str) -> dict:
     raise ConfigError(f"{path}: {key}: {method!r} is not a method transferops runs (expected one of {known})")
 
 
-def _needs_base(method: str):
-    """True, False or "optional": whether the method takes a base (see merging_interp.Method)."""
-    from .merging_interp import TENSORWISE
-
-    return TENSORWISE[method].needs_base if method in TENSORWISE else True
-
-
 def _tensorwise_names() -> list:
     from .merging_interp import TENSORWISE
 
@@ -251,6 +246,7 @@ class Parameters:
 
     def __init__(self, method: str, mergekit: bool, keys: dict, shared: dict, per_model: list, path: str):
         self.method, self.mergekit, self.keys, self.path = method, mergekit, keys, path
+        self.tensorwise = method in _tensorwise_names()
         self.shared, self.per_model = shared, per_model
         self.varies = any(_varies(s) for s in shared.values()) or any(_varies(s) for m in per_model
                                                                       for s in m.values())
@@ -284,7 +280,7 @@ class Parameters:
 
     def __call__(self, name: str = "", t: float = 0.0) -> dict:
         raw = self.raw(name, t)
-        if self.method in _tensorwise_names():
+        if self.tensorwise:
             return {"params": raw}
         return (_mergekit_args if self.mergekit else _our_args)(self.method, raw, self.path)
 
@@ -298,11 +294,9 @@ def _mergekit_args(method: str, raw: dict, path: str) -> dict:
     """merge()'s keyword arguments for a mergekit GTA method's resolved parameters."""
     # normalize: an election divides by the agreeing weights, a sum by all weights' sum.
     out = {"weights": raw["weight"], "lam": raw["lambda"], "semantics": "mergekit", "normalize": raw["normalize"]}
-    if method != "task_arithmetic":  # mergekit takes a density there and does nothing with it
-        out["density"] = _one(raw["density"])
+    if method != "task_arithmetic":  # mergekit takes density and rescale there and, as nothing is
+        out["density"] = _one(raw["density"])  # sparsified, does nothing with them
         out["rescale"] = raw["rescale"]
-    elif raw["rescale"]:
-        out["rescale"] = True  # refused by merge(), as nothing is sparsified to rescale
     for key in ("gamma", "epsilon"):
         if key in raw:
             out[key] = _one(raw[key])
@@ -353,8 +347,10 @@ def load(path: str) -> dict:
         raise ConfigError(f"{path}: models: expected a list of models, got {type(entries).__name__}")
     models, per_model = [], []
     model_keys = {k for k, spec in keys.items() if spec.scope == "model"}
-    needs_base = _needs_base(method)
-    base_role = base is not None and needs_base is not False
+    from .merging_interp import needs_base
+
+    takes_base = needs_base(method)  # True, False or "optional"
+    base_role = base is not None and takes_base is not False
     for i, e in enumerate(entries):
         where = f"{path}: models[{i}]"
         if isinstance(e, str):
@@ -369,6 +365,9 @@ def load(path: str) -> dict:
         _keys(p, model_keys, f"{where}.parameters")
         settings = {k: _setting(v, keys[k].kind, f"{where}.parameters.{k}") for k, v in p.items()}
         if "weight" in e:  # ours: models[i].weight beside path
+            if "weight" not in model_keys or "weight" in settings:
+                raise ConfigError(f"{where}.weight: " + ("given in its parameters too" if "weight" in settings
+                                                         else f"{method} takes no weight per model"))
             settings["weight"] = _setting(e["weight"], "float", f"{where}.weight")
         if model == base and base_role:
             continue  # the base's own entry: a zero task vector, or the base itself, as in mergekit
@@ -376,12 +375,12 @@ def load(path: str) -> dict:
         per_model.append(settings)
     if not models:
         raise ConfigError(f"{path}: models: every model listed is the base model")
-    if base is not None and needs_base is False:
+    if base is not None and takes_base is False:
         if base not in models:  # mergekit adds it as one more model, then asks for its weight
             raise ConfigError(f"{path}: base_model: {method} has no base; mergekit merges a base_model as one more "
                               "model: list it in models with its parameters")
         base = None
-    elif base is None and needs_base is True:
+    elif base is None and takes_base is True:
         raise ConfigError(f"{path}: base_model: {method} needs a base model")
     scope = shared.pop("scope", None)  # where top-k thresholds are taken: one for the whole merge
     if scope is not None and scope[0] != "value":

@@ -118,8 +118,10 @@ def _merge(args) -> int:
         raise CLIError("give --base and at least one model (or --config)")
     if not kw.get("method"):
         raise CLIError("--method is required")
-    if "tensor_args" in kw and any(flags[k] is not None for k in ("weights", "density", "gamma", "epsilon", "lam")):
-        raise CLIError("--config gives per-tensor values (gradients or filters): set them in the config, not as flags")
+    per_tensor = ("weights", "density", "gamma", "epsilon", "lam", "sign", "semantics", "seed")
+    if "tensor_args" in kw and any(flags[k] is not None for k in per_tensor):
+        raise CLIError("--config gives per-tensor values (gradients or filters): set the method's arguments in "
+                       f"the config, not as flags ({', '.join('--' + k for k in per_tensor if flags[k] is not None)})")
     base, models = kw.pop("base", None), kw.pop("models")
     started, last = time.perf_counter(), [0.0]
 

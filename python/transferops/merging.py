@@ -422,8 +422,14 @@ def method_spec(method: str, *, density=None, sign: str = "sum", semantics: str 
         epsilon = None if epsilon is None else _fractions(epsilon, "epsilon")
         spec = MergeSpec(None, della=(density, epsilon), **random)
         check_tasks(spec, spec.tasks or 1)
+        if mergekit:  # its della_magprune keeps every entry at density 1 and none at 0, whatever epsilon
+            edges = [0.0 if _at(density, t) in (0.0, 1.0) else _at(epsilon, t) for t in range(spec.tasks or 1)]
+            epsilon = edges[0] if spec.tasks is None else tuple(edges)
+            spec = replace(spec, della=(density, epsilon))
         for t in range(spec.tasks or 1):
             d, e = _at(density, t), _at(epsilon, t)
+            if mergekit and d == 0:
+                continue
             if e is None or not e < d or d + e > 1:
                 raise ValueError(f"epsilon: method {method!r} needs 0 <= epsilon < density and density + epsilon "
                                  f"<= 1 (keep probabilities density -/+ epsilon), got epsilon={e!r}, density={d}")

@@ -684,6 +684,12 @@ TENSORWISE: dict[str, Method] = {
 }
 
 
+def needs_base(method: str):
+    """True, False or "optional": whether ``method`` takes a base model (every method of
+    :mod:`transferops.merging` needs one)."""
+    return TENSORWISE[method].needs_base if method in TENSORWISE else True
+
+
 def check(method: str, params: Mapping, count: int | None = None) -> dict:
     """``params`` of ``method`` completed with the defaults: each key known, each required key
     given, per-model values a list (of ``count`` when given, else of one length) or one value

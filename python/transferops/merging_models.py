@@ -177,11 +177,18 @@ class _Plan:
         if tensor_args is not None and not callable(tensor_args):
             raise TypeError(f"tensor_args: expected a callable (name, t) -> arguments, got {type(tensor_args).__name__}")
         self.t = layer_fractions(names) if tensor_args is not None else {}
-        if self.tensorwise:  # checked before anything is read (per tensor too, by apply)
-            merging_interp.check(method, self(names[0]) if names else self._params(args.get("params"), weights))
-        else:
-            self.spec = self._spec(args)
+        if not self.tensorwise:
             self.weights_of = _block_weights(weights, T)
+            # With tensor_args, what the plain arguments lack (a density, say) comes per tensor.
+            self.spec = None if tensor_args is not None else self._spec(args)
+        # Checked before anything is read: every tensor's arguments where they vary per tensor
+        # (a gradient or a filter may put one tensor's out of range).
+        for name in names if tensor_args is not None else names[:1]:
+            arguments = self(name)
+            if self.tensorwise:
+                merging_interp.check(method, arguments)
+        if self.tensorwise and not names:
+            merging_interp.check(method, self._params(args.get("params"), weights))
 
     def _params(self, params, weights) -> dict:
         params = dict(params or {})
@@ -203,7 +210,7 @@ class _Plan:
             return self._params({**(self.args.get("params") or {}), **over.pop("params", {})}, over.pop("weights", self.weights))
         weights = over.pop("weights", None)
         lam = _checks.finite(over.pop("lam", self.lam), "lam")
-        spec = self._spec({**self.args, **over}) if over else self.spec
+        spec = self._spec({**self.args, **over}) if over or self.spec is None else self.spec
         return spec, (_checks.weight_list(weights, self.T) if weights is not None else self.weights_of(name)), lam
 
 
@@ -223,7 +230,7 @@ def _method_args(method: str, *, params=None, **args) -> dict:
 
 
 def _check_base(plan: _Plan, has_base: bool) -> None:
-    needs = TENSORWISE[plan.method].needs_base if plan.tensorwise else True
+    needs = merging_interp.needs_base(plan.method)
     if needs is True and not has_base:
         raise ValueError(f"base: method {plan.method!r} needs a base model")
     if needs is False and has_base:
