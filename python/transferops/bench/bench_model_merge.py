@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -91,7 +93,10 @@ def config_yaml(paths: list[Path]) -> str:
 
 def measure(cmd: list[str], log: Path) -> dict:
     """Run ``cmd`` (output to ``log``); its wall seconds, and its own CPU seconds and peak
-    resident memory from os.wait4 (getrusage(RUSAGE_CHILDREN) would fold in every earlier child)."""
+    resident memory from os.wait4 (getrusage(RUSAGE_CHILDREN) would fold in every earlier child).
+    Linux carries the peak of the memory a child replaces at exec into its own: a child of this
+    process reports at least this process's peak, which must therefore stay below the child's."""
+    floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     with open(log, "wb") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
@@ -105,8 +110,19 @@ def measure(cmd: list[str], log: Path) -> dict:
     p.returncode = os.waitstatus_to_exitcode(status)  # reaped above, not by Popen
     if p.returncode:
         raise RuntimeError(f"{' '.join(cmd)}: exit status {p.returncode}; its output:\n{log.read_text()[-4000:]}")
+    if ru.ru_maxrss <= floor:
+        raise RuntimeError(f"{cmd[0]}: its peak RSS ({ru.ru_maxrss} kB) is not above this process's own "
+                           f"({floor} kB), which it inherits: not a measurement of the command")
     return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "user_s": ru.ru_utime, "sys_s": ru.ru_stime,
             "peak_rss": ru.ru_maxrss * 1024}  # Linux gives kilobytes
+
+
+def _read_through(path: Path, block: int = 1 << 24) -> None:
+    """Read ``path`` into the page cache, a block at a time (this process stays small)."""
+    buf = bytearray(block)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
 
 
 def _tensors(folder: Path) -> dict[str, tuple[Path, list[int]]]:
@@ -199,11 +215,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--record needs --results DIR (transferops is installed, not run from a checkout)")
     mode = "quick" if args.quick else "full"
     started = time.perf_counter()
+    # The models are built in a process of their own, so that this one stays small (see measure).
+    builder = multiprocessing.get_context("spawn").Process(target=checkpoints, args=(args.cache, mode))
+    builder.start()
+    builder.join()
+    if builder.exitcode:
+        raise RuntimeError(f"building the checkpoints under {args.cache} failed (exit code {builder.exitcode})")
     paths = checkpoints(args.cache, mode)
     params = sum(math.prod(shape) for _, shape in _tensors(paths[0]).values())
     model_bytes = sum(f.stat().st_size for f in paths[0].glob("*.safetensors"))
     for f in (f for path in paths for f in path.glob("*.safetensors")):
-        f.read_bytes()  # both sides then read their inputs from the page cache alike
+        _read_through(f)  # both sides then read their inputs from the page cache alike
     notes, warnings = [], []
     with tempfile.TemporaryDirectory(prefix="run-", dir=args.cache) as work:
         work = Path(work)
