@@ -122,6 +122,13 @@ def l1_partials(x: torch.Tensor, keep: torch.Tensor, offset: int) -> torch.Tenso
 L1_BLOCK = 4096  # cpu::kL1Block
 
 
+def kept_l1_partials(tvs, spec) -> torch.Tensor:
+    """l1_partials of task vectors ``tvs`` (a chunk at flat ``spec.offset``) and what ``spec``
+    keeps of them, in float64 on their device."""
+    x = torch.stack([t.to(torch.float64) for t in tvs])
+    return l1_partials(x, selection(x, spec)[0], spec.offset)
+
+
 def l1_scales(partials) -> tuple:
     """mergekit's rescale per task from the partials of every chunk of a tensor ([blocks, T, 2]
     arrays, in any order): ||tau_t||_1 / ||kept tau_t||_1, added exactly (math.fsum), 1 where

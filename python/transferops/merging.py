@@ -27,7 +27,8 @@ from . import _topk
 from ._philox import U32 as _U32
 from ._backend import Op, native_buffer, native_module
 from ._mergenames import METHODS, SEMANTICS, SIGN_RULES
-from ._selection import L1_BLOCK, _at, _keep_below, l1_partials, l1_scales, selection as _selection
+from ._selection import (L1_BLOCK, _at, _keep_below, kept_l1_partials, l1_partials, l1_scales,
+                         selection as _selection)
 from ._selection import _dare_keep, _della_keep_probability, _draws, _topk_keep  # noqa: F401 (tests use them here)
 
 _DTYPES = _checks.FLOAT_DTYPES
@@ -186,8 +187,7 @@ def streamed_scales(model_reads, base_read, numel: int, chunk: int, spec: MergeS
             parts.append(native_module().kept_l1([native_buffer(m.view(1, -1)) for m in models],
                                                  native_buffer(base.view(1, -1)), trims, _dare_args(piece, len(models)), s))
         else:
-            x = torch.stack([t.to(torch.float64) for t in _task_vectors(models, base)])
-            parts.append(l1_partials(x, _selection(x, piece)[0], s))
+            parts.append(kept_l1_partials(_task_vectors(models, base), piece))
     return l1_scales(parts)
 
 
@@ -292,9 +292,8 @@ def _merge_triton(tvs, weights, spec: MergeSpec):
         trims = None
     scales = spec.scales
     if spec.rescale and scales is None:  # torch on the tensors' device
-        x = torch.stack([t.to(torch.float64) for t in tvs])
         whole = spec if spec.trims is not None else replace(spec, trims=trims)  # found here: offset 0
-        scales = l1_scales([l1_partials(x, _selection(x, whole)[0], spec.offset)])
+        scales = l1_scales([kept_l1_partials(tvs, whole)])
     bad = kernels.merge(rows, _checks.as_rows(out), weights, elect=spec.elect, count=spec.sign == "count",
                         weight_before_election=spec.weight_before_election, dare=_dare_args(spec, len(rows)),
                         trims=trims, scales=scales, normalize=spec.divides)

@@ -25,7 +25,7 @@ from ._mergeconfig import layer_fractions
 from .merging_interp import TENSORWISE
 from ._backend import BackendUnavailable, native_buffer, native_module
 from .merging import (_DTYPES, MergeSpec, _accumulation_dtype, _check_compatible, _fnv1a32, _majority, _native_pass,
-                      _native_trims, _reference_votes, _task_vectors, merge_op, method_spec)
+                      _native_trims, _reference_votes, _task_vectors, merge_op, method_spec, streamed_scales)
 
 # merge() works through tensors in chunks of this many elements where a backend forms the task
 # vectors, so that they stay O(chunk) rather than O(T x tensor); the fused native pass forms
@@ -55,9 +55,6 @@ def _merge_tensor(name: str, base_read, model_reads, numel: int, dtype: torch.dt
     tensor, streaming it once per radix digit (``trims`` given: already found, e.g. over the
     whole model; then ``spec.zero_sign`` is too); mergekit's rescale, its L1 ratios in one
     more pass. DELLA, merged whole, sees the tensor in its ``shape``, whose rows it ranks."""
-    from .merging import check_tasks, streamed_scales
-
-    check_tasks(spec, len(model_reads))
     spec = replace(spec, stream=_fnv1a32(name), lam=lam)
     ranges = _chunks(numel, chunk)
     pieces = [(model_reads, base_read, s, c) for s, c in ranges]
