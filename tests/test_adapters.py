@@ -440,10 +440,12 @@ def test_lora_errors_name_the_argument():
     x, w, b, A, B = (torch.randn(3, 4), torch.randn(5, 4), torch.randn(5), torch.randn(2, 4), torch.randn(5, 2))
     with pytest.raises(ValueError, match="lora_B"):
         lora_linear(x, w, b, A, torch.randn(5, 3), scaling=1.0)
-    with pytest.raises(ValueError, match="weight"):
+    with pytest.raises(ValueError, match=r"^x: expected \[\.\.\., 3\] \(weight's in_features\)"):
         lora_linear(x, torch.randn(5, 3), b, A, B, scaling=1.0)
-    with pytest.raises(TypeError, match="lora_A"):
+    with pytest.raises(TypeError, match="^lora_B: expected lora_A's dtype torch.float64, got torch.float32"):
         lora_linear(x, w, b, A.double(), B, scaling=1.0)
+    with pytest.raises(TypeError, match=r"^weight: expected x's dtype torch.bfloat16 \(or run under torch.autocast\)"):
+        lora_linear(x.bfloat16(), w, b, A, B, scaling=1.0)
     for name, t in (("x", x), ("lora_A", A)):
         t[1, 2] = float("-inf")
         with pytest.raises(ValueError, match=f"^{name}: expected finite values, found NaN or Inf at 1 element"):
@@ -453,21 +455,27 @@ def test_lora_errors_name_the_argument():
 
 def test_multi_lora_matches_per_token_loop(gen):
     torch.manual_seed(0)
-    m = MultiLoRALinear(nn.Linear(9, 7), num_adapters=3, r=2, alpha=4)
-    nn.init.normal_(m.lora_B)
+    m = MultiLoRALinear(nn.Linear(9, 7), ["a", "b", "c"], r=2, alpha=4)
+    for lin in m.lora_B.values():
+        nn.init.normal_(lin.weight)
+    A, B = [lin.weight for lin in m.lora_A.values()], [lin.weight for lin in m.lora_B.values()]
     x = torch.randn(2, 11, 9, requires_grad=True)
-    idx = torch.randint(0, 3, (2, 11), generator=gen)
+    idx = torch.randint(-1, 3, (2, 11), generator=gen)
     y = m(x, idx)
-    want = torch.stack([m.base_layer(x[i, j]) + 2 * m.lora_B[k] @ (m.lora_A[k] @ x[i, j])
+    want = torch.stack([m.base_layer(x[i, j]) + (2 * B[k] @ (A[k] @ x[i, j]) if k >= 0 else 0)
                         for i in range(2) for j in range(11) for k in [int(idx[i, j])]]).view(2, 11, 7)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(y)
-    got = torch.autograd.grad(y, [x, m.lora_A, m.lora_B], g)
-    exp = torch.autograd.grad(want, [x, m.lora_A, m.lora_B], g)
+    got = torch.autograd.grad(y, [x, *A, *B], g)
+    exp = torch.autograd.grad(want, [x, *A, *B], g)
     for a, b in zip(got, exp):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="adapter_index"):
+    with pytest.raises(ValueError, match=r"adapter_index: expected values in \[-1, 3\)"):
         m(x, torch.full((2, 11), 3))
+    with pytest.raises(ValueError, match=r"adapter_names: unknown adapters \['z'\]"):
+        m(x, ["a", "z"])
+    by_name = m(x, ["c", "__base__"])  # PEFT's adapter_names: one per sample
+    torch.testing.assert_close(by_name, m(x, torch.tensor([[2] * 11, [-1] * 11])))
 
 
 @pytest.mark.parametrize("feedforward", [False, True])
@@ -609,9 +617,9 @@ def test_ia3_errors_name_the_argument():
         ia3_linear(x, w, b, torch.ones(4))
     with pytest.raises(ValueError, match="scale: expected shape \\[4\\]"):
         ia3_linear(x, w, b, torch.ones(5), feedforward=True)
-    with pytest.raises(TypeError, match="scale"):
-        ia3_linear(x, w, b, torch.ones(5, dtype=torch.float64))
-    with pytest.raises(ValueError, match="weight"):
+    with pytest.raises(TypeError, match="weight: expected x's dtype torch.float32 \\(or run under torch.autocast"):
+        ia3_linear(x, w.double(), b, torch.ones(5))
+    with pytest.raises(ValueError, match=r"x: expected \[\.\.\., 3\] \(weight's in_features\), got shape \(3, 4\)"):
         ia3_linear(x, torch.randn(5, 3), b, torch.ones(5))
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from transferops.adapters import _dropped, _seed, bottleneck_adapter, dropout_factor, ia3_linear, lora_linear
+from transferops._adapter_args import dropout_seed as _seed
+from transferops.adapters import _dropped, bottleneck_adapter, dropout_factor, ia3_linear, lora_linear
 from transferops.nn import BottleneckAdapter, LoRALinear, MultiLoRALinear, ScaLearn
 
 from _kit import require_backend
@@ -93,8 +94,8 @@ _BAD_BOTTLENECK = [
     (dict(eps=True), TypeError, "eps: expected a finite number, got bool"),
     (dict(eps="1e-5"), TypeError, "eps: expected a finite number, got str"),
     (dict(dropout=float("nan")), ValueError, "dropout: expected a finite number, got nan"),
-    (dict(dropout=1.0), ValueError, "dropout: expected a probability below 1, got 1.0"),
-    (dict(dropout=-0.1), ValueError, r"dropout: expected a number in \[0, 1\], got -0.1"),
+    (dict(dropout=1.0), ValueError, "dropout: expected a probability in \\[0, 1\\), got 1.0"),
+    (dict(dropout=-0.1), ValueError, r"dropout: expected a probability in \[0, 1\), got -0.1"),
     (dict(dropout=True), TypeError, "dropout: expected a finite number, got bool"),
     (dict(dropout=float("nan"), training=False), ValueError, "dropout: expected a finite number, got nan"),
     (dict(scale=float("nan")), ValueError, "scale: expected a finite number, got nan"),
@@ -119,7 +120,7 @@ _BAD_LORA = [
     (dict(scaling=-float("inf")), ValueError, "scaling: expected a finite number, got -inf"),
     (dict(scaling=True), TypeError, "scaling: expected a finite number, got bool"),
     (dict(scaling=None), TypeError, "scaling: expected a finite number, got NoneType"),
-    (dict(scaling=1.0, dropout=1.0), ValueError, "dropout: expected a probability below 1"),
+    (dict(scaling=1.0, dropout=1.0), ValueError, "dropout: expected a probability in \\[0, 1\\)"),
     (dict(scaling=1.0, dropout=float("inf"), training=False), ValueError, "dropout: expected a finite number"),
     (dict(scaling=1.0, dropout=True), TypeError, "dropout: expected a finite number, got bool"),
 ]
@@ -149,7 +150,7 @@ def test_numeric_scalars_of_any_kind_are_numbers(gen):
     (lambda: BottleneckAdapter(8, True), TypeError, "r: expected an int, got bool"),
     (lambda: BottleneckAdapter(8, 2, scale=float("nan")), ValueError, "scale: expected a finite number"),
     (lambda: BottleneckAdapter(8, 2, scale=True), TypeError, "scale: expected a finite number, got bool"),
-    (lambda: BottleneckAdapter(8, 2, dropout=1.0), ValueError, "dropout: expected a probability below 1"),
+    (lambda: BottleneckAdapter(8, 2, dropout=1.0), ValueError, "dropout: expected a probability in \\[0, 1\\)"),
     (lambda: BottleneckAdapter(8, 2, dropout=float("nan")), ValueError, "dropout: expected a finite number"),
     (lambda: BottleneckAdapter(8, 2, eps=0.0), ValueError, "eps: expected a positive number"),
     (lambda: BottleneckAdapter(8, 2, eps=float("inf")), ValueError, "eps: expected a finite number"),
@@ -158,8 +159,9 @@ def test_numeric_scalars_of_any_kind_are_numbers(gen):
     (lambda: LoRALinear(nn.Linear(4, 3), 2, float("nan")), ValueError, "alpha: expected a finite number"),
     (lambda: LoRALinear(nn.Linear(4, 3), 2, True), TypeError, "alpha: expected a finite number, got bool"),
     (lambda: LoRALinear(nn.Linear(4, 3), 2, 1.0, dropout=1.0), ValueError, "dropout: expected a probability"),
-    (lambda: MultiLoRALinear(nn.Linear(4, 3), 0, 2, 1.0), ValueError, "num_adapters: expected an int in"),
-    (lambda: MultiLoRALinear(nn.Linear(4, 3), 2, 2, float("inf")), ValueError, "alpha: expected a finite number"),
+    (lambda: MultiLoRALinear(nn.Linear(4, 3), [], 2, 1.0), TypeError, "adapters: expected a nonempty list"),
+    (lambda: MultiLoRALinear(nn.Linear(4, 3), ["a", "a"], 2, 1.0), ValueError, "adapters: expected distinct names"),
+    (lambda: MultiLoRALinear(nn.Linear(4, 3), ["a"], 2, float("inf")), ValueError, "alpha: expected a finite number"),
     (lambda: ScaLearn(True, 8), TypeError, "K: expected an int, got bool"),
     (lambda: ScaLearn(2, 0), ValueError, r"d: expected an int in \[1, inf\]"),
 ])

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _checks, _memory, _philox
+from . import _adapter_args as _args, _checks, _memory, _philox
 from ._backend import Op, native_buffer, native_module
 from ._custom_ops import assume_constant_result, custom_op
 
@@ -262,64 +262,6 @@ _FORWARD = {"native": _bottleneck_native_fwd, "triton": _bottleneck_triton_fwd}
 _BACKWARD = {"native": _bottleneck_native_bwd, "triton": _bottleneck_triton_bwd}
 
 
-def _param(t, name: str, shape: tuple, like: torch.Tensor, *, optional: bool = False) -> Optional[torch.Tensor]:
-    """A float tensor on like's device whose shape matches ``shape`` (None: any size); None
-    passes where ``optional``."""
-    if t is None and optional:
-        return None
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor{' or None' if optional else ''}, got {type(t).__name__}")
-    if t.dim() != len(shape) or any(want is not None and got != want for got, want in zip(t.shape, shape)):
-        shown = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
-        raise ValueError(f"{name}: expected shape {shown}, got {tuple(t.shape)}")
-    if t.device != like.device:
-        raise ValueError(f"{name}: expected device {like.device}, got {t.device}")
-    if t.dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
-    return t
-
-
-def _rows_input(x, name: str = "x") -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
-    if x.dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected a floating dtype, got {x.dtype}")
-    if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"{name}: expected [..., features] with features >= 1, got shape {tuple(x.shape)}")
-    return x
-
-
-def _dropout_rate(dropout, training: bool = True) -> float:
-    """A dropout probability, a finite number in [0, 1), checked whether or not training; 0
-    when not training."""
-    p = _checks.fraction(dropout, "dropout")
-    if p >= 1:
-        raise ValueError(f"dropout: expected a probability below 1, got {dropout!r}")
-    return p if training else 0.0
-
-
-def _seed(dropout: float, seed) -> int:
-    """The dropout seed of one call: the caller's, in [0, 2^64), or a fresh draw from torch's
-    generator (so torch.manual_seed makes a run reproducible). As the custom ops carry it: an
-    int64, so a seed >= 2^63 travels as its two's complement; every backend keys Philox with the
-    seed mod 2^64, so the 2^64 seeds draw distinct masks."""
-    if seed is not None:
-        seed = _checks.seed(seed)
-        return seed - 2**64 if seed >= 2**63 else seed
-    return int(torch.randint(0, 2**62, ())) if dropout > 0 else 0
-
-
-def _scale_vector(scale, d: int, like: torch.Tensor, T: torch.dtype) -> torch.Tensor:
-    if isinstance(scale, torch.Tensor):
-        if scale.shape not in ((), (1,), (d,)):
-            raise ValueError(f"scale: expected a number or a tensor of shape (), (1,) or ({d},), "
-                             f"got shape {tuple(scale.shape)}")
-        if scale.device != like.device:
-            raise ValueError(f"scale: expected device {like.device}, got {scale.device}")
-        return scale.to(T).reshape(-1).expand(d)
-    return torch.full((d,), _checks.finite(scale, "scale"), dtype=T, device=like.device)
-
-
 def bottleneck_adapter(x, w_down, b_down, w_up, b_up, *, residual=None, layer_norm: bool = False, ln_weight=None,
                        ln_bias=None, eps: float = 1e-5, activation: str = "relu", scale=1.0,
                        residual_before_ln: bool = True, dropout: float = 0.0, training: bool = True, seed=None,
@@ -339,22 +281,22 @@ def bottleneck_adapter(x, w_down, b_down, w_up, b_up, *, residual=None, layer_no
     Dropout masks come from a counter-based RNG keyed by ``seed`` (drawn from torch's
     generator when None) and are recomputed in backward, never stored.
     """
-    x = _rows_input(x)
+    x = _args.rows_input(x)
     d = x.shape[-1]
-    w_down = _param(w_down, "w_down", (None, d), x)
+    w_down = _args.param(w_down, "w_down", (None, d), x)
     r = w_down.shape[0]
     if r == 0:
         raise ValueError("w_down: expected at least one bottleneck unit (r >= 1), got r = 0")
-    w_up = _param(w_up, "w_up", (d, r), x)
-    b_down, b_up = (_param(b, n, (k,), x, optional=True) for b, n, k in ((b_down, "b_down", r), (b_up, "b_up", d)))
-    ln_weight, ln_bias = (_param(t, n, (d,), x, optional=True) for t, n in ((ln_weight, "ln_weight"), (ln_bias, "ln_bias")))
+    w_up = _args.param(w_up, "w_up", (d, r), x)
+    b_down, b_up = (_args.param(b, n, (k,), x, optional=True) for b, n, k in ((b_down, "b_down", r), (b_up, "b_up", d)))
+    ln_weight, ln_bias = (_args.param(t, n, (d,), x, optional=True) for t, n in ((ln_weight, "ln_weight"), (ln_bias, "ln_bias")))
     _checks.choice(activation, "activation", ACTIVATIONS)
     if not layer_norm and (ln_weight is not None or ln_bias is not None):
         raise ValueError("ln_weight/ln_bias: given, but layer_norm=False (pass layer_norm=True to use them)")
     eps = _checks.positive(eps, "eps")
-    p = _dropout_rate(dropout, training)
+    p = _args.dropout_rate(dropout, training)
     if residual is not None:
-        residual = _rows_input(residual, "residual")
+        residual = _args.rows_input(residual, "residual")
         if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
             raise ValueError(f"residual: expected the shape, dtype and device of x ({tuple(x.shape)}, {x.dtype}, "
                              f"{x.device}), got {tuple(residual.shape)}, {residual.dtype}, {residual.device}")
@@ -362,20 +304,24 @@ def bottleneck_adapter(x, w_down, b_down, w_up, b_up, *, residual=None, layer_no
     else:
         mode = _RESIDUAL_NORMALIZED if (layer_norm and not residual_before_ln) else _RESIDUAL_INPUT
     T = _compute_dtype(x.dtype)
-    seed = _seed(p, seed)
+    seed = _args.dropout_seed(p, seed)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d)
     res2 = None if residual is None else residual.reshape(-1, d)
     chosen = _choose(bottleneck_op, backend, x.device, x.dtype, r)
-    if chosen == "reference":
-        s = _scale_vector(scale, d, x, x.dtype)
-        cast = [None if t is None else t.to(x.dtype) for t in (w_down, b_down, w_up, b_up, ln_weight, ln_bias)]
-        y = _bottleneck_reference(x2, res2, *cast, s, layer_norm, eps, activation, mode, p, seed)
-        return y.view(*lead, d)
-    s = _scale_vector(scale, d, x, T)
-    weights = [None if t is None else t.to(T) for t in (w_down, b_down, w_up, b_up, ln_weight, ln_bias)]
-    y, *_ = _bottleneck_fwd(x2, res2, *weights, s, layer_norm, eps, ACTIVATIONS.index(activation), mode, p, seed,
-                            chosen)
+    # Under autocast as outside it: the fused pass keeps its float32 work and rounds once to x's
+    # dtype (the output's dtype autocast gives the adapters library's layer, whose residual
+    # sum promotes to x's dtype), so autocast is off around it.
+    with _args.without_autocast(_args.autocast_dtype(x.device), x.device):
+        if chosen == "reference":
+            s = _args.scale_vector(scale, d, x, x.dtype)
+            cast = [None if t is None else t.to(x.dtype) for t in (w_down, b_down, w_up, b_up, ln_weight, ln_bias)]
+            y = _bottleneck_reference(x2, res2, *cast, s, layer_norm, eps, activation, mode, p, seed)
+        else:
+            s = _args.scale_vector(scale, d, x, T)
+            weights = [None if t is None else t.to(T) for t in (w_down, b_down, w_up, b_up, ln_weight, ln_bias)]
+            y, *_ = _bottleneck_fwd(x2, res2, *weights, s, layer_norm, eps, ACTIVATIONS.index(activation), mode, p,
+                                    seed, chosen)
     return y.view(*lead, d)
 
 
@@ -390,9 +336,11 @@ bottleneck_op.register("triton", dtypes=(torch.float32, torch.bfloat16, torch.fl
 # ---------------------------------------------------------------------------------------------
 
 def _lora_reference(x, weight, bias, lora_A, lora_B, scaling, dropout, seed):
-    """y = x W^T + b + s * drop(x) A^T B^T, eagerly, as PEFT's LoRA layer computes it."""
-    xd = x * dropout_factor(x.shape[0], x.shape[1], dropout, seed, x.device, x.dtype) if dropout > 0 else x
-    y = F.linear(x, weight, bias) + F.linear(F.linear(xd, lora_A), lora_B) * scaling
+    """y = x W^T + b + s * drop(x) A^T B^T, eagerly, as PEFT's LoRA layer computes it: the
+    branch in the factors' dtype, added in the promoted dtype, rounded to x's."""
+    xa = x.to(lora_A.dtype)
+    xd = xa * dropout_factor(x.shape[0], x.shape[1], dropout, seed, x.device, xa.dtype) if dropout > 0 else xa
+    y = (F.linear(x, weight, bias) + F.linear(F.linear(xd, lora_A), lora_B) * scaling).to(x.dtype)
     _check_lora(y, x, weight, bias, lora_A, lora_B)
     return y
 
@@ -423,9 +371,15 @@ def _folds(rows: int, inner: int, dtype: torch.dtype) -> bool:
 @custom_op("transferops::lora_fwd")
 def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
               lora_B: torch.Tensor, scaling: float, dropout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    xd = _dropped(x, dropout, seed) if dropout > 0 else x
+    xa = x.to(lora_A.dtype)
+    xd = _dropped(xa, dropout, seed) if dropout > 0 else xa
     u = xd @ lora_A.t()
-    if dropout == 0 and _folds(x.shape[0], x.shape[1], x.dtype):
+    if lora_A.dtype != x.dtype:
+        # Factors of another dtype (PEFT keeps them in float32 on a 16-bit base): the branch in
+        # their dtype, the sum in the promoted one, one rounding to x's dtype.
+        P = torch.promote_types(x.dtype, lora_A.dtype)
+        out = torch.addmm(F.linear(x, weight, bias).to(P), u.to(P), lora_B.t().to(P), alpha=scaling).to(x.dtype)
+    elif dropout == 0 and _folds(x.shape[0], x.shape[1], x.dtype):
         out = F.linear(x, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias)
     else:
         out = F.linear(x, weight, bias).addmm_(u, lora_B.t(), alpha=scaling)
@@ -435,7 +389,7 @@ def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
 
 @_lora_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout, seed):
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=lora_A.dtype)
 
 
 def _lora_setup(ctx, inputs, output):
@@ -446,14 +400,22 @@ def _lora_setup(ctx, inputs, output):
 
 
 def _lora_backward(ctx, grad, _gu):
-    """Saves x (alive anyway), the weights and u = drop(x) A^T [N, r]; the mask is recomputed."""
+    """Saves x (alive anyway), the weights and u = drop(x) A^T [N, r]; the mask is recomputed.
+    Factors of another dtype than x get their gradients in their dtype, from the output
+    gradient cast to it, as autograd differentiates PEFT's casts."""
     x, weight, lora_A, lora_B, u = ctx.saved_tensors
     s, p, seed = ctx.args
     need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-    gB = grad @ lora_B  # [N, r]
+    mixed = lora_A.dtype != x.dtype
+    g = grad.to(lora_A.dtype)
+    gB = g @ lora_B  # [N, r]
+    zero = g.new_zeros(())
     dx = dw = db = da = dbb = None
     if need_x:
-        if p == 0 and _folds(x.shape[0], weight.shape[0], x.dtype):
+        if mixed:
+            branch = torch.addmm(zero, gB, lora_A, beta=0, alpha=s)
+            dx = torch.addmm((_dropped(branch, p, seed) if p > 0 else branch).to(x.dtype), grad, weight)
+        elif p == 0 and _folds(x.shape[0], weight.shape[0], x.dtype):
             dx = grad @ torch.addmm(weight, lora_B, lora_A, alpha=s)
         elif p > 0:
             # The dropped-out branch formed in float32 (16-bit inputs) and rounded once: rounding
@@ -464,12 +426,11 @@ def _lora_backward(ctx, grad, _gu):
         else:
             dx = torch.addmm(gB @ lora_A, grad, weight, alpha=1.0, beta=s)
     # s scales inside the GEMMs (alpha), so that 16-bit gradients are not rounded again after them.
-    zero = grad.new_zeros(())
     if need_a:
-        xd = _dropped(x, p, seed) if p > 0 else x
-        da = torch.addmm(zero, gB.t(), xd, beta=0, alpha=s)
+        xa = x.to(lora_A.dtype)
+        da = torch.addmm(zero, gB.t(), _dropped(xa, p, seed) if p > 0 else xa, beta=0, alpha=s)
     if need_bb:
-        dbb = torch.addmm(zero, grad.t(), u, beta=0, alpha=s)
+        dbb = torch.addmm(zero, g.t(), u, beta=0, alpha=s)
     if need_w:
         dw = grad.t() @ x
     if need_b and ctx.has_bias:
@@ -488,32 +449,137 @@ lora_op.register("reference", dtypes=_checks.FLOAT_DTYPES)(_lora_reference)
 lora_op.register("native", dtypes=_checks.FLOAT_DTYPES)(_lora_native)
 
 
+def _base_linear(x, weight, bias):
+    """Checks x [..., in] against a base layer's weight [out, in] and bias [out] (a wrong width
+    names x); returns (x, weight, bias, autocast dtype or None). Outside autocast, weight and
+    bias must have x's dtype, as nn.Linear requires; under autocast all three are cast as it
+    casts a linear layer's."""
+    x = _args.rows_input(x)
+    weight = _args.param(weight, "weight", (None, None), x)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x: expected [..., {weight.shape[1]}] (weight's in_features), got shape {tuple(x.shape)}")
+    bias = _args.param(bias, "bias", (weight.shape[0],), x, optional=True)
+    amp = _args.autocast_dtype(x.device)
+    if amp is not None:
+        x, weight, bias = _args.autocast_cast(amp, x, weight, bias)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected x's dtype {x.dtype} (or run under torch.autocast), got {t.dtype}")
+    return x, weight, bias, amp
+
+
+def _factors(lora_A, lora_B, x, weight, amp, suffix: str = ""):
+    """A LoRA pair for a base weight [out, in]: lora_A [r, in], lora_B [out, r], of one dtype
+    (cast to autocast's under autocast)."""
+    d_out, d_in = weight.shape
+    lora_A = _args.param(lora_A, f"lora_A{suffix}", (None, d_in), x)
+    lora_B = _args.param(lora_B, f"lora_B{suffix}", (d_out, lora_A.shape[0]), x)
+    if amp is not None:
+        lora_A, lora_B = _args.autocast_cast(amp, lora_A, lora_B)
+    if lora_B.dtype != lora_A.dtype:
+        raise TypeError(f"lora_B{suffix}: expected lora_A{suffix}'s dtype {lora_A.dtype}, got {lora_B.dtype}")
+    return lora_A, lora_B
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, *, scaling: float, dropout: float = 0.0, training: bool = True,
                 seed=None, backend: str = "auto") -> torch.Tensor:
     """LoRA (Hu et al. 2022, eq. 3): ``y = x W^T + b + scaling * dropout(x) A^T B^T``.
 
-    x [..., in]; weight [out, in]; bias [out] or None; lora_A [r, in]; lora_B [out, r]; all of
-    one dtype and device. The native path folds s B A into W (float32/float64 without
-    dropout), so forward and the input gradient each take one GEMM of the base layer's size,
-    and saves u = dropout(x) A^T [N, r] instead of the dropped-out input (the mask comes from a
-    counter-based RNG keyed by ``seed`` and is recomputed in backward).
+    x [..., in]; weight [out, in] (any strides: a Conv1D's weight.t() is fine); bias [out] or
+    None; lora_A [r, in]; lora_B [out, r]. Dtypes follow PEFT's LoRA layer: weight and bias in
+    x's dtype, the factors in theirs (float32 factors on a bfloat16 base: the branch in float32,
+    one rounding of the sum to x's dtype); under ``torch.autocast`` everything is cast to its
+    dtype, as autocast casts PEFT's linear layers. The native path folds s B A into W
+    (float32/float64, one dtype, no dropout), so forward and the input gradient each take one
+    GEMM of the base layer's size, and saves u = dropout(x) A^T [N, r] instead of the
+    dropped-out input (the mask comes from a counter-based RNG keyed by ``seed`` and is
+    recomputed in backward).
     """
-    x = _rows_input(x)
-    d_in = x.shape[-1]
-    weight = _param(weight, "weight", (None, d_in), x)
-    d_out = weight.shape[0]
-    lora_A = _param(lora_A, "lora_A", (None, d_in), x)
-    lora_B = _param(lora_B, "lora_B", (d_out, lora_A.shape[0]), x)
-    bias = _param(bias, "bias", (d_out,), x, optional=True)
-    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected x's dtype {x.dtype}, got {t.dtype}")
+    x, weight, bias, amp = _base_linear(x, weight, bias)
+    lora_A, lora_B = _factors(lora_A, lora_B, x, weight, amp)
     scaling = _checks.finite(scaling, "scaling")
-    p = _dropout_rate(dropout, training)
-    seed = _seed(p, seed)
-    y = lora_op.impls[_choose(lora_op, backend, x.device, x.dtype)](x.reshape(-1, d_in), weight, bias, lora_A, lora_B,
-                                                                    scaling, p, seed)
-    return y.view(*x.shape[:-1], d_out)
+    p = _args.dropout_rate(dropout, training)
+    seed = _args.dropout_seed(p, seed)
+    impl = lora_op.impls[_choose(lora_op, backend, x.device, x.dtype)]
+    with _args.without_autocast(amp, x.device):
+        y = impl(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scaling, p, seed)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+multi_lora_op = Op("multi_lora_linear", order=("native", "reference"))
+
+
+def _multi_lora_reference(x, weight, bias, factors, index):
+    """Every adapter over every row, kept where the row's index names it: PEFT's sum written
+    without grouping."""
+    out = F.linear(x, weight, bias)
+    for k, (A, B, s) in enumerate(factors):
+        delta = (F.linear(F.linear(x.to(A.dtype), A), B) * s).to(x.dtype)
+        out = out + torch.where((index == k)[:, None], delta, torch.zeros((), dtype=x.dtype, device=x.device))
+    return out
+
+
+def _multi_lora_grouped(x, weight, bias, factors, index):
+    """Rows grouped by adapter once (a stable sort), each adapter's two GEMMs on its own rows,
+    its output added back in x's dtype as PEFT adds it: nothing of size [N, K, ...] is formed."""
+    out = F.linear(x, weight, bias)
+    order = torch.argsort(index, stable=True)
+    counts = torch.bincount(index + 1, minlength=len(factors) + 1).tolist()  # index -1: the base alone
+    start = counts[0]
+    for (A, B, s), n in zip(factors, counts[1:]):
+        if n:
+            rows = order[start:start + n]
+            delta = F.linear(F.linear(x.index_select(0, rows).to(A.dtype), A), B) * s
+            out = out.index_add(0, rows, delta.to(x.dtype))
+            start += n
+    return out
+
+
+multi_lora_op.register("reference", dtypes=_checks.FLOAT_DTYPES)(_multi_lora_reference)
+multi_lora_op.register("native", dtypes=_checks.FLOAT_DTYPES)(_multi_lora_grouped)
+
+
+def multi_lora_linear(x, weight, bias, lora_A, lora_B, scaling, adapter_index, *,
+                      backend: str = "auto") -> torch.Tensor:
+    """K LoRA adapters on one base layer, each row of a mixed batch through its own:
+    ``y_n = x_n W^T + b + s_k B_k A_k x_n`` with k = ``adapter_index[n]``, or the base alone
+    where it is -1 (PEFT's ``adapter_names=`` batches, its "__base__").
+
+    x [..., in]; weight [out, in]; bias [out] or None; lora_A, lora_B, scaling: sequences of K
+    factor pairs ([r_k, in], [out, r_k]; ranks may differ) and numbers. adapter_index: an
+    integer tensor of x.shape[:-1] (one adapter per token) or of x.shape[:1] (one per sample).
+    Dtypes as in :func:`lora_linear`, per pair: each adapter's output is computed in its
+    factors' dtype and added in x's, as PEFT's mixed batches add it. No dropout: mixed batches
+    are an inference feature (PEFT's layer computes them the same in training).
+    """
+    x, weight, bias, amp = _base_linear(x, weight, bias)
+    if not isinstance(lora_A, (list, tuple)) or not isinstance(lora_B, (list, tuple)) \
+            or not isinstance(scaling, (list, tuple)):
+        raise TypeError("lora_A, lora_B, scaling: expected lists (one entry per adapter)")
+    if not lora_A or len(lora_B) != len(lora_A) or len(scaling) != len(lora_A):
+        raise ValueError(f"lora_A, lora_B, scaling: expected equal, nonzero lengths, got {len(lora_A)}, "
+                         f"{len(lora_B)}, {len(scaling)}")
+    factors = [(*_factors(A, B, x, weight, amp, f"[{k}]"), _checks.finite(s, f"scaling[{k}]"))
+               for k, (A, B, s) in enumerate(zip(lora_A, lora_B, scaling))]
+    lead = x.shape[:-1]
+    if not isinstance(adapter_index, torch.Tensor) or adapter_index.dtype not in (torch.int32, torch.int64):
+        raise TypeError("adapter_index: expected an integer tensor (one adapter per token or per sample)")
+    if adapter_index.device != x.device:
+        raise ValueError(f"adapter_index: expected device {x.device}, got {adapter_index.device}")
+    if adapter_index.shape != lead:
+        if len(lead) < 2 or adapter_index.shape != lead[:1]:
+            raise ValueError(f"adapter_index: expected shape {tuple(lead)} (one per token) or {tuple(lead[:1])} "
+                             f"(one per sample), got {tuple(adapter_index.shape)}")
+        adapter_index = adapter_index.view(-1, *(1,) * (len(lead) - 1)).expand(lead)
+    index = adapter_index.reshape(-1).long()
+    K = len(factors)
+    if index.numel() and (int(index.min()) < -1 or int(index.max()) >= K):
+        raise ValueError(f"adapter_index: expected values in [-1, {K}) (-1: the base alone), got "
+                         f"{int(index.min())}..{int(index.max())}")
+    impl = multi_lora_op.impls[_choose(multi_lora_op, backend, x.device, x.dtype)]
+    with _args.without_autocast(amp, x.device):
+        y = impl(x.reshape(-1, x.shape[-1]), weight, bias, factors, index)
+    return y.view(*lead, weight.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,7 +590,10 @@ def _ia3_reference(x, weight, bias, scale, feedforward):
     """(IA)^3 (Liu et al. 2022, sec. 3.3): ``y = (x * l) W^T + b`` (feed-forward: l rescales the
     inputs) or ``y = (x W^T + b) * l`` (keys and values: l rescales the outputs), eagerly, as
     PEFT's IA3 layer computes it."""
-    y = F.linear(x * scale, weight, bias) if feedforward else F.linear(x, weight, bias) * scale
+    if feedforward:
+        y = F.linear((x.to(scale.dtype) * scale).to(x.dtype), weight, bias)
+    else:
+        y = (F.linear(x, weight, bias) * scale).to(x.dtype)
     _check_ia3(y, x, weight, bias, scale)
     return y
 
@@ -625,19 +694,20 @@ def ia3_linear(x, weight, bias, scale, *, feedforward: bool = False, backend: st
     and values), or with ``feedforward=True`` ``y = (x * scale) W^T + b`` (the FFN's inputs).
 
     x [..., in]; weight [out, in]; bias [out] or None; scale [out], or [in] with
-    ``feedforward`` (PEFT's ``ia3_l`` flattened); one dtype and device. The native path folds
+    ``feedforward`` (PEFT's ``ia3_l`` flattened). Weight and bias in x's dtype; scale may have
+    another (PEFT keeps it in float32 on a 16-bit base: the fast path rounds it once to x's
+    dtype); under ``torch.autocast`` all are cast to its dtype, as PEFT's layers are. The native path folds
     scale into the weight (one GEMM, no [N, d] rescaled copy) and, scaling outputs, saves its
     own output for scale's gradient instead of the unscaled one.
     """
-    x = _rows_input(x)
-    d_in = x.shape[-1]
-    weight = _param(weight, "weight", (None, d_in), x)
-    d_out = weight.shape[0]
-    bias = _param(bias, "bias", (d_out,), x, optional=True)
-    scale = _param(scale, "scale", (d_in if feedforward else d_out,), x)
-    for name, t in (("weight", weight), ("bias", bias), ("scale", scale)):
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name}: expected x's dtype {x.dtype}, got {t.dtype}")
-    y = ia3_op.impls[_choose(ia3_op, backend, x.device, x.dtype)](x.reshape(-1, d_in), weight, bias, scale,
-                                                                  bool(feedforward))
+    x, weight, bias, amp = _base_linear(x, weight, bias)
+    (d_out, d_in), feedforward = weight.shape, bool(feedforward)
+    scale = _args.param(scale, "scale", (d_in if feedforward else d_out,), x)
+    if amp is not None:
+        (scale,) = _args.autocast_cast(amp, scale)
+    chosen = _choose(ia3_op, backend, x.device, x.dtype)
+    if chosen != "reference":
+        scale = scale.to(x.dtype)  # folded into the weight: rounded once to its dtype
+    with _args.without_autocast(amp, x.device):
+        y = ia3_op.impls[chosen](x.reshape(-1, d_in), weight, bias, scale, feedforward)
     return y.view(*x.shape[:-1], d_out)

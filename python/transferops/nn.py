@@ -8,13 +8,15 @@ Parameter names and shapes follow the adapters library (bottleneck: ``adapter_do
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from . import _checks
-from .adapters import ACTIVATIONS, _dropout_rate, bottleneck_adapter, ia3_linear, lora_linear
+from ._adapter_args import dropout_rate
+from .adapters import ACTIVATIONS, bottleneck_adapter, ia3_linear, lora_linear, multi_lora_linear
 
 ADAPTER_NAME = "default"
 
@@ -48,7 +50,7 @@ class BottleneckAdapter(nn.Module):
         self.placement = _checks.choice(placement, "placement", ("sequential", "parallel"))
         _checks.choice(layer_norm, "layer_norm", (None, "before"))
         self.residual_before_ln, self.backend = residual_before_ln, backend
-        self.dropout, self.eps = _dropout_rate(dropout), _checks.positive(eps, "eps")
+        self.dropout, self.eps = dropout_rate(dropout), _checks.positive(eps, "eps")
         scale = _checks.finite(scale, "scale")
         kw = dict(device=device, dtype=dtype)
         down = [nn.LayerNorm(d, eps=eps, **kw)] if layer_norm else []
@@ -85,21 +87,43 @@ class BottleneckAdapter(nn.Module):
             training=self.training, backend=self.backend)
 
 
-class LoRALinear(nn.Module):
-    """y = base(x) + (alpha / r) * lora_B(lora_A(dropout(x))) on a frozen ``base`` nn.Linear
-    (PEFT's names: ``base_layer``, ``lora_A.default``, ``lora_B.default``)."""
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' Conv1D (GPT-2's projections: y = x W + b with W
+    [in, out]); checked without importing transformers, as none exists unless it was."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, backend: str = "auto"):
+
+def base_weight(base: nn.Module, name: str = "base") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(weight [out, in], bias) of an nn.Linear or a Conv1D (its weight transposed: a view)."""
+    if isinstance(base, nn.Linear):
+        return base.weight, base.bias
+    if is_conv1d(base):
+        return base.weight.t(), base.bias
+    raise TypeError(f"{name}: expected an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
+
+
+def adapter_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Adapter parameters on a 16-bit base are float32, as PEFT keeps them
+    (``autocast_adapter_dtype=True``): their updates would otherwise round to 8 or 11 bits."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / r) * lora_B(lora_A(dropout(x))) on a frozen ``base`` (nn.Linear or
+    transformers' Conv1D), with PEFT's names (``base_layer``, ``lora_A.default``,
+    ``lora_B.default``), init and dtypes (float32 factors on a 16-bit base)."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, backend: str = "auto"):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        weight, _ = base_weight(base)
         r = _checks.count(r, "r", low=1)
         self.base_layer, self.r, self.backend = base, r, backend
-        self.alpha, self.dropout = _checks.finite(alpha, "alpha"), _dropout_rate(dropout)
+        self.alpha, self.dropout = _checks.finite(alpha, "alpha"), dropout_rate(dropout)
         base.requires_grad_(False)
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.ModuleDict({ADAPTER_NAME: nn.Linear(base.in_features, r, bias=False, **kw)})
-        self.lora_B = nn.ModuleDict({ADAPTER_NAME: nn.Linear(r, base.out_features, bias=False, **kw)})
+        kw = dict(device=weight.device, dtype=adapter_dtype(weight.dtype))
+        self.lora_A = nn.ModuleDict({ADAPTER_NAME: nn.Linear(weight.shape[1], r, bias=False, **kw)})
+        self.lora_B = nn.ModuleDict({ADAPTER_NAME: nn.Linear(r, weight.shape[0], bias=False, **kw)})
         nn.init.kaiming_uniform_(self.lora_A[ADAPTER_NAME].weight, a=math.sqrt(5))  # PEFT's default init
         nn.init.zeros_(self.lora_B[ADAPTER_NAME].weight)
         self.merged = False
@@ -109,8 +133,10 @@ class LoRALinear(nn.Module):
         return self.alpha / self.r
 
     def _delta(self) -> torch.Tensor:
+        """s B A in float32, laid out as the base's weight ([in, out] for a Conv1D)."""
         A, B = self.lora_A[ADAPTER_NAME].weight, self.lora_B[ADAPTER_NAME].weight
-        return (B.float() @ A.float()) * self.scaling
+        delta = (B.float() @ A.float()) * self.scaling
+        return delta.t() if is_conv1d(self.base_layer) else delta
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -130,73 +156,79 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[ADAPTER_NAME].weight,
-                           self.lora_B[ADAPTER_NAME].weight, scaling=self.scaling, dropout=self.dropout,
-                           training=self.training, backend=self.backend)
+        weight, bias = base_weight(self.base_layer)
+        return lora_linear(x, weight, bias, self.lora_A[ADAPTER_NAME].weight, self.lora_B[ADAPTER_NAME].weight,
+                           scaling=self.scaling, dropout=self.dropout, training=self.training, backend=self.backend)
 
 
 class MultiLoRALinear(nn.Module):
-    """K LoRA adapters on one frozen base Linear; each token picks one by ``adapter_index``
-    (mixed batches, as multi-tenant serving does): y_n = base(x_n) + s B_k A_k x_n, k = index_n.
-    Tokens are grouped by adapter once (a stable sort), so each adapter runs two GEMMs on its
-    own rows and nothing of size [N, K, ...] is formed."""
+    """Named LoRA adapters on one frozen base (nn.Linear or Conv1D), with PEFT's names
+    (``lora_A.<name>``, ``lora_B.<name>``: a PEFT state dict loads with ``load_state_dict``);
+    ``forward(x, adapter_names)`` runs each sample through the adapter it names ("__base__": the
+    base alone), or ``adapter_names`` is an integer tensor per token or per sample (-1: the
+    base), through :func:`~transferops.adapters.multi_lora_linear` (mixed batches, as
+    multi-tenant serving does)."""
 
-    def __init__(self, base: nn.Linear, num_adapters: int, r: int, alpha: float):
+    def __init__(self, base: nn.Module, adapters: Sequence[str], r: int, alpha: float, backend: str = "auto"):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
-        num_adapters, r = _checks.count(num_adapters, "num_adapters", low=1), _checks.count(r, "r", low=1)
-        self.base_layer, self.r, self.alpha = base, r, _checks.finite(alpha, "alpha")
+        weight, _ = base_weight(base)
+        if isinstance(adapters, str) or not isinstance(adapters, Sequence) or not adapters:
+            raise TypeError("adapters: expected a nonempty list of adapter names")
+        names = [_checks.name(a, "adapters[]") for a in adapters]
+        if len(set(names)) != len(names) or "__base__" in names:
+            raise ValueError(f"adapters: expected distinct names other than '__base__', got {names}")
+        r = _checks.count(r, "r", low=1)
+        self.base_layer, self.r, self.alpha, self.backend = base, r, _checks.finite(alpha, "alpha"), backend
         base.requires_grad_(False)
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        bound = 1 / math.sqrt(base.in_features)
-        self.lora_A = nn.Parameter(torch.empty(num_adapters, r, base.in_features, **kw).uniform_(-bound, bound))
-        self.lora_B = nn.Parameter(torch.zeros(num_adapters, base.out_features, r, **kw))
+        kw = dict(device=weight.device, dtype=adapter_dtype(weight.dtype))
+        self.lora_A = nn.ModuleDict({a: nn.Linear(weight.shape[1], r, bias=False, **kw) for a in names})
+        self.lora_B = nn.ModuleDict({a: nn.Linear(r, weight.shape[0], bias=False, **kw) for a in names})
+        for a in names:
+            nn.init.kaiming_uniform_(self.lora_A[a].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[a].weight)
 
-    def forward(self, x: torch.Tensor, adapter_index: torch.Tensor) -> torch.Tensor:
-        K = self.lora_A.shape[0]
-        lead = x.shape[:-1]
-        if not isinstance(adapter_index, torch.Tensor) or adapter_index.dtype not in (torch.int32, torch.int64):
-            raise TypeError("adapter_index: expected an integer tensor with one adapter per token")
-        if adapter_index.shape != lead:
-            raise ValueError(f"adapter_index: expected shape {tuple(lead)} (x without its feature dimension), "
-                             f"got {tuple(adapter_index.shape)}")
-        idx = adapter_index.reshape(-1).long()
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= K):
-            raise ValueError(f"adapter_index: expected values in [0, {K}), got {int(idx.min())}..{int(idx.max())}")
-        xf = x.reshape(-1, x.shape[-1])
-        out = self.base_layer(xf)
-        order = torch.argsort(idx, stable=True)
-        counts = torch.bincount(idx, minlength=K).tolist()
-        start, s = 0, self.alpha / self.r
-        for k, n in enumerate(counts):
-            if n:
-                rows = order[start:start + n]
-                delta = (xf.index_select(0, rows) @ self.lora_A[k].t()) @ self.lora_B[k].t()
-                out = out.index_add(0, rows, delta, alpha=s)
-                start += n
-        return out.view(*lead, -1)
+    def forward(self, x: torch.Tensor, adapter_names) -> torch.Tensor:
+        names = list(self.lora_A)
+        if isinstance(adapter_names, torch.Tensor):
+            index = adapter_names
+        else:
+            if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+                raise TypeError("adapter_names: expected a list of adapter names, one per sample, or an integer "
+                                "tensor")
+            if not isinstance(x, torch.Tensor) or x.dim() < 2 or len(adapter_names) != x.shape[0]:
+                raise ValueError(f"adapter_names: expected one name per sample of x, got {len(adapter_names)} for "
+                                 f"shape {tuple(getattr(x, 'shape', ()))}")
+            unknown = sorted(set(adapter_names) - set(names) - {"__base__"})
+            if unknown:
+                raise ValueError(f"adapter_names: unknown adapters {unknown}; this layer has {names}")
+            index = torch.tensor([-1 if a == "__base__" else names.index(a) for a in adapter_names],
+                                 device=x.device)
+        weight, bias = base_weight(self.base_layer)
+        return multi_lora_linear(x, weight, bias, [self.lora_A[a].weight for a in names],
+                                 [self.lora_B[a].weight for a in names], [self.alpha / self.r] * len(names), index,
+                                 backend=self.backend)
 
 
 class IA3Linear(nn.Module):
-    """(IA)^3 (Liu et al. 2022) on a frozen nn.Linear, as PEFT's IA3 layer: a learned vector
-    ``ia3_l.default`` rescales the input features (``feedforward=True``, shape [1, in]) or the
-    output features (keys and values, shape [out, 1]), through :func:`ia3_linear`: the vector
-    is folded into the weight, so a pass costs one GEMM and no [N, d] temporary."""
+    """(IA)^3 (Liu et al. 2022) on a frozen nn.Linear or Conv1D, as PEFT's IA3 layer: a learned
+    vector ``ia3_l.default`` (float32 on a 16-bit base) rescales the input features
+    (``feedforward=True``, shape [1, in]) or the output features (keys and values, shape
+    [out, 1]), through :func:`ia3_linear`: the vector is folded into the weight, so a pass
+    costs one GEMM and no [N, d] temporary."""
 
-    def __init__(self, base: nn.Linear, feedforward: bool = False, *, backend: str = "auto"):
+    def __init__(self, base: nn.Module, feedforward: bool = False, *, backend: str = "auto"):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        weight, _ = base_weight(base)
         self.base_layer, self.feedforward, self.backend = base, feedforward, backend
         base.requires_grad_(False)
-        shape = (1, base.in_features) if feedforward else (base.out_features, 1)
+        shape = (1, weight.shape[1]) if feedforward else (weight.shape[0], 1)
         self.ia3_l = nn.ParameterDict({ADAPTER_NAME: nn.Parameter(
-            torch.ones(shape, device=base.weight.device, dtype=base.weight.dtype))})
+            torch.ones(shape, device=weight.device, dtype=adapter_dtype(weight.dtype)))})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ia3_linear(x, self.base_layer.weight, self.base_layer.bias, self.ia3_l[ADAPTER_NAME].flatten(),
-                          feedforward=self.feedforward, backend=self.backend)
+        weight, bias = base_weight(self.base_layer)
+        return ia3_linear(x, weight, bias, self.ia3_l[ADAPTER_NAME].flatten(), feedforward=self.feedforward,
+                          backend=self.backend)
 
 
 class ScaLearn(nn.Module):

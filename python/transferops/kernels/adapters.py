@@ -271,7 +271,7 @@ class Folded:
 
 def _dropout_args(p: float, seed: int) -> tuple:
     """seed_lo, seed_hi, stream, keep_below, inv_keep: the kernels' dropout arguments (the key is
-    the seed mod 2^64, as adapters._seed passes seeds >= 2^63 as negative int64)."""
+    the seed mod 2^64, as _adapter_args.dropout_seed passes seeds >= 2^63 as negative int64)."""
     seed %= 2**64
     return seed & 0xFFFFFFFF, seed >> 32, DROPOUT_STREAM, dropout_keep_below(p), (1.0 / (1.0 - p)) if p > 0 else 1.0
 
