@@ -209,11 +209,11 @@ def test_bottleneck_custom_ops_pass_opcheck(backend, gen):
     ws = [t.requires_grad_() for t in (w["w_down"], w["b_down"], w["w_up"], w["b_up"], w["ln_weight"], w["ln_bias"],
                                        w["scale"])]
     for residual, mode, p in ((None, 0, 0.0), (res, 2, 0.2), (None, 1, 0.0)):
-        args = (x.clone().requires_grad_(), residual, *ws, True, 1e-5, 1, mode, p, 7, backend)
+        args = (x.clone().requires_grad_(), residual, *ws, True, 1e-5, 1, mode, p, torch.tensor(7), backend)
         torch.library.opcheck(_bottleneck_fwd.op, args)
         _, a, mean, rstd = (t.detach() for t in _bottleneck_fwd(*args))
         bargs = (torch.randn(9, 8, generator=gen).to(device), x, a, mean, rstd, *(t.detach() for t in ws), True, 1e-5, 1, mode,
-                 p, 7, backend)
+                 p, torch.tensor(7), backend)
         torch.library.opcheck(_bottleneck_bwd.op, bargs)
 
 
@@ -265,7 +265,7 @@ def test_native_dropout_draws_the_torch_mask(dtype, isa, gen):
     x = wide[:, :75]
     with native_isa(isa):
         for p, seed in ((0.1, 7), (0.5, 2**40 + 3)):
-            got = _dropped(x, p, seed)
+            got = _dropped(x, p, torch.tensor(seed))
             factor = dropout_factor(41, 75, p, seed, dtype=torch.float64)
             assert torch.equal(got == 0, factor == 0)
             rtol = {**_ULP, torch.float32: 2 ** -23, torch.float64: 2 ** -52}[dtype]
@@ -411,7 +411,7 @@ def test_lora_custom_op_passes_opcheck(gen):
     x, w, b, A, B = _lora_inputs(gen, 7, 6, 5, 2, torch.float32)
     for p, bias in ((0.0, b), (0.25, None)):
         torch.library.opcheck(_lora_fwd.op, (x.requires_grad_(), w, bias, A.requires_grad_(), B.requires_grad_(), 2.0,
-                                          p, 3))
+                                          p, torch.tensor(3)))
 
 
 def test_lora_module_matches_peft_and_merges():

@@ -60,7 +60,7 @@ def test_lora_seeds_past_2_63_key_their_own_masks(backend, gen):
 
 
 def test_dropout_through_the_dispatcher_keeps_64_bit_seeds(gen):
-    """The custom op's int argument is an int64: a seed past 2^63 crosses it as its two's
+    """The custom op's seed is an int64 tensor: a seed past 2^63 crosses it as its two's
     complement and still draws dropout_factor's mask for the seed itself."""
     x = torch.randn(7, 30, generator=gen, dtype=torch.float64)
     for seed in (2**63 + 5, 2**64 - 1):

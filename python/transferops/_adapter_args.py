@@ -66,15 +66,19 @@ def dropout_rate(dropout, training: bool = True) -> float:
     return p if training else 0.0
 
 
-def dropout_seed(dropout: float, seed) -> int:
-    """The dropout seed of one call: the caller's, in [0, 2^64), or a fresh draw from torch's
-    generator (so torch.manual_seed makes a run reproducible). As the custom ops carry it: an
-    int64, so a seed >= 2^63 travels as its two's complement; every backend keys Philox with the
-    seed mod 2^64, so the 2^64 seeds draw distinct masks."""
+_NO_SEED = torch.zeros((), dtype=torch.int64)
+
+
+def dropout_seed(dropout: float, seed) -> torch.Tensor:
+    """The dropout seed of one call, as the custom ops carry it: a 0-d int64 CPU tensor, so that
+    a fresh draw traces into a torch.compile graph (torch's generator draws it inside the graph,
+    no graph break, and torch.manual_seed makes a run reproducible); the caller's seed, in
+    [0, 2^64), is a constant. A seed >= 2^63 travels as its two's complement; every backend
+    keys Philox with the seed mod 2^64, so the 2^64 seeds draw distinct masks."""
     if seed is not None:
         seed = _checks.seed(seed)
-        return seed - 2**64 if seed >= 2**63 else seed
-    return int(torch.randint(0, 2**62, ())) if dropout > 0 else 0
+        return torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64)
+    return torch.randint(0, 2**62, (), dtype=torch.int64) if dropout > 0 else _NO_SEED
 
 
 def scale_vector(scale, d: int, like: torch.Tensor, T: torch.dtype) -> torch.Tensor:

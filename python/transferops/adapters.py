@@ -60,10 +60,11 @@ def dropout_factor(rows: int, cols: int, p: float, seed: int, device="cpu", dtyp
 
 
 @custom_op("transferops::adapter_dropout")
-def _dropped(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def _dropped(t: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
     """t [rows, cols] times its dropout_factor, in one native pass on the CPU (the same draws
     through torch's Philox take about a hundred int64 passes over the tensor). A custom op, so
     that LoRA's backward traces under torch.compile."""
+    seed = int(seed)
     nm = native_module()
     if t.device.type != "cpu" or nm is None:
         return t * dropout_factor(t.shape[0], t.shape[1], p, seed, t.device, t.dtype)
@@ -121,7 +122,7 @@ def _bottleneck_reference(x, residual, w_down, b_down, w_up, b_up, ln_weight, ln
     h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps) if layer_norm else x
     u = F.linear(_activate(F.linear(h, w_down, b_down), activation), w_up, b_up) * scale
     if dropout > 0:
-        u = u * dropout_factor(x.shape[0], x.shape[1], dropout, seed, x.device, u.dtype)
+        u = u * dropout_factor(x.shape[0], x.shape[1], dropout, int(seed), x.device, u.dtype)
     res = {_RESIDUAL_INPUT: x, _RESIDUAL_NORMALIZED: h, _RESIDUAL_SEPARATE: residual}[residual_mode]
     return res + u
 
@@ -130,10 +131,10 @@ def _bottleneck_reference(x, residual, w_down, b_down, w_up, b_up, ln_weight, ln
 def _bottleneck_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], w_down: torch.Tensor,
                     b_down: Optional[torch.Tensor], w_up: torch.Tensor, b_up: Optional[torch.Tensor],
                     ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor], scale: torch.Tensor,
-                    layer_norm: bool, eps: float, activation: int, residual_mode: int, dropout: float, seed: int,
-                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    layer_norm: bool, eps: float, activation: int, residual_mode: int, dropout: float,
+                    seed: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _FORWARD[backend](x, residual, w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale, layer_norm, eps,
-                             activation, residual_mode, dropout, seed)
+                             activation, residual_mode, dropout, int(seed))
 
 
 @_bottleneck_fwd.register_fake
@@ -149,9 +150,9 @@ def _bottleneck_bwd(grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor, mean: 
                     w_down: torch.Tensor, b_down: Optional[torch.Tensor], w_up: torch.Tensor,
                     b_up: Optional[torch.Tensor], ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
                     scale: torch.Tensor, layer_norm: bool, eps: float, activation: int, residual_mode: int,
-                    dropout: float, seed: int, backend: str) -> list[torch.Tensor]:
+                    dropout: float, seed: torch.Tensor, backend: str) -> list[torch.Tensor]:
     return _BACKWARD[backend](grad, x, a, mean, rstd, w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale,
-                              layer_norm, eps, activation, residual_mode, dropout, seed)
+                              layer_norm, eps, activation, residual_mode, dropout, int(seed))
 
 
 @_bottleneck_bwd.register_fake
@@ -162,17 +163,17 @@ def _(grad, x, a, mean, rstd, w_down, b_down, w_up, b_up, ln_weight, ln_bias, sc
 
 
 def _bottleneck_setup(ctx, inputs, output):
-    (x, residual, w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale, *flags) = inputs
+    (x, residual, w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale, *flags, seed, backend) = inputs
     _, a, mean, rstd = output
-    ctx.save_for_backward(x, a, mean, rstd, w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale)
-    ctx.flags = flags
+    ctx.save_for_backward(x, a, mean, rstd, w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale, seed)
+    ctx.flags, ctx.backend = flags, backend
     ctx.present = [t is not None for t in (residual, b_down, b_up, ln_weight, ln_bias)]
 
 
 def _bottleneck_backward(ctx, grad, _ga, _gm, _gs):
-    x, a, mean, rstd, *weights = ctx.saved_tensors
+    x, a, mean, rstd, *weights, seed = ctx.saved_tensors
     dx, g_wd, g_bd, g_wu, g_bu, g_lw, g_lb, g_s = _bottleneck_bwd(grad.contiguous(), x, a, mean, rstd, *weights,
-                                                                  *ctx.flags)
+                                                                  *ctx.flags, seed, ctx.backend)
     has_res, has_bd, has_bu, has_lw, has_lb = ctx.present
     return (dx, grad if has_res else None, g_wd, g_bd if has_bd else None, g_wu, g_bu if has_bu else None,
             g_lw if has_lw else None, g_lb if has_lb else None, g_s, *(None,) * 7)
@@ -339,7 +340,7 @@ def _lora_reference(x, weight, bias, lora_A, lora_B, scaling, dropout, seed):
     """y = x W^T + b + s * drop(x) A^T B^T, eagerly, as PEFT's LoRA layer computes it: the
     branch in the factors' dtype, added in the promoted dtype, rounded to x's."""
     xa = x.to(lora_A.dtype)
-    xd = xa * dropout_factor(x.shape[0], x.shape[1], dropout, seed, x.device, xa.dtype) if dropout > 0 else xa
+    xd = xa * dropout_factor(x.shape[0], x.shape[1], dropout, int(seed), x.device, xa.dtype) if dropout > 0 else xa
     y = (F.linear(x, weight, bias) + F.linear(F.linear(xd, lora_A), lora_B) * scaling).to(x.dtype)
     _check_lora(y, x, weight, bias, lora_A, lora_B)
     return y
@@ -370,7 +371,8 @@ def _folds(rows: int, inner: int, dtype: torch.dtype) -> bool:
 
 @custom_op("transferops::lora_fwd")
 def _lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-              lora_B: torch.Tensor, scaling: float, dropout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+              lora_B: torch.Tensor, scaling: float, dropout: float,
+              seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xa = x.to(lora_A.dtype)
     xd = _dropped(xa, dropout, seed) if dropout > 0 else xa
     u = xd @ lora_A.t()
@@ -394,8 +396,8 @@ def _(x, weight, bias, lora_A, lora_B, scaling, dropout, seed):
 
 def _lora_setup(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, dropout, seed = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1])
-    ctx.args = (scaling, dropout, seed)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.args = (scaling, dropout)
     ctx.has_bias = bias is not None
 
 
@@ -403,8 +405,8 @@ def _lora_backward(ctx, grad, _gu):
     """Saves x (alive anyway), the weights and u = drop(x) A^T [N, r]; the mask is recomputed.
     Factors of another dtype than x get their gradients in their dtype, from the output
     gradient cast to it, as autograd differentiates PEFT's casts."""
-    x, weight, lora_A, lora_B, u = ctx.saved_tensors
-    s, p, seed = ctx.args
+    x, weight, lora_A, lora_B, u, seed = ctx.saved_tensors
+    s, p = ctx.args
     need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
     mixed = lora_A.dtype != x.dtype
     g = grad.to(lora_A.dtype)
