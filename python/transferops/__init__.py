@@ -21,6 +21,7 @@ _LAZY = {
     **{name: f".{name}" for name in ("adapters", "merging", "nn", "ot", "transferability")},
     **dict.fromkeys(("BACKENDS", "BackendUnavailable", "available_backends", "use_backend"), "._backend"),
     "info": "._info",
+    **dict.fromkeys(("add_adapters", "load_adapters", "save_adapters"), ".integrations.transformers"),
     **dict.fromkeys(("bottleneck_adapter", "ia3_linear", "lora_linear"), ".adapters"),
     **dict.fromkeys(("SinkhornResult", "dataset_distance", "sinkhorn", "sinkhorn_cost_matrix",
                      "sinkhorn_divergence", "sinkhorn_loss"), ".ot"),

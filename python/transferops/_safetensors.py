@@ -366,6 +366,22 @@ class Checkpoint:
         self.close()
 
 
+def write_safetensors(f, tensors: dict[str, torch.Tensor]) -> None:
+    """``tensors`` as one safetensors file (as PEFT saves one: metadata format=pt)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    f.write(struct.pack("<Q", len(raw)) + raw)
+    for t in tensors.values():
+        f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    f.flush()
+    os.fsync(f.fileno())
+
+
 class ShardedWriter:
     """Writes tensors, in a fixed order announced up front, into shards of at most
     ``shard_bytes`` (one tensor never splits) plus an index when there is more than one shard,

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import re
-import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,8 @@ import torch
 from . import _checks
 from . import merging
 from ._outdir import OutputFolder
-from ._safetensors import CODES, Checkpoint, CheckpointError, _allowed_roots, _shard_path, read_small, strict_json
+from ._safetensors import (Checkpoint, CheckpointError, _allowed_roots, _shard_path, read_small, strict_json,
+                           write_safetensors)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -398,22 +398,6 @@ def _open_folder(folder, stack: contextlib.ExitStack, sources: set[Path]) -> _Ad
                     shapes, lambda key: ckpt.read(key).view(shapes[key][0]))
 
 
-def _write_safetensors(f, tensors: dict[str, torch.Tensor]) -> None:
-    """``tensors`` as one safetensors file (as PEFT saves one: metadata format=pt)."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-    f.write(struct.pack("<Q", len(raw)) + raw)
-    for t in tensors.values():
-        f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def merge_adapters(adapters: Sequence[str | os.PathLike], out: str | os.PathLike, *, combination_type: str, weights,
                    density: float | None = None, majority_sign_method: str = "total", svd_rank: int | None = None,
                    svd_clamp: float | None = None, svd_full_matrices: bool = True, seed: int | None = None,
@@ -460,7 +444,7 @@ def merge_adapters(adapters: Sequence[str | os.PathLike], out: str | os.PathLike
         stack.callback(output.abort)  # after commit, abort has nothing left to remove
         state, config = _merge(opened, opts, base_model_name_or_path)
         with output.create(WEIGHTS_FILE) as f:
-            _write_safetensors(f, state)
+            write_safetensors(f, state)
         with output.create(CONFIG_FILE) as f:
             f.write(json.dumps(config, indent=2, sort_keys=True).encode() + b"\n")
         return output.commit([WEIGHTS_FILE, CONFIG_FILE])
