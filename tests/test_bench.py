@@ -275,3 +275,28 @@ def test_results_stay_out_of_the_wheel():
     assert mapping == {"transferops": "python/transferops"}
     assert list((ROOT / "bench" / "results").glob("*.jsonl"))
     assert not [p for p in (ROOT / "python").rglob("*") if p.suffix in (".jsonl", ".json", ".txt")]
+
+
+def test_peft_demo_trains_both_side_by_side(capsys, monkeypatch):
+    """The PEFT demo, tiny: with --dropout 0 the two runs (each in its own process) must match
+    to float32 rounding; with dropout (in this process, for time) both runs and the ratios print."""
+    import re
+
+    from _kit import peer
+    from transferops.bench import demo_peft
+
+    peer("peft")
+    peer("transformers")
+    tiny = ["--steps", "2", "--hidden", "64", "--layers", "1"]
+    demo_peft.main([*tiny, "--dropout", "0"])
+    out = capsys.readouterr().out
+    assert float(re.search(r"max relative loss difference: (\S+)", out).group(1)) <= 1e-5, out
+    monkeypatch.setattr(demo_peft, "_in_own_process",
+                        lambda run, a: demo_peft.train(run, a.steps, a.hidden, a.layers, a.dropout))
+    demo_peft.main([*tiny, "--dropout", "0.1"])
+    for text in (out, capsys.readouterr().out):
+        for name in demo_peft.RUNS:
+            line = next(line for line in text.splitlines() if line.strip().startswith(f"{name}:"))
+            assert "ms/step" in line and "adapters' part" in line and "peak memory of the steps" in line, line
+        ratios = r"ratios peft\+transferops / peft: step time \S+, peak memory \S+, adapters' part"
+        assert re.search(ratios, text), text
