@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 
 import torch
 from torch import nn
@@ -24,7 +21,7 @@ from torch import nn
 from transferops.nn import BottleneckAdapter, LoRALinear
 
 from .bench_adapters import saved_bytes
-from .harness import peak_rss, reset_peak_rss
+from .harness import in_own_process, train_steps
 
 VOCAB, D, LAYERS, SEQ, BATCH = 32, 256, 2, 64, 32
 
@@ -60,29 +57,14 @@ def batches(steps: int, seed: int = 1):
 
 def train(backend: str, steps: int) -> dict:
     model = Model(backend)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
-    losses, times = [], []
-    before = reset_peak_rss()
-    for tokens, labels in batches(steps):
-        t0 = time.perf_counter()
-        loss = nn.functional.cross_entropy(model(tokens), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-    peak = peak_rss()
+    result = train_steps(model, lambda batch: nn.functional.cross_entropy(model(batch[0]), batch[1]), batches(steps),
+                         lr=3e-3)
     tokens, _ = next(batches(1))
-    return dict(losses=losses, step_s=sorted(times)[len(times) // 2],
-                saved=saved_bytes(lambda: model(tokens), model.parameters()),
-                peak=None if before is None or peak is None else peak - before)
+    return dict(result, saved=saved_bytes(lambda: model(tokens), model.parameters()))
 
 
 def _in_own_process(backend: str, steps: int) -> dict:
-    """train() in a fresh interpreter, so that one run's freed memory does not serve the other's."""
-    command = [sys.executable, "-m", "transferops.bench.demo_adapters", "--steps", str(steps), "--backend", backend]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.splitlines()[-1])
+    return in_own_process("transferops.bench.demo_adapters", ["--steps", str(steps), "--backend", backend])
 
 
 def main(argv=None) -> None:

@@ -24,15 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
-import sys
-import time
 
 import torch
 from torch import nn
 
-from .harness import peak_rss, reset_peak_rss
+from .harness import in_own_process, train_steps
 
 VOCAB, SEQ, BATCH, RANK, MARKERS = 1000, 128, 8, 16, 32
 RUNS = ("peft", "peft+transferops")
@@ -101,33 +97,19 @@ def saved_split(model: nn.Module, tokens: torch.Tensor) -> tuple[int, int]:
 
 def train(run: str, steps: int, hidden: int, layers: int, dropout: float) -> dict:
     model = build(run, hidden, layers, dropout)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    losses, times = [], []
-    before = reset_peak_rss()
-    for tokens, labels in batches(steps):
-        t0 = time.perf_counter()
-        loss = nn.functional.cross_entropy(model(input_ids=tokens).logits, labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-    peak = peak_rss()
+    result = train_steps(model, lambda batch: nn.functional.cross_entropy(model(input_ids=batch[0]).logits, batch[1]),
+                         batches(steps), lr=1e-3)
     adapters, total = saved_split(model, next(batches(1))[0])
-    return dict(losses=losses, step_s=sorted(times)[len(times) // 2], saved_adapters=adapters, saved=total,
-                peak=None if before is None or peak is None else peak - before)
+    return dict(result, saved_adapters=adapters, saved=total)
 
 
 def _in_own_process(run: str, args) -> dict:
-    """train() in a fresh interpreter, so that one run's freed memory does not serve the other's."""
-    command = [sys.executable, "-m", "transferops.bench.demo_peft", "--run", run, "--steps", str(args.steps),
-               "--dropout", str(args.dropout), "--hidden", str(args.hidden), "--layers", str(args.layers)]
     # glibc keeps freed heap chunks below its (adaptive) mmap threshold for reuse, so a run's peak
     # RSS would count the churn of short-lived tensors, not what the step holds: with a fixed
     # 128 KiB threshold every tensor's memory returns to the system when freed, in both runs.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.splitlines()[-1])
+    return in_own_process("transferops.bench.demo_peft",
+                          ["--run", run, "--steps", str(args.steps), "--dropout", str(args.dropout), "--hidden",
+                           str(args.hidden), "--layers", str(args.layers)], env={"MALLOC_MMAP_THRESHOLD_": "131072"})
 
 
 def _at_least(low: int):

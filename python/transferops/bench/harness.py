@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -143,6 +144,34 @@ def reset_peak_rss() -> int | None:
 def peak_rss() -> int | None:
     """The process's peak resident memory (VmHWM) in bytes since start or reset_peak_rss()."""
     return _status_bytes("VmHWM")
+
+
+def train_steps(model: torch.nn.Module, loss_of: Callable, batches, lr: float) -> dict:
+    """AdamW steps on ``model``'s trainable parameters, one per batch (``loss_of(batch)`` is the
+    loss): the losses, the median step time, and the peak resident memory of the steps above
+    what the process held before them (None where unmeasured)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses, times = [], []
+    before = reset_peak_rss()
+    for batch in batches:
+        t0 = time.perf_counter()
+        loss = loss_of(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    peak = peak_rss()
+    return dict(losses=losses, step_s=sorted(times)[len(times) // 2],
+                peak=None if before is None or peak is None else peak - before)
+
+
+def in_own_process(module: str, args: list[str], env: dict | None = None) -> dict:
+    """The JSON line ``python -m module *args`` prints last, run in a fresh interpreter (so that
+    one run's freed memory does not serve another's), with ``env`` added to the environment."""
+    command = [sys.executable, "-m", module, *args]
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    return json.loads(out.stdout.splitlines()[-1])
 
 
 def _is_cuda(device: str) -> bool:
