@@ -120,7 +120,7 @@ def test_training_under_bf16_autocast_is_as_close_as_peft(fused_calls):
     fp32 = _train(copy.deepcopy(ref))
     peft_bf16, ours_bf16 = _train(ref, autocast=torch.bfloat16), _train(ours, autocast=torch.bfloat16)
     err, err_peft = (ours_bf16 - fp32).abs().max().item(), (peft_bf16 - fp32).abs().max().item()
-    assert err <= 2 * err_peft + 1e-3, (err, err_peft)
+    assert err <= 2 * err_peft, (err, err_peft)
     assert fused_calls["lora_linear"] == 10 * 11
 
 
@@ -135,7 +135,7 @@ def test_gpt2_conv1d_and_a_bf16_llama_train_as_peft(fused_calls):
     assert next(p for n, p in ours.named_parameters() if "lora_A" in n).dtype == torch.float32
     fp32 = _train(_lora(_llama(torch.float32), ["q_proj", "v_proj", "up_proj", "down_proj"]))
     a, b = _train(ref), _train(ours)
-    assert (b - fp32).abs().max() <= 2 * (a - fp32).abs().max() + 1e-3, (a, b, fp32)
+    assert (b - fp32).abs().max() <= 2 * (a - fp32).abs().max(), (a, b, fp32)
     assert fused_calls == {"lora_linear": 10 * 2 * 4}
 
 
