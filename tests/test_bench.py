@@ -278,8 +278,9 @@ def test_results_stay_out_of_the_wheel():
 
 
 def test_peft_demo_trains_both_side_by_side(capsys, monkeypatch):
-    """The PEFT demo, tiny: with --dropout 0 the two runs (each in its own process) must match
-    to float32 rounding; with dropout (in this process, for time) both runs and the ratios print."""
+    """The PEFT demo, tiny, its runs in this process (the adapters demo's test covers the
+    child processes): with --dropout 0 the two runs match to float32 rounding; with dropout
+    both runs and the ratios print."""
     import re
 
     from _kit import peer
@@ -287,12 +288,12 @@ def test_peft_demo_trains_both_side_by_side(capsys, monkeypatch):
 
     peer("peft")
     peer("transformers")
+    monkeypatch.setattr(demo_peft, "_in_own_process",
+                        lambda run, a: demo_peft.train(run, a.steps, a.hidden, a.layers, a.dropout))
     tiny = ["--steps", "2", "--hidden", "64", "--layers", "1"]
     demo_peft.main([*tiny, "--dropout", "0"])
     out = capsys.readouterr().out
     assert float(re.search(r"max relative loss difference: (\S+)", out).group(1)) <= 1e-5, out
-    monkeypatch.setattr(demo_peft, "_in_own_process",
-                        lambda run, a: demo_peft.train(run, a.steps, a.hidden, a.layers, a.dropout))
     demo_peft.main([*tiny, "--dropout", "0.1"])
     for text in (out, capsys.readouterr().out):
         for name in demo_peft.RUNS:
