@@ -34,7 +34,7 @@ except ImportError as e:  # pragma: no cover - the message is the point
 from .. import _checks
 from .._backend import BACKENDS
 from ..adapters import ia3_linear, lora_linear, multi_lora_linear
-from ..nn import is_conv1d
+from ..nn import base_weight, is_conv1d
 
 _BACKEND = "_transferops_backend"
 
@@ -44,11 +44,6 @@ def _fusable_base(layer: nn.Module) -> bool:
     no forward hooks that calling it would run."""
     base = layer.base_layer
     return (type(base) is nn.Linear or is_conv1d(base)) and not (base._forward_hooks or base._forward_pre_hooks)
-
-
-def _weight(layer) -> torch.Tensor:
-    w = layer.base_layer.weight
-    return w.t() if layer.fan_in_fan_out else w
 
 
 def _dropout_p(module: nn.Module) -> Optional[float]:
@@ -83,7 +78,7 @@ class FusedLoraLinear(_lora.Linear):
         if len(active) == 1:
             a = active[0]
             drop = self.lora_dropout[a]
-            return lora_linear(x, _weight(self), self.base_layer.bias, self.lora_A[a].weight, self.lora_B[a].weight,
+            return lora_linear(x, *base_weight(self.base_layer), self.lora_A[a].weight, self.lora_B[a].weight,
                                scaling=self.scaling[a], dropout=_dropout_p(drop), backend=backend)
         # Several active adapters sum their branches: one pair of stacked factors, the scalings
         # folded into B (differentiable), when no adapter drops out (each would draw its own mask)
@@ -93,7 +88,7 @@ class FusedLoraLinear(_lora.Linear):
             return super().forward(x)
         A = torch.cat([self.lora_A[a].weight for a in active])
         B = torch.cat([self.lora_B[a].weight * self.scaling[a] for a in active], dim=1)
-        return lora_linear(x, _weight(self), self.base_layer.bias, A, B, scaling=1.0, backend=backend)
+        return lora_linear(x, *base_weight(self.base_layer), A, B, scaling=1.0, backend=backend)
 
     def _fuses_mixed(self, adapter_names) -> bool:
         """Whether the batch runs fused: some adapter of this layer is named, none drops out."""
@@ -109,7 +104,7 @@ class FusedLoraLinear(_lora.Linear):
             raise ValueError(f"x: expected [batch, ..., features] with adapter_names, got shape {tuple(x.shape)}")
         names = [a for a in self.lora_A if a in set(adapter_names)]
         index = torch.tensor([names.index(a) if a in names else -1 for a in adapter_names], device=x.device)
-        return multi_lora_linear(x, _weight(self), self.base_layer.bias, [self.lora_A[a].weight for a in names],
+        return multi_lora_linear(x, *base_weight(self.base_layer), [self.lora_A[a].weight for a in names],
                                  [self.lora_B[a].weight for a in names], [self.scaling[a] for a in names], index,
                                  backend=getattr(self, _BACKEND))
 
@@ -126,7 +121,7 @@ class FusedIA3Linear(_ia3.Linear):
         scale = self.ia3_l[active[0]].flatten()
         for a in active[1:]:  # PEFT multiplies the active adapters' vectors
             scale = scale * self.ia3_l[a].flatten()
-        return ia3_linear(x, _weight(self), self.base_layer.bias, scale, feedforward=self.is_feedforward,
+        return ia3_linear(x, *base_weight(self.base_layer), scale, feedforward=self.is_feedforward,
                           backend=getattr(self, _BACKEND))
 
 
