@@ -532,7 +532,7 @@ def _multi_lora_grouped(x, weight, bias, factors, index):
         if n:
             rows = order[start:start + n]
             delta = F.linear(F.linear(x.index_select(0, rows).to(A.dtype), A), B) * s
-            out = out.index_add(0, rows, delta.to(x.dtype))
+            out.index_add_(0, rows, delta.to(x.dtype))  # in place: F.linear keeps no output for backward
             start += n
     return out
 

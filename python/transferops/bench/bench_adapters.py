@@ -18,7 +18,7 @@ import functools
 import torch
 from torch import nn
 
-from transferops.adapters import bottleneck_adapter, bottleneck_op, lora_linear
+from transferops.adapters import bottleneck_adapter, bottleneck_op, lora_linear, multi_lora_linear
 
 from .harness import Case, optional_import, timed_backends
 
@@ -114,6 +114,40 @@ def _peft_lora(peft, base: nn.Linear, A, B, alpha):
     return layer
 
 
+def _multi_lora_case(peft, N: int, d: int, r: int, K: int, g) -> Case:
+    """A mixed batch (PEFT's ``adapter_names=``): N tokens in samples of 128, each sample
+    through one of K adapters or the base, forward only (serving)."""
+    samples = N // 128
+    x = torch.randn(samples, 128, d, generator=g)
+    base = nn.Linear(d, d).requires_grad_(False)
+    As = [torch.randn(r, d, generator=g) * d ** -0.5 for _ in range(K)]
+    Bs = [torch.randn(d, r, generator=g) * 0.1 for _ in range(K)]
+    index = torch.arange(samples) % (K + 1) - 1  # -1: the base alone
+    names = ["__base__" if i < 0 else "default" if i == 0 else f"a{i}" for i in index.tolist()]
+
+    def ours(backend):
+        return multi_lora_linear(x, base.weight, base.bias, As, Bs, [2.0] * K, index, backend=backend)
+    peers = {"peer:peft": None}
+    if peft is not None:
+        layer = _peft_lora(peft, nn.Linear(d, d), As[0], Bs[0], alpha=2 * r)
+        layer.base_layer.load_state_dict(base.state_dict())
+        for k in range(1, K):
+            layer.update_layer(f"a{k}", r=r, lora_alpha=2 * r, config=peft.LoraConfig(r=r, lora_alpha=2 * r))
+            with torch.no_grad():
+                layer.lora_A[f"a{k}"].weight.copy_(As[k])
+                layer.lora_B[f"a{k}"].weight.copy_(Bs[k])
+
+        def peer():
+            with torch.no_grad():
+                return layer(x, adapter_names=names)
+        peers["peer:peft"] = peer
+    return Case(op=f"multi-lora fwd K={K}", size=f"N={N} d={d} r={r}", dtype=torch.float32,
+                bytes=2 * N * d * 4, flops=2 * N * d * d + 4 * N * d * r, ours={b: functools.partial(ours, b)
+                                                                               for b in ("native", "reference")},
+                peers=peers, tolerance=(1e-4, 1e-5),
+                floor=("frozen base Linear fwd", functools.partial(base, x)))
+
+
 def cases(quick: bool, device: str):
     """CPU: float32, the fused native path and LoRA. GPU: bfloat16, the Triton kernels against
     eager torch and torch.compile of the same math (LoRA has no GPU kernel of ours: on the GPU
@@ -167,3 +201,5 @@ def cases(quick: bool, device: str):
                          for b in ("native", "reference")},
                    peers=lora_peers, tolerance=(1e-4, 1e-5),
                    floor=("frozen base Linear fwd+bwd", functools.partial(_forward_backward, base, x, grad, [])))
+        if d == 768 and r == 16:
+            yield _multi_lora_case(peft, N, d, r, 4, g)
