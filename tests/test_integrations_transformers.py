@@ -91,10 +91,22 @@ def test_errors_name_the_argument_or_file(tmp_path):
     with pytest.raises(CheckpointError, match="adapter_config.json: use_dora = True is not supported"):
         transferops.load_adapters(_bert(), tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "r": 3}))
+    fresh = _bert()
+    want = {n: (p.clone(), p.requires_grad) for n, p in fresh.state_dict(keep_vars=True).items()}
     with pytest.raises(CheckpointError, match="has shape \\(8, 64\\), the model's adapter \\(3, 64\\)"):
-        transferops.load_adapters(_bert(), tmp_path / "a")
+        transferops.load_adapters(fresh, tmp_path / "a")
+    got = fresh.state_dict(keep_vars=True)  # left as it was
+    assert got.keys() == want.keys() and all(torch.equal(got[n], t) and got[n].requires_grad == g
+                                             for n, (t, g) in want.items())
+    transferops.add_adapters(fresh, "ia3", target_modules=["key"])  # a model without adapters again
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["query", "key"]}))
     with pytest.raises(CheckpointError, match="tensors do not match the adapters"):
         transferops.load_adapters(_bert(), tmp_path / "a")
     with pytest.raises(CheckpointError, match="not a folder"):
         transferops.load_adapters(_bert(), tmp_path / "missing")
+    # Folders are untrusted: weights that link outside the folder are not read.
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    (tmp_path / "a" / "adapter_model.safetensors").rename(tmp_path / "outside.safetensors")
+    (tmp_path / "a" / "adapter_model.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    with pytest.raises(CheckpointError, match="links outside"):
+        transferops.load_adapters(_bert(), tmp_path / "a")

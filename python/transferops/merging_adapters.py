@@ -30,7 +30,6 @@ through :class:`transferops._outdir.OutputFolder` (nothing half-written is ever 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -42,13 +41,10 @@ import torch
 
 from . import _checks
 from . import merging
+from ._adapterfiles import LORA_OFF, WEIGHTS_FILE, read_adapter_folder, write_adapter_folder
 from ._outdir import OutputFolder
-from ._safetensors import (Checkpoint, CheckpointError, _allowed_roots, _shard_path, read_small, strict_json,
-                           write_safetensors)
+from ._safetensors import Checkpoint
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-_CONFIG_LIMIT = 16 << 20
 
 # The reduction of each combination type, a function of transferops.merging run with PEFT's
 # semantics: on the A's and the B's, or on the products B A (svd types); cat has none.
@@ -58,11 +54,6 @@ _SVD = {"svd": "task_arithmetic", **{f"{k}_svd": v for k, v in _REDUCTIONS.items
 COMBINATION_TYPES = (*_REDUCTIONS, "cat", *_SVD)
 MAJORITY_SIGN_METHODS = {"total": "sum", "frequency": "count"}
 
-# adapter_config.json fields that add tensors or change a module's rank, scaling or forward,
-# with the value that means "off"; an adapter with any other value is refused.
-_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "bias": "none", "rank_pattern": {}, "alpha_pattern": {},
-                "modules_to_save": None, "trainable_token_indices": None, "target_parameters": None,
-                "layer_replication": None, "use_qalora": False, "use_bdlora": None, "arrow_config": None}
 # Fields that decide which modules are adapted, or how: merged adapters must agree on them,
 # since the output keeps the first adapter's values.
 _SAME = ("task_type", "fan_in_fan_out", "layers_to_transform", "layers_pattern", "exclude_modules",
@@ -116,7 +107,7 @@ def _config(raw, label: str) -> dict:
         raise ValueError(f"{label}: r: expected a positive integer rank, got {r!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"{label}: lora_alpha: expected a finite number, got {alpha!r}")
-    for field, off in _UNSUPPORTED.items():
+    for field, off in LORA_OFF.items():
         value = config.get(field, off)
         if value != off and not (off is None and value in ([], {})):
             raise ValueError(f"{label}: {field} is {value!r}; adapters with {field} are not merged "
@@ -376,21 +367,9 @@ def merge_adapter_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]],
 def _open_folder(folder, stack: contextlib.ExitStack, sources: set[Path]) -> _Adapter:
     """An adapter folder's config and weights, read as untrusted files (see the module's doc);
     the checkpoint is closed by ``stack``, and the real paths read are added to ``sources``."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a folder (expected a PEFT adapter folder with {CONFIG_FILE} and "
-                              f"{WEIGHTS_FILE})")
-    config_path = folder / CONFIG_FILE
-    if not os.path.lexists(config_path):
-        raise CheckpointError(f"{config_path}: missing; a PEFT adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
-    raw = read_small(folder, CONFIG_FILE, "the adapter config", _CONFIG_LIMIT)
-    config = _config(strict_json(raw, config_path, "the adapter config"), str(config_path))
-    weights_path = folder / WEIGHTS_FILE
-    if not os.path.lexists(weights_path):
-        pickled = " (adapter_model.bin is a pickle, which is not read: it can run code)" \
-            if os.path.lexists(folder / "adapter_model.bin") else ""
-        raise CheckpointError(f"{weights_path}: missing{pickled}; save the adapter with safe_serialization=True")
-    real = _shard_path(folder, WEIGHTS_FILE, _allowed_roots(folder), str(folder))
+    raw, config_path, real = read_adapter_folder(folder)
+    config = _config(raw, str(config_path))
+    weights_path = Path(folder) / WEIGHTS_FILE
     ckpt = stack.enter_context(Checkpoint(real))
     sources |= {Path(os.path.realpath(folder)), *ckpt.sources}
     shapes = {k: (info.shape, info.dtype) for k, info in ckpt.tensors.items()}
@@ -443,8 +422,4 @@ def merge_adapters(adapters: Sequence[str | os.PathLike], out: str | os.PathLike
         output = OutputFolder(out, inputs=sources, overwrite=overwrite)
         stack.callback(output.abort)  # after commit, abort has nothing left to remove
         state, config = _merge(opened, opts, base_model_name_or_path)
-        with output.create(WEIGHTS_FILE) as f:
-            write_safetensors(f, state)
-        with output.create(CONFIG_FILE) as f:
-            f.write(json.dumps(config, indent=2, sort_keys=True).encode() + b"\n")
-        return output.commit([WEIGHTS_FILE, CONFIG_FILE])
+        return write_adapter_folder(output, state, config)

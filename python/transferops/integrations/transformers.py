@@ -20,8 +20,6 @@ Folders are untrusted input, read and written as :mod:`transferops.merging_adapt
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 from pathlib import Path
 from typing import Optional, Sequence
@@ -30,19 +28,19 @@ import torch
 from torch import nn
 
 from .. import _checks
+from .._adapterfiles import CONFIG_FILE, LORA_OFF, read_adapter_folder, write_adapter_folder
 from .._outdir import OutputFolder
-from .._safetensors import Checkpoint, CheckpointError, read_small, strict_json, write_safetensors
+from .._safetensors import Checkpoint, CheckpointError
 from ..nn import BottleneckAdapter, IA3Linear, LoRALinear, base_weight, is_conv1d
 
 METHODS = ("lora", "ia3", "bottleneck")
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _ATTR = "transferops_adapters"  # the model's adapter settings, for save_adapters
 _PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "bottleneck": "TRANSFEROPS_BOTTLENECK"}
-# PEFT config fields that change what a LoRA or (IA)^3 module computes, with their "off" value.
-_OFF = {"use_dora": False, "lora_bias": False, "bias": "none", "rank_pattern": {}, "alpha_pattern": {},
-        "use_rslora": False, "modules_to_save": None, "layers_to_transform": None, "layer_replication": None,
-        "target_parameters": None, "trainable_token_indices": None}
+# PEFT config fields that change what a LoRA or (IA)^3 module computes, with their "off" value:
+# the fields no LoRA merge takes, and rsLoRA's scaling and layer selection, which LoRALinear
+# does not have.
+_OFF = {**LORA_OFF, "use_rslora": False, "layers_to_transform": None}
 
 
 class OutputAdapter(nn.Module):
@@ -170,29 +168,22 @@ def save_adapters(model: nn.Module, folder, *, overwrite: bool = False) -> list[
     tensors = {k: t.detach().cpu().contiguous() for k, t in _adapter_tensors(model).items()}
     output = OutputFolder(folder, overwrite=overwrite)
     try:
-        with output.create(WEIGHTS_FILE) as f:
-            write_safetensors(f, tensors)
-        with output.create(CONFIG_FILE) as f:
-            f.write(json.dumps(_config(model, settings), indent=2, sort_keys=True).encode() + b"\n")
-        return output.commit([WEIGHTS_FILE, CONFIG_FILE])
+        return write_adapter_folder(output, tensors, _config(model, settings))
     except BaseException:
         output.abort()
         raise
 
 
-def _read_config(folder: Path) -> dict:
-    path = folder / CONFIG_FILE
-    if not os.path.lexists(path):
-        raise CheckpointError(f"{path}: missing; an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
-    config = strict_json(read_small(folder, CONFIG_FILE, "the adapter config", 16 << 20), path, "the adapter config")
+def _read_config(config, path: Path) -> dict:
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     kinds = {v: k for k, v in _PEFT_TYPES.items()}
     if config.get("peft_type") not in kinds:
         raise CheckpointError(f"{path}: peft_type {config.get('peft_type')!r} is not one of {sorted(kinds)}")
-    for key, off in _OFF.items():
-        if config.get(key, off) not in (off, None):
-            raise CheckpointError(f"{path}: {key} = {config[key]!r} is not supported (expected {off!r})")
+    for key, off in _OFF.items():  # the rule of transferops.merging_adapters
+        value = config.get(key, off)
+        if value != off and not (off is None and value in ([], {})):
+            raise CheckpointError(f"{path}: {key} = {value!r} is not supported (expected {off!r})")
     return {**config, "method": kinds[config["peft_type"]]}
 
 
@@ -207,13 +198,10 @@ def load_adapters(model: nn.Module, folder, *, backend: str = "auto") -> list[st
     """Add the adapters saved in ``folder`` (by :func:`save_adapters` or PEFT's
     ``save_pretrained``) to ``model`` and load their weights; returns the adapted modules'
     names. Every tensor must match an adapter parameter in shape, and every adapter parameter
-    must be in the file."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a folder (expected an adapter folder with {CONFIG_FILE} and "
-                              f"{WEIGHTS_FILE})")
-    config = _read_config(folder)
-    path, method = folder / CONFIG_FILE, config["method"]
+    must be in the file; on any error the model is left as it was."""
+    raw, path, weights = read_adapter_folder(folder)
+    config = _read_config(raw, path)
+    method = config["method"]
     targets = _get(config, "target_modules", path, (list, str))
     kw = dict(target_modules=targets, backend=backend)
     if method == "lora":
@@ -225,11 +213,25 @@ def load_adapters(model: nn.Module, folder, *, backend: str = "auto") -> list[st
         kw.update(r=_get(config, "r", path, int), activation=_get(config, "activation", path, str),
                   layer_norm=config.get("layer_norm"), scale=_get(config, "scale", path, (int, float)),
                   dropout=_get(config, "dropout", path, (int, float), 0.0))
+    trainable = {p: p.requires_grad for p in model.parameters()}
     names = add_adapters(model, method, **kw)
+    try:
+        _load_weights(model, weights)
+    except BaseException:  # the model as it was: no adapters, its own requires_grad flags
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, model.get_submodule(name).base_layer)
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+        object.__delattr__(model, _ATTR)
+        raise
+    return names
+
+
+def _load_weights(model: nn.Module, weights: Path) -> None:
+    """The adapters' parameters from the safetensors file ``weights``: every tensor must match
+    one in shape, and every one must be in the file."""
     params = _adapter_tensors(model)
-    weights = folder / WEIGHTS_FILE
-    if not os.path.lexists(weights):
-        raise CheckpointError(f"{weights}: missing (adapter_model.bin, a pickle, is not read: it can run code)")
     with Checkpoint(weights) as ckpt:
         # PEFT keeps the adapter's name in no key; an old PEFT wrote ".default" before ".weight".
         keys = {re.sub(r"\.default(?=\.weight$|$)", "", k): k for k in ckpt.tensors}
@@ -244,4 +246,3 @@ def load_adapters(model: nn.Module, folder, *, backend: str = "auto") -> list[st
                     raise CheckpointError(f"{weights}: {keys[key]} has shape {tuple(info.shape)}, the model's "
                                           f"adapter {tuple(p.shape)}")
                 p.copy_(ckpt.read(keys[key]).view(p.shape))
-    return names
