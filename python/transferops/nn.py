@@ -231,6 +231,31 @@ class IA3Linear(nn.Module):
                           backend=self.backend)
 
 
+def stacked_bottlenecks(parts, coefs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """K bottleneck adapters whose outputs are summed with coefficients, as the weights of one:
+    (w_down, b_down, w_up, b_up). ``parts``: each adapter's (w_down [r_k, d], b_down [r_k] or
+    None, w_up [d, r_k], b_up [d] or None, ln_weight [d] or None, ln_bias [d] or None);
+    ``coefs``: a number or a tensor of shape (), (1,) or (d,) each. The down-projections are
+    stacked [sum r_k, d] with each layer norm's affine folded in (W LN_k(x) = W diag(gamma)
+    xhat + W beta, so one affine-free layer norm serves all), the up-projections side by side
+    [d, sum r_k] with their coefficients folded in, so the K outputs are never formed."""
+    downs, down_biases, ups, up_bias = [], [], [], None
+    for (w_down, b_down, w_up, b_up, ln_weight, ln_bias), coef in zip(parts, coefs):
+        b_down = b_down if b_down is not None else w_down.new_zeros(w_down.shape[0])
+        if ln_bias is not None:
+            b_down = b_down + w_down @ ln_bias
+        if ln_weight is not None:
+            w_down = w_down * ln_weight
+        downs.append(w_down)
+        down_biases.append(b_down)
+        if isinstance(coef, torch.Tensor):
+            coef = coef.reshape(-1).to(w_up.dtype)
+        ups.append(w_up * (coef[:, None] if isinstance(coef, torch.Tensor) else coef))
+        if b_up is not None:
+            up_bias = b_up * coef if up_bias is None else up_bias + b_up * coef
+    return torch.cat(downs), torch.cat(down_biases), torch.cat(ups, dim=1), up_bias
+
+
 class ScaLearn(nn.Module):
     """ScaLearn (Frohmann et al. 2023): h + sum_k omega_k * A_k(h), the outputs of K frozen
     source bottleneck adapters A_k (without their residuals) combined with learned scales
@@ -254,26 +279,15 @@ class ScaLearn(nn.Module):
         if len(act) > 1 or len(norms) > 1 or len(eps) > 1:
             raise ValueError("sources: the fused pass needs one activation, and a layer norm (same eps) in all "
                              "adapters or in none")
-        downs, down_biases, ups = [], [], []
-        up_bias = 0
+        parts, coefs = [], []
         for k, src in enumerate(sources):
             if src.placement != "sequential" or src.dropout:
                 raise ValueError(f"sources[{k}]: expected a sequential adapter without dropout")
             lin, ln = src.adapter_down[-2], src.layer_norm
-            w, b = lin.weight, lin.bias if lin.bias is not None else torch.zeros_like(lin.weight[:, 0])
-            if ln is not None:  # W LN_k(x) = (W diag(gamma)) xhat + W beta
-                if ln.bias is not None:
-                    b = b + w @ ln.bias
-                if ln.weight is not None:
-                    w = w * ln.weight
-            downs.append(w)
-            down_biases.append(b)
+            parts.append((lin.weight, lin.bias, src.adapter_up.weight, src.adapter_up.bias,
+                          None if ln is None else ln.weight, None if ln is None else ln.bias))
             s = src.scaling if isinstance(src.scaling, torch.Tensor) else torch.tensor(src.scaling)
-            coef = (self.omega[k] * s.to(self.omega.device)).reshape(-1)
-            coef = coef.expand(self.d) if coef.numel() == 1 else coef
-            ups.append(src.adapter_up.weight * coef[:, None].to(src.adapter_up.weight.dtype))
-            if src.adapter_up.bias is not None:
-                up_bias = up_bias + coef.to(src.adapter_up.bias.dtype) * src.adapter_up.bias
-        b_up = up_bias if isinstance(up_bias, torch.Tensor) else None
-        return bottleneck_adapter(h, torch.cat(downs), torch.cat(down_biases), torch.cat(ups, dim=1), b_up,
-                                  layer_norm=norms.pop(), eps=eps.pop(), activation=act.pop(), backend=self.backend)
+            coefs.append(self.omega[k] * s.to(self.omega.device))
+        w_down, b_down, w_up, b_up = stacked_bottlenecks(parts, coefs)
+        return bottleneck_adapter(h, w_down, b_down, w_up, b_up, layer_norm=norms.pop(), eps=eps.pop(),
+                                  activation=act.pop(), backend=self.backend)

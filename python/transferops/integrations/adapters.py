@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from ..adapters import bottleneck_adapter
+from ..nn import stacked_bottlenecks
 
 __all__ = ["apply", "remove"]
 
@@ -196,21 +197,10 @@ def _average_parts(members, weights) -> Optional[dict]:
         return None
     if first["layer_norm"] and len({p["eps"] for p in parts}) > 1:
         return None
-    downs, down_biases, ups, up_bias = [], [], [], 0
-    for m, p, w in zip(members, parts, weights):
-        wd, bd = p["w_down"], p["b_down"]
-        if p["ln_bias"] is not None:  # W LN(x) = (W diag(gamma)) xhat + W beta
-            bd = bd + wd @ p["ln_bias"]
-        if p["ln_weight"] is not None:
-            wd = wd * p["ln_weight"]
-        coef = m.scaling * (w / len(members))
-        coef_rows = coef.reshape(-1, 1) if isinstance(coef, torch.Tensor) else coef
-        downs.append(wd)
-        down_biases.append(bd)
-        ups.append(p["w_up"] * coef_rows)
-        up_bias = up_bias + p["b_up"] * (coef.reshape(-1) if isinstance(coef, torch.Tensor) else coef)
-    return dict(w_down=torch.cat(downs), b_down=torch.cat(down_biases), w_up=torch.cat(ups, dim=1), b_up=up_bias,
-                layer_norm=first["layer_norm"], eps=first["eps"], activation=first["activation"])
+    stacked = stacked_bottlenecks([(p["w_down"], p["b_down"], p["w_up"], p["b_up"], p["ln_weight"], p["ln_bias"])
+                                   for p in parts], [m.scaling * (w / len(members)) for m, w in zip(members, weights)])
+    return dict(zip(("w_down", "b_down", "w_up", "b_up"), stacked), layer_norm=first["layer_norm"], eps=first["eps"],
+                activation=first["activation"])
 
 
 class _FusedLayer:
