@@ -54,6 +54,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._adapter_args import autocast_dtype
 from ..adapters import bottleneck_adapter
 from ..nn import stacked_bottlenecks
 
@@ -131,8 +132,9 @@ def _out_dtype(x: torch.Tensor, tensors, weights) -> Optional[torch.dtype]:
     """The dtype the library's adapter forward returns for input x, tensors (the residual, a
     tensor scaling) and weights, or None where it would raise: outside autocast, its
     nn.Linear needs x and weights in one dtype."""
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    amp = autocast_dtype(x.device)
+    if x.dtype != torch.float64 and amp is not None:
+        dtype = amp
     elif all(w.dtype == x.dtype for w in weights):
         dtype = x.dtype
     else:

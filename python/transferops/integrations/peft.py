@@ -39,11 +39,16 @@ from ..nn import base_weight, is_conv1d
 _BACKEND = "_transferops_backend"
 
 
+def _linear_base(base: nn.Module) -> bool:
+    """An nn.Linear or Conv1D (PEFT's fan_in_fan_out) itself: a subclass may compute otherwise."""
+    return type(base) is nn.Linear or is_conv1d(base)
+
+
 def _fusable_base(layer: nn.Module) -> bool:
-    """A base the fused ops read directly: an nn.Linear or Conv1D (PEFT's fan_in_fan_out), and
-    no forward hooks that calling it would run."""
+    """A base the fused ops read directly: a plain linear one, and no forward hooks that calling
+    it would run."""
     base = layer.base_layer
-    return (type(base) is nn.Linear or is_conv1d(base)) and not (base._forward_hooks or base._forward_pre_hooks)
+    return _linear_base(base) and not (base._forward_hooks or base._forward_pre_hooks)
 
 
 def _dropout_p(module: nn.Module) -> Optional[float]:
@@ -146,7 +151,7 @@ def apply(model: nn.Module, *, backend: str = "auto") -> nn.Module:
     count = 0
     for module in model.modules():
         fused = _FUSED.get(type(module))
-        if fused is not None and (type(module.base_layer) is nn.Linear or is_conv1d(module.base_layer)):
+        if fused is not None and _linear_base(module.base_layer):
             module.__class__ = fused
         if type(module) in _PEFT:
             setattr(module, _BACKEND, backend)
