@@ -42,31 +42,51 @@ _OFFICIAL_DAMP = 1e-5
 _OFFICIAL_RANK_CUT = 1e-10  # singular values of F at or below this are dropped (N > D only)
 
 
+def _rank_rule(eigenvalues, N: int, D: int, compat: str, of_features: bool):
+    """Which eigenvalues of the Gram matrix (F^T F if ``of_features``, else F F^T; a torch or
+    numpy vector) enter gamma and the log-determinant: (s, keep, extra) with s the singular
+    values of F they stand for, ``keep`` a mask of them, and ``extra`` the log(alpha) terms the
+    log-determinant gets besides (each zero eigenvalue's log(alpha + beta 0)).
+
+    Corrected: s below max(N, D) * eps * the largest (numpy's matrix_rank) are zeros, and all
+    D - k of them count. Official, N <= D: nothing dropped, no extra term (the defect). Official,
+    N > D: the code takes the SVD of F^T F, whose singular values are the eigenvalues'
+    magnitudes, and drops s = sqrt(|lambda|) <= 1e-10. A null direction's eigenvalue is rounding
+    (~1e-16 |F|^2, either sign), so its s ~ 1e-8 |F| clears that cut: such directions stay in,
+    each adding log(alpha) as in the corrected mode, and only features of scale ~1e-5 or less
+    lose any. LAPACK's SVD returns such rounding values even for zero columns, where a symmetric
+    eigensolver can return an exact 0: those count as kept zeros too."""
+    if compat == "official" and of_features:
+        s = abs(eigenvalues) ** 0.5
+        keep = s > _OFFICIAL_RANK_CUT
+        return s, keep, int((s == 0).sum())
+    s = eigenvalues.clip(0, None) ** 0.5
+    if compat == "official":
+        return s, s >= 0, 0
+    keep = s > float(s.max()) * max(N, D) * np.finfo(np.float64).eps
+    return s, keep, D - int(keep.sum())
+
+
 def _spectrum(F: torch.Tensor, Y: torch.Tensor, compat: str):
-    """(sigma [k], X [k, K], basis, scale) from one symmetric eigensolve of the smaller Gram
-    matrix: sigma the nonzero eigenvalues of F^T F, X the targets projected on the matching left
-    singular vectors of F, and the posterior mean weights of a target are
-    m = basis @ (scale * x / (t + sigma)). Official: N > D decomposes F^T F and drops singular
-    values <= 1e-10; N <= D uses F F^T (thin SVD), nothing dropped. Corrected drops singular
-    values below max(N, D) * eps * the largest (numpy's matrix_rank) either way."""
+    """(sigma [k], X [k, K], basis, scale, extra) from one symmetric eigensolve of the smaller
+    Gram matrix: sigma the eigenvalues of F^T F that :func:`_rank_rule` keeps, X the targets
+    projected on the matching left singular vectors of F, extra that rule's count of log(alpha)
+    terms; the posterior mean weights of a target are m = basis @ (scale * x / (t + sigma))."""
     N, D = F.shape
     if N > D:
-        sigma, V = torch.linalg.eigh(F.T @ F)
-        s = sigma.clamp(min=0).sqrt()
-        cut = _OFFICIAL_RANK_CUT if compat == "official" else float(s.max()) * max(N, D) * torch.finfo(F.dtype).eps
-        keep = s > cut
+        eigenvalues, V = torch.linalg.eigh(F.T @ F)
+        s, keep, extra = _rank_rule(eigenvalues, N, D, compat, True)
         s, V = s[keep], V[:, keep]
-        return s * s, (V.T @ (F.T @ Y)) / s[:, None], V, s
-    sigma, U = torch.linalg.eigh(F @ F.T)
-    sigma = sigma.clamp(min=0)
-    if compat != "official":
-        keep = sigma.sqrt() > float(sigma.max().sqrt()) * max(N, D) * torch.finfo(F.dtype).eps
-        sigma, U = sigma[keep], U[:, keep]
-    return sigma, U.T @ Y, F.T @ U, torch.ones_like(sigma)
+        return s * s, (V.T @ (F.T @ Y)) / s[:, None], V, s, extra
+    eigenvalues, U = torch.linalg.eigh(F @ F.T)
+    s, keep, extra = _rank_rule(eigenvalues, N, D, compat, False)
+    U = U[:, keep]
+    return s[keep] ** 2, U.T @ Y, F.T @ U, torch.ones_like(s[keep]), extra
 
 
-def _fixed_point(sigma: torch.Tensor, X: torch.Tensor, y2: torch.Tensor, N: int, D: int, compat: str):
-    """The fixed-point iterations of every target (column of X) at once, each frozen once it
+def _fixed_point(sigma: torch.Tensor, X: torch.Tensor, y2: torch.Tensor, N: int, D: int, extra: int):
+    """The fixed-point iterations of every target (column of X) at once, ``extra`` zero
+    eigenvalues besides sigma in the log-determinant (see _rank_rule), each frozen once it
     converges as the official per-class loop breaks. Returns (evidence / N, alpha, beta, t)
     per target, t = alpha/beta at the start of the last update (what the official m uses), and
     the evidence with the new alpha, beta but the last update's residual and |m|^2 terms."""
@@ -91,9 +111,7 @@ def _fixed_point(sigma: torch.Tensor, X: torch.Tensor, y2: torch.Tensor, N: int,
         active = active & ((new_alpha / new_beta - t).abs() / t > _OFFICIAL_TOL)
         if not bool(active.any()):
             break
-    logdet = torch.log(alpha + beta * sig).sum(0)
-    if compat != "official":  # the eigenvalues past the rank are 0: each adds log(alpha)
-        logdet = logdet + (D - sigma.numel()) * torch.log(alpha)
+    logdet = torch.log(alpha + beta * sig).sum(0) + extra * torch.log(alpha)
     evidence = (D / 2 * torch.log(alpha) + N / 2 * torch.log(beta) - 0.5 * logdet - beta / 2 * res2_used
                 - alpha / 2 * m2_used - N / 2 * math.log(2 * math.pi))
     return evidence / N, alpha, beta, t_used
@@ -113,8 +131,8 @@ def _logme_reference(feats: list[torch.Tensor], Y: torch.Tensor, classes, compat
     for f in feats:
         F = f.to(torch.float64)
         N, D = F.shape
-        sigma, X, basis, scale = _spectrum(F, Y, compat)
-        evidence, alpha, beta, t = _fixed_point(sigma, X, (Y * Y).sum(0), N, D, compat)
+        sigma, X, basis, scale, extra = _spectrum(F, Y, compat)
+        evidence, alpha, beta, t = _fixed_point(sigma, X, (Y * Y).sum(0), N, D, extra)
         scores.append(evidence.mean())
         if with_params:
             m = (basis @ (scale[:, None] * X / (t + sigma[:, None]))).T  # [K, D]
@@ -134,13 +152,14 @@ def _lapack() -> dict:
 @dataclass
 class _Reduced:
     """A float64 Gram matrix H reduced in place to tridiagonal T = Q^T H Q (LAPACK sytrd, Q kept
-    as reflectors in ``gram``), T's eigenvalues (sterf, ascending, clamped at 0) and the targets
+    as reflectors in ``gram``), T's eigenvalues (sterf, ascending; rounding can make some of a
+    null space negative) and the targets
     multiplied by Q^T: an eigenvalues-only solve that still projects, with no eigenvector formed."""
     gram: np.ndarray
     diag: np.ndarray
     off: np.ndarray
     tau: np.ndarray
-    sigma: np.ndarray
+    eigenvalues: np.ndarray
     projected: np.ndarray  # Q^T (targets) [n, K]
 
     def apply_q(self, X: np.ndarray) -> np.ndarray:
@@ -167,7 +186,7 @@ def _reduce(grams: list[np.ndarray], targets: list[np.ndarray]) -> list[_Reduced
         limit = contextlib.nullcontext()
     with limit:
         out = native_module().tridiagonalize(_lapack(), grams, projected, across_models)
-    return [_Reduced(g, d, e, tau, np.clip(sigma, 0.0, None), p)
+    return [_Reduced(g, d, e, tau, sigma, p)
             for g, p, (d, e, tau, sigma) in zip(grams, projected, out)]
 
 
@@ -175,20 +194,14 @@ def _logme_evidence(red: _Reduced, y2: np.ndarray, N: int, D: int, of_features: 
                     with_params: bool):
     """Evidence per target from a reduced Gram matrix H = F^T F (``of_features``, targets F^T Y)
     or F F^T (targets Y), as :func:`_fixed_point` but with O(n) tridiagonal solves per update
-    instead of eigenvectors (see cpu::LogmeSpectrum). The same rank cuts as :func:`_spectrum`:
-    the eigenvalues below it stay out of gamma and the log-determinant (corrected mode counts
-    them as log(alpha), the (D - k) term). With ``with_params`` also alpha, beta and Q z, from
+    instead of eigenvectors (see cpu::LogmeSpectrum), with the eigenvalues :func:`_rank_rule`
+    keeps in gamma and the log-determinant and its log(alpha) terms besides. With ``with_params`` also alpha, beta and Q z, from
     which the posterior mean weights are m = Q z (F^T F) or F^T Q z (F F^T)."""
-    s = np.sqrt(red.sigma)
-    if compat == "official":
-        cut = _OFFICIAL_RANK_CUT if of_features else -1.0
-    else:
-        cut = float(s.max()) * max(N, D) * np.finfo(np.float64).eps
-    n = red.sigma.size
-    first = int(np.searchsorted(s, cut, side="right"))  # sigma ascending: [first, n) kept
-    extra = 0 if compat == "official" else D - (n - first)
+    s, keep, extra = _rank_rule(red.eigenvalues, N, D, compat, of_features)
+    sigma = np.sort(np.where(keep, s * s, 0.0))  # the kept ones last: [first, n)
+    first = s.size - int(keep.sum())
     evidence, alpha, beta, _, z = native_module().logme_fixed_point(
-        red.diag, red.off, red.sigma, first, extra, N, D, of_features, np.ascontiguousarray(red.projected.T), y2,
+        red.diag, red.off, sigma, first, extra, N, D, of_features, np.ascontiguousarray(red.projected.T), y2,
         _OFFICIAL_ITERATIONS, _OFFICIAL_TOL, _OFFICIAL_DAMP, with_params)
     params = {"alpha": alpha, "beta": beta, "evidence": evidence, "Qz": red.apply_q(z.T)} if with_params else None
     return evidence, params

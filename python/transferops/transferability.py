@@ -218,12 +218,11 @@ def logme(features, labels, *, regression: bool = False, compat: str = "correcte
         ``LogME.fit`` (the fixed-point solver) to float64 rounding, including its defect for
         rank k < D (always when N < D, upstream issue #23): its log-determinant sums log(alpha +
         beta sigma_i) over the k nonzero eigenvalues only, dropping (D - k) log(alpha), which
-        inflates scores (8.96 instead of 0.87 on the N=200, D=512 golden case). "corrected"
-        keeps that term, and drops singular values below max(N, D) * eps * the largest (the
-        official code drops those <= 1e-10, and none when N <= D). With rank-deficient features and
-        N > D, which null eigenvalues clear that absolute cut depends on rounding, in the
-        official code as here, so official scores of such inputs differ between backends; the
-        corrected mode does not have this problem.
+        inflates scores (8.96 instead of 0.87 on the N=200, D=512 golden case). With N > D the
+        official code keeps null directions (dead units, zero or duplicated columns): their
+        rounding-level singular values clear its 1e-10 cut, so its scores equal the corrected
+        ones unless the features are of scale ~1e-5 or less. "corrected" keeps the (D - k)
+        term, and drops singular values below max(N, D) * eps * the largest.
     return_params : also return, per model, a dict of float64 tensors ``alpha`` [K], ``beta``
         [K], ``m`` [K, D] (posterior mean weights) and ``evidence`` [K] (per target: the classes
         in the order of their ids).
