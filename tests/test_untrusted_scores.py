@@ -168,3 +168,28 @@ def test_numpy_scalars_are_numbers():
     F, y, _, _ = _data()
     assert float(transrate(F, y, eps=np.float32(0.5))) == pytest.approx(float(transrate(F, y, eps=0.5)), rel=1e-6)
     assert float(sfda(F, y, shrinkage=np.float64(0.3))) == float(sfda(F, y, shrinkage=0.3))
+
+
+def test_every_score_takes_backend():
+    """One public function per op, the same ``backend=`` on each: the torch scores run as
+    'reference' (and 'auto'); another backend, asked for by argument or by use_backend, raises
+    BackendUnavailable naming the score; an unknown name is a ValueError."""
+    import transferops as to
+
+    F, y, probs, source = _data()
+    calls = {
+        "leep": lambda b: to.leep(probs, y, backend=b), "nce": lambda b: to.nce(source, y, backend=b),
+        "hscore": lambda b: to.hscore(F, y, backend=b), "gbc": lambda b: to.gbc(F, y, backend=b),
+        "transrate": lambda b: to.transrate(F, y, backend=b), "sfda": lambda b: to.sfda(F, y, backend=b),
+        "tmi": lambda b: to.tmi(F, y, backend=b), "ncti": lambda b: to.ncti(F, y, backend=b),
+        "etran": lambda b: to.etran(F, backend=b), "logme": lambda b: to.logme(F, y, backend=b),
+    }
+    for name, call in calls.items():
+        assert float(call("reference")) == pytest.approx(float(call("auto")), rel=1e-12), name
+        if name != "logme":
+            with pytest.raises(to.BackendUnavailable, match=f"{name}: backend 'native' cannot run"):
+                call("native")
+            with to.use_backend("cuda"), pytest.raises(to.BackendUnavailable, match=f"{name}: backend 'cuda'"):
+                call("auto")
+        with pytest.raises(ValueError, match="backend: expected one of"):
+            call("fast")

@@ -25,6 +25,8 @@ _LAZY = {
     **dict.fromkeys(("bottleneck_adapter", "ia3_linear", "lora_linear"), ".adapters"),
     **dict.fromkeys(("SinkhornResult", "dataset_distance", "sinkhorn", "sinkhorn_cost_matrix",
                      "sinkhorn_divergence", "sinkhorn_loss"), ".ot"),
+    "rank_models": ".transferability_models",
+    **dict.fromkeys(("etran", "ncti"), ".transferability_collapse"),
     **dict.fromkeys(("LogMEStream", "gbc", "hscore", "leep", "logme", "nce", "otce", "sfda", "tmi", "transrate"),
                     ".transferability"),
 }

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import _checks
-from ._backend import _import, native_module
+from ._backend import BackendUnavailable, _import, forced_backend, native_module
 from ._logme import (_features_times_targets, _logme_evidence, _params_tensors, _reduce, _scipy_reason,
                      logme_op)
 
@@ -253,7 +253,17 @@ def logme(features, labels, *, regression: bool = False, compat: str = "correcte
 # ---- scores from source-model predictions ------------------------------------------------------
 
 
-def leep(source_probs, labels):
+def torch_backend(backend: str, name: str) -> None:
+    """The scores other than LogME (and OTCE, whose transport is :func:`transferops.sinkhorn`'s)
+    are float64 torch code on the inputs' device: the reference backend. Another one asked for,
+    by ``backend=``, use_backend or the environment, raises as any op's missing backend does."""
+    forced = forced_backend(backend)
+    if forced not in (None, "reference"):
+        raise BackendUnavailable(f"{name}: backend {forced!r} cannot run: {name} has no {forced} implementation "
+                                 "(it is torch code on any device: 'reference')")
+
+
+def leep(source_probs, labels, *, backend: str = "auto"):
     """LEEP (Nguyen et al., ICML 2020, eq. 2): with the empirical joint
     P(y, z) = 1/N sum_i theta(x_i)_z [y_i = y] of target labels and source-class probabilities,
     LEEP = 1/N sum_i log sum_z P(y_i | z) theta(x_i)_z.
@@ -261,6 +271,7 @@ def leep(source_probs, labels):
     ``source_probs``: [N, Z] (one model), [M, N, Z] or a list of [N, Z_m]: each row a
     probability vector (non-negative, summing to 1 within 1e-3). Returns float64 scores, 0-d or
     [M]. A source class no sample gives mass to has no P(y | z) and is skipped."""
+    torch_backend(backend, "leep")
     probs, many = _feature_list(source_probs, "source_probs")
     ids, y = _class_labels(labels, probs[0].shape[0])
     scores = []
@@ -279,13 +290,14 @@ def leep(source_probs, labels):
     return scores if many else scores[0]
 
 
-def nce(source_labels, labels):
+def nce(source_labels, labels, *, backend: str = "auto"):
     """NCE (Tran et al., ICCV 2019, eq. 4): the negative conditional entropy -H(Y | Z) of the
     target labels given the source model's predicted labels, from their empirical joint.
 
     ``source_labels``: source class ids [N] (e.g. the argmax of the source model's outputs),
     [M, N] or a list of [N]; like ``labels``, any distinct integers. Returns float64 scores,
     0-d or [M]."""
+    torch_backend(backend, "nce")
     if isinstance(source_labels, (list, tuple)):
         zs, many = [_as_tensor(z, f"source_labels[{i}]") for i, z in enumerate(source_labels)], True
     else:
@@ -308,53 +320,74 @@ def nce(source_labels, labels):
 # ---- scores from features ---------------------------------------------------------------------
 
 
-def _ledoit_wolf(Xc: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Ledoit & Wolf (2004) shrinkage of the empirical covariance (1/N) Xc^T Xc of centered
-    rows towards mu I, mu its mean eigenvalue: (covariance, shrinkage in [0, 1]), as
-    scikit-learn's LedoitWolf computes them."""
-    N, D = Xc.shape
-    emp = Xc.T @ Xc / N
+def _ledoit_wolf_from(emp: torch.Tensor, fourth: float, N: int) -> tuple[torch.Tensor, float]:
+    """Ledoit & Wolf (2004) shrinkage of the empirical covariance ``emp`` = (1/N) Xc^T Xc of N
+    centered rows towards mu I, mu its mean eigenvalue, given ``fourth`` = sum_i |Xc_i|^4:
+    (covariance, shrinkage in [0, 1]), as scikit-learn's LedoitWolf computes them."""
+    D = emp.shape[0]
     mu = float(torch.trace(emp)) / D
-    X2 = Xc * Xc
-    beta_sum = float((X2.T @ X2).sum())
     delta_sum = float((emp * emp).sum())
-    beta = (beta_sum / N - delta_sum) / (D * N)
+    beta = (fourth / N - delta_sum) / (D * N)
     delta = (delta_sum - 2 * mu * float(torch.trace(emp)) + D * mu * mu) / D
     shrink = 0.0 if beta == 0 else min(beta, delta) / delta
     cov = (1 - shrink) * emp + shrink * mu * torch.eye(D, dtype=emp.dtype, device=emp.device)
     return cov, shrink
 
 
-def _per_model(features, labels, score) -> torch.Tensor:
+def _hscore_trace(cov_f: torch.Tensor, cov_g: torch.Tensor, N: int, dtype: torch.dtype) -> torch.Tensor:
+    """tr(cov_f^+ cov_g) of D features of ``dtype`` over N samples. The pseudo-inverse drops
+    eigenvalues of cov_f below rtol = max((D u)^2, max(N, D) eps) times the largest, u the unit
+    roundoff of the features' dtype, eps float64's: the noise level of a null direction, whose
+    variance is the features' own rounding (LayerNorm outputs sum to a constant, so mean-pooled
+    transformer features always have one). The LogME repository's 1e-15 keeps such noise and
+    returns it amplified ~1e15: on BERT features it scatters the score at 3e-3 between two
+    summation orders. Well-conditioned covariances are unaffected."""
+    rtol = _noise_rtol(N, cov_f.shape[0], dtype)
+    return torch.trace(torch.linalg.pinv(cov_f, rtol=rtol, hermitian=True) @ cov_g)
+
+
+def _noise_rtol(N: int, D: int, dtype: torch.dtype) -> float:
+    """The variance, relative to the largest, below which a direction of D features of ``dtype``
+    over N samples is rounding noise: max((D u)^2, max(N, D) eps), u the features' unit roundoff
+    (their own rounding), eps float64's (that of the covariance computed from them)."""
+    u = torch.finfo(dtype).eps / 2 if dtype.is_floating_point else 0.0
+    return max((D * u) ** 2, max(N, D) * torch.finfo(torch.float64).eps)
+
+
+def _per_model(features, labels, score, *, with_dtype: bool = False) -> torch.Tensor:
     """``score(F, y)`` for every model's features F (float64 [N, D]) with the class indices y
-    (0..C-1, every one occurring; see :func:`_class_labels`) on F's device, after checking both: float64 scores, 0-d for one [N, D] model, [M] for several."""
+    (0..C-1, every one occurring; see :func:`_class_labels`) on F's device, after checking both
+    (``with_dtype``: ``score(F, y, the features' own dtype)``): float64 scores, 0-d for one
+    [N, D] model, [M] for several."""
     feats, many = _feature_list(features)
     _, y = _class_labels(labels, feats[0].shape[0])
-    scores = torch.stack([score(F, y.to(F.device)) for F in (f.to(torch.float64) for f in feats)])
+    scores = torch.stack([score(f.to(torch.float64), y.to(f.device), *((f.dtype,) if with_dtype else ()))
+                          for f in feats])
     return scores if many else scores[0]
 
 
-def hscore(features, labels, *, shrinkage: bool = False):
+def hscore(features, labels, *, shrinkage: bool = False, backend: str = "auto"):
     """H-score (Bao et al., ICIP 2019, def. 2): tr(cov(f)^+ cov(E[f | y])), with np.cov's N - 1
-    normalization and a pseudo-inverse (relative cutoff 1e-15, as the LogME repository's
-    reference code). ``shrinkage=True``: the regularized H-score (Ibrahim et al., ICLR 2023):
+    normalization and a pseudo-inverse (the LogME repository's reference code, with a cutoff
+    at the features' noise level instead of its 1e-15: see _hscore_trace). ``shrinkage=True``: the regularized H-score (Ibrahim et al., ICLR 2023):
     cov(f) replaced by its Ledoit-Wolf shrinkage with coefficient a (1/N normalization, as
     scikit-learn), and cov(E[f | y]) scaled by (1 - a).
 
     ``features`` as :func:`logme`; ``labels`` class ids [N]. Returns float64 scores, 0-d or [M]."""
-    def one(F, y):
+    torch_backend(backend, "hscore")
+    def one(F, y, dtype):
         N = F.shape[0]
         G = _class_means(F, y)[1][y]  # E[f | y] per sample
         Gc = G - G.mean(0)
         cov_g = Gc.T @ Gc / (N - 1)
         Fc = F - F.mean(0)
         if shrinkage:
-            cov_f, a = _ledoit_wolf(Fc)
+            cov_f, a = _ledoit_wolf_from(Fc.T @ Fc / N, float(((Fc * Fc).sum(1) ** 2).sum()), N)
             cov_g = (1 - a) * cov_g
         else:
             cov_f = Fc.T @ Fc / (N - 1)
-        return torch.trace(torch.linalg.pinv(cov_f, rtol=1e-15, hermitian=True) @ cov_g)
-    return _per_model(features, labels, one)
+        return _hscore_trace(cov_f, cov_g, N, dtype)
+    return _per_model(features, labels, one, with_dtype=True)
 
 
 def _class_means(F: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,34 +406,54 @@ GBC_TYPES = ("diagonal", "spherical")
 _GBC_MIN_VARIANCE = 1e-4  # the authors' floor on each class's per-feature variance
 
 
-def gbc(features, labels, *, gaussian_type: str = "diagonal"):
-    """GBC (Pándy et al., CVPR 2022, eqs. 3-5): each class that occurs is a Gaussian
-    N(mu_c, diag(v_c)) with the class's mean and per-feature variance (1/n_c, floored at 1e-4 as
-    the authors' code does), and GBC = -sum_{c != c'} exp(-D_B(c, c')), with the Bhattacharyya
+def _gbc_from_moments(means: torch.Tensor, var: torch.Tensor, gaussian_type: str, log: bool) -> torch.Tensor:
+    """GBC (or -log(-GBC) for ``log``) of the classes' float64 means [C, D] and per-feature
+    variances [C, D] (1/n_c; floored at 1e-4 here, so rounding below 0 does no harm): the sum
+    over the ordered pairs c != c' in log-sum-exp form, one class against all at a time."""
+    var = var.clamp(min=_GBC_MIN_VARIANCE)
+    if gaussian_type == "spherical":
+        var = var.mean(1, keepdim=True)
+    log_det = torch.log(var).sum(1)  # [C]
+    C = means.shape[0]
+    row_lse = torch.empty(C, dtype=torch.float64, device=means.device)
+    for c in range(C):  # [C, D] at a time, never [C, C, D]
+        avg = (var[c] + var) / 2
+        distance = (((means[c] - means) ** 2 / avg).sum(1) / 8
+                    + 0.5 * (torch.log(avg).sum(1) - 0.5 * log_det[c] - 0.5 * log_det))
+        distance[c] = math.inf  # c' = c is no term of the sum: exp(-inf) = 0
+        row_lse[c] = torch.logsumexp(-distance, 0)
+    log_overlap = torch.logsumexp(row_lse, 0)  # log sum_{c != c'} exp(-D_B)
+    return -log_overlap if log else -torch.exp(log_overlap)
+
+
+def gbc(features, labels, *, gaussian_type: str = "diagonal", log: bool = False, backend: str = "auto"):
+    """GBC (Pándy et al., CVPR 2022, eqs. 3-5): -sum_{c != c'} exp(-D_B(c, c')) over the classes.
+
+    Each class that occurs is a Gaussian N(mu_c, diag(v_c)) with the class's mean and per-feature
+    variance (1/n_c, floored at 1e-4 as the authors' code does); D_B is the Bhattacharyya
     distance D_B = 1/8 sum_d (mu_c - mu_c')^2 / v + 1/2 (sum_d log v - 1/2 sum_d log v_c
     - 1/2 sum_d log v_c'), v = (v_c + v_c') / 2. ``gaussian_type="spherical"`` replaces each v_c by
     its mean over features and, as the authors' code, keeps one log term (not D of them).
     The paper reduces features to 64 dimensions with PCA first; pass reduced features for that.
 
-    ``features`` as :func:`logme`; ``labels`` class ids [N]. Returns float64 scores (<= 0, higher
-    is better), 0-d or [M]."""
+    The sum runs over the ordered pairs c != c' only (the paper's and the authors' code), taken
+    in log-sum-exp form, so a GBC of any magnitude keeps its digits (adding the c = c' terms,
+    exp(0) = 1, and subtracting them again would round every |GBC| below ~1e-16 to -0).
+    ``log=True`` returns -logsumexp_{c != c'}(-D_B) = -log(-GBC) instead: it orders models as GBC
+    does (higher is better) and stays finite where GBC itself underflows to -0, as it does for
+    well separated classes in 768- or 2048-dimensional features (D_B past ~745).
+
+    ``features`` as :func:`logme`; ``labels`` class ids [N]. Returns float64 scores (GBC <= 0,
+    higher is better), 0-d or [M]."""
+    torch_backend(backend, "gbc")
     if gaussian_type not in GBC_TYPES:
         raise ValueError(f"gaussian_type: expected one of {list(GBC_TYPES)}, got {gaussian_type!r}")
+    if not isinstance(log, bool):
+        raise TypeError(f"log: expected a bool, got {type(log).__name__} {log!r}")
     def one(F, y):
         counts, means = _class_means(F, y)
         var = torch.zeros_like(means).index_add_(0, y, (F - means[y]) ** 2) / counts[:, None]
-        var = var.clamp(min=_GBC_MIN_VARIANCE)
-        if gaussian_type == "spherical":
-            var = var.mean(1, keepdim=True)
-        log_det = torch.log(var).sum(1)  # [C]
-        total = torch.zeros((), dtype=torch.float64, device=F.device)
-        for c in range(means.shape[0]):  # one class against all: [C, D] at a time, never [C, C, D]
-            avg = (var[c] + var) / 2
-            distance = (((means[c] - means) ** 2 / avg).sum(1) / 8
-                        + 0.5 * (torch.log(avg).sum(1) - 0.5 * log_det[c] - 0.5 * log_det))
-            coefficient = torch.exp(-distance)
-            total = total + coefficient.sum() - coefficient[c]
-        return -total
+        return _gbc_from_moments(means, var, gaussian_type, log)
     return _per_model(features, labels, one)
 
 
@@ -410,11 +463,15 @@ def _coding_rate(Z: torch.Tensor, eps: float) -> torch.Tensor:
     n = Z.shape[0]
     if n == 0:
         return torch.zeros((), dtype=Z.dtype, device=Z.device)
-    G = Z.T @ Z if n > Z.shape[1] else Z @ Z.T
+    return _rate_of_scatter(Z.T @ Z if n > Z.shape[1] else Z @ Z.T, n, eps)
+
+
+def _rate_of_scatter(G: torch.Tensor, n: int, eps: float) -> torch.Tensor:
+    """1/2 log det(I + G / (n eps)) of a scatter matrix G (Z^T Z or Z Z^T) of n rows."""
     return 0.5 * torch.log1p(torch.linalg.eigvalsh(G).clamp(min=0) / (n * eps)).sum()
 
 
-def transrate(features, labels, *, eps: float = 1e-4):
+def transrate(features, labels, *, eps: float = 1e-4, backend: str = "auto"):
     """TransRate (Huang et al., ICML 2022, eq. 6): the coding rate of the centered features
     minus their rate given the label, TrR = R(Z, eps) - 1/C sum_c R(Z_c, eps), with
     R(Z, eps) = 1/2 log det(I + Z^T Z / (n eps)) as the authors' code (and TLlib) compute it,
@@ -422,6 +479,7 @@ def transrate(features, labels, *, eps: float = 1e-4):
     rate 0; the same for ids 0..C-1 that all occur).
 
     ``features`` as :func:`logme`; ``labels`` class ids [N]. Returns float64 scores, 0-d or [M]."""
+    torch_backend(backend, "transrate")
     eps = _checks.positive(eps, "eps")
     def one(Z, y):
         Z = Z - Z.mean(0)
@@ -444,7 +502,7 @@ def _kth_neighbour_distance(Z: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-def tmi(features, labels, *, k: int = 3, min_dist: float = 1.0):
+def tmi(features, labels, *, k: int = 3, min_dist: float = 1.0, backend: str = "auto"):
     """TMI (Xu & Kang, ICCV 2023, §3): the intra-class feature entropy H(Z | Y), higher for models
     whose features keep more within-class variation. Each class's entropy is the
     Kozachenko-Leonenko k-nearest-neighbour estimate in Kraskov et al.'s max-norm form (Phys.
@@ -459,6 +517,7 @@ def tmi(features, labels, *, k: int = 3, min_dist: float = 1.0):
     normalized embeddings, say) score the same whatever their quality; scale them, or lower it.
     ``features`` as :func:`logme`; ``labels`` class ids [N]. Costs O(sum_c n_c^2 D) per model.
     Returns float64 scores, 0-d or [M]."""
+    torch_backend(backend, "tmi")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k: expected a positive integer number of neighbours, got {k!r}")
     min_dist = _checks.positive(min_dist, "min_dist")
@@ -518,7 +577,7 @@ def _regularized_fda(X: torch.Tensor, y: torch.Tensor, shrinkage: float | None):
     return torch.softmax(X @ coef.T + intercept, dim=1), shrinkage, means
 
 
-def sfda(features, labels, *, shrinkage: float | None = None):
+def sfda(features, labels, *, shrinkage: float | None = None, backend: str = "auto"):
     """SFDA (Shao et al., ECCV 2022, §3.2-3.3): the mean posterior of the true class under a
     regularized Fisher discriminant, fit a second time after ConfMix has pulled every sample
     towards the mean of the other classes' means by the first fit's doubt,
@@ -529,6 +588,7 @@ def sfda(features, labels, *, shrinkage: float | None = None):
 
     ``features`` as :func:`logme`; ``labels`` class ids [N]. Costs O(N D^2 + D^3) per model.
     Returns float64 scores in (0, 1), 0-d or [M]."""
+    torch_backend(backend, "sfda")
     if shrinkage is not None and not 0 < _checks.finite(shrinkage, "shrinkage") <= 1:
         raise ValueError(f"shrinkage: expected None (adaptive) or a number in (0, 1], got {shrinkage!r}")
     def one(X, y):
@@ -542,7 +602,7 @@ def sfda(features, labels, *, shrinkage: float | None = None):
 
 
 def otce(source_features, source_labels, target_features, target_labels, *, eps: float, tol: float = 1e-6,
-         return_parts: bool = False):
+         return_parts: bool = False, backend: str = "auto"):
     """OT-based NCE (Tan et al., CVPR 2021, eqs. 4-6; the score their code recommends): couple
     the source and target samples by entropic OT on |x_s - x_t|^2 (uniform weights; the paper
     takes the exact coupling, the limit eps -> 0), form the joint distribution of labels
@@ -561,7 +621,7 @@ def otce(source_features, source_labels, target_features, target_labels, *, eps:
     Xs, Xt = Xs[0].to(torch.float64), Xt[0].to(torch.float64)
     source_ids, ys = _class_labels(source_labels, Xs.shape[0], "source_labels", min_classes=1)
     target_ids, yt = _class_labels(target_labels, Xt.shape[0], "target_labels", min_classes=1)
-    result = sinkhorn(Xs, Xt, eps=eps, tol=tol)
+    result = sinkhorn(Xs, Xt, eps=eps, tol=tol, backend=backend)
     source_onehot = torch.nn.functional.one_hot(ys.to(Xs.device), source_ids.numel()).double()
     target_onehot = torch.nn.functional.one_hot(yt.to(Xs.device), target_ids.numel()).double()
     joint = source_onehot.T @ result.apply(target_onehot)  # [Cs, Ct], never the N x M plan
