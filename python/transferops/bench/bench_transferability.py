@@ -10,6 +10,11 @@
   (widened to float64, then BLAS syrk, the faster of syrk and torch's GEMM here) plus an
   eigenvalues-only symmetric solve of it (torch eigvalsh), measured in the same run.
 - logme M=8: eight models in one call against eight calls.
+- rank_models: three transformers models from configs (BERT, GPT-2, LLaMA; random init) over
+  token ids, every layer scored by LogME, H-score and GBC (log) in one streaming pass per model,
+  against what users do without it: extract and keep every layer's pooled features [N, D],
+  then call each batch score on each layer. The same batches, so the same features; the
+  H-score agrees to its conditioning (random-init BERT), hence rtol 1e-6.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import torch
 
 from transferops.transferability import logme
 
-from .harness import Case
+from .harness import Case, optional_import
 
 SEED = 0
 
@@ -88,6 +93,7 @@ def _sizes(quick: bool) -> list[tuple[int, int, int]]:
 
 
 def cases(quick: bool, device: str):
+    yield from rank_cases(quick, device)
     g = torch.Generator().manual_seed(SEED)
     fast = "native" if torch.device(device).type == "cpu" else "reference"
     for N, D, K in _sizes(quick):
@@ -109,3 +115,61 @@ def cases(quick: bool, device: str):
                flops=M * 2 * N * D * min(N, D),
                ours={fast: functools.partial(logme, models, y, backend=fast)}, expected=fast,
                peers={"peer:one-call-per-model": lambda: torch.stack([logme(f, y, backend=fast) for f in models])})
+
+
+def _candidates(width: int, depth: int) -> dict:
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
+
+    torch.manual_seed(SEED)
+    return {
+        "bert": BertModel(BertConfig(vocab_size=512, hidden_size=width, num_hidden_layers=depth, num_attention_heads=4,
+                                     intermediate_size=2 * width), add_pooling_layer=False).eval(),
+        "gpt2": GPT2Model(GPT2Config(vocab_size=512, n_embd=width, n_layer=depth, n_head=4)).eval(),
+        "llama": LlamaModel(LlamaConfig(vocab_size=512, hidden_size=width, intermediate_size=2 * width,
+                                        num_hidden_layers=depth, num_attention_heads=4, num_key_value_heads=2)).eval(),
+    }
+
+
+RANK_SCORES = ("logme", "hscore", "gbc_log")
+RANK_BATCH = 64
+
+
+def _extract_then_score(models: dict, data: dict, y: torch.Tensor) -> torch.Tensor:
+    """Every layer's mean-pooled features kept, then each batch score on each layer."""
+    from transferops import transferability as tr
+
+    out = []
+    for model in models.values():
+        layers = None
+        with torch.inference_mode():
+            for lo in range(0, len(y), RANK_BATCH):
+                batch = {k: v[lo:lo + RANK_BATCH] for k, v in data.items()}
+                m = batch["attention_mask"].float()[..., None]
+                pooled = [(h * m).sum(1) / m.sum(1) for h in model(**batch, output_hidden_states=True).hidden_states[1:]]
+                layers = pooled if layers is None else [torch.cat([a, b]) for a, b in zip(layers, pooled)]
+        for F in layers:
+            out += [tr.logme(F, y), tr.hscore(F, y), tr.gbc(F, y, log=True)]
+    return torch.stack(out)
+
+
+def _rank_streamed(models: dict, data: dict, y: torch.Tensor) -> torch.Tensor:
+    from transferops.transferability_models import rank_models
+
+    rows = rank_models(models, data, y, scores=RANK_SCORES, layers="all", batch_size=RANK_BATCH, progress=False).rows
+    return torch.tensor([r[s] for r in rows for s in RANK_SCORES], dtype=torch.float64)
+
+
+def rank_cases(quick: bool, device: str):
+    if device != "cpu" or optional_import("transformers") is None:
+        return
+    N, width, depth, T = (512, 64, 2, 32) if quick else (4096, 256, 4, 64)
+    g = torch.Generator().manual_seed(SEED)
+    y = torch.randint(0, 5, (N,), generator=g)
+    ids = torch.randint(0, 100, (N, T), generator=g) + 100 * (y[:, None] % 4)
+    mask = (torch.arange(T)[None] < torch.randint(T // 2, T + 1, (N, 1), generator=g)).long()
+    data = {"input_ids": ids, "attention_mask": mask}
+    models = _candidates(width, depth)
+    yield Case(op="rank_models", size=f"N={N} T={T} 3 models x {depth} layers d={width}", dtype=torch.float64,
+               bytes=3 * depth * N * width * 4, ours={"streamed": functools.partial(_rank_streamed, models, data, y)},
+               expected="streamed", tolerance=(1e-6, 0.0),
+               peers={"peer:extract-then-score": functools.partial(_extract_then_score, models, data, y)})

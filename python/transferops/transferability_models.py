@@ -1,0 +1,401 @@
+"""Rank candidate models, not feature files: :func:`rank_models` runs every model over the
+labelled target data in batches, pools the layers asked for, and feeds each pooled batch into
+the streaming statistics of :mod:`transferops.transferability_stats` (one pass over the data
+per model, every layer and every score at once). No [N, D] feature array is held: memory is
+one batch's activations plus O(D^2 + C D) per layer.
+
+The workflow of transformer-ranker (``TransformerRanker(dataset).run(models)``) and of the
+LogME repository's examples, with the extraction streamed into the scores.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import transferability as tr
+from . import transferability_stats as ts
+
+POOLINGS = ("mean", "cls", "last")
+
+
+# ---- the candidates -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Candidate:
+    name: str
+    forward: object  # batch -> list of layer outputs, the hidden states of a transformers model
+    module: torch.nn.Module | None
+    tokenizer: object = None
+    transformers: bool = False
+
+
+def _load_folder(path: Path, name: str) -> _Candidate:
+    """A local transformers folder: config, safetensors weights (no pickles) and its tokenizer."""
+    if not path.is_dir():
+        raise ValueError(f"models: {name}: expected a model object, a callable or a local transformers folder, "
+                         "and no such folder exists")
+    try:
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError:
+        raise ValueError(f"models: {name}: loading a folder needs transformers (pip install transferops[peers])") from None
+    try:
+        model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"models: {name}: cannot load as a transformers model: {first}") from None
+    tokenizer = None
+    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    return _candidate(model, name, tokenizer)
+
+
+def _is_transformers(model) -> bool:
+    return isinstance(model, torch.nn.Module) and hasattr(model, "config") and hasattr(model.config, "output_hidden_states")
+
+
+def _candidate(model, name: str, tokenizer=None) -> _Candidate:
+    if isinstance(model, tuple) and len(model) == 2:
+        return _candidate(model[0], name, model[1])
+    if isinstance(model, (str, Path)):
+        return _load_folder(Path(model), name)
+    if _is_transformers(model):
+        def forward(batch):
+            kwargs = batch if isinstance(batch, dict) else {"input_ids": batch}
+            return list(model(**kwargs, output_hidden_states=True, return_dict=True).hidden_states)
+        return _Candidate(name, forward, model, tokenizer, True)
+    if callable(model):
+        def forward(batch):
+            out = model(**batch) if isinstance(batch, dict) else model(batch)
+            return list(out) if isinstance(out, (tuple, list)) else [out]
+        return _Candidate(name, forward, model if isinstance(model, torch.nn.Module) else None, tokenizer, False)
+    raise TypeError(f"models: {name}: expected a torch.nn.Module, a callable, a (model, tokenizer) pair or a folder, "
+                    f"got {type(model).__name__}")
+
+
+def _named(models) -> list[tuple[str, object]]:
+    """(name, model) pairs from a dict, a list, or one model (a tuple (model, tokenizer) is one)."""
+    if isinstance(models, dict):
+        items = [(str(k), v) for k, v in models.items()]
+    elif isinstance(models, list) or (isinstance(models, tuple) and not (len(models) == 2 and _is_tokenizer(models[1]))):
+        items = [(_default_name(m, i), m) for i, m in enumerate(models)]
+    else:
+        items = [(_default_name(models, 0), models)]
+    if not items:
+        raise ValueError("models: expected at least one model")
+    names = [n for n, _ in items]
+    if len(set(names)) != len(names):
+        raise ValueError(f"models: names must differ, got {names}; pass a dict name -> model")
+    return items
+
+
+def _is_tokenizer(obj) -> bool:
+    return hasattr(obj, "pad_token_id") and callable(obj)
+
+
+def _default_name(model, i: int) -> str:
+    if isinstance(model, (str, Path)):
+        return Path(model).name or str(model)
+    if isinstance(model, tuple):
+        model = model[0]
+    path = getattr(getattr(model, "config", None), "_name_or_path", "")
+    return Path(path).name if path else f"{type(model).__name__}-{i}"
+
+
+# ---- the data ------------------------------------------------------------------------------------
+
+
+def _data_size(data) -> int:
+    if isinstance(data, torch.Tensor):
+        return data.shape[0]
+    if isinstance(data, dict):
+        sizes = {k: v.shape[0] if isinstance(v, torch.Tensor) else len(v) for k, v in data.items()}
+        if not sizes or len(set(sizes.values())) != 1:
+            raise ValueError(f"data: expected a dict of tensors with the same first dimension, got sizes {sizes}")
+        return next(iter(sizes.values()))
+    if isinstance(data, (list, tuple)) and all(isinstance(t, str) for t in data):
+        return len(data)
+    raise TypeError(f"data: expected a list of texts, a tensor [N, ...] or a dict of tensors [N, ...], "
+                    f"got {type(data).__name__}")
+
+
+def _batch(data, lo: int, hi: int, cand: _Candidate, max_length: int, device):
+    """Rows lo..hi of ``data`` as the candidate takes them, on its device, and their attention
+    mask (or None)."""
+    if isinstance(data, (list, tuple)):
+        if cand.tokenizer is None:
+            raise ValueError(f"models: {cand.name}: texts need a tokenizer: pass (model, tokenizer) or a folder that "
+                             "holds one")
+        tok = cand.tokenizer
+        if getattr(tok, "pad_token", None) is None:  # GPT-2 and LLaMA tokenizers have none
+            tok.pad_token = tok.eos_token if getattr(tok, "eos_token", None) else tok.unk_token
+        batch = dict(tok(list(data[lo:hi]), padding=True, truncation=True, max_length=max_length,
+                         return_tensors="pt"))
+    elif isinstance(data, dict):
+        batch = {k: v[lo:hi] for k, v in data.items()}
+    else:
+        batch = data[lo:hi]
+        if cand.transformers and not batch.is_floating_point():
+            batch = {"input_ids": batch}
+    if isinstance(batch, dict):
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        if cand.transformers and "token_type_ids" in batch and not _takes(cand.module, "token_type_ids"):
+            batch.pop("token_type_ids")
+        return batch, batch.get("attention_mask")
+    return batch.to(device), None
+
+
+def _takes(module, arg: str) -> bool:
+    import inspect
+
+    return arg in inspect.signature(module.forward).parameters
+
+
+# ---- layers and pooling ----------------------------------------------------------------------------
+
+
+def _layer_ids(layers, count: int, cand: _Candidate) -> list:
+    """Indices into the forward's list of outputs (hidden states: 0 is the embedding output),
+    or "mean" for the average over layers 1..L (transformer-ranker's layermean)."""
+    first = 1 if cand.transformers and count > 1 else 0
+    if layers == "last":
+        return [count - 1]
+    if layers == "all":
+        return list(range(first, count))
+    if layers == "mean":
+        return ["mean"]
+    ids = [layers] if isinstance(layers, int) else list(layers)
+    out = []
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int) or not -count <= i < count:
+            raise ValueError(f"layers: expected 'last', 'all', 'mean' or indices in [{-count}, {count}) for "
+                             f"{cand.name} ({count} outputs), got {i!r}")
+        out.append(i % count)
+    if len(set(out)) != len(out):
+        raise ValueError(f"layers: {ids} names a layer twice for {cand.name}")
+    return out
+
+
+def _pool(h: torch.Tensor, mask: torch.Tensor | None, pooling: str, where: str) -> torch.Tensor:
+    """[B, D] from a layer's output: [B, D] as it is, [B, T, D] over the tokens (mean over the
+    unmasked ones, the first, or the last unmasked one), [B, C, H, W] averaged over H and W."""
+    if not isinstance(h, torch.Tensor) or not h.is_floating_point():
+        raise ValueError(f"{where}: expected a float tensor output, got {type(h).__name__}")
+    if h.dim() == 2:
+        return h
+    if h.dim() == 4:
+        return h.mean((2, 3))
+    if h.dim() != 3:
+        raise ValueError(f"{where}: expected an output [B, D], [B, T, D] or [B, C, H, W], got shape {tuple(h.shape)}")
+    if pooling == "cls":
+        return h[:, 0]
+    if mask is None:
+        return h.mean(1) if pooling == "mean" else h[:, -1]
+    m = mask.to(h.dtype)
+    if pooling == "mean":
+        return (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
+    last = (mask.long() * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(1)
+    return h[torch.arange(h.shape[0], device=h.device), last]
+
+
+# ---- the result ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RankResult:
+    """Scores per model and layer (``rows``: one dict per (model, layer): model, layer, dim and
+    every score), the best layer of each model by the first score (``best``), and the models in
+    order of their best layer's first score (``ranking``, best first). Higher is better."""
+    scores: tuple
+    rows: list = field(default_factory=list)
+
+    @property
+    def best(self) -> dict:
+        out = {}
+        for r in self.rows:
+            if r["model"] not in out or r[self.scores[0]] > out[r["model"]][self.scores[0]]:
+                out[r["model"]] = r
+        return out
+
+    @property
+    def ranking(self) -> list:
+        return sorted(self.best, key=lambda m: -self.best[m][self.scores[0]])
+
+    def table(self) -> str:
+        best = self.best
+        lines = [f"{'rank':>4}  {'model':<24} {'layer':>6} {'dim':>6} " + " ".join(f"{s:>14}" for s in self.scores)]
+        for i, m in enumerate(self.ranking, 1):
+            r = best[m]
+            lines.append(f"{i:>4}  {m:<24} {str(r['layer']):>6} {r['dim']:>6} "
+                         + " ".join(f"{r[s]:>14.6g}" for s in self.scores))
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps({"scores": list(self.scores), "ranking": self.ranking,
+                           "best": {m: r["layer"] for m, r in self.best.items()}, "rows": self.rows}, indent=1)
+
+    def to_csv(self) -> str:
+        out = io.StringIO()
+        w = csv.DictWriter(out, fieldnames=["model", "layer", "dim", *self.scores])
+        w.writeheader()
+        w.writerows(self.rows)
+        return out.getvalue()
+
+
+# ---- the pass ------------------------------------------------------------------------------------
+
+
+def _progress(total: int, name: str, enabled: bool):
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc=name, unit="sample", file=sys.stderr, leave=False)
+        except ImportError:
+            pass
+    return None
+
+
+def _device_of(cand: _Candidate):
+    if cand.module is not None:
+        for p in cand.module.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def _one_pass(cand: _Candidate, data, N: int, layers, pooling: str, batch_size: int, max_length: int,
+              progress: bool, add) -> None:
+    """Run one model over the data once: ``add(layer, pooled features [b, D], lo, hi)`` for each
+    layer asked for, batch after batch, in inference mode (the module's train flag restored)."""
+    device = _device_of(cand)
+    ids = None
+    bar = _progress(N, cand.name, progress)
+    training = cand.module.training if cand.module is not None else None
+    if cand.module is not None:
+        cand.module.eval()
+    try:
+        with torch.inference_mode():
+            for lo in range(0, N, batch_size):
+                hi = min(N, lo + batch_size)
+                batch, mask = _batch(data, lo, hi, cand, max_length, device)
+                outputs = cand.forward(batch)
+                if ids is None:
+                    ids = _layer_ids(layers, len(outputs), cand)
+                for i in ids:
+                    if i == "mean":
+                        hs = outputs[1:] if cand.transformers and len(outputs) > 1 else outputs
+                        pooled = [_pool(h, mask, pooling, f"{cand.name} output {j}") for j, h in enumerate(hs)]
+                        if len({p.shape for p in pooled}) != 1:
+                            raise ValueError(f"layers: 'mean' averages outputs of one shape, {cand.name} gives "
+                                             f"{[tuple(p.shape[1:]) for p in pooled]}")
+                        x = sum(pooled) / len(pooled)
+                    else:
+                        x = _pool(outputs[i], mask, pooling, f"{cand.name} output {i}")
+                    if x.shape[0] != hi - lo:
+                        raise ValueError(f"{cand.name} output {i}: expected {hi - lo} rows for the batch, got "
+                                         f"{x.shape[0]}")
+                    if not bool(torch.isfinite(x).all()):
+                        raise ValueError(f"{cand.name} layer {i}: non-finite features in samples {lo}..{hi - 1}")
+                    add(i, x, lo, hi)
+                if bar is not None:
+                    bar.update(hi - lo)
+    finally:
+        if bar is not None:
+            bar.close()
+        if training:
+            cand.module.train()
+
+
+def _statistics(cand: _Candidate, data, N: int, y: torch.Tensor, classes: int, wanted: set, settings: dict) -> dict:
+    """{layer: FeatureStats} of one model over the data."""
+    from .transferability_collapse import etran_count
+
+    stats: dict = {}
+    y = y.to(_device_of(cand))
+
+    def add(i, x, lo, hi):
+        if i not in stats:
+            stats[i] = ts.FeatureStats(x.shape[1], classes, wanted, x.device, lowest=etran_count(N))
+        stats[i].update(x, y[lo:hi])
+
+    _one_pass(cand, data, N, add=add, **settings)
+    return stats
+
+
+def _posteriors(cand: _Candidate, data, N: int, y: torch.Tensor, stats: dict, settings: dict) -> dict:
+    """NCTI's second pass: {layer: its terms [3]}."""
+    post = {i: ts.Posteriors(st, f"{cand.name} layer {i}") for i, st in stats.items()}
+    y = y.to(_device_of(cand))
+    _one_pass(cand, data, N, add=lambda i, x, lo, hi: post[i].update(x, y[lo:hi]), **settings)
+    return {i: p.terms() for i, p in post.items()}
+
+
+def rank_models(models, data, labels, *, scores=("logme", "hscore", "gbc_log"), layers="last", pooling: str = "mean",
+                batch_size: int = 32, max_length: int = 128, compat: str = "corrected", progress: bool = True,
+                backend: str = "auto") -> RankResult:
+    """Score candidate models on a labelled target set by running them over it once each.
+
+    Parameters
+    ----------
+    models : a dict name -> model, a list of models, or one model. A model is a torch
+        ``nn.Module`` (a transformers model gives its hidden states; another module its
+        output, or a tuple/list of outputs, one per layer), a ``(model, tokenizer)`` pair, a
+        callable (batch -> tensor or list of tensors), or the path of a local transformers
+        folder (config, safetensors weights and tokenizer; nothing is downloaded).
+    data : N texts (tokenized by each model's tokenizer, up to ``max_length`` tokens), a tensor
+        [N, ...] (integer token ids for transformers models, else the module's input), or a
+        dict of tensors [N, ...] passed as keyword arguments (input_ids, attention_mask...).
+    labels : class ids [N], any distinct integers.
+    scores : names from ``transferops.transferability_stats.STREAMED``: logme, hscore,
+        hscore_shrinkage, gbc, gbc_log (GBC as -log(-GBC): the same order, no underflow to -0),
+        transrate (O(C D^2) memory per layer), etran. The first one picks each model's best
+        layer and sorts the ranking.
+    layers : "last" (default), "all" (every hidden state past the embeddings, or every output
+        of a callable), "mean" (their average, transformer-ranker's layermean), or indices into
+        the hidden states (0 = embeddings, -1 = last).
+    pooling : over the tokens of a [B, T, D] output: "mean" over the attention mask (default),
+        "cls" (the first token) or "last" (the last unmasked token). [B, C, H, W] outputs are
+        averaged over H and W.
+
+    Each model runs in inference mode on its own device and dtype; pooled features are added
+    to float64 statistics on that device. Returns a :class:`RankResult`.
+    """
+    wanted_scores = ts.check_scores(scores)
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling: expected one of {list(POOLINGS)}, got {pooling!r}")
+    for value, name in ((batch_size, "batch_size"), (max_length, "max_length")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if compat not in tr.COMPAT:
+        raise ValueError(f"compat: expected one of {list(tr.COMPAT)}, got {compat!r}")
+    if not (layers in ("last", "all", "mean") or isinstance(layers, (int, list, tuple))):
+        raise ValueError(f"layers: expected 'last', 'all', 'mean' or layer indices, got {layers!r}")
+    N = _data_size(data)
+    ids, y = tr._class_labels(labels, N)
+    wanted = ts.needs(wanted_scores)
+    settings = dict(layers=layers, pooling=pooling, batch_size=batch_size, max_length=max_length, progress=progress)
+    result = RankResult(wanted_scores)
+    terms = []
+    for name, model in _named(models):
+        cand = _candidate(model, name)
+        stats = _statistics(cand, data, N, y, ids.numel(), wanted, settings)
+        if "ncti" in wanted_scores:
+            terms += list(_posteriors(cand, data, N, y, stats, settings).values())
+        for layer, st in stats.items():
+            row = {"model": name, "layer": layer, "dim": st.dim}
+            for s in wanted_scores:
+                if s not in ts.SECOND_PASS:
+                    row[s] = ts.score(st, s, compat=compat, backend=backend)
+            result.rows.append(row)
+    if terms:  # normalized over every (model, layer) candidate
+        from .transferability_collapse import ncti_combine
+
+        for row, value in zip(result.rows, ncti_combine(torch.stack([t.cpu() for t in terms])).tolist()):
+            row["ncti"] = value
+    return result
