@@ -45,7 +45,8 @@ def folders(tmp_path_factory):
     configs = {
         "bert-32x2": BertModel(BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                           intermediate_size=64, max_position_embeddings=32), add_pooling_layer=False),
-        "gpt2-48x3": GPT2Model(GPT2Config(vocab_size=V, n_embd=48, n_layer=3, n_head=4, n_positions=32)),
+        "gpt2-48x3": GPT2Model(GPT2Config(vocab_size=V, n_embd=48, n_layer=3, n_head=4, n_positions=32, bos_token_id=1,
+                                          eos_token_id=1)),
         "llama-40x2": LlamaModel(LlamaConfig(vocab_size=V, hidden_size=40, intermediate_size=80, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)),
         "bert-64x3": BertModel(BertConfig(vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -149,7 +150,7 @@ def rss(field):
             return int(line.split()[1]) * 1024
 
 folders = {folders!r}
-SCORES = ("logme", "hscore", "hscore_shrinkage")
+SCORES = ("logme", "hscore", "gbc_log", "etran")
 texts, y = texts_and_labels({n})
 to.rank_models(folders, texts[:64], y[:64], scores=SCORES, layers="all", batch_size=32, progress=False)  # warm: loads, first calls
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
@@ -223,7 +224,7 @@ def test_rank_models_takes_modules_callables_and_tensors():
     (dict(layers=[5]), ValueError, r"layers: expected .* indices in \[-1, 1\)"),
     (dict(batch_size=0), ValueError, "batch_size: expected a positive integer"),
     (dict(labels=torch.zeros(7)), ValueError, "labels: expected 20 labels"),
-    (dict(models={"gone": "/nonexistent/folder"}), ValueError, "models: gone: .*no such folder"),
+    (dict(models={"gone": "/nonexistent/folder"}), ValueError, "models: /nonexistent/folder: .*no such folder"),
     (dict(data=["some text"] * 20), ValueError, "texts need a tokenizer"),
     (dict(models={"bad": 3}), TypeError, "models: bad: expected a torch.nn.Module"),
 ])
@@ -235,3 +236,55 @@ def test_rank_models_names_the_bad_argument(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         to.rank_models(**args)
+
+
+def test_cli_ranks_model_folders(folders, tmp_path, capsys):
+    """transferops rank --models DIR... --data FILE: the table of best layers on stdout, every
+    layer in the JSON, equal to rank_models; labels from --labels or from the .jsonl."""
+    import transferops as to
+    from transferops.cli import main
+
+    texts, y = texts_and_labels(60)
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t, "label": int(c)}) + "\n"
+                                              for t, c in zip(texts, y)))
+    (tmp_path / "t.txt").write_text("\n".join(texts) + "\n")
+    import numpy as np
+
+    np.save(tmp_path / "y.npy", y.numpy())
+    two = [str(folders["bert-32x2"]), str(folders["gpt2-48x3"])]
+    out = tmp_path / "r.json"
+    assert main(["rank", "--models", *two, "--data", str(tmp_path / "t.jsonl"), "--layers", "all", "-q",
+                 "--scores", "logme", "gbc_log", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "bert-32x2" in table and "gpt2-48x3" in table
+    got = json.loads(out.read_text())
+    want = to.rank_models({"bert-32x2": two[0], "gpt2-48x3": two[1]}, texts, y, scores=("logme", "gbc_log"),
+                          layers="all", progress=False)
+    assert got["rows"] == json.loads(want.to_json())["rows"] and got["ranking"] == want.ranking
+    assert main(["rank", "--models", two[0], "--data", str(tmp_path / "t.txt"), "--labels", str(tmp_path / "y.npy"),
+                 "-q", "--csv", str(tmp_path / "r.csv")]) == 0
+    assert (tmp_path / "r.csv").read_text().splitlines()[0] == "model,layer,dim,logme,hscore,gbc_log"
+
+    capsys.readouterr()
+    (tmp_path / "bad.jsonl").write_text('{"text": "w1 w2", "label": 0}\nnot json\n')
+    np.save(tmp_path / "short.npy", y.numpy()[:10])
+    cases = [
+        (["--models", two[0]], "--models needs --data"),
+        (["--models", two[0], "--data", str(tmp_path / "t.txt"), "--labels", str(tmp_path / "y.npy"), "--scores",
+          "sfda"], "--scores: with --models, expected scores among"),
+        (["--models", two[0], "--data", str(tmp_path / "bad.jsonl")], "bad.jsonl: data: line 2: not JSON"),
+        (["--models", two[0], "--data", str(tmp_path / "t.txt")], "t.txt: data: holds no labels; give --labels"),
+        (["--models", two[0], "--data", str(tmp_path / "t.txt"), "--labels", str(tmp_path / "short.npy")],
+         "t.txt: data: 60 samples, but"),
+        (["--models", str(tmp_path / "nothere"), "--data", str(tmp_path / "t.jsonl")], "nothere: expected a "
+         "transformers folder"),
+        (["--models", two[0], "--data", str(tmp_path / "t.jsonl"), "--layers", "x"], "--layers: expected last"),
+        (["--models", two[0], "--data", str(tmp_path / "t.jsonl"), "--device", "gpu7"], "--device: expected cpu"),
+        (["--models", two[0], "--data", str(tmp_path / "t.jsonl"), "--batch-size", "0"], "--batch-size: expected a"),
+        ([str(tmp_path / "y.npy"), "--models", two[0], "--data", str(tmp_path / "t.jsonl")],
+         "give feature files or --models, not both"),
+    ]
+    for args, message in cases:
+        assert main(["rank", "-q", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("transferops rank: error: ") and message in err and len(err.splitlines()) == 1, err

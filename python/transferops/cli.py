@@ -12,8 +12,10 @@ from pathlib import Path
 from ._mergenames import METHODS, SEMANTICS
 
 
-class CLIError(Exception):
-    """A user's mistake: printed as one ``error:`` line, exit status 2."""
+class CLIError(ValueError):
+    """A user's mistake: printed as one ``error:`` line, exit status 2 (a ValueError, so that
+    ``python -m transferops.cli``, where this module is __main__ and cli_rank raises the class
+    of the module imported by name, reports it the same)."""
 
 
 class Interrupted(BaseException):
@@ -140,99 +142,6 @@ def _merge(args) -> int:
     return 0
 
 
-def _load_array(path: str, what: str):
-    """The array in a .npy/.npz/.pt/.safetensors file: the only one it holds, or the one named
-    "features"/"labels" (``what``). Files are untrusted: no pickles (NumPy's refused, torch's
-    restricted to tensors), safetensors headers validated."""
-    import numpy as np
-    import torch
-
-    suffix = path.rsplit(".", 1)[-1].lower()
-    if suffix not in ("npy", "npz", "pt", "safetensors"):
-        raise CLIError(f"{path}: expected a .npy, .npz, .pt or .safetensors file")
-    try:
-        if suffix == "npy":
-            arrays = {what: np.load(path, allow_pickle=False)}
-        elif suffix == "npz":
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        elif suffix == "pt":
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-            arrays = obj if isinstance(obj, dict) else {what: obj}
-        else:
-            from ._safetensors import Checkpoint
-
-            with Checkpoint(path) as c:
-                arrays = {name: c.read(name).view(info.shape) for name, info in c.tensors.items()}
-    except OSError as e:
-        raise CLIError(f"{path}: cannot read: {e.strerror or e}") from None
-    except CLIError:
-        raise
-    except Exception as e:  # each format's own errors: corrupt archives, refused pickles, bad headers
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CLIError(f"{path}: cannot read as .{suffix}: {first}") from None
-    if what in arrays:
-        x = arrays[what]
-    elif len(arrays) == 1:
-        x = next(iter(arrays.values()))
-    else:
-        raise CLIError(f"{path}: holds {sorted(map(str, arrays))[:10]}; name the array {what!r} or keep one per file")
-    if isinstance(x, np.ndarray) and x.dtype.kind in "biuf":
-        return torch.from_numpy(x)
-    if isinstance(x, torch.Tensor):
-        return x
-    raise CLIError(f"{path}: {what}: expected a numeric array, got {getattr(x, 'dtype', type(x).__name__)}")
-
-
-RANK_SCORES = ("logme", "hscore", "hscore_shrinkage", "gbc", "transrate", "sfda", "tmi")
-
-
-def _rank(args) -> int:
-    import json
-    import time
-    from pathlib import Path
-
-    from . import transferability as tr
-
-    labels = _load_array(args.labels, "labels")
-    scorers = {"logme": lambda f: tr.logme(f, labels, regression=args.regression, compat=args.compat),
-               "hscore": lambda f: tr.hscore(f, labels), "hscore_shrinkage": lambda f: tr.hscore(f, labels, shrinkage=True),
-               "gbc": lambda f: tr.gbc(f, labels), "transrate": lambda f: tr.transrate(f, labels),
-               "sfda": lambda f: tr.sfda(f, labels), "tmi": lambda f: tr.tmi(f, labels)}
-    wanted = args.scores or (["logme"] if args.regression else list(RANK_SCORES))
-    if args.regression and set(wanted) - {"logme"}:
-        raise CLIError("with --regression only logme applies")
-    rows = []
-    for path in args.features:
-        feats = _load_array(path, "features")
-        if feats.dim() != 2:
-            raise CLIError(f"{path}: features: expected [N, D], got shape {tuple(feats.shape)}")
-        row = {"model": Path(path).name, "N": int(feats.shape[0]), "D": int(feats.shape[-1])}
-        for name in wanted:
-            t0 = time.perf_counter()
-            try:
-                row[name] = float(scorers[name](feats))
-            except (ValueError, TypeError) as e:
-                raise CLIError(f"{path}: {name}: {e}") from None
-            row[f"{name}_s"] = time.perf_counter() - t0
-        rows.append(row)
-    rows.sort(key=lambda r: -r[wanted[0]])
-    width = max(len(r["model"]) for r in rows)
-    print(f"{'rank':>4}  {'model':<{width}}  " + "  ".join(f"{n:>16} {'time':>8}" for n in wanted))
-    for i, r in enumerate(rows, 1):
-        print(f"{i:>4}  {r['model']:<{width}}  " + "  ".join(f"{r[n]:>16.6g} {r[n + '_s'] * 1e3:>6.0f}ms" for n in wanted))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    if args.csv:
-        import csv
-
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="transferops", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -289,16 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=_merge)
 
-    p = sub.add_parser("rank", help="rank candidate models' features for a labeled target task by transferability")
-    p.add_argument("features", nargs="+", help="one file per model: [N, D] features (.npy .npz .pt .safetensors)")
-    p.add_argument("--labels", required=True, help="class ids [N] (or targets [N, K] with --regression), same formats")
-    p.add_argument("--scores", nargs="+", choices=RANK_SCORES, help="default: all that apply; the first sorts")
-    p.add_argument("--regression", action="store_true", help="labels are real-valued targets (LogME only)")
-    p.add_argument("--compat", choices=["corrected", "official"], default="corrected",
-                   help="LogME: corrected (default) or the official code's scores, defect included")
-    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
-    p.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
-    p.set_defaults(func=_rank)
+    from .cli_rank import add_parser as add_rank_parser
+
+    add_rank_parser(sub)
 
     args = parser.parse_args(argv)
     return _run(args)

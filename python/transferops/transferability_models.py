@@ -36,24 +36,28 @@ class _Candidate:
     transformers: bool = False
 
 
-def _load_folder(path: Path, name: str) -> _Candidate:
-    """A local transformers folder: config, safetensors weights (no pickles) and its tokenizer."""
-    if not path.is_dir():
-        raise ValueError(f"models: {name}: expected a model object, a callable or a local transformers folder, "
-                         "and no such folder exists")
+def load_model(name, device=None) -> tuple:
+    """(model, tokenizer or None) from a local transformers folder, or a model the local Hugging
+    Face cache holds (nothing is downloaded): config and safetensors weights (no pickles, no
+    remote code), on ``device`` (default: where it loads, the CPU)."""
     try:
         from transformers import AutoModel, AutoTokenizer
     except ImportError:
         raise ValueError(f"models: {name}: loading a folder needs transformers (pip install transferops[peers])") from None
+    path = Path(name)
+    if not path.is_dir() and (path.exists() or str(name).count("/") != 1):
+        raise ValueError(f"models: {name}: expected a transformers folder, or a name in the local Hugging Face cache "
+                         "(org/model), and there is no such folder")
     try:
-        model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as e:
+        model = AutoModel.from_pretrained(name, local_files_only=True, use_safetensors=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, EnvironmentError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"models: {name}: cannot load as a transformers model: {first}") from None
-    tokenizer = None
-    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")):
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    return _candidate(model, name, tokenizer)
+        raise ValueError(f"models: {name}: cannot load as a transformers model (nothing is downloaded): {first}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError):
+        tokenizer = None  # token ids or input dicts still serve
+    return (model.to(device) if device is not None else model), tokenizer
 
 
 def _is_transformers(model) -> bool:
@@ -64,7 +68,7 @@ def _candidate(model, name: str, tokenizer=None) -> _Candidate:
     if isinstance(model, tuple) and len(model) == 2:
         return _candidate(model[0], name, model[1])
     if isinstance(model, (str, Path)):
-        return _load_folder(Path(model), name)
+        return _candidate(load_model(model), name)
     if _is_transformers(model):
         def forward(batch):
             kwargs = batch if isinstance(batch, dict) else {"input_ids": batch}

@@ -6,9 +6,13 @@ PCA-truncated pixels, pixels drowned in noise, random ReLU features, and the hid
 MLP pretrained on a *source task* (digits 0-4 only) and of the same MLP untrained. Every score
 ranks them from the target training split; the truth is each extractor's linear-probe accuracy
 on the held-out split. Printed: the scores, the accuracies, and each score's rank correlation
-(Kendall's tau) with the accuracy.
+(Kendall's tau) with the accuracy; with --markdown only the Kendall taus, as the Markdown table
+that docs/transferability.md quotes (a test checks that the two agree).
 
-    python -m transferops.bench.demo_transferability [--json FILE]
+Everything is float64 and drawn from generators seeded with SEED, and the global RNG state is
+left as it was: the same numbers on every run, whatever ran before, up to float64 rounding.
+
+    python -m transferops.bench.demo_transferability [--json FILE] [--markdown]
 """
 from __future__ import annotations
 
@@ -30,12 +34,18 @@ SCORES = {
     "transrate": lambda f, y: to.transrate(f, y),
     "sfda": lambda f, y: to.sfda(f, y),
     "tmi": lambda f, y: to.tmi(f, y),
+    "etran": lambda f, y: to.etran(f),
 }
+# Scored over all the extractors at once: NCTI normalizes its terms across the candidates.
+SET_SCORES = {"ncti": lambda fs, y: to.ncti(fs, y)}
 
 
 def _mlp(hidden: int, g: torch.Generator) -> torch.nn.Sequential:
-    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
-    return torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10))
+    """A float64 MLP initialized from ``g``; the caller's global RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
+        return torch.nn.Sequential(torch.nn.Linear(64, hidden, dtype=torch.float64), torch.nn.ReLU(),
+                                   torch.nn.Linear(hidden, 10, dtype=torch.float64))
 
 
 def _pretrained(X: torch.Tensor, y: torch.Tensor, g: torch.Generator, steps: int = 300) -> torch.nn.Sequential:
@@ -56,7 +66,7 @@ def extractors(X_all: torch.Tensor, X_source: torch.Tensor, y_source: torch.Tens
     g = torch.Generator().manual_seed(SEED)
     mean = X_source.mean(0)
     _, _, V = torch.linalg.svd(X_source - mean, full_matrices=False)
-    project = torch.randn(64, 512, generator=g) / 8
+    project = torch.randn(64, 512, generator=g, dtype=torch.float64) / 8
     pretrained, untrained = _pretrained(X_source, y_source, g), _mlp(128, g)
     with torch.no_grad():
         return {
@@ -67,7 +77,7 @@ def extractors(X_all: torch.Tensor, X_source: torch.Tensor, y_source: torch.Tens
             "pooled-4x4": torch.nn.functional.avg_pool2d(X_all.view(-1, 1, 8, 8), 2).flatten(1),
             "pca-4": (X_all - mean) @ V[:4].T,
             "pca-2": (X_all - mean) @ V[:2].T,
-            "pixels+noise": X_all + 3.0 * torch.randn(X_all.shape, generator=g),
+            "pixels+noise": X_all + 3.0 * torch.randn(X_all.shape, generator=g, dtype=torch.float64),
         }
 
 
@@ -86,7 +96,7 @@ def run() -> dict:
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    X = torch.tensor(digits.data, dtype=torch.float32) / 16
+    X = torch.tensor(digits.data, dtype=torch.float64) / 16
     y = torch.tensor(digits.target)
     index = np.arange(len(y))
     train, test = train_test_split(index, test_size=0.5, random_state=SEED, stratify=digits.target)
@@ -102,26 +112,46 @@ def run() -> dict:
             row[score] = float(fn(F[train], y[train]))
             row[f"{score}_s"] = time.perf_counter() - t0
         rows.append(row)
+    for score, fn in SET_SCORES.items():
+        t0 = time.perf_counter()
+        values = fn([F[train] for F in feats.values()], y[train]).tolist()
+        for row, value in zip(rows, values):
+            row[score], row[f"{score}_s"] = value, (time.perf_counter() - t0) / len(rows)
     accuracy = [r["accuracy"] for r in rows]
-    tau = {score: float(kendalltau([r[score] for r in rows], accuracy).statistic) for score in SCORES}
+    tau = {score: float(kendalltau([r[score] for r in rows], accuracy).statistic) for score in {**SCORES, **SET_SCORES}}
     return {"rows": rows, "kendall_tau": tau, "n_train": int(len(train)), "n_test": int(len(test))}
+
+
+def markdown_table(result: dict) -> str:
+    """The Kendall taus of ``run()`` as a Markdown table, one score a row, two decimals."""
+    lines = ["| score | Kendall tau vs probe accuracy |", "|---|---:|"]
+    for score, tau in result["kendall_tau"].items():
+        text = f"{tau:.2f}"
+        lines.append(f"| `{score}` | {'0.00' if text == '-0.00' else text} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="also write the table and correlations as JSON")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print only the Kendall taus, as a Markdown table (docs/transferability.md's)")
     args = parser.parse_args(argv)
     result = run()
-    rows = sorted(result["rows"], key=lambda r: -r["accuracy"])
-    print(f"digits: {result['n_train']} target training images scored, linear probes tested on {result['n_test']}")
-    header = f"{'extractor':<20} {'D':>4} {'probe acc':>9} " + " ".join(f"{s:>16}" for s in SCORES)
-    print(header)
-    for r in rows:
-        print(f"{r['extractor']:<20} {r['D']:>4} {r['accuracy']:>9.3f} " + " ".join(f"{r[s]:>16.4g}" for s in SCORES))
-    print(f"{'Kendall tau vs acc':<36}" + " ".join(f"{result['kendall_tau'][s]:>16.2f}" for s in SCORES))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+    if args.markdown:
+        print(markdown_table(result))
+        return 0
+    rows = sorted(result["rows"], key=lambda r: -r["accuracy"])
+    print(f"digits: {result['n_train']} target training images scored, linear probes tested on {result['n_test']}")
+    names = [*SCORES, *SET_SCORES]
+    header = f"{'extractor':<20} {'D':>4} {'probe acc':>9} " + " ".join(f"{s:>16}" for s in names)
+    print(header)
+    for r in rows:
+        print(f"{r['extractor']:<20} {r['D']:>4} {r['accuracy']:>9.3f} " + " ".join(f"{r[s]:>16.4g}" for s in names))
+    print(f"{'Kendall tau vs acc':<36}" + " ".join(f"{result['kendall_tau'][s]:>16.2f}" for s in names))
     return 0
 
 
