@@ -177,3 +177,34 @@ def test_rank_help_says_what_it_does(capsys):
            "reduced features for that" in text
     for score in ("logme", "hscore", "hscore_shrinkage", "gbc", "transrate", "sfda", "tmi"):
         assert f" {score} " in text, score
+
+
+def test_every_listed_score_runs_on_feature_files(tmp_path, capsys):
+    """--scores accepts what --models streams too: gbc_log, etran and ncti (normalized over
+    the files given) on feature files equal the library's functions; the streamed names are
+    spelt out in the CLI (its --help imports no torch) and must match the library's."""
+    import json
+
+    import transferops as to
+    from transferops.cli_rank import MODEL_SCORES
+    from transferops.transferability_stats import STREAMED
+
+    assert set(MODEL_SCORES) == set(STREAMED)
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 3, (120,), generator=g)
+    feats = [torch.randn(120, 6, generator=g, dtype=torch.float64) + s * y[:, None] for s in (0.2, 1.0)]
+    paths = []
+    for i, f in enumerate(feats):
+        np.save(tmp_path / f"f{i}.npy", f.numpy())
+        paths.append(str(tmp_path / f"f{i}.npy"))
+    np.save(tmp_path / "y.npy", y.numpy())
+    out = tmp_path / "r.json"
+    assert main(["rank", *paths, "--labels", str(tmp_path / "y.npy"), "--scores", "ncti", "gbc_log", "etran",
+                 "--json", str(out)]) == 0
+    rows = {r["model"]: r for r in json.loads(out.read_text())}
+    want = to.ncti(feats, y)
+    for i, f in enumerate(feats):
+        r = rows[f"f{i}.npy"]
+        assert r["ncti"] == pytest.approx(float(want[i]), abs=1e-12)
+        assert r["gbc_log"] == pytest.approx(float(to.gbc(f, y, log=True)), rel=1e-12)
+        assert r["etran"] == pytest.approx(float(to.etran(f)), rel=1e-12)

@@ -92,7 +92,7 @@ def _tolerance(score: str, F: torch.Tensor) -> float:
     if not score.startswith("hscore"):
         return 1e-10
     ev = torch.linalg.eigvalsh(torch.cov(F.double().T))
-    kept = ev[ev > ev[-1] * (F.shape[1] * 2.0**-24) ** 2]
+    kept = ev[ev > 16 * 2.0**-48 * float((F.double() ** 2).mean())]  # the cut of float32 features
     return max(1e-10, 100 * float(kept[-1] / kept[0]) * 2.0**-52)
 
 
@@ -277,7 +277,7 @@ def test_cli_ranks_model_folders(folders, tmp_path, capsys):
         (["--models", two[0], "--data", str(tmp_path / "t.txt"), "--labels", str(tmp_path / "short.npy")],
          "t.txt: data: 60 samples, but"),
         (["--models", str(tmp_path / "nothere"), "--data", str(tmp_path / "t.jsonl")], "nothere: expected a "
-         "transformers folder"),
+         "transformers folder, and there is no such folder"),
         (["--models", two[0], "--data", str(tmp_path / "t.jsonl"), "--layers", "x"], "--layers: expected last"),
         (["--models", two[0], "--data", str(tmp_path / "t.jsonl"), "--device", "gpu7"], "--device: expected cpu"),
         (["--models", two[0], "--data", str(tmp_path / "t.jsonl"), "--batch-size", "0"], "--batch-size: expected a"),
@@ -288,3 +288,31 @@ def test_cli_ranks_model_folders(folders, tmp_path, capsys):
         assert main(["rank", "-q", *args]) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("transferops rank: error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_left_padding_half_precision_and_the_callers_objects(folders):
+    """A tokenizer that pads on the left and has no pad token (LLaMA's way): "cls" and "last"
+    take the first and last real tokens, so the scores do not depend on how batches pad (RoPE
+    attends by relative position: only rounding differs), and the caller's tokenizer keeps
+    its missing pad token. The same model in bfloat16 ranks without a crash and scores near
+    float32 (H-score's cut follows bf16 rounding), and its submodules keep their train flags."""
+    import copy
+
+    import transferops as to
+    from transformers import AutoModel, AutoTokenizer
+
+    texts, y = texts_and_labels(90)
+    model = AutoModel.from_pretrained(folders["llama-40x2"])
+    tok = copy.deepcopy(AutoTokenizer.from_pretrained(folders["llama-40x2"]))
+    tok.padding_side, tok.pad_token = "left", None
+    for pooling in ("cls", "last", "mean"):
+        a, b = (to.rank_models({"m": (model, tok)}, texts, y, scores=("logme", "hscore"), pooling=pooling,
+                               batch_size=n, progress=False).rows[0] for n in (7, 90))
+        assert a["logme"] == pytest.approx(b["logme"], rel=1e-6) and a["hscore"] == pytest.approx(b["hscore"], rel=1e-5)
+    assert tok.pad_token is None
+    model.layers[0].train()
+    f32 = to.rank_models({"m": (model, tok)}, texts, y, scores=("logme", "hscore", "ncti"), progress=False).rows[0]
+    half = to.rank_models({"m": (model.to(torch.bfloat16), tok)}, texts, y, scores=("logme", "hscore", "ncti"),
+                          progress=False).rows[0]
+    assert model.layers[0].training and not model.training
+    assert half["hscore"] == pytest.approx(f32["hscore"], rel=0.1) and half["logme"] == pytest.approx(f32["logme"], rel=0.1)

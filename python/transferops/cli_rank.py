@@ -4,6 +4,7 @@ features (one file per model) or by running the models themselves over the data
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -43,8 +44,6 @@ def _load_array(path: str, what: str):
         raise CLIError(f"{path}: {what}: no such file") from None
     except OSError as e:
         raise CLIError(f"{path}: {what}: cannot read: {e.strerror or e}") from None
-    except CLIError:
-        raise
     except pickle.UnpicklingError as e:  # torch.load(weights_only=True): not a file of tensors
         # torch's message: advice to load with weights_only=False (not for untrusted files), the
         # cause, a pointer to its documentation. Only the cause is kept.
@@ -152,10 +151,22 @@ def _rank_features(args) -> int:
     labels_path = args.labels
     labels, N = _read_labels(labels_path, args.regression)
 
+    from . import transferability_collapse as tc
+
+    classes = None if args.regression else tr._class_labels(labels, N)[1]
+    ncti_terms = []
+
+    def ncti_of(f) -> float:
+        """NCTI normalizes over the candidates: the raw terms per file now, the scores below."""
+        ncti_terms.append(tc.ncti([f], classes, return_terms=True)[1][0])
+        return math.nan
+
     scorers = {"logme": lambda f: tr.logme(f, labels, regression=args.regression, compat=args.compat),
                "hscore": lambda f: tr.hscore(f, labels), "hscore_shrinkage": lambda f: tr.hscore(f, labels, shrinkage=True),
-               "gbc": lambda f: tr.gbc(f, labels), "transrate": lambda f: tr.transrate(f, labels),
-               "sfda": lambda f: tr.sfda(f, labels), "tmi": lambda f: tr.tmi(f, labels)}
+               "gbc": lambda f: tr.gbc(f, labels), "gbc_log": lambda f: tr.gbc(f, labels, log=True),
+               "transrate": lambda f: tr.transrate(f, labels), "sfda": lambda f: tr.sfda(f, labels),
+               "tmi": lambda f: tr.tmi(f, labels), "etran": lambda f: tc.etran(f),
+               "ncti": ncti_of}
     names = [Path(p).name for p in args.features]
     if len(set(names)) < len(names):  # same file name in different folders: show the paths
         names = list(args.features)
@@ -194,6 +205,9 @@ def _rank_features(args) -> int:
                 raise CLIError(f"{path}: {name}: features: {str(e).splitlines()[0]}") from None
             row[f"{name}_s"] = time.perf_counter() - t0
         rows.append(row)
+    if ncti_terms:
+        for row, value in zip(rows, tc.ncti_combine(torch.stack(ncti_terms)).tolist()):
+            row["ncti"] = value
     rows.sort(key=lambda r: -r[wanted[0]])
     width = max(len(r["model"]) for r in rows)
     print(f"{'rank':>4}  {'model':<{width}}  " + "  ".join(f"{n:>16} {'time':>8}" for n in wanted))
@@ -253,7 +267,8 @@ def _read_data(path: str):
     try:
         if os.path.getsize(p) > MAX_DATA_BYTES:
             raise CLIError(f"{path}: data: larger than {MAX_DATA_BYTES >> 20} MiB; pass fewer samples")
-        lines = p.read_text(encoding="utf-8").splitlines()
+        # Lines end at \n only: JSON and text may hold U+2028, form feeds and the like.
+        lines = [line.removesuffix("\r") for line in p.read_text(encoding="utf-8").split("\n")]
     except FileNotFoundError:
         raise CLIError(f"{path}: data: no such file") from None
     except IsADirectoryError:
@@ -279,7 +294,7 @@ def _rank_models(args) -> int:
     """Rank models by running them over the data (rank_models), every layer asked for."""
     import torch
 
-    from .transferability_models import load_model, rank_models
+    from .transferability_models import rank_models
 
     if args.features:
         raise CLIError("give feature files or --models, not both")
@@ -295,10 +310,11 @@ def _rank_models(args) -> int:
     layers = _layers(args.layers)
     try:
         device = torch.device(args.device)
-    except RuntimeError:
-        raise CLIError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device: {args.device} asked for, but torch sees no CUDA device here")
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # a device torch has no backend or no such index for
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CLIError(f"--device: expected cpu, cuda or cuda:N that torch can use here, got {args.device!r}: "
+                       f"{first}") from None
     for value, flag in ((args.batch_size, "--batch-size"), (args.max_length, "--max-length")):
         if value < 1:
             raise CLIError(f"{flag}: expected a positive integer, got {value}")
@@ -309,7 +325,10 @@ def _rank_models(args) -> int:
         labels, N = _read_labels(args.labels, False)
         where = args.labels
     elif file_labels is not None:
-        labels, N, where = torch.tensor(file_labels), len(file_labels), args.data
+        try:
+            labels, N, where = torch.tensor(file_labels), len(file_labels), args.data
+        except (RuntimeError, OverflowError):
+            raise CLIError(f"{args.data}: data: a 'label' does not fit in 64 bits") from None
     else:
         raise CLIError(f"{args.data}: data: holds no labels; give --labels")
     n = len(data) if isinstance(data, list) else int(data.shape[0])
@@ -322,12 +341,13 @@ def _rank_models(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    models = {name: load_model(m, device) for name, m in zip(names, args.models)}
-    try:
-        result = rank_models(models, data, labels, scores=scores, layers=layers, pooling=args.pooling,
-                             batch_size=args.batch_size, max_length=args.max_length, progress=not args.quiet)
+    try:  # the models load one at a time, when their turn comes
+        result = rank_models(dict(zip(names, args.models)), data, labels, scores=scores, layers=layers,
+                             pooling=args.pooling, batch_size=args.batch_size, max_length=args.max_length,
+                             compat=args.compat, device=device, progress=not args.quiet)
     except torch.OutOfMemoryError:
-        raise CLIError(f"out of memory on {args.device}: lower --batch-size or --max-length") from None
+        raise CLIError(f"out of memory on {args.device}: lower --batch-size or --max-length, or rank fewer layers "
+                       "(each keeps a D x D matrix; transrate C of them)") from None
     print(result.table())
     if args.json:
         _write(args.json, "--json", lambda f: f.write(result.to_json()))
@@ -394,7 +414,7 @@ features) is one error line naming the file, and exit status 2."""
     m.add_argument("--data", metavar="FILE", help="the N target inputs: .txt (one text per line), .jsonl ('text' "
                    "and 'label' per line), or token ids [N, T] in an array file")
     m.add_argument("--layers", default="last", help="last (default), all, mean (their average) or indices into the "
-                   "hidden states, e.g. -1,-4 (0 is the embeddings)")
+                   "hidden states, e.g. --layers=-1,-4 (0 is the embeddings)")
     m.add_argument("--pooling", choices=["mean", "cls", "last"], default="mean",
                    help="over the tokens: mean over the attention mask (default), the first, or the last token")
     m.add_argument("--batch-size", type=int, default=32, help="samples per forward pass (default 32)")

@@ -334,24 +334,24 @@ def _ledoit_wolf_from(emp: torch.Tensor, fourth: float, N: int) -> tuple[torch.T
     return cov, shrink
 
 
-def _hscore_trace(cov_f: torch.Tensor, cov_g: torch.Tensor, N: int, dtype: torch.dtype) -> torch.Tensor:
-    """tr(cov_f^+ cov_g) of D features of ``dtype`` over N samples. The pseudo-inverse drops
-    eigenvalues of cov_f below rtol = max((D u)^2, max(N, D) eps) times the largest, u the unit
-    roundoff of the features' dtype, eps float64's: the noise level of a null direction, whose
-    variance is the features' own rounding (LayerNorm outputs sum to a constant, so mean-pooled
-    transformer features always have one). The LogME repository's 1e-15 keeps such noise and
-    returns it amplified ~1e15: on BERT features it scatters the score at 3e-3 between two
-    summation orders. Well-conditioned covariances are unaffected."""
-    rtol = _noise_rtol(N, cov_f.shape[0], dtype)
-    return torch.trace(torch.linalg.pinv(cov_f, rtol=rtol, hermitian=True) @ cov_g)
+def _hscore_trace(cov_f: torch.Tensor, cov_g: torch.Tensor, N: int, noise: float) -> torch.Tensor:
+    """tr(cov_f^+ cov_g) of D features over N samples whose rounding alone gives a direction the
+    variance ``noise`` (see _noise_variance). The pseudo-inverse drops eigenvalues of cov_f
+    below max(noise, max(N, D) eps lambda_max): a null direction holds only that rounding
+    (LayerNorm outputs sum to a constant, so mean-pooled transformer features always have
+    one), which the LogME repository's cutoff 1e-15 keeps and inverts; on BERT features that
+    scattered the score at 3e-3 between two summation orders. Directions above the features'
+    precision are unaffected."""
+    rtol = max(N, cov_f.shape[0]) * torch.finfo(torch.float64).eps
+    return torch.trace(torch.linalg.pinv(cov_f, atol=noise, rtol=rtol, hermitian=True) @ cov_g)
 
 
-def _noise_rtol(N: int, D: int, dtype: torch.dtype) -> float:
-    """The variance, relative to the largest, below which a direction of D features of ``dtype``
-    over N samples is rounding noise: max((D u)^2, max(N, D) eps), u the features' unit roundoff
-    (their own rounding), eps float64's (that of the covariance computed from them)."""
-    u = torch.finfo(dtype).eps / 2 if dtype.is_floating_point else 0.0
-    return max((D * u) ** 2, max(N, D) * torch.finfo(torch.float64).eps)
+def _noise_variance(dtype: torch.dtype, mean_square: float) -> float:
+    """The variance a direction of features of ``dtype`` gets from their rounding alone: each
+    entry is off by up to u |x| (u the unit roundoff), so about u^2 times the mean square entry;
+    16 times that, for margin. 0 for float64 input (the float64 arithmetic's own cut rules)."""
+    u = torch.finfo(dtype).eps / 2 if dtype.is_floating_point and dtype != torch.float64 else 0.0
+    return 16 * u * u * mean_square
 
 
 def _per_model(features, labels, score, *, with_dtype: bool = False) -> torch.Tensor:
@@ -369,7 +369,8 @@ def _per_model(features, labels, score, *, with_dtype: bool = False) -> torch.Te
 def hscore(features, labels, *, shrinkage: bool = False, backend: str = "auto"):
     """H-score (Bao et al., ICIP 2019, def. 2): tr(cov(f)^+ cov(E[f | y])), with np.cov's N - 1
     normalization and a pseudo-inverse (the LogME repository's reference code, with a cutoff
-    at the features' noise level instead of its 1e-15: see _hscore_trace). ``shrinkage=True``: the regularized H-score (Ibrahim et al., ICLR 2023):
+    at the features' rounding level instead of its 1e-15: see _hscore_trace). ``shrinkage=True``:
+    the regularized H-score (Ibrahim et al., ICLR 2023):
     cov(f) replaced by its Ledoit-Wolf shrinkage with coefficient a (1/N normalization, as
     scikit-learn), and cov(E[f | y]) scaled by (1 - a).
 
@@ -386,7 +387,7 @@ def hscore(features, labels, *, shrinkage: bool = False, backend: str = "auto"):
             cov_g = (1 - a) * cov_g
         else:
             cov_f = Fc.T @ Fc / (N - 1)
-        return _hscore_trace(cov_f, cov_g, N, dtype)
+        return _hscore_trace(cov_f, cov_g, N, _noise_variance(dtype, float((F * F).mean())))
     return _per_model(features, labels, one, with_dtype=True)
 
 

@@ -12,7 +12,7 @@ import math
 import torch
 
 from . import _checks
-from .transferability import _class_labels, _feature_list, _noise_rtol, _rows_by_class, torch_backend
+from .transferability import _class_labels, _feature_list, _noise_variance, _rows_by_class, torch_backend
 
 NCTI_PCA_DIM = 64  # the authors' PCA dimension
 _NCTI_SHRINK_COMPONENTS = 32  # their shrinkage reads the variance of the 32 leading components
@@ -31,7 +31,7 @@ def _shrunk(S: torch.Tensor, shrinkage: float) -> torch.Tensor:
 
 
 def _ncti_fit(counts: torch.Tensor, sums: torch.Tensor, scatter: torch.Tensor, pca_dim: int, what: str,
-              dtype: torch.dtype):
+              noise: float):
     """NCTI's PCA and LDA from first-pass statistics: class counts [C], class sums of the
     features [C, D] and their centered total scatter sum_i (x_i - m)(x_i - m)^T [D, D].
 
@@ -40,7 +40,8 @@ def _ncti_fit(counts: torch.Tensor, sums: torch.Tensor, scatter: torch.Tensor, p
     Class means enter only as differences from m, so sums of rows shifted by any x0 serve too.
 
     As the authors' code: PCA fit on all N samples to d = min(pca_dim, D, N - C) components
-    (fewer where the rest are at the features' noise level: see _noise_rtol)
+    (fewer where the rest hold only the features' rounding, variance ``noise``: see
+    transferops.transferability._noise_variance)
     (their variances lam_k with 1/(N-1)); shrinkage s = max(exp(-sum_{k<32} lam_k), 1e-10).
     Above the floor, scikit-learn's eigen solver: the covariances (1/N, class-prior weighted
     within) shrunk towards tr/d I, Fisher directions the generalized eigenvectors of
@@ -54,8 +55,10 @@ def _ncti_fit(counts: torch.Tensor, sums: torch.Tensor, scatter: torch.Tensor, p
     lam, vecs = torch.linalg.eigh(scatter)  # ascending
     # Components at the noise level of the features (``dtype``) are not kept either: a null
     # direction (LayerNorm outputs sum to a constant) would get LDA weights of amplified noise.
-    signal = int((lam > lam[-1] * _noise_rtol(N, D, dtype)).sum())
+    signal = int((lam > max(N * noise, float(lam[-1]) * max(N, D) * torch.finfo(torch.float64).eps)).sum())
     d = min(pca_dim, D, N - C, signal)
+    if d < 1:
+        raise ValueError(f"{what}: ncti needs features that vary above their rounding; these do not")
     basis = vecs[:, -d:].flip(1)  # [D, d], leading principal axes first
     St = torch.diag(lam[-d:].flip(0).clamp(min=0)) / N  # total covariance of the PCA scores
     shrinkage = max(math.exp(-float(St.diagonal()[:_NCTI_SHRINK_COMPONENTS].sum()) * N / (N - 1)),
@@ -89,7 +92,8 @@ def _ncti_terms(X: torch.Tensor, y: torch.Tensor, pca_dim: int, what: str, dtype
     counts = torch.bincount(y)
     sums = torch.zeros(counts.numel(), X.shape[1], dtype=X.dtype, device=X.device).index_add_(0, y, X)
     Xc = X - sums.sum(0) / X.shape[0]
-    weights, intercept, seli = _ncti_fit(counts, sums, Xc.T @ Xc, pca_dim, what, dtype)
+    weights, intercept, seli = _ncti_fit(counts, sums, Xc.T @ Xc, pca_dim, what,
+                                         _noise_variance(dtype, float((X * X).mean())))
     P = torch.softmax(Xc @ weights + intercept, dim=1)  # the second pass: posteriors [N, C]
     ncc = P[torch.arange(X.shape[0], device=X.device), y].mean()
     vc = torch.log(sum(torch.linalg.svdvals(Pc).sum() for Pc in _rows_by_class(P, y)))

@@ -45,14 +45,17 @@ def load_model(name, device=None) -> tuple:
     except ImportError:
         raise ValueError(f"models: {name}: loading a folder needs transformers (pip install transferops[peers])") from None
     path = Path(name)
-    if not path.is_dir() and (path.exists() or str(name).count("/") != 1):
-        raise ValueError(f"models: {name}: expected a transformers folder, or a name in the local Hugging Face cache "
-                         "(org/model), and there is no such folder")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"models: {name}: expected a transformers folder, got a file")
+    if not path.exists() and (path.is_absolute() or str(name).startswith(".") or str(name).count("/") > 1):
+        raise ValueError(f"models: {name}: expected a transformers folder, and there is no such folder")
     try:
         model = AutoModel.from_pretrained(name, local_files_only=True, use_safetensors=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, EnvironmentError) as e:
+    except (OSError, ValueError, KeyError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"models: {name}: cannot load as a transformers model (nothing is downloaded): {first}") from None
+        where = "" if path.is_dir() else "no such folder, and not in the local Hugging Face cache: "
+        raise ValueError(f"models: {name}: cannot load as a transformers model ({where}nothing is downloaded): "
+                         f"{first}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError):
@@ -60,15 +63,28 @@ def load_model(name, device=None) -> tuple:
     return (model.to(device) if device is not None else model), tokenizer
 
 
+def _padded(tokenizer):
+    """The tokenizer, or a copy with a pad token where it has none (GPT-2's and LLaMA's): the
+    caller's object is left as it was."""
+    if tokenizer is None or getattr(tokenizer, "pad_token", None) is not None:
+        return tokenizer
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token if getattr(tokenizer, "eos_token", None) else tokenizer.unk_token
+    return tokenizer
+
+
 def _is_transformers(model) -> bool:
     return isinstance(model, torch.nn.Module) and hasattr(model, "config") and hasattr(model.config, "output_hidden_states")
 
 
-def _candidate(model, name: str, tokenizer=None) -> _Candidate:
+def _candidate(model, name: str, tokenizer=None, device=None) -> _Candidate:
     if isinstance(model, tuple) and len(model) == 2:
         return _candidate(model[0], name, model[1])
     if isinstance(model, (str, Path)):
-        return _candidate(load_model(model), name)
+        return _candidate(load_model(model, device), name)
+    tokenizer = _padded(tokenizer)
     if _is_transformers(model):
         def forward(batch):
             kwargs = batch if isinstance(batch, dict) else {"input_ids": batch}
@@ -136,11 +152,8 @@ def _batch(data, lo: int, hi: int, cand: _Candidate, max_length: int, device):
         if cand.tokenizer is None:
             raise ValueError(f"models: {cand.name}: texts need a tokenizer: pass (model, tokenizer) or a folder that "
                              "holds one")
-        tok = cand.tokenizer
-        if getattr(tok, "pad_token", None) is None:  # GPT-2 and LLaMA tokenizers have none
-            tok.pad_token = tok.eos_token if getattr(tok, "eos_token", None) else tok.unk_token
-        batch = dict(tok(list(data[lo:hi]), padding=True, truncation=True, max_length=max_length,
-                         return_tensors="pt"))
+        batch = dict(cand.tokenizer(list(data[lo:hi]), padding=True, truncation=True, max_length=max_length,
+                                    return_tensors="pt"))
     elif isinstance(data, dict):
         batch = {k: v[lo:hi] for k, v in data.items()}
     else:
@@ -191,21 +204,23 @@ def _pool(h: torch.Tensor, mask: torch.Tensor | None, pooling: str, where: str) 
     unmasked ones, the first, or the last unmasked one), [B, C, H, W] averaged over H and W."""
     if not isinstance(h, torch.Tensor) or not h.is_floating_point():
         raise ValueError(f"{where}: expected a float tensor output, got {type(h).__name__}")
+    if h.element_size() < 4:  # sums of bf16/fp16 in float32 (a bf16 token count is exact to 256 only)
+        h = h.float()
     if h.dim() == 2:
         return h
     if h.dim() == 4:
         return h.mean((2, 3))
     if h.dim() != 3:
         raise ValueError(f"{where}: expected an output [B, D], [B, T, D] or [B, C, H, W], got shape {tuple(h.shape)}")
-    if pooling == "cls":
-        return h[:, 0]
     if mask is None:
-        return h.mean(1) if pooling == "mean" else h[:, -1]
+        return h.mean(1) if pooling == "mean" else h[:, 0] if pooling == "cls" else h[:, -1]
     m = mask.to(h.dtype)
     if pooling == "mean":
         return (h * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
-    last = (mask.long() * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(1)
-    return h[torch.arange(h.shape[0], device=h.device), last]
+    # The first or last unmasked token: tokenizers that pad on the left (LLaMA's) shift both.
+    position = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    index = ((mask > 0) * (mask.shape[1] + 1 - position) if pooling == "cls" else (mask > 0) * position).argmax(1)
+    return h[torch.arange(h.shape[0], device=h.device), index]
 
 
 # ---- the result ----------------------------------------------------------------------------------
@@ -233,10 +248,11 @@ class RankResult:
 
     def table(self) -> str:
         best = self.best
-        lines = [f"{'rank':>4}  {'model':<24} {'layer':>6} {'dim':>6} " + " ".join(f"{s:>14}" for s in self.scores)]
+        width = max(5, *(len(m) for m in best))
+        lines = [f"{'rank':>4}  {'model':<{width}} {'layer':>6} {'dim':>6} " + " ".join(f"{s:>14}" for s in self.scores)]
         for i, m in enumerate(self.ranking, 1):
             r = best[m]
-            lines.append(f"{i:>4}  {m:<24} {str(r['layer']):>6} {r['dim']:>6} "
+            lines.append(f"{i:>4}  {m:<{width}} {str(r['layer']):>6} {r['dim']:>6} "
                          + " ".join(f"{r[s]:>14.6g}" for s in self.scores))
         return "\n".join(lines)
 
@@ -275,20 +291,31 @@ def _device_of(cand: _Candidate):
 
 def _one_pass(cand: _Candidate, data, N: int, layers, pooling: str, batch_size: int, max_length: int,
               progress: bool, add) -> None:
-    """Run one model over the data once: ``add(layer, pooled features [b, D], lo, hi)`` for each
-    layer asked for, batch after batch, in inference mode (the module's train flag restored)."""
+    """Run one model over the data once: ``add(layer, pooled features [b, D], lo, hi, dtype)``
+    for each layer asked for, batch after batch (``dtype``: the layer's own, which the pooled
+    features' precision is), in inference mode, every submodule's train flag restored after."""
     device = _device_of(cand)
     ids = None
     bar = _progress(N, cand.name, progress)
-    training = cand.module.training if cand.module is not None else None
-    if cand.module is not None:
+    modules = list(cand.module.modules()) if cand.module is not None else []
+    training = [m.training for m in modules]
+    if modules:
         cand.module.eval()
+    limit = getattr(getattr(cand.module, "config", None), "max_position_embeddings", None)
+    max_length = min(max_length, limit) if isinstance(limit, int) and limit > 0 else max_length
     try:
         with torch.inference_mode():
             for lo in range(0, N, batch_size):
                 hi = min(N, lo + batch_size)
                 batch, mask = _batch(data, lo, hi, cand, max_length, device)
-                outputs = cand.forward(batch)
+                try:
+                    outputs = cand.forward(batch)
+                except (IndexError, RuntimeError, TypeError, ValueError) as e:
+                    if isinstance(e, torch.OutOfMemoryError):
+                        raise
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    raise ValueError(f"models: {cand.name}: its forward pass failed on samples {lo}..{hi - 1} "
+                                     f"(data of another model, or token ids past its vocabulary?): {first}") from None
                 if ids is None:
                     ids = _layer_ids(layers, len(outputs), cand)
                 for i in ids:
@@ -298,22 +325,22 @@ def _one_pass(cand: _Candidate, data, N: int, layers, pooling: str, batch_size: 
                         if len({p.shape for p in pooled}) != 1:
                             raise ValueError(f"layers: 'mean' averages outputs of one shape, {cand.name} gives "
                                              f"{[tuple(p.shape[1:]) for p in pooled]}")
-                        x = sum(pooled) / len(pooled)
+                        x, dtype = sum(pooled) / len(pooled), hs[0].dtype
                     else:
-                        x = _pool(outputs[i], mask, pooling, f"{cand.name} output {i}")
+                        x, dtype = _pool(outputs[i], mask, pooling, f"{cand.name} output {i}"), outputs[i].dtype
                     if x.shape[0] != hi - lo:
                         raise ValueError(f"{cand.name} output {i}: expected {hi - lo} rows for the batch, got "
                                          f"{x.shape[0]}")
                     if not bool(torch.isfinite(x).all()):
                         raise ValueError(f"{cand.name} layer {i}: non-finite features in samples {lo}..{hi - 1}")
-                    add(i, x, lo, hi)
+                    add(i, x, lo, hi, dtype)
                 if bar is not None:
                     bar.update(hi - lo)
     finally:
         if bar is not None:
             bar.close()
-        if training:
-            cand.module.train()
+        for m, flag in zip(modules, training):
+            m.training = flag
 
 
 def _statistics(cand: _Candidate, data, N: int, y: torch.Tensor, classes: int, wanted: set, settings: dict) -> dict:
@@ -321,12 +348,11 @@ def _statistics(cand: _Candidate, data, N: int, y: torch.Tensor, classes: int, w
     from .transferability_collapse import etran_count
 
     stats: dict = {}
-    y = y.to(_device_of(cand))
 
-    def add(i, x, lo, hi):
+    def add(i, x, lo, hi, dtype):
         if i not in stats:
             stats[i] = ts.FeatureStats(x.shape[1], classes, wanted, x.device, lowest=etran_count(N))
-        stats[i].update(x, y[lo:hi])
+        stats[i].update(x, y[lo:hi].to(x.device), dtype)
 
     _one_pass(cand, data, N, add=add, **settings)
     return stats
@@ -335,14 +361,13 @@ def _statistics(cand: _Candidate, data, N: int, y: torch.Tensor, classes: int, w
 def _posteriors(cand: _Candidate, data, N: int, y: torch.Tensor, stats: dict, settings: dict) -> dict:
     """NCTI's second pass: {layer: its terms [3]}."""
     post = {i: ts.Posteriors(st, f"{cand.name} layer {i}") for i, st in stats.items()}
-    y = y.to(_device_of(cand))
-    _one_pass(cand, data, N, add=lambda i, x, lo, hi: post[i].update(x, y[lo:hi]), **settings)
+    _one_pass(cand, data, N, add=lambda i, x, lo, hi, dtype: post[i].update(x, y[lo:hi].to(x.device)), **settings)
     return {i: p.terms() for i, p in post.items()}
 
 
 def rank_models(models, data, labels, *, scores=("logme", "hscore", "gbc_log"), layers="last", pooling: str = "mean",
-                batch_size: int = 32, max_length: int = 128, compat: str = "corrected", progress: bool = True,
-                backend: str = "auto") -> RankResult:
+                batch_size: int = 32, max_length: int = 128, compat: str = "corrected", device=None,
+                progress: bool = True, backend: str = "auto") -> RankResult:
     """Score candidate models on a labelled target set by running them over it once each.
 
     Parameters
@@ -358,8 +383,9 @@ def rank_models(models, data, labels, *, scores=("logme", "hscore", "gbc_log"), 
     labels : class ids [N], any distinct integers.
     scores : names from ``transferops.transferability_stats.STREAMED``: logme, hscore,
         hscore_shrinkage, gbc, gbc_log (GBC as -log(-GBC): the same order, no underflow to -0),
-        transrate (O(C D^2) memory per layer), etran. The first one picks each model's best
-        layer and sorts the ranking.
+        transrate (O(C D^2) memory per layer), etran, ncti (normalized over every (model,
+        layer) candidate, 0 for a single one; each model runs a second time for its
+        posteriors). The first one picks each model's best layer and sorts the ranking.
     layers : "last" (default), "all" (every hidden state past the embeddings, or every output
         of a callable), "mean" (their average, transformer-ranker's layermean), or indices into
         the hidden states (0 = embeddings, -1 = last).
@@ -367,8 +393,11 @@ def rank_models(models, data, labels, *, scores=("logme", "hscore", "gbc_log"), 
         "cls" (the first token) or "last" (the last unmasked token). [B, C, H, W] outputs are
         averaged over H and W.
 
-    Each model runs in inference mode on its own device and dtype; pooled features are added
-    to float64 statistics on that device. Returns a :class:`RankResult`.
+    Each model runs in inference mode on its own device and dtype (``device``: where models
+    given as folders go, default the CPU; each is loaded when its turn comes); pooled features
+    are added to float64 statistics on that device. ``max_length`` is capped at a model's
+    positions; ``compat`` and ``backend`` are LogME's (see :func:`transferops.logme`; the
+    other scores are torch code, "reference"). Returns a :class:`RankResult`.
     """
     wanted_scores = ts.check_scores(scores)
     if pooling not in POOLINGS:
@@ -381,13 +410,15 @@ def rank_models(models, data, labels, *, scores=("logme", "hscore", "gbc_log"), 
     if not (layers in ("last", "all", "mean") or isinstance(layers, (int, list, tuple))):
         raise ValueError(f"layers: expected 'last', 'all', 'mean' or layer indices, got {layers!r}")
     N = _data_size(data)
+    if N < 2:
+        raise ValueError(f"data: expected at least 2 samples, got {N}")
     ids, y = tr._class_labels(labels, N)
     wanted = ts.needs(wanted_scores)
     settings = dict(layers=layers, pooling=pooling, batch_size=batch_size, max_length=max_length, progress=progress)
     result = RankResult(wanted_scores)
     terms = []
     for name, model in _named(models):
-        cand = _candidate(model, name)
+        cand = _candidate(model, name, device=device)
         stats = _statistics(cand, data, N, y, ids.numel(), wanted, settings)
         if "ncti" in wanted_scores:
             terms += list(_posteriors(cand, data, N, y, stats, settings).values())

@@ -72,10 +72,11 @@ class FeatureStats:
         self.energy = torch.zeros(0, **f64) if "energy" in needs else None
         self.lowest = lowest
 
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add rows ``x`` [b, D] (any float dtype) with class indices ``y`` [b] (int64)."""
+    def update(self, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """Add rows ``x`` [b, D] (any float dtype) with class indices ``y`` [b] (int64);
+        ``dtype``: the precision the features were computed in, if not x's own."""
         if self.shift is None:
-            self.dtype = x.dtype
+            self.dtype = dtype or x.dtype
             self.shift = x.to(torch.float64).mean(0)
         x = x.to(torch.float64)
         if self.energy is not None:  # of the raw features, which the energy score takes as logits
@@ -114,6 +115,13 @@ class FeatureStats:
         keep = self._present()
         counts, sums = self.counts[keep], self.class_sums[keep]
         return counts, sums / counts[:, None] + self.shift, sums
+
+    def noise(self) -> float:
+        """The variance the features' rounding alone gives a direction (see
+        transferops.transferability._noise_variance): from their mean square entry, tr(F^T F) / (N D)."""
+        s = self.class_sums.sum(0)
+        trace = float(torch.trace(self.gram)) + 2 * float(self.shift @ s) + self.n * float(self.shift @ self.shift)
+        return tr._noise_variance(self.dtype, trace / (self.n * self.dim))
 
     def raw(self) -> tuple[np.ndarray, np.ndarray]:
         """LogME's F^T F [D, D] (float64, Fortran order) and F^T Y [D, C] of the raw features."""
@@ -167,7 +175,7 @@ def _hscore(st: FeatureStats, shrinkage: bool) -> float:
     mu, scatter = st.centered()
     cov_g = _between(st) / (N - 1)
     if not shrinkage:
-        return float(tr._hscore_trace(scatter / (N - 1), cov_g, N, st.dtype))
+        return float(tr._hscore_trace(scatter / (N - 1), cov_g, N, st.noise()))
     # sum_i |x_i - mu|^4 with z = x - x0 and d = mu - x0: |z - d|^2 = |z|^2 - 2 z.d + |d|^2.
     dd = float(mu @ mu)
     S = st.class_sums.sum(0)
@@ -176,7 +184,7 @@ def _hscore(st: FeatureStats, shrinkage: bool) -> float:
     fourth = (float(st.fourth) - 4 * float(st.sq_weighted @ mu) + 4 * zd2 + 2 * dd * z2 - 4 * dd * float(S @ mu)
               + N * dd * dd)
     cov_f, a = tr._ledoit_wolf_from(scatter / N, fourth, N)
-    return float(tr._hscore_trace(cov_f, (1 - a) * cov_g, N, st.dtype))
+    return float(tr._hscore_trace(cov_f, (1 - a) * cov_g, N, st.noise()))
 
 
 def _gbc(st: FeatureStats, log: bool) -> float:
@@ -212,7 +220,7 @@ class Posteriors:
         mu, scatter = st.centered()
         self.shift = st.shift + mu
         self.weights, self.intercept, self.seli = _ncti_fit(st.counts[keep], st.class_sums[keep], scatter, pca_dim,
-                                                            what, st.dtype)
+                                                            what, st.noise())
         C = int(keep.sum())
         self.ncc = torch.zeros((), dtype=torch.float64, device=scatter.device)
         self.R = [torch.zeros(0, C, dtype=torch.float64, device=scatter.device) for _ in range(C)]
@@ -237,6 +245,7 @@ def score(st: FeatureStats, name: str, *, compat: str = "corrected", backend: st
         raise ValueError(f"labels: expected at least 2 samples of at least two classes, got {st.n} samples")
     if name == "logme":
         return _logme(st, compat, backend)
+    tr.torch_backend(backend, name)
     if name in ("hscore", "hscore_shrinkage"):
         return _hscore(st, name == "hscore_shrinkage")
     if name in ("gbc", "gbc_log"):
