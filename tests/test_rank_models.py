@@ -213,8 +213,13 @@ def test_rank_models_takes_modules_callables_and_tensors():
         assert abs(rows[key]["gbc"] - float(tr.gbc(F, y))) <= 1e-10 * abs(float(tr.gbc(F, y))), key
     with pytest.raises(ValueError, match="layers: 'mean' averages outputs of one shape"):
         to.rank_models(module, X, y, scores=("logme",), layers="mean", progress=False)
-    last = to.rank_models({"mlp": module}, X, y, scores=("logme",), layers=[-1], progress=False).rows
-    assert last[0]["layer"] == 1 and abs(last[0]["logme"] - float(tr.logme(out, y))) <= 1e-10 * abs(float(tr.logme(out, y)))
+    for backend in ("native", "reference"):  # LogME's finish from the Gram matrix, either way
+        last = to.rank_models({"mlp": module}, X, y, scores=("logme",), layers=[-1], progress=False,
+                              backend=backend).rows
+        want = float(tr.logme(out, y))
+        assert last[0]["layer"] == 1 and abs(last[0]["logme"] - want) <= 1e-10 * abs(want), backend
+    with pytest.raises(to.BackendUnavailable, match="gbc: backend 'native' cannot run"):
+        to.rank_models({"mlp": module}, X, y, scores=("gbc",), progress=False, backend="native")
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

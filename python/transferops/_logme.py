@@ -74,14 +74,19 @@ def _spectrum(F: torch.Tensor, Y: torch.Tensor, compat: str):
     terms; the posterior mean weights of a target are m = basis @ (scale * x / (t + sigma))."""
     N, D = F.shape
     if N > D:
-        eigenvalues, V = torch.linalg.eigh(F.T @ F)
-        s, keep, extra = _rank_rule(eigenvalues, N, D, compat, True)
-        s, V = s[keep], V[:, keep]
-        return s * s, (V.T @ (F.T @ Y)) / s[:, None], V, s, extra
+        return _gram_spectrum(F.T @ F, F.T @ Y, N, D, compat)
     eigenvalues, U = torch.linalg.eigh(F @ F.T)
     s, keep, extra = _rank_rule(eigenvalues, N, D, compat, False)
     U = U[:, keep]
     return s[keep] ** 2, U.T @ Y, F.T @ U, torch.ones_like(s[keep]), extra
+
+
+def _gram_spectrum(G: torch.Tensor, B: torch.Tensor, N: int, D: int, compat: str):
+    """:func:`_spectrum` of N > D features from their Gram matrix G = F^T F and B = F^T Y."""
+    eigenvalues, V = torch.linalg.eigh(G)
+    s, keep, extra = _rank_rule(eigenvalues, N, D, compat, True)
+    s, V = s[keep], V[:, keep]
+    return s * s, (V.T @ B) / s[:, None], V, s, extra
 
 
 def _fixed_point(sigma: torch.Tensor, X: torch.Tensor, y2: torch.Tensor, N: int, D: int, extra: int):

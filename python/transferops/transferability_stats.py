@@ -155,11 +155,8 @@ def _logme(st: FeatureStats, compat: str, backend: str) -> float:
         return float(evidence.mean())
     if chosen == "native":
         raise BackendUnavailable("native logme needs the native module and scipy")
-    Gt, Bt = torch.from_numpy(G), torch.from_numpy(B)
-    eigenvalues, V = torch.linalg.eigh(Gt)
-    s, keep, extra = lm._rank_rule(eigenvalues, N, D, compat, True)
-    s, V = s[keep], V[:, keep]
-    evidence, *_ = lm._fixed_point(s * s, (V.T @ Bt) / s[:, None], torch.from_numpy(counts), N, D, extra)
+    sigma, X, _, _, extra = lm._gram_spectrum(torch.from_numpy(G), torch.from_numpy(B), N, D, compat)
+    evidence, *_ = lm._fixed_point(sigma, X, torch.from_numpy(counts), N, D, extra)
     return float(evidence.mean())
 
 
