@@ -208,3 +208,25 @@ def test_every_listed_score_runs_on_feature_files(tmp_path, capsys):
         assert r["ncti"] == pytest.approx(float(want[i]), abs=1e-12)
         assert r["gbc_log"] == pytest.approx(float(to.gbc(f, y, log=True)), rel=1e-12)
         assert r["etran"] == pytest.approx(float(to.etran(f)), rel=1e-12)
+
+
+def test_outputs_replace_a_symlink_instead_of_following_it(tmp_path):
+    """--json and --csv are written to a temporary file created exclusively beside the path,
+    then renamed over it: a symlink planted at the path is replaced, its target untouched, and
+    no temporary file is left."""
+    g = torch.Generator().manual_seed(4)
+    y = torch.randint(0, 3, (60,), generator=g)
+    np.save(tmp_path / "f.npy", (torch.randn(60, 5, generator=g) + y[:, None]).numpy())
+    np.save(tmp_path / "y.npy", y.numpy())
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "r.json").symlink_to(outside)
+    (out / "r.csv").symlink_to(outside)
+    assert main(["rank", str(tmp_path / "f.npy"), "--labels", str(tmp_path / "y.npy"), "--scores", "logme",
+                 "--json", str(out / "r.json"), "--csv", str(out / "r.csv")]) == 0
+    assert outside.read_text() == "keep me"
+    assert not (out / "r.json").is_symlink() and json.loads((out / "r.json").read_text())[0]["model"] == "f.npy"
+    assert not (out / "r.csv").is_symlink() and (out / "r.csv").read_text().startswith("model,")
+    assert sorted(p.name for p in out.iterdir()) == ["r.csv", "r.json"]

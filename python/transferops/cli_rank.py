@@ -95,11 +95,23 @@ def _writable(path: str | None, flag: str) -> None:
     if not os.access(folder, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise CLIError(f"{path}: {flag}: cannot write: permission denied")
 
+
 def _write(path: str, flag: str, fill) -> None:
+    """``fill(file)`` into a temporary file created exclusively beside ``path``, then renamed
+    over it: no half-written output, and a symlink at ``path`` is replaced, not followed."""
+    import tempfile
+
+    p = Path(path)
+    tmp = None
     try:
-        with open(path, "w", newline="") as f:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w", newline="") as f:
             fill(f)
+        os.replace(tmp, p)
     except OSError as e:
+        if tmp is not None and os.path.lexists(tmp):
+            os.unlink(tmp)
         raise CLIError(f"{path}: {flag}: cannot write: {e.strerror or e}") from None
 
 
