@@ -218,8 +218,11 @@ def test_rank_models_takes_modules_callables_and_tensors():
                               backend=backend).rows
         want = float(tr.logme(out, y))
         assert last[0]["layer"] == 1 and abs(last[0]["logme"] - want) <= 1e-10 * abs(want), backend
+    calls = []
     with pytest.raises(to.BackendUnavailable, match="gbc: backend 'native' cannot run"):
-        to.rank_models({"mlp": module}, X, y, scores=("gbc",), progress=False, backend="native")
+        to.rank_models({"fn": lambda x: calls.append(1) or x.flatten(1)}, X, y, scores=("gbc",), progress=False,
+                       backend="native")
+    assert not calls  # refused before any model runs
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

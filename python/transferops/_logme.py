@@ -158,8 +158,8 @@ def _lapack() -> dict:
 class _Reduced:
     """A float64 Gram matrix H reduced in place to tridiagonal T = Q^T H Q (LAPACK sytrd, Q kept
     as reflectors in ``gram``), T's eigenvalues (sterf, ascending; rounding can make some of a
-    null space negative) and the targets
-    multiplied by Q^T: an eigenvalues-only solve that still projects, with no eigenvector formed."""
+    null space negative) and the targets multiplied by Q^T: an eigenvalues-only solve that
+    still projects, with no eigenvector formed."""
     gram: np.ndarray
     diag: np.ndarray
     off: np.ndarray
@@ -200,8 +200,9 @@ def _logme_evidence(red: _Reduced, y2: np.ndarray, N: int, D: int, of_features: 
     """Evidence per target from a reduced Gram matrix H = F^T F (``of_features``, targets F^T Y)
     or F F^T (targets Y), as :func:`_fixed_point` but with O(n) tridiagonal solves per update
     instead of eigenvectors (see cpu::LogmeSpectrum), with the eigenvalues :func:`_rank_rule`
-    keeps in gamma and the log-determinant and its log(alpha) terms besides. With ``with_params`` also alpha, beta and Q z, from
-    which the posterior mean weights are m = Q z (F^T F) or F^T Q z (F F^T)."""
+    keeps in gamma and the log-determinant and its log(alpha) terms besides. With
+    ``with_params`` also alpha, beta and Q z, from which the posterior mean weights are m = Q z
+    (F^T F) or F^T Q z (F F^T)."""
     s, keep, extra = _rank_rule(red.eigenvalues, N, D, compat, of_features)
     sigma = np.sort(np.where(keep, s * s, 0.0))  # the kept ones last: [first, n)
     first = s.size - int(keep.sum())

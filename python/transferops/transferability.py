@@ -554,6 +554,13 @@ def _top_eigenvalue_estimate(A: torch.Tensor, iterations: int = 3) -> float:
     return float(x @ A @ y)
 
 
+def _shrunk(S: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """(1 - s) S + s tr(S)/d I: scikit-learn's shrunk covariance (SFDA's and NCTI's LDA)."""
+    out = (1 - shrinkage) * S
+    out.diagonal().add_(shrinkage * float(torch.trace(S)) / S.shape[0])
+    return out
+
+
 def _regularized_fda(X: torch.Tensor, y: torch.Tensor, shrinkage: float | None):
     """SFDA's regularized Fisher discriminant, fit on and applied to X with the classes y
     (0..C-1, each occurring): (class posteriors [N, C], the shrinkage used, the class means
@@ -561,15 +568,13 @@ def _regularized_fda(X: torch.Tensor, y: torch.Tensor, shrinkage: float | None):
     to (1 - s) S_w + s tr(S_w)/D I, s = max(exp(-5 lambda_max(S_w)), 1e-10) unless given. The
     authors project on all D generalized eigenvectors V of (S_b, shrunk S_w) and classify with
     means V V^T; V V^T is the inverse of the shrunk S_w, applied here by Cholesky instead."""
-    N, D = X.shape
+    N = X.shape[0]
     counts, means = _class_means(X, y)
     R = X - means[y]
     Sw = R.T @ R / N
     if shrinkage is None:
         shrinkage = max(math.exp(-5 * _top_eigenvalue_estimate(Sw)), 1e-10)
-    shrunk = (1 - shrinkage) * Sw
-    shrunk.diagonal().add_(shrinkage * float(torch.trace(Sw)) / D)
-    L, info = torch.linalg.cholesky_ex(shrunk)
+    L, info = torch.linalg.cholesky_ex(_shrunk(Sw, shrinkage))
     if int(info) != 0:
         raise ValueError("features: sfda needs features that vary within the classes; the within-class scatter "
                          "is singular")

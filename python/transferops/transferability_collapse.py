@@ -12,7 +12,7 @@ import math
 import torch
 
 from . import _checks
-from .transferability import _class_labels, _feature_list, _noise_variance, _rows_by_class, torch_backend
+from .transferability import _class_labels, _feature_list, _noise_variance, _rows_by_class, _shrunk, torch_backend
 
 NCTI_PCA_DIM = 64  # the authors' PCA dimension
 _NCTI_SHRINK_COMPONENTS = 32  # their shrinkage reads the variance of the 32 leading components
@@ -21,13 +21,6 @@ ETRAN_FRACTION = 0.005  # the authors' code averages the lowest 0.5% of the samp
 
 
 # ---- NCTI -------------------------------------------------------------------------------------
-
-
-def _shrunk(S: torch.Tensor, shrinkage: float) -> torch.Tensor:
-    """(1 - s) S + s tr(S)/d I: scikit-learn's shrunk covariance, the LDA of the authors' code."""
-    out = (1 - shrinkage) * S
-    out.diagonal().add_(shrinkage * float(torch.trace(S)) / S.shape[0])
-    return out
 
 
 def _ncti_fit(counts: torch.Tensor, sums: torch.Tensor, scatter: torch.Tensor, pca_dim: int, what: str,

@@ -390,8 +390,8 @@ def rank_models(models, data, labels, *, scores=("logme", "hscore", "gbc_log"), 
         of a callable), "mean" (their average, transformer-ranker's layermean), or indices into
         the hidden states (0 = embeddings, -1 = last).
     pooling : over the tokens of a [B, T, D] output: "mean" over the attention mask (default),
-        "cls" (the first token) or "last" (the last unmasked token). [B, C, H, W] outputs are
-        averaged over H and W.
+        "cls" (the first unmasked token) or "last" (the last unmasked one), right or left
+        padding alike. [B, C, H, W] outputs are averaged over H and W.
 
     Each model runs in inference mode on its own device and dtype (``device``: where models
     given as folders go, default the CPU; each is loaded when its turn comes); pooled features
@@ -413,6 +413,7 @@ def rank_models(models, data, labels, *, scores=("logme", "hscore", "gbc_log"), 
     if N < 2:
         raise ValueError(f"data: expected at least 2 samples, got {N}")
     ids, y = tr._class_labels(labels, N)
+    ts.check_backend(wanted_scores, backend)
     wanted = ts.needs(wanted_scores)
     settings = dict(layers=layers, pooling=pooling, batch_size=batch_size, max_length=max_length, progress=progress)
     result = RankResult(wanted_scores)

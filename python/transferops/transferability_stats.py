@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from . import transferability as tr
-from ._backend import BackendUnavailable, native_module
 
 # Scores computed from the statistics, and what each needs beyond counts and class sums.
 STREAMED = {"logme": {"gram"}, "hscore": {"gram"}, "hscore_shrinkage": {"gram", "fourth"}, "gbc": {"class_sq"},
@@ -57,7 +56,7 @@ class FeatureStats:
 
     def __init__(self, dim: int, classes: int, needs: set, device, *, lowest: int = 1):
         f64 = dict(dtype=torch.float64, device=device)
-        self.n, self.dim, self.classes, self.needs = 0, dim, classes, set(needs)
+        self.n, self.dim = 0, dim
         self.shift = None  # x0 [D]
         self.dtype = None  # the features' own
         self.counts = torch.zeros(classes, **f64)
@@ -137,24 +136,20 @@ class FeatureStats:
 
 def _logme(st: FeatureStats, compat: str, backend: str) -> float:
     """LogME from the Gram matrix, as :class:`~transferops.transferability.LogMEStream` finishes
-    (native), or from its eigendecomposition (reference; any device)."""
+    (native), or from its eigendecomposition (reference), the backend chosen as logme() chooses
+    it (the Gram matrix is on the CPU by then)."""
     from . import _logme as lm
-    from ._backend import forced_backend
 
+    chosen, _ = lm.logme_op.select(backend, torch.device("cpu"), torch.float64, name="logme")
     G, B = st.raw()
     counts = st.counts[st._present()].cpu().numpy()
     N, D = st.n, st.dim
     if compat == "official" and N <= D:
         raise ValueError(f"compat='official' streams only when N > D (N = {N}, D = {D}); use compat='corrected'")
-    chosen = forced_backend(backend)
-    if chosen not in (None, "native", "reference"):
-        raise ValueError(f"backend: logme from statistics runs on 'native' or 'reference', got {chosen!r}")
-    if chosen != "reference" and lm._scipy_reason() is None and native_module() is not None:
+    if chosen == "native":
         red = lm._reduce([G], [B])[0]
         evidence, _ = lm._logme_evidence(red, counts, N, D, True, compat, False)
         return float(evidence.mean())
-    if chosen == "native":
-        raise BackendUnavailable("native logme needs the native module and scipy")
     sigma, X, _, _, extra = lm._gram_spectrum(torch.from_numpy(G), torch.from_numpy(B), N, D, compat)
     evidence, *_ = lm._fixed_point(sigma, X, torch.from_numpy(counts), N, D, extra)
     return float(evidence.mean())
@@ -234,6 +229,17 @@ class Posteriors:
         """(S_ncc, S_seli, S_vc) as :func:`transferops.transferability_collapse.ncti` has them."""
         nuclear = sum(torch.linalg.svdvals(R).sum() for R in self.R)
         return torch.stack([self.ncc / self.n, self.seli, torch.log(nuclear)])
+
+
+def check_backend(scores, backend: str) -> None:
+    """Raise before any pass if a score cannot run on ``backend`` (LogME as logme() chooses)."""
+    from ._logme import logme_op
+
+    for name in scores:
+        if name == "logme":
+            logme_op.select(backend, torch.device("cpu"), torch.float64, name="logme")
+        else:
+            tr.torch_backend(backend, name)
 
 
 def score(st: FeatureStats, name: str, *, compat: str = "corrected", backend: str = "auto") -> float:
