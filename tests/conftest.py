@@ -127,3 +127,7 @@ def llamas(tmp_path_factory):
         fast.save_pretrained(path)
         paths.append(path)
     return paths
+
+
+# POT's own tests run in a subprocess of their own, with compat swapped in (test_compat_pot_suite.py).
+collect_ignore = ["third_party"]

@@ -175,12 +175,17 @@ def _row_lse(M: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(M, dim=-1)
 
 
-def _sinkhorn_loop(C: torch.Tensor, la: torch.Tensor, lb: torch.Tensor, eps: float, lam: float, rho: float | None,
-                   tol: float, max_iter: int, schedule: list[float], symmetric: bool = False):
+def _sinkhorn_loop(C: torch.Tensor, la: torch.Tensor, lb: torch.Tensor, eps: float, rho, tol: float, max_iter: int,
+                   schedule: list[float], symmetric: bool = False):
     """Log-domain iterations for every problem of the batch, each frozen once it converges.
+    ``rho``: None (balanced), the reach of both marginals, or one per marginal (None: exact).
     ``schedule``: the eps values of an eps-scaling warm start (one update each), then eps.
     ``symmetric`` (x = y, a = b): f = g, updated by averaging f with its update, which converges
     where alternating updates oscillate (Feydy et al. 2019, sec. 3)."""
+    rho_a, rho_b = rho if isinstance(rho, tuple) else (rho, rho)
+
+    def lams(e):
+        return tuple(1.0 if r is None else r / (r + e) for r in (rho_a, rho_b))
     B, N, M = C.shape
     f = torch.zeros(B, N, dtype=torch.float64, device=C.device)
     g = torch.zeros(B, M, dtype=torch.float64, device=C.device)
@@ -193,22 +198,23 @@ def _sinkhorn_loop(C: torch.Tensor, la: torch.Tensor, lb: torch.Tensor, eps: flo
         return -lam_e * e * _row_lse((la[:, :, None] + (f[:, :, None] - C) / e).transpose(1, 2))
 
     for e in schedule:
-        lam_e = 1.0 if rho is None else rho / (rho + e)
-        f = update_f(g, e, lam_e)
-        g = update_g(f, e, lam_e)
+        lam_a, lam_b = lams(e)
+        f = update_f(g, e, lam_a)
+        g = update_g(f, e, lam_b)
+    lam_a, lam_b = lams(eps)
     active = torch.ones(B, dtype=torch.bool, device=C.device)
     n_iter = torch.zeros(B, dtype=torch.int64, device=C.device)
     error = torch.full((B,), math.inf, dtype=torch.float64, device=C.device)
     for it in range(1, max_iter + 1):
         if symmetric:
-            f = g = torch.where(active[:, None], (f + update_f(g, eps, lam)) / 2, f)
+            f = g = torch.where(active[:, None], (f + update_f(g, eps, lam_a)) / 2, f)
         else:
-            f = torch.where(active[:, None], update_f(g, eps, lam), f)
-            g = torch.where(active[:, None], update_g(f, eps, lam), g)
+            f = torch.where(active[:, None], update_f(g, eps, lam_a), f)
+            g = torch.where(active[:, None], update_g(f, eps, lam_b), g)
         n_iter += active
         if it % CHECK_EVERY == 0 or it == max_iter:
             row = (la + f / eps + _row_lse(lb[:, None, :] + (g[:, None, :] - C) / eps)).exp()
-            target = la.exp() if rho is None else (la - f / rho).exp()
+            target = la.exp() if rho_a is None else (la - f / rho_a).exp()
             error = torch.where(active, (row - target).abs().sum(-1) / mass, error)
             active = active & ~(error <= tol)
             if not bool(active.any()):
@@ -259,8 +265,7 @@ def _reference_fits(costs, *_) -> str | None:
 def _sinkhorn_reference(C, a, b, eps, rho, tol, max_iter, schedule, symmetric, progress):
     C = C.double()
     la, lb = a.log(), b.log()
-    lam = 1.0 if rho is None else rho / (rho + eps)
-    f, g, n_iter, error = _sinkhorn_loop(C, la, lb, eps, lam, rho, tol, max_iter, schedule, symmetric)
+    f, g, n_iter, error = _sinkhorn_loop(C, la, lb, eps, rho, tol, max_iter, schedule, symmetric)
     transport, value = _values(C, la, lb, f, g, eps, rho)
     return f, g, transport, value, n_iter, error
 
