@@ -79,20 +79,27 @@ def pytest_configure(config):
     pytest.skip_backend = functools.partial(skip_arg, "nx", getter=str)
 
 
+CALLS_BEFORE = pytest.StashKey[int]()
 RESULTS = {}  # node id -> {"outcome": passed | failed | skipped, "reached": bool}
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    before = CALLS[0]
-    out = yield
-    if item.nodeid in RESULTS:
-        RESULTS[item.nodeid]["reached"] = CALLS[0] > before
-    return out
+    item.stash[CALLS_BEFORE] = CALLS[0]
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    # user_properties travel with the report to pytest-xdist's controller
+    report.user_properties.append(("reached", CALLS[0] > item.stash[CALLS_BEFORE]))
+    return report
 
 
 def pytest_runtest_logreport(report):
     entry = RESULTS.setdefault(report.nodeid, {"outcome": "passed", "reached": False})
+    entry["reached"] = entry["reached"] or dict(report.user_properties).get("reached", False)
     if report.failed:
         entry["outcome"] = "failed"
     elif report.skipped and entry["outcome"] == "passed":
@@ -101,6 +108,6 @@ def pytest_runtest_logreport(report):
 
 def pytest_sessionfinish(session, exitstatus):
     path = os.environ.get("TRANSFEROPS_POT_SUITE_REPORT")
-    if path:
+    if path and not hasattr(session.config, "workerinput"):  # pytest-xdist's controller writes it
         with open(path, "w") as fh:
             json.dump({"swapped": SWAPPED, "tests": RESULTS}, fh, indent=1)
