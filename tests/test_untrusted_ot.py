@@ -259,16 +259,16 @@ def test_valid_numbers_of_other_types_are_accepted():
                                       eps=1.0, inner="exact", inner_eps=math.inf), "inner_eps: ", ValueError),
     (lambda x, y: ot.dataset_distance(x, torch.zeros(5, dtype=torch.int64), y, torch.zeros(6, dtype=torch.int64),
                                       eps=1.0, max_iter=0), "max_iter: ", ValueError),
-    (lambda x, y: pot.sinkhorn2([], [], ot.cost_matrix(x, y).numpy(), 0.0), "reg: ", ValueError),
+    (lambda x, y: pot.sinkhorn2([], [], ot.cost_matrix(x, y).numpy(), -1.0), "reg: ", ValueError),
     (lambda x, y: pot.sinkhorn2([], [], ot.cost_matrix(x, y).numpy(), 1.0, numItermax=2**64), "numItermax: ",
      ValueError),
     (lambda x, y: pot.sinkhorn2([], [], ot.cost_matrix(x, y).numpy(), 1.0, stopThr=math.nan), "stopThr: ",
      ValueError),
     (lambda x, y: pot.sinkhorn_unbalanced2([], [], ot.cost_matrix(x, y).numpy(), 1.0, -1.0), "reg_m: ", ValueError),
-    (lambda x, y: pot.sinkhorn_unbalanced2([], [], ot.cost_matrix(x, y).numpy(), 1.0, (1.0, 2.0)), "reg_m: ",
+    (lambda x, y: pot.sinkhorn_unbalanced2([], [], ot.cost_matrix(x, y).numpy(), 1.0, (1.0, 2.0, 3.0)), "reg_m: ",
      ValueError),
     (lambda x, y: pot.empirical_sinkhorn2(x.numpy(), y.numpy(), 1.0, numIterMax=1.5), "numIterMax: ", TypeError),
-    (lambda x, y: pot.sinkhorn2([], [], np.ones((5, 6), dtype=np.int64), 1.0), "M: ", ValueError),
+    (lambda x, y: pot.sinkhorn2([], [], np.ones((5, 6), dtype=np.complex128), 1.0), "M: ", TypeError),
 ])
 def test_other_entry_points_check_their_numbers(call, match, error):
     x, y = _clouds(n=5, m=6)

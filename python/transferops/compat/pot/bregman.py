@@ -214,10 +214,10 @@ def _lazy(X_s, X_t, reg, a, b, metric, numIterMax, stopThr, batchSize, warn, whe
         warnings.simplefilter("ignore", RuntimeWarning)
         if metric == "sqeuclidean":
             r = _ot.sinkhorn(xs.detach().double(), xt.detach().double(), at, bt, eps=reg, tol=tol,
-                             max_iter=_ot_checks.max_iter(numIterMax, "numIterMax"), progress=False)
+                             max_iter=numIterMax, progress=False)
         else:
             r = _ot.sinkhorn_cost_matrix(_point_costs(xs.detach(), xt.detach(), metric), at, bt, eps=reg, tol=tol,
-                                         max_iter=_ot_checks.max_iter(numIterMax, "numIterMax"))
+                                         max_iter=numIterMax)
     if not bool(r.converged) and warn:
         _core.not_converged(where)
     f, g = at.log() + r.f / reg, bt.log() + r.g / reg
@@ -230,6 +230,7 @@ def empirical_sinkhorn(X_s, X_t, reg, a=None, b=None, metric="sqeuclidean", numI
     """The entropic plan between point clouds (``ot.bregman.empirical_sinkhorn``), costs
     ``dist(X_s, X_t, metric)``. ``isLazy``: the log-potentials (f, g), P = exp(f + g - M / reg),
     without storing M (and with ``log`` a dict holding ``lazy_plan``)."""
+    numIterMax = _ot_checks.max_iter(numIterMax, "numIterMax")
     if not isLazy:
         M = dist(X_s, X_t, metric=metric)
         return sinkhorn(_or_empty(a), _or_empty(b), M, reg, numItermax=numIterMax, stopThr=stopThr, verbose=verbose,
@@ -254,6 +255,7 @@ def empirical_sinkhorn2(X_s, X_t, reg, a=None, b=None, metric="sqeuclidean", num
                         isLazy=False, batchSize=100, verbose=False, log=False, warn=True, warmstart=None, **kwargs):
     """<M, P> between point clouds (``ot.bregman.empirical_sinkhorn2``), differentiable in
     X_s, X_t, a and b on torch inputs (then the costs are stored, whatever ``isLazy``)."""
+    numIterMax = _ot_checks.max_iter(numIterMax, "numIterMax")
     needs_grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in (X_s, X_t, a, b))
     if not isLazy or needs_grad:
         M = dist(X_s, X_t, metric=metric)
