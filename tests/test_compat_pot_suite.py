@@ -28,7 +28,7 @@ def test_pot_suite_with_compat(tmp_path):
     reached = sum(n for (_, r), n in counts.items() if r)
     line = (f"POT 0.9.7 suite with compat: {counts['passed', True]} of {reached} tests that call compat pass, "
             f"{counts['failed', True]} fail ({len(DIFFERENCES)} listed differences); "
-            f"{counts['passed', False] + counts['failed', False]} call only POT's own functions, "
+            f"{counts['passed', False] + counts['failed', False]} call only POT's own functions (others deselected), "
             f"{counts['skipped', False] + counts['skipped', True]} skipped")
     print(line)
     summary = os.environ.get("TRANSFEROPS_POT_SUITE_SUMMARY")

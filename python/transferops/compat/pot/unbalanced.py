@@ -30,6 +30,9 @@ METHOD_KWARGS = {"sinkhorn_stabilized": ("tau",), "sinkhorn_reg_scaling": ("reg_
 def _solve(a, b, M, reg, reg_m, method, reg_type, c, warmstart, numItermax, stopThr, verbose, kwargs, where):
     method = method.lower() if isinstance(method, str) else method
     _core.check_method(method, METHODS)
+    # warn: POT's unbalanced solvers take it through **kwargs (and never warn); here it silences
+    # the non-convergence warning, as it does for the balanced ones.
+    warn = kwargs.pop("warn", True)
     accepted = METHOD_KWARGS.get(method, ())
     _core.check_kwargs(kwargs, dict.fromkeys(accepted, ""), f"{where} (method={method!r})")
     for key, value in kwargs.items():
@@ -72,7 +75,7 @@ def _solve(a, b, M, reg, reg_m, method, reg_type, c, warmstart, numItermax, stop
             a_solve = at * ratio if hists else at * ratio[0]
     sol = _core.solve(Mt, a_solve, bt, reg, pair, c=ct, entropy=entropy,
                       numItermax=numItermax, tol=_core.stop_threshold(stopThr, torch.float64))
-    if not sol.converged:
+    if not sol.converged and warn:
         _core.not_converged(where)
     if verbose:
         print(f"{where}: {sol.n_iter} iterations, marginal error {sol.error:.3e}")
