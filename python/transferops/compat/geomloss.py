@@ -15,8 +15,9 @@ Deliberate differences:
 
 - We iterate until the marginal error is below ``tol`` (each problem on its own); GeomLoss stops
   when its eps-scaling schedule ends, one update per value, so its values move towards ours as
-  ``scaling`` nears 1. ``scaling`` (the ratio of successive blurs, so scaling^p on eps) sets our
-  eps-scaling warm start, from the largest cost down to eps.
+  ``scaling`` nears 1. ``scaling`` (the ratio of successive blurs, so scaling^p on eps) sets the
+  eps-scaling warm start of the (x, y) problem, from the largest cost down to eps; the debiasing
+  problems start cold.
 - Balanced measures must have equal masses (an error naming ``a, b``, not a silent answer).
 - Balanced potentials are defined up to f + c, g - c; ours may differ from GeomLoss's by such a
   constant, and so may the gradients in the weights (the loss is the same).
@@ -36,9 +37,11 @@ Deliberate differences:
 - ``loss="hausdorff"`` is rejected: GeomLoss 0.3.1 routes it to its kernel routine without a
   kernel, which fails with a KeyError, so there is no behaviour to reproduce.
 - Cluster labels (GeomLoss's six-argument call, for its multiscale backend) are rejected.
+- p=1 costs and the energy and laplacian kernels use exact distances; GeomLoss floors them at
+  1e-4 (the square root of a clamp at 1e-8).
 - Kernel losses ("energy", "gaussian", "laplacian": 1/2 |a - b|_k^2 with ``blur`` the kernel
-  scale) are computed in float64 with exact distances (GeomLoss floors distances at 1e-4); they
-  reject ``reach``, ``cost`` and ``debias=False``, which only mean something for Sinkhorn.
+  scale) are computed in float64; they reject ``reach``, ``cost`` and ``debias=False``, which
+  only mean something for Sinkhorn (GeomLoss ignores them there).
 
 Values come back in the points' dtype; p=1 and callable costs store the B x N x M cost matrices,
 as GeomLoss's tensorized backend does.
@@ -117,8 +120,8 @@ class SamplesLoss(torch.nn.Module):
             raise TypeError(f"kernel: expected None or a callable, got {type(self.kernel).__name__}")
         if self.loss == "sinkhorn":
             if self.kernel is not None:
-                raise ValueError("kernel: only applies to the kernel losses ('energy', 'gaussian', 'laplacian'), "
-                                 "not to loss='sinkhorn' (pass cost= for another ground cost)")
+                raise ValueError(f"kernel: only applies to the kernel losses {list(KERNELS)}, not to "
+                                 "loss='sinkhorn' (pass cost= for another ground cost)")
         else:
             for name, unset in (("reach", self.reach is None), ("cost", self.cost is None),
                                 ("debias", self.debias)):
@@ -143,10 +146,9 @@ class SamplesLoss(torch.nn.Module):
         a = self._weights(a, x, "a", batched)
         b = self._weights(b, y, "b", batched)
         out_dtype = torch.promote_types(x.dtype, y.dtype)
-        if self.loss == "sinkhorn":
-            out = self._sinkhorn(a, x, b, y)
-        else:
-            out = self._kernel(a, x, b, y)
+        # Potentials come without autograd history: no graph to build for them.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.potentials):
+            out = self._sinkhorn(a, x, b, y) if self.loss == "sinkhorn" else self._kernel(a, x, b, y)
         out = tuple(t.to(out_dtype) if batched else t[0].to(out_dtype) for t in out)
         return out if self.potentials else out[0]
 
@@ -190,12 +192,18 @@ class SamplesLoss(torch.nn.Module):
 
     def _solver(self, eps: float, rho: float | None):
         """solve(u, wu, v, wv) -> SinkhornResult of one (batched) problem."""
-        kw = dict(eps=eps, reach=rho, eps_scaling=self.scaling**self.p, tol=self.tol, max_iter=self.max_iter)
+        kw = dict(eps=eps, reach=rho, tol=self.tol, max_iter=self.max_iter)
+        # GeomLoss's scaling divides blur, so eps by scaling^p. It warms up the (x, y) problem
+        # only: the debiasing problems (u is v) converge from a cold start in tens of updates,
+        # and the native float32 solver mishandles a warm start of the symmetric (averaged) one.
+        warm = float(self.scaling) ** self.p
         if self.cost is None and self.p == 2:
-            # Points: costs never stored past the online threshold; x is x and a is a marks
+            # Points: costs never stored past the online threshold; u is v and wu is wv mark
             # the debiasing problems as symmetric (averaged updates).
-            return lambda u, wu, v, wv: _ot.sinkhorn(u, v, wu, wv, cost="sqeuclidean_half", **kw)
-        return lambda u, wu, v, wv: _ot.sinkhorn_cost_matrix(self._cost_matrix(u, v), wu, wv, **kw)
+            return lambda u, wu, v, wv: _ot.sinkhorn(u, v, wu, wv, cost="sqeuclidean_half",
+                                                     eps_scaling=None if u is v else warm, **kw)
+        return lambda u, wu, v, wv: _ot.sinkhorn_cost_matrix(self._cost_matrix(u, v), wu, wv,
+                                                             eps_scaling=None if u is v else warm, **kw)
 
     def _cost_matrix(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.cost is None:  # p = 1; exact differences, so the diagonal of C(x, x) is 0 with a 0 gradient
@@ -218,9 +226,9 @@ class SamplesLoss(torch.nn.Module):
         except ValueError as e:
             if not str(e).startswith("eps_scaling:"):
                 raise
-            raise ValueError(f"scaling: {self.scaling!r} anneals eps = blur**p by {self.scaling ** self.p:g} per "
-                             f"update, which takes more than max_iter={self.max_iter} updates from the largest cost "
-                             "down to eps; lower scaling (it only sets the warm start) or raise max_iter") from e
+            raise ValueError(f"scaling: {self.scaling!r} anneals eps = blur**p by {float(self.scaling) ** self.p:g} "
+                             f"per update, which takes more than max_iter={self.max_iter} updates from the largest "
+                             "cost down to eps; lower scaling (it only sets the warm start) or raise max_iter") from e
         if self.verbose:
             for r, u, v, _ in problems:
                 for i in range(u.shape[0]):
@@ -231,7 +239,7 @@ class SamplesLoss(torch.nn.Module):
             if self.debias:  # the symmetric problems' potentials: f = g up to the shift c, undone by averaging
                 f = f - (problems[1][0].f + problems[1][0].g) / 2
                 g = g - (problems[2][0].f + problems[2][0].g) / 2
-            return f.detach(), g.detach()
+            return f, g
         value = 0.0
         for r, u, v, weight in problems:
             mu, mv = u.sum(-1), v.sum(-1)
@@ -256,14 +264,13 @@ class SamplesLoss(torch.nn.Module):
         return torch.exp(-r / self.blur)
 
     def _kernel(self, a, x, b, y):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.potentials):
-            ax = (self._kernel_matrix(x, x) @ a[..., None])[..., 0]  # (K_xx a)_i
-            by = (self._kernel_matrix(y, y) @ b[..., None])[..., 0]
-            K_xy = self._kernel_matrix(x, y)
-            bx = (K_xy @ b[..., None])[..., 0]
-            if self.potentials:
-                return ax - bx, by - (K_xy.transpose(1, 2) @ a[..., None])[..., 0]
-            return ((a * ax).sum(-1) / 2 + (b * by).sum(-1) / 2 - (a * bx).sum(-1),)
+        ax = (self._kernel_matrix(x, x) @ a[..., None])[..., 0]  # (K_xx a)_i
+        by = (self._kernel_matrix(y, y) @ b[..., None])[..., 0]
+        K_xy = self._kernel_matrix(x, y)
+        bx = (K_xy @ b[..., None])[..., 0]
+        if self.potentials:
+            return ax - bx, by - (K_xy.transpose(1, 2) @ a[..., None])[..., 0]
+        return ((a * ax).sum(-1) / 2 + (b * by).sum(-1) / 2 - (a * bx).sum(-1),)
 
 
 __all__ = ["SamplesLoss"]

@@ -71,7 +71,7 @@ def _present(v) -> bool:
 
 def weights(arrays: Arrays, w, n: int, name: str, like: torch.Tensor, hists: bool = False) -> torch.Tensor:
     """float64 weights [n] (or [n, k] with ``hists``); None or empty (POT's ``[]``) mean uniform."""
-    if not _present(w) or (hasattr(w, "shape") and w.shape[0] == 0):
+    if not _present(w) or (getattr(w, "ndim", 0) >= 1 and w.shape[0] == 0):
         return torch.full((n,), 1.0 / n, dtype=torch.float64, device=like.device)
     t = arrays.tensor(w, name, (1, 2) if hists else (1,))
     if t.shape[0] != n:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import warnings
 
 import numpy as np
@@ -55,8 +56,8 @@ def _median(C: torch.Tensor) -> torch.Tensor:
 
 
 def _normalize(C: torch.Tensor, norm, value=None):
-    """POT's cost_normalization: C / median(C), C / max(C) (or the fitted ``value``),
-    log(1 + C), log(1 + log(1 + C)), or C; with the value divided by."""
+    """POT's cost_normalization: (C / median(C) or C / max(C), the divisor; the fitted
+    ``value`` when given), (log(1 + C), None), (log(1 + log(1 + C)), None) or (C, None)."""
     if norm == "median":
         value = _median(C) if value is None else value
         return C / value, value
@@ -115,7 +116,8 @@ class BaseTransport:
             raise ValueError(f"out_of_sample_map: expected one of {list(self._maps)}, got {self.out_of_sample_map!r}")
         if not callable(self.distribution_estimation):
             raise TypeError("distribution_estimation: expected a callable X -> weights [n]")
-        if not (isinstance(self.limit_max, torch.Tensor) or float(self.limit_max) > 0):
+        limit = self.limit_max
+        if not (isinstance(limit, torch.Tensor) or (isinstance(limit, numbers.Real) and limit > 0)):
             raise ValueError(f"limit_max: expected a number > 0 (inf: no finite penalty), got {self.limit_max!r}")
 
     def _out(self, t: torch.Tensor, like: torch.Tensor):
@@ -159,14 +161,14 @@ class BaseTransport:
     def _fitted(self) -> torch.Tensor:
         if not hasattr(self, "coupling_"):
             raise RuntimeError(f"{type(self).__name__}: call fit before transforming")
-        return _tensor(self.coupling_, "coupling_").double()
+        return _tensor(self.coupling_, "coupling_")
 
     def _map(self, X, P: torch.Tensor, anchors, targets, batch_size: int):
         """Barycentric map of the anchors' samples through P [anchors, targets] (rows
         normalized); other samples move by the displacement of their nearest anchor."""
         batch_size = _checks.count(batch_size, "batch_size", low=1)
         Xa, Xb = _tensor(anchors, "anchors"), _tensor(targets, "targets")
-        moved = _rows_normalized(P) @ Xb.double()
+        moved = _rows_normalized(P.double()) @ Xb.double()
         Xq = _tensor(X, "X")
         if Xq.shape == Xa.shape and bool(torch.equal(Xq.double(), Xa.double())):
             return self._out(moved, Xq)
@@ -195,13 +197,13 @@ class BaseTransport:
         coupling's columns (Redko et al. 2019)."""
         _require(ys=ys)
         P = self._fitted()
-        return self._out(_rows_normalized(P.T) @ self._label_masks(ys, P.shape[0], "ys"), P)
+        return self._out(_rows_normalized(P.double().T) @ self._label_masks(ys, P.shape[0], "ys"), P)
 
     def inverse_transform_labels(self, yt=None):
         """Soft source labels [ns, classes] from the target labels ``yt``."""
         _require(yt=yt)
         P = self._fitted()
-        return self._out(_rows_normalized(P) @ self._label_masks(yt, P.shape[1], "yt"), P)
+        return self._out(_rows_normalized(P.double()) @ self._label_masks(yt, P.shape[1], "yt"), P)
 
     @staticmethod
     def _label_masks(y, n: int, name: str) -> torch.Tensor:

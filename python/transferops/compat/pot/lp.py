@@ -2,14 +2,22 @@
 differentiable on torch inputs), with POT 0.9.7's signatures, return types, log dicts, warnings
 and errors.
 
-The exact problem min <M, P> s.t. P 1 = a, P^T 1 = b, P >= 0 is solved as a linear program by
-scipy's HiGHS dual simplex (``scipy.optimize.linprog(method="highs-ds")``), not by POT's
-network simplex: both return a vertex of the transport polytope, the same plan wherever the
-optimum is unique (where it is not, another optimal plan of the same cost), and the duals (u, v)
-are HiGHS's equality-constraint marginals. HiGHS is a general LP solver: it is exact, but about
-100x slower than POT's network simplex (2-core Xeon, uniform weights, sqeuclidean costs of
-Gaussian points: n = m = 100 in 0.04 s, 300 in 0.5 s, 500 in 1.6 s; POT 0.001, 0.008, 0.016 s);
-above a few hundred points per side prefer POT or the entropic solvers (``ot.sinkhorn``).
+The exact problem min <M, P> s.t. P 1 = a, P^T 1 = b, P >= 0 is solved by a network simplex
+where POT is installed, POT's own compiled one (``ot.lp.emd_wrap.emd_c``: the same plans,
+duals and speed as ``ot.emd``); without POT, as a linear program by scipy's HiGHS
+(``scipy.optimize.linprog(method="highs-ipm")``: interior point, then crossover to a vertex).
+Both return a vertex of the transport polytope: the same plan wherever the optimum is unique
+(where it is not, another optimal plan of the same cost); HiGHS's duals (u, v) are its
+equality-constraint marginals. HiGHS meets the constraints to its tightest tolerance, 1e-10 of
+the mass, where the simplex is exact to rounding: the same on ordinary weights, while weights
+below about 1e-10 of the mass (far tails of Gaussian histograms) are transported only to that
+tolerance.
+
+HiGHS is a general LP solver, 50x to 150x slower than the network simplex (2-core Xeon,
+Gaussian point clouds, sqeuclidean costs, uniform or random weights; POT 0.9.7 in brackets):
+n = m = 100: 55 ms (0.7 ms); 300: 0.6-0.8 s (6-8 ms); 500: 2.4-3.1 s (16-22 ms); 1000: 17 s
+(0.1 s): time grows about as (n m)^1.3. Without POT, above a few hundred points per side
+prefer entropic OT (``ot.sinkhorn``) at a small ``reg``.
 """
 from __future__ import annotations
 
@@ -19,13 +27,12 @@ import warnings
 import numpy as np
 import scipy.sparse
 import torch
-from scipy.optimize import linprog
 
 from ... import _checks
 from . import _core
 from ._core import Arrays
 
-__all__ = ["emd", "emd2", "center_ot_dual", "estimate_dual_null_weights", "check_number_threads"]
+__all__ = ["emd", "emd2", "check_number_threads"]
 
 # POT's result codes (its C solver's ProblemType enum), kept in the log's ``result_code``.
 INFEASIBLE, OPTIMAL, UNBOUNDED, MAX_ITER_REACHED = 0, 1, 2, 3
@@ -41,65 +48,87 @@ class MarginalError(ValueError, AssertionError):
     ``assert`` and ``np.testing``); this is both, so POT-style and ValueError handlers catch it."""
 
 
-def check_number_threads(numThreads) -> int:
+def check_number_threads(numThreads, name: str = "numThreads") -> int:
     """POT's rule for ``numThreads``: a positive int, or "max" / None (-1: all threads)."""
     if numThreads is None or (isinstance(numThreads, str) and numThreads.lower() == "max"):
         return -1
     if isinstance(numThreads, bool) or not isinstance(numThreads, numbers.Integral) or numThreads < 1:
-        raise ValueError(f'numThreads: expected "max" or a positive integer, got {numThreads!r}')
+        raise ValueError(f'{name}: expected "max" or a positive integer, got {numThreads!r}')
     return int(numThreads)
 
 
 def _threads(numThreads) -> None:
-    # POT 0.9.7 deprecated the parameter (its network simplex is single-threaded); HiGHS's dual
-    # simplex here is too: validated, and POT's DeprecationWarning kept for any value but 1.
+    # POT 0.9.7 deprecated the parameter (its network simplex is single-threaded); here too it
+    # is validated and ignored, with POT's DeprecationWarning for any value but 1.
     if check_number_threads(numThreads) != 1:
-        warnings.warn("numThreads: ignored (the exact solve is single-threaded; POT deprecates the parameter too)",
+        warnings.warn("numThreads: ignored (POT 0.9.7 deprecates it; HiGHS runs with scipy's settings)",
                       DeprecationWarning, stacklevel=3)
 
 
-def center_ot_dual(alpha0, beta0, a=None, b=None):
-    """POT's ``center_ot_dual``: shift (alpha, beta) to (alpha + c, beta - c), which keeps
-    alpha_i + beta_j, with c chosen so that <alpha, a> = <beta, b> (uniform weights when None)."""
-    a = np.full(alpha0.shape, 1.0 / alpha0.shape[0]) if a is None else a
-    b = np.full(beta0.shape, 1.0 / beta0.shape[0]) if b is None else b
-    c = ((b * beta0).sum(0) - (a * alpha0).sum(0)) / (a.sum(0) + b.sum(0))
-    return alpha0 + c, beta0 - c
+def _center_dual(alpha, beta, a, b):
+    """POT's ``center_ot_dual``: (alpha + c, beta - c), which keeps every alpha_i + beta_j, with
+    c such that <alpha, a> = <beta, b>."""
+    c = ((b * beta).sum() - (a * alpha).sum()) / (a.sum() + b.sum())
+    return alpha + c, beta - c
 
 
-def estimate_dual_null_weights(alpha0, beta0, a, b, M):
-    """POT's ``estimate_dual_null_weights``: the duals of zero-weight rows and columns (which the
-    solve leaves out) lowered until no constraint alpha_i + beta_j <= M_ij is violated, then
-    centred. The objective is unchanged, since those rows and columns carry no mass."""
-    excess = alpha0[:, None] + beta0[None, :] - M
-    alpha = alpha0 - (a == 0) * np.maximum(excess.max(1), 0)
-    beta = beta0 - (b == 0) * np.maximum(excess.max(0), 0)
-    return center_ot_dual(alpha, beta, a, b)
+def _null_weight_duals(alpha, beta, a, b, M):
+    """POT's ``estimate_dual_null_weights``: the duals of zero-weight rows and columns (left out
+    of the solve) lowered until no alpha_i + beta_j <= M_ij is violated, then centred; the
+    objective is unchanged, since those rows and columns carry no mass."""
+    excess = alpha[:, None] + beta[None, :] - M
+    alpha = alpha - (a == 0) * np.maximum(excess.max(1), 0)
+    beta = beta - (b == 0) * np.maximum(excess.max(0), 0)
+    return _center_dual(alpha, beta, a, b)
 
 
 def _linear_program(a: np.ndarray, b: np.ndarray, M: np.ndarray, max_iter: int):
     """The transport LP on positive weights a [n], b [m] of equal mass: (P, u, v, POT's code).
+
     The column constraint of the last column is dropped, since the others and equal masses imply
-    it: HiGHS then needs no tolerance for masses equal only up to rounding, and its v_m is 0."""
+    it (HiGHS then needs no tolerance for masses equal only up to rounding, and its v_m is 0).
+    The LP is posed with unit mass and costs of at most 1, so that HiGHS's absolute tolerances,
+    set to their tightest (1e-10), are relative (its default 1e-7 leaves small weights visibly
+    off). Interior point with crossover: on these problems its time varies less with the data
+    than the dual simplex's (2 to 4 times less at n = m = 500 on shifted clouds), and its vertex
+    meets the constraints more closely."""
+    from scipy.optimize import linprog  # here: it would add 50 ms to importing compat.pot
+
     n, m = M.shape
     k = np.arange(n * m)  # P_ij is variable i * m + j
     rows = np.concatenate([k // m, n + k % m])
-    A = scipy.sparse.csr_array((np.ones(2 * n * m), (rows, np.concatenate([k, k]))), shape=(n + m, n * m))
-    # presolve off: on these dense, uniformly structured problems it costs more than it saves.
-    res = linprog(M.ravel(), A_eq=A[:-1], b_eq=np.concatenate([a, b])[:-1], bounds=(0, None), method="highs-ds",
-                  options={"maxiter": max_iter, "presolve": False})
+    A = scipy.sparse.csr_array((np.ones(2 * n * m), (rows, np.concatenate([k, k]))), shape=(n + m, n * m))[:-1]
+    mass, scale = a.sum(), max(float(np.abs(M).max()), np.finfo(np.float64).tiny)
+    # Presolve off: on these dense problems it costs more than it saves.
+    res = linprog(M.ravel() / scale, A_eq=A, b_eq=np.concatenate([a, b])[:-1] / mass, bounds=(0, None),
+                  method="highs-ipm", options={"maxiter": max_iter, "presolve": False,
+                                              "primal_feasibility_tolerance": 1e-10,
+                                              "dual_feasibility_tolerance": 1e-10})
     if res.status not in _HIGHS_STATUS:
         raise RuntimeError(f"emd: scipy's HiGHS failed: {res.message}")
     code = _HIGHS_STATUS[res.status]
     if res.x is None:
-        # Stopped before a primal-feasible vertex (the dual simplex reaches one only at the
-        # optimum): the independent coupling is returned, feasible and of finite cost, with zero
-        # duals. POT returns its network simplex's infeasible intermediate flow there.
-        return np.outer(a, b) / a.sum(), np.zeros(n), np.zeros(m), code
-    # A basic solution's values come from LU solves: clear their rounding below zero.
-    P = np.maximum(res.x.reshape(n, m), 0.0)
-    duals = np.append(res.eqlin.marginals, 0.0)
+        # Stopped before a vertex (crossover runs after the interior point converges): the
+        # independent coupling is returned, feasible and of finite cost, with zero duals. POT
+        # returns its network simplex's infeasible intermediate flow there.
+        return np.outer(a, b) / mass, np.zeros(n), np.zeros(m), code
+    # The crossover's vertex may undershoot 0 by up to the tolerance: plans stay non-negative,
+    # as POT's (the marginals then hold to the tolerance).
+    P = np.maximum(res.x.reshape(n, m), 0.0) * mass
+    duals = np.append(res.eqlin.marginals, 0.0) * scale
     return P, duals[:n], duals[n:], code
+
+
+def _network_simplex(a: np.ndarray, b: np.ndarray, M: np.ndarray, max_iter: int):
+    """(P, u, v, POT's code) from POT's network simplex, or None where POT is not installed."""
+    try:
+        from ot.lp.emd_wrap import emd_c
+    except ImportError:
+        return None
+    b = b * (a.sum() / b.sum())  # masses equal to rounding: POT's emd makes them equal so too
+    P, _, u, v, code = emd_c(np.ascontiguousarray(a), np.ascontiguousarray(b), np.ascontiguousarray(M), max_iter,
+                             1, None, None)
+    return P, u, v, code
 
 
 def _solve(a: np.ndarray, b: np.ndarray, M: np.ndarray, max_iter: int, center_dual: bool):
@@ -110,13 +139,14 @@ def _solve(a: np.ndarray, b: np.ndarray, M: np.ndarray, max_iter: int, center_du
     P, u, v = np.zeros((n, m)), np.zeros(n), np.zeros(m)
     code = OPTIMAL
     if rows.any() and cols.any():
-        sub, u[rows], v[cols], code = _linear_program(a[rows], b[cols], M[np.ix_(rows, cols)], max_iter)
+        args = (a[rows], b[cols], M[np.ix_(rows, cols)], max_iter)
+        sub, u[rows], v[cols], code = _network_simplex(*args) or _linear_program(*args)
         P[np.ix_(rows, cols)] = sub
     cost = float((P * M).sum())
     if center_dual:
-        u, v = center_ot_dual(u, v, a, b)
+        u, v = _center_dual(u, v, a, b)
     if not (rows.all() and cols.all()):
-        u, v = estimate_dual_null_weights(u, v, a, b, M)
+        u, v = _null_weight_duals(u, v, a, b, M)
     message = _MESSAGES.get(code)
     if message is not None:
         warnings.warn(message, UserWarning, stacklevel=4)
@@ -135,9 +165,9 @@ def _inputs(a, b, M, numItermax, potentials_init, multi: bool):
         raise ValueError("M: expected finite costs, found NaN or Inf")
     n, m = Mt.shape
     for w, size, name in ((a, n, "a"), (b, m, "b")):
-        shape = getattr(w, "shape", None) or (np.shape(w) if _core._present(w) else None)
-        if shape is not None and shape[0] not in (0, size):
-            raise MarginalError(f"{name}: expected {size} weights (M is {n} x {m}), got shape {tuple(shape)}")
+        shape = (tuple(w.shape) if hasattr(w, "shape") else np.shape(w)) if _core._present(w) else ()
+        if shape and shape[0] not in (0, size):  # POT's assert on the dimensions
+            raise MarginalError(f"{name}: expected {size} weights (M is {n} x {m}), got shape {shape}")
     at = _core.weights(arrays, a, n, "a", Mt)
     bt = _core.weights(arrays, b, m, "b", Mt, hists=multi)
     # POT's output dtype: a's, else b's, else M's; a float one (POT casts plans to integer
@@ -164,7 +194,7 @@ def _check_masses(a: np.ndarray, b: np.ndarray, check_marginals: bool) -> np.nda
     sa, sb = a.sum(), b.sum(0)
     if check_marginals and np.any(np.abs(sa - sb) >= 1.5e-6):
         raise MarginalError(f"a, b: the weights must have the same mass (to 6 decimals, as POT checks), got "
-                            f"sum(a) = {sa:.9g} and sum(b) = {np.array2string(np.asarray(sb), precision=9)}; "
+                            f"sum(a) = {sa:.9g} and sum(b) = {np.round(sb, 9)}; "
                             "check_marginals=False rescales b to a's mass instead")
     return b * sa / sb
 
@@ -174,14 +204,15 @@ def emd(a, b, M, numItermax=100000, log=False, center_dual=True, numThreads=1, c
     """The exact optimal plan P [n, m] (``ot.emd``) for costs M [n, m] and weights a [n], b [m]
     (empty list or None: uniform), solved by scipy's HiGHS (see the module docstring).
 
-    ``numItermax`` caps HiGHS's simplex iterations (POT: network-simplex pivots); reaching it
-    warns (UserWarning, as POT) and returns the independent coupling a b^T / sum(a).
+    ``numItermax`` caps HiGHS's iterations (POT: network-simplex pivots; the interior point takes
+    a few tens); reaching it warns (UserWarning, as POT) and returns the independent coupling
+    a b^T / sum(a).
     ``log``: also POT's dict ``cost`` (float), ``u``, ``v`` (the duals, centred when
     ``center_dual``), ``warning`` (None or the message) and ``result_code`` (1: optimal).
     ``check_marginals``: masses that differ (to 6 decimals) raise :class:`MarginalError` (an
     AssertionError, as POT's check, and a ValueError); off, b is rescaled to a's mass.
     ``numThreads`` (a positive int, "max" or None) and ``potentials_init`` (a pair [n], [m]) are
-    checked, and change nothing: HiGHS runs single-threaded and from its own start.
+    checked, and change nothing: HiGHS runs with scipy's settings and from its own start.
     numpy in, numpy out; torch in, torch out in a's dtype (else b's, else M's), without gradient
     (as POT: differentiate :func:`emd2`)."""
     _threads(numThreads)

@@ -59,10 +59,11 @@ def dist(x1, x2=None, metric="sqeuclidean", p=2, w=None, backend="auto", nx=None
         out = torch.from_numpy(cdist(X1.detach().cpu().numpy(), X2.detach().cpu().numpy(), metric=metric, **extra))
         return arrays.out(out.to(X1.device), dtype)
     X1, X2 = X1.to(dtype), X2.to(dtype)
-    if metric == "sqeuclidean":
+    if metric in ("sqeuclidean", "euclidean"):
         M = _ot.cost_matrix(X1, X2, dtype=dtype)
-    elif metric == "euclidean":
-        M = _ot.cost_matrix(X1, X2, dtype=dtype).sqrt()
+        if x2 is None or x2 is x1:  # exact zeros where the expansion leaves rounding, as POT
+            M = M * (1 - torch.eye(M.shape[0], dtype=dtype, device=M.device))
+        M = M.sqrt() if metric == "euclidean" else M
     elif metric in ("cityblock", "minkowski"):
         q = 1.0 if metric == "cityblock" else float(p)
         diff = (X1[:, None, :] - X2[None, :, :]).abs() ** q
