@@ -193,6 +193,18 @@ def test_native_matches_reference(N, M, reach, symmetric, scaling, dtype):
     assert int(got.n_iter) <= int(want.n_iter)  # accelerated: the same fixed point in fewer iterations
 
 
+@pytest.mark.parametrize("scaling", [0.25, 0.5])
+def test_symmetric_eps_scaling_in_float32(scaling):
+    """x is y with eps-scaling, kernel in float32: the warm start averages f with its update, as
+    the main loop does. Before, the native warm start took plain updates, which settle into a
+    2-cycle, and from it the solve reported convergence at 0.0357 (scaling 0.25) and 0.0470
+    (0.5) for 0.01334."""
+    x = torch.rand(300, 3, generator=torch.Generator().manual_seed(0))
+    want = sinkhorn(x.double(), x.double(), eps=0.0025, cost="sqeuclidean_half", tol=1e-9)
+    got = sinkhorn(x, x, eps=0.0025, cost="sqeuclidean_half", eps_scaling=scaling, tol=1e-6, backend="native")
+    assert bool(got.converged) and _rel(got.ot_eps, want.ot_eps) < 1e-5
+
+
 def test_anderson_acceleration_cuts_iterations(monkeypatch):
     """Clustered clouds, whose slow modes (mass moving between clusters) plain Sinkhorn takes
     thousands of iterations to settle: Anderson steps on the column potentials reach the same

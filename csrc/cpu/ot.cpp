@@ -288,10 +288,14 @@ void solve(Problem<T>& p, const SinkhornSettings& s, int64_t* n_iter, double* er
   for (int64_t j = 0; j < p.M; ++j) p.lb[j] = p.b[j] > 0 ? std::log(p.b[j]) : neg_inf();
   p.mass = 0.0;
   for (int64_t i = 0; i < p.N; ++i) p.mass += p.a[i];
-  for (int64_t k = 0; k < s.schedule_len; ++k) {  // eps-scaling: exact log-domain updates
+  // eps-scaling: exact log-domain updates. Symmetric problems average F with its update, as in
+  // the main loop: the plain update f = T(f) can settle into a 2-cycle, and a warm start from
+  // one of its states left float32 kernels converging to a wrong plan.
+  const double omega = s.symmetric ? 0.5 : 1.0;
+  for (int64_t k = 0; k < s.schedule_len; ++k) {
     const double e = s.schedule[k];
     const double lam = s.rho > 0 ? s.rho / (s.rho + e) : 1.0;
-    for (int64_t i = 0; i < p.N; ++i) p.F[i] = lam * row_transform(p, i, e);
+    for (int64_t i = 0; i < p.N; ++i) p.F[i] = (1.0 - omega) * p.F[i] + omega * lam * row_transform(p, i, e);
     for (int64_t j = 0; j < p.M; ++j) p.G[j] = s.symmetric ? p.F[j] : lam * col_transform(p, j, e);
   }
   std::copy(p.F.begin(), p.F.end(), p.f);

@@ -208,7 +208,7 @@ void solve_points(const Gemm& gm, PointProblem<T>& p, const SinkhornSettings& s,
     const double e = s.schedule[k];
     const double lam = s.rho > 0 ? s.rho / (s.rho + e) : 1.0;
     lse_pass(gm, p.X, p.Y, p.d, p.scale, lb, G, e, L, parallel);
-    take_rows(e, lam, 1.0);
+    take_rows(e, lam, s.symmetric ? 0.5 : 1.0);  // averaged, as in the main loop (see ot.cpp's solve)
     update_cols(e, lam, nullptr);
   }
   // The row error of a state needs the row sums of the next update: it is taken from that pass.
