@@ -194,8 +194,7 @@ class SamplesLoss(torch.nn.Module):
         """solve(u, wu, v, wv) -> SinkhornResult of one (batched) problem."""
         kw = dict(eps=eps, reach=rho, tol=self.tol, max_iter=self.max_iter)
         # GeomLoss's scaling divides blur, so eps by scaling^p. It warms up the (x, y) problem
-        # only: the debiasing problems (u is v) converge from a cold start in tens of updates,
-        # and the native float32 solver mishandles a warm start of the symmetric (averaged) one.
+        # only: the debiasing problems (u is v) converge from a cold start in tens of updates.
         warm = float(self.scaling) ** self.p
         if self.cost is None and self.p == 2:
             # Points: costs never stored past the online threshold; u is v and wu is wv mark
