@@ -33,6 +33,7 @@ CASES = {
     "unbalanced2": (lambda lib: lib.unbalanced.sinkhorn_unbalanced2, (0.5, 1.0), {}),
     "unbalanced2 reg_m pair": (lambda lib: lib.unbalanced.sinkhorn_unbalanced2, (0.5, (1.0, 3.0)), {}),
     "unbalanced2 semi-relaxed": (lambda lib: lib.unbalanced.sinkhorn_unbalanced2, (0.5, (np.inf, 2.0)), {}),
+    "unbalanced2 reg_m=inf": (lambda lib: lib.unbalanced.sinkhorn_unbalanced2, (0.5, np.inf), {}),
     "unbalanced2 entropy": (lambda lib: lib.unbalanced.sinkhorn_unbalanced2, (0.5, 1.0), {"reg_type": "entropy"}),
     "unbalanced2 total": (lambda lib: lib.unbalanced.sinkhorn_unbalanced2, (0.5, 1.0), {"returnCost": "total"}),
 }
@@ -51,6 +52,48 @@ def test_gradients_equal_pots(case):
         got = _grads(ours, fn, M, a, b, *args, **kw, **TIGHT)
     for name, w, g in zip(("value", "M", "a", "b"), want, got):
         assert float((w - g).abs().max()) <= 1e-6 * max(1.0, float(w.abs().max())), name
+
+
+@pytest.mark.parametrize("fn,kw", [(ours.sinkhorn2, {}), (ours.unbalanced.sinkhorn_unbalanced2, {"reg_m": 1.0}),
+                                   (ours.unbalanced.sinkhorn_unbalanced2, {"reg_m": (1.0, np.inf)})])
+def test_gradients_at_zero_weights_are_one_sided_derivatives(fn, kw):
+    """A zero weight's gradient is the derivative as the weight grows from 0 (POT's sinkhorn_log
+    gives NaN there): checked against finite differences along random directions."""
+    x, y, a, b = _problem(12, 10, seed=3)
+    a[3], b[1] = 0, 0
+    a, b = a / a.sum(), b / b.sum()
+    M = POT.dist(x, y)
+    at, bt, Mt = (torch.tensor(v, requires_grad=True) for v in (a, b, M))
+    fn(at, bt, Mt, 0.5, **kw, **TIGHT).backward()
+    rng, h = np.random.RandomState(0), 1e-6
+    for _ in range(3):
+        da, db, dM = rng.randn(12), rng.randn(10), rng.randn(12, 10)
+        da[3], db[1] = abs(da[3]), abs(db[1])  # a zero weight can only grow
+        if not kw:  # exact marginals: directions that keep the masses equal
+            da[a > 0] -= da.sum() / (a > 0).sum()
+            db[b > 0] -= db.sum() / (b > 0).sum()
+        fd = (float(fn(a + h * da, b + h * db, M + h * dM, 0.5, **kw, **TIGHT)) - float(fn(a, b, M, 0.5, **kw, **TIGHT))) / h
+        analytic = float((at.grad.numpy() * da).sum() + (bt.grad.numpy() * db).sum() + (Mt.grad.numpy() * dM).sum())
+        assert abs(fd - analytic) <= 1e-4 * max(1.0, abs(fd))
+
+
+def test_signatures_are_pots():
+    """Every function takes POT's parameters in POT's order with POT's defaults, so positional
+    calls mean what they mean in POT."""
+    import inspect
+    for module in ("", "bregman", "unbalanced", "lp", "da", "utils"):
+        mine, theirs = (getattr(lib, module) if module else lib for lib in (ours, POT))
+        for name in mine.__all__:
+            f, g = getattr(mine, name), getattr(theirs, name, None)
+            if g is None or not callable(f) or isinstance(f, type(ours)):
+                continue
+            ps, pt = (list(inspect.signature(h).parameters.values()) for h in (f, g))
+            if name == "check_number_threads":
+                ps = ps[:1]
+            assert [p.name for p in ps] == [p.name for p in pt], f"{module}.{name}"
+            for p, q in zip(ps, pt):
+                if not callable(q.default):
+                    assert repr(p.default) == repr(q.default), f"{module}.{name}({p.name})"
 
 
 def test_empirical_gradients_in_the_points_equal_pots():
@@ -103,6 +146,20 @@ def test_every_keyword_is_honoured_or_rejected():
         ours.sinkhorn(a, b, M, 0.3, warmstart=(np.zeros(3), np.zeros(30)))
     with pytest.raises(ValueError, match="^c: "):
         ours.sinkhorn_unbalanced(a, b, M, 0.3, 1.0, c=-np.ones_like(M))
+    with pytest.raises(ValueError, match="^warmstart"):
+        ours.sinkhorn(a, b, M, 0.3, warmstart=(0.0, 0.0))
+    with pytest.raises(ValueError, match="^reg: gradients"):
+        ours.sinkhorn2(torch.tensor(a), torch.tensor(b), torch.tensor(M), torch.tensor(0.3, requires_grad=True))
+    with pytest.raises(ValueError, match="^a, b: exact marginals need equal masses"):
+        ours.sinkhorn(a, 2 * b, M, 0.3)
+    with pytest.raises(ValueError, match="^w: "):
+        ours.dist(x, y, metric="cityblock", w=np.ones(2))
+    with pytest.raises(ValueError, match="^weights: "):
+        ours.barycenter(np.stack([a, a], 1), POT.dist(x, x), 0.3, weights=np.array([-1.0, 2.0]))
+    np.testing.assert_allclose(ours.sinkhorn(a, b, M, np.array(0.3), method="Sinkhorn_Log"),
+                               ours.sinkhorn(a, b, M, 0.3), rtol=0, atol=1e-12)  # POT lowercases method
+    np.testing.assert_allclose(ours.bregman.sinkhorn_stabilized(a, b, M, 0.3, 1000, 1e3),  # POT's positional order
+                               ours.sinkhorn(a, b, M, 0.3), rtol=0, atol=1e-12)
 
 
 def test_reference_measure_and_reg_m_forms_match_pot():

@@ -65,12 +65,37 @@ class Arrays:
         return {k: self.out(v, dtype) for k, v in d.items()}
 
 
+def number(value, name: str):
+    """A POT scalar argument as a float: Python, numpy (0-d arrays too) or one-element torch
+    values. A tensor that requires grad is refused: gradients in it are not provided."""
+    if isinstance(value, torch.Tensor):
+        if value.requires_grad:
+            raise ValueError(f"{name}: gradients in {name} are not provided; pass a number or a tensor that does not "
+                             "require grad")
+        if value.numel() == 1:
+            value = value.item()
+    elif isinstance(value, np.ndarray) and value.size == 1:
+        value = value.item()
+    return value
+
+
+def scalar(x):
+    """0-d numpy results as numpy scalars, as POT returns them."""
+    return x[()] if isinstance(x, np.ndarray) and x.ndim == 0 else x
+
+
+def or_empty(w):
+    return [] if w is None else w
+
+
 def _present(v) -> bool:
     return v is not None and not (isinstance(v, (list, tuple)) and len(v) == 0)
 
 
 def weights(arrays: Arrays, w, n: int, name: str, like: torch.Tensor, hists: bool = False) -> torch.Tensor:
     """float64 weights [n] (or [n, k] with ``hists``); None or empty (POT's ``[]``) mean uniform."""
+    if n == 0:
+        raise ValueError(f"{name}: expected weights of at least one point (the costs or samples are empty)")
     if not _present(w) or (getattr(w, "ndim", 0) >= 1 and w.shape[0] == 0):
         return torch.full((n,), 1.0 / n, dtype=torch.float64, device=like.device)
     t = arrays.tensor(w, name, (1, 2) if hists else (1,))
@@ -104,21 +129,23 @@ def parameter_pair(value, name: str) -> tuple[float | None, float | None]:
 def stop_threshold(stopThr, dtype: torch.dtype) -> float:
     """POT's stopThr (>= 0) as our tol: below what the working dtype resolves, it is that floor
     (POT iterates on to numItermax there; the answer is the same)."""
+    stopThr = number(stopThr, "stopThr")
     v = float(stopThr) if isinstance(stopThr, numbers.Real) and not isinstance(stopThr, bool) else None
     if v is None or not v >= 0 or not math.isfinite(v):
         raise ValueError(f"stopThr: expected a finite number >= 0, got {stopThr!r}")
     return max(v, _ot_checks.TOL_FLOOR[dtype])
 
 
-def check_method(method, known: tuple[str, ...]) -> None:
-    if method not in known:
+def check_method(method, known: tuple[str, ...]) -> str:
+    """The method's name in lower case (POT compares it so), if known."""
+    if not isinstance(method, str) or method.lower() not in known:
         raise ValueError(f"method: unknown method {method!r}; expected one of {list(known)}")
+    return method.lower()
 
 
-def check_kwargs(kwargs: dict, accepted: dict[str, str], where: str) -> None:
-    """POT's method-specific keywords: each accepted one is validated by its caller (and says
-    why it does not change the answer in ``accepted``); anything else is an error, never
-    swallowed."""
+def check_kwargs(kwargs: dict, accepted, where: str) -> None:
+    """POT's method-specific keywords: each of the ``accepted`` names is validated by its
+    caller; anything else is an error, never swallowed."""
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise TypeError(f"{where}: unexpected keyword argument(s) {unknown}; accepted: "
@@ -133,7 +160,7 @@ def check_warmstart(warmstart, n: int, m: int, arrays: Arrays) -> None:
     if not isinstance(warmstart, (tuple, list)) or len(warmstart) != 2:
         raise ValueError("warmstart: expected a pair (log u [n], log v [m]) or None")
     for w, size, name in ((warmstart[0], n, "warmstart[0]"), (warmstart[1], m, "warmstart[1]")):
-        t = arrays.tensor(w, name)
+        t = arrays.tensor(w, name, (1,))
         if t.shape[0] != size:
             raise ValueError(f"{name}: expected {size} values, got shape {tuple(t.shape)}")
 
@@ -157,10 +184,11 @@ class Solution:
 
 
 def solve(M: torch.Tensor, a: torch.Tensor, b: torch.Tensor, reg: float, reg_m=(None, None), c=None,
-          entropy: bool = False, numItermax: int = 1000, tol: float = 1e-9) -> Solution:
+          entropy: bool = False, numItermax: int = 1000, tol: float = 1e-9, row_last: bool = True) -> Solution:
     """Entropic OT for M [n, m], a [n] (or one per problem [k, n]), b [m] or several b [m, k]
-    (k problems): see the module docstring."""
-    reg = _ot_checks.positive(reg, "reg")
+    (k problems): see the module docstring. ``row_last``: which update the POT iterations the
+    gradient follows end on (see :class:`_Plan`)."""
+    reg = _ot_checks.positive(number(reg, "reg"), "reg")
     numItermax = _ot_checks.max_iter(numItermax, "numItermax")
     B = b[:, None] if b.dim() == 1 else b
     k = B.shape[1]
@@ -179,12 +207,15 @@ def solve(M: torch.Tensor, a: torch.Tensor, b: torch.Tensor, reg: float, reg_m=(
     A = a.detach().expand(k, -1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # non-convergence is POT's UserWarning (callers)
+        if rho_a is None and rho_b is None and bool(((A.sum(-1) - B.sum(0)).abs() > 1e-6 * A.sum(-1)).any()):
+            raise ValueError(f"a, b: exact marginals need equal masses, got {A.sum(-1)[0].item():g} and "
+                             f"{B.sum(0).tolist()}; for unequal masses use ot.unbalanced.sinkhorn_unbalanced (reg_m)")
         if rho_a == rho_b:
             r = _ot.sinkhorn_cost_matrix(C, A, B.detach().T, eps=reg, tol=tol, max_iter=numItermax, reach=rho_a)
             f, g, n_iter, error = r.f, r.g, r.n_iter, r.marginal_error
         else:
             f, g, n_iter, error = _ot._sinkhorn_loop(C, A.log(), lb, reg, (rho_a, rho_b), tol, numItermax, [])
-    P = _Plan.apply(M, a, B, f, g, C, reg, reg_m, shift is None)
+    P = _Plan.apply(M, a, B, f, g, C, reg, reg_m, shift is None, row_last)
     return Solution(f, g, P, int(n_iter.max()), float(error.max()), bool((error <= tol).all()))
 
 
@@ -198,45 +229,54 @@ class _Plan(torch.autograd.Function):
     p = P 1, q = P^T 1 and lam = rho / (rho + reg) (1 when exact), a perturbation moves the
     potentials by H [df; dg] = rhs, H = [[diag(p) / lam_a, P], [P^T, diag(q) / lam_b]]; for an
     upstream G, w = H^-1 [(P*G) 1; (P*G)^T 1] / reg gives dM = P*(w1 + w2) - P*G / reg,
-    and da, db through the reference (when it is a x b) and the marginal targets. Balanced H
-    is singular along the shift of f against g; there the gradient is fixed by POT's own
-    convention (its iterations end on the row update): scaling a scales P, scaling b leaves it."""
+    and da, db through the reference (when it is a x b) and the marginal targets, written with
+    the densities P / a and P / b so that zero weights get their one-sided derivative (their
+    rows of H vanish; divided by the weight, they give w there). Balanced H is singular along
+    the shift of f against g; there the gradient follows the iterations POT runs: balanced
+    Sinkhorn ends on the row update (scaling a scales P, scaling b leaves it), unbalanced
+    Sinkhorn on the column update (the reverse)."""
 
     @staticmethod
-    def forward(ctx, M, a, B, f, g, C, reg, reg_m, ref_ab):
+    def forward(ctx, M, a, B, f, g, C, reg, reg_m, ref_ab, row_last):
         la, lb = a.detach().log(), B.detach().T.log()
-        P = plan_of(f, g, C, la, lb, reg)
-        ctx.save_for_backward(P, a.detach(), B.detach())
-        ctx.reg, ctx.reg_m, ctx.ref_ab, ctx.shared_a = reg, reg_m, ref_ab, a.dim() == 1
-        return P
+        ctx.save_for_backward(a.detach(), B.detach(), f, g, C)
+        ctx.reg, ctx.reg_m, ctx.ref_ab, ctx.shared_a, ctx.row_last = reg, reg_m, ref_ab, a.dim() == 1, row_last
+        return plan_of(f, g, C, la, lb, reg)
 
     @staticmethod
     def backward(ctx, G):
-        P, a, B = ctx.saved_tensors
-        a = a.expand(P.shape[0], -1)
+        a, B, f, g, C = ctx.saved_tensors
         reg, (rho_a, rho_b) = ctx.reg, ctx.reg_m
+        a, b = a.expand(f.shape[0], -1), B.T
         lam_a = 1.0 if rho_a is None else rho_a / (rho_a + reg)
         lam_b = 1.0 if rho_b is None else rho_b / (rho_b + reg)
+        E = (f[..., :, None] + g[..., None, :] - C) / reg
+        Da, Db = (b.log()[:, None, :] + E).exp(), (a.log()[:, :, None] + E).exp()  # P / a, P / b
+        P = a[:, :, None] * Da
         G = G.double()
         PG = P * G
-        c1, c2 = PG.sum(-1) / reg, PG.sum(-2) / reg
-        w1, w2 = _implicit_solve(P, c1, c2, lam_a, lam_b)
-        grad_M = P * (w1[..., :, None] + w2[..., None, :]) - PG / reg
-        S = -reg * grad_M  # P * (G - reg (w1 + w2)): the gradient through the log of the reference
-        b = B.T
-        p, q = P.sum(-1), P.sum(-2)
-        grad_a = reg * w1 * p / a
-        grad_b = reg * w2 * q / b
-        if ctx.ref_ab:
-            grad_a = grad_a + S.sum(-1) / a
-            grad_b = grad_b + S.sum(-2) / b
+        w1, w2 = _implicit_solve(P, PG.sum(-1) / reg, PG.sum(-2) / reg, lam_a, lam_b)
+        # Zero weights: their rows of H, divided by the weight, give their w.
+        w1 = torch.where(a > 0, w1, lam_a * ((Da * G).sum(-1) / reg - (Da @ w2[..., None])[..., 0])
+                         / Da.sum(-1).clamp(min=torch.finfo(torch.float64).tiny))
+        w2 = torch.where(b > 0, w2, lam_b * ((Db * G).sum(-2) / reg - (Db.transpose(-1, -2) @ w1[..., None])[..., 0])
+                         / Db.sum(-2).clamp(min=torch.finfo(torch.float64).tiny))
+        W = G - reg * (w1[..., :, None] + w2[..., None, :])
+        grad_M = -P * W / reg
+        grad_a = reg * w1 * Da.sum(-1)
+        grad_b = reg * w2 * Db.sum(-2)
+        if ctx.ref_ab:  # the gradient through the log of the reference a x b
+            grad_a = grad_a + (Da * W).sum(-1)
+            grad_b = grad_b + (Db * W).sum(-2)
         if rho_a is None and rho_b is None:
-            shift = ((PG.sum((-1, -2)) - (grad_a * a).sum(-1)) / a.sum(-1))[:, None]
+            value = PG.sum((-1, -2))
+            if ctx.row_last:
+                shift = ((value - (grad_a * a).sum(-1)) / a.sum(-1))[:, None]
+            else:
+                shift = -((value - (grad_b * b).sum(-1)) / b.sum(-1))[:, None]
             grad_a, grad_b = grad_a + shift, grad_b - shift
-        grad_a = torch.where(a > 0, grad_a, 0.0)
         grad_a = grad_a.sum(0) if ctx.shared_a else grad_a
-        grad_b = torch.where(b > 0, grad_b, 0.0).T
-        return grad_M.sum(0), grad_a, grad_b, None, None, None, None, None, None
+        return grad_M.sum(0), grad_a, grad_b.T, None, None, None, None, None, None, None
 
 
 def _implicit_solve(P, c1, c2, lam_a, lam_b):

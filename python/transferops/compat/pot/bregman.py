@@ -14,6 +14,7 @@ from __future__ import annotations
 import numbers
 import warnings
 
+import numpy as np
 import torch
 
 from ... import _checks, _ot_checks
@@ -36,7 +37,7 @@ METHOD_KWARGS = {"sinkhorn_stabilized": ("tau", "print_period"),
 
 def _check_method_kwargs(method: str, kwargs: dict, where: str) -> None:
     accepted = METHOD_KWARGS.get(method, ())
-    _core.check_kwargs(kwargs, {k: "" for k in accepted}, f"{where} (method={method!r})")
+    _core.check_kwargs(kwargs, accepted, f"{where} (method={method!r})")
     for key, value in kwargs.items():
         if key in ("print_period", "numInnerItermax"):
             _checks.count(value, key, low=1)
@@ -45,8 +46,7 @@ def _check_method_kwargs(method: str, kwargs: dict, where: str) -> None:
 
 
 def _reg(reg) -> float:
-    if isinstance(reg, torch.Tensor) and reg.numel() == 1:
-        reg = float(reg)
+    reg = _core.number(reg, "reg")
     if isinstance(reg, numbers.Real) and not isinstance(reg, bool) and reg == 0:
         return 0.0
     return _ot_checks.positive(reg, "reg")
@@ -72,7 +72,12 @@ def _unregularized(arrays, at, bt, Mt, log: bool, loss: bool):
     warnings.warn("reg=0: entropic regularization is off, which overflows POT's Sinkhorn iterations; solving the "
                   "unregularized problem exactly (ot.emd)", UserWarning, stacklevel=4)
     conv = (lambda t: t) if arrays.torch else (lambda t: t.detach().cpu().numpy())
-    if bt.dim() == 2 or loss:
+    if bt.dim() == 2:  # emd2 gives a list of costs; POT's sinkhorn an array
+        out = emd2(conv(at), conv(bt), conv(Mt), log=log)
+        values = [v for v, _ in out] if log else out
+        stacked = torch.stack(values) if arrays.torch else np.asarray(values)
+        return (stacked, [lg for _, lg in out]) if log else stacked
+    if loss:
         return emd2(conv(at), conv(bt), conv(Mt), log=log)
     return emd(conv(at), conv(bt), conv(Mt), log=log)
 
@@ -80,7 +85,7 @@ def _unregularized(arrays, at, bt, Mt, log: bool, loss: bool):
 def _entropic(a, b, M, reg, method, numItermax, stopThr, verbose, log, warn, warmstart, kwargs, *, where: str,
               loss: bool, methods: tuple[str, ...] = METHODS):
     """The plan (one b) or the costs <M, P> (``loss``, or b [m, k]) and POT's log dict."""
-    _core.check_method(method, methods)
+    method = _core.check_method(method, methods)
     _check_method_kwargs(method, kwargs, where)
     arrays = Arrays(a=a, b=b, M=M)
     Mt, at, bt = _problem(arrays, a, b, M)
@@ -102,7 +107,7 @@ def _entropic(a, b, M, reg, method, numItermax, stopThr, verbose, log, warn, war
         out = value if hists else value[0]
     else:
         out = sol.P[0]
-    out = _scalar(arrays.out(out, Mt.dtype))
+    out = _core.scalar(arrays.out(out, Mt.dtype))
     if not log:
         return out
     la, lb = at.log(), (bt[:, None] if bt.dim() == 1 else bt).T.log()
@@ -114,11 +119,6 @@ def _entropic(a, b, M, reg, method, numItermax, stopThr, verbose, log, warn, war
     logs = arrays.outs(logs, Mt.dtype)
     logs["warmstart"] = (logs["alpha"], logs["beta"])
     return out, logs
-
-
-def _scalar(x):
-    """0-d numpy results as numpy scalars, as POT returns them."""
-    return x[()] if hasattr(x, "ndim") and not isinstance(x, torch.Tensor) and x.ndim == 0 else x
 
 
 def sinkhorn(a, b, M, reg, method="sinkhorn", numItermax=1000, stopThr=1e-9, verbose=False, log=False, warn=True,
@@ -141,22 +141,41 @@ def sinkhorn2(a, b, M, reg, method="sinkhorn", numItermax=1000, stopThr=1e-9, ve
                      where="sinkhorn2", loss=True, methods=METHODS_LOSS)
 
 
-def _fixed(method: str, doc: str):
-    def entry(a, b, M, reg, numItermax=1000, stopThr=1e-9, verbose=False, log=False, warn=True, warmstart=None,
-              **kwargs):
-        return _entropic(a, b, M, reg, method, numItermax, stopThr, verbose, log, warn, warmstart, kwargs,
-                         where=f"ot.bregman.{name}", loss=False)
-    name = {"sinkhorn": "sinkhorn_knopp"}.get(method, method)
-    entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = f"{doc}: :func:`sinkhorn` with ``method={method!r}`` (the same converged plan)."
-    return entry
+def sinkhorn_knopp(a, b, M, reg, numItermax=1000, stopThr=1e-9, verbose=False, log=False, warn=True, warmstart=None,
+                   **kwargs):
+    """POT's ``ot.bregman.sinkhorn_knopp``: :func:`sinkhorn` with ``method="sinkhorn"``."""
+    return _entropic(a, b, M, reg, "sinkhorn", numItermax, stopThr, verbose, log, warn, warmstart, kwargs,
+                     where="sinkhorn_knopp", loss=False)
 
 
-sinkhorn_knopp = _fixed("sinkhorn", "POT's ``ot.bregman.sinkhorn_knopp``")
-sinkhorn_log = _fixed("sinkhorn_log", "POT's ``ot.bregman.sinkhorn_log``")
-greenkhorn = _fixed("greenkhorn", "POT's ``ot.bregman.greenkhorn`` (greedy coordinate updates in POT)")
-sinkhorn_stabilized = _fixed("sinkhorn_stabilized", "POT's ``ot.bregman.sinkhorn_stabilized``")
-sinkhorn_epsilon_scaling = _fixed("sinkhorn_epsilon_scaling", "POT's ``ot.bregman.sinkhorn_epsilon_scaling``")
+def sinkhorn_log(a, b, M, reg, numItermax=1000, stopThr=1e-9, verbose=False, log=False, warn=True, warmstart=None,
+                 **kwargs):
+    """POT's ``ot.bregman.sinkhorn_log``: :func:`sinkhorn` with ``method="sinkhorn_log"``."""
+    return _entropic(a, b, M, reg, "sinkhorn_log", numItermax, stopThr, verbose, log, warn, warmstart, kwargs,
+                     where="sinkhorn_log", loss=False)
+
+
+def greenkhorn(a, b, M, reg, numItermax=10000, stopThr=1e-9, verbose=False, log=False, warn=True, warmstart=None):
+    """POT's ``ot.bregman.greenkhorn`` (greedy coordinate updates in POT): the converged plan."""
+    return _entropic(a, b, M, reg, "greenkhorn", numItermax, stopThr, verbose, log, warn, warmstart, {},
+                     where="greenkhorn", loss=False)
+
+
+def sinkhorn_stabilized(a, b, M, reg, numItermax=1000, tau=1e3, stopThr=1e-9, warmstart=None, verbose=False,
+                        print_period=20, log=False, warn=True, **kwargs):
+    """POT's ``ot.bregman.sinkhorn_stabilized`` (``tau``, ``print_period`` checked)."""
+    return _entropic(a, b, M, reg, "sinkhorn_stabilized", numItermax, stopThr, verbose, log, warn, warmstart,
+                     kwargs | {"tau": tau, "print_period": print_period}, where="sinkhorn_stabilized", loss=False)
+
+
+def sinkhorn_epsilon_scaling(a, b, M, reg, numItermax=100, epsilon0=1e4, numInnerItermax=100, tau=1e3, stopThr=1e-9,
+                             warmstart=None, verbose=False, print_period=10, log=False, warn=True, **kwargs):
+    """POT's ``ot.bregman.sinkhorn_epsilon_scaling``: POT runs ``numItermax`` outer steps of at
+    most ``numInnerItermax`` iterations; the solve here gets their product as its budget."""
+    budget = _ot_checks.max_iter(numItermax, "numItermax") * _checks.count(numInnerItermax, "numInnerItermax", low=1)
+    return _entropic(a, b, M, reg, "sinkhorn_epsilon_scaling", budget, stopThr, verbose, log, warn, warmstart,
+                     kwargs | {"tau": tau, "print_period": print_period, "epsilon0": epsilon0,
+                               "numInnerItermax": numInnerItermax}, where="sinkhorn_epsilon_scaling", loss=False)
 
 
 # ---- point clouds -------------------------------------------------------------------------------
@@ -233,9 +252,9 @@ def empirical_sinkhorn(X_s, X_t, reg, a=None, b=None, metric="sqeuclidean", numI
     numIterMax = _ot_checks.max_iter(numIterMax, "numIterMax")
     if not isLazy:
         M = dist(X_s, X_t, metric=metric)
-        return sinkhorn(_or_empty(a), _or_empty(b), M, reg, numItermax=numIterMax, stopThr=stopThr, verbose=verbose,
+        return sinkhorn(_core.or_empty(a), _core.or_empty(b), M, reg, numItermax=numIterMax, stopThr=stopThr, verbose=verbose,
                         log=log, warn=warn, warmstart=warmstart, **kwargs)
-    _core.check_kwargs(kwargs, {}, "empirical_sinkhorn (isLazy=True)")
+    _core.check_kwargs(kwargs, (), "empirical_sinkhorn (isLazy=True)")
     arrays, xs, _, f, g, r, plan = _lazy(X_s, X_t, reg, a, b, metric, numIterMax, stopThr, batchSize, warn,
                                          "empirical_sinkhorn")
     _core.check_warmstart(warmstart, xs.shape[0], plan.shape[1], arrays)
@@ -247,10 +266,6 @@ def empirical_sinkhorn(X_s, X_t, reg, a=None, b=None, metric="sqeuclidean", numI
     return fo, go, {"err": [float(r.marginal_error)], "niter": int(r.n_iter), "u": fo, "v": go, "lazy_plan": plan}
 
 
-def _or_empty(w):
-    return [] if w is None else w
-
-
 def empirical_sinkhorn2(X_s, X_t, reg, a=None, b=None, metric="sqeuclidean", numIterMax=10000, stopThr=1e-9,
                         isLazy=False, batchSize=100, verbose=False, log=False, warn=True, warmstart=None, **kwargs):
     """<M, P> between point clouds (``ot.bregman.empirical_sinkhorn2``), differentiable in
@@ -259,9 +274,9 @@ def empirical_sinkhorn2(X_s, X_t, reg, a=None, b=None, metric="sqeuclidean", num
     needs_grad = any(isinstance(t, torch.Tensor) and t.requires_grad for t in (X_s, X_t, a, b))
     if not isLazy or needs_grad:
         M = dist(X_s, X_t, metric=metric)
-        return sinkhorn2(_or_empty(a), _or_empty(b), M, reg, numItermax=numIterMax, stopThr=stopThr,
+        return sinkhorn2(_core.or_empty(a), _core.or_empty(b), M, reg, numItermax=numIterMax, stopThr=stopThr,
                          verbose=verbose, log=log, warn=warn, warmstart=warmstart, **kwargs)
-    _core.check_kwargs(kwargs, {}, "empirical_sinkhorn2 (isLazy=True)")
+    _core.check_kwargs(kwargs, (), "empirical_sinkhorn2 (isLazy=True)")
     arrays, xs, xt, f, g, r, plan = _lazy(X_s, X_t, reg, a, b, metric, numIterMax, stopThr, batchSize, warn,
                                           "empirical_sinkhorn2")
     _core.check_warmstart(warmstart, xs.shape[0], xt.shape[0], arrays)
@@ -269,7 +284,7 @@ def empirical_sinkhorn2(X_s, X_t, reg, a=None, b=None, metric="sqeuclidean", num
         _verbose("empirical_sinkhorn2", int(r.n_iter), float(r.marginal_error))
     loss = sum(float((plan_block * _point_costs(xs[i0:i1].detach(), xt.detach(), metric)).sum())
                for i0, i1, plan_block in _blocks(plan))
-    out = _scalar(arrays.out(torch.tensor(loss, dtype=torch.float64, device=xs.device), xs.dtype))
+    out = _core.scalar(arrays.out(torch.tensor(loss, dtype=torch.float64, device=xs.device), xs.dtype))
     if not log:
         return out
     fo, go = arrays.out(f, xs.dtype), arrays.out(g, xs.dtype)
@@ -325,11 +340,11 @@ def _barycenter(A, M, reg, weights, numItermax, stopThr, verbose, log, warn, deb
         w = torch.full((k,), 1.0 / k, dtype=torch.float64, device=At.device)
     else:
         w = arrays.tensor(weights, "weights", (1,)).double()
-        if w.shape[0] != k:
-            raise ValueError(f"weights: expected one weight per histogram ({k}), got {w.shape[0]}")
+        if w.shape[0] != k or bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
+            raise ValueError(f"weights: expected {k} finite non-negative weights (one per histogram), got {w.tolist()}")
     reg = _ot_checks.positive(_reg(reg), "reg")
     if kwargs:
-        _core.check_kwargs(kwargs, {"tau": ""}, where)
+        _core.check_kwargs(kwargs, ("tau",), where)
         _ot_checks.positive(kwargs["tau"], "tau")
     numItermax = _ot_checks.max_iter(numItermax, "numItermax")
     tol = _core.stop_threshold(stopThr, torch.float64)
@@ -363,9 +378,9 @@ def barycenter(A, M, reg, weights=None, method="sinkhorn", numItermax=10000, sto
                warn=True, **kwargs):
     """The entropic Wasserstein barycenter of the histograms A [n, k] with ``weights`` [k]
     (``ot.bregman.barycenter``); every method is the same log-domain iteration."""
-    _core.check_method(method, BARYCENTER_METHODS)
+    method = _core.check_method(method, BARYCENTER_METHODS)
     if method != "sinkhorn_stabilized":
-        _core.check_kwargs(kwargs, {}, "barycenter")
+        _core.check_kwargs(kwargs, (), "barycenter")
     return _barycenter(A, M, reg, weights, numItermax, stopThr, verbose, log, warn, False, "barycenter", kwargs)
 
 
@@ -384,6 +399,6 @@ def barycenter_stabilized(A, M, reg, tau=1e10, weights=None, numItermax=1000, st
 def barycenter_debiased(A, M, reg, weights=None, method="sinkhorn", numItermax=10000, stopThr=1e-4, verbose=False,
                         log=False, warn=True, **kwargs):
     """The debiased entropic barycenter (Janati et al. 2020; ``ot.bregman.barycenter_debiased``)."""
-    _core.check_method(method, ("sinkhorn", "sinkhorn_log"))
-    _core.check_kwargs(kwargs, {}, "barycenter_debiased")
+    method = _core.check_method(method, ("sinkhorn", "sinkhorn_log"))
+    _core.check_kwargs(kwargs, (), "barycenter_debiased")
     return _barycenter(A, M, reg, weights, numItermax, stopThr, verbose, log, warn, True, "barycenter_debiased")

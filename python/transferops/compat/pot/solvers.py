@@ -26,7 +26,7 @@ import numpy as np
 import scipy.sparse
 import torch
 
-from ... import _checks
+from ... import _checks, _ot_checks
 from ._core import Arrays
 from . import _core
 from .lp import check_number_threads, with_gradients
@@ -115,10 +115,9 @@ class OTResult:
 
 
 def _number(value, name: str, default):
+    value = _core.number(value, name)
     if value is None:
         return default
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name}: expected a finite number >= 0 or None, got {value!r}")
     return float(value)
@@ -131,10 +130,6 @@ def _lower(value, name: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{name}: expected a string, got {value!r}")
     return value.lower()
-
-
-def _scalar(x):
-    return x[()] if isinstance(x, np.ndarray) and x.ndim == 0 else x
 
 
 def _detach(x):
@@ -168,6 +163,10 @@ def solve(M, a=None, b=None, reg=None, c=None, reg_type="KL", unbalanced=None, u
         raise ValueError(f"c: expected a reference measure of M's shape {tuple(Mt.shape)}")
     check_number_threads(n_threads, "n_threads")
     reg = _number(reg, "reg", 0.0)
+    # Checked here under solve's names; the solvers below check them again under theirs.
+    if max_iter is not None:
+        _checks.count(max_iter, "max_iter", high=_ot_checks.MAX_ITER)
+    _number(tol, "tol", None)
     if reg == 0:
         if unbalanced is not None:
             raise NotImplementedError("unbalanced: exact unbalanced OT (reg None or 0; POT's mm_unbalanced and "
@@ -234,7 +233,7 @@ def _entropic(arrays, Mt, M, a, b, reg, c, reg_type, max_iter, tol, verbose, gra
     if grad == "envelope":
         value = with_gradients(value.detach(), [(M, P.detach()), (a, reg * (lu - lu.mean()).detach()),
                                                 (b, reg * (lv - lv.mean()).detach())])
-    out = (lambda t: _scalar(arrays.out(t, Mt.dtype)))
+    out = (lambda t: _core.scalar(arrays.out(t, Mt.dtype)))
     return OTResult(potentials=(out(lu), out(lv)), value=out(value), value_linear=out(linear), plan=out(P))
 
 
@@ -243,8 +242,8 @@ def _unbalanced(M, a, b, reg, unbalanced, c, potentials_init, max_iter, tol, ver
     P, log = sinkhorn_unbalanced([] if a is None else a, [] if b is None else b, M, reg, unbalanced, reg_type="kl",
                                  c=c, warmstart=potentials_init, numItermax=1000 if max_iter is None else max_iter,
                                  stopThr=1e-9 if tol is None else tol, verbose=verbose, log=True)
-    return OTResult(potentials=(log["logu"], log["logv"]), value=_scalar(log["total_cost"]),
-                    value_linear=_scalar(log["cost"]), plan=P)
+    return OTResult(potentials=(log["logu"], log["logv"]), value=_core.scalar(log["total_cost"]),
+                    value_linear=_core.scalar(log["cost"]), plan=P)
 
 
 def _method_only(**named) -> None:

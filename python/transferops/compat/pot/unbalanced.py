@@ -28,13 +28,14 @@ METHOD_KWARGS = {"sinkhorn_stabilized": ("tau",), "sinkhorn_reg_scaling": ("reg_
 
 
 def _solve(a, b, M, reg, reg_m, method, reg_type, c, warmstart, numItermax, stopThr, verbose, kwargs, where):
-    method = method.lower() if isinstance(method, str) else method
-    _core.check_method(method, METHODS)
+    method = _core.check_method(method, METHODS)
     # warn: POT's unbalanced solvers take it through **kwargs (and never warn); here it silences
     # the non-convergence warning, as it does for the balanced ones.
     warn = kwargs.pop("warn", True)
+    if not isinstance(warn, bool):
+        raise TypeError(f"warn: expected a bool, got {warn!r}")
     accepted = METHOD_KWARGS.get(method, ())
-    _core.check_kwargs(kwargs, dict.fromkeys(accepted, ""), f"{where} (method={method!r})")
+    _core.check_kwargs(kwargs, accepted, f"{where} (method={method!r})")
     for key, value in kwargs.items():
         _ot_checks.positive(value, key)
     if not isinstance(reg_type, str) or reg_type.lower() not in ("kl", "entropy"):
@@ -56,8 +57,7 @@ def _solve(a, b, M, reg, reg_m, method, reg_type, c, warmstart, numItermax, stop
         if ct.shape != Mt.shape or bool((ct <= 0).any()) or not bool(torch.isfinite(ct).all()):
             raise ValueError(f"c: expected a positive finite reference measure of M's shape {tuple(Mt.shape)}")
     _core.check_warmstart(warmstart, n, m, arrays)
-    if isinstance(reg, torch.Tensor) and reg.numel() == 1:
-        reg = float(reg)
+    reg = _core.number(reg, "reg")
     pair = _core.parameter_pair(reg_m, "reg_m")
     hists = bt.dim() == 2
     if hists and not entropy:
@@ -66,14 +66,15 @@ def _solve(a, b, M, reg, reg_m, method, reg_type, c, warmstart, numItermax, stop
         entropy, ct = True, None
     a_solve = at
     if pair == (None, None):
-        ratio = (bt.sum(0) / at.sum()).reshape(-1, 1)  # [k, 1]
+        # POT's iterations end on the column update, whose plan is that of a scaled to b's mass
+        # (to rounding too: the gradient follows the same convention).
+        ratio = (bt.detach().sum(0) / at.detach().sum()).reshape(-1, 1)  # [k, 1]
         if bool(((ratio - 1).abs() > 1e-6).any()):
-            # POT's iterations end on the column update, whose plan is that of a scaled to b's mass.
             warnings.warn(f"reg_m=inf (exact marginals) with masses {float(at.sum()):g} (a) and "
                           f"{bt.sum(0).tolist()} (b): solving with a scaled to b's mass, where POT's iterations end",
                           UserWarning, stacklevel=4)
-            a_solve = at * ratio if hists else at * ratio[0]
-    sol = _core.solve(Mt, a_solve, bt, reg, pair, c=ct, entropy=entropy,
+        a_solve = at * ratio if hists else at * ratio[0]
+    sol = _core.solve(Mt, a_solve, bt, reg, pair, c=ct, entropy=entropy, row_last=False,
                       numItermax=numItermax, tol=_core.stop_threshold(stopThr, torch.float64))
     if not sol.converged and warn:
         _core.not_converged(where)
@@ -82,11 +83,16 @@ def _solve(a, b, M, reg, reg_m, method, reg_type, c, warmstart, numItermax, stop
     return arrays, Mt, at, bt, ct, entropy, pair, _ot_checks.positive(reg, "reg"), sol
 
 
-def _logs(arrays, Mt, sol, reg, hists: bool) -> dict:
-    """POT's unbalanced log: ``logu``, ``logv`` with P = exp(logu + logv - M / reg) * c, ``err``."""
+def _logs(arrays, Mt, sol, reg, hists: bool, linear, total) -> dict:
+    """POT's unbalanced log: ``logu``, ``logv`` with P = exp(logu + logv - M / reg) * c, ``err``,
+    and for one b ``cost`` and ``total_cost``."""
     logu, logv = sol.f / reg, sol.g / reg
     logu, logv = (logu.T, logv.T) if hists else (logu[0], logv[0])
-    return arrays.outs({"logu": logu, "logv": logv}, Mt.dtype) | {"err": [sol.error], "niter": sol.n_iter}
+    logs = arrays.outs({"logu": logu, "logv": logv}, Mt.dtype) | {"err": [sol.error], "niter": sol.n_iter}
+    if not hists:
+        logs |= {k: _core.scalar(v) for k, v in arrays.outs({"cost": linear[0], "total_cost": total[0]},
+                                                             Mt.dtype).items()}
+    return logs
 
 
 def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -126,10 +132,7 @@ def sinkhorn_unbalanced(a, b, M, reg, reg_m, method="sinkhorn", reg_type="kl", c
     out = arrays.out(linear if hists else sol.P[0], Mt.dtype)
     if not log:
         return out
-    logs = _logs(arrays, Mt, sol, reg, hists)
-    if not hists:
-        logs |= arrays.outs({"cost": linear[0], "total_cost": total[0]}, Mt.dtype)
-    return out, logs
+    return out, _logs(arrays, Mt, sol, reg, hists, linear, total)
 
 
 def sinkhorn_unbalanced2(a, b, M, reg, reg_m, method="sinkhorn", reg_type="kl", c=None, warmstart=None,
@@ -145,26 +148,31 @@ def sinkhorn_unbalanced2(a, b, M, reg, reg_m, method="sinkhorn", reg_type="kl", 
                                                              "sinkhorn_unbalanced2")
     linear, total = _costs(Mt, at, bt, ct, entropy, pair, reg, sol)
     value = linear if returnCost == "linear" else total
-    out = arrays.out(value if bt.dim() == 2 else value[0], Mt.dtype)
-    if not arrays.torch and bt.dim() == 1:
-        out = out[()]
-    return (out, _logs(arrays, Mt, sol, reg, bt.dim() == 2)) if log else out
+    out = _core.scalar(arrays.out(value if bt.dim() == 2 else value[0], Mt.dtype))
+    return (out, _logs(arrays, Mt, sol, reg, bt.dim() == 2, linear, total)) if log else out
 
 
-def _fixed(method: str, name: str):
-    def entry(a, b, M, reg, reg_m, reg_type="kl", c=None, warmstart=None, numItermax=1000, stopThr=1e-6,
-              verbose=False, log=False, **kwargs):
-        return sinkhorn_unbalanced(a, b, M, reg, reg_m, method=method, reg_type=reg_type, c=c, warmstart=warmstart,
-                                   numItermax=numItermax, stopThr=stopThr, verbose=verbose, log=log, **kwargs)
-    entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = f"POT's ``ot.unbalanced.{name}``: :func:`sinkhorn_unbalanced` with ``method={method!r}``."
-    return entry
+def sinkhorn_knopp_unbalanced(a, b, M, reg, reg_m, reg_type="kl", c=None, warmstart=None, numItermax=1000,
+                              stopThr=1e-6, verbose=False, log=False, **kwargs):
+    """POT's ``ot.unbalanced.sinkhorn_knopp_unbalanced``: :func:`sinkhorn_unbalanced` with
+    ``method="sinkhorn"``."""
+    return sinkhorn_unbalanced(a, b, M, reg, reg_m, "sinkhorn", reg_type, c, warmstart, numItermax, stopThr, verbose,
+                               log, **kwargs)
 
 
-sinkhorn_knopp_unbalanced = _fixed("sinkhorn", "sinkhorn_knopp_unbalanced")
-sinkhorn_stabilized_unbalanced = _fixed("sinkhorn_stabilized", "sinkhorn_stabilized_unbalanced")
-sinkhorn_unbalanced_translation_invariant = _fixed("sinkhorn_translation_invariant",
-                                                   "sinkhorn_unbalanced_translation_invariant")
+def sinkhorn_stabilized_unbalanced(a, b, M, reg, reg_m, reg_type="kl", c=None, warmstart=None, tau=1e5,
+                                   numItermax=1000, stopThr=1e-6, verbose=False, log=False, **kwargs):
+    """POT's ``ot.unbalanced.sinkhorn_stabilized_unbalanced`` (``tau`` checked)."""
+    return sinkhorn_unbalanced(a, b, M, reg, reg_m, "sinkhorn_stabilized", reg_type, c, warmstart, numItermax,
+                               stopThr, verbose, log, tau=tau, **kwargs)
+
+
+def sinkhorn_unbalanced_translation_invariant(a, b, M, reg, reg_m, reg_type="kl", c=None, warmstart=None,
+                                              numItermax=1000, stopThr=1e-6, verbose=False, log=False, **kwargs):
+    """POT's ``ot.unbalanced.sinkhorn_unbalanced_translation_invariant`` (Séjourné et al. 2022
+    there): the same converged plan."""
+    return sinkhorn_unbalanced(a, b, M, reg, reg_m, "sinkhorn_translation_invariant", reg_type, c, warmstart,
+                               numItermax, stopThr, verbose, log, **kwargs)
 
 
 def barycenter_unbalanced(A, M, reg, reg_m, method="sinkhorn", weights=None, numItermax=1000, stopThr=1e-6,
@@ -173,11 +181,11 @@ def barycenter_unbalanced(A, M, reg, reg_m, method="sinkhorn", weights=None, num
     alg. 2; ``ot.unbalanced.barycenter_unbalanced``), in the log domain for every method:
     u = (A / K v)^fi, q = (sum_k w_k (K^T u_k)^(1 - fi))^(1 / (1 - fi)), v = (q / K^T u)^fi,
     fi = reg_m / (reg_m + reg). Stops when log u and log v move by less than stopThr."""
-    _core.check_method(method, METHODS)
+    method = _core.check_method(method, METHODS)
     if method in ("sinkhorn_reg_scaling", "sinkhorn_translation_invariant"):
         warnings.warn(f"method={method!r} is not implemented for barycenters (as in POT): the Sinkhorn iteration "
                       "runs, to the same barycenter", UserWarning, stacklevel=2)
-    _core.check_kwargs(kwargs, {"tau": ""} if method == "sinkhorn_stabilized" else {}, "barycenter_unbalanced")
+    _core.check_kwargs(kwargs, ("tau",) if method == "sinkhorn_stabilized" else (), "barycenter_unbalanced")
     for key, value in kwargs.items():
         _ot_checks.positive(value, key)
     arrays = Arrays(A=A, M=M, weights=weights)
@@ -187,10 +195,10 @@ def barycenter_unbalanced(A, M, reg, reg_m, method="sinkhorn", weights=None, num
         raise ValueError(f"M: expected the costs between the {n} bins of A [{n}, {n}], got shape {tuple(Mt.shape)}")
     w = (torch.full((k,), 1.0 / k, dtype=torch.float64, device=At.device) if weights is None
          else arrays.tensor(weights, "weights", (1,)).double())
-    if w.shape[0] != k:
-        raise ValueError(f"weights: expected one weight per histogram ({k}), got {w.shape[0]}")
-    reg = _ot_checks.positive(reg, "reg")
-    rho = _ot_checks.positive(reg_m, "reg_m")
+    if w.shape[0] != k or bool((w <= 0).any()) or not bool(torch.isfinite(w).all()):
+        raise ValueError(f"weights: expected {k} finite positive weights (one per histogram), got {w.tolist()}")
+    reg = _ot_checks.positive(_core.number(reg, "reg"), "reg")
+    rho = _ot_checks.positive(_core.number(reg_m, "reg_m"), "reg_m")
     fi = rho / (rho + reg)
     numItermax = _checks.count(numItermax, "numItermax", low=1)
     tol = _core.stop_threshold(stopThr, torch.float64)

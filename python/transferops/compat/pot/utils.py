@@ -48,6 +48,8 @@ def dist(x1, x2=None, metric="sqeuclidean", p=2, w=None, backend="auto", nx=None
     X2 = X1 if x2 is None else arrays.tensor(x2, "x2", (2,))
     if X1.shape[1] != X2.shape[1]:
         raise ValueError(f"x1, x2: expected samples of one dimension, got {tuple(X1.shape)} and {tuple(X2.shape)}")
+    if w is not None and not (isinstance(metric, str) and metric.endswith("minkowski")):
+        raise ValueError(f"w: weights apply to the minkowski metrics only, got metric={metric!r}")
     dtype = torch.promote_types(X1.dtype, X2.dtype)
     if backend == "scipy" or not (isinstance(metric, str) and metric in TORCH_METRICS):
         if arrays.torch and backend != "scipy":
@@ -64,7 +66,7 @@ def dist(x1, x2=None, metric="sqeuclidean", p=2, w=None, backend="auto", nx=None
         if x2 is None or x2 is x1:  # exact zeros where the expansion leaves rounding, as POT
             M = M * (1 - torch.eye(M.shape[0], dtype=dtype, device=M.device))
         M = M.sqrt() if metric == "euclidean" else M
-    elif metric in ("cityblock", "minkowski"):
+    elif metric in ("cityblock", "minkowski"):  # w: minkowski only (checked above)
         q = 1.0 if metric == "cityblock" else float(p)
         diff = (X1[:, None, :] - X2[None, :, :]).abs() ** q
         if w is not None:
@@ -74,6 +76,4 @@ def dist(x1, x2=None, metric="sqeuclidean", p=2, w=None, backend="auto", nx=None
         if metric == "correlation":
             X1, X2 = X1 - X1.mean(1, keepdim=True), X2 - X2.mean(1, keepdim=True)
         M = 1.0 - (X1 @ X2.T) / X1.norm(dim=1)[:, None] / X2.norm(dim=1)[None, :]
-    if w is not None and metric not in ("cityblock", "minkowski"):
-        raise ValueError(f"w: weights apply to the minkowski metrics only, got metric={metric!r}")
     return arrays.out(M, dtype)
