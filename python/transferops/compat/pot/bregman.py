@@ -216,15 +216,19 @@ def _clouds(X_s, X_t, a, b, metric):
     return arrays, xs, xt, at, bt
 
 
-def _lazy(X_s, X_t, reg, a, b, metric, numIterMax, stopThr, batchSize, warn, where):
+def _lazy(X_s, X_t, reg, a, b, metric, numIterMax, stopThr, batchSize, warn, warmstart, verbose, kwargs, where):
     """isLazy: the costs are never stored: the points go to transferops' point-cloud solver
-    (costs recomputed in tiles when large). POT's ``batchSize`` sets its own tiling; checked."""
+    (costs recomputed in tiles when large). POT's ``batchSize`` sets its own tiling; checked.
+    Returns the arrays, the points, the log-potentials in the caller's kind, the lazy plan and
+    POT's log dict."""
+    _core.check_kwargs(kwargs, (), f"{where} (isLazy=True)")
     arrays, xs, xt, at, bt = _clouds(X_s, X_t, a, b, metric)
+    _core.check_warmstart(warmstart, xs.shape[0], xt.shape[0], arrays)
     sizes = batchSize if isinstance(batchSize, tuple) else (batchSize,)
     if len(sizes) not in (1, 2):
         raise ValueError(f"batchSize: expected an integer or a pair of integers, got {batchSize!r}")
-    for s in sizes:
-        _checks.count(s, "batchSize", low=1)
+    for size in sizes:
+        _checks.count(size, "batchSize", low=1)
     if metric not in ("sqeuclidean", "euclidean"):
         raise ValueError(f"metric: isLazy=True supports 'sqeuclidean' and 'euclidean', got {metric!r}")
     reg = _ot_checks.positive(_reg(reg), "reg")
@@ -232,16 +236,20 @@ def _lazy(X_s, X_t, reg, a, b, metric, numIterMax, stopThr, batchSize, warn, whe
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         if metric == "sqeuclidean":
-            r = _ot.sinkhorn(xs.detach().double(), xt.detach().double(), at, bt, eps=reg, tol=tol,
-                             max_iter=numIterMax, progress=False)
+            r = _ot.sinkhorn(xs.detach().double(), xt.detach().double(), at, bt, eps=reg, tol=tol, max_iter=numIterMax,
+                             progress=False)
         else:
             r = _ot.sinkhorn_cost_matrix(_point_costs(xs.detach(), xt.detach(), metric), at, bt, eps=reg, tol=tol,
                                          max_iter=numIterMax)
     if not bool(r.converged) and warn:
         _core.not_converged(where)
+    if verbose:
+        _verbose(where, int(r.n_iter), float(r.marginal_error))
     f, g = at.log() + r.f / reg, bt.log() + r.g / reg
     plan = LazyPlan(xs.detach(), xt.detach(), f, g, metric, reg, arrays, xs.dtype)
-    return arrays, xs, xt, f, g, r, plan
+    fo, go = arrays.out(f, xs.dtype), arrays.out(g, xs.dtype)
+    logs = {"err": [float(r.marginal_error)], "niter": int(r.n_iter), "u": fo, "v": go, "lazy_plan": plan}
+    return arrays, xs, xt, fo, go, plan, logs
 
 
 def empirical_sinkhorn(X_s, X_t, reg, a=None, b=None, metric="sqeuclidean", numIterMax=10000, stopThr=1e-9,
@@ -252,18 +260,11 @@ def empirical_sinkhorn(X_s, X_t, reg, a=None, b=None, metric="sqeuclidean", numI
     numIterMax = _ot_checks.max_iter(numIterMax, "numIterMax")
     if not isLazy:
         M = dist(X_s, X_t, metric=metric)
-        return sinkhorn(_core.or_empty(a), _core.or_empty(b), M, reg, numItermax=numIterMax, stopThr=stopThr, verbose=verbose,
-                        log=log, warn=warn, warmstart=warmstart, **kwargs)
-    _core.check_kwargs(kwargs, (), "empirical_sinkhorn (isLazy=True)")
-    arrays, xs, _, f, g, r, plan = _lazy(X_s, X_t, reg, a, b, metric, numIterMax, stopThr, batchSize, warn,
-                                         "empirical_sinkhorn")
-    _core.check_warmstart(warmstart, xs.shape[0], plan.shape[1], arrays)
-    if verbose:
-        _verbose("empirical_sinkhorn", int(r.n_iter), float(r.marginal_error))
-    fo, go = arrays.out(f, xs.dtype), arrays.out(g, xs.dtype)
-    if not log:
-        return fo, go
-    return fo, go, {"err": [float(r.marginal_error)], "niter": int(r.n_iter), "u": fo, "v": go, "lazy_plan": plan}
+        return sinkhorn(_core.or_empty(a), _core.or_empty(b), M, reg, numItermax=numIterMax, stopThr=stopThr,
+                        verbose=verbose, log=log, warn=warn, warmstart=warmstart, **kwargs)
+    _, _, _, f, g, _, logs = _lazy(X_s, X_t, reg, a, b, metric, numIterMax, stopThr, batchSize, warn, warmstart,
+                                   verbose, kwargs, "empirical_sinkhorn")
+    return (f, g, logs) if log else (f, g)
 
 
 def empirical_sinkhorn2(X_s, X_t, reg, a=None, b=None, metric="sqeuclidean", numIterMax=10000, stopThr=1e-9,
@@ -276,19 +277,12 @@ def empirical_sinkhorn2(X_s, X_t, reg, a=None, b=None, metric="sqeuclidean", num
         M = dist(X_s, X_t, metric=metric)
         return sinkhorn2(_core.or_empty(a), _core.or_empty(b), M, reg, numItermax=numIterMax, stopThr=stopThr,
                          verbose=verbose, log=log, warn=warn, warmstart=warmstart, **kwargs)
-    _core.check_kwargs(kwargs, (), "empirical_sinkhorn2 (isLazy=True)")
-    arrays, xs, xt, f, g, r, plan = _lazy(X_s, X_t, reg, a, b, metric, numIterMax, stopThr, batchSize, warn,
-                                          "empirical_sinkhorn2")
-    _core.check_warmstart(warmstart, xs.shape[0], xt.shape[0], arrays)
-    if verbose:
-        _verbose("empirical_sinkhorn2", int(r.n_iter), float(r.marginal_error))
+    arrays, xs, xt, _, _, plan, logs = _lazy(X_s, X_t, reg, a, b, metric, numIterMax, stopThr, batchSize, warn,
+                                             warmstart, verbose, kwargs, "empirical_sinkhorn2")
     loss = sum(float((plan_block * _point_costs(xs[i0:i1].detach(), xt.detach(), metric)).sum())
                for i0, i1, plan_block in _blocks(plan))
     out = _core.scalar(arrays.out(torch.tensor(loss, dtype=torch.float64, device=xs.device), xs.dtype))
-    if not log:
-        return out
-    fo, go = arrays.out(f, xs.dtype), arrays.out(g, xs.dtype)
-    return out, {"err": [float(r.marginal_error)], "niter": int(r.n_iter), "u": fo, "v": go, "lazy_plan": plan}
+    return (out, logs) if log else out
 
 
 def _blocks(plan: LazyPlan):
