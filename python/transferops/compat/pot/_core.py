@@ -107,6 +107,25 @@ def weights(arrays: Arrays, w, n: int, name: str, like: torch.Tensor, hists: boo
     return t.to(torch.float64)
 
 
+def histograms(A, M, weights, positive: bool):
+    """The barycenter problems' inputs: histograms A [n, k] (columns), costs M [n, n] between
+    their bins, and weights [k] (uniform when None; > 0 with ``positive``, else >= 0)."""
+    arrays = Arrays(A=A, M=M, weights=weights)
+    At, Mt = arrays.tensor(A, "A", (2,)), arrays.tensor(M, "M", (2,))
+    n, k = At.shape
+    if Mt.shape != (n, n):
+        raise ValueError(f"M: expected the costs between the {n} bins of A [{n}, {n}], got shape {tuple(Mt.shape)}")
+    if bool((At < 0).any()) or not bool(torch.isfinite(At).all()):
+        raise ValueError("A: expected finite non-negative histograms (columns)")
+    if weights is None:
+        return arrays, At, Mt, torch.full((k,), 1.0 / k, dtype=torch.float64, device=At.device)
+    w = arrays.tensor(weights, "weights", (1,)).double()
+    if w.shape[0] != k or bool((w <= 0 if positive else w < 0).any()) or not bool(torch.isfinite(w).all()):
+        raise ValueError(f"weights: expected {k} finite {'positive' if positive else 'non-negative'} weights (one per "
+                         f"histogram), got {w.tolist()}")
+    return arrays, At, Mt, w
+
+
 def parameter_pair(value, name: str) -> tuple[float | None, float | None]:
     """POT's reg_m: a number, or one per marginal (a tuple, list or array of 1 or 2); inf (or
     None in a pair) is an exact marginal, returned as None."""
@@ -163,6 +182,11 @@ def check_warmstart(warmstart, n: int, m: int, arrays: Arrays) -> None:
         t = arrays.tensor(w, name, (1,))
         if t.shape[0] != size:
             raise ValueError(f"{name}: expected {size} values, got shape {tuple(t.shape)}")
+
+
+def report(where: str, n_iter: int, error: float) -> None:
+    """``verbose=True``: one line per solve (POT prints a table of iterations)."""
+    print(f"{where}: {n_iter} iterations, marginal error {error:.3e}")
 
 
 def not_converged(where: str) -> None:

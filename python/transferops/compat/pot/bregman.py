@@ -62,10 +62,6 @@ def _problem(arrays: Arrays, a, b, M, hists: bool = True):
     return Mt, _core.weights(arrays, a, n, "a", Mt), _core.weights(arrays, b, m, "b", Mt, hists=hists)
 
 
-def _verbose(where: str, n_iter: int, error: float) -> None:
-    print(f"{where}: {n_iter} iterations, marginal error {error:.3e}")
-
-
 def _unregularized(arrays, at, bt, Mt, log: bool, loss: bool):
     """reg=0: POT's iterations overflow there; the problem is exact OT, solved by emd."""
     from .lp import emd, emd2
@@ -101,7 +97,7 @@ def _entropic(a, b, M, reg, method, numItermax, stopThr, verbose, log, warn, war
     if not sol.converged and warn:
         _core.not_converged(where)
     if verbose:
-        _verbose(where, sol.n_iter, sol.error)
+        _core.report(where, sol.n_iter, sol.error)
     if hists or loss:
         value = (sol.P * Mt.double()).sum((-1, -2))
         out = value if hists else value[0]
@@ -244,7 +240,7 @@ def _lazy(X_s, X_t, reg, a, b, metric, numIterMax, stopThr, batchSize, warn, war
     if not bool(r.converged) and warn:
         _core.not_converged(where)
     if verbose:
-        _verbose(where, int(r.n_iter), float(r.marginal_error))
+        _core.report(where, int(r.n_iter), float(r.marginal_error))
     f, g = at.log() + r.f / reg, bt.log() + r.g / reg
     plan = LazyPlan(xs.detach(), xt.detach(), f, g, metric, reg, arrays, xs.dtype)
     fo, go = arrays.out(f, xs.dtype), arrays.out(g, xs.dtype)
@@ -322,20 +318,8 @@ def _barycenter(A, M, reg, weights, numItermax, stopThr, verbose, log, warn, deb
     2015, iterative Bregman projections; debiased: Janati et al. 2020, alg. 1), in the log
     domain, every histogram updated at once. Stops when the plans' column marginals agree
     with the barycenter within stopThr (L1)."""
-    arrays = Arrays(A=A, M=M, weights=weights)
-    At = arrays.tensor(A, "A", (2,))
-    Mt = arrays.tensor(M, "M", (2,))
+    arrays, At, Mt, w = _core.histograms(A, M, weights, positive=False)
     n, k = At.shape
-    if Mt.shape != (n, n):
-        raise ValueError(f"M: expected the costs between the {n} bins of A [{n}, {n}], got shape {tuple(Mt.shape)}")
-    if bool((At < 0).any()) or not bool(torch.isfinite(At).all()):
-        raise ValueError("A: expected finite non-negative histograms (columns)")
-    if weights is None:
-        w = torch.full((k,), 1.0 / k, dtype=torch.float64, device=At.device)
-    else:
-        w = arrays.tensor(weights, "weights", (1,)).double()
-        if w.shape[0] != k or bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
-            raise ValueError(f"weights: expected {k} finite non-negative weights (one per histogram), got {w.tolist()}")
     reg = _ot_checks.positive(_reg(reg), "reg")
     if kwargs:
         _core.check_kwargs(kwargs, ("tau",), where)
@@ -363,7 +347,7 @@ def _barycenter(A, M, reg, weights, numItermax, stopThr, verbose, log, warn, deb
     if not converged and warn:
         _core.not_converged(where)
     if verbose:
-        _verbose(where, it, err)
+        _core.report(where, it, err)
     bar = arrays.out(log_bar.exp(), At.dtype)
     return (bar, {"err": [err], "niter": it}) if log else bar
 

@@ -291,8 +291,9 @@ class SinkhornTransport(BaseTransport):
 
 
 class EMDTransport(BaseTransport):
-    """POT's ``EMDTransport``: the exact coupling ``emd(mu_s, mu_t, cost_)`` (scipy's HiGHS, see
-    :mod:`.lp`), with at most ``max_iter`` simplex iterations."""
+    """POT's ``EMDTransport``: the exact coupling ``emd(mu_s, mu_t, cost_)`` (POT's network
+    simplex where installed, else scipy's HiGHS: see :mod:`.lp`), with at most ``max_iter``
+    iterations."""
 
     def __init__(self, metric="sqeuclidean", norm=None, log=False, distribution_estimation=distribution_estimation_uniform,
                  out_of_sample_map="ferradans", limit_max=10, max_iter=100000):

@@ -1,7 +1,7 @@
 """POT's unified solvers ``ot.solve`` (a cost matrix) and ``ot.solve_sample`` (two point
 clouds), returning an :class:`OTResult` with POT's attributes.
 
-Provided, as in POT 0.9.7: exact OT (``reg`` None or 0: :func:`ot.lp.emd2`, scipy's HiGHS),
+Provided, as in POT 0.9.7: exact OT (``reg`` None or 0: :func:`ot.lp.emd2`),
 balanced entropic OT (``reg_type`` "KL" or "entropy": :func:`ot.sinkhorn`, the plan POT's
 ``sinkhorn_log`` converges to) and entropic unbalanced OT with KL marginals (``unbalanced``:
 :func:`ot.unbalanced.sinkhorn_unbalanced`); with ``lazy=True`` the exact and balanced entropic
@@ -262,7 +262,7 @@ def solve_sample(X_a, X_b, a=None, b=None, metric="sqeuclidean", reg=None, c=Non
                  grad="autodiff", random_state=None, debias=False, n_projections=50, projections=None, scaler=None):
     """:func:`solve` on the costs ``dist(X_a, X_b, metric)`` between samples X_a [n, d] and
     X_b [m, d]. ``lazy=True``: exact OT as :func:`solve` (POT's lazy network simplex keeps M
-    implicit; HiGHS needs it), balanced entropic OT without storing M (``lazy_plan`` holds the
+    implicit; ours stores it), balanced entropic OT without storing M (``lazy_plan`` holds the
     plan as blocks computed on demand; ``value`` None and no gradients, as POT). ``debias=True``:
     the values of (X_a, X_b) minus half those of (X_a, X_a) and (X_b, X_b), with the (X_a, X_b)
     plan and potentials, and the three results in ``log`` (POT's ``res_ab``, ``res_aa``,

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from ... import _checks, _ot_checks
+from ... import _ot_checks
 from . import _core
 from ._core import Arrays
 
@@ -79,7 +79,7 @@ def _solve(a, b, M, reg, reg_m, method, reg_type, c, warmstart, numItermax, stop
     if not sol.converged and warn:
         _core.not_converged(where)
     if verbose:
-        print(f"{where}: {sol.n_iter} iterations, marginal error {sol.error:.3e}")
+        _core.report(where, sol.n_iter, sol.error)
     return arrays, Mt, at, bt, ct, entropy, pair, _ot_checks.positive(reg, "reg"), sol
 
 
@@ -188,19 +188,12 @@ def barycenter_unbalanced(A, M, reg, reg_m, method="sinkhorn", weights=None, num
     _core.check_kwargs(kwargs, ("tau",) if method == "sinkhorn_stabilized" else (), "barycenter_unbalanced")
     for key, value in kwargs.items():
         _ot_checks.positive(value, key)
-    arrays = Arrays(A=A, M=M, weights=weights)
-    At, Mt = arrays.tensor(A, "A", (2,)), arrays.tensor(M, "M", (2,))
+    arrays, At, Mt, w = _core.histograms(A, M, weights, positive=True)  # log w below
     n, k = At.shape
-    if Mt.shape != (n, n):
-        raise ValueError(f"M: expected the costs between the {n} bins of A [{n}, {n}], got shape {tuple(Mt.shape)}")
-    w = (torch.full((k,), 1.0 / k, dtype=torch.float64, device=At.device) if weights is None
-         else arrays.tensor(weights, "weights", (1,)).double())
-    if w.shape[0] != k or bool((w <= 0).any()) or not bool(torch.isfinite(w).all()):
-        raise ValueError(f"weights: expected {k} finite positive weights (one per histogram), got {w.tolist()}")
     reg = _ot_checks.positive(_core.number(reg, "reg"), "reg")
     rho = _ot_checks.positive(_core.number(reg_m, "reg_m"), "reg_m")
     fi = rho / (rho + reg)
-    numItermax = _checks.count(numItermax, "numItermax", low=1)
+    numItermax = _ot_checks.max_iter(numItermax, "numItermax")
     tol = _core.stop_threshold(stopThr, torch.float64)
     K = -Mt.double() / reg
     logA = (At.double().T + 1e-300).log()  # [k, n]
