@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -252,3 +253,39 @@ def at_a_cut(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
 
 __all__ = ["DTYPES", "TOLERANCES", "assert_close", "assert_matches_reference", "at_a_cut", "golden_file",
            "guarded_empty", "load_folder", "merge_both_ways", "noncontiguous", "peer", "poisoned_outputs", "randn", "require_backend"]
+
+
+class _StaysOnDevice(torch.overrides.TorchFunctionMode):
+    """See :func:`stays_on_device`."""
+
+    HOST_COPIES = {torch.Tensor.numpy, torch.Tensor.cpu, torch.Tensor.tolist}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        to_cpu = func in (torch.Tensor.to, torch.Tensor.copy_) and any(
+            isinstance(a, (str, torch.device)) and torch.device(a).type == "cpu"
+            for a in (*args[1:], kwargs.get("device")) if a is not None)
+        if (func in self.HOST_COPIES or to_cpu) and not _in_triton_interpreter():
+            raise AssertionError(f"a host copy on a device path: Tensor.{func.__name__}")
+        return func(*args, **kwargs)
+
+
+def _in_triton_interpreter() -> bool:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.endswith("triton/runtime/interpreter.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextlib.contextmanager
+def stays_on_device():
+    """A device-checking mock for machines without a GPU: inside it, CPU inputs stand for CUDA
+    ones. A host copy (Tensor.numpy, .cpu, .tolist, .to("cpu")) raises, except inside the Triton
+    interpreter, which runs kernels on host arrays by design; and tensors made without a device
+    go to "meta", so an op that builds a tensor on the default device (CPU, where a GPU run
+    would need the inputs' device) and combines it with the inputs fails. Scalar syncs
+    (.item(), bool()) are allowed."""
+    with _StaysOnDevice(), torch.device("meta"):
+        yield

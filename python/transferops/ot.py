@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 
 from . import _checks, _ot_checks, _ot_limit
-from ._backend import Op, native_buffer, native_module, single_threaded_blas
+from ._backend import BackendUnavailable, Op, native_buffer, native_module, single_threaded_blas
 from ._custom_ops import custom_op
 
 COSTS = {"sqeuclidean": 1.0, "sqeuclidean_half": 0.5}
@@ -109,7 +109,9 @@ def _weights(w, n_shape: tuple[int, ...], like: torch.Tensor, name: str) -> torc
         return torch.full((B, n), 1.0 / n, dtype=torch.float64, device=like.device)
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(w).__name__}")
-    w = w.to(device=like.device, dtype=torch.float64)  # differentiable: gradients reach the caller's weights
+    if w.device != like.device:
+        raise ValueError(f"{name}: expected weights on the points' device {like.device}, got {w.device}")
+    w = w.to(torch.float64)  # differentiable: gradients reach the caller's weights
     if w.dim() == 1:
         w = w.expand(B, -1)
     if tuple(w.shape) != (B, n):
@@ -246,7 +248,7 @@ def _values(C, la, lb, f, g, eps, rho):
     return transport, value
 
 
-sinkhorn_op = Op("sinkhorn", order=("native", "reference"))
+sinkhorn_op = Op("sinkhorn", order=("triton", "native", "reference"))
 # The native iterations' Anderson memory (0 is plain Sinkhorn): the column potentials
 # extrapolate from this many past updates (guarded by a trust region), which reaches the same
 # fixed point in several times fewer iterations on clustered clouds; 5 and 8 are close there.
@@ -318,6 +320,13 @@ def _sinkhorn_native(costs, a, b, eps, rho, tol, max_iter, schedule, symmetric, 
     return f, g, *(torch.from_numpy(t) for t in (transport, value, n_iter, error))
 
 
+@sinkhorn_op.register("triton", dtypes=(torch.float64, torch.float32))
+def _sinkhorn_triton(*args):
+    from .kernels import ot as kernels  # imports triton: only when this backend runs
+
+    return kernels.sinkhorn(*args)
+
+
 def _dual_surrogate(C, a, b, f, g, eps, rho):
     """Zero in value, with the gradient of ot_eps in C, a and b (envelope theorem: the dual
     objective at the optimal potentials, held fixed). The dual is <a, f> + <b, g> (balanced), or
@@ -334,24 +343,30 @@ def _dual_surrogate(C, a, b, f, g, eps, rho):
     return dual - dual.detach()
 
 
-def _envelope_gradients(x, y, a, b, f, g, eps: float, rho: float | None, scale: float, grad: torch.Tensor):
+def _envelope_gradients(x, y, a, b, f, g, eps: float, rho: float | None, scale: float, grad: torch.Tensor,
+                        fused: bool = False):
     """The gradients of ot_eps in x, y, a and b at the optimal potentials f, g (envelope theorem:
     no iteration is differentiated), times grad [B]. With E_ij = exp((f_i + g_j - C_ij)/eps),
     P = a E b and C_ij = s |x_i - y_j|^2: d/dx_i = 2 s ((P 1)_i x_i - (P y)_i),
     d/da_i = f_i - eps (sum_j b_j E_ij - sum b) (balanced; unbalanced: rho (1 - exp(-f_i/rho)) in
     place of f_i), and likewise for y, b. The plan is recomputed in blocks of rows
-    (BLOCK_ENTRIES), so memory stays O((N + M) d)."""
+    (BLOCK_ENTRIES), so memory stays O((N + M) d); ``fused``: by two Triton sweeps instead."""
     X, Y = x.double(), y.double()
-    row_sums = torch.empty_like(a)  # sum_j b_j E_ij
-    col_sums = torch.zeros_like(b)  # sum_i a_i E_ij
-    PY, PtX = torch.empty_like(X), torch.zeros_like(Y)
-    for i0, i1 in _row_blocks(a.shape[1], b.numel()):
-        E = ((f[:, i0:i1, None] + g[:, None, :] - scale * cost_matrix(X[:, i0:i1], Y)) / eps).exp_()
-        row_sums[:, i0:i1] = (E @ b[..., None])[..., 0]
-        col_sums += (a[:, i0:i1, None] * E).sum(1)
-        P = E.mul_(a[:, i0:i1, None] * b[:, None, :])
-        PY[:, i0:i1] = P @ Y
-        PtX += P.transpose(1, 2) @ X[:, i0:i1]
+    if fused:
+        from .kernels import ot as kernels
+
+        row_sums, col_sums, PY, PtX = kernels.envelope_sums(kernels.sweeps_of(_Points(x, y, scale)), a, b, f, g, eps)
+    else:
+        row_sums = torch.empty_like(a)  # sum_j b_j E_ij
+        col_sums = torch.zeros_like(b)  # sum_i a_i E_ij
+        PY, PtX = torch.empty_like(X), torch.zeros_like(Y)
+        for i0, i1 in _row_blocks(a.shape[1], b.numel()):
+            E = ((f[:, i0:i1, None] + g[:, None, :] - scale * cost_matrix(X[:, i0:i1], Y)) / eps).exp_()
+            row_sums[:, i0:i1] = (E @ b[..., None])[..., 0]
+            col_sums += (a[:, i0:i1, None] * E).sum(1)
+            P = E.mul_(a[:, i0:i1, None] * b[:, None, :])
+            PY[:, i0:i1] = P @ Y
+            PtX += P.transpose(1, 2) @ X[:, i0:i1]
     w = grad[:, None]
     gx = 2 * scale * ((a * row_sums)[..., None] * X - PY) * w[..., None]
     gy = 2 * scale * ((b * col_sums)[..., None] * Y - PtX) * w[..., None]
@@ -365,15 +380,15 @@ class _OnlineDual(torch.autograd.Function):
     """_dual_surrogate for problems solved online: zero, with _envelope_gradients."""
 
     @staticmethod
-    def forward(ctx, x, y, a, b, f, g, eps, rho, scale):
+    def forward(ctx, x, y, a, b, f, g, eps, rho, scale, fused):
         ctx.save_for_backward(x, y, a, b, f, g)
-        ctx.eps, ctx.rho, ctx.scale = eps, rho, scale
+        ctx.eps, ctx.rho, ctx.scale, ctx.fused = eps, rho, scale, fused
         return torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
 
     @staticmethod
     def backward(ctx, grad):
-        return (*_envelope_gradients(*ctx.saved_tensors, ctx.eps, ctx.rho, ctx.scale, grad), None, None, None, None,
-                None)
+        return (*_envelope_gradients(*ctx.saved_tensors, ctx.eps, ctx.rho, ctx.scale, grad, ctx.fused), None, None,
+                None, None, None, None)
 
 
 def _solve(C, a, b, *, dtype: torch.dtype, eps, tol, max_iter, eps_scaling, reach, batched: bool,
@@ -403,6 +418,7 @@ def _solve(C, a, b, *, dtype: torch.dtype, eps, tol, max_iter, eps_scaling, reac
     _ot_checks.eps_against_costs(eps, largest)
     schedule = _ot_checks.schedule(eps, eps_scaling, largest, max_iter)
     limit = torch.zeros(B, dtype=torch.bool, device=like.device)
+    ran = None
     if rho is None:
         spread = (_ot_limit.points_spread(C.x, C.y, C.scale, None if C.labels is None else C.labels[2]) if points
                   else _ot_limit.matrix_spread(work))
@@ -411,8 +427,9 @@ def _solve(C, a, b, *, dtype: torch.dtype, eps, tol, max_iter, eps_scaling, reac
         n_iter = torch.zeros(B, dtype=torch.int64, device=like.device)
         error = torch.zeros(B, dtype=torch.float64, device=like.device)
     else:
-        f, g, transport, value, n_iter, error = sinkhorn_op(backend, like.device, dtype, work, a.detach(), b.detach(),
-                                                            eps, rho, tol, max_iter, schedule, symmetric, progress)
+        args = (work, a.detach(), b.detach(), eps, rho, tol, max_iter, schedule, symmetric, progress)
+        ran, impl = sinkhorn_op.select(backend, like.device, dtype, args)
+        f, g, transport, value, n_iter, error = impl(*args)
     if bool(limit.any()):  # eps beyond the costs' spread: the closed form (see _ot_limit)
         ad, bd = a.detach(), b.detach()
         an, bn = ad / ad.sum(-1, keepdim=True), bd / bd.sum(-1, keepdim=True)
@@ -426,7 +443,7 @@ def _solve(C, a, b, *, dtype: torch.dtype, eps, tol, max_iter, eps_scaling, reac
                                       for c, t in zip(closed, (f, g, transport, value)))
         n_iter, error = torch.where(limit, 0, n_iter), torch.where(limit, 0.0, error)
     if points and (C.x.requires_grad or C.y.requires_grad or a.requires_grad or b.requires_grad):
-        value = value + _OnlineDual.apply(C.x, C.y, a, b, f, g, eps, rho, C.scale)
+        value = value + _OnlineDual.apply(C.x, C.y, a, b, f, g, eps, rho, C.scale, ran == "triton")
     elif not points and (C.requires_grad or a.requires_grad or b.requires_grad):
         value = value + _dual_surrogate(C, a, b, f, g, eps, rho)
     converged = error <= tol
@@ -445,6 +462,14 @@ def _solve(C, a, b, *, dtype: torch.dtype, eps, tol, max_iter, eps_scaling, reac
     return SinkhornResult(squeeze(f), squeeze(g), squeeze(transport), squeeze(value), squeeze(n_iter),
                           squeeze(error), squeeze(converged),
                           _log_plan=lambda i0, i1: squeeze(log_plan(i0, i1)))
+
+
+def _runs_on_triton(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a point-cloud call goes to the Triton backend, which always streams its costs."""
+    try:
+        return sinkhorn_op.select(backend, device, dtype, (None,) * 10)[0] == "triton"
+    except BackendUnavailable:
+        return False  # _solve raises it with the call's own arguments
 
 
 def sinkhorn(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean", tol: float = 1e-4,
@@ -477,9 +502,12 @@ def sinkhorn(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean", tol
     batched = x.dim() == 3
     xb, yb = (x, y) if batched else (x[None], y[None])
     dtype = _working_dtype(x.dtype, y.dtype)
-    online = _solved_online(xb.shape[0], xb.shape[1], yb.shape[1], dtype)
+    streams = _runs_on_triton(backend, x.device, dtype)
+    online = streams or _solved_online(xb.shape[0], xb.shape[1], yb.shape[1], dtype)
     if online:
-        C = _Points(xb.to(dtype), yb.to(dtype), COSTS[cost])
+        # Triton reads 16-bit points as they are (tl.dot in that dtype, float32 sums)
+        keep = streams and x.dtype == y.dtype and x.dtype in (torch.bfloat16, torch.float16)
+        C = _Points(xb if keep else xb.to(dtype), yb if keep else yb.to(dtype), COSTS[cost])
         log_plan_of = C.rows
     else:
         # float32 work computes its costs in float32 too, unless gradients need float64 ones
@@ -535,27 +563,28 @@ def _labeled(X, y, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     if X.dim() != 2:
         raise ValueError(f"X{name}: expected features [n, d], got shape {tuple(X.shape)}")
     index, ids = _ot_checks.labels(y, X.shape[0], f"y{name}")
-    return X.to(torch.float64), index.to(X.device), ids
+    return X.to(torch.float64), index if index.device == X.device else index.to(X.device), ids
 
 
 def _gaussian_w2(Xs, ys, Xt, yt) -> torch.Tensor:
     """W_2^2 between the Gaussian fits of every source class and every target class (Bures):
-    |mu - mu'|^2 + tr S + tr S' - 2 tr (S^1/2 S' S^1/2)^1/2, covariances with n - 1 (0 for one sample)."""
+    |mu - mu'|^2 + tr S + tr S' - 2 tr (S^1/2 S' S^1/2)^1/2, covariances with n - 1 (0 for one
+    sample); one batched eigensolve per source class over the target classes."""
     def fits(X, y):
-        out = []
-        for c in torch.unique(y).tolist():
-            Z = X[y == c]
-            mu = Z.mean(0)
-            S = (Z - mu).T @ (Z - mu) / max(Z.shape[0] - 1, 1)
-            w, V = torch.linalg.eigh(S)
-            out.append((c, mu, S, (V * w.clamp(min=0).sqrt()) @ V.T))
-        return out
-    source, target = fits(Xs, ys), fits(Xt, yt)
+        ids = torch.unique(y)
+        parts = [X[y == c] for c in ids]  # iterating a tensor: 0-d device tensors, no host list
+        mus = torch.stack([Z.mean(0) for Z in parts])
+        covs = torch.stack([(Z - mu).T @ (Z - mu) / max(Z.shape[0] - 1, 1) for Z, mu in zip(parts, mus)])
+        return ids, mus, covs
+    ids_s, mu_s, S_s = fits(Xs, ys)
+    ids_t, mu_t, S_t = fits(Xt, yt)
+    w, V = torch.linalg.eigh(S_s)
+    halves = (V * w.clamp(min=0).sqrt()[:, None, :]) @ V.transpose(1, 2)
+    traces_t = S_t.diagonal(dim1=1, dim2=2).sum(-1)
     W = torch.zeros(int(ys.max()) + 1, int(yt.max()) + 1, dtype=torch.float64, device=Xs.device)
-    for c, mu, S, S_half in source:
-        for c2, mu2, S2, _ in target:
-            cross = torch.linalg.eigvalsh(S_half @ S2 @ S_half).clamp(min=0).sqrt().sum()
-            W[c, c2] = ((mu - mu2) ** 2).sum() + torch.trace(S) + torch.trace(S2) - 2 * cross
+    for k, c in enumerate(ids_s):
+        cross = torch.linalg.eigvalsh(halves[k] @ S_t @ halves[k]).clamp(min=0).sqrt().sum(-1)
+        W[c, ids_t] = ((mu_s[k] - mu_t) ** 2).sum(-1) + torch.trace(S_s[k]) + traces_t - 2 * cross
     return W.clamp(min=0)
 
 
@@ -588,17 +617,18 @@ def dataset_distance(Xs, ys, Xt, yt, *, eps: float, inner: str = "gaussian", inn
     else:
         inner_eps = eps if inner_eps is None else _ot_checks.positive(inner_eps, "inner_eps")
         W = torch.zeros(int(ys.max()) + 1, int(yt.max()) + 1, dtype=torch.float64, device=Xs.device)
-        for c in torch.unique(ys).tolist():
-            for c2 in torch.unique(yt).tolist():
+        for c in torch.unique(ys):
+            for c2 in torch.unique(yt):
                 W[c, c2] = sinkhorn(Xs[ys == c], Xt[yt == c2], eps=inner_eps, tol=tol, max_iter=max_iter,
                                     backend=backend).transport_cost
-    if _solved_online(1, Xs.shape[0], Xt.shape[0], torch.float64):
+    online = _solved_online(1, Xs.shape[0], Xt.shape[0], torch.float64)
+    if online or (_runs_on_triton(backend, Xs.device, torch.float64) and not (Xs.requires_grad or Xt.requires_grad)):
         if Xs.requires_grad or Xt.requires_grad:
             raise NotImplementedError(f"dataset_distance: gradients of datasets whose outer costs exceed "
                                       f"{MATERIALIZE_BYTES >> 20} MiB (solved online) are not implemented")
         C = _Points(Xs[None], Xt[None], 1.0, (ys, yt, W))
         result = _solve(C, None, None, dtype=torch.float64, eps=eps, tol=tol, max_iter=max_iter, eps_scaling=None,
-                        reach=None, batched=False, backend=backend, log_plan_of=C.rows, progress=True)
+                        reach=None, batched=False, backend=backend, log_plan_of=C.rows, progress=online)
     else:
         result = sinkhorn_cost_matrix(cost_matrix(Xs, Xt) + W[ys][:, yt], eps=eps, tol=tol, max_iter=max_iter,
                                       backend=backend)
