@@ -8,14 +8,14 @@ task; :func:`trims` combines two, the kept set less the dropped one.
 On the CPU the native select (csrc/cpu/topk.h) runs every pass: a sample brackets each task's
 k-th key, one counting pass finds it inside, and a radix select over the bits of |x| takes the
 tasks a bracket misses. Data held in memory go to it in one call; data streamed in chunks
-(checkpoints on disk, a model-wide threshold) are fed to it pass after pass. The Triton path
-runs the radix select here, one histogram kernel per digit.
+(checkpoints on disk, a model-wide threshold) are fed to it pass after pass. On a device (the
+Triton path) the radix select runs here, one histogram kernel per digit, over data in memory or
+streamed alike, and its thresholds never leave the device.
 """
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from ._backend import native_module
@@ -50,7 +50,10 @@ def _per_task(select, counts: list, keep_ties: bool) -> list:
 def shift(trims, offset: int, numel: int | None = None) -> tuple:
     """Whole-scope trims seen from a piece starting at flat ``offset`` (cuts clamped to the
     piece's ``numel`` when given)."""
-    clamp = (lambda c: c) if numel is None else (lambda c: min(max(c, 0), numel))
+    if numel is None:
+        clamp = lambda c: c  # noqa: E731
+    else:  # a cut found on a device is a 0-d tensor there
+        clamp = lambda c: c.clamp(0, numel) if isinstance(c, torch.Tensor) else min(max(c, 0), numel)  # noqa: E731
     return tuple((lo, hi, clamp(cut - offset), dlo, dhi, clamp(dcut - offset))
                  for lo, hi, cut, dlo, dhi, dcut in trims)
 
@@ -79,55 +82,77 @@ def drive(select, passes) -> list:
     return select.thresholds()
 
 
-# ---- Triton: the radix select driven from here ---------------------------------------------------
+# ---- on a device: the radix select driven from here -------------------------------------------------
 
 _KEY_BITS = {torch.float32: 31, torch.float64: 63, torch.bfloat16: 15, torch.float16: 15}
 _KEY_INTS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16,
              torch.float16: torch.int16}
 
 
-def triton(rows: list[torch.Tensor]):
-    """The select over 2-D device tensors (task vectors, no base): a Triton histogram per digit
-    of the keys' bits for all tasks at once, the tie cut with torch on the device."""
-    return lambda k, keep_ties: _triton_topk(rows, k, keep_ties)
+def device(chunks, numel: int, tasks: int, key_dtype: torch.dtype, on: torch.device):
+    """The select over ``tasks`` tensors of ``numel`` elements on device ``on`` (a GPU, or the
+    CPU under the Triton interpreter): ``chunks()`` returns a fresh iterable of (the tasks' 2-D
+    views, the base's view or None, the chunk's first flat index) covering the tensors in flat
+    order. x = view - base in ``key_dtype`` (the accumulation dtype) where a base is given, else
+    the view itself (``key_dtype`` its dtype). A Triton histogram per digit of the keys' bits for
+    all tasks at once; the digit picked, and the tie cut, with torch on the device. The
+    thresholds stay there: each (lo, hi, cut) is three 0-d tensors (numbers where k keeps all or
+    nothing)."""
+    return lambda k, keep_ties: _device_select(chunks, numel, tasks, key_dtype, on, k, keep_ties)
 
 
-def _triton_topk(rows: list[torch.Tensor], k: int, keep_ties: bool) -> list:
+def _device_select(chunks, numel: int, tasks: int, key_dtype: torch.dtype, on: torch.device, k: int,
+                   keep_ties: bool) -> list:
     from .kernels import merging as kernels
 
-    numel, dtype = rows[0].numel(), rows[0].dtype
     if k <= 0:
-        return [NOTHING] * len(rows)
+        return [NOTHING] * tasks
     if k >= numel:
-        return [(0.0, 0.0, numel)] * len(rows)
-    nbits, known, digit = _KEY_BITS[dtype], 0, kernels.digit_bits(numel)
-    prefix, rank, ties = [0] * len(rows), [k] * len(rows), [0] * len(rows)
+        return [(0.0, 0.0, numel)] * tasks
+    nbits, known, digit = _KEY_BITS[key_dtype], 0, kernels.digit_bits(numel)
+    prefix = torch.zeros(tasks, dtype=torch.int64, device=on)  # each task's key bits found so far
+    rank = torch.full((tasks,), k, dtype=torch.int64, device=on)  # of the k-th key among those with the prefix
     while known < nbits:
         dbits = min(digit, nbits - known)
-        hist = kernels.abs_digit_histograms(rows, prefix, nbits - known - dbits, dbits, nbits).cpu().numpy()
-        for t in range(len(rows)):
-            d, rank[t] = _rth_largest_bin(hist[t], rank[t])
-            prefix[t], ties[t] = (prefix[t] << dbits) | d, int(hist[t, d])
+        hist = torch.zeros(tasks, 1 << dbits, dtype=torch.int64, device=on)
+        for rows, base, _ in chunks():
+            kernels.abs_digit_histograms(rows, base, prefix, nbits - known - dbits, dbits, nbits, hist)
+        digits, rank, ties = _rth_largest_bins(hist, rank)
+        prefix = (prefix << dbits) | digits
         known += dbits
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    found = []
-    for t, row in enumerate(rows):
-        cut = numel if keep_ties or rank[t] >= ties[t] else _tie_cut(row, prefix[t], rank[t])
-        lo = torch.tensor([prefix[t]], dtype=torch.int64).to(_KEY_INTS[dtype]).view(dtype).to(acc)
-        hi = torch.nextafter(lo, torch.tensor([math.inf], dtype=acc))
-        found.append((lo.item(), hi.item(), cut))
-    return found
+    acc = torch.float64 if key_dtype == torch.float64 else torch.float32
+    lo = prefix.to(_KEY_INTS[key_dtype]).view(key_dtype).to(acc)
+    hi = torch.nextafter(lo, torch.full_like(lo, math.inf))
+    cut = torch.full_like(prefix, numel)
+    partial = rank < ties  # the tasks that keep only some of the entries equal to their k-th
+    if not keep_ties and bool(partial.any()):  # the select's one sync
+        _tie_cuts(chunks, key_dtype, prefix, rank, partial, cut)
+    lo, hi = lo.double(), hi.double()
+    return [(lo[t], hi[t], cut[t]) for t in range(tasks)]
 
 
-def _rth_largest_bin(counts: np.ndarray, r: int) -> tuple[int, int]:
-    """(the bin of ascending ``counts`` holding the r-th largest element, its rank in that bin)."""
-    above = np.cumsum(counts[::-1])  # above[j]: elements in the top j + 1 bins
-    j = int(np.searchsorted(above, r))  # the first top-(j + 1) holding >= r elements
-    return counts.size - 1 - j, r - (int(above[j - 1]) if j else 0)
+def _rth_largest_bins(hist: torch.Tensor, rank: torch.Tensor):
+    """Per task (row of ascending bin counts ``hist``): the bin holding its rank-th largest
+    element, that element's rank within the bin, and the bin's count."""
+    above = hist.flip(1).cumsum(1)  # above[:, j]: elements in the top j + 1 bins
+    j = torch.searchsorted(above, rank.unsqueeze(1))  # the first top-(j + 1) holding >= rank elements
+    before = torch.where(j > 0, above.gather(1, (j - 1).clamp(min=0)), 0)
+    bins = hist.shape[1] - 1 - j
+    return bins.squeeze(1), (rank.unsqueeze(1) - before).squeeze(1), hist.gather(1, bins).squeeze(1)
 
 
-def _tie_cut(row: torch.Tensor, key: int, rank: int) -> int:
-    """The flat position just after the rank-th element of ``row`` whose key is ``key``."""
-    dtype = row.dtype
-    keys = row.contiguous().view(_KEY_INTS[dtype]).flatten().to(torch.int64) & ((1 << _KEY_BITS[dtype]) - 1)
-    return int(torch.nonzero(keys == key).flatten()[rank - 1]) + 1
+def _tie_cuts(chunks, key_dtype, key: torch.Tensor, rank: torch.Tensor, partial: torch.Tensor,
+              cut: torch.Tensor) -> None:
+    """Sets cut[t], for the ``partial`` tasks, to the flat position just after the rank[t]-th
+    element whose key is key[t]: one pass over the chunks, counting the ties seen so far."""
+    mask = (1 << _KEY_BITS[key_dtype]) - 1
+    seen = torch.zeros_like(rank)
+    for rows, base, offset in chunks():
+        for t, row in enumerate(rows):
+            x = row if base is None else row.to(key_dtype) - base.to(key_dtype)
+            keys = x.contiguous().view(_KEY_INTS[key_dtype]).flatten().to(torch.int64) & mask
+            tied = keys == key[t]
+            hit = tied & (tied.cumsum(0) + seen[t] == rank[t])
+            found = partial[t] & hit.any()
+            cut[t] = torch.where(found, offset + 1 + hit.to(torch.uint8).argmax(), cut[t])
+            seen[t] += tied.sum()

@@ -47,8 +47,9 @@ class MergeSpec:
     seed: int = 0  # DARE: with `stream` (a hash of the tensor's name), keys the Philox counter
     stream: int = 0
     # Set only when a tensor is merged in chunks: the whole tensor's top-k trims, one
-    # (lo, hi, cut, drop_lo, drop_hi, drop_cut) per task (see _topk.trims), and the chunk's first
-    # flat index (for the trims' cuts and DARE).
+    # (lo, hi, cut, drop_lo, drop_hi, drop_cut) per task (see _topk.trims; numbers, or 0-d
+    # tensors where a device select found them), and the chunk's first flat index (for the
+    # trims' cuts and DARE).
     trims: tuple | None = None
     offset: int = 0
     lam: float = 1.0  # merging models onto a base: base + lam * merged
@@ -64,9 +65,10 @@ class MergeSpec:
     normalize: bool | None = None
     # mergekit's rescale: each task's kept values times ||tau_t||_1 / ||kept tau_t||_1 over the
     # whole tensor (1 where either is below 1e-7); `scales` holds those ratios when the tensor is
-    # merged in chunks, found by a pass of their own (see l1_scales), else the backend finds them.
+    # merged in chunks, found by a pass of their own (see l1_scales; on the Triton path a float64
+    # tensor on the device), else the backend finds them.
     rescale: bool = False
-    scales: tuple | None = None
+    scales: tuple | torch.Tensor | None = None
 
     @property
     def divides(self) -> bool:
@@ -159,7 +161,7 @@ def _unfused_base(impl):
     """An impl of task vectors made to take what every impl takes, (tvs, weights, spec, base,
     out): with ``base``, ``tvs`` are models theta_t, the task vectors are theta_t - base and
     the result is base + spec.lam * merged in base's dtype; ``out`` receives the result. This
-    one forms the task vectors first; the native kernel fuses both."""
+    one forms the task vectors first; the native and Triton kernels fuse both."""
     def run(tvs, weights, spec: MergeSpec, base=None, out=None):
         if base is None:
             result = impl(tvs, weights, spec)
@@ -169,26 +171,31 @@ def _unfused_base(impl):
     return run
 
 
-def streamed_scales(model_reads, base_read, numel: int, chunk: int, spec: MergeSpec, native: bool) -> tuple:
+def streamed_scales(model_reads, base_read, numel: int, chunk: int, spec: MergeSpec, kind: str):
     """mergekit's rescale ratios (see l1_scales) of one tensor that is merged in chunks, from a
     pass of their own over it: ``model_reads``/``base_read`` (start, count) give flat pieces of
     the models and the base, ``spec`` carries the whole tensor's trims. Its chunks of about
     ``chunk`` elements start on kept_l1_block boundaries, so each block's sums, and the ratios,
-    are those of the tensor merged whole: native (cpu::kept_l1) where the merge runs native,
-    torch (l1_partials) where it does not."""
+    are those of the tensor merged whole: native (cpu::kept_l1) where the merge runs native
+    (``kind``), torch (l1_partials) where it runs the reference; where it runs Triton, that
+    kernel's sums, and the ratios as a tensor on the device."""
+    if kind == "triton":
+        from .kernels import merging as kernels
     step = max(L1_BLOCK, chunk // L1_BLOCK * L1_BLOCK)
     parts = []
     for s in range(0, numel, step):
         c = min(step, numel - s)
         models, base = [read(s, c) for read in model_reads], base_read(s, c)
         piece = replace(spec, offset=s)
-        if native:
+        if kind == "native":
             trims = None if spec.trims is None else _topk.shift(spec.trims, s)
             parts.append(native_module().kept_l1([native_buffer(m.view(1, -1)) for m in models],
                                                  native_buffer(base.view(1, -1)), trims, _dare_args(piece, len(models)), s))
+        elif kind == "triton":
+            parts.append(kernels.spec_pass([m.view(1, -1) for m in models], base.view(1, -1), None, None, piece, "l1"))
         else:
             parts.append(kept_l1_partials(_task_vectors(models, base), piece))
-    return l1_scales(parts)
+    return kernels.l1_ratios(parts) if kind == "triton" else l1_scales(parts)
 
 
 def _reference_votes(tvs: list[torch.Tensor], weights: list[float] | None, spec: MergeSpec):
@@ -201,8 +208,8 @@ def _reference_votes(tvs: list[torch.Tensor], weights: list[float] | None, spec:
         scales = spec.scales or l1_scales([l1_partials(x, keep, spec.offset)])
         divisor = divisor / torch.tensor(scales, dtype=torch.float64, device=x.device).view(-1, *[1] * (x.dim() - 1))
     x = torch.where(keep, x / divisor, 0.0)
-    w = torch.tensor(weights if weights is not None else [1.0] * len(tvs), dtype=torch.float64)
-    w = w.view(-1, *([1] * (x.dim() - 1))).to(x.device)
+    w = torch.tensor(weights if weights is not None else [1.0] * len(tvs), dtype=torch.float64, device=x.device)
+    w = w.view(-1, *([1] * (x.dim() - 1)))
     voter = w * x if spec.weight_before_election else x
     s = torch.sign(voter)
     vote = voter.sum(0) if spec.sign == "sum" else s.sum(0)
@@ -276,29 +283,11 @@ def _dare_args(spec: MergeSpec, tasks: int):
     return spec.seed, spec.stream, [_keep_below(spec, t) for t in range(tasks)], divisors, spec.offset
 
 
-@merge_op.register("triton", dtypes=_DTYPES, limit=_fused_only("triton", della=None, zero_sign=1))
-@_unfused_base
-def _merge_triton(tvs, weights, spec: MergeSpec):
+@merge_op.register("triton", dtypes=_DTYPES)
+def _merge_triton(tvs, weights, spec: MergeSpec, base=None, out=None):
     from .kernels import merging as kernels
 
-    rows = [_checks.as_rows(t) for t in tvs]
-    out = torch.empty_like(tvs[0], memory_format=torch.contiguous_format)
-    numel = out.numel()
-    if spec.trims is not None:
-        trims = _topk.shift(spec.trims, spec.offset)
-    elif spec.density is not None:
-        trims = _topk.trims(_topk.triton(rows), numel, spec)
-    else:
-        trims = None
-    scales = spec.scales
-    if spec.rescale and scales is None:  # torch on the tensors' device
-        whole = spec if spec.trims is not None else replace(spec, trims=trims)  # found here: offset 0
-        scales = l1_scales([kept_l1_partials(tvs, whole)])
-    bad = kernels.merge(rows, _checks.as_rows(out), weights, elect=spec.elect, count=spec.sign == "count",
-                        weight_before_election=spec.weight_before_election, dare=_dare_args(spec, len(rows)),
-                        trims=trims, scales=scales, normalize=spec.divides)
-    _checks.raise_nonfinite(bad, "task_vectors")
-    return out
+    return kernels.fused_merge(tvs, weights, spec, base, out)
 
 
 def _cuda_limit(tvs, weights, spec, *_):
@@ -547,8 +536,8 @@ def della(task_vectors, *, density, epsilon, seed: int, weights=None, sign: str 
     ranks lower; rows along dimension 1 under "mergekit", the last otherwise), and divides
     survivors by their probability (the paper's rescale; ``semantics="mergekit"``: keeps them,
     rescaled to the L1 norm with ``rescale``, mergekit's default). Draws as :func:`dare_linear`
-    (``seed``, ``name``). Runs on the reference backend only for now (the ranks need a sort per
-    row)."""
+    (``seed``, ``name``). Runs on the reference and Triton backends (the ranks need a sort per
+    row: Triton's path ranks with torch on the device, holding T keep probabilities in float64)."""
     spec = method_spec("della", density=density, epsilon=epsilon, sign=sign, seed=seed, semantics=semantics,
                        normalize=normalize, rescale=rescale)
     return _run("della", task_vectors, weights, replace(spec, stream=_fnv1a32(_checks.name(name))), backend)
@@ -588,7 +577,7 @@ def _fisher_reference(models, fishers, weights, eps: float) -> torch.Tensor:
     fisher = torch.stack([f.to(torch.float64) for f in fishers])
     _checks.raise_nonfinite(int((~(torch.isfinite(theta) & torch.isfinite(fisher))).any(0).sum()), "models/fishers")
     _raise_negative(int((fisher < 0).any(0).sum()))
-    w = torch.tensor(weights if weights is not None else [1.0] * len(models), dtype=torch.float64)
+    w = torch.tensor(weights if weights is not None else [1.0] * len(models), dtype=torch.float64, device=theta.device)
     wf = w.view(-1, *([1] * (theta.dim() - 1))) * fisher.clamp(min=eps)
     return ((wf * theta).sum(0) / wf.sum(0)).to(models[0].dtype)
 

@@ -168,7 +168,7 @@ def slerp(a, b, *, t: float, backend: str = "auto") -> torch.Tensor:
     if _use_reference(backend):
         return _reference_slerp(a, b, t)
     acc = _accumulation_dtype(a.dtype)
-    return _slerp_in(a, b, float(torch.tensor(t, dtype=acc)), acc)
+    return _slerp_in(a, b, float(torch.tensor(t, dtype=acc, device="cpu")), acc)  # t rounded on the host
 
 
 def _as_vectors(x: torch.Tensor, flatten: bool, row_wise: bool) -> torch.Tensor:

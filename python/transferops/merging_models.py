@@ -7,6 +7,10 @@ theta_t - theta_0 itself; a top-k trim over several chunks, or over the whole mo
 (``scope="global"``, the TIES paper's choice), first finds each task's exact threshold in
 passes over the streamed data. ``out=`` writes the result into given tensors, the base's own
 included.
+
+Each tensor is merged on its own device, where its inputs lie (:func:`merge`) or where
+:func:`merge_files` is asked to merge: on a GPU the Triton kernels run every pass, the exact
+top-k's included, and nothing goes back to the host but what is written to disk.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from . import _topk
 from . import merging_interp
 from ._mergeconfig import layer_fractions
 from .merging_interp import TENSORWISE
-from ._backend import BackendUnavailable, native_buffer, native_module
+from ._backend import BackendUnavailable, backend_reason, forced_backend, native_buffer, native_module
 from .merging import (_DTYPES, MergeSpec, _accumulation_dtype, _check_compatible, _fnv1a32, _majority, _native_pass,
                       _native_trims, _reference_votes, _task_vectors, merge_op, method_spec, streamed_scales)
 
@@ -33,10 +37,21 @@ from .merging import (_DTYPES, MergeSpec, _accumulation_dtype, _check_compatible
 _IN_MEMORY_CHUNK = 1 << 22
 
 
-def _chunk_elements(spec: MergeSpec, numel: int, chunk: int) -> int:
-    """Elements per chunk: the streamed exact top-k needs the native module, else the whole
-    tensor is one chunk."""
-    if (spec.density is not None and native_module() is None) or spec.della is not None:
+def _paths(backend: str, device: torch.device, dtype: torch.dtype, spec: MergeSpec) -> tuple[str, str | None]:
+    """(the backend that merges a tensor of ``dtype`` on ``device`` with ``spec``, and the select
+    that streams an exact top-k over its chunks): "native" on the CPU; "triton" where the merge
+    runs Triton, or on a GPU with Triton installed; None where neither can, and such a tensor
+    is merged whole."""
+    picked = merge_op.select(backend, device, dtype, ([], None, spec), name="merge")[0]
+    if picked == "triton" or (device.type != "cpu" and backend_reason("triton", device) is None):
+        return picked, "triton"
+    return picked, "native" if device.type == "cpu" and native_module() is not None else None
+
+
+def _chunk_elements(spec: MergeSpec, numel: int, chunk: int, select: str | None) -> int:
+    """Elements per chunk: a top-k trim over several chunks needs a streamed ``select``, else the
+    whole tensor is one chunk."""
+    if (spec.density is not None and select is None) or spec.della is not None:
         return max(numel, 1)  # della ranks whole rows
     return chunk
 
@@ -45,9 +60,11 @@ def _chunks(numel: int, chunk: int):
     return [(s, min(chunk, numel - s)) for s in range(0, numel, chunk)]
 
 
-def _merge_tensor(name: str, base_read, model_reads, numel: int, dtype: torch.dtype, spec: MergeSpec,
-                  weights, lam: float, chunk: int, backend: str, target, emit=None, trims=None, shape=None) -> None:
-    """Merge one tensor chunk by chunk with the method's fused pass, which forms
+def _merge_tensor(name: str, base_read, model_reads, numel: int, dtype: torch.dtype, device: torch.device,
+                  spec: MergeSpec, weights, lam: float, chunk: int, backend: str, target, emit=None, trims=None,
+                  shape=None) -> None:
+    """Merge one tensor, whose reads give pieces on ``device``, chunk by chunk with the method's
+    fused pass, which forms
     tau_t = theta_t - theta_0 in the accumulation dtype (float32, or float64 for float64 models)
     and writes theta_0 + lam * merged in ``dtype`` into ``target(start, count)`` (a flat
     tensor), then calls ``emit(start, that tensor)``.
@@ -55,43 +72,62 @@ def _merge_tensor(name: str, base_read, model_reads, numel: int, dtype: torch.dt
     tensor, streaming it once per radix digit (``trims`` given: already found, e.g. over the
     whole model; then ``spec.zero_sign`` is too); mergekit's rescale, its L1 ratios in one
     more pass. DELLA, merged whole, sees the tensor in its ``shape``, whose rows it ranks."""
+    picked, streams = _paths(backend, device, dtype, spec)
     spec = replace(spec, stream=_fnv1a32(name), lam=lam)
     ranges = _chunks(numel, chunk)
     pieces = [(model_reads, base_read, s, c) for s, c in ranges]
     if trims is not None:
         spec = replace(spec, trims=trims)
     elif spec.density is not None and len(ranges) > 1:
-        select = _topk.streamed(_model_passes(pieces), numel, len(model_reads), chunk)
+        select = _streamed_select(streams, pieces, numel, len(model_reads), _accumulation_dtype(dtype), device)
         spec = replace(spec, trims=tuple(_topk.trims(select, numel, spec)))
     if spec.rescale and len(ranges) > 1:  # mergekit's L1 ratios need the whole tensor first
-        native = merge_op.select(backend, torch.device("cpu"), dtype, ([], weights, spec), name="merge")[0] == "native"
-        spec = replace(spec, scales=streamed_scales(model_reads, base_read, numel, chunk, spec, native))
+        spec = replace(spec, scales=streamed_scales(model_reads, base_read, numel, chunk, spec, picked))
     if spec.zero_sign is None and len(ranges) > 1:
-        spec = replace(spec, zero_sign=_scope_majority([p + (dtype, spec.trims, weights) for p in pieces], spec, backend))
+        spec = replace(spec, zero_sign=_scope_majority([p + (spec.trims, weights) for p in pieces], spec, picked))
     shaped = (lambda x: x.view(shape)) if spec.della is not None and shape is not None else (lambda x: x)
     for s, c in ranges:
-        merged = merge_op(backend, torch.device("cpu"), dtype, [shaped(read(s, c)) for read in model_reads], weights,
+        merged = merge_op(backend, device, dtype, [shaped(read(s, c)) for read in model_reads], weights,
                           replace(spec, offset=s), shaped(base_read(s, c)), shaped(target(s, c)), name="merge")
         if emit:
             emit(s, merged.view(-1))
 
 
-def _scope_majority(pieces, spec: MergeSpec, backend: str) -> int:
+def _scope_majority(pieces, spec: MergeSpec, picked: str) -> int:
     """The paper's sign for zero votes over a scope merged in pieces (model_reads, base_read,
-    start, count, dtype, whole-tensor trims, weights): a counting pass, native where the merge
-    runs native."""
+    start, count, whole-tensor trims, weights): a counting pass, native or Triton where the
+    merge runs that backend (``picked``), torch otherwise."""
     total = 0
-    for model_reads, base_read, s, c, dtype, trims, weights in pieces:
-        native = merge_op.select(backend, torch.device("cpu"), dtype, ([], weights, spec), name="merge")[0] == "native"
+    for model_reads, base_read, s, c, trims, weights in pieces:
         models, base, piece = [read(s, c) for read in model_reads], base_read(s, c), replace(spec, offset=s, trims=trims)
-        if native:
+        if picked == "native":
             bufs = [native_buffer(_checks.as_rows(m)) for m in models]
             trims = _native_trims(bufs, None, c, piece)
             total += _native_pass(bufs, native_buffer(_checks.as_rows(base)), None, weights,
                                   replace(piece, trims=trims, zero_sign=1))[1]
+        elif picked == "triton":  # the count stays on the device until the end
+            from .kernels import merging as kernels
+
+            total = total + kernels.spec_pass([m.view(1, -1) for m in models], base.view(1, -1), None, weights,
+                                              replace(piece, zero_sign=1), "signs")
         else:
             total += int(torch.sign(_reference_votes(_task_vectors(models, base), weights, piece)[3]).sum())
-    return _majority(total)
+    return _majority(int(total))
+
+
+def _streamed_select(kind: str, pieces, numel: int, tasks: int, key_dtype: torch.dtype, device: torch.device):
+    """The exact top-k select (see :mod:`transferops._topk`) over chunks (model_reads, base_read,
+    start, count) in flat order, whose task values are theta_t - theta_0 in ``key_dtype``: the
+    native one (``kind``) or the device one."""
+    if kind == "native":
+        return _topk.streamed(_model_passes(pieces), numel, tasks, max(c for *_, c in pieces))
+
+    def chunks():
+        at = 0  # the chunk's first flat index in the whole scope
+        for model_reads, base_read, s, c in pieces:
+            yield [read(s, c).view(1, -1) for read in model_reads], base_read(s, c).view(1, -1), at
+            at += c
+    return _topk.device(chunks, numel, tasks, key_dtype, device)
 
 
 def _model_passes(pieces):
@@ -110,29 +146,34 @@ def _global_trims(items, spec: MergeSpec, chunk_of, weights_of, backend: str) ->
     the paper's zero-vote sign, when it asks for it, taken over the whole model too. The
     tensors are concatenated in sorted-name order, as the paper's code flattens them, so that
     the ties kept at the threshold (lowest position first) do not depend on file or dict order.
-    ``items`` holds (name, numel, dtype, reads), reads[0] the base's."""
+    ``items`` holds (name, numel, dtype, device, reads), reads[0] the base's."""
     if spec.density is None or not items:
         return {}, spec
     items = sorted(items, key=lambda item: item[0])
-    accs = {_accumulation_dtype(dtype) for _, _, dtype, _ in items}
+    accs = {_accumulation_dtype(dtype) for _, _, dtype, _, _ in items}
     if len(accs) > 1:
         raise ValueError("scope: 'global' needs the float tensors all float64 or none float64")
-    if native_module() is None:
-        raise BackendUnavailable("scope='global' needs the native module (its radix select streams the model)")
-    total = sum(numel for _, numel, _, _ in items)
-
-    pieces = [(reads[1:], reads[0], s, c) for _, numel, dtype, reads in items
-              for s, c in _chunks(numel, chunk_of(numel, dtype))]
-    select = _topk.streamed(_model_passes(pieces), total, len(items[0][3]) - 1, max(c for *_, c in pieces))
+    devices = {device for _, _, _, device, _ in items}
+    if len(devices) > 1:
+        raise ValueError(f"scope: 'global' needs the float tensors on one device, got {sorted(map(str, devices))}")
+    device = devices.pop()
+    picked, kind = _paths(backend, device, items[0][2], spec)
+    if kind is None:
+        raise BackendUnavailable("scope='global' needs the native module on the CPU, or Triton on a GPU (their radix "
+                                 "select streams the model)")
+    total = sum(numel for _, numel, _, _, _ in items)
+    chunked = [(name, reads, s, c) for name, numel, dtype, _, reads in items
+               for s, c in _chunks(numel, chunk_of(numel, dtype, device))]
+    select = _streamed_select(kind, [(reads[1:], reads[0], s, c) for _, reads, s, c in chunked], total,
+                              len(items[0][4]) - 1, accs.pop(), device)
     per_task = _topk.trims(select, total, spec)
     out, offset = {}, 0
-    for name, numel, _, _ in items:
+    for name, numel, _, _, _ in items:
         out[name] = _topk.shift(per_task, offset, numel)
         offset += numel
     if spec.zero_sign is None:
         spec = replace(spec, zero_sign=_scope_majority(
-            [(reads[1:], reads[0], s, c, dtype, out[name], weights_of(name)) for name, numel, dtype, reads in items
-             for s, c in _chunks(numel, chunk_of(numel, dtype))], spec, backend))
+            [(reads[1:], reads[0], s, c, out[name], weights_of(name)) for name, reads, s, c in chunked], spec, picked))
     return out, spec
 
 
@@ -241,7 +282,7 @@ def _scope_trims(plan: _Plan, scope: str, items, chunk_of, backend: str) -> tupl
     if plan.tensorwise or plan.tensor_args is not None:
         raise ValueError("scope: 'global' takes one set of task-vector arguments for the whole model "
                          f"({'a tensor-wise method' if plan.tensorwise else 'tensor_args given'})")
-    return _global_trims(items, plan.spec, lambda n, d: chunk_of(n, d, plan.spec), plan.weights_of, backend)
+    return _global_trims(items, plan.spec, lambda n, d, dev: chunk_of(n, d, dev, plan.spec), plan.weights_of, backend)
 
 
 def _merge_tensorwise(plan: _Plan, name: str, base, models: list, backend: str) -> torch.Tensor:
@@ -295,6 +336,39 @@ def _state_dict(x, name: str):
     if not isinstance(x, Mapping):
         raise TypeError(f"{name}: expected a state dict or an nn.Module, got {type(x).__name__}")
     return x
+
+
+def _check_devices(base: dict, base_label: str, models: list) -> None:
+    """Each model's tensor lies on the device of the base's tensor of that name (where that
+    tensor is merged)."""
+    for name, b in base.items():
+        for i, m in enumerate(models):
+            if m[name].device != b.device:
+                raise ValueError(f"models[{i}][{name!r}]: on {m[name].device}, but {base_label}[{name!r}] is on "
+                                 f"{b.device}; a tensor is merged where its inputs lie: move them to one device")
+
+
+def _fresh(b: torch.Tensor, backend: str) -> torch.Tensor:
+    """A new output for base tensor ``b``, on its device; on the CPU on huge pages (see
+    transferops._memory) unless a backend other than the native one is asked for."""
+    native = backend == "native" or (backend == "auto" and forced_backend(None) in (None, "native"))
+    if b.device.type == "cpu" and native:
+        return _memory.empty(b.shape, b.dtype)
+    return torch.empty(b.shape, dtype=b.dtype, device=b.device)
+
+
+def _device(device) -> torch.device:
+    """merge_files' ``device``: the CPU, or a CUDA device torch sees."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if d.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device: {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s) "
+                         f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'not built'})")
+    return d
 
 
 def _check_out(out, base: dict, models: list, tied: dict[str, str]) -> None:
@@ -354,11 +428,14 @@ def merge(base: dict | None, models: list, *, method: str, lam: float = 1.0, wei
     float tensors of the model together (the TIES paper's code), with the same tie rule.
     ``weights``: T floats, or per parameter block (aTLAS-style) a mapping from name patterns
     to T floats (see :func:`_block_weights`). The native pass forms the task vectors itself
-    and takes whole tensors (its exact top-k keeps about 1% of each task's keys a while);
-    other backends process 4M elements at a time, so their temporaries stay O(chunk).
+    and takes whole tensors (its exact top-k keeps about 1% of each task's keys a while); the
+    Triton pass forms them too, and it and the others process 4M elements at a time, so that
+    their temporaries stay O(chunk).
     ``base``, ``models`` and ``out`` may be ``nn.Module``s (their state dicts are used, so
     ``out=model`` writes into its parameters). Tied parameters (names of ``base`` that are one
     tensor) are merged once and stay tied in a fresh output.
+    Each tensor is merged on the device its inputs lie on (a GPU: by the Triton kernels, with
+    no copy to the host); a model's tensor on another device than the base's is an error.
     ``out``: where to write the result instead of fresh tensors, returned: a dict with a
     contiguous tensor of the base's shape, dtype and device for each of its names (say, the
     state dict of a model to load the merge into, or ``base`` itself to merge in place and
@@ -383,24 +460,25 @@ def merge(base: dict | None, models: list, *, method: str, lam: float = 1.0, wei
     base = _state_dict(base, "base") if has_base else models[0]
     layout = lambda sd: {name: (tuple(t.shape), t.dtype) for name, t in sd.items()}
     _check_compatible(layout(base), [layout(m) for m in models], [f"models[{i}]" for i in range(len(models))])
+    _check_devices(base, "base" if has_base else "models[0]", models)
     tied = _tied(base, models)
     if out is not None:
         out = _state_dict(out, "out")
         _check_out(out, base, models, tied)
 
-    def chunk_of(numel: int, dtype: torch.dtype, spec: MergeSpec) -> int:
-        fused = merge_op.select(backend, torch.device("cpu"), dtype, ([], None, spec), name="merge")[0] == "native"
-        return _chunk_elements(spec, numel, max(numel, 1) if fused else _IN_MEMORY_CHUNK)
+    def chunk_of(numel: int, dtype: torch.dtype, device: torch.device, spec: MergeSpec) -> int:
+        picked, streams = _paths(backend, device, dtype, spec)
+        return _chunk_elements(spec, numel, max(numel, 1) if picked == "native" else _IN_MEMORY_CHUNK, streams)
 
     items = []
     for name, b in base.items():
         if b.dtype in _DTYPES and name not in tied:
             flat = [b.detach().reshape(-1)] + [m[name].detach().reshape(-1) for m in models]
-            items.append((name, b.numel(), b.dtype, [lambda s, c, x=x: x[s:s + c] for x in flat]))
+            items.append((name, b.numel(), b.dtype, b.device, [lambda s, c, x=x: x[s:s + c] for x in flat]))
     trims, spec = _scope_trims(plan, scope, items, chunk_of, backend)
     # Tensors that are not merged (integer buffers) are the base's, copied.
     if out is None:
-        out = {name: _memory.empty(b.shape, b.dtype) if b.dtype in _DTYPES else b.clone()
+        out = {name: _fresh(b, backend) if b.dtype in _DTYPES else b.clone()
                for name, b in base.items() if name not in tied}
         out.update({name: out[first] for name, first in tied.items()})  # tied again
         out = {name: out[name] for name in base}
@@ -408,16 +486,16 @@ def merge(base: dict | None, models: list, *, method: str, lam: float = 1.0, wei
         for name, b in base.items():
             if b.dtype not in _DTYPES and name not in tied:
                 out[name].copy_(b)
-    for name, numel, dtype, reads in items:
+    for name, numel, dtype, device, reads in items:
         if plan.tensorwise:
             out[name].copy_(_merge_tensorwise(plan, name, base[name] if has_base else None, [m[name] for m in models],
                                               backend))
             continue
         result = out[name].view(-1)
         tensor_spec, weights, lam = plan(name)
-        _merge_tensor(name, reads[0], reads[1:], numel, dtype, spec or tensor_spec, weights, lam,
-                      chunk_of(numel, dtype, tensor_spec), backend, lambda s, c: result[s:s + c], trims=trims.get(name),
-                      shape=base[name].shape)
+        _merge_tensor(name, reads[0], reads[1:], numel, dtype, device, spec or tensor_spec, weights, lam,
+                      chunk_of(numel, dtype, device, tensor_spec), backend, lambda s, c: result[s:s + c],
+                      trims=trims.get(name), shape=base[name].shape)
     for name, first in tied.items():
         if not _same_view(out[name], out[first]):
             out[name].copy_(out[first])
@@ -429,7 +507,7 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
                 rescale=None, scope: str = "tensor",
                 params: dict | None = None, tensor_args=None, max_memory: int = 2 << 30, shard_size: int = 5 << 30, overwrite: bool = False, dtype=None,
                 out_dtype=None, model_files: bool = True, tokenizer_source=None, config_text: str | None = None,
-                backend: str = "auto", progress=None) -> list:
+                backend: str = "auto", device="cpu", progress=None) -> list:
     """:func:`merge` over safetensors checkpoints (files, or folders of shards with
     ``model.safetensors.index.json``), streamed tensor by tensor and in chunks of huge tensors
     so that the working memory stays under about ``max_memory`` bytes whatever the model size.
@@ -450,7 +528,12 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
     mergekit_config.yml); see :mod:`transferops._modelfiles`. ``base`` is None for a
     tensor-wise method that takes none (then the first model gives the layout, the model
     files and the tensors that are not merged); such methods read whole tensors, which must
-    fit in ``max_memory`` with their temporaries."""
+    fit in ``max_memory`` with their temporaries.
+
+    ``device``: where the chunks are merged, "cpu" or a CUDA device ("cuda", "cuda:1"): each is
+    read from disk, moved there and merged there (Triton's passes, the exact top-k's included);
+    only the merged chunks come back to the host, to be written. ``max_memory`` then bounds the
+    working memory on the device as well as on the host."""
     import json
 
     from . import __version__, _modelfiles
@@ -460,6 +543,7 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
     method_args = _method_args(method, density=density, sign=sign, semantics=semantics, seed=seed, gamma=gamma,
                                epsilon=epsilon, normalize=normalize, rescale=rescale, params=params)
     _checks.choice(scope, "scope", SCOPES)
+    device = _device(device)
     max_memory = _checks.count(max_memory, "max_memory", low=1)
     shard_size = _checks.count(shard_size, "shard_size", low=1)
     for flag, name in ((overwrite, "overwrite"), (model_files, "model_files")):
@@ -495,11 +579,13 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
 
         def per_element(dtype: torch.dtype) -> int:
             # T + 1 chunks read and 1 written; T + 3 accumulation-dtype temporaries where the
-            # backend forms the task vectors before merging (the fused native pass has none).
+            # backend forms the task vectors before merging (the fused native and Triton passes have
+            # none; the latter's tie cut, where one is needed, about as much for one task at a time).
             return (T + 2) * dtype.itemsize + (T + 3) * _accumulation_dtype(dtype).itemsize
 
-        def chunk_of(numel: int, dtype: torch.dtype, spec: MergeSpec) -> int:
-            return _chunk_elements(spec, numel, max(1024, max_memory // per_element(dtype)))
+        def chunk_of(numel: int, dtype: torch.dtype, device: torch.device, spec: MergeSpec) -> int:
+            return _chunk_elements(spec, numel, max(1024, max_memory // per_element(dtype)),
+                                   _paths(backend, device, dtype, spec)[1])
 
         if merging.tensorwise:
             for name, info in b.tensors.items():
@@ -511,11 +597,12 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
         folder = OutputFolder(out, inputs=set().union(*(c.sources for c in ckpts)), overwrite=overwrite)
         writer = None
         try:
-            items = [(name, info.numel, compute[name],
-                      [lambda s, c, m=m, name=name: m.read(name, s, c).to(compute[name]) for m in ckpts])
+            items = [(name, info.numel, compute[name], device,
+                      [lambda s, c, m=m, name=name: m.read(name, s, c).to(device=device, dtype=compute[name])
+                       for m in ckpts])
                      for name, info in b.tensors.items() if info.dtype in _DTYPES]
             trims, spec = _scope_trims(merging, scope, items, chunk_of, backend)
-            reads_of = {name: reads for name, _, _, reads in items}
+            reads_of = {name: reads for name, _, _, _, reads in items}
             writer = ShardedWriter(folder, plan, shard_size, meta)
             total, done = sum(i.nbytes for i in b.tensors.values()), 0
             for name, info in b.tensors.items():
@@ -526,14 +613,14 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
                     whole = [read(0, info.numel).view(info.shape) for read in reads]
                     merged = _merge_tensorwise(merging, name, whole[0] if base is not None else None,
                                                whole[1:] if base is not None else whole, backend)
-                    writer.write(name, 0, merged.to(written[name]).reshape(-1))
+                    writer.write(name, 0, merged.to(device="cpu", dtype=written[name]).reshape(-1))
                 else:
                     tensor_spec, weights_t, lam_t = merging(name)
-                    chunk = chunk_of(info.numel, compute[name], tensor_spec)
-                    buf = torch.empty(min(chunk, info.numel), dtype=compute[name])  # reused by every chunk
-                    _merge_tensor(name, reads[0], reads[1:], info.numel, compute[name], spec or tensor_spec, weights_t,
-                                  lam_t, chunk, backend, lambda s, c: buf[:c],
-                                  lambda s, x, name=name: writer.write(name, s, x.to(written[name])),
+                    chunk = chunk_of(info.numel, compute[name], device, tensor_spec)
+                    buf = torch.empty(min(chunk, info.numel), dtype=compute[name], device=device)  # for every chunk
+                    _merge_tensor(name, reads[0], reads[1:], info.numel, compute[name], device, spec or tensor_spec,
+                                  weights_t, lam_t, chunk, backend, lambda s, c: buf[:c],
+                                  lambda s, x, name=name: writer.write(name, s, x.to("cpu", written[name])),
                                   trims=trims.get(name), shape=info.shape)
                 done += info.nbytes
                 if progress:
