@@ -1,6 +1,8 @@
 """LogME's solvers, on inputs that :mod:`transferops.transferability` has checked: the reference
-backend (one symmetric eigendecomposition per model) and the native one (no eigenvector), and
-the pieces :class:`~transferops.transferability.LogMEStream` finishes with.
+backend (one symmetric eigendecomposition per model), the triton one (every model's
+eigendecomposition batched, every fixed point in one kernel launch) and the native one (CPU,
+no eigenvector), and :func:`logme_from_grams`, which finishes from accumulated Gram matrices
+(:class:`~transferops.transferability.LogMEStream`, rank_models) on any of them.
 
 LogME (You et al., ICML 2021; the fixed-point solver of You et al., JMLR 2022, Alg. 2): the
 log marginal evidence per sample of Bayesian linear regression y = F w + noise with prior
@@ -15,12 +17,17 @@ the sum running over all D eigenvalues (sigma_i = 0 past the rank). The fixed po
 t = alpha / beta: gamma = sum sigma/(sigma + t), alpha = gamma / |m|^2, beta = (N - gamma) /
 |y - F m|^2.
 
-The reference backend takes one Gram matrix and a full symmetric eigendecomposition per model,
-then runs the fixed point of every target at once. The native backend (CPU) reduces the float64
-Gram matrix (BLAS syrk) to tridiagonal form, takes its eigenvalues and projects the targets
-through the Householder reflectors (LAPACK sytrd, sterf, ormqr from scipy, called from C++);
-each fixed-point update of each target is then an O(D) tridiagonal solve. Its cost is the Gram
-matrix plus an eigenvalues-only solve.
+The reference backend takes one Gram matrix (the smaller of F^T F and F F^T) and a full
+symmetric eigendecomposition per model, then runs the fixed point of every target at once.
+The triton backend (CUDA) forms the same Gram matrices, stacks those of one width and takes
+their eigendecompositions in one batched call, then runs the fixed points of every model and
+target in one Triton kernel (kernels/logme.py), all in float64: rounding of the Gram matrix
+and of the eigenvalues near the rank cut decides which directions count, and the evidence sums
+N log terms. The native backend (CPU) reduces the float64 Gram matrix (BLAS syrk) to
+tridiagonal form, takes its eigenvalues and projects the targets through the Householder
+reflectors (LAPACK sytrd, sterf, ormqr from scipy, called from C++); each fixed-point update
+of each target is then an O(D) tridiagonal solve. Its cost is the Gram matrix plus an
+eigenvalues-only solve.
 """
 from __future__ import annotations
 
@@ -42,11 +49,12 @@ _OFFICIAL_DAMP = 1e-5
 _OFFICIAL_RANK_CUT = 1e-10  # singular values of F at or below this are dropped (N > D only)
 
 
-def _rank_rule(eigenvalues, N: int, D: int, compat: str, of_features: bool):
-    """Which eigenvalues of the Gram matrix (F^T F if ``of_features``, else F F^T; a torch or
-    numpy vector) enter gamma and the log-determinant: (s, keep, extra) with s the singular
-    values of F they stand for, ``keep`` a mask of them, and ``extra`` the log(alpha) terms the
-    log-determinant gets besides (each zero eigenvalue's log(alpha + beta 0)).
+def _rank_rule(eigenvalues: torch.Tensor, N: int, D: int, compat: str, of_features: bool):
+    """Which eigenvalues of the Gram matrices (F^T F if ``of_features``, else F F^T; float64
+    [..., n], batched over the leading dimensions) enter gamma and the log-determinant:
+    (s, keep, extra) with s the singular values of F they stand for, ``keep`` a mask of them,
+    and ``extra`` [...] the log(alpha) terms the log-determinant gets besides (each zero
+    eigenvalue's log(alpha + beta 0)).
 
     Corrected: s below max(N, D) * eps * the largest (numpy's matrix_rank) are zeros, and all
     D - k of them count. Official, N <= D: nothing dropped, no extra term (the defect). Official,
@@ -57,44 +65,53 @@ def _rank_rule(eigenvalues, N: int, D: int, compat: str, of_features: bool):
     lose any. LAPACK's SVD returns such rounding values even for zero columns, where a symmetric
     eigensolver can return an exact 0: those count as kept zeros too."""
     if compat == "official" and of_features:
-        s = abs(eigenvalues) ** 0.5
-        keep = s > _OFFICIAL_RANK_CUT
-        return s, keep, int((s == 0).sum())
-    s = eigenvalues.clip(0, None) ** 0.5
+        s = eigenvalues.abs().sqrt()
+        return s, s > _OFFICIAL_RANK_CUT, (s == 0).sum(-1)
+    s = eigenvalues.clamp(min=0).sqrt()
     if compat == "official":
-        return s, s >= 0, 0
-    keep = s > float(s.max()) * max(N, D) * np.finfo(np.float64).eps
-    return s, keep, D - int(keep.sum())
+        return s, s >= 0, torch.zeros_like(s[..., 0], dtype=torch.int64)
+    keep = s > s.amax(-1, keepdim=True) * (max(N, D) * torch.finfo(torch.float64).eps)
+    return s, keep, D - keep.sum(-1)
 
 
-def _spectrum(F: torch.Tensor, Y: torch.Tensor, compat: str):
-    """(sigma [k], X [k, K], basis, scale, extra) from one symmetric eigensolve of the smaller
-    Gram matrix: sigma the eigenvalues of F^T F that :func:`_rank_rule` keeps, X the targets
-    projected on the matching left singular vectors of F, extra that rule's count of log(alpha)
-    terms; the posterior mean weights of a target are m = basis @ (scale * x / (t + sigma))."""
+def _gram(f: torch.Tensor, Y: torch.Tensor):
+    """(H, targets, D, of_features) of features f [N, D] and targets Y [N, K]: the smaller Gram
+    matrix in float64, H = F^T F with F^T Y (N > D) or F F^T with Y."""
+    F = f.to(torch.float64)
     N, D = F.shape
     if N > D:
-        return _gram_spectrum(F.T @ F, F.T @ Y, N, D, compat)
-    eigenvalues, U = torch.linalg.eigh(F @ F.T)
-    s, keep, extra = _rank_rule(eigenvalues, N, D, compat, False)
-    U = U[:, keep]
-    return s[keep] ** 2, U.T @ Y, F.T @ U, torch.ones_like(s[keep]), extra
+        return F.mT @ F, F.mT @ Y, D, True
+    return F @ F.mT, Y, D, False
 
 
-def _gram_spectrum(G: torch.Tensor, B: torch.Tensor, N: int, D: int, compat: str):
-    """:func:`_spectrum` of N > D features from their Gram matrix G = F^T F and B = F^T Y."""
-    eigenvalues, V = torch.linalg.eigh(G)
-    s, keep, extra = _rank_rule(eigenvalues, N, D, compat, True)
-    s, V = s[keep], V[:, keep]
-    return s * s, (V.T @ B) / s[:, None], V, s, extra
+def _spectrum(H: torch.Tensor, targets: torch.Tensor, N: int, D: int, of_features: bool, compat: str):
+    """One symmetric eigensolve of Gram matrices H [..., n, n] (batched over the leading
+    dimensions; see :func:`_gram`) and their targets [..., n, K]: (sigma [..., n], X [..., n, K],
+    Q [..., n, n], scale [..., n], extra [...]). sigma are the eigenvalues of F^T F that
+    :func:`_rank_rule` keeps and X the targets projected on the matching left singular vectors
+    of F; an eigenvalue it drops stays in its slot as sigma = 0 with x = 0, which adds nothing to
+    gamma, |m|^2 or the residual but log(alpha) to the log-determinant, so ``extra`` counts
+    the log(alpha) terms besides the n slots' (negative where the official rule drops a
+    nonzero eigenvalue). The posterior mean weights of a target, with t = alpha / beta, are
+    m = Q (scale x / (t + sigma)) (N > D), or F^T times that (N <= D)."""
+    eigenvalues, Q = torch.linalg.eigh(H)
+    s, keep, extra = _rank_rule(eigenvalues, N, D, compat, of_features)
+    projected = Q.mT @ targets
+    if of_features:  # x = V^T F^T y / s
+        X = torch.where(keep[..., None], projected / s[..., None], 0.0)
+        scale = torch.where(keep, s, 0.0)
+    else:  # x = U^T y
+        X = projected * keep[..., None]
+        scale = torch.ones_like(s)
+    return torch.where(keep, s * s, 0.0), X, Q, scale, extra - (keep.shape[-1] - keep.sum(-1))
 
 
-def _fixed_point(sigma: torch.Tensor, X: torch.Tensor, y2: torch.Tensor, N: int, D: int, extra: int):
-    """The fixed-point iterations of every target (column of X) at once, ``extra`` zero
-    eigenvalues besides sigma in the log-determinant (see _rank_rule), each frozen once it
-    converges as the official per-class loop breaks. Returns (evidence / N, alpha, beta, t)
-    per target, t = alpha/beta at the start of the last update (what the official m uses), and
-    the evidence with the new alpha, beta but the last update's residual and |m|^2 terms."""
+def _fixed_point(sigma: torch.Tensor, X: torch.Tensor, y2: torch.Tensor, N: int):
+    """The fixed-point iterations of every target (column of X [n, K]) at once, sigma [n], y2
+    the targets' |y|^2 [K], each target frozen once it converges as the official per-class loop
+    breaks. Returns (alpha, beta, t, |m|^2, |y - F m|^2) per target: alpha, beta the last
+    update's, t = alpha/beta at its start (what the official m uses), the last two what that
+    update computed. kernels/logme.py runs the same iteration for many models at once."""
     sig = sigma[:, None]
     x2 = X * X
     res_x2 = y2 - x2.sum(0)
@@ -116,10 +133,35 @@ def _fixed_point(sigma: torch.Tensor, X: torch.Tensor, y2: torch.Tensor, N: int,
         active = active & ((new_alpha / new_beta - t).abs() / t > _OFFICIAL_TOL)
         if not bool(active.any()):
             break
-    logdet = torch.log(alpha + beta * sig).sum(0) + extra * torch.log(alpha)
-    evidence = (D / 2 * torch.log(alpha) + N / 2 * torch.log(beta) - 0.5 * logdet - beta / 2 * res2_used
-                - alpha / 2 * m2_used - N / 2 * math.log(2 * math.pi))
-    return evidence / N, alpha, beta, t_used
+    return alpha, beta, t_used, m2_used, res2_used
+
+
+def _evidence(alpha, beta, logdet, m2, res2, N: int, D):
+    """The evidence per sample at the final alpha, beta with the last update's residual and
+    |m|^2 (as the official code), ``logdet`` = sum_i log(alpha + beta sigma_i) over all D
+    eigenvalues; D an int or a tensor broadcasting with the others."""
+    return (D / 2 * torch.log(alpha) + N / 2 * torch.log(beta) - 0.5 * logdet - beta / 2 * res2
+            - alpha / 2 * m2 - N / 2 * math.log(2 * math.pi)) / N
+
+
+def _weights(Q, scale, X, sigma, t):
+    """Q (scale x / (t + sigma)) [..., n, K] (see :func:`_spectrum`), t [..., K]."""
+    return Q @ (scale[..., None] * X / (t[..., None, :] + sigma[..., None]))
+
+
+def _params(alpha, beta, evidence, W) -> dict:
+    """The return_params dict of one model; W [D, K] the posterior mean weights per target."""
+    return {"alpha": alpha, "beta": beta, "m": W.mT, "evidence": evidence}
+
+
+def _solve(H, targets, y2, N: int, D: int, of_features: bool, compat: str, with_params: bool):
+    """The reference solve of one model from its Gram matrix: (evidence [K], alpha, beta, the
+    weights of :func:`_weights` or None)."""
+    sigma, X, Q, scale, extra = _spectrum(H, targets, N, D, of_features, compat)
+    alpha, beta, t, m2, res2 = _fixed_point(sigma, X, y2, N)
+    logdet = torch.log(alpha + beta * sigma[:, None]).sum(0) + extra * torch.log(alpha)
+    evidence = _evidence(alpha, beta, logdet, m2, res2, N, D)
+    return evidence, alpha, beta, (_weights(Q, scale, X, sigma, t) if with_params else None)
 
 
 def _scipy_reason(*_) -> str | None:
@@ -127,22 +169,71 @@ def _scipy_reason(*_) -> str | None:
         "native logme calls LAPACK through scipy, which is not installed (pip install scipy)"
 
 
-logme_op = Op("logme", order=("native", "reference"))
+logme_op = Op("logme", order=("triton", "native", "reference"))
 
 
 @logme_op.register("reference", dtypes=(torch.float64,))
 def _logme_reference(feats: list[torch.Tensor], Y: torch.Tensor, classes, compat: str, with_params: bool):
+    y2 = (Y * Y).sum(0)
     scores, params = [], []
+    N = Y.shape[0]
     for f in feats:
-        F = f.to(torch.float64)
-        N, D = F.shape
-        sigma, X, basis, scale, extra = _spectrum(F, Y, compat)
-        evidence, alpha, beta, t = _fixed_point(sigma, X, (Y * Y).sum(0), N, D, extra)
+        H, targets, D, of_features = _gram(f, Y)
+        evidence, alpha, beta, W = _solve(H, targets, y2, N, D, of_features, compat, with_params)
         scores.append(evidence.mean())
         if with_params:
-            m = (basis @ (scale[:, None] * X / (t + sigma[:, None]))).T  # [K, D]
-            params.append({"alpha": alpha, "beta": beta, "m": m, "evidence": evidence})
+            params.append(_params(alpha, beta, evidence, W if of_features else f.to(torch.float64).mT @ W))
     return torch.stack(scores), params
+
+
+def _solve_batched(systems: list[tuple], y2: torch.Tensor, N: int, compat: str, with_params: bool):
+    """The triton solve of M models from their Gram matrices, ``systems`` one (H, targets, D,
+    of_features) per model (see :func:`_gram`): those of one width stacked into one batched
+    eigendecomposition, then the fixed points of all M models and K targets in one kernel
+    launch, their spectra packed one after the other. Returns (evidence [M, K], alpha, beta,
+    per model the weights of :func:`_weights` or None), in the order of ``systems``."""
+    from .kernels.logme import fixed_point
+
+    groups: dict[tuple, list[int]] = {}
+    for i, (H, _, D, of_features) in enumerate(systems):
+        groups.setdefault((H.shape[-1], D, of_features), []).append(i)
+    order, spectra = [], []
+    for (n, D, of_features), members in groups.items():
+        H = torch.stack([systems[i][0] for i in members])
+        # F^T Y per model; Y itself is every F F^T model's target and broadcasts.
+        targets = torch.stack([systems[i][1] for i in members]) if of_features else systems[members[0]][1]
+        spectra.append(_spectrum(H, targets, N, D, of_features, compat))
+        order += members
+    K, device = y2.shape[0], y2.device
+    out = fixed_point(torch.cat([s[0].reshape(-1) for s in spectra]), torch.cat([s[1].reshape(-1, K) for s in spectra]),
+                      [systems[i][0].shape[-1] for i in order], y2, N, _OFFICIAL_ITERATIONS, _OFFICIAL_TOL,
+                      _OFFICIAL_DAMP)
+    alpha, beta, t, m2, res2, logdet = out  # [M, K] each, models in ``order``
+    extra = torch.cat([s[4] for s in spectra])[:, None]
+    widths = torch.tensor([systems[i][2] for i in order], dtype=torch.float64, device=device)[:, None]
+    evidence = _evidence(alpha, beta, logdet + extra * torch.log(alpha), m2, res2, N, widths)
+    position = {model: row for row, model in enumerate(order)}
+    back = torch.tensor([position[i] for i in range(len(systems))], dtype=torch.int64, device=device)
+    weights = [None] * len(systems)
+    if with_params:
+        row = 0
+        for (sigma, X, Q, scale, _), members in zip(spectra, groups.values()):
+            W = _weights(Q, scale, X, sigma, t[row:row + len(members)])
+            for j, i in enumerate(members):
+                weights[i] = W[j]
+            row += len(members)
+    return evidence[back], alpha[back], beta[back], weights
+
+
+@logme_op.register("triton", dtypes=(torch.float64,))
+def _logme_triton(feats: list[torch.Tensor], Y: torch.Tensor, classes, compat: str, with_params: bool):
+    """Every Gram matrix first (one GEMM each, in float64), then :func:`_solve_batched`: no
+    loop per class or per iteration, and no copy to the host."""
+    systems = [_gram(f, Y) for f in feats]
+    evidence, alpha, beta, weights = _solve_batched(systems, (Y * Y).sum(0), Y.shape[0], compat, with_params)
+    params = [_params(alpha[i], beta[i], evidence[i], W if systems[i][3] else feats[i].to(torch.float64).mT @ W)
+              for i, W in enumerate(weights)] if with_params else []
+    return evidence.mean(1), params
 
 
 @functools.lru_cache(maxsize=None)
@@ -203,11 +294,11 @@ def _logme_evidence(red: _Reduced, y2: np.ndarray, N: int, D: int, of_features: 
     keeps in gamma and the log-determinant and its log(alpha) terms besides. With
     ``with_params`` also alpha, beta and Q z, from which the posterior mean weights are m = Q z
     (F^T F) or F^T Q z (F F^T)."""
-    s, keep, extra = _rank_rule(red.eigenvalues, N, D, compat, of_features)
+    s, keep, extra = (t.numpy() for t in _rank_rule(torch.from_numpy(red.eigenvalues), N, D, compat, of_features))
     sigma = np.sort(np.where(keep, s * s, 0.0))  # the kept ones last: [first, n)
     first = s.size - int(keep.sum())
     evidence, alpha, beta, _, z = native_module().logme_fixed_point(
-        red.diag, red.off, sigma, first, extra, N, D, of_features, np.ascontiguousarray(red.projected.T), y2,
+        red.diag, red.off, sigma, first, int(extra), N, D, of_features, np.ascontiguousarray(red.projected.T), y2,
         _OFFICIAL_ITERATIONS, _OFFICIAL_TOL, _OFFICIAL_DAMP, with_params)
     params = {"alpha": alpha, "beta": beta, "evidence": evidence, "Qz": red.apply_q(z.T)} if with_params else None
     return evidence, params
@@ -255,3 +346,47 @@ def _logme_native(feats: list[torch.Tensor], Y: torch.Tensor, classes: torch.Ten
             if with_params:
                 params.append(_params_tensors(p, (p["Qz"] if of_features else blas.dgemm(1.0, F64.numpy().T, p["Qz"])).T))
     return torch.tensor(scores, dtype=torch.float64), params
+
+
+def add_rows(H: torch.Tensor, f: torch.Tensor, Y: torch.Tensor, classes: torch.Tensor | None,
+             native: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H + F^T F, F^T Y) for a chunk of rows f [n, D] with targets Y [n, K] (``classes``: the
+    class ids behind a one-hot Y, or None), on f's device. ``native``: H is the CPU layout the
+    native solver takes, the lower triangle in column order, added to by BLAS syrk (half a
+    GEMM's flops); otherwise the full matrix, by a GEMM where the rows are."""
+    F64 = f.to(torch.float64)
+    if not native:
+        return H.addmm_(F64.mT, F64), F64.mT @ Y
+    F64 = F64.contiguous()
+    blas = _import("scipy.linalg")[0].blas
+    # F.T is F's memory in Fortran order; H's own numpy view, once column ordered, is added to in place.
+    H = blas.dsyrk(1.0, F64.numpy().T, beta=1.0, c=H.numpy(), trans=0, lower=1, overwrite_c=1)
+    return torch.from_numpy(H), torch.from_numpy(_features_times_targets(F64, Y, classes))
+
+
+def logme_from_grams(backend: str, grams: list[torch.Tensor], projections: list[torch.Tensor], y2: torch.Tensor,
+                     N: int, compat: str, with_params: bool):
+    """LogME of M models from their accumulated float64 F^T F [D, D] (see :func:`add_rows`),
+    F^T Y [D, K] and the targets' |y|^2 [K] over N rows, on ``backend`` (chosen by
+    logme_op.select for their device): (scores [M], params) as the backends return them."""
+    if backend == "native":
+        reds = _reduce([np.array(H.numpy(), order="F") for H in grams], [B.numpy() for B in projections])
+        scores, params = [], []
+        for H, red in zip(grams, reds):
+            evidence, p = _logme_evidence(red, y2.numpy(), N, H.shape[0], True, compat, with_params)
+            scores.append(float(evidence.mean()))
+            if with_params:
+                params.append(_params_tensors(p, p["Qz"].T))
+        return torch.tensor(scores, dtype=torch.float64), params
+    if backend == "triton":
+        evidence, alpha, beta, weights = _solve_batched([(H, B, H.shape[0], True) for H, B in zip(grams, projections)],
+                                                        y2, N, compat, with_params)
+        params = [_params(alpha[i], beta[i], evidence[i], W) for i, W in enumerate(weights)] if with_params else []
+        return evidence.mean(1), params
+    scores, params = [], []
+    for H, B in zip(grams, projections):
+        evidence, alpha, beta, W = _solve(H, B, y2, N, H.shape[0], True, compat, with_params)
+        scores.append(evidence.mean())
+        if with_params:
+            params.append(_params(alpha, beta, evidence, W))
+    return torch.stack(scores), params

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 from . import _checks
-from ._backend import BackendUnavailable, _import, forced_backend, native_module
-from ._logme import (_features_times_targets, _logme_evidence, _params_tensors, _reduce, _scipy_reason,
-                     logme_op)
+from ._backend import BackendUnavailable, forced_backend
+from ._logme import add_rows, logme_from_grams, logme_op
 
 COMPAT = ("corrected", "official")
 
@@ -35,9 +34,17 @@ def _as_tensor(x, name: str) -> torch.Tensor:
     raise TypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(x).__name__}")
 
 
-def _feature_list(features, name: str = "features", *, min_samples: int = 2) -> tuple[list[torch.Tensor], bool]:
+def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Labels follow the features to their device (the convention of every score here, as of
+    transferops.ot); features never move. A no-op where they are there already."""
+    return t if t.device == device else t.to(device)
+
+
+def _feature_list(features, name: str = "features", *, min_samples: int = 2,
+                  along: tuple[str, torch.device] | None = None) -> tuple[list[torch.Tensor], bool]:
     """Per-model [N, D_m] tensors, and whether the caller gave several models (a batch [M, N, D]
-    or a list). Every model must see the same N samples."""
+    or a list). Every model must see the same N samples, on one device: the first model's, or
+    ``along`` = (the name of another argument, its device)."""
     if isinstance(features, (list, tuple)):
         if not features:
             raise ValueError(f"{name}: expected at least one model's features, got an empty list")
@@ -47,6 +54,7 @@ def _feature_list(features, name: str = "features", *, min_samples: int = 2) -> 
         if f.dim() not in (2, 3):
             raise ValueError(f"{name}: expected [N, D], [M, N, D] or a list of [N, D_m], got shape {tuple(f.shape)}")
         feats, many = (list(f.unbind(0)) if f.dim() == 3 else [f]), f.dim() == 3
+    other, device = along or (f"{name}[0]", feats[0].device)
     for i, f in enumerate(feats):
         what = f"{name}[{i}]" if many else name
         if f.dim() != 2:
@@ -55,6 +63,8 @@ def _feature_list(features, name: str = "features", *, min_samples: int = 2) -> 
             raise TypeError(f"{what}: expected a float dtype, got {f.dtype}")
         if f.shape[0] != feats[0].shape[0]:
             raise ValueError(f"{what}: {f.shape[0]} samples, but {name}[0] has {feats[0].shape[0]}")
+        if f.device != device:
+            raise ValueError(f"{what}: on {f.device}, expected {device} as {other} (one device for all)")
         if f.shape[0] < min_samples or f.shape[1] < 1:
             raise ValueError(f"{what}: expected at least {min_samples} sample{'s' if min_samples > 1 else ''} and 1 "
                              f"feature, got shape {tuple(f.shape)}")
@@ -116,9 +126,11 @@ def _targets(labels, N: int, regression: bool, name: str = "labels", *,
 
 class LogMEStream:
     """LogME over features that arrive in chunks of rows, so N is not bounded by memory: keeps
-    per model the float64 Gram matrix F^T F, F^T Y and |y|^2 (O(D^2 + DK) memory, accumulated
-    by BLAS syrk/gemm) and finishes as the native :func:`logme` does. Scores equal
-    ``logme(all_features, all_labels)`` up to float64 rounding.
+    per model the float64 Gram matrix F^T F, F^T Y and |y|^2 (O(D^2 + DK) memory) on the device
+    of the features fed to it, and finishes on the backend :func:`logme` would choose there:
+    on the CPU the native one (the Gram matrix added to by BLAS syrk), on CUDA the triton one
+    (the Gram matrix added to by a GEMM on the GPU, every model's fixed point in one kernel).
+    Scores equal ``logme(all_features, all_labels)`` up to float64 rounding.
 
     >>> stream = LogMEStream()
     >>> for feats, labels in loader:      # feats [n, D] (or a list, one per model)
@@ -127,54 +139,55 @@ class LogMEStream:
 
     ``compat="official"`` needs N > D in the end (the official code takes another route when
     N <= D, through F F^T, which does not stream). Classes are the distinct ids over all chunks.
+    ``backend`` as :func:`logme`'s, chosen at the first update for its features' device; every
+    later chunk must come on that device (labels are moved there).
     """
 
-    def __init__(self, *, regression: bool = False, compat: str = "corrected"):
+    def __init__(self, *, regression: bool = False, compat: str = "corrected", backend: str = "auto"):
         if compat not in COMPAT:
             raise ValueError(f"compat: expected one of {list(COMPAT)}, got {compat!r}")
-        if _import("scipy.linalg")[0] is None or native_module() is None:
-            raise RuntimeError("LogMEStream needs the native module and scipy: " + (_scipy_reason() or
-                               "the native module is not built or failed to load; reinstall transferops"))
-        self.regression, self.compat = regression, compat
-        self.samples, self.many = 0, None
-        self.grams: list[np.ndarray] = []  # per model, lower triangle
-        self.projected: list[np.ndarray] = []  # per model, F^T Y [D_m, K]
-        self.y2 = np.zeros(0)
-        self.classes = torch.zeros(0, dtype=torch.int64)  # the class id of each target column
+        forced_backend(backend)  # a name that is no backend fails here, not at the first update
+        self.regression, self.compat, self.backend = regression, compat, backend
+        self.samples, self.many, self.chosen, self.device = 0, None, None, None
+        self.grams: list[torch.Tensor] = []  # per model (native: the lower triangle, column ordered)
+        self.projected: list[torch.Tensor] = []  # per model, F^T Y [D_m, K]
+        self.y2 = self.classes = None  # |y|^2 per target column; the class id of each column
 
     def update(self, features, labels) -> "LogMEStream":
         """Add rows: ``features`` [n, D] or a list of [n, D_m] (the same models every time),
         ``labels`` their n class ids (or regression targets [n] / [n, K])."""
-        feats, many = _feature_list(features, min_samples=1)
-        n = feats[0].shape[0]
+        feats, many = _feature_list(features, min_samples=1,
+                                    along=None if self.device is None else ("the first update's features", self.device))
+        n, device = feats[0].shape[0], feats[0].device
         if self.many is None:
-            self.many = many
-            self.grams = [np.zeros((f.shape[1], f.shape[1]), order="F") for f in feats]
-            self.projected = [np.zeros((f.shape[1], 0), order="F") for f in feats]
+            self.chosen, _ = logme_op.select(self.backend, device, torch.float64, name="LogMEStream")
+            self.many, self.device = many, device
+            f64 = dict(dtype=torch.float64, device=device)
+            self.grams = [torch.zeros(f.shape[1], f.shape[1], **f64) for f in feats]
+            self.projected = [torch.zeros(f.shape[1], 0, **f64) for f in feats]
+            self.y2, self.classes = torch.zeros(0, **f64), torch.zeros(0, dtype=torch.int64, device=device)
         widths = [g.shape[0] for g in self.grams]
         if [f.shape[1] for f in feats] != widths:
             raise ValueError(f"features: expected models of widths {widths} as in the first update, got "
                              f"{[f.shape[1] for f in feats]}")
         Y, classes = _targets(labels, n, True) if self.regression else self._class_targets(labels, n)
-        Y = Y.cpu()
-        if self.regression and self.y2.size and Y.shape[1] != self.y2.size:
-            raise ValueError(f"labels: expected {self.y2.size} regression targets per row as before, got {Y.shape[1]}")
-        K = max(Y.shape[1], self.y2.size)
+        Y = _on_device(Y, device)
+        if self.regression and self.y2.numel() and Y.shape[1] != self.y2.numel():
+            raise ValueError(f"labels: expected {self.y2.numel()} regression targets per row as before, got "
+                             f"{Y.shape[1]}")
+        K = max(Y.shape[1], self.y2.numel())
         Y = torch.nn.functional.pad(Y, (0, K - Y.shape[1]))
-        self.y2 = np.pad(self.y2, (0, K - self.y2.size)) + (Y * Y).sum(0).numpy()
-        blas = _import("scipy.linalg")[0].blas
+        self.y2 = torch.nn.functional.pad(self.y2, (0, K - self.y2.numel())) + (Y * Y).sum(0)
         for i, f in enumerate(feats):
-            F64 = f.to(torch.float64).contiguous().cpu()
-            self.grams[i] = blas.dsyrk(1.0, F64.numpy().T, beta=1.0, c=self.grams[i], trans=0, lower=1, overwrite_c=1)
-            B = np.pad(self.projected[i], ((0, 0), (0, K - self.projected[i].shape[1])))
-            self.projected[i] = B + _features_times_targets(F64, Y, classes)
+            self.grams[i], B = add_rows(self.grams[i], f, Y, classes, self.chosen == "native")
+            self.projected[i] = torch.nn.functional.pad(self.projected[i], (0, K - self.projected[i].shape[1])) + B
         self.samples += n
         return self
 
     def _class_targets(self, labels, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One-hot targets of a chunk's labels, and their columns: a class keeps the column it got
         in the update where it first occurred (score() takes them in id order)."""
-        ids, y = (t.cpu() for t in _class_labels(labels, n, min_classes=1))
+        ids, y = (_on_device(t, self.device) for t in _class_labels(labels, n, min_classes=1))
         self.classes = torch.cat([self.classes, ids[~torch.isin(ids, self.classes)]])
         by_id = torch.argsort(self.classes)
         columns = by_id[torch.searchsorted(self.classes[by_id], ids)][y]
@@ -186,23 +199,18 @@ class LogMEStream:
             raise ValueError(f"LogMEStream: expected at least 2 samples, got {self.samples}")
         if not self.regression and int((self.y2 > 0).sum()) < 2:
             raise ValueError("labels: expected at least two classes over all updates")
-        scores, params = [], []
-        by_id = slice(None) if self.regression else torch.argsort(self.classes).numpy()  # as logme() orders them
-        for G, B in zip(self.grams, self.projected):
-            D = G.shape[0]
-            if self.compat == "official" and self.samples <= D:
-                raise ValueError(f"compat='official' streams only when N > D (N = {self.samples}, D = {D}); "
+        for H in self.grams:
+            if self.compat == "official" and self.samples <= H.shape[0]:
+                raise ValueError(f"compat='official' streams only when N > D (N = {self.samples}, D = {H.shape[0]}); "
                                  "use compat='corrected' or logme() on the whole features")
-            red = _reduce([G.copy(order="F")], [B[:, by_id]])[0]
-            evidence, p = _logme_evidence(red, self.y2[by_id], self.samples, D, True, self.compat, return_params)
-            scores.append(float(evidence.mean()))
-            if return_params:
-                params.append(_params_tensors(p, p["Qz"].T))
-        scores = torch.tensor(scores, dtype=torch.float64)
+        by_id = slice(None) if self.regression else torch.argsort(self.classes)  # as logme() orders them
+        scores, params = logme_from_grams(self.chosen, self.grams, [B[:, by_id] for B in self.projected],
+                                          self.y2[by_id], self.samples, self.compat, return_params)
         scores = scores if self.many else scores[0]
         if return_params:
             return scores, (params if self.many else params[0])
         return scores
+
 
 def logme(features, labels, *, regression: bool = False, compat: str = "corrected", return_params: bool = False,
           backend: str = "auto"):
@@ -226,6 +234,9 @@ def logme(features, labels, *, regression: bool = False, compat: str = "correcte
     return_params : also return, per model, a dict of float64 tensors ``alpha`` [K], ``beta``
         [K], ``m`` [K, D] (posterior mean weights) and ``evidence`` [K] (per target: the classes
         in the order of their ids).
+    backend : "auto" runs features on the CPU natively and CUDA features with triton (batched
+        eigendecompositions and one kernel for every fixed point, on the GPU throughout);
+        "reference" runs anywhere. Features must share one device; labels are moved to it.
 
     The classes are the distinct ids in ``labels``, as in every score here: the official code
     also counts each absent id below the largest (0..max) as a class, with an all-zero target;
@@ -241,7 +252,7 @@ def logme(features, labels, *, regression: bool = False, compat: str = "correcte
     feats, many = _feature_list(features)
     N = feats[0].shape[0]
     Y, classes = _targets(labels, N, regression)
-    Y = Y.to(feats[0].device)
+    Y, classes = _on_device(Y, feats[0].device), (None if classes is None else _on_device(classes, feats[0].device))
     scores, params = logme_op(backend, feats[0].device, torch.float64, feats, Y, classes, compat, return_params,
                               name="logme")
     scores = scores if many else scores[0]
@@ -274,17 +285,18 @@ def leep(source_probs, labels, *, backend: str = "auto"):
     torch_backend(backend, "leep")
     probs, many = _feature_list(source_probs, "source_probs")
     ids, y = _class_labels(labels, probs[0].shape[0])
+    y = _on_device(y, probs[0].device)
     scores = []
     for i, p in enumerate(probs):
         p = p.to(torch.float64)
         what = f"source_probs[{i}]" if many else "source_probs"
         if bool((p < 0).any()) or float((p.sum(1) - 1).abs().max()) > 1e-3:
             raise ValueError(f"{what}: expected rows of probabilities (>= 0, summing to 1); apply softmax to logits")
-        onehot = torch.nn.functional.one_hot(y.to(p.device), ids.numel()).double()
+        onehot = torch.nn.functional.one_hot(y, ids.numel()).double()
         joint = onehot.T @ p / p.shape[0]  # [C, Z]
         mass = joint.sum(0)
         cond = torch.where(mass > 0, joint / mass.clamp(min=torch.finfo(torch.float64).tiny), 0.0)  # P(y | z)
-        expected = (p @ cond.T).gather(1, y.to(p.device)[:, None])[:, 0]
+        expected = (p @ cond.T).gather(1, y[:, None])[:, 0]
         scores.append(torch.log(expected).mean())
     scores = torch.stack(scores)
     return scores if many else scores[0]
@@ -304,11 +316,16 @@ def nce(source_labels, labels, *, backend: str = "auto"):
         z = _as_tensor(source_labels, "source_labels")
         zs, many = (list(z.unbind(0)) if z.dim() == 2 else [z]), z.dim() == 2
     ids, y = _class_labels(labels, zs[0].numel())
+    device = zs[0].device
+    y = _on_device(y, device)
     scores = []
     for i, z in enumerate(zs):
-        source_ids, z = _class_labels(z, y.numel(), f"source_labels[{i}]" if many else "source_labels", min_classes=1)
-        joint = torch.zeros(ids.numel(), source_ids.numel(), dtype=torch.float64)
-        joint.index_put_((y.cpu(), z.cpu()), torch.full((z.numel(),), 1.0 / z.numel(), dtype=torch.float64),
+        what = f"source_labels[{i}]" if many else "source_labels"
+        if z.device != device:
+            raise ValueError(f"{what}: on {z.device}, expected {device} as source_labels[0] (one device for all)")
+        source_ids, z = _class_labels(z, y.numel(), what, min_classes=1)
+        joint = torch.zeros(ids.numel(), source_ids.numel(), dtype=torch.float64, device=device)
+        joint.index_put_((y, z), torch.full((z.numel(),), 1.0 / z.numel(), dtype=torch.float64, device=device),
                          accumulate=True)
         pz = joint.sum(0, keepdim=True)
         cond = joint / pz.clamp(min=torch.finfo(torch.float64).tiny)
@@ -361,7 +378,8 @@ def _per_model(features, labels, score, *, with_dtype: bool = False) -> torch.Te
     [N, D] model, [M] for several."""
     feats, many = _feature_list(features)
     _, y = _class_labels(labels, feats[0].shape[0])
-    scores = torch.stack([score(f.to(torch.float64), y.to(f.device), *((f.dtype,) if with_dtype else ()))
+    y = _on_device(y, feats[0].device)
+    scores = torch.stack([score(f.to(torch.float64), y, *((f.dtype,) if with_dtype else ()))
                           for f in feats])
     return scores if many else scores[0]
 
@@ -400,7 +418,8 @@ def _class_means(F: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 def _rows_by_class(Z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The rows of each class 0..C-1, from one sort of the labels (not C passes over them)."""
-    return Z[torch.argsort(y, stable=True)].split(torch.bincount(y).tolist())
+    # split takes the class sizes as host ints: C scalar reads, never the rows themselves.
+    return Z[torch.argsort(y, stable=True)].split([int(n) for n in torch.bincount(y)])
 
 
 GBC_TYPES = ("diagonal", "spherical")
@@ -621,15 +640,15 @@ def otce(source_features, source_labels, target_features, target_labels, *, eps:
     from .ot import sinkhorn
 
     Xs, _ = _feature_list(source_features, "source_features")
-    Xt, _ = _feature_list(target_features, "target_features")
+    Xt, _ = _feature_list(target_features, "target_features", along=("source_features", Xs[0].device))
     if len(Xs) != 1 or len(Xt) != 1:
         raise ValueError("otce: expected one source and one target feature matrix [n, d]")
     Xs, Xt = Xs[0].to(torch.float64), Xt[0].to(torch.float64)
     source_ids, ys = _class_labels(source_labels, Xs.shape[0], "source_labels", min_classes=1)
     target_ids, yt = _class_labels(target_labels, Xt.shape[0], "target_labels", min_classes=1)
     result = sinkhorn(Xs, Xt, eps=eps, tol=tol, backend=backend)
-    source_onehot = torch.nn.functional.one_hot(ys.to(Xs.device), source_ids.numel()).double()
-    target_onehot = torch.nn.functional.one_hot(yt.to(Xs.device), target_ids.numel()).double()
+    source_onehot = torch.nn.functional.one_hot(_on_device(ys, Xs.device), source_ids.numel()).double()
+    target_onehot = torch.nn.functional.one_hot(_on_device(yt, Xs.device), target_ids.numel()).double()
     joint = source_onehot.T @ result.apply(target_onehot)  # [Cs, Ct], never the N x M plan
     marginal = joint.sum(1, keepdim=True)
     entropy = -torch.xlogy(joint, joint / marginal.clamp(min=torch.finfo(torch.float64).tiny)).sum()

@@ -12,7 +12,8 @@ import math
 import torch
 
 from . import _checks
-from .transferability import _class_labels, _feature_list, _noise_variance, _rows_by_class, _shrunk, torch_backend
+from .transferability import (_class_labels, _feature_list, _noise_variance, _on_device, _rows_by_class, _shrunk,
+                              torch_backend)
 
 NCTI_PCA_DIM = 64  # the authors' PCA dimension
 _NCTI_SHRINK_COMPONENTS = 32  # their shrinkage reads the variance of the 32 leading components
@@ -121,7 +122,8 @@ def ncti(features, labels, *, pca_dim: int = NCTI_PCA_DIM, return_terms: bool = 
         raise TypeError(f"return_terms: expected a bool, got {type(return_terms).__name__} {return_terms!r}")
     feats, many = _feature_list(features)
     _, y = _class_labels(labels, feats[0].shape[0])
-    terms = torch.stack([_ncti_terms(f.to(torch.float64), y.to(f.device), pca_dim,
+    y = _on_device(y, feats[0].device)
+    terms = torch.stack([_ncti_terms(f.to(torch.float64), y, pca_dim,
                                      f"features[{i}]" if many else "features", f.dtype) for i, f in enumerate(feats)])
     scores = ncti_combine(terms)
     if not many:

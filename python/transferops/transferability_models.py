@@ -146,8 +146,8 @@ def _data_size(data) -> int:
 
 
 def _batch(data, lo: int, hi: int, cand: _Candidate, max_length: int, device):
-    """Rows lo..hi of ``data`` as the candidate takes them, on its device, and their attention
-    mask (or None)."""
+    """Rows lo..hi of ``data`` as the candidate takes them, on its device (None: where they
+    are), and their attention mask (or None)."""
     if isinstance(data, (list, tuple)):
         if cand.tokenizer is None:
             raise ValueError(f"models: {cand.name}: texts need a tokenizer: pass (model, tokenizer) or a folder that "
@@ -161,11 +161,12 @@ def _batch(data, lo: int, hi: int, cand: _Candidate, max_length: int, device):
         if cand.transformers and not batch.is_floating_point():
             batch = {"input_ids": batch}
     if isinstance(batch, dict):
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = {k: tr._on_device(v, device) if isinstance(v, torch.Tensor) and device is not None else v
+                 for k, v in batch.items()}
         if cand.transformers and "token_type_ids" in batch and not _takes(cand.module, "token_type_ids"):
             batch.pop("token_type_ids")
         return batch, batch.get("attention_mask")
-    return batch.to(device), None
+    return (batch if device is None else tr._on_device(batch, device)), None
 
 
 def _takes(module, arg: str) -> bool:
@@ -283,10 +284,12 @@ def _progress(total: int, name: str, enabled: bool):
 
 
 def _device_of(cand: _Candidate):
+    """Where the candidate's parameters are; None for a callable or a module without any,
+    which takes the data where it is (tokenized texts: the CPU)."""
     if cand.module is not None:
         for p in cand.module.parameters():
             return p.device
-    return torch.device("cpu")
+    return None
 
 
 def _one_pass(cand: _Candidate, data, N: int, layers, pooling: str, batch_size: int, max_length: int,
@@ -352,7 +355,7 @@ def _statistics(cand: _Candidate, data, N: int, y: torch.Tensor, classes: int, w
     def add(i, x, lo, hi, dtype):
         if i not in stats:
             stats[i] = ts.FeatureStats(x.shape[1], classes, wanted, x.device, lowest=etran_count(N))
-        stats[i].update(x, y[lo:hi].to(x.device), dtype)
+        stats[i].update(x, tr._on_device(y[lo:hi], x.device), dtype)
 
     _one_pass(cand, data, N, add=add, **settings)
     return stats
@@ -361,7 +364,8 @@ def _statistics(cand: _Candidate, data, N: int, y: torch.Tensor, classes: int, w
 def _posteriors(cand: _Candidate, data, N: int, y: torch.Tensor, stats: dict, settings: dict) -> dict:
     """NCTI's second pass: {layer: its terms [3]}."""
     post = {i: ts.Posteriors(st, f"{cand.name} layer {i}") for i, st in stats.items()}
-    _one_pass(cand, data, N, add=lambda i, x, lo, hi, dtype: post[i].update(x, y[lo:hi].to(x.device)), **settings)
+    _one_pass(cand, data, N, add=lambda i, x, lo, hi, dtype: post[i].update(x, tr._on_device(y[lo:hi], x.device)),
+              **settings)
     return {i: p.terms() for i, p in post.items()}
 
 
@@ -394,7 +398,8 @@ def rank_models(models, data, labels, *, scores=("logme", "hscore", "gbc_log"), 
         padding alike. [B, C, H, W] outputs are averaged over H and W.
 
     Each model runs in inference mode on its own device and dtype (``device``: where models
-    given as folders go, default the CPU; each is loaded when its turn comes); pooled features
+    given as folders go, default the CPU; each is loaded when its turn comes; a callable or a
+    module without parameters gets the data where it is); pooled features
     are added to float64 statistics on that device. ``max_length`` is capped at a model's
     positions; ``compat`` and ``backend`` are LogME's (see :func:`transferops.logme`; the
     other scores are torch code, "reference"). Returns a :class:`RankResult`.
@@ -432,6 +437,8 @@ def rank_models(models, data, labels, *, scores=("logme", "hscore", "gbc_log"), 
     if terms:  # normalized over every (model, layer) candidate
         from .transferability_collapse import ncti_combine
 
-        for row, value in zip(result.rows, ncti_combine(torch.stack([t.cpu() for t in terms])).tolist()):
-            row["ncti"] = value
+        # Models may run on different devices: their terms meet on the first one's.
+        combined = ncti_combine(torch.stack([tr._on_device(t, terms[0].device) for t in terms]))
+        for row, value in zip(result.rows, combined):
+            row["ncti"] = float(value)
     return result

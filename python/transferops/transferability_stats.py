@@ -13,7 +13,6 @@ tests/test_rank_models.py checks it to 1e-10.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from . import transferability as tr
@@ -90,7 +89,7 @@ class FeatureStats:
         if self.class_sq is not None:
             self.class_sq.index_add_(0, y, z * z)
         if self.class_gram is not None:
-            for c in torch.unique(y).tolist():
+            for c in map(int, torch.unique(y)):  # the classes in this chunk, one scalar read each
                 zc = z[y == c]
                 self.class_gram[c].addmm_(zc.T, zc)
         if self.fourth is not None:
@@ -122,37 +121,36 @@ class FeatureStats:
         trace = float(torch.trace(self.gram)) + 2 * float(self.shift @ s) + self.n * float(self.shift @ self.shift)
         return tr._noise_variance(self.dtype, trace / (self.n * self.dim))
 
-    def raw(self) -> tuple[np.ndarray, np.ndarray]:
-        """LogME's F^T F [D, D] (float64, Fortran order) and F^T Y [D, C] of the raw features."""
+    def raw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """LogME's F^T F [D, D] and F^T Y [D, C] of the raw features (float64, on the statistics'
+        device)."""
         s = self.class_sums.sum(0)
         x0 = self.shift
         G = self.gram + torch.outer(x0, s) + torch.outer(s, x0) + self.n * torch.outer(x0, x0)
         B = self.class_sums[self._present()] + self.counts[self._present()][:, None] * x0
-        return np.asfortranarray(G.cpu().numpy()), np.ascontiguousarray(B.T.cpu().numpy())
+        return G, B.T
 
 
 # ---- the scores -----------------------------------------------------------------------------------
 
 
 def _logme(st: FeatureStats, compat: str, backend: str) -> float:
-    """LogME from the Gram matrix, as :class:`~transferops.transferability.LogMEStream` finishes
-    (native), or from its eigendecomposition (reference), the backend chosen as logme() chooses
-    it (the Gram matrix is on the CPU by then)."""
-    from . import _logme as lm
+    """LogME from the Gram matrix, as :class:`~transferops.transferability.LogMEStream`
+    finishes, on the backend logme() would choose for the statistics' device; a forced native
+    backend takes the D x D statistics to the CPU (deliberately: it asked for the CPU solver)."""
+    from ._backend import forced_backend
+    from ._logme import logme_from_grams, logme_op
 
-    chosen, _ = lm.logme_op.select(backend, torch.device("cpu"), torch.float64, name="logme")
     G, B = st.raw()
-    counts = st.counts[st._present()].cpu().numpy()
+    counts = st.counts[st._present()]
+    if forced_backend(backend) == "native":
+        G, B, counts = G.cpu(), B.cpu(), counts.cpu()
+    chosen, _ = logme_op.select(backend, G.device, torch.float64, name="logme")
     N, D = st.n, st.dim
     if compat == "official" and N <= D:
         raise ValueError(f"compat='official' streams only when N > D (N = {N}, D = {D}); use compat='corrected'")
-    if chosen == "native":
-        red = lm._reduce([G], [B])[0]
-        evidence, _ = lm._logme_evidence(red, counts, N, D, True, compat, False)
-        return float(evidence.mean())
-    sigma, X, _, _, extra = lm._gram_spectrum(torch.from_numpy(G), torch.from_numpy(B), N, D, compat)
-    evidence, *_ = lm._fixed_point(sigma, X, torch.from_numpy(counts), N, D, extra)
-    return float(evidence.mean())
+    scores, _ = logme_from_grams(chosen, [G], [B], counts, N, compat, False)
+    return float(scores[0])
 
 
 def _between(st: FeatureStats) -> torch.Tensor:
@@ -191,7 +189,7 @@ def _transrate(st: FeatureStats, eps: float = 1e-4) -> float:
     mu, scatter = st.centered()
     counts, _, sums = st.class_moments()
     rates = []
-    for n_c, s_c, G_c in zip(counts.tolist(), sums, st.class_gram[keep]):
+    for n_c, s_c, G_c in zip(counts, sums, st.class_gram[keep]):
         # rows of the class centered by the global mean: sum (z - d)(z - d)^T
         Z = G_c - torch.outer(s_c, mu) - torch.outer(mu, s_c) + n_c * torch.outer(mu, mu)
         rates.append(tr._rate_of_scatter(Z, n_c, eps))
@@ -222,7 +220,7 @@ class Posteriors:
         P = torch.softmax((x.to(torch.float64) - self.shift) @ self.weights + self.intercept, dim=1)
         self.ncc += P[torch.arange(P.shape[0], device=P.device), y].sum()
         self.n += P.shape[0]
-        for c in torch.unique(y).tolist():
+        for c in map(int, torch.unique(y)):
             self.R[c] = torch.linalg.qr(torch.cat([self.R[c], P[y == c]]), mode="r").R
 
     def terms(self) -> torch.Tensor:
@@ -232,14 +230,19 @@ class Posteriors:
 
 
 def check_backend(scores, backend: str) -> None:
-    """Raise before any pass if a score cannot run on ``backend`` (LogME as logme() chooses)."""
+    """Raise before any pass if a score cannot run on ``backend``. LogME runs where the
+    statistics are, on the models' devices that only the pass shows: here a forced backend is
+    checked for what does not depend on them (native, which takes the Gram matrix to the CPU,
+    and a backend logme lacks); triton's device is checked when the score is taken."""
+    from ._backend import forced_backend
     from ._logme import logme_op
 
+    forced = forced_backend(backend)
     for name in scores:
-        if name == "logme":
-            logme_op.select(backend, torch.device("cpu"), torch.float64, name="logme")
-        else:
+        if name != "logme":
             tr.torch_backend(backend, name)
+        elif forced is not None and (forced == "native" or forced not in logme_op.impls):
+            logme_op.select(backend, torch.device("cpu"), torch.float64, name="logme")
 
 
 def score(st: FeatureStats, name: str, *, compat: str = "corrected", backend: str = "auto") -> float:
