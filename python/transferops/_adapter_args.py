@@ -1,5 +1,6 @@
-"""Argument handling shared by the adapter ops of :mod:`transferops.adapters`: checks that name
-the argument, dropout rates and seeds, and the dtype rules under ``torch.autocast``."""
+"""What the adapter ops of :mod:`transferops.adapters` and :mod:`transferops.adapters_lora`
+share: checks that name the argument, the base layer's arguments, the backend choice, dropout
+rates, seeds and masks, and the dtype rules under ``torch.autocast``."""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +8,54 @@ from typing import Optional
 
 import torch
 
-from . import _checks
+from . import _checks, _philox
+from ._backend import Op, native_buffer, native_module
+from ._custom_ops import assume_constant_result, custom_op
+
+# The stream word of adapter dropout draws; csrc/cpu/adapters.cpp uses the same.
+DROPOUT_STREAM = 0x41445054
+
+
+@assume_constant_result
+def choose(op: Op, backend: str, device: torch.device, dtype: torch.dtype, *args) -> str:
+    """The backend for one call (``args``: what the op's limits look at); a constant while
+    torch.compile traces (a later change of TRANSFEROPS_BACKEND or use_backend does not reach
+    an already compiled graph)."""
+    return op.select(backend, device, dtype, args)[0]
+
+
+def triton_rank_limit(r: int):
+    """Why the Triton kernels cannot take r bottleneck units or a LoRA rank of r (None: they can)."""
+    from .kernels.adapters import MAX_RANK
+
+    if r <= MAX_RANK:
+        return None
+    return f"triton holds bottlenecks and LoRA ranks of at most {MAX_RANK} units, got r = {r}"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """bf16/fp16 inputs are computed in float32, float64 in float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# NaN/Inf in x or a weight is a ValueError naming the first argument (in signature order) that
+# holds one, on CPU tensors, on every backend alike: the native bottleneck would otherwise turn
+# a NaN pre-activation into 0 (its relu), and at scaling = 0 the native LoRA's addmm skips the
+# factors' product, so neither could give the reference's NaN outputs. On a GPU nothing is
+# checked (a check would wait for the device) and NaN/Inf propagate as in torch; nor while
+# torch.compile traces (a graph cannot branch on data; the custom ops' bodies run untraced).
+# Finite inputs whose products overflow pass, as in torch. The bottleneck's separate residual
+# is only added to the output, so its NaN/Inf propagate, the same on every backend.
+
+def checking(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def name_nonfinite(inputs) -> None:
+    """Raises naming the first of ``inputs`` (name, tensor or None) that holds NaN/Inf."""
+    for name, t in inputs:
+        if t is not None:
+            _checks.raise_nonfinite(_checks.count_nonfinite(t), name)
 
 
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
@@ -47,6 +95,25 @@ def param(t, name: str, shape: tuple, like: torch.Tensor, *, optional: bool = Fa
     return t
 
 
+def base_linear(x, weight, bias):
+    """Checks x [..., in] against a base layer's weight [out, in] and bias [out] (a wrong width
+    names x); returns (x, weight, bias, autocast dtype or None). Outside autocast, weight and
+    bias must have x's dtype, as nn.Linear requires; under autocast all three are cast as it
+    casts a linear layer's."""
+    x = rows_input(x)
+    weight = param(weight, "weight", (None, None), x)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x: expected [..., {weight.shape[1]}] (weight's in_features), got shape {tuple(x.shape)}")
+    bias = param(bias, "bias", (weight.shape[0],), x, optional=True)
+    amp = autocast_dtype(x.device)
+    if amp is not None:
+        x, weight, bias = autocast_cast(amp, x, weight, bias)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name}: expected x's dtype {x.dtype} (or run under torch.autocast), got {t.dtype}")
+    return x, weight, bias, amp
+
+
 def rows_input(x, name: str = "x") -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
@@ -66,7 +133,7 @@ def dropout_rate(dropout, training: bool = True) -> float:
     return p if training else 0.0
 
 
-_NO_SEED = torch.zeros((), dtype=torch.int64)
+_NO_SEED = torch.zeros((), dtype=torch.int64, device="cpu")
 
 
 def dropout_seed(dropout: float, seed) -> torch.Tensor:
@@ -77,8 +144,42 @@ def dropout_seed(dropout: float, seed) -> torch.Tensor:
     keys Philox with the seed mod 2^64, so the 2^64 seeds draw distinct masks."""
     if seed is not None:
         seed = _checks.seed(seed)
-        return torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64)
-    return torch.randint(0, 2**62, (), dtype=torch.int64) if dropout > 0 else _NO_SEED
+        return torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64, device="cpu")
+    # On the CPU whatever torch's default device: the ops read it as a Python int (no device sync).
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu") if dropout > 0 else _NO_SEED
+
+
+def keep_below(p: float) -> int:
+    """Dropout keeps an entry whose Philox draw is below this: (1 - p) 2^32, at most 2^32 - 1."""
+    return min(int((1 - p) * 2**32), 2**32 - 1)
+
+
+def dropout_factor(rows: int, cols: int, p: float, seed: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """The [rows, cols] dropout factors of adapter dropout: entry (n, j) is 1 / (1 - p) if
+    philox(n * cols + j; seed, DROPOUT_STREAM) < (1 - p) 2^32, else 0. Every backend draws the
+    same mask from the same seed, and backward recomputes it."""
+    keep = _philox.draws(rows * cols, seed=seed, stream=DROPOUT_STREAM, device=device) < keep_below(p)
+    return keep.view(rows, cols).to(dtype) / (1 - p)
+
+
+@custom_op("transferops::adapter_dropout")
+def dropped(t: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
+    """t [rows, cols] times its dropout_factor, in one native pass on the CPU (the same draws
+    through torch's Philox take about a hundred int64 passes over the tensor). A custom op, so
+    that LoRA's backward traces under torch.compile."""
+    seed = int(seed)
+    nm = native_module()
+    if t.device.type != "cpu" or nm is None:
+        return t * dropout_factor(t.shape[0], t.shape[1], p, seed, t.device, t.dtype)
+    rows = _checks.as_rows(t)
+    out = torch.empty(rows.shape, dtype=t.dtype)
+    nm.adapter_dropout(native_buffer(rows), native_buffer(out), p, seed % 2**64)
+    return out.view(t.shape)
+
+
+@dropped.register_fake
+def _(t, p, seed):
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 def scale_vector(scale, d: int, like: torch.Tensor, T: torch.dtype) -> torch.Tensor:

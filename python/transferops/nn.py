@@ -279,6 +279,9 @@ class ScaLearn(nn.Module):
         if len(act) > 1 or len(norms) > 1 or len(eps) > 1:
             raise ValueError("sources: the fused pass needs one activation, and a layer norm (same eps) in all "
                              "adapters or in none")
+        device = h.device if isinstance(h, torch.Tensor) else self.omega.device
+        if self.omega.device != device:
+            raise ValueError(f"omega: expected h's device {device}, got {self.omega.device}")
         parts, coefs = [], []
         for k, src in enumerate(sources):
             if src.placement != "sequential" or src.dropout:
@@ -286,8 +289,10 @@ class ScaLearn(nn.Module):
             lin, ln = src.adapter_down[-2], src.layer_norm
             parts.append((lin.weight, lin.bias, src.adapter_up.weight, src.adapter_up.bias,
                           None if ln is None else ln.weight, None if ln is None else ln.bias))
-            s = src.scaling if isinstance(src.scaling, torch.Tensor) else torch.tensor(src.scaling)
-            coefs.append(self.omega[k] * s.to(self.omega.device))
+            for t in (*parts[-1], src.scaling):
+                if isinstance(t, torch.Tensor) and t.device != device:
+                    raise ValueError(f"sources[{k}]: expected its parameters on h's device {device}, got {t.device}")
+            coefs.append(self.omega[k] * src.scaling)  # a float, or a tensor of shape (1,) or (d,)
         w_down, b_down, w_up, b_up = stacked_bottlenecks(parts, coefs)
         return bottleneck_adapter(h, w_down, b_down, w_up, b_up, layer_norm=norms.pop(), eps=eps.pop(),
                                   activation=act.pop(), backend=self.backend)

@@ -1,6 +1,11 @@
 """Triton kernels of the adapters hot path: the bottleneck adapter's forward and backward
 (see csrc/cpu/adapters.cpp for the CPU composition of the same math; both draw the same
-dropout masks).
+dropout masks), and LoRA's branch on the same kernels.
+
+LoRA's y = base + s drop(x) A^T B^T is a bottleneck [d_in -> r -> d_out] without layer norm,
+activation or biases, its dropout on the input, its separate residual the base layer's output
+(cuBLAS's x W^T + b): forward reads x and the base once, writes y once and keeps u = drop(x)
+A^T [N, r]; backward adds s drop((g B) A) to the base layer's input gradient g W in place.
 
 The down-projection of the layer norm is folded: with W' = W_down diag(ln_weight),
 W_down LN(x) + b_down = rstd (W' x_s - mean_s W' 1) + (W_down ln_bias + b_down), where
@@ -16,11 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ..adapters import DROPOUT_STREAM, keep_below as dropout_keep_below
+from .._adapter_args import DROPOUT_STREAM, keep_below as dropout_keep_below
 from .philox import philox_draw
 
 # Widest bottleneck the kernels hold in registers: [rows, r] tiles of pre-activations.
 MAX_RANK = 256
+# ACT past the adapters' four activations: none (LoRA's branch).
+IDENTITY = 4
+# Where dropout acts (DROPOUT): on the scaled output (bottleneck), or on the input (LoRA).
+DROP_OUTPUT, DROP_INPUT = 1, 2
+_SEPARATE = 2  # MODE: the residual is a tensor of its own (the bottleneck's parallel placement; LoRA's base)
 
 
 @triton.jit
@@ -31,8 +41,10 @@ def _activate(a, ACT: tl.constexpr):
         z = 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))
     elif ACT == 2:
         z = a / (1.0 + tl.exp(-a))
-    else:
+    elif ACT == 3:
         z = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)  # tanh; saturates to +-1 through exp's inf and 0
+    else:
+        z = a
     return z
 
 
@@ -45,9 +57,11 @@ def _activate_slope(a, ACT: tl.constexpr):
     elif ACT == 2:
         sig = 1.0 / (1.0 + tl.exp(-a))
         s = sig * (1.0 + a * (1.0 - sig))
-    else:
+    elif ACT == 3:
         t = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
         s = 1.0 - t * t
+    else:
+        s = tl.full(a.shape, 1.0, tl.float32)
     return s
 
 
@@ -64,9 +78,10 @@ def _dropout(v, rows, cols, D, seed_lo, seed_hi, stream, keep_below, inv_keep):
 
 @triton.jit
 def _fwd_kernel(x, sx, res, sres, out, sout, a_out, mean_out, rstd_out, wdp, wu, bu, lw, lb, scale, colsum, bias_a,
-                N, D, R, eps, seed_lo, seed_hi, stream, keep_below, inv_keep,
+                N, D, E, R, eps, seed_lo, seed_hi, stream, keep_below, inv_keep,
                 LN: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, DROPOUT: tl.constexpr,
                 PREC: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+    # x [N, D] in, out [N, E]; E == D unless MODE is _SEPARATE (LoRA).
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
@@ -87,6 +102,8 @@ def _fwd_kernel(x, sx, res, sres, out, sout, a_out, mean_out, rstd_out, wdp, wu,
         if LN:
             s1 += tl.sum(xs, 1)
             s2 += tl.sum(xs * xs, 1)
+        if DROPOUT == 2:  # never with LN: xs is x itself
+            xs = _dropout(xs, rows, k, D, seed_lo, seed_hi, stream, keep_below, inv_keep)
         w = tl.load(wdp + j[None, :] * D + k[:, None], mask=jmask[None, :] & (k < D)[:, None], other=0.0)
         acc = tl.dot(xs, w, acc, input_precision=PREC)
     mean = tl.zeros([BM], tl.float32)
@@ -101,15 +118,15 @@ def _fwd_kernel(x, sx, res, sres, out, sout, a_out, mean_out, rstd_out, wdp, wu,
     a = acc + tl.load(bias_a + j, mask=jmask, other=0.0)[None, :]
     tl.store(a_out + rows64[:, None] * R + j[None, :], a, mask=rmask[:, None] & jmask[None, :])
     z = tl.where(jmask[None, :], _activate(a, ACT), 0.0)
-    for k0 in range(0, D, BD):
+    for k0 in range(0, E, BD):
         k = k0 + kk
-        kmask = k < D
+        kmask = k < E
         m2 = rmask[:, None] & kmask[None, :]
         w = tl.load(wu + k[None, :] * R + j[:, None], mask=jmask[:, None] & kmask[None, :], other=0.0)
         u = tl.dot(z, w, input_precision=PREC) + tl.load(bu + k, mask=kmask, other=0.0)[None, :]
         u = u * tl.load(scale + k, mask=kmask, other=0.0)[None, :]
-        if DROPOUT:
-            u = _dropout(u, rows, k, D, seed_lo, seed_hi, stream, keep_below, inv_keep)
+        if DROPOUT == 1:
+            u = _dropout(u, rows, k, E, seed_lo, seed_hi, stream, keep_below, inv_keep)
         if MODE == 2:
             base = tl.load(res + rows64[:, None] * sres + k[None, :], mask=m2, other=0.0).to(tl.float32)
         else:
@@ -121,25 +138,30 @@ def _fwd_kernel(x, sx, res, sres, out, sout, a_out, mean_out, rstd_out, wdp, wu,
 
 
 @triton.jit
-def _bwd_rows_kernel(g, sg, x, sx, dx, sdx, a_in, ga_out, mean_in, rstd_in, wdp, wu, lw, scale, colsum, bias_a,
-                     N, D, R, seed_lo, seed_hi, stream, keep_below, inv_keep,
+def _bwd_rows_kernel(g, sg, x, sx, dx, sdx, add, sadd, a_in, ga_out, mean_in, rstd_in, wdp, wu, lw, scale, colsum,
+                     bias_a, N, D, E, R, seed_lo, seed_hi, stream, keep_below, inv_keep,
                      LN: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, DROPOUT: tl.constexpr,
-                     PREC: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
-    # Per row block: ga = ((g * mask * s) W_up) * phi'(a), stored [N, r]; then dx.
+                     ADD: tl.constexpr, DX: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+                     BR: tl.constexpr):
+    # Per row block: ga = ((g [N, E] * mask * s) W_up) * phi'(a), stored [N, r]; then, with DX,
+    # dx [N, D] plus `add` (g itself for the input residual; the base layer's for LoRA).
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
     j = tl.arange(0, BR)
     jmask = j < R
     kk = tl.arange(0, BD)
-    mean = tl.load(mean_in + rows64, mask=rmask, other=0.0)
-    rstd = tl.load(rstd_in + rows64, mask=rmask, other=0.0)
+    mean = tl.zeros([BM], tl.float32)
+    rstd = tl.zeros([BM], tl.float32)
+    if LN:  # else the statistics are not stored (LoRA passes a stand-in pointer)
+        mean = tl.load(mean_in + rows64, mask=rmask, other=0.0)
+        rstd = tl.load(rstd_in + rows64, mask=rmask, other=0.0)
     gz = tl.zeros([BM, BR], tl.float32)
     t1 = tl.zeros([BM], tl.float32)  # with the normalized residual: sum_k g lw, sum_k g lw xhat
     t2 = tl.zeros([BM], tl.float32)
-    for k0 in range(0, D, BD):
+    for k0 in range(0, E, BD):
         k = k0 + kk
-        kmask = k < D
+        kmask = k < E
         m2 = rmask[:, None] & kmask[None, :]
         gv = tl.load(g + rows64[:, None] * sg + k[None, :], mask=m2, other=0.0).to(tl.float32)
         if MODE == 1:
@@ -147,45 +169,49 @@ def _bwd_rows_kernel(g, sg, x, sx, dx, sdx, a_in, ga_out, mean_in, rstd_in, wdp,
             xv = tl.load(x + rows64[:, None] * sx + k[None, :], mask=m2, other=0.0).to(tl.float32)
             t1 += tl.sum(gl, 1)
             t2 += tl.sum(gl * (xv - mean[:, None]) * rstd[:, None], 1)
-        if DROPOUT:
-            gv = _dropout(gv, rows, k, D, seed_lo, seed_hi, stream, keep_below, inv_keep)
+        if DROPOUT == 1:
+            gv = _dropout(gv, rows, k, E, seed_lo, seed_hi, stream, keep_below, inv_keep)
         gv = gv * tl.load(scale + k, mask=kmask, other=0.0)[None, :]
         w = tl.load(wu + k[:, None] * R + j[None, :], mask=kmask[:, None] & jmask[None, :], other=0.0)
         gz = tl.dot(gv, w, gz, input_precision=PREC)
     a = tl.load(a_in + rows64[:, None] * R + j[None, :], mask=rmask[:, None] & jmask[None, :], other=0.0)
     ga = tl.where(jmask[None, :], gz * _activate_slope(a, ACT), 0.0)
     tl.store(ga_out + rows64[:, None] * R + j[None, :], ga, mask=rmask[:, None] & jmask[None, :])
-    if LN:
-        c1 = tl.sum(ga * tl.load(colsum + j, mask=jmask, other=0.0)[None, :], 1) + t1
-        c2 = tl.sum(ga * (a - tl.load(bias_a + j, mask=jmask, other=0.0)[None, :]), 1) + t2
-    for k0 in range(0, D, BD):
-        k = k0 + kk
-        kmask = k < D
-        m2 = rmask[:, None] & kmask[None, :]
-        w = tl.load(wdp + j[:, None] * D + k[None, :], mask=jmask[:, None] & kmask[None, :], other=0.0)
-        gh = tl.dot(ga, w, input_precision=PREC)  # the gradient of xhat with LN, else of x
-        if MODE != 2:
-            gv = tl.load(g + rows64[:, None] * sg + k[None, :], mask=m2, other=0.0).to(tl.float32)
-        if MODE == 1:
-            gh += gv * tl.load(lw + k, mask=kmask, other=0.0)[None, :]
+    if DX:
         if LN:
-            xhat = (tl.load(x + rows64[:, None] * sx + k[None, :], mask=m2, other=0.0).to(tl.float32)
-                    - mean[:, None]) * rstd[:, None]
-            gh = rstd[:, None] * (gh - c1[:, None] / D - xhat * (c2[:, None] / D))
-        if MODE == 0:
-            gh += gv
-        tl.store(dx + rows64[:, None] * sdx + k[None, :], gh.to(dx.dtype.element_ty), mask=m2)
+            c1 = tl.sum(ga * tl.load(colsum + j, mask=jmask, other=0.0)[None, :], 1) + t1
+            c2 = tl.sum(ga * (a - tl.load(bias_a + j, mask=jmask, other=0.0)[None, :]), 1) + t2
+        for k0 in range(0, D, BD):
+            k = k0 + kk
+            kmask = k < D
+            m2 = rmask[:, None] & kmask[None, :]
+            w = tl.load(wdp + j[:, None] * D + k[None, :], mask=jmask[:, None] & kmask[None, :], other=0.0)
+            gh = tl.dot(ga, w, input_precision=PREC)  # the gradient of xhat with LN, else of x (dropped-out)
+            if DROPOUT == 2:
+                gh = _dropout(gh, rows, k, D, seed_lo, seed_hi, stream, keep_below, inv_keep)
+            if MODE == 1:
+                gv = tl.load(g + rows64[:, None] * sg + k[None, :], mask=m2, other=0.0).to(tl.float32)
+                gh += gv * tl.load(lw + k, mask=kmask, other=0.0)[None, :]
+            if LN:
+                xhat = (tl.load(x + rows64[:, None] * sx + k[None, :], mask=m2, other=0.0).to(tl.float32)
+                        - mean[:, None]) * rstd[:, None]
+                gh = rstd[:, None] * (gh - c1[:, None] / D - xhat * (c2[:, None] / D))
+            if ADD:  # read before the store: `add` may be dx itself
+                gh += tl.load(add + rows64[:, None] * sadd + k[None, :], mask=m2, other=0.0).to(tl.float32)
+            tl.store(dx + rows64[:, None] * sdx + k[None, :], gh.to(dx.dtype.element_ty), mask=m2)
 
 
 @triton.jit
 def _bwd_cols_kernel(g, sg, x, sx, a_in, ga_in, mean_in, rstd_in, wd, lw, lb, p_uz, p_gu, p_wd, p_lw, p_lb,
-                     N, D, R, rows_per, seed_lo, seed_hi, stream, keep_below, inv_keep,
+                     N, D, E, R, rows_per, seed_lo, seed_hi, stream, keep_below, inv_keep,
                      LN: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, DROPOUT: tl.constexpr,
                      PREC: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
     # Per column block and row segment: the weight gradients' partial sums over the segment,
     # written to slot `segment` of the partial buffers (summed in a fixed order afterwards).
+    # Column k is an input column (k < D: W_down, the layer norm) and an output one (k < E: W_up).
     k = tl.program_id(0) * BD + tl.arange(0, BD)
     kmask = k < D
+    omask = k < E
     seg = tl.program_id(1)
     j = tl.arange(0, BR)
     jmask = j < R
@@ -205,15 +231,18 @@ def _bwd_cols_kernel(g, sg, x, sx, a_in, ga_in, mean_in, rstd_in, wd, lw, lb, p_
         rows64 = rows.to(tl.int64)
         m2 = rmask[:, None] & kmask[None, :]
         mr = rmask[:, None] & jmask[None, :]
-        gv = tl.load(g + rows64[:, None] * sg + k[None, :], mask=m2, other=0.0).to(tl.float32)
+        gv = tl.load(g + rows64[:, None] * sg + k[None, :], mask=rmask[:, None] & omask[None, :],
+                     other=0.0).to(tl.float32)
         gu = gv
-        if DROPOUT:
-            gu = _dropout(gv, rows, k, D, seed_lo, seed_hi, stream, keep_below, inv_keep)
+        if DROPOUT == 1:
+            gu = _dropout(gv, rows, k, E, seed_lo, seed_hi, stream, keep_below, inv_keep)
         z = tl.where(mr, _activate(tl.load(a_in + rows64[:, None] * R + j[None, :], mask=mr, other=0.0), ACT), 0.0)
         uz = tl.dot(tl.trans(gu), z, uz, input_precision=PREC)
         gsum += tl.sum(gu, 0)
         ga = tl.load(ga_in + rows64[:, None] * R + j[None, :], mask=mr, other=0.0)
         h = tl.load(x + rows64[:, None] * sx + k[None, :], mask=m2, other=0.0).to(tl.float32)
+        if DROPOUT == 2:
+            h = _dropout(h, rows, k, D, seed_lo, seed_hi, stream, keep_below, inv_keep)
         if LN:
             mean = tl.load(mean_in + rows64, mask=rmask, other=0.0)
             rstd = tl.load(rstd_in + rows64, mask=rmask, other=0.0)
@@ -226,9 +255,10 @@ def _bwd_cols_kernel(g, sg, x, sx, a_in, ga_in, mean_in, rstd_in, wd, lw, lb, p_
             lbg += tl.sum(gh, 0)
         wdg = tl.dot(tl.trans(ga), h, wdg, input_precision=PREC)
     base = seg.to(tl.int64) * D
-    tl.store(p_uz + (base + k[:, None]) * R + j[None, :], uz, mask=kmask[:, None] & jmask[None, :])
-    tl.store(p_wd + seg.to(tl.int64) * R * D + j[:, None] * D + k[None, :], wdg, mask=jmask[:, None] & kmask[None, :])
-    tl.store(p_gu + base + k, gsum, mask=kmask)
+    out_base = seg.to(tl.int64) * E
+    tl.store(p_uz + (out_base + k[:, None]) * R + j[None, :], uz, mask=omask[:, None] & jmask[None, :])
+    tl.store(p_gu + out_base + k, gsum, mask=omask)
+    tl.store(p_wd + base * R + j[:, None] * D + k[None, :], wdg, mask=jmask[:, None] & kmask[None, :])
     tl.store(p_lw + base + k, lwg, mask=kmask)
     tl.store(p_lb + base + k, lbg, mask=kmask)
 
@@ -248,15 +278,17 @@ def _precision(dtype: torch.dtype) -> str:
 
 class Folded:
     """The weights as the kernels take them (float32, contiguous): W' = W_down diag(ln_weight),
-    its row sums W' 1, and the pre-activation's constant W_down ln_bias + b_down."""
+    its row sums W' 1, and the pre-activation's constant W_down ln_bias + b_down. W_down is
+    [r, d], W_up [e, r]: e = d but for LoRA's B [d_out, r]."""
 
     def __init__(self, w_down, b_down, w_up, b_up, ln_weight, ln_bias, scale, layer_norm: bool):
         r, d = w_down.shape
+        e = w_up.shape[0]
         f = dict(dtype=torch.float32, device=w_down.device)
-        self.r, self.d = r, d
+        self.r, self.d, self.e = r, d, e
         self.w_down = w_down.float().contiguous()
         self.w_up = w_up.float().contiguous()
-        self.b_up = b_up.float().contiguous() if b_up is not None else torch.zeros(d, **f)
+        self.b_up = b_up.float().contiguous() if b_up is not None else torch.zeros(e, **f)
         self.ln_weight = ln_weight.float().contiguous() if ln_weight is not None else torch.ones(d, **f)
         self.ln_bias = ln_bias.float().contiguous() if ln_bias is not None else torch.zeros(d, **f)
         self.scale = scale.float().contiguous()
@@ -276,18 +308,31 @@ def _dropout_args(p: float, seed: int) -> tuple:
     return seed & 0xFFFFFFFF, seed >> 32, DROPOUT_STREAM, dropout_keep_below(p), (1.0 / (1.0 - p)) if p > 0 else 1.0
 
 
+def _forward(x, res, out, a, mean, rstd, w: Folded, *, layer_norm, eps, activation, mode, drop_at, dropout, seed):
+    N = x.shape[0]
+    bm, bd, br = _blocks(w.r)
+    _fwd_kernel[(triton.cdiv(N, bm),)](x, x.stride(0), res, res.stride(0), out, out.stride(0), a, mean, rstd,
+                                       w.w_fold, w.w_up, w.b_up, w.ln_weight, w.ln_bias, w.scale, w.colsum, w.bias_a,
+                                       N, w.d, w.e, w.r, eps, *_dropout_args(dropout, seed), LN=layer_norm,
+                                       ACT=activation, MODE=mode, DROPOUT=drop_at if dropout > 0 else 0,
+                                       PREC=_precision(x.dtype), BM=bm, BD=bd, BR=br)
+
+
 def bottleneck_forward(x, residual, out, a, mean, rstd, w: Folded, *, layer_norm: bool, eps: float, activation: int,
                        mode: int, dropout: float, seed: int) -> None:
     """Writes out [N, d] (x's dtype), a [N, r], mean, rstd [N] (float32) for rows x [N, d]
     with unit column stride; residual (mode 2) likewise."""
-    N, d = x.shape
-    bm, bd, br = _blocks(w.r)
-    res = residual if residual is not None else x
-    grid = (triton.cdiv(N, bm),)
-    _fwd_kernel[grid](x, x.stride(0), res, res.stride(0), out, out.stride(0), a, mean, rstd, w.w_fold, w.w_up, w.b_up,
-                      w.ln_weight, w.ln_bias, w.scale, w.colsum, w.bias_a, N, d, w.r, eps,
-                      *_dropout_args(dropout, seed), LN=layer_norm, ACT=activation, MODE=mode, DROPOUT=dropout > 0,
-                      PREC=_precision(x.dtype), BM=bm, BD=bd, BR=br)
+    _forward(x, residual if residual is not None else x, out, a, mean, rstd, w, layer_norm=layer_norm, eps=eps,
+             activation=activation, mode=mode, drop_at=DROP_OUTPUT, dropout=dropout, seed=seed)
+
+
+def lora_forward(x, base, out, u, w: Folded, *, dropout: float, seed: int) -> None:
+    """Writes out = base + s drop(x) A^T B^T ([N, d_out], may be base itself) and u = drop(x)
+    A^T ([N, r], float32) for rows x [N, d_in] and base with unit column stride; w holds A as
+    W_down, B as W_up and s as the scale."""
+    stats = torch.empty(2, x.shape[0], dtype=torch.float32, device=x.device)  # what a layer norm would keep
+    _forward(x, base, out, u, stats[0], stats[1], w, layer_norm=False, eps=1.0, activation=IDENTITY, mode=_SEPARATE,
+             drop_at=DROP_INPUT, dropout=dropout, seed=seed)
 
 
 def _segments(N: int, bm: int, col_blocks: int, device: torch.device) -> int:
@@ -300,30 +345,49 @@ def _segments(N: int, bm: int, col_blocks: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(N, bm), triton.cdiv(want, col_blocks)))
 
 
-def bottleneck_backward(grad, x, a, mean, rstd, dx, w: Folded, *, layer_norm: bool, activation: int, mode: int,
-                        dropout: float, seed: int) -> list[torch.Tensor]:
-    """Writes dx and returns the float32 gradients of w_down, b_down, w_up, b_up, ln_weight,
-    ln_bias and scale. Deterministic: partial sums per row segment, added in segment order."""
-    N, d = x.shape
-    r = w.r
+def _backward(grad, x, a, mean, rstd, dx, add, w: Folded, *, layer_norm, activation, mode, drop_at, dropout,
+              seed) -> list[torch.Tensor]:
+    """dx (None: not wanted) and the float32 gradients of w_down, b_down, w_up, b_up, ln_weight,
+    ln_bias and scale; `add` (or None) is added to dx. Deterministic: partial sums per row
+    segment, added in segment order."""
+    N, r = x.shape[0], w.r
     bm, bd, br = _blocks(r)
     drop = _dropout_args(dropout, seed)
-    flags = dict(LN=layer_norm, ACT=activation, MODE=mode, DROPOUT=dropout > 0, PREC=_precision(x.dtype), BM=bm,
-                 BD=bd, BR=br)
+    flags = dict(LN=layer_norm, ACT=activation, MODE=mode, DROPOUT=drop_at if dropout > 0 else 0,
+                 PREC=_precision(x.dtype), BM=bm, BD=bd, BR=br)
     ga = torch.empty(N, r, dtype=torch.float32, device=x.device)
-    _bwd_rows_kernel[(triton.cdiv(N, bm),)](grad, grad.stride(0), x, x.stride(0), dx, dx.stride(0), a, ga, mean, rstd,
-                                            w.w_fold, w.w_up, w.ln_weight, w.scale, w.colsum, w.bias_a, N, d, r,
-                                            *drop, **flags)
-    col_blocks = triton.cdiv(d, bd)
+    dxp, addp = (t if t is not None else ga for t in (dx, add))  # ga stands in for pointers never read
+    _bwd_rows_kernel[(triton.cdiv(N, bm),)](grad, grad.stride(0), x, x.stride(0), dxp, dxp.stride(0), addp,
+                                            addp.stride(0), a, ga, mean, rstd, w.w_fold, w.w_up, w.ln_weight, w.scale,
+                                            w.colsum, w.bias_a, N, w.d, w.e, r, *drop, ADD=add is not None,
+                                            DX=dx is not None, **flags)
+    col_blocks = triton.cdiv(max(w.d, w.e), bd)
     segs = _segments(N, bm, col_blocks, x.device)
     rows_per = triton.cdiv(triton.cdiv(N, segs), bm) * bm
     segs = triton.cdiv(N, rows_per)
     f = dict(dtype=torch.float32, device=x.device)
-    p_uz, p_wd = torch.empty(segs, d, r, **f), torch.empty(segs, r, d, **f)
-    p_gu, p_lw, p_lb = (torch.empty(segs, d, **f) for _ in range(3))
+    p_uz, p_wd, p_gu = torch.empty(segs, w.e, r, **f), torch.empty(segs, r, w.d, **f), torch.empty(segs, w.e, **f)
+    p_lw, p_lb = (torch.empty(segs, w.d, **f) for _ in range(2))
     _bwd_cols_kernel[(col_blocks, segs)](grad, grad.stride(0), x, x.stride(0), a, ga, mean, rstd, w.w_down,
-                                         w.ln_weight, w.ln_bias, p_uz, p_gu, p_wd, p_lw, p_lb, N, d, r, rows_per,
-                                         *drop, **flags)
+                                         w.ln_weight, w.ln_bias, p_uz, p_gu, p_wd, p_lw, p_lb, N, w.d, w.e, r,
+                                         rows_per, *drop, **flags)
     uz, gsum = p_uz.sum(0), p_gu.sum(0)  # uz = (g * mask)^T phi(a): dW_up = diag(s) uz
     return [p_wd.sum(0), ga.sum(0), w.scale[:, None] * uz, w.scale * gsum, p_lw.sum(0), p_lb.sum(0),
             (w.w_up * uz).sum(1) + w.b_up * gsum]
+
+
+def bottleneck_backward(grad, x, a, mean, rstd, dx, w: Folded, *, layer_norm: bool, activation: int, mode: int,
+                        dropout: float, seed: int) -> list[torch.Tensor]:
+    """Writes dx and returns the float32 gradients of w_down, b_down, w_up, b_up, ln_weight,
+    ln_bias and scale."""
+    return _backward(grad, x, a, mean, rstd, dx, grad if mode == 0 else None, w, layer_norm=layer_norm,
+                     activation=activation, mode=mode, drop_at=DROP_OUTPUT, dropout=dropout, seed=seed)
+
+
+def lora_backward(grad, x, u, dx, w: Folded, *, dropout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adds s drop((grad B) A) to dx [N, d_in] in place (the base layer's input gradient grad W;
+    None where x needs none) and returns the float32 gradients of A [r, d_in] and B [d_out, r]."""
+    # u stands in for the statistics, which the kernels read only with a layer norm.
+    grads = _backward(grad, x, u, u, u, dx, dx, w, layer_norm=False, activation=IDENTITY, mode=_SEPARATE,
+                      drop_at=DROP_INPUT, dropout=dropout, seed=seed)
+    return grads[0], grads[2]
