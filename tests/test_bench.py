@@ -38,6 +38,38 @@ def test_run_case_checks_ratios_and_flags_a_wrong_peer():
     assert rows["native"].p20 <= rows["native"].p50 <= rows["native"].p80
 
 
+def test_gpu_bars_are_judged_on_their_case_and_reported_when_missing(tmp_path):
+    """A case names its GPU bars; the report lists every bar: met, not met, or not run and why."""
+    import transferops
+
+    x = torch.arange(100, dtype=torch.float32)
+
+    def unavailable():
+        raise transferops.BackendUnavailable("logme has no triton implementation")
+    merge = harness.Case(op="merge", size="n=100", dtype=torch.float32, bytes=800, bars=("merge-copy",),
+                         ours={"reference": lambda: x * 2, "triton": lambda: x + x}, peers={})
+    logme = harness.Case(op="logme M=20", size="n=100", dtype=torch.float32, bytes=800, bars=("logme-20",),
+                         ours={"reference": lambda: x, "triton": unavailable}, peers={"peer:p": "needs a GPU"})
+    judged, notes, warnings = [], [], []
+    slow_floors = harness.Floors(copy_bps=1.0, gemm_flops={torch.float32: 1.0})  # an 800 s floor: met
+    for case in (merge, logme):
+        harness.run_case(case, "cpu", slow_floors, harness.QUICK, notes, warnings, judged)
+    assert not warnings and "peer:p unavailable (needs a GPU)" in notes
+    m, lg = judged
+    assert (m["bar"], m["backend"], m["met"]) == ("merge-copy", "triton", True) and m["value"] > 0.7
+    assert lg["met"] is None and lg["figure"] == "not run: triton skipped: logme has no triton implementation"
+    part = tmp_path / "part.json"
+    harness.write_json([], {"hot_paths": ["merging", "transferability"], "complete": True, "bars": judged,
+                            "devices": {"cpu": "a CPU"}}, str(part))
+    out = io.StringIO()
+    harness.report([str(part), str(tmp_path / "absent.json")], json_path=str(tmp_path / "all.json"), out=out)
+    text = out.getvalue()
+    assert "[met] merge (TIES" in text and "[NOT RUN] LogME of 20 models" in text, text
+    assert "not run: no results of the ot bench" in text and "absent.json" in text
+    assert "bars: 1 met, 0 not met, 4 not run or not judged" in text
+    assert json.loads((tmp_path / "all.json").read_text())["meta"]["bars"] == judged
+
+
 def test_time_fn_stops_at_its_budget():
     calls = []
     t = harness.time_fn(lambda: calls.append(1), warmup=2, repeats=1000, device="cpu", budget_s=0.0, min_repeats=4)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import threading
 from pathlib import Path
@@ -33,8 +34,19 @@ def _info(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import results, run
+    if args.dry_run:
+        if args.device == "cuda":
+            raise CLIError("--dry-run runs the GPU cases on the CPU: drop --device cuda")
+        if args.record or args.compare is not None or args.headline or args.report:
+            raise CLIError("--dry-run times nothing worth keeping: it takes no --record, --compare, --headline "
+                           "or --report")
+        # Before transferops.kernels is imported: Triton decides at decoration time.
+        os.environ["TRITON_INTERPRET"] = "1"
+    from .bench import harness, results, run
 
+    if args.report:
+        harness.report([str(f) for f in args.report], json_path=args.json)
+        return 0
     results_dir = args.results or results.default_results_dir()
     needs_dir = "--record" if args.record else "--headline" if args.headline else "--compare" if args.compare == [] else None
     if needs_dir and results_dir is None:
@@ -51,9 +63,12 @@ def _bench(args) -> int:
             print("\n\n".join(results.compare(f) for f in files))
         else:
             run(quick=args.quick, only=args.only, device=args.device, json_path=args.json,
-                results_dir=results_dir if args.record else None)
+                results_dir=results_dir if args.record else None, dry_run=args.dry_run)
     except results.ResultsError as e:
         raise CLIError(str(e))
+    except harness.DryRunError as e:
+        print(f"transferops bench: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -80,7 +95,8 @@ def _merge_adapters(args) -> int:
 
     other = {"MODELS": args.models, "--base": args.base, "--config": args.config, "--method": args.method,
              "--lam": args.lam, "--semantics": args.semantics, "--gamma": args.gamma, "--epsilon": args.epsilon,
-             "--scope": args.scope, "--dtype": args.dtype, "--tokenizer-source": args.tokenizer_source}
+             "--scope": args.scope, "--dtype": args.dtype, "--tokenizer-source": args.tokenizer_source,
+             "--device": args.device}
     wrong = [flag for flag, value in other.items() if value]
     if wrong:
         raise CLIError(f"--adapters: {', '.join(wrong)} apply to whole models, not to adapters")
@@ -137,7 +153,8 @@ def _merge(args) -> int:
               f"{rate:,.0f} MB/s) {name[-40:]:<40}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
     paths = merge_files(base, models, args.output, max_memory=args.max_memory, shard_size=args.shard_size,
-                        overwrite=args.overwrite, backend=args.backend, progress=progress, **kw)
+                        overwrite=args.overwrite, backend=args.backend, device=args.device or "cpu",
+                        progress=progress, **kw)
     print(f"wrote {len(paths)} file(s) to {args.output} in {time.perf_counter() - started:.1f} s")
     return 0
 
@@ -153,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes: a run of a few minutes on a laptop-class CPU")
     p.add_argument("--only", nargs="+", metavar="PATH", help="hot paths to run (e.g. merging)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cpu, and cuda when present")
-    p.add_argument("--json", metavar="FILE", help="also write the rows, machine and versions as JSON")
+    p.add_argument("--json", metavar="FILE",
+                   help="also write the rows, machine and versions as JSON (rewritten after each case)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="the GPU check's cases at tiny sizes on the CPU, Triton in its interpreter, each timed "
+                        "once: checks that they run (a warning fails it), not how fast (docs/gpu.md)")
     p.add_argument("--results", metavar="DIR", type=Path,
                    help="results folder of --record, --compare and --headline (default: the checkout's bench/results)")
     mode = p.add_mutually_exclusive_group()
@@ -163,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="print each case's last two runs side by side (default: this machine's results files)")
     mode.add_argument("--headline", action="store_true",
                       help="print the headline table of the newest full runs as Markdown (README.md's)")
+    mode.add_argument("--report", nargs="+", metavar="FILE", type=Path,
+                      help="print runs' --json files as one report, with the GPU bars (with --json: write them "
+                           "as one file)")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("merge", help="merge fine-tuned safetensors checkpoints into a base, streaming in bounded memory")
@@ -194,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer-source", metavar="FOLDER", help="where the tokenizer files come from (default: base)")
     p.add_argument("--max-memory", type=_size, default=_size("2GiB"), help="working-memory budget (default 2GiB)")
     p.add_argument("--shard-size", type=_size, default=_size("5GB"), help="largest output shard (default 5GB)")
-    p.add_argument("--backend", default="auto", help="auto | reference | native")
+    p.add_argument("--backend", default="auto", help="auto | reference | native | triton")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   help="where the chunks are merged (default cpu); cuda: on the GPU, by the Triton kernels")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=_merge)
 

@@ -22,7 +22,7 @@ import torch
 from transferops._safetensors import Checkpoint
 from transferops.merging_models import merge_files
 
-from .harness import Case, optional_import
+from .harness import Case, gpu_cases, optional_import
 
 
 def _write_tiny_tensors(path: Path, n: int, numel: int, seed: int) -> int:
@@ -48,7 +48,7 @@ def _safe_open_count(safetensors, path: Path) -> torch.Tensor:
 
 
 def cases(quick: bool, device: str):
-    if device != "cpu":
+    if gpu_cases(device):  # file reading: not part of the GPU check
         return
     safetensors = optional_import("safetensors")
     with tempfile.TemporaryDirectory(prefix="transferops-bench-") as tmp:

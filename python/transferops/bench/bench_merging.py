@@ -12,7 +12,12 @@
 - merge (full runs): whole state dicts of ~50M parameters in realistic shapes (4096x11008,
   4096x1024, vectors), theta_0 + ties(theta_t - theta_0); the peers get float32 task vectors
   per tensor, as ours are formed.
-- checkpoint_header, merge_files: reading untrusted checkpoints (see bench_checkpoints).
+- checkpoint_header, merge_files: reading untrusted checkpoints (see bench_checkpoints; CPU only).
+
+On CUDA (the GPU check) the first case is merge of T=4 bf16 state dicts, the GPU bar "merge
+>= 70% of the device's copy bandwidth" (the bytes: the select pass and the merge pass each read
+every model and the base, the merge pass writes the result); the peers run their TIES on the
+CUDA tensors, as ``mergekit-yaml --cuda`` does. A dry run makes every case tiny.
 
 Peers run on the same inputs, stacking included (their APIs take one [T, ...] tensor, so
 users pay for the stack). All weights are 1: mergekit weights before the election and divides
@@ -28,7 +33,7 @@ import torch
 from transferops.merging import dare_ties, disjoint_merge, fisher_average, merge, task_arithmetic, ties
 
 from . import bench_checkpoints
-from .harness import DTYPE_NAMES, Case, optional_import, timed_backends
+from .harness import DTYPE_NAMES, Case, dry_run, gpu_cases, optional_import, timed_backends
 
 DENSITY = 0.2  # TIES keeps the top 20% of each task vector; the rest are exact zeros
 SEED = 0
@@ -94,12 +99,14 @@ def _off_threshold(tvs: list[torch.Tensor]):
 
 
 MODEL_SHAPES = {"mlp.up": (4096, 11008), "attn.k": (4096, 1024), "norm.a": (4096,), "norm.b": (4096,)}
+DRY_SHAPES = {"mlp.up": (64, 176), "norm.a": (64,)}
 CHECKED = "mlp.up"  # the tensor whose result is checked against the reference
 
 
 def _state_dicts(T: int, dtype: torch.dtype, device: str):
     g = torch.Generator(device=device).manual_seed(SEED)
-    base = {n: torch.randn(s, generator=g, device=device).to(dtype) for n, s in MODEL_SHAPES.items()}
+    shapes = DRY_SHAPES if dry_run() else MODEL_SHAPES
+    base = {n: torch.randn(s, generator=g, device=device).to(dtype) for n, s in shapes.items()}
     models = [{n: (b.float() + 0.01 * torch.randn(b.shape, generator=g, device=device)).to(dtype)
                for n, b in base.items()} for _ in range(T)]
     return base, models
@@ -116,10 +123,10 @@ def _per_tensor(peer_ties, base, models):
     return out
 
 
-def _model_case(T: int, dtype: torch.dtype, device: str, backends, peft, mergekit, sparsify) -> Case:
+def _model_case(T: int, dtype: torch.dtype, device: str, backends, peft, mergekit, sparsify, bars=()) -> Case:
     base, models = _state_dicts(T, dtype, device)
     P = sum(b.numel() for b in base.values())
-    size = f"T={T} {P / 1e6:.0f}M {DTYPE_NAMES[dtype]} d={DENSITY}"
+    size = f"T={T} {f'{P / 1e6:.0f}M' if P >= 1e6 else P} {DTYPE_NAMES[dtype]} d={DENSITY}"
     item = base[CHECKED].element_size()
     # The select pass (the sampled bracket) and the merge pass read every model and the base
     # once (tau is formed inside them); the merge pass writes the result. The sample, and the
@@ -144,11 +151,14 @@ def _model_case(T: int, dtype: torch.dtype, device: str, backends, peft, mergeki
             "peer:mergekit": (functools.partial(_per_tensor, lambda tvs: _mergekit_full_ties(mergekit, sparsify, tvs, ones),
                                                 base, models) if mergekit and sparsify else None),
         },
+        bars=bars,
     )
 
 
 def _sizes(quick: bool, device: str) -> list[tuple[int, int]]:
-    P = 64_000_000 if torch.device(device).type == "cuda" else (4_000_000 if quick else 16_000_000)
+    if dry_run():
+        return [(4, 4096)]
+    P = 64_000_000 if gpu_cases(device) else (4_000_000 if quick else 16_000_000)
     return [(4, P)]
 
 
@@ -158,9 +168,11 @@ def cases(quick: bool, device: str):
     mergekit = optional_import("mergekit.merge_methods.generalized_task_arithmetic")
     sparsify = optional_import("mergekit.sparsify")
     backends = timed_backends(device)
+    if gpu_cases(device):  # the GPU bar first: a run cut short by its time limit still has it
+        yield _model_case(4, torch.bfloat16, device, backends, peft, mergekit, sparsify, bars=("merge-copy",))
     for T, P in _sizes(quick, device):
-        for dtype in (torch.float32, torch.bfloat16):
-            size = f"T={T} P={P / 1e6:.1f}M {DTYPE_NAMES[dtype]}"
+        for dtype in (torch.bfloat16,) if dry_run() else (torch.float32, torch.bfloat16):
+            size = f"T={T} P={f'{P / 1e6:.1f}M' if P >= 1e5 else P} {DTYPE_NAMES[dtype]}"
             nbytes = (T + 1) * P * torch.tensor([], dtype=dtype).element_size()
             ones = torch.ones(T, dtype=dtype, device=device)
             tvs = _task_vectors(T, P, dtype, device, trimmed=True)
@@ -204,7 +216,7 @@ def cases(quick: bool, device: str):
                 peers={"peer:torch": functools.partial(_eager_fisher, tvs, fishers)},
             )
             del tvs, fishers
-    if not quick:
+    if not quick and not dry_run():
         for T in (2, 8):
             for dtype in (torch.float32, torch.bfloat16):
                 yield _model_case(T, dtype, device, backends, peft, mergekit, sparsify)

@@ -10,6 +10,12 @@
   (widened to float64, then BLAS syrk, the faster of syrk and torch's GEMM here) plus an
   eigenvalues-only symmetric solve of it (torch eigvalsh), measured in the same run.
 - logme M=8: eight models in one call against eight calls.
+- logme M=20 (GPU check): the GPU bar "LogME for 20 models at N = 10k, D <= 2048 under 0.5 s",
+  at its hardest, all 20 models D = 2048, K = 100 classes: the fastest GPU backend (triton) in
+  one call, checked against the reference, against one call per model.
+
+On CUDA the logme cases time the GPU backends (the native one is CPU only); a dry run makes
+every case tiny, the Triton kernels interpreted, and leaves rank_models out (CPU only).
 - rank_models: three transformers models from configs (BERT, GPT-2, LLaMA; random init) over
   token ids, every layer scored by LogME, H-score and GBC (log) in one streaming pass per model,
   against what users do without it: extract and keep every layer's pooled features [N, D],
@@ -24,9 +30,10 @@ import math
 import numpy as np
 import torch
 
+from transferops._logme import logme_op
 from transferops.transferability import logme
 
-from .harness import Case, optional_import
+from .harness import Case, dry_run, gpu_cases, optional_import, timed_backends
 
 SEED = 0
 
@@ -87,15 +94,52 @@ def _features(N: int, D: int, K: int, device: str, g: torch.Generator):
 
 
 def _sizes(quick: bool) -> list[tuple[int, int, int]]:
+    if dry_run():
+        return [(256, 32, 5)]
     if quick:
         return [(4000, 512, 20), (500, 1024, 10)]
     return [(10000, 1024, 100), (10000, 2048, 100), (1000, 2048, 20)]
 
 
-def cases(quick: bool, device: str):
-    yield from rank_cases(quick, device)
+def _gpu_backends(device: str) -> list[str]:
+    """logme's GPU backends: triton always (where it cannot run, the bar says why), and any
+    other that runs on ``device`` but the reference and the CPU's native one."""
+    return ["triton"] + [b for b in timed_backends(device) if b in logme_op.impls and b not in
+                         ("triton", "reference", "native")]
+
+
+def _running(device: str) -> list[str]:
+    """The GPU backends of logme that are registered and run on ``device``."""
+    timed = timed_backends(device)
+    return [b for b in _gpu_backends(device) if b in logme_op.impls and b in timed]
+
+
+def _bar_case(device: str) -> Case:
+    M, N, D, K = (3, 128, 32, 5) if dry_run() else (20, 10_000, 2048, 100)
     g = torch.Generator().manual_seed(SEED)
-    fast = "native" if torch.device(device).type == "cpu" else "reference"
+    models, y = [], None
+    for _ in range(M):
+        F, labels = _features(N, D, K, device, g)
+        models.append(F)
+        y = labels if y is None else y  # one target task: the first draw's labels for every model
+    gpu, runs = _gpu_backends(device), _running(device)
+    one_by_one = (functools.partial(lambda b: torch.stack([logme(f, y, backend=b) for f in models]), runs[0])
+                  if runs else "no GPU backend of logme runs here")
+    return Case(op=f"logme M={M}", size=f"N={N} D={D} K={K}", dtype=torch.float64, bytes=M * N * D * 4,
+                flops=M * 2 * N * D * min(N, D),
+                ours={"reference": functools.partial(logme, models, y, backend="reference"),
+                      **{b: functools.partial(logme, models, y, backend=b) for b in gpu}},
+                peers={"peer:one-call-per-model": one_by_one}, bars=("logme-20",))
+
+
+def cases(quick: bool, device: str):
+    gpu = gpu_cases(device)
+    if gpu:  # the GPU bar first: a run cut short by its time limit still has it
+        yield _bar_case(device)
+    else:
+        yield from rank_cases(quick, device)
+    g = torch.Generator().manual_seed(SEED)
+    fast = "native" if not gpu else next(iter(_running(device)), "reference")
     for N, D, K in _sizes(quick):
         F, y = _features(N, D, K, device, g)
         size = f"N={N} D={D} K={K}"
@@ -108,7 +152,7 @@ def cases(quick: bool, device: str):
                                                                         y.cpu().numpy())},
                    floor=("floor:gram+eigvalsh", functools.partial(_floor, F)))
         del F
-    N, D, K, M = (2000, 256, 10, 8) if quick else (4000, 512, 20, 8)
+    N, D, K, M = (128, 16, 4, 2) if dry_run() else (2000, 256, 10, 8) if quick else (4000, 512, 20, 8)
     models = [_features(N, D, K, device, torch.Generator().manual_seed(SEED))[0] * (m + 1) for m in range(M)]
     y = _features(N, D, K, device, torch.Generator().manual_seed(SEED))[1]
     yield Case(op=f"logme M={M}", size=f"N={N} D={D} K={K}", dtype=torch.float64, bytes=M * N * D * 4,
@@ -161,7 +205,7 @@ def _rank_streamed(models: dict, data: dict, y: torch.Tensor) -> torch.Tensor:
 
 
 def rank_cases(quick: bool, device: str):
-    if device != "cpu" or optional_import("transformers") is None:
+    if gpu_cases(device) or optional_import("transformers") is None:
         return
     N, width, depth, T = (512, 64, 2, 32) if quick else (2048, 128, 4, 48)
     g = torch.Generator().manual_seed(SEED)

@@ -4,6 +4,11 @@ A hot path's module ``bench_<stem>`` exposes ``cases(quick: bool, device: str)``
 of :class:`Case` (a generator keeps only one case's inputs alive). :func:`run` calls each of a
 case's callables once, checks the result against the case's expected backend, times it, and
 relates the time to the floors measured in the same run and to the fastest peer.
+
+The GPU check (bench/gpu_check.sh, docs/gpu.md) runs the CUDA cases with ``--quick``; a case
+may name GPU bars (:data:`GPU_BARS`: targets judged on its rows and printed beside the
+figures). A dry run (``run(dry_run=True)``) builds the same GPU cases at tiny sizes on the CPU,
+Triton in its interpreter, and times each callable once: it checks that they run, not how fast.
 """
 from __future__ import annotations
 
@@ -51,13 +56,58 @@ class Settings:
 
 QUICK = Settings(warmup=0, repeats=10, min_repeats=3, budget_s=0.5)
 FULL = Settings(warmup=1, repeats=50, min_repeats=5, budget_s=3.0)
+DRY = Settings(warmup=0, repeats=1, min_repeats=1, budget_s=0.0)  # a dry run: one timed call each
+
+_dry_run = False  # set by run(dry_run=True) while it runs
+
+
+class DryRunError(RuntimeError):
+    """A dry run that warned: a GPU case crashed or disagrees with its expected result."""
+
+
+def dry_run() -> bool:
+    """Whether the running bench is a dry run: the GPU check's cases, tiny, on the CPU."""
+    return _dry_run
+
+
+def gpu_cases(device: str) -> bool:
+    """Whether ``device`` gets the GPU check's cases: on CUDA, and on the CPU in a dry run."""
+    return _is_cuda(device) or _dry_run
+
+
+@dataclass(frozen=True)
+class Bar:
+    """A target of the GPU check, judged on the rows of the case that names it (Case.bars)."""
+
+    name: str
+    hot_path: str
+    text: str  # the target, as printed
+    backend: str | None  # the row of ours judged; None: the fastest of ours but reference and native (CPU)
+    # "floor": the case's floor time over ours (the fraction of the floor's speed reached);
+    # "peer:<name>": that peer's time over ours; "time": our seconds.
+    measure: str
+    target: float  # "floor" and "peer:": at least this; "time": at most this
+
+
+GPU_BARS = {bar.name: bar for bar in (
+    Bar("sinkhorn-floor", "ot", "online Sinkhorn per iteration, N = M = 100k, d = 64: within 2x of the FLOP "
+        "floor of recomputing the costs", "triton", "floor", 0.5),
+    Bar("sinkhorn-geomloss", "ot", "online Sinkhorn per iteration, N = M = 100k, d = 64: >= 10x GeomLoss's "
+        "online backend", "triton", "peer:geomloss-online", 10.0),
+    Bar("merge-copy", "merging", "merge (TIES of state dicts): >= 70% of the device's copy bandwidth", None,
+        "floor", 0.7),
+    Bar("bottleneck-hbm", "adapters", "bottleneck adapter forward in bf16: >= 70% of HBM bandwidth (the copy "
+        "floor)", None, "floor", 0.7),
+    Bar("logme-20", "transferability", "LogME of 20 models, N = 10k, D <= 2048: under 0.5 s", None, "time", 0.5),
+)}
 
 
 @dataclass
 class Case:
     """One op at one size: callables (no arguments, returning a tensor) that must agree.
 
-    ``peers`` maps "peer:<package>" to a callable, or to None when the package is not installed.
+    ``peers`` maps "peer:<package>" to a callable, or to None when the package is not installed
+    (or to a string saying why the peer cannot run).
     """
 
     op: str
@@ -65,7 +115,7 @@ class Case:
     dtype: torch.dtype
     bytes: int  # the least the op must read and write
     ours: dict[str, Callable[[], torch.Tensor]]
-    peers: dict[str, Callable[[], torch.Tensor] | None]
+    peers: dict[str, Callable[[], torch.Tensor] | str | None]
     flops: int | None = None
     expected: str = "reference"  # the key of ``ours`` whose result is the truth
     # Entries where implementations may legitimately differ are left out of the check: a
@@ -79,6 +129,11 @@ class Case:
     tolerance: tuple[float, float] | None = None
     # A measurement that is not a time (e.g. saved activation memory), printed as a note.
     note: Callable[[], str] | None = None
+    # Times per iteration: a dict the callables fill as they run (name: iterations per call);
+    # rows then hold the time of one iteration, and bytes and flops are those of one.
+    iterations: dict[str, int] | None = None
+    # Names of the GPU_BARS judged on this case's rows.
+    bars: tuple[str, ...] = ()
 
 
 @dataclass
@@ -180,9 +235,9 @@ def _is_cuda(device: str) -> bool:
 
 def timed_backends(device: str) -> list[str]:
     """The backends that run on ``device``, to time. On CPU, triton runs only interpreted
-    (TRITON_INTERPRET=1), a test aid far too slow to time."""
+    (TRITON_INTERPRET=1), a test aid far too slow to time: only a dry run calls it."""
     return [b for b, why in transferops.available_backends(device).items()
-            if why is None and (_is_cuda(device) or b != "triton")]
+            if why is None and (_is_cuda(device) or b != "triton" or _dry_run)]
 
 
 def _sync(device: str) -> None:
@@ -252,7 +307,7 @@ def measure_floors(device: str, quick: bool, s: Settings) -> tuple[Floors, list[
     clocks, threads and neighbours."""
     cuda = _is_cuda(device)
     # Large enough to spill every cache, so the copy runs at memory speed.
-    nbytes = 1 << 30 if cuda else (64 << 20 if quick else 256 << 20)
+    nbytes = 1 << 30 if cuda else (8 << 20 if _dry_run else 64 << 20 if quick else 256 << 20)
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     t = time_fn(functools.partial(dst.copy_, src), warmup=s.warmup + 1, repeats=s.repeats, device=device,
@@ -260,7 +315,7 @@ def measure_floors(device: str, quick: bool, s: Settings) -> tuple[Floors, list[
     del src, dst
     copy_bps = 2 * nbytes / t["p50"]
     rows = [Row("floor:copy", f"{nbytes >> 20} MiB", "torch", "floor", device, "f32", **t, gbps=copy_bps / 1e9)]
-    n = 8192 if cuda else (1024 if quick else 2048)
+    n = 8192 if cuda else (256 if _dry_run else 1024 if quick else 2048)
     gemm = {}
     for dtype in (torch.bfloat16, torch.float32) if cuda else (torch.float32,):
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
@@ -292,14 +347,17 @@ def _agree(got: torch.Tensor, want: torch.Tensor | None, dtype: torch.dtype, wha
 
 
 def run_case(case: Case, device: str, floors: Floors, s: Settings, notes: list[str],
-             warnings: list[str]) -> list[Row]:
-    """Check and time every callable of ``case``; rows carry ratios and floor fractions."""
+             warnings: list[str], bars: list[dict] | None = None) -> list[Row]:
+    """Check and time every callable of ``case``; rows carry ratios and floor fractions. The
+    judgments of the case's GPU bars are appended to ``bars`` (see :func:`judge_bar`)."""
     where = f"{case.op} {case.size} on {device}"
     callables = [(name, "ours", fn) for name, fn in case.ours.items()]
     callables.sort(key=lambda c: c[0] != case.expected)  # the expected result first: it checks the rest
+    skipped: dict[str, str] = {}  # name: why it has no row
     for name, fn in case.peers.items():
-        if fn is None:
-            notes.append(f"{name} unavailable (not installed)")
+        if fn is None or isinstance(fn, str):
+            skipped[name] = f"unavailable ({fn or 'not installed'})"
+            notes.append(f"{name} {skipped[name]}")
         else:
             callables.append((name, "peer", fn))
     expected, checked = None, []
@@ -312,9 +370,11 @@ def run_case(case: Case, device: str, floors: Floors, s: Settings, notes: list[s
             _sync(device)
             first_s = time.perf_counter() - t0
         except transferops.BackendUnavailable as e:
+            skipped[name] = f"skipped: {e}"
             notes.append(f"{name} skipped at {where}: {e}")
             continue
         except Exception as e:  # a crashing callable is reported, the others still run
+            skipped[name] = f"failed: {type(e).__name__}: {e}"
             warnings.append(f"{name} failed at {where}: {type(e).__name__}: {e}")
             continue
         if kind == "ours" and name == case.expected:
@@ -324,7 +384,12 @@ def run_case(case: Case, device: str, floors: Floors, s: Settings, notes: list[s
                              comparable, case.tolerance)
         del result
         if name == "reference" and first_s > REFERENCE_MAX_CALL_S:
+            skipped[name] = f"not timed: one call took {first_s:.1f} s"
             notes.append(f"reference not timed at {where}: one call took {first_s:.1f} s")
+            continue
+        if case.iterations is not None and not case.iterations.get(name):
+            skipped[name] = "reported no iteration count"
+            warnings.append(f"{name} at {where}: reported no iteration count, not timed")
             continue
         if first_s > 1.0:  # the checking call already warmed it; a few samples suffice
             slow.add(name)
@@ -338,6 +403,10 @@ def run_case(case: Case, device: str, floors: Floors, s: Settings, notes: list[s
         checked.append((name, "floor", None))
     t = time_interleaved(timed, warmup=s.warmup, repeats=s.repeats, device=device, budget_s=s.budget_s,
                          min_repeats=s.min_repeats, slow=slow)
+    if case.iterations is not None:  # per iteration
+        for name, n in case.iterations.items():
+            if name in t:
+                t[name] = {k: v / n if k != "repeats" else v for k, v in t[name].items()}
     rows = [Row(case.op, case.size, name, kind, device, DTYPE_NAMES[case.dtype], **t[name], matches=matches)
             for name, kind, matches in checked]
     if case.floor is not None:
@@ -351,7 +420,54 @@ def run_case(case: Case, device: str, floors: Floors, s: Settings, notes: list[s
         r.gflops = case.flops / r.p50 / 1e9 if case.flops else None
         r.floor_fraction = floor_s / r.p50
         r.ratio_to_best_peer = best / r.p50 if best is not None else None
+    if bars is not None:
+        bars += [judge_bar(GPU_BARS[name], case, rows, skipped, floor_s, device) for name in case.bars]
     return rows
+
+
+def judge_bar(bar: Bar, case: Case, rows: list[Row], skipped: dict[str, str], floor_s: float, device: str) -> dict:
+    """A GPU bar judged on one case's rows: a dict with the bar, the case, the backend judged,
+    its ``value`` (the measure), ``figure`` (the text printed beside the target) and ``met``:
+    True, False, or None where it was not run (``figure`` says why) or in a dry run."""
+    out = {"bar": bar.name, "hot_path": bar.hot_path, "text": bar.text, "measure": bar.measure, "target": bar.target,
+           "op": case.op, "size": case.size, "dtype": DTYPE_NAMES[case.dtype], "device": device, "backend": None,
+           "value": None, "met": None, "dry_run": _dry_run, "figure": None}
+    # The CPU's native backend runs in a dry run only, and is no figure of the GPU.
+    want = [bar.backend] if bar.backend else [n for n in case.ours if n.split()[0] not in ("reference", "native")]
+    ours = [r for r in rows if r.kind == "ours" and r.backend_or_peer in want]
+    if not ours:
+        why = "; ".join(f"{n} {skipped[n]}" for n in want if n in skipped) or f"no row of {', '.join(want) or 'ours'}"
+        out["figure"] = f"not run: {why}"
+        return out
+    r = min(ours, key=lambda r: r.p50)
+    per = " per iteration" if case.iterations is not None else ""
+    out["backend"] = r.backend_or_peer
+    figure = f"{r.backend_or_peer} {_fmt_time(r.p50)}{per}"
+    if bar.measure == "floor":
+        out["value"] = r.floor_fraction
+        figure += (f"; floor {_fmt_time(floor_s)}: {100 * r.floor_fraction:.3g}% of the floor's speed "
+                   f"(target >= {100 * bar.target:.0f}%)")
+    elif bar.measure == "time":
+        out["value"] = r.p50
+        figure += f" (target <= {_fmt_time(bar.target)})"
+    else:
+        peer = bar.measure
+        theirs = next((p for p in rows if p.backend_or_peer == peer), None)
+        if theirs is None:
+            out["figure"] = f"{figure}; {peer} not run: {skipped.get(peer, 'no row')}"
+            return out
+        out["value"] = theirs.p50 / r.p50
+        figure += f"; {peer} {_fmt_time(theirs.p50)}{per}: {_fmt_ratio(out['value'])} (target >= {bar.target:g}x)"
+        if theirs.matches is False:
+            figure += f" ({peer} disagrees)"
+    if r.matches is False:
+        out["figure"] = figure + f" (disagrees with {case.expected}: not met)"
+        out["met"] = None if _dry_run else False
+        return out
+    out["figure"] = figure
+    if not _dry_run:
+        out["met"] = out["value"] <= bar.target if bar.measure == "time" else out["value"] >= bar.target
+    return out
 
 
 def _cpu_model() -> str:
@@ -442,54 +558,167 @@ def write_json(rows: list[dict], meta: dict, path: str) -> None:
         raise
 
 
+def _bar_lines(judged: list[dict], names, dry: bool, missing: Callable[[Bar], str]) -> list[str]:
+    """The bars section: each of ``names`` (GPU_BARS keys) with its judgments, or why none."""
+    lines = ["", "GPU bars" + (" (dry run: figures from the Triton interpreter on the CPU at tiny sizes, not judged)"
+                               if dry else "") + ":"]
+    for name in names:
+        bar = GPU_BARS[name]
+        here = [j for j in judged if j["bar"] == name] or [None]
+        for j in here:
+            if j is None:
+                verdict, figure = "NOT RUN", missing(bar)
+            else:
+                verdict = ("dry run" if j["dry_run"] else "NOT RUN" if j["met"] is None
+                           else "met" if j["met"] else "NOT MET")
+                size = j["size"] if j["dtype"] in j["size"].split() else f"{j['size']} {j['dtype']}"
+                figure = f"{j['op']} {size} on {j['device']}: {j['figure']}"
+            lines.append(f"  [{verdict}] {bar.text}")
+            lines.append(f"      {figure}")
+    return lines
+
+
 def run(*, quick: bool = False, only: list[str] | None = None, device: str | None = None,
-        json_path: str | None = None, results_dir: str | None = None, out=sys.stdout) -> list[dict]:
+        json_path: str | None = None, results_dir: str | None = None, dry_run: bool = False,
+        out=sys.stdout) -> list[dict]:
     """Measure floors, check and time every hot path's cases, print the table, optionally write
     JSON, and return the rows.
 
     ``only`` keeps the named hot paths (see ``HOT_PATHS``); ``device`` None means the CPU plus
     CUDA when available. ``results_dir`` appends the run to its machine kinds' JSON Lines files
-    there (:mod:`transferops.bench.results`).
+    there (:mod:`transferops.bench.results`). ``json_path`` is rewritten after every case (its
+    meta's ``complete`` false until the run ends), so a run killed by a time limit leaves the
+    cases it finished. ``dry_run``: the GPU check's cases at tiny sizes on the CPU, the Triton
+    ones in its interpreter (TRITON_INTERPRET=1 must be set before transferops.kernels is
+    imported), each callable timed once; its figures say nothing about speed, and a warning
+    (a case that crashed or disagrees) is an error.
     """
+    global _dry_run
     only = [only] if isinstance(only, str) else only
     unknown = set(only or ()) - set(HOT_PATHS)
     if unknown:
         raise ValueError(f"only: unknown hot path(s) {sorted(unknown)}; expected some of {list(HOT_PATHS)}")
+    if dry_run:
+        from transferops._backend import triton_interpreted
+
+        if device not in (None, "cpu"):
+            raise ValueError(f"dry_run: runs on the CPU, got device={device!r}")
+        if not triton_interpreted():
+            raise ValueError("dry_run: set TRITON_INTERPRET=1 (before transferops.kernels is imported)")
+        device, quick = "cpu", True
     stems = [stem for stem in HOT_PATHS if only is None or stem in only]
     devices = [device] if device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    s = QUICK if quick else FULL
+    s = DRY if dry_run else QUICK if quick else FULL
     started = time.perf_counter()
     rows: list[Row] = []
     hot_paths: list[str | None] = []  # each row's, None for the floors
     notes: list[str] = []
     warnings: list[str] = []
-    for dev in devices:
-        floors, floor_rows = measure_floors(dev, quick, s)
-        rows += floor_rows
-        hot_paths += [None] * len(floor_rows)
-        for stem in stems:
-            module = importlib.import_module(f"{__package__}.bench_{stem}")
-            for case in module.cases(quick, dev):
-                print(f"  {dev}: {case.op} {case.size}", file=sys.stderr, flush=True)  # progress
-                case_rows = run_case(case, dev, floors, s, notes, warnings)
-                rows += case_rows
-                hot_paths += [stem] * len(case_rows)
+    judged: list[dict] = []
     meta = run_meta(devices, quick)
-    meta["elapsed_s"] = round(time.perf_counter() - started, 2)
-    meta["notes"], meta["warnings"] = list(dict.fromkeys(notes)), list(dict.fromkeys(warnings))
-    dicts = [asdict(r) for r in rows]
+    meta.update(dry_run=dry_run, hot_paths=stems, complete=False)
+
+    def finish(complete: bool) -> list[dict]:
+        meta.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    elapsed_s=round(time.perf_counter() - started, 2), complete=complete,
+                    notes=list(dict.fromkeys(notes)), warnings=list(dict.fromkeys(warnings)), bars=judged)
+        dicts = [asdict(r) for r in rows]
+        if json_path:
+            write_json(dicts, meta, json_path)
+        return dicts
+
+    _dry_run = dry_run
+    try:
+        for dev in devices:
+            floors, floor_rows = measure_floors(dev, quick, s)
+            rows += floor_rows
+            hot_paths += [None] * len(floor_rows)
+            if json_path:  # a run ended before its first case still says it started
+                finish(False)
+            for stem in stems:
+                module = importlib.import_module(f"{__package__}.bench_{stem}")
+                for case in module.cases(quick, dev):
+                    print(f"  {dev}: {case.op} {case.size}", file=sys.stderr, flush=True)  # progress
+                    case_rows = run_case(case, dev, floors, s, notes, warnings, judged)
+                    rows += case_rows
+                    hot_paths += [stem] * len(case_rows)
+                    if json_path:
+                        finish(False)
+    finally:
+        _dry_run = False
+    dicts = finish(True)
     machine = meta["machine"]
-    print(f"transferops.bench {'quick' if quick else 'full'}: {machine['cpu']}, {machine['cores']} cores, "
+    mode = "dry run" if dry_run else "quick" if quick else "full"
+    print(f"transferops.bench {mode}: {machine['cpu']}, {machine['cores']} cores, "
           f"{machine['torch_threads']} torch threads; {meta['elapsed_s']:.1f} s", file=out)
     print_table(dicts, out)
     for label, items in (("note", meta["notes"]), ("WARNING", meta["warnings"])):
         for item in items:
             print(f"{label}: {item}", file=out)
-    if json_path:
-        write_json(dicts, meta, json_path)
+    bars = [name for name, bar in GPU_BARS.items() if bar.hot_path in stems]
+    if bars and (dry_run or any(_is_cuda(d) for d in devices)):
+        for line in _bar_lines(judged, bars, dry_run, lambda bar: "not run: no case of this run names it"):
+            print(line, file=out)
+    if dry_run and meta["warnings"]:
+        raise DryRunError(f"dry run failed: {len(meta['warnings'])} warning(s) above (a GPU case crashed or "
+                          "disagrees)")
     if results_dir:
         from .results import record  # results imports this module
 
         for path in record(dicts, meta, hot_paths, results_dir):
             print(f"recorded in {path}", file=out)
     return dicts
+
+
+def report(paths: list[str], *, json_path: str | None = None, out=sys.stdout) -> dict:
+    """Runs written by ``run(json_path=...)`` (one per hot path, say, each in its own process
+    under its own time limit), printed as one report: each run's table, its notes and warnings,
+    then every GPU bar with its figure, or why it has none (a run cut short, a missing file).
+    With ``json_path``, writes them as one ``{"meta": {..., "runs": [...], "bars": [...]},
+    "rows": [...]}``. Returns that dict."""
+    runs, problems = [], []
+    for path in paths:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            if not isinstance(data, dict) or not isinstance(data.get("rows"), list) or "meta" not in data:
+                raise ValueError("not a transferops bench --json file")
+        except (OSError, ValueError) as e:
+            problems.append(f"{path}: {getattr(e, 'strerror', None) or e}")
+            continue
+        runs.append((path, data))
+    rows, judged, dry = [], [], bool(runs) and all(d["meta"].get("dry_run") for _, d in runs)
+    ran: dict[str, str] = {}  # hot path: how its run ended
+    for path, data in runs:
+        meta = data["meta"]
+        state = "complete" if meta.get("complete", True) else "CUT SHORT (its time limit?)"
+        for stem in meta.get("hot_paths") or []:
+            ran[stem] = state
+        devices = ", ".join(f"{d}: {name}" for d, name in meta.get("devices", {}).items())
+        print(f"\n== {os.path.basename(str(path))}: {' '.join(meta.get('hot_paths') or ['?'])} on {devices}; {state}, "
+              f"{meta.get('elapsed_s', 0):.1f} s ==", file=out)
+        print_table(data["rows"], out)
+        for label, key in (("note", "notes"), ("WARNING", "warnings")):
+            for item in meta.get(key) or []:
+                print(f"{label}: {item}", file=out)
+        rows += data["rows"]
+        judged += meta.get("bars") or []
+    for problem in problems:
+        print(f"\nWARNING: {problem}", file=out)
+
+    def missing(bar: Bar) -> str:
+        if bar.hot_path not in ran:
+            return f"not run: no results of the {bar.hot_path} bench (see its log)"
+        if ran[bar.hot_path] != "complete":
+            return f"not run: the {bar.hot_path} bench was cut short before its case"
+        return "not run: no case of its bench names it"
+    for line in _bar_lines(judged, list(GPU_BARS), dry, missing):
+        print(line, file=out)
+    met = [j["met"] for j in judged]
+    print(f"\nbars: {met.count(True)} met, {met.count(False)} not met, "
+          f"{len(GPU_BARS) - met.count(True) - met.count(False)} not run or not judged", file=out)
+    merged = {"meta": {"runs": [{"file": str(p), **d["meta"]} for p, d in runs], "bars": judged, "dry_run": dry,
+                       "problems": problems}, "rows": rows}
+    if json_path:
+        write_json(rows, merged["meta"], json_path)
+    return merged
