@@ -59,13 +59,14 @@ _NO_GPU = pytest.StashKey[int]()  # how many items were deselected for want of a
 @pytest.hookimpl(tryfirst=True)  # markers first: `-m` then selects on them
 def pytest_collection_modifyitems(config, items):
     """Markers from the backend an item is parametrized with: 'cuda' needs a GPU, and so does
-    'triton' where one is present; without one, 'triton' runs in the interpreter. Of a test's
+    'triton' where one is present (as do the items of modules that set TRITON_ON_THE_DEVICE); without one, 'triton' runs in the interpreter. Of a test's
     interpreter items, those that do not match its `interpreter_quick` parameters are `slow`.
     Where torch sees no CUDA device, the items marked `cuda` are deselected."""
     for item in items:
         callspec = getattr(item, "callspec", None)
         backend = callspec.params.get("backend") if callspec else None
-        if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        on_gpu = backend == "triton" or getattr(item.module, "TRITON_ON_THE_DEVICE", False)
+        if backend == "cuda" or (on_gpu and torch.cuda.is_available()):
             item.add_marker("cuda")
         elif backend == "triton":
             item.add_marker("interpreter")

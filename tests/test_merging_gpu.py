@@ -18,6 +18,7 @@ from _kit import DTYPES, assert_close, load_folder, noncontiguous, peer, randn, 
 pytestmark = pytest.mark.skipif(backend_reason("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
                                 is not None, reason="needs triton (a GPU, or its interpreter)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_ON_THE_DEVICE = True  # conftest marks these tests 'cuda' where a GPU is present
 # A small odd shape, rows of a wider buffer: the kernels' masks and strides at once.
 SHAPE = (3, 37)
 

@@ -13,6 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from _kit import _in_triton_interpreter, noncontiguous, require_backend, stays_on_device
 from transferops.ot import dataset_distance, sinkhorn, sinkhorn_cost_matrix, sinkhorn_divergence
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_ON_THE_DEVICE = True  # conftest marks these tests 'cuda' where a GPU is present
 N, M, D = 45, 37, 5
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-4),
        torch.bfloat16: dict(rtol=2e-4, atol=2e-4)}
@@ -27,7 +29,11 @@ def _clouds(gen, B=None, dtype=torch.float64):
     lead = () if B is None else (B,)
     x = torch.randn(*lead, N, D, generator=gen, dtype=torch.float64) * 0.4
     y = torch.randn(*lead, M, D, generator=gen, dtype=torch.float64) * 0.3 + 0.2
-    return x.to(dtype), y.to(dtype)
+    return x.to(DEVICE, dtype), y.to(DEVICE, dtype)
+
+
+def _rand(*shape, gen):
+    return torch.rand(*shape, generator=gen, dtype=torch.float64).to(DEVICE)
 
 
 def _assert_same(r, ref, dtype, balanced=True):
@@ -49,9 +55,9 @@ def _assert_same(r, ref, dtype, balanced=True):
 ])
 def test_points_match_the_reference(gen, dtype, reach, scaling, layout):
     x, y = _clouds(gen, dtype=dtype)
-    a = torch.rand(N, generator=gen, dtype=torch.float64) + 0.2
+    a = _rand(N, gen=gen) + 0.2
     a[3] = 0  # a zero weight
-    b = torch.rand(M, generator=gen, dtype=torch.float64) + 0.2
+    b = _rand(M, gen=gen) + 0.2
     b = b * a.sum() / b.sum()
     if layout == "noncontiguous":
         x, y = noncontiguous(x), noncontiguous(y)
@@ -107,8 +113,8 @@ def test_batches_stop_independently_and_no_cost_matrix_exists(gen):
 def test_gradients_in_points_and_weights_match_the_reference(gen, reach):
     """The envelope-theorem gradients by two fused APPLY sweeps, the half cost."""
     x0, y0 = _clouds(gen)
-    a0 = torch.rand(N, generator=gen, dtype=torch.float64) + 0.1
-    b0 = torch.rand(M, generator=gen, dtype=torch.float64) + 0.1
+    a0 = _rand(N, gen=gen) + 0.1
+    b0 = _rand(M, gen=gen) + 0.1
     b0 = b0 * a0.sum() / b0.sum()
 
     def grads(backend):
@@ -123,7 +129,7 @@ def test_gradients_in_points_and_weights_match_the_reference(gen, reach):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_cost_matrix_tiles_match_the_reference(gen, dtype):
     """A given cost matrix, read through its strides (a transposed view), batched, unbalanced."""
-    C = torch.rand(2, M, N, generator=gen, dtype=torch.float64).to(dtype).transpose(1, 2)
+    C = _rand(2, M, N, gen=gen).to(dtype).transpose(1, 2)
     r = sinkhorn_cost_matrix(C, eps=0.3, reach=1.5, tol=1e-6, backend="triton")
     ref = sinkhorn_cost_matrix(C.double(), eps=0.3, reach=1.5, tol=1e-6, backend="reference")
     _assert_same(r, ref, dtype, balanced=False)
@@ -132,8 +138,8 @@ def test_cost_matrix_tiles_match_the_reference(gen, dtype):
 def test_dataset_distance_runs_the_label_cost_fused(gen):
     """OTDD's cost |x - x'|^2 + W[y, y'] with the class table looked up per pair in the kernel."""
     Xs, Xt = _clouds(gen)
-    ys = torch.randint(0, 3, (N,), generator=gen)
-    yt = torch.randint(0, 4, (M,), generator=gen) * 2  # ids with gaps
+    ys = torch.randint(0, 3, (N,), generator=gen).to(DEVICE)
+    yt = torch.randint(0, 4, (M,), generator=gen).to(DEVICE) * 2  # ids with gaps
     r = dataset_distance(Xs, ys, Xt, yt, eps=1.0, tol=1e-7, backend="triton")
     ref = dataset_distance(Xs, ys, Xt, yt, eps=1.0, tol=1e-7, backend="reference")
     _assert_same(r, ref, torch.float64)
@@ -143,7 +149,7 @@ def test_every_pass_keeps_the_tensors_on_their_device(gen):
     """The device-checking mock (tests/_kit.py): no host copy and no tensor made off the inputs'
     device on the solve, the values, the gradients, a divergence, stored costs, or OTDD."""
     x, y = _clouds(gen)
-    ys, yt = torch.randint(0, 3, (N,), generator=gen), torch.randint(0, 3, (M,), generator=gen)
+    ys, yt = (torch.randint(0, 3, (n,), generator=gen).to(DEVICE) for n in (N, M))
     with stays_on_device():
         xg = x.clone().requires_grad_()
         r = sinkhorn(xg, y, eps=1.0, tol=1e-6, backend="triton")
@@ -155,6 +161,6 @@ def test_every_pass_keeps_the_tensors_on_their_device(gen):
 
 
 def test_weights_on_another_device_are_a_clear_error():
-    x = torch.randn(5, 2)
-    with pytest.raises(ValueError, match=r"^a: expected weights on the points' device cpu, got meta"):
+    x = torch.randn(5, 2, device=DEVICE)
+    with pytest.raises(ValueError, match=r"^a: expected weights on the points' device \w+(:\d)?, got meta"):
         sinkhorn(x, x + 1, torch.ones(5, device="meta") / 5, eps=1.0, backend="triton")
