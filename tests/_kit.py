@@ -262,9 +262,11 @@ class _StaysOnDevice(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        to_cpu = func in (torch.Tensor.to, torch.Tensor.copy_) and any(
-            isinstance(a, (str, torch.device)) and torch.device(a).type == "cpu"
-            for a in (*args[1:], kwargs.get("device")) if a is not None)
+        # .to(x.device) of an input x is no copy on a GPU; it cannot be told from .to(torch.device
+        # ("cpu")) here, so only a device named by a string counts (and any move off the device)
+        to_cpu = func is torch.Tensor.to and any(
+            (isinstance(a, str) or args[0].device.type != "cpu") and torch.device(a).type == "cpu"
+            for a in (*args[1:], kwargs.get("device")) if isinstance(a, (str, torch.device)))
         if (func in self.HOST_COPIES or to_cpu) and not _in_triton_interpreter():
             raise AssertionError(f"a host copy on a device path: Tensor.{func.__name__}")
         return func(*args, **kwargs)

@@ -164,3 +164,21 @@ def test_weights_on_another_device_are_a_clear_error():
     x = torch.randn(5, 2, device=DEVICE)
     with pytest.raises(ValueError, match=r"^a: expected weights on the points' device \w+(:\d)?, got meta"):
         sinkhorn(x, x + 1, torch.ones(5, device="meta") / 5, eps=1.0, backend="triton")
+
+
+def test_the_drop_ins_keep_the_tensors_on_their_device(gen):
+    """POT's and GeomLoss's names on torch tensors run the same kernels, on the inputs' device
+    (POT's exact emd is a host algorithm: not checked here)."""
+    from transferops import use_backend
+    from transferops.compat import pot as ot
+    from transferops.compat.geomloss import SamplesLoss
+
+    x, y = _clouds(gen)
+    a, b = torch.full((N,), 1 / N, dtype=torch.float64, device=DEVICE), _rand(M, gen=gen) + 0.1
+    with stays_on_device(), use_backend("triton"):
+        M_ = ot.dist(x, y)
+        values = [ot.sinkhorn2(a, b / b.sum(), M_, 1.0, stopThr=1e-5),
+                  ot.sinkhorn_unbalanced2(a, b, M_, 1.0, 1.0, stopThr=1e-5),
+                  ot.bregman.empirical_sinkhorn2(x, y, 1.0, stopThr=1e-5),
+                  SamplesLoss("sinkhorn", blur=0.7, scaling=0.3)(x.float(), y.float())]
+    assert all(v.device == x.device for v in values)
