@@ -1,10 +1,19 @@
 import os
-import random
-import zlib
 
-import numpy as np
-import pytest
-import torch
+# Idle OpenMP threads sleep instead of spinning (libgomp reads this once, when torch loads it, so
+# it must precede `import torch`; subprocesses inherit it). `pytest -n 2` on two cores runs two
+# workers of two OpenMP threads each: spinning, a worker's idle threads held the cores that the
+# other's parallel regions waited for, and a run of test_ot, test_rank_models and
+# test_integrations_peft took 320 s instead of 25-35 s. Thread counts, and so what the tests
+# check, are unchanged.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import random  # noqa: E402
+import zlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Must precede the first import of transferops.kernels: without a GPU, Triton kernels run on
 # CPU tensors through the interpreter.

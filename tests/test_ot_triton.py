@@ -3,8 +3,8 @@ TRITON_INTERPRET=1 on the CPU (on a GPU machine the same tests run on CUDA). Sma
 rows and 37 columns make two tiles of each at the interpreter's 32, d = 5 pads the dot products.
 
 Tolerances, relative to the reference on the same (rounded) inputs: float64 1e-10 (the sums are
-reordered, nothing else differs); float32 and bf16 points 2e-4 on values and potentials (float32
-potentials and sums; a bf16 point's products are exact in the float32 dot, so bf16 costs no more).
+reordered, nothing else differs); float32, bf16 and fp16 points 2e-4 on values and potentials (float32
+potentials and sums; a 16-bit point's products are exact in the float32 dot, so they cost no more).
 """
 import pytest
 import torch
@@ -17,7 +17,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_ON_THE_DEVICE = True  # conftest marks these tests 'cuda' where a GPU is present
 N, M, D = 45, 37, 5
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-4, atol=2e-4),
-       torch.bfloat16: dict(rtol=2e-4, atol=2e-4)}
+       torch.bfloat16: dict(rtol=2e-4, atol=2e-4), torch.float16: dict(rtol=2e-4, atol=2e-4)}
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +52,7 @@ def _assert_same(r, ref, dtype, balanced=True):
     (torch.float64, 0.7, 0.5, "noncontiguous"),
     (torch.float32, None, 0.5, "noncontiguous"),
     (torch.bfloat16, 0.7, None, "contiguous"),
+    (torch.float16, None, None, "noncontiguous"),
 ])
 def test_points_match_the_reference(gen, dtype, reach, scaling, layout):
     x, y = _clouds(gen, dtype=dtype)
