@@ -503,7 +503,8 @@ def sinkhorn(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean", tol
     xb, yb = (x, y) if batched else (x[None], y[None])
     dtype = _working_dtype(x.dtype, y.dtype)
     streams = _runs_on_triton(backend, x.device, dtype)
-    online = streams or _solved_online(xb.shape[0], xb.shape[1], yb.shape[1], dtype)
+    large = _solved_online(xb.shape[0], xb.shape[1], yb.shape[1], dtype)
+    online = streams or large
     if online:
         # Triton reads 16-bit points as they are (tl.dot in that dtype, float32 sums)
         keep = streams and x.dtype == y.dtype and x.dtype in (torch.bfloat16, torch.float16)
@@ -515,7 +516,7 @@ def sinkhorn(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean", tol
         log_plan_of = lambda rows: C[:, rows]  # noqa: E731
     return _solve(C, a, b, dtype=dtype, eps=eps, tol=tol, max_iter=max_iter, eps_scaling=eps_scaling, reach=reach,
                   batched=batched, backend=backend, log_plan_of=log_plan_of, symmetric=x is y and a is b,
-                  progress=online if progress is None else progress)
+                  progress=large if progress is None else progress)
 
 
 def sinkhorn_cost_matrix(C, a=None, b=None, *, eps: float, tol: float = 1e-4, max_iter: int = 10000,

@@ -20,7 +20,9 @@ from .philox import philox_draw
 _MODES = {"merge": 0, "signs": 1, "l1": 2}
 
 
-@triton.jit
+# Integer arguments equal to 1 are specialized into constants, on which .to() does not compile:
+# the seed words and the stream take any value.
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "stream"])
 def _merge_kernel(first, offsets, strides, weights, den_weights, consts, out, out_stride, counters, partials, T, cols,
                   zero_up, seed_lo, seed_hi, stream, keep_below, rescale, index_offset, trims, keep_p, p_stride,
                   ELECT: tl.constexpr, COUNT: tl.constexpr, WBEFORE: tl.constexpr, DARE: tl.constexpr,

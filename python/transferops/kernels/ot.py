@@ -60,7 +60,7 @@ def _entropy_term(z, ez):
 
 @triton.jit
 def _sweep(x, y, cmat, r0, r1, r2, h0, h1, h2, lx, ly, table, out, out2, active,
-           N, M, D, sxb, sxn, sxd, syb, syn, syd, scb, scn, scm, stn, stm, c, scale, inv_eps,
+           N, M, D, sxb, sxn, sxd, syb, syn, syd, scb, scn, scm, stn, stm, consts,
            MODE: tl.constexpr, MATRIX: tl.constexpr, LABELS: tl.constexpr, ACC64: tl.constexpr,
            PREC: tl.constexpr, SUM_PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -70,7 +70,12 @@ def _sweep(x, y, cmat, r0, r1, r2, h0, h1, h2, lx, ly, table, out, out2, active,
     # APPLY: out[b, i, :] = sum_j exp(w_ij) y_j (dims of program axis 2), out2 = sum_j exp(w_ij).
     acc_t: tl.constexpr = tl.float64 if ACC64 else tl.float32
     b = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # consts: c = 2 s / eps, s, 1 / eps in acc_t (float scalar arguments would pass as float32)
+    c = tl.load(consts)
+    scale = tl.load(consts + 1)
+    inv_eps = tl.load(consts + 2)
+    # int64 indices: rows * stride passes 2^31 on matrices from 46k x 46k
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     live = tl.load(active + b) != 0
     rmask = rows < tl.where(live, N, 0)
     m_end = tl.where(live, M, 0)  # a converged problem's programs skip the loop
@@ -86,7 +91,7 @@ def _sweep(x, y, cmat, r0, r1, r2, h0, h1, h2, lx, ly, table, out, out2, active,
     dims = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     acc = tl.zeros([BLOCK_N, BLOCK_D], acc_t)
     for j0 in range(0, m_end, BLOCK_M):
-        cols = j0 + tl.arange(0, BLOCK_M)
+        cols = (j0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         cmask = cols < M
         pair = rmask[:, None] & cmask[None, :]
         if MATRIX:
@@ -165,7 +170,11 @@ class Sweeps:
         # Tiles: 64 x 64 pairs on a GPU (registers for the [BLOCK_N, BLOCK_M] log-weights); the
         # interpreter runs numpy per program, so larger tiles are faster there.
         self.block = 32 if interpreted else 64
-        self.block_d = max(16, min(128, triton.next_power_of_2(max(self.D, 1))))
+        # float64 tiles 128 wide would take 256 KiB of shared memory for the pipelined loads of
+        # x and y (ptxas, sm_90a), past the H100's 227 KiB per block: no launch for d > 64; 32
+        # wide ones take 64 KiB and spill least.
+        cap = 32 if acc == torch.float64 else 128
+        self.block_d = max(16, min(cap, triton.next_power_of_2(max(self.D, 1))))
         dtype = like.dtype
         # float32 dots as three TF32 products (float32's accuracy on tensor cores; one TF32 product
         # would leave 1e-3 relative errors in x.y, and in the costs cancelling from it)
@@ -173,6 +182,7 @@ class Sweeps:
         self.upcast = interpreted and dtype in (torch.bfloat16, torch.float16)
         self._dummy = torch.zeros(1, dtype=acc, device=self.device)
         self._idummy = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self._by_eps = {}
 
     def _launch(self, mode, transposed, rvecs, hvecs, out, out2, active, eps):
         N, M = (self.M, self.N) if transposed else (self.N, self.M)
@@ -196,11 +206,18 @@ class Sweeps:
             T, stn, stm = self._dummy, 0, 0
         grid = (triton.cdiv(N, self.block), self.B, triton.cdiv(self.D, self.block_d) if mode == APPLY else 1)
         _sweep[grid](x, y, cmat, *rvecs, *hvecs, lx, ly, T, out, out2 if out2 is not None else self._dummy, active,
-                     N, M, self.D, *sx, *sy, scb, scn, scm, stn, stm, 2 * self.scale / eps, self.scale, 1 / eps,
+                     N, M, self.D, *sx, *sy, scb, scn, scm, stn, stm, self._consts(eps),
                      MODE=mode, MATRIX=self.C is not None, LABELS=self.labels is not None,
                      ACC64=self.acc == torch.float64, PREC=self.prec, UPCAST=self.upcast,
                      SUM_PREC="ieee" if self.acc == torch.float64 else "tf32x3", BLOCK_N=self.block, BLOCK_M=self.block,
                      BLOCK_D=self.block_d)
+
+    def _consts(self, eps: float) -> torch.Tensor:
+        """[2 s / eps, s, 1 / eps] on the device in the sums' dtype, made once per eps."""
+        if eps not in self._by_eps:
+            self._by_eps[eps] = torch.tensor([2 * self.scale / eps, self.scale, 1 / eps], dtype=self.acc,
+                                             device=self.device)
+        return self._by_eps[eps]
 
     def norms(self, transposed: bool):
         """s |x_i|^2 of the side whose rows are swept, s |y_j|^2 of the other (0 for a matrix)."""
