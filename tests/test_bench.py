@@ -116,7 +116,7 @@ def test_unknown_hot_path_is_an_error():
 def test_adapters_demo_trains_both_side_by_side(capsys):
     from transferops.bench import demo_adapters
 
-    demo_adapters.main(["--steps", "3"])
+    demo_adapters.main(["--steps", "1"])  # each run in a child process: a step there costs a second
     out = capsys.readouterr().out
     for name in ("transferops", "eager"):
         line = next(line for line in out.splitlines() if line.strip().startswith(f"{name}:"))

@@ -220,11 +220,10 @@ def test_unfusable_layers_keep_peft_forward(fused_calls):
 
 def test_compiles_without_graph_breaks():
     """With LoRA dropout, in training and in eval: 0 graph breaks (dropout seeds are drawn in
-    the graph), and a compiled training step runs forward and backward."""
+    the graph), and a compiled training step runs forward and backward. fullgraph=True makes a
+    break in either mode raise, naming its reason: no torch._dynamo.explain pass beside it."""
     pm = integration.apply(_lora(_bert(), BERT_LORA, dropout=0.1)).train()
     ids = _ids()
-    explained = torch._dynamo.explain(pm)(input_ids=ids)
-    assert explained.graph_break_count == 0, explained.break_reasons
     torch._dynamo.reset()
     compiled = torch.compile(pm, backend="aot_eager", fullgraph=True)  # fullgraph: a break raises
     pm.eval()
