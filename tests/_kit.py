@@ -68,6 +68,25 @@ def require_backend(backend: str) -> torch.device:
     return device
 
 
+def backend_cases(backends, shapes, interpreted_shapes, *, pairwise=False) -> list:
+    """(backend, dtype, shape) to parametrize with: every backend on every dtype and shape, except
+    the Triton interpreter (no GPU), which runs one program per row of a pass, each of its ops a
+    numpy call: it takes ``interpreted_shapes`` (fewer rows, still several, leading dimensions and
+    an odd row length) and, with ``pairwise``, every dtype on the last of them and every one of
+    them in float32: what a kernel does by dtype (loads, stores, the accumulation, the radix
+    select's key width) and by shape (rows, leading dimensions, the column mask) each runs, in
+    well under half the interpreted items. On a GPU every backend takes ``shapes``."""
+    cases = []
+    for backend in backends:
+        interpreted = backend == "triton" and not torch.cuda.is_available()
+        for dtype in DTYPES:
+            for shape in interpreted_shapes if interpreted else shapes:
+                if interpreted and pairwise and dtype != torch.float32 and shape != interpreted_shapes[-1]:
+                    continue
+                cases.append(pytest.param(backend, dtype, shape, id=f"{dtype}-{backend}-{shape}"))
+    return cases
+
+
 def randn(shape, dtype, gen, *, device="cpu", zeros=0.0, noncontig=False) -> torch.Tensor:
     """Normal values with a fraction ``zeros`` of exact zeros; ``noncontig`` returns a strided
     view (a column slice of a wider buffer) holding the same values."""

@@ -13,33 +13,17 @@ from transferops.merging import (MergeSpec, _dare_keep, _della_keep_probability,
                                  della, della_linear, fisher_average, _fnv1a32, _topk_keep, dare_linear, dare_ties,
                                  disjoint_merge, magnitude_prune, merge_op, task_arithmetic, ties)
 
-from _kit import (DTYPES, assert_close, assert_matches_reference, golden_file, guarded_empty, native_isa,
+from _kit import (DTYPES, assert_close, backend_cases, assert_matches_reference, golden_file, guarded_empty, native_isa,
                   load_folder, noncontiguous, outputs_per_isa, peer, randn, require_backend, require_thp, thp_eligible)
 
 FAST = ["native", "triton", "cuda"]
 SHAPES = [(1,), (7,), (37, 301), (3, 5, 129)]
-# Without a GPU, Triton runs in its interpreter, one program per row of a pass, each of its ops a
-# numpy call: there the 2-D case has 5 rows, not 37, and the 3-D one 2 x 3, not 3 x 5 (several
-# rows, leading dimensions to flatten, an odd row length and the column mask, as before; a
-# seventh and two fifths of the programs). On a GPU every backend takes SHAPES.
+# The Triton interpreter's shapes (no GPU; see _kit.backend_cases): fewer rows, still several.
 INTERPRETED_SHAPES = [(1,), (7,), (5, 301), (2, 3, 129)]
 
 
 def _cases(backends, *, pairwise=False):
-    """(backend, dtype, shape) to parametrize with: every backend on every dtype and shape, except
-    the Triton interpreter (no GPU), which takes INTERPRETED_SHAPES and, with ``pairwise``, every
-    dtype on the last of them and every one of them in float32: what a kernel does by dtype
-    (loads, stores, the accumulation, the radix select's key width) and by shape (rows, leading
-    dimensions, the column mask) each runs, in well under half the interpreted items."""
-    cases = []
-    for backend in backends:
-        interpreted = backend == "triton" and not torch.cuda.is_available()
-        for dtype in DTYPES:
-            for shape in INTERPRETED_SHAPES if interpreted else SHAPES:
-                if interpreted and pairwise and dtype != torch.float32 and shape != INTERPRETED_SHAPES[-1]:
-                    continue
-                cases.append(pytest.param(backend, dtype, shape, id=f"{dtype}-{backend}-{shape}"))
-    return cases
+    return backend_cases(backends, SHAPES, INTERPRETED_SHAPES, pairwise=pairwise)
 
 
 def _task_vectors(gen, T, shape, dtype, device, layout):
