@@ -166,6 +166,7 @@ class Sweeps:
             self.D = x.shape[2]
             self.xn = (x.to(acc) ** 2).sum(-1)
             self.yn = (y.to(acc) ** 2).sum(-1)
+            self.scaled = (scale * self.xn, scale * self.yn)
         interpreted = self.device.type == "cpu"
         # Tiles: 64 x 64 pairs on a GPU (registers for the [BLOCK_N, BLOCK_M] log-weights); the
         # interpreter runs numpy per program, so larger tiles are faster there.
@@ -223,8 +224,7 @@ class Sweeps:
         """s |x_i|^2 of the side whose rows are swept, s |y_j|^2 of the other (0 for a matrix)."""
         if self.C is not None:
             return 0.0, 0.0
-        xn, yn = (self.yn, self.xn) if transposed else (self.xn, self.yn)
-        return self.scale * xn, self.scale * yn
+        return self.scaled[::-1] if transposed else self.scaled
 
     def lse(self, pot, log_w, eps, active, transposed=False):
         """log sum_j w_j exp((pot_j - C_ij) / eps) for every row i of the swept side, given the
@@ -303,18 +303,20 @@ def solve(sweeps: Sweeps, a, b, eps, rho, tol, max_iter, schedule, symmetric, pr
             g = -lam(rho_b, e) * e * sweeps.lse(f, la, e, everyone, transposed=True)
     lam_a, lam_b = lam(rho_a, eps), lam(rho_b, eps)
     active = torch.ones(B, dtype=torch.bool, device=dev)
+    live = everyone  # active as the kernels read it (int32), remade at each check
     n_iter = torch.zeros(B, dtype=torch.int64, device=dev)
     error = torch.full((B,), math.inf, dtype=acc, device=dev)
 
     def check(lse_f):
-        nonlocal active, error
+        nonlocal active, error, live
         row = (la + f / eps + lse_f).exp()
         target = la.exp() if rho_a is None else (la - f / rho_a).exp()
         error = torch.where(active, (row - target).abs().sum(-1) / mass, error)
         active = active & ~(error <= tol)
+        live = active.to(torch.int32)
 
     for it in range(1, max_iter + 2):
-        lse_f = sweeps.lse(g, lb, eps, active.to(torch.int32))
+        lse_f = sweeps.lse(g, lb, eps, live)
         if (it - 1) % CHECK_EVERY == 0 and it > 1 or it == max_iter + 1:
             check(lse_f)
             if progress is not None:
@@ -327,7 +329,7 @@ def solve(sweeps: Sweeps, a, b, eps, rho, tol, max_iter, schedule, symmetric, pr
             f = g = torch.where(keep, (f - lam_a * eps * lse_f) / 2, f)
         else:
             f = torch.where(keep, -lam_a * eps * lse_f, f)
-            g = torch.where(keep, -lam_b * eps * sweeps.lse(f, la, eps, active.to(torch.int32), transposed=True), g)
+            g = torch.where(keep, -lam_b * eps * sweeps.lse(f, la, eps, live, transposed=True), g)
         n_iter += active
     transport, entropy = sweeps.values(f, g, la, lb, eps, everyone)
     value = transport + eps * entropy
