@@ -1,0 +1,167 @@
+"""torch.distributed plumbing of the ops that scale out (ranking, merging, Sinkhorn): the
+``group`` argument, sums across ranks, a balanced split of work, the CLI's set-up under
+``torchrun``, and agreement on success that names a rank that failed or died.
+
+Ranks are named by their rank in the default group (what ``torchrun`` prints). Agreement goes
+through the rendezvous store rather than a collective: a collective with a dead member blocks
+some ranks until the group's timeout, whereas a store answers every rank that is still alive,
+so each can tell which of its peers reported and which are gone.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import time
+from datetime import timedelta
+
+import torch
+
+# The CLI's group timeout and agreement wait: long enough for a rank that merges a large
+# tensor more than its peers, short enough that a hung peer does not hold a cluster for hours.
+TIMEOUT_S = float(os.environ.get("TRANSFEROPS_DIST_TIMEOUT", "600"))
+
+
+class RankFailure(RuntimeError):
+    """Another rank (or this one) failed; the message names the ranks and why."""
+
+
+def group_of(group, name: str = "group"):
+    """``group`` checked: None (one process) or a torch.distributed process group that this
+    process belongs to (``torch.distributed.group.WORLD`` for all ranks)."""
+    if group is None:
+        return None
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(f"{name}: torch.distributed is not initialized; call torch.distributed."
+                         "init_process_group first (torchrun sets its environment), or pass group=None")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{name}: expected a torch.distributed ProcessGroup (torch.distributed.group.WORLD for "
+                        f"all ranks), got {type(group).__name__}")
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"{name}: this process (rank {dist.get_rank()}) is not a member of the group")
+    return group
+
+
+def rank(group) -> int:
+    return 0 if group is None else torch.distributed.get_rank(group)
+
+
+def world(group) -> int:
+    return 1 if group is None else torch.distributed.get_world_size(group)
+
+
+def all_sum(t: torch.Tensor, group) -> torch.Tensor:
+    """t summed over the ranks, in place (every rank gets the same sum)."""
+    if world(group) > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=group)
+    return t
+
+
+def gather(t: torch.Tensor, group) -> torch.Tensor:
+    """[world, *t.shape]: every rank's t, in rank order (reductions over it are then the same
+    on every rank, bit for bit, whatever order the collective summed in)."""
+    if world(group) == 1:
+        return t[None]
+    parts = [torch.empty_like(t) for _ in range(world(group))]
+    torch.distributed.all_gather(parts, t.contiguous(), group=group)
+    return torch.stack(parts)
+
+
+def split_balanced(sizes, parts: int) -> list[int]:
+    """The part (0 .. parts - 1) of every item, largest items first onto the least loaded part
+    (ties: the lower part), so that the parts' total sizes differ by at most the largest item;
+    the same on every rank."""
+    owner = [0] * len(sizes)
+    load = [0] * parts
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        p = min(range(parts), key=lambda p: (load[p], p))
+        owner[i] = p
+        load[p] += sizes[i]
+    return owner
+
+
+def from_environment(device: torch.device | str = "cpu"):
+    """The default group for a command started by ``torchrun`` (WORLD_SIZE > 1 in the
+    environment), initialized here if need be (NCCL for a CUDA device, else gloo); None for
+    a command run on its own."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    dist = torch.distributed
+    device = torch.device(device)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=TIMEOUT_S))
+    return dist.group.WORLD
+
+
+_calls = itertools.count()
+
+
+def _store():
+    return torch.distributed.distributed_c10d._get_default_store()
+
+
+def announce(group) -> None:
+    """Record this process's host and pid, so that a peer that finds it silent in
+    :func:`agree` can tell, on the same host, that it died rather than runs late. Collective:
+    call it on every rank at the start of the work."""
+    if world(group) > 1:
+        _store().set(f"transferops/process/{torch.distributed.get_rank()}", f"{socket.gethostname()} {os.getpid()}")
+
+
+def _gone(process: bytes | None) -> str | None:
+    """Why ``process`` ("host pid") is known dead, or None."""
+    if process is None:
+        return None
+    host, pid = process.decode().split()
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return f"its process {pid} is gone (killed?)"
+    except PermissionError:
+        pass
+    return None
+
+
+def agree(group, error: str | None, *, timeout_s: float | None = None) -> None:
+    """Every rank of ``group`` says whether its part succeeded (``error``: None, or what went
+    wrong); returns on every rank if all did, else raises :class:`RankFailure` on every rank
+    still alive, naming each rank that failed (with its message), died or did not report within
+    ``timeout_s``. Collective: every rank must call it, the same number of times."""
+    if world(group) == 1:
+        if error is not None:
+            raise RankFailure(error)
+        return
+    dist = torch.distributed
+    store, call = _store(), next(_calls)
+    me = dist.get_rank()
+    ranks = [dist.get_global_rank(group, r) for r in range(world(group))]
+    store.set(f"transferops/agree/{call}/{me}", "" if error is None else "!" + error)
+    deadline = time.monotonic() + (TIMEOUT_S if timeout_s is None else timeout_s)
+    said: dict[int, str] = {}
+    lost: dict[int, str] = {}
+    while True:
+        for r in ranks:
+            if r in said or r in lost:
+                continue
+            key = f"transferops/agree/{call}/{r}"
+            if store.check([key]):
+                said[r] = store.get(key).decode()
+            else:
+                process = f"transferops/process/{r}"
+                why = _gone(store.get(process) if store.check([process]) else None)
+                if why is not None:
+                    lost[r] = why
+        if len(said) + len(lost) == len(ranks) or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    problems = [f"rank {r} failed: {said[r][1:]}" for r in ranks if said.get(r, "").startswith("!")]
+    problems += [f"rank {r} was lost: {lost[r]}" for r in ranks if r in lost]
+    problems += [f"rank {r} did not report within {timeout_s or TIMEOUT_S:g} s" for r in ranks
+                 if r not in said and r not in lost]
+    if problems:
+        raise RankFailure("; ".join(problems))
