@@ -417,6 +417,17 @@ py::tuple sinkhorn_matrix(const py::buffer& C, int64_t N, const py::buffer& a, c
   return py::make_tuple(n_iter, error, transport, value);
 }
 
+// OTDD's label costs (none when the table is empty); the vectors must outlive the result.
+cpu::LabelCost label_cost(const std::vector<double>& label_table, const std::vector<int64_t>& x_starts,
+                          const std::vector<int64_t>& y_starts) {
+  if (label_table.empty()) return {};
+  const int64_t kx = int64_t(x_starts.size()) - 1, ky = int64_t(y_starts.size()) - 1;
+  if (kx < 1 || ky < 1 || int64_t(label_table.size()) != kx * ky) {
+    throw std::invalid_argument("label_table must hold (len(x_starts) - 1) x (len(y_starts) - 1) entries");
+  }
+  return {label_table.data(), x_starts.data(), kx, y_starts.data(), ky};
+}
+
 // See cpu::sinkhorn_points (BLAS from scipy.linalg.cython_blas capsules). `progress` (None or a
 // callable(problem, iteration, error)) runs at each check; Ctrl-C stops the solve there.
 py::tuple sinkhorn_points(const py::buffer& x, const py::buffer& y, int64_t N, double scale, const py::dict& blas,
@@ -434,14 +445,7 @@ py::tuple sinkhorn_points(const py::buffer& x, const py::buffer& y, int64_t N, d
   py::array_t<double> error(B), transport(B), value(B);
   const cpu::SinkhornSettings s{eps, lam, rho, tol, memory, max_iter, check_every, symmetric, schedule.data(),
                                 static_cast<int64_t>(schedule.size())};
-  cpu::LabelCost labels;
-  if (!label_table.empty()) {
-    const int64_t kx = int64_t(x_starts.size()) - 1, ky = int64_t(y_starts.size()) - 1;
-    if (kx < 1 || ky < 1 || int64_t(label_table.size()) != kx * ky) {
-      throw std::invalid_argument("sinkhorn_points: label_table must hold (len(x_starts) - 1) x (len(y_starts) - 1)");
-    }
-    labels = {label_table.data(), x_starts.data(), kx, y_starts.data(), ky};
-  }
+  const cpu::LabelCost labels = label_cost(label_table, x_starts, y_starts);
   std::function<void(int64_t, int64_t, double)> report = [&](int64_t k, int64_t it, double err) {
     py::gil_scoped_acquire acquire;
     if (PyErr_CheckSignals() != 0) throw py::error_already_set();
@@ -455,6 +459,25 @@ py::tuple sinkhorn_points(const py::buffer& x, const py::buffer& y, int64_t N, d
                          cost, val, report);
   }
   return py::make_tuple(n_iter, error, transport, value);
+}
+
+// See cpu::sinkhorn_lse: x [n, d], y [m, d]; lw, pot [1, m] and out [1, n] float64.
+void sinkhorn_lse(const py::buffer& x, const py::buffer& y, double scale, const py::dict& blas, const py::buffer& lw,
+                  const py::buffer& pot, double eps, const py::buffer& out, const std::vector<double>& label_table,
+                  const std::vector<int64_t>& x_starts, const std::vector<int64_t>& y_starts) {
+  const BufferView xv = buffer_view(x, "x", false), yv = buffer_view(y, "y", false),
+                   lv = buffer_view(lw, "lw", false), pv = buffer_view(pot, "pot", false);
+  BufferView ov = buffer_view(out, "out", true);
+  const View2D row_m{nullptr, DType::f64, 1, yv.view.rows, yv.view.rows}, row_n{nullptr, DType::f64, 1, xv.view.rows,
+                                                                                  xv.view.rows};
+  check_same_layout(lv.view, row_m, "lw");
+  check_same_layout(pv.view, row_m, "pot");
+  check_same_layout(ov.view, row_n, "out");
+  const cpu::LabelCost labels = label_cost(label_table, x_starts, y_starts);
+  const Gemm gemm = gemm_of(blas);
+  py::gil_scoped_release release;
+  cpu::sinkhorn_lse(xv.view, yv.view, scale, gemm, lv.view.row<const double>(0), pv.view.row<const double>(0), eps,
+                    ov.view.row<double>(0), labels);
 }
 
 // A contiguous buffer of `count` elements of dtype `want` (null for None), kept alive in `keep`.
@@ -686,6 +709,10 @@ PYBIND11_MODULE(_native, m) {
         py::arg("g"), py::arg("eps"), py::arg("lam"), py::arg("rho"), py::arg("tol"), py::arg("memory"),
         py::arg("max_iter"), py::arg("check_every"), py::arg("symmetric"), py::arg("schedule"),
         "stabilized kernel-domain Sinkhorn on cost matrices [B * N, M]");
+  m.def("sinkhorn_lse", &sinkhorn_lse, py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("blas"), py::arg("lw"),
+        py::arg("pot"), py::arg("eps"), py::arg("out"), py::arg("label_table") = std::vector<double>(),
+        py::arg("x_starts") = std::vector<int64_t>(), py::arg("y_starts") = std::vector<int64_t>(),
+        "one half-step of sinkhorn_points: out_i = log sum_j exp(lw_j + (pot_j - C_ij) / eps)");
   m.def("sinkhorn_points", &sinkhorn_points, py::arg("x"), py::arg("y"), py::arg("N"), py::arg("scale"), py::arg("blas"),
         py::arg("a"), py::arg("b"), py::arg("f"), py::arg("g"), py::arg("eps"), py::arg("lam"), py::arg("rho"),
         py::arg("tol"), py::arg("memory"), py::arg("max_iter"), py::arg("check_every"), py::arg("symmetric"),

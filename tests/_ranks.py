@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import queue
 import tempfile
 import time
@@ -32,7 +33,9 @@ def _child(target, rank, world, init_file, threads, results, args):
         value, error = target(rank, world, *args), None
     except BaseException:  # noqa: BLE001: reported to the parent, which fails the test
         value, error = None, traceback.format_exc()
-    results.put((rank, value, error))
+    # pickled here, by value: the queue's own pickler would share tensors through file
+    # descriptors that die with this process, which exits right away
+    results.put(pickle.dumps((rank, value, error)))
     results.close()
     results.join_thread()
     if dist.is_initialized():
@@ -58,7 +61,7 @@ def spawn_ranks(target, world: int, *args, timeout: float = 120.0, threads: int 
         while time.monotonic() < deadline and (len(got) < world and any([p.is_alive() for p in procs])
                                                 or not results.empty()):
             try:
-                rank, value, error = results.get(timeout=0.1)
+                rank, value, error = pickle.loads(results.get(timeout=0.1))
                 got[rank] = (value, error)
             except queue.Empty:
                 pass

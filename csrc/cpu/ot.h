@@ -54,5 +54,10 @@ void sinkhorn_points(const View2D& x, const View2D& y, int64_t N, double scale, 
                      const View2D& b, const View2D& f, const View2D& g, const SinkhornSettings& s,
                      const LabelCost& labels, int64_t* n_iter, double* error, double* transport, double* value,
                      const std::function<void(int64_t, int64_t, double)>& progress);
+// One half-step of that solver: out_i = log sum_j exp(lw_j + (pot_j - C_ij) / eps) for the
+// points x_i [n, d] against y_j [m, d] (lw, pot [m]; C as above, labels optional), for drivers
+// that combine half-steps across processes. BLAS kept single-threaded by the caller, as above.
+void sinkhorn_lse(const View2D& x, const View2D& y, double scale, const Gemm& gemm, const double* lw, const double* pot,
+                  double eps, double* out, const LabelCost& labels);
 
 }  // namespace transferops::cpu

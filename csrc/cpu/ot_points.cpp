@@ -293,6 +293,20 @@ void solve_points(const Gemm& gm, PointProblem<T>& p, const SinkhornSettings& s,
   *value = objective(s, cost, entropy, r, cols, p.a, p.b);
 }
 
+// The class runs and label costs of both clouds (no-op without labels).
+template <class T>
+void attach_labels(Cloud<T>& X, Cloud<T>& Y, const LabelCost& labels) {
+  if (!labels.table) return;
+  const int64_t kx = labels.x_classes, ky = labels.y_classes;
+  X.starts.assign(labels.x_starts, labels.x_starts + kx + 1);
+  Y.starts.assign(labels.y_starts, labels.y_starts + ky + 1);
+  X.label.assign(labels.table, labels.table + kx * ky);
+  Y.label.resize(size_t(ky) * kx);
+  for (int64_t c = 0; c < kx; ++c) {
+    for (int64_t l = 0; l < ky; ++l) Y.label[l * kx + c] = labels.table[c * ky + l];
+  }
+}
+
 template <class T>
 void points_typed(const View2D& x, const View2D& y, int64_t N, double scale, const Gemm& gemm, const View2D& a,
                   const View2D& b, const View2D& f, const View2D& g, const SinkhornSettings& s, const LabelCost& labels,
@@ -303,16 +317,7 @@ void points_typed(const View2D& x, const View2D& y, int64_t N, double scale, con
     PointProblem<T> p{cloud(x.row<const T>(k * N), N, x.row_stride, d, scale),
                       cloud(y.row<const T>(k * M), M, y.row_stride, d, scale), d, scale, a.row<const double>(k),
                       b.row<const double>(k), f.row<double>(k), g.row<double>(k)};
-    if (labels.table) {
-      const int64_t kx = labels.x_classes, ky = labels.y_classes;
-      p.X.starts.assign(labels.x_starts, labels.x_starts + kx + 1);
-      p.Y.starts.assign(labels.y_starts, labels.y_starts + ky + 1);
-      p.X.label.assign(labels.table, labels.table + kx * ky);
-      p.Y.label.resize(size_t(ky) * kx);
-      for (int64_t c = 0; c < kx; ++c) {
-        for (int64_t l = 0; l < ky; ++l) p.Y.label[l * kx + c] = labels.table[c * ky + l];
-      }
-    }
+    attach_labels(p.X, p.Y, labels);
     solve_points(gemm, p, s, k, n_iter + k, error + k, transport + k, value + k, progress);
   }
 }
@@ -352,6 +357,40 @@ void sinkhorn_points_impl(const View2D& x, const View2D& y, int64_t N, double sc
   }
 }
 
+namespace {
+
+template <class T>
+void lse_typed(const View2D& x, const View2D& y, double scale, const Gemm& gemm, const double* lw, const double* pot,
+               double eps, double* out, const LabelCost& labels) {
+  const int64_t n = x.rows, m = y.rows, d = x.cols;
+  Cloud<T> P = cloud(x.row<const T>(0), n, x.row_stride, d, scale), Q = cloud(y.row<const T>(0), m, y.row_stride, d, scale);
+  attach_labels(P, Q, labels);
+  std::vector<double> res(n);
+  lse_pass(gemm, P, Q, d, scale, std::vector<double>(lw, lw + m), std::vector<double>(pot, pot + m), eps, res, true);
+  std::copy(res.begin(), res.end(), out);
+}
+
+}  // namespace
+
+void sinkhorn_lse_impl(const View2D& x, const View2D& y, double scale, const Gemm& gemm, const double* lw,
+                       const double* pot, double eps, double* out, const LabelCost& labels) {
+  if (x.rows < 1 || y.rows < 1 || y.cols != x.cols || x.dtype != y.dtype) {
+    throw std::invalid_argument("sinkhorn_lse: x [n, d] and y [m, d] of one dtype, n, m >= 1");
+  }
+  if (labels.table && (!valid_starts(labels.x_starts, labels.x_classes, x.rows) ||
+                       !valid_starts(labels.y_starts, labels.y_classes, y.rows))) {
+    throw std::invalid_argument("sinkhorn_lse: labels need class runs 0 = starts[0] <= ... <= starts[K] = n");
+  }
+  if (!(eps > 0)) throw std::invalid_argument("sinkhorn_lse: eps must be positive");
+  if (x.dtype == DType::f32) {
+    lse_typed<float>(x, y, scale, gemm, lw, pot, eps, out, labels);
+  } else if (x.dtype == DType::f64) {
+    lse_typed<double>(x, y, scale, gemm, lw, pot, eps, out, labels);
+  } else {
+    throw std::invalid_argument("sinkhorn_lse: points must be float32 or float64");
+  }
+}
+
 }  // namespace TRANSFEROPS_ISA
 
 #ifdef TRANSFEROPS_ISA_BASE
@@ -369,6 +408,15 @@ void sinkhorn_points(const View2D& x, const View2D& y, int64_t N, double scale, 
                      const std::function<void(int64_t, int64_t, double)>& progress) {
   TRANSFEROPS_RUN_UP_TO_AVX2(
       sinkhorn_points_impl(x, y, N, scale, gemm, a, b, f, g, s, labels, n_iter, error, transport, value, progress));
+}
+TRANSFEROPS_IF_AVX2(namespace avx2 {
+void sinkhorn_lse_impl(const View2D& x, const View2D& y, double scale, const Gemm& gemm, const double* lw,
+                       const double* pot, double eps, double* out, const LabelCost& labels);
+})
+
+void sinkhorn_lse(const View2D& x, const View2D& y, double scale, const Gemm& gemm, const double* lw, const double* pot,
+                  double eps, double* out, const LabelCost& labels) {
+  TRANSFEROPS_RUN_UP_TO_AVX2(sinkhorn_lse_impl(x, y, scale, gemm, lw, pot, eps, out, labels));
 }
 #endif  // TRANSFEROPS_ISA_BASE
 

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _checks, _ot_checks, _ot_limit
+from . import _checks, _dist, _ot_checks, _ot_limit
 from ._backend import BackendUnavailable, Op, native_buffer, native_module, single_threaded_blas
 from ._custom_ops import custom_op
 
@@ -102,8 +102,9 @@ def _points(x, name: str) -> torch.Tensor:
     return x
 
 
-def _weights(w, n_shape: tuple[int, ...], like: torch.Tensor, name: str) -> torch.Tensor:
-    """[B, n] non-negative weights with positive mass per problem (uniform 1/n when None)."""
+def _weights(w, n_shape: tuple[int, ...], like: torch.Tensor, name: str, local: bool = False) -> torch.Tensor:
+    """[B, n] non-negative weights with positive mass per problem (uniform 1/n when None);
+    ``local``: one rank's share of them, whose mass may be zero (the total's is checked)."""
     B, n = n_shape
     if w is None:
         return torch.full((B, n), 1.0 / n, dtype=torch.float64, device=like.device)
@@ -120,7 +121,7 @@ def _weights(w, n_shape: tuple[int, ...], like: torch.Tensor, name: str) -> torc
         raise ValueError(f"{name}: expected finite weights, found NaN or Inf")
     if bool((w < 0).any()):
         raise ValueError(f"{name}: expected non-negative weights, got a minimum of {float(w.min()):g}")
-    if bool((w.sum(-1) <= 0).any()):
+    if not local and bool((w.sum(-1) <= 0).any()):
         raise ValueError(f"{name}: expected a positive total mass in every problem, got zero")
     return w
 
@@ -231,16 +232,21 @@ def _generalized_kl(p: torch.Tensor, log_q: torch.Tensor, dim) -> torch.Tensor:
     return torch.where(q > 0, torch.where(p > 0, q * _ot_limit.entropy_term(z, p / q), q), 0.0).sum(dim)
 
 
-def _values(C, la, lb, f, g, eps, rho):
-    """(transport_cost, ot_eps): <C, P> and the primal objective <C, P> + eps KL(P | a x b)
-    (+ rho KL(P 1 | a) + rho KL(P^T 1 | b) when unbalanced). KL(P | a x b) = sum a_i b_j h(z_ij)
-    with z_ij = (f_i + g_j - C_ij) / eps: the form that stays exact when eps dwarfs the costs."""
+def _terms(C, la, lb, f, g, eps):
+    """(<C, P>, KL(P | a x b), P) per problem. KL(P | a x b) = sum a_i b_j h(z_ij) with z_ij =
+    (f_i + g_j - C_ij) / eps: the form that stays exact when eps dwarfs the costs."""
     log_ab = la[:, :, None] + lb[:, None, :]
     z = (f[:, :, None] + g[:, None, :] - C) / eps
     P = (log_ab + z).exp()
-    transport = (P * C).sum((-1, -2))
     ab = log_ab.exp()
     entropy = torch.where(ab > 0, ab * _ot_limit.entropy_term(z, z.exp()), 0.0).sum((-1, -2))
+    return (P * C).sum((-1, -2)), entropy, P
+
+
+def _values(C, la, lb, f, g, eps, rho):
+    """(transport_cost, ot_eps): <C, P> and the primal objective <C, P> + eps KL(P | a x b)
+    (+ rho KL(P 1 | a) + rho KL(P^T 1 | b) when unbalanced)."""
+    transport, entropy, P = _terms(C, la, lb, f, g, eps)
     value = transport + eps * entropy
     if rho is not None:
         rows, cols = P.sum(-1), P.sum(-2)
@@ -344,13 +350,15 @@ def _dual_surrogate(C, a, b, f, g, eps, rho):
 
 
 def _envelope_gradients(x, y, a, b, f, g, eps: float, rho: float | None, scale: float, grad: torch.Tensor,
-                        fused: bool = False):
+                        fused: bool = False, group=None):
     """The gradients of ot_eps in x, y, a and b at the optimal potentials f, g (envelope theorem:
     no iteration is differentiated), times grad [B]. With E_ij = exp((f_i + g_j - C_ij)/eps),
     P = a E b and C_ij = s |x_i - y_j|^2: d/dx_i = 2 s ((P 1)_i x_i - (P y)_i),
     d/da_i = f_i - eps (sum_j b_j E_ij - sum b) (balanced; unbalanced: rho (1 - exp(-f_i/rho)) in
     place of f_i), and likewise for y, b. The plan is recomputed in blocks of rows
-    (BLOCK_ENTRIES), so memory stays O((N + M) d); ``fused``: by two Triton sweeps instead."""
+    (BLOCK_ENTRIES), so memory stays O((N + M) d); ``fused``: by two Triton sweeps instead.
+    ``group``: x's rows sharded (see sinkhorn): the sums over rows are all-reduced, so each
+    rank gets its rows' gradients and the whole of y's and b's."""
     X, Y = x.double(), y.double()
     if fused:
         from .kernels import ot as kernels
@@ -367,12 +375,13 @@ def _envelope_gradients(x, y, a, b, f, g, eps: float, rho: float | None, scale: 
             P = E.mul_(a[:, i0:i1, None] * b[:, None, :])
             PY[:, i0:i1] = P @ Y
             PtX += P.transpose(1, 2) @ X[:, i0:i1]
+    col_sums, PtX = _dist.all_sum(col_sums, group), _dist.all_sum(PtX, group)
     w = grad[:, None]
     gx = 2 * scale * ((a * row_sums)[..., None] * X - PY) * w[..., None]
     gy = 2 * scale * ((b * col_sums)[..., None] * Y - PtX) * w[..., None]
     df, dg = (f, g) if rho is None else (-rho * torch.expm1(-f / rho), -rho * torch.expm1(-g / rho))
     ga = (df - eps * (row_sums - b.sum(-1, keepdim=True))) * w
-    gb = (dg - eps * (col_sums - a.sum(-1, keepdim=True))) * w
+    gb = (dg - eps * (col_sums - _dist.all_sum(a.sum(-1, keepdim=True), group))) * w
     return gx.to(x.dtype), gy.to(y.dtype), ga, gb
 
 
@@ -380,20 +389,22 @@ class _OnlineDual(torch.autograd.Function):
     """_dual_surrogate for problems solved online: zero, with _envelope_gradients."""
 
     @staticmethod
-    def forward(ctx, x, y, a, b, f, g, eps, rho, scale, fused):
+    def forward(ctx, x, y, a, b, f, g, eps, rho, scale, fused, group):
         ctx.save_for_backward(x, y, a, b, f, g)
-        ctx.eps, ctx.rho, ctx.scale, ctx.fused = eps, rho, scale, fused
+        ctx.eps, ctx.rho, ctx.scale, ctx.fused, ctx.group = eps, rho, scale, fused, group
         return torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
 
     @staticmethod
     def backward(ctx, grad):
-        return (*_envelope_gradients(*ctx.saved_tensors, ctx.eps, ctx.rho, ctx.scale, grad, ctx.fused), None, None,
-                None, None, None, None)
+        return (*_envelope_gradients(*ctx.saved_tensors, ctx.eps, ctx.rho, ctx.scale, grad, ctx.fused, ctx.group),
+                None, None, None, None, None, None, None)
 
 
 def _solve(C, a, b, *, dtype: torch.dtype, eps, tol, max_iter, eps_scaling, reach, batched: bool,
-           backend: str, log_plan_of, symmetric: bool = False, progress: bool = False) -> SinkhornResult:
-    """``C``: the costs [B, N, M] (float64 when gradients flow through them), or :class:`_Points`."""
+           backend: str, log_plan_of, symmetric: bool = False, progress: bool = False, group=None,
+           rows: int = 0) -> SinkhornResult:
+    """``C``: the costs [B, N, M] (float64 when gradients flow through them), or :class:`_Points`;
+    ``group``: the points' ``rows`` rows sharded across its ranks (transferops._ot_sharded)."""
     eps = _ot_checks.positive(eps, "eps")
     tol = _ot_checks.tol(tol, dtype)
     rho = None if reach is None else _ot_checks.positive(reach, "reach")
@@ -401,10 +412,10 @@ def _solve(C, a, b, *, dtype: torch.dtype, eps, tol, max_iter, eps_scaling, reac
     points = isinstance(C, _Points)
     B, N, M = (C.x.shape[0], C.x.shape[1], C.y.shape[1]) if points else C.shape
     like = C.x if points else C
-    a = _weights(a, (B, N), like, "a")
+    a = _weights(a, (B, N), like, "a", local=group is not None)
     b = _weights(b, (B, M), like, "b")
     if rho is None:
-        mass = a.sum(-1)
+        mass = _dist.all_sum(a.sum(-1).detach(), group) if group is not None else a.sum(-1)
         if bool(((mass - b.sum(-1)).abs() > 1e-6 * mass).any()):
             raise ValueError("a, b: balanced OT needs equal masses in each problem "
                              f"(got {mass.tolist()} and {b.sum(-1).tolist()}); pass reach= for unbalanced OT")
@@ -415,6 +426,8 @@ def _solve(C, a, b, *, dtype: torch.dtype, eps, tol, max_iter, eps_scaling, reac
     # gradient surrogate uses C itself.
     work = C if points else C.detach().to(dtype)
     largest = C.max_cost() if points else float(work.abs().amax())
+    if group is not None:
+        largest = float(_dist.gather(torch.tensor(largest, dtype=torch.float64, device=like.device), group).max())
     _ot_checks.eps_against_costs(eps, largest)
     schedule = _ot_checks.schedule(eps, eps_scaling, largest, max_iter)
     limit = torch.zeros(B, dtype=torch.bool, device=like.device)
@@ -422,13 +435,25 @@ def _solve(C, a, b, *, dtype: torch.dtype, eps, tol, max_iter, eps_scaling, reac
     if rho is None:
         spread = (_ot_limit.points_spread(C.x, C.y, C.scale, None if C.labels is None else C.labels[2]) if points
                   else _ot_limit.matrix_spread(work))
+        if group is not None:  # every pair's cost lies in [0, a rank's bound]: the largest bounds all
+            spread = _dist.gather(spread, group).amax(0)
         limit = spread < eps * _ot_limit.RESOLUTION[dtype]
+        if group is not None and bool(limit.any()):
+            raise ValueError(f"eps: {eps:g} is beyond the costs' spread (below {float(spread.min()):.3g} / the working "
+                             "precision's rounding), where one process takes a closed form that sharded problems "
+                             "lack: solve it on one process (group=None)")
     if bool(limit.all()):
         n_iter = torch.zeros(B, dtype=torch.int64, device=like.device)
         error = torch.zeros(B, dtype=torch.float64, device=like.device)
     else:
         args = (work, a.detach(), b.detach(), eps, rho, tol, max_iter, schedule, symmetric, progress)
-        ran, impl = sinkhorn_op.select(backend, like.device, dtype, args)
+        if group is None:
+            ran, impl = sinkhorn_op.select(backend, like.device, dtype, args)
+        else:  # sharded, every backend streams its costs (its reference too): no limit applies
+            from . import _ot_sweeps
+
+            ran = sinkhorn_op.select(backend, like.device, dtype, (None,) * len(args))[0]
+            impl = _ot_sweeps.sharded(ran, group, rows)
         f, g, transport, value, n_iter, error = impl(*args)
     if bool(limit.any()):  # eps beyond the costs' spread: the closed form (see _ot_limit)
         ad, bd = a.detach(), b.detach()
@@ -443,7 +468,7 @@ def _solve(C, a, b, *, dtype: torch.dtype, eps, tol, max_iter, eps_scaling, reac
                                       for c, t in zip(closed, (f, g, transport, value)))
         n_iter, error = torch.where(limit, 0, n_iter), torch.where(limit, 0.0, error)
     if points and (C.x.requires_grad or C.y.requires_grad or a.requires_grad or b.requires_grad):
-        value = value + _OnlineDual.apply(C.x, C.y, a, b, f, g, eps, rho, C.scale, ran == "triton")
+        value = value + _OnlineDual.apply(C.x, C.y, a, b, f, g, eps, rho, C.scale, ran == "triton", group)
     elif not points and (C.requires_grad or a.requires_grad or b.requires_grad):
         value = value + _dual_surrogate(C, a, b, f, g, eps, rho)
     converged = error <= tol
@@ -474,7 +499,8 @@ def _runs_on_triton(backend: str, device: torch.device, dtype: torch.dtype) -> b
 
 def sinkhorn(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean", tol: float = 1e-4,
              max_iter: int = 10000, eps_scaling: float | None = None, reach: float | None = None,
-             progress: bool | None = None, backend: str = "auto") -> SinkhornResult:
+             progress: bool | None = None, backend: str = "auto", group=None,
+             y_sharded: bool = False) -> SinkhornResult:
     """Entropic OT between point clouds x [N, d] and y [M, d] (or batches [B, N, d], [B, M, d])
     with weights a [N], b [M] (or [B, N], [B, M]; uniform when None; zero weights pad ragged
     batches). ``cost``: "sqeuclidean" |x - y|^2 or "sqeuclidean_half" |x - y|^2 / 2.
@@ -492,7 +518,24 @@ def sinkhorn(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean", tol
 
     Costs that would take more than ``MATERIALIZE_BYTES`` (2^28 bytes) are never stored: the native
     backend recomputes them in tiles at every update (memory O((N + M) d)) and, with
-    ``progress`` (default: on for such problems), reports on stderr; Ctrl-C stops it."""
+    ``progress`` (default: on for such problems), reports on stderr; Ctrl-C stops it.
+
+    ``group`` (a torch.distributed process group): x and a are this rank's rows of the first
+    cloud (at least one; a's default: uniform over all ranks' rows); y and b the whole second
+    cloud, or this rank's block of it with ``y_sharded``. Every rank of the group calls it with
+    the same arguments otherwise. Each update combines the ranks' log-sum-exps (an all-gather of
+    M values per problem); the result is one process's to float64 rounding: ``f`` this rank's
+    rows, ``g`` all of y's (its block with ``y_sharded``), the values, ``n_iter`` and the error
+    the whole problem's; ``plan()``/``apply()`` this rank's rows. Gradients reach every rank's
+    inputs. See transferops._ot_sharded."""
+    if group is not None:
+        from . import _ot_sharded
+
+        return _ot_sharded.sinkhorn(x, y, a, b, eps=eps, cost=cost, tol=tol, max_iter=max_iter,
+                                    eps_scaling=eps_scaling, reach=reach, progress=progress, backend=backend,
+                                    group=group, y_sharded=y_sharded)
+    if y_sharded:
+        raise ValueError("y_sharded: blocks of y are for sharded problems: pass group= too")
     if cost not in COSTS:
         raise ValueError(f"cost: expected one of {list(COSTS)}, got {cost!r}")
     x, y = _points(x, "x"), _points(y, "y")
@@ -551,89 +594,6 @@ def sinkhorn_divergence(x, y, a=None, b=None, *, eps: float, cost: str = "sqeucl
     kw = dict(eps=eps, cost=cost, tol=tol, max_iter=max_iter, eps_scaling=eps_scaling, backend=backend)
     return (sinkhorn(x, y, a, b, **kw).ot_eps - sinkhorn(x, x, a, a, **kw).ot_eps / 2
             - sinkhorn(y, y, b, b, **kw).ot_eps / 2)
-
-
-# ---- dataset distance ----------------------------------------------------------------------------
-
-INNER = ("gaussian", "exact")
-
-
-def _labeled(X, y, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features in float64, each label as its class's index among the distinct ids, and the ids."""
-    X = _points(X, f"X{name}")
-    if X.dim() != 2:
-        raise ValueError(f"X{name}: expected features [n, d], got shape {tuple(X.shape)}")
-    index, ids = _ot_checks.labels(y, X.shape[0], f"y{name}")
-    return X.to(torch.float64), index if index.device == X.device else index.to(X.device), ids
-
-
-def _gaussian_w2(Xs, ys, Xt, yt) -> torch.Tensor:
-    """W_2^2 between the Gaussian fits of every source class and every target class (Bures):
-    |mu - mu'|^2 + tr S + tr S' - 2 tr (S^1/2 S' S^1/2)^1/2, covariances with n - 1 (0 for one
-    sample); one batched eigensolve per source class over the target classes."""
-    def fits(X, y):
-        ids = torch.unique(y)
-        parts = [X[y == c] for c in ids]  # iterating a tensor: 0-d device tensors, no host list
-        mus = torch.stack([Z.mean(0) for Z in parts])
-        covs = torch.stack([(Z - mu).T @ (Z - mu) / max(Z.shape[0] - 1, 1) for Z, mu in zip(parts, mus)])
-        return ids, mus, covs
-    ids_s, mu_s, S_s = fits(Xs, ys)
-    ids_t, mu_t, S_t = fits(Xt, yt)
-    w, V = torch.linalg.eigh(S_s)
-    halves = (V * w.clamp(min=0).sqrt()[:, None, :]) @ V.transpose(1, 2)
-    traces_t = S_t.diagonal(dim1=1, dim2=2).sum(-1)
-    W = torch.zeros(int(ys.max()) + 1, int(yt.max()) + 1, dtype=torch.float64, device=Xs.device)
-    for k, c in enumerate(ids_s):
-        cross = torch.linalg.eigvalsh(halves[k] @ S_t @ halves[k]).clamp(min=0).sqrt().sum(-1)
-        W[c, ids_t] = ((mu_s[k] - mu_t) ** 2).sum(-1) + torch.trace(S_s[k]) + traces_t - 2 * cross
-    return W.clamp(min=0)
-
-
-def dataset_distance(Xs, ys, Xt, yt, *, eps: float, inner: str = "gaussian", inner_eps: float | None = None,
-                     tol: float = 1e-4, max_iter: int = 10000, return_label_distances: bool = False,
-                     backend: str = "auto"):
-    """OTDD (Alvarez-Melis & Fusi, NeurIPS 2020, eq. 3): entropic OT between the labeled datasets
-    (Xs, ys) and (Xt, yt) under the ground cost |x - x'|^2 + W_2^2(P_y, P'_y'), where P_y is the
-    distribution of the features of class y. ``inner="gaussian"``: W_2 between the classes'
-    Gaussian fits (closed form); ``"exact"``: the entropic transport cost between the classes'
-    samples at ``inner_eps`` (default ``eps``). Costs are not rescaled: ``eps`` is absolute.
-    There is no sample limit: outer costs above ``MATERIALIZE_BYTES`` in float64 are never
-    stored: the native backend recomputes them in tiles (in float64, with progress on stderr), as
-    :func:`sinkhorn` does for large clouds. Class ids: a 1-D tensor of any integer dtype, bool,
-    or floats holding integers, >= 0; memory follows the classes present, not the ids' size.
-
-    Returns the outer :class:`SinkhornResult` (its ``transport_cost`` is the distance), and with
-    ``return_label_distances`` also W_2^2 [source classes, target classes] (rows and columns of
-    absent classes are 0; a table of at most ``_ot_checks.LABEL_TABLE_ENTRIES`` entries)."""
-    if inner not in INNER:
-        raise ValueError(f"inner: expected one of {list(INNER)}, got {inner!r}")
-    Xs, ys, source_ids = _labeled(Xs, ys, "s")
-    Xt, yt, target_ids = _labeled(Xt, yt, "t")
-    eps = _ot_checks.positive(eps, "eps")
-    if Xs.shape[1] != Xt.shape[1] or Xs.device != Xt.device:
-        raise ValueError(f"Xs, Xt: expected features of one width on one device, got {tuple(Xs.shape)} on "
-                         f"{Xs.device} and {tuple(Xt.shape)} on {Xt.device}")
-    if inner == "gaussian":
-        W = _gaussian_w2(Xs, ys, Xt, yt)
-    else:
-        inner_eps = eps if inner_eps is None else _ot_checks.positive(inner_eps, "inner_eps")
-        W = torch.zeros(int(ys.max()) + 1, int(yt.max()) + 1, dtype=torch.float64, device=Xs.device)
-        for c in torch.unique(ys):
-            for c2 in torch.unique(yt):
-                W[c, c2] = sinkhorn(Xs[ys == c], Xt[yt == c2], eps=inner_eps, tol=tol, max_iter=max_iter,
-                                    backend=backend).transport_cost
-    online = _solved_online(1, Xs.shape[0], Xt.shape[0], torch.float64)
-    if online or (_runs_on_triton(backend, Xs.device, torch.float64) and not (Xs.requires_grad or Xt.requires_grad)):
-        if Xs.requires_grad or Xt.requires_grad:
-            raise NotImplementedError(f"dataset_distance: gradients of datasets whose outer costs exceed "
-                                      f"{MATERIALIZE_BYTES >> 20} MiB (solved online) are not implemented")
-        C = _Points(Xs[None], Xt[None], 1.0, (ys, yt, W))
-        result = _solve(C, None, None, dtype=torch.float64, eps=eps, tol=tol, max_iter=max_iter, eps_scaling=None,
-                        reach=None, batched=False, backend=backend, log_plan_of=C.rows, progress=online)
-    else:
-        result = sinkhorn_cost_matrix(cost_matrix(Xs, Xt) + W[ys][:, yt], eps=eps, tol=tol, max_iter=max_iter,
-                                      backend=backend)
-    return (result, _ot_checks.label_table(W, source_ids, target_ids)) if return_label_distances else result
 
 
 # ---- a loss for training graphs --------------------------------------------------------------------
@@ -695,3 +655,7 @@ def sinkhorn_loss(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean"
     value, _, _ = _ot_eps_op(xb, yb, a, b, _ot_checks.positive(eps, "eps"), COSTS[cost],
                              _ot_checks.positive(tol, "tol"), _ot_checks.max_iter(max_iter))
     return value if batched else value[0]
+
+
+# OTDD builds on the solver above; it lives in its own module, and is this module's too.
+from ._otdd import dataset_distance  # noqa: E402, F401

@@ -19,13 +19,12 @@ has converged is skipped (its programs' column loop is empty), so each stops on 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from ..ot import CHECK_EVERY, _generalized_kl, _Points, _progress_printer
+from .._ot_sweeps import solve
+from ..ot import _Points, _progress_printer
 
 LSE, VALUES, APPLY = 0, 1, 2
 
@@ -276,70 +275,6 @@ def sinkhorn(costs, a, b, eps, rho, tol, max_iter, schedule, symmetric, progress
     sweeps = sweeps_of(costs)
     report = _progress_printer(sweeps.B, sweeps.N, sweeps.M) if progress else None
     return solve(sweeps, a, b, eps, rho, tol, max_iter, schedule, symmetric, report)
-
-
-def solve(sweeps: Sweeps, a, b, eps, rho, tol, max_iter, schedule, symmetric, progress=None):
-    """The log-domain iterations of transferops.ot._sinkhorn_loop on the Triton sweeps, every
-    problem of the batch frozen once it converges (checked every CHECK_EVERY iterations, on the
-    device; the host syncs there only). The marginal error of iteration k needs the f update's
-    log-sum-exp at g_k, which iteration k + 1 computes anyway: the check costs no extra sweep.
-    Returns (f, g, transport, ot_eps, n_iter, error) as the other backends (float64)."""
-    rho_a, rho_b = rho if isinstance(rho, tuple) else (rho, rho)
-    acc, dev, B = sweeps.acc, sweeps.device, sweeps.B
-    la, lb = a.to(acc).log(), b.to(acc).log()
-    mass = a.to(acc).sum(-1)
-    everyone = torch.ones(B, dtype=torch.int32, device=dev)
-
-    def lam(r, e):
-        return 1.0 if r is None else r / (r + e)
-
-    f = torch.zeros(B, sweeps.N, dtype=acc, device=dev)
-    g = torch.zeros(B, sweeps.M, dtype=acc, device=dev)
-    for e in schedule:  # symmetric: averaged, as in the main loop (plain updates can 2-cycle)
-        if symmetric:
-            f = g = (f - lam(rho_a, e) * e * sweeps.lse(g, lb, e, everyone)) / 2
-        else:
-            f = -lam(rho_a, e) * e * sweeps.lse(g, lb, e, everyone)
-            g = -lam(rho_b, e) * e * sweeps.lse(f, la, e, everyone, transposed=True)
-    lam_a, lam_b = lam(rho_a, eps), lam(rho_b, eps)
-    active = torch.ones(B, dtype=torch.bool, device=dev)
-    live = everyone  # active as the kernels read it (int32), remade at each check
-    n_iter = torch.zeros(B, dtype=torch.int64, device=dev)
-    error = torch.full((B,), math.inf, dtype=acc, device=dev)
-
-    def check(lse_f):
-        nonlocal active, error, live
-        row = (la + f / eps + lse_f).exp()
-        target = la.exp() if rho_a is None else (la - f / rho_a).exp()
-        error = torch.where(active, (row - target).abs().sum(-1) / mass, error)
-        active = active & ~(error <= tol)
-        live = active.to(torch.int32)
-
-    for it in range(1, max_iter + 2):
-        lse_f = sweeps.lse(g, lb, eps, live)
-        if (it - 1) % CHECK_EVERY == 0 and it > 1 or it == max_iter + 1:
-            check(lse_f)
-            if progress is not None:
-                worst = int(torch.where(active, error, -1.0).argmax())
-                progress(worst, it - 1, float(error[worst]))
-            if it == max_iter + 1 or not bool(active.any()):
-                break
-        keep = active[:, None]
-        if symmetric:
-            f = g = torch.where(keep, (f - lam_a * eps * lse_f) / 2, f)
-        else:
-            f = torch.where(keep, -lam_a * eps * lse_f, f)
-            g = torch.where(keep, -lam_b * eps * sweeps.lse(f, la, eps, live, transposed=True), g)
-        n_iter += active
-    transport, entropy = sweeps.values(f, g, la, lb, eps, everyone)
-    value = transport + eps * entropy
-    if rho is not None:
-        rows = (la + f / eps + sweeps.lse(g, lb, eps, everyone)).exp()
-        cols = (lb + g / eps + sweeps.lse(f, la, eps, everyone, transposed=True)).exp()
-        for r, marginal, lw in ((rho_a, rows, la), (rho_b, cols, lb)):
-            if r is not None:
-                value = value + r * _generalized_kl(marginal, lw, -1)
-    return tuple(t.double() for t in (f, g, transport, value)) + (n_iter, error.double())
 
 
 def envelope_sums(sweeps: Sweeps, a, b, f, g, eps):
