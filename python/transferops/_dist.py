@@ -96,7 +96,7 @@ def from_environment(device: torch.device | str = "cpu"):
     return dist.group.WORLD
 
 
-_calls = itertools.count()
+_calls: dict[tuple[int, ...], itertools.count] = {}  # agreements so far, per group (its ranks)
 
 
 def _store():
@@ -137,10 +137,12 @@ def agree(group, error: str | None, *, timeout_s: float | None = None) -> None:
             raise RankFailure(error)
         return
     dist = torch.distributed
-    store, call = _store(), next(_calls)
     me = dist.get_rank()
     ranks = [dist.get_global_rank(group, r) for r in range(world(group))]
-    store.set(f"transferops/agree/{call}/{me}", "" if error is None else "!" + error)
+    call = next(_calls.setdefault(tuple(ranks), itertools.count()))
+    prefix = f"transferops/agree/{'-'.join(map(str, ranks))}"
+    store = _store()
+    store.set(f"{prefix}/{call}/{me}", "" if error is None else "!" + error)
     deadline = time.monotonic() + (TIMEOUT_S if timeout_s is None else timeout_s)
     said: dict[int, str] = {}
     lost: dict[int, str] = {}
@@ -148,7 +150,7 @@ def agree(group, error: str | None, *, timeout_s: float | None = None) -> None:
         for r in ranks:
             if r in said or r in lost:
                 continue
-            key = f"transferops/agree/{call}/{r}"
+            key = f"{prefix}/{call}/{r}"
             if store.check([key]):
                 said[r] = store.get(key).decode()
             else:
@@ -165,3 +167,5 @@ def agree(group, error: str | None, *, timeout_s: float | None = None) -> None:
                  if r not in said and r not in lost]
     if problems:
         raise RankFailure("; ".join(problems))
+    if call:  # every rank has set this call's key, so has read the last call's: drop this rank's
+        store.delete_key(f"{prefix}/{call - 1}/{me}")
