@@ -1,6 +1,6 @@
 """Triton kernels of the OT hot path: Sinkhorn's half-steps, its values and its gradients, each
 streamed over tiles of the costs, which are recomputed from the points (never stored: memory
-O((N + M) d)) or read from a given cost matrix; and the solver loop that drives them
+O((N + M) d)) or read from a given cost matrix. transferops._ot_sweeps' solver loop drives them
 (transferops.ot registers it as the "triton" backend; see that module for the equations).
 
 One kernel, ``_sweep``, serves every pass. For a block of rows i of one problem it streams the
