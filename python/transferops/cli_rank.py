@@ -143,11 +143,10 @@ def _read_labels(labels_path: str, regression: bool):
 def _rank_features(args) -> int:
     """Rank models by their saved features: one [N, D] file per model."""
     import json
-    import time
 
     import torch
 
-    from . import transferability as tr
+    from . import _dist
 
     wanted = args.scores or (["logme"] if args.regression else list(RANK_SCORES))
     if args.regression and set(wanted) - {"logme"}:
@@ -158,19 +157,85 @@ def _rank_features(args) -> int:
         raise CLIError("--labels is required: the class ids of the N samples")
     if args.data is not None:
         raise CLIError("--data goes with --models; feature files hold the models' outputs already")
-    _writable(args.json, "--json")
-    _writable(args.csv, "--csv")
-    labels_path = args.labels
-    labels, N = _read_labels(labels_path, args.regression)
+    group = _joined("cpu")
+    names = [Path(p).name for p in args.features]
+    if len(set(names)) < len(names):  # same file name in different folders: show the paths
+        names = list(args.features)
 
+    def work():
+        _writable_outputs(args, group)
+        labels, N = _read_labels(args.labels, args.regression)
+        owner = _dist.split_balanced([_bytes(p) for p in args.features], _dist.world(group))
+        return [(i, *_score_file(args, path, model, labels, N, wanted))
+                for i, (path, model) in enumerate(zip(args.features, names)) if owner[i] == _dist.rank(group)]
+
+    scored = sorted(t for part in _gathered(group, work) for t in part)  # (file index, row, NCTI terms)
+    rows = [row for _, row, _ in scored]
+    if "ncti" in wanted:
+        from . import transferability_collapse as tc
+
+        for row, value in zip(rows, tc.ncti_combine(torch.stack([t for _, _, t in scored])).tolist()):
+            row["ncti"] = value
+    rows.sort(key=lambda r: -r[wanted[0]])
+
+    def output():
+        width = max(len(r["model"]) for r in rows)
+        print(f"{'rank':>4}  {'model':<{width}}  " + "  ".join(f"{n:>16} {'time':>8}" for n in wanted))
+        for i, r in enumerate(rows, 1):
+            print(f"{i:>4}  {r['model']:<{width}}  "
+                  + "  ".join(f"{r[n]:>16.6g} {r[n + '_s'] * 1e3:>6.0f}ms" for n in wanted))
+        if args.json:
+            _write(args.json, "--json", lambda f: f.write(json.dumps(rows, indent=1)))
+        if args.csv:
+            import csv
+
+            def fill(f):
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+
+            _write(args.csv, "--csv", fill)
+
+    _on_first(group, output)
+    return 0
+
+
+def _score_file(args, path: str, model: str, labels, N: int, wanted) -> tuple[dict, object]:
+    """(the table row of one features file: every score and its time, NCTI's raw terms [3] or
+    None); NCTI normalizes over every file once all are scored."""
+    import time
+
+    import torch
+
+    from . import transferability as tr
     from . import transferability_collapse as tc
 
+    feats = _load_array(path, "features")
+    if feats.dim() != 2:
+        raise CLIError(f"{path}: features: expected [N, D] (one model per file), got shape {tuple(feats.shape)}")
+    n, D = (int(s) for s in feats.shape)
+    if n != N:
+        raise CLIError(f"{path}: features: {n} rows, but {args.labels} holds {N} labels (expected one per row)")
+    if D < 1:
+        raise CLIError(f"{path}: features: expected at least 1 feature, got shape {(n, D)}")
+    if feats.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        feats = feats.double()  # integer, bool or float8 features: their values as numbers
+    # One float64 reduction clears finite features whose sums of squares and of fourth powers
+    # (the Ledoit-Wolf shrinkage's) stay within float64: |F|^4 < 1e300.
+    if not float(torch.linalg.vector_norm(feats, dtype=torch.float64)) < 1e75:
+        bad = ~torch.isfinite(feats)
+        count = int(bad.sum())
+        if count:
+            i, j = (int(k) for k in bad.nonzero()[0])
+            raise CLIError(f"{path}: features: expected finite values, found NaN or Inf in {count} "
+                           f"entr{'y' if count == 1 else 'ies'} (the first at row {i}, column {j})")
+        raise CLIError(f"{path}: features: values too large (largest magnitude {float(feats.abs().max()):.3g}; "
+                       "the scores sum their squares and fourth powers in float64): rescale them")
     classes = None if args.regression else tr._class_labels(labels, N)[1]
-    ncti_terms = []
+    terms = []
 
     def ncti_of(f) -> float:
-        """NCTI normalizes over the candidates: the raw terms per file now, the scores below."""
-        ncti_terms.append(tc.ncti([f], classes, return_terms=True)[1][0])
+        terms.append(tc.ncti([f], classes, return_terms=True)[1][0])
         return math.nan
 
     scorers = {"logme": lambda f: tr.logme(f, labels, regression=args.regression, compat=args.compat),
@@ -179,66 +244,113 @@ def _rank_features(args) -> int:
                "transrate": lambda f: tr.transrate(f, labels), "sfda": lambda f: tr.sfda(f, labels),
                "tmi": lambda f: tr.tmi(f, labels), "etran": lambda f: tc.etran(f),
                "ncti": ncti_of}
-    names = [Path(p).name for p in args.features]
-    if len(set(names)) < len(names):  # same file name in different folders: show the paths
-        names = list(args.features)
-    rows = []
-    for path, model in zip(args.features, names):
-        feats = _load_array(path, "features")
-        if feats.dim() != 2:
-            raise CLIError(f"{path}: features: expected [N, D] (one model per file), got shape {tuple(feats.shape)}")
-        n, D = (int(s) for s in feats.shape)
-        if n != N:
-            raise CLIError(f"{path}: features: {n} rows, but {labels_path} holds {N} labels (expected one per row)")
-        if D < 1:
-            raise CLIError(f"{path}: features: expected at least 1 feature, got shape {(n, D)}")
-        if feats.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            feats = feats.double()  # integer, bool or float8 features: their values as numbers
-        # One float64 reduction clears finite features whose sums of squares and of fourth powers
-        # (the Ledoit-Wolf shrinkage's) stay within float64: |F|^4 < 1e300.
-        if not float(torch.linalg.vector_norm(feats, dtype=torch.float64)) < 1e75:
-            bad = ~torch.isfinite(feats)
-            count = int(bad.sum())
-            if count:
-                i, j = (int(k) for k in bad.nonzero()[0])
-                raise CLIError(f"{path}: features: expected finite values, found NaN or Inf in {count} "
-                               f"entr{'y' if count == 1 else 'ies'} (the first at row {i}, column {j})")
-            raise CLIError(f"{path}: features: values too large (largest magnitude {float(feats.abs().max()):.3g}; "
-                           "the scores sum their squares and fourth powers in float64): rescale them")
-        row = {"model": model, "N": n, "D": D}
-        for name in wanted:
-            t0 = time.perf_counter()
-            try:
-                row[name] = float(scorers[name](feats))
-            except (ValueError, TypeError) as e:
-                blamed = labels_path if str(e).startswith("labels") else path
-                raise CLIError(f"{blamed}: {name}: {e}") from None
-            except torch.linalg.LinAlgError as e:  # a solver that the features defeat (extreme scale, say)
-                raise CLIError(f"{path}: {name}: features: {str(e).splitlines()[0]}") from None
-            row[f"{name}_s"] = time.perf_counter() - t0
-        rows.append(row)
-    if ncti_terms:
-        for row, value in zip(rows, tc.ncti_combine(torch.stack(ncti_terms)).tolist()):
-            row["ncti"] = value
-    rows.sort(key=lambda r: -r[wanted[0]])
-    width = max(len(r["model"]) for r in rows)
-    print(f"{'rank':>4}  {'model':<{width}}  " + "  ".join(f"{n:>16} {'time':>8}" for n in wanted))
-    for i, r in enumerate(rows, 1):
-        print(f"{i:>4}  {r['model']:<{width}}  " + "  ".join(f"{r[n]:>16.6g} {r[n + '_s'] * 1e3:>6.0f}ms" for n in wanted))
-    if args.json:
-        _write(args.json, "--json", lambda f: f.write(json.dumps(rows, indent=1)))
-    if args.csv:
-        import csv
-
-        def fill(f):
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-
-        _write(args.csv, "--csv", fill)
-    return 0
+    row = {"model": model, "N": n, "D": D}
+    for name in wanted:
+        t0 = time.perf_counter()
+        try:
+            row[name] = float(scorers[name](feats))
+        except (ValueError, TypeError) as e:
+            blamed = args.labels if str(e).startswith("labels") else path
+            raise CLIError(f"{blamed}: {name}: {e}") from None
+        except torch.linalg.LinAlgError as e:  # a solver that the features defeat (extreme scale, say)
+            raise CLIError(f"{path}: {name}: features: {str(e).splitlines()[0]}") from None
+        row[f"{name}_s"] = time.perf_counter() - t0
+    return row, (terms[0] if terms else None)
 
 
+# ---- under torchrun: the candidates split over the ranks ------------------------------------------
+
+
+def _joined(device):
+    """The process group when run by ``torchrun`` (None on its own), this process announced to
+    it so that a peer can tell when it dies."""
+    from . import _dist
+
+    group = _dist.from_environment(device)
+    _dist.announce(group)
+    return group
+
+
+def _bytes(path: str) -> int:
+    """The balance weight of a candidate: a features file's size, or a model folder's weights'
+    (its forward passes dominate); 1 where unknown (a cached model's name, a missing file),
+    whose owner then reports the error."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            return max(1, sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin")))
+        return max(1, p.stat().st_size)
+    except OSError:
+        return 1
+
+
+def _agreed(group, work):
+    """``work()`` on this rank; under torchrun a failure on any rank ends every rank with one
+    ``error: rank N failed: ...`` line and exit status 2 (see :func:`_exit_together`), before
+    any waits on a rank that stopped."""
+    from . import _dist
+    from .transferability_dist import agreed
+
+    try:
+        return agreed(group, work)
+    except _dist.RankFailure as e:
+        _exit_together(str(e))
+
+
+EXIT_WAIT_S = 10.0  # how long a failing rank waits for its peers to be ready to exit too
+
+
+def _exit_together(message: str):
+    """Print the error and exit with status 2 at the same moment as every other live rank.
+    torchrun stops the remaining ranks (SIGTERM) as soon as it sees one exit with an error:
+    so SIGTERM is ignored from here on, the ranks meet in the rendezvous store (those that
+    died are not waited for past EXIT_WAIT_S), and each leaves by os._exit, without the
+    interpreter's teardown, whose length varies by rank. Nothing is left to clean up: no
+    output was written."""
+    import signal
+    import sys
+    import threading
+    from datetime import timedelta
+
+    import torch
+
+    if threading.current_thread() is threading.main_thread():  # where Python sets handlers
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # One write: the ranks share torchrun's stderr, and a line written in parts can interleave.
+    os.write(sys.stderr.fileno(), f"transferops rank: error: {message}\n".encode())
+    store = torch.distributed.distributed_c10d._get_default_store()
+    try:
+        if store.add("transferops/rank/exit", 1) == torch.distributed.get_world_size():
+            store.set("transferops/rank/exit/all", "")
+        store.wait(["transferops/rank/exit/all"], timedelta(seconds=EXIT_WAIT_S))
+    except RuntimeError:  # a peer that died, or the store with it (its rank 0): leave now
+        pass
+    os._exit(2)
+
+
+def _gathered(group, work) -> list:
+    """Every rank's result of ``work()`` (its share of the candidates), in rank order."""
+    from .transferability_dist import gather_objects
+
+    return gather_objects(_agreed(group, work), group)
+
+
+def _on_first(group, output) -> None:
+    """``output()`` (the table and the files) on the first rank only; its failure fails all."""
+    from . import _dist
+
+    _agreed(group, lambda: output() if _dist.rank(group) == 0 else None)
+
+
+def _writable_outputs(args, group) -> None:
+    """Refuse, before any scoring, outputs that the first rank (which writes them) cannot write."""
+    from . import _dist
+
+    if _dist.rank(group) == 0:
+        _writable(args.json, "--json")
+        _writable(args.csv, "--csv")
 
 
 MAX_DATA_BYTES = 1 << 30  # a data file larger than this is refused before it is read
@@ -306,7 +418,8 @@ def _rank_models(args) -> int:
     """Rank models by running them over the data (rank_models), every layer asked for."""
     import torch
 
-    from .transferability_models import rank_models
+    from . import _dist
+    from .transferability_models import candidate_rows, ranked
 
     if args.features:
         raise CLIError("give feature files or --models, not both")
@@ -322,6 +435,8 @@ def _rank_models(args) -> int:
     layers = _layers(args.layers)
     try:
         device = torch.device(args.device)
+        if device.type == "cuda" and device.index is None:  # under torchrun: each rank its own GPU
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:  # a device torch has no backend or no such index for
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -330,8 +445,62 @@ def _rank_models(args) -> int:
     for value, flag in ((args.batch_size, "--batch-size"), (args.max_length, "--max-length")):
         if value < 1:
             raise CLIError(f"{flag}: expected a positive integer, got {value}")
-    _writable(args.json, "--json")
-    _writable(args.csv, "--csv")
+    group = _joined(device)
+    leader = _dist.rank(group) == 0
+    names = [Path(m).name or m for m in args.models]
+    if len(set(names)) < len(names):  # the same folder name in two places: show the paths
+        names = list(args.models)
+    if args.quiet or not leader:  # transformers' own loading bars too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+    def work():
+        _writable_outputs(args, group)
+        data, labels = _data_and_labels(args)
+        owner = _dist.split_balanced([_bytes(m) for m in args.models], _dist.world(group))
+        mine = {name: m for i, (name, m) in enumerate(zip(names, args.models)) if owner[i] == _dist.rank(group)}
+        if not mine:
+            return {}
+        try:  # the models load one at a time, when their turn comes
+            rows, terms = candidate_rows(mine, data, labels, scores=scores, layers=layers, pooling=args.pooling,
+                                         batch_size=args.batch_size, max_length=args.max_length, compat=args.compat,
+                                         device=device, progress=leader and not args.quiet, backend="auto")
+        except torch.OutOfMemoryError:
+            raise CLIError(f"out of memory on {args.device}: lower --batch-size or --max-length, or rank fewer "
+                           "layers (each keeps a D x D matrix; transrate C of them)") from None
+        terms = [t.cpu() for t in terms] or [None] * len(rows)
+        return _by_model(rows, terms)
+
+    scored = {}
+    for part in _gathered(group, work):
+        scored.update(part)
+    rows = [pair for name in names for pair in scored[name]]  # (row, NCTI terms) in the models' order
+    result = ranked(tuple(scores), [row for row, _ in rows], [t for _, t in rows if t is not None])
+
+    def output():
+        print(result.table())
+        if args.json:
+            _write(args.json, "--json", lambda f: f.write(result.to_json()))
+        if args.csv:
+            _write(args.csv, "--csv", lambda f: f.write(result.to_csv()))
+
+    _on_first(group, output)
+    return 0
+
+
+def _by_model(rows: list, terms: list) -> dict:
+    """{model: [(row, its NCTI terms or None)]}, the rows of each model in their order."""
+    out: dict = {}
+    for row, t in zip(rows, terms):
+        out.setdefault(row["model"], []).append((row, t))
+    return out
+
+
+def _data_and_labels(args) -> tuple:
+    """--data's inputs and their labels (from --labels, or the .jsonl), checked to match."""
+    import torch
+
     data, file_labels = _read_data(args.data)
     if args.labels is not None:
         labels, N = _read_labels(args.labels, False)
@@ -346,26 +515,7 @@ def _rank_models(args) -> int:
     n = len(data) if isinstance(data, list) else int(data.shape[0])
     if n != N:
         raise CLIError(f"{args.data}: data: {n} samples, but {where} holds {N} labels (expected one per sample)")
-    names = [Path(m).name or m for m in args.models]
-    if len(set(names)) < len(names):  # the same folder name in two places: show the paths
-        names = list(args.models)
-    if args.quiet:  # transformers' own loading bars too
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    try:  # the models load one at a time, when their turn comes
-        result = rank_models(dict(zip(names, args.models)), data, labels, scores=scores, layers=layers,
-                             pooling=args.pooling, batch_size=args.batch_size, max_length=args.max_length,
-                             compat=args.compat, device=device, progress=not args.quiet)
-    except torch.OutOfMemoryError:
-        raise CLIError(f"out of memory on {args.device}: lower --batch-size or --max-length, or rank fewer layers "
-                       "(each keeps a D x D matrix; transrate C of them)") from None
-    print(result.table())
-    if args.json:
-        _write(args.json, "--json", lambda f: f.write(result.to_json()))
-    if args.csv:
-        _write(args.csv, "--csv", lambda f: f.write(result.to_csv()))
-    return 0
+    return data, labels
 
 
 def _rank(args) -> int:
@@ -408,7 +558,12 @@ table lists each model's best layer by the first score; --json and --csv hold
 every layer.
 
 A mistake in a file (its shape or dtype, NaN, labels that do not match the
-features) is one error line naming the file, and exit status 2."""
+features) is one error line naming the file, and exit status 2.
+
+Under torchrun (torchrun --standalone --nproc-per-node 2 --no-python transferops
+rank ...) the files or models are split over the processes, balanced by their
+bytes; the first prints the table and writes --json/--csv. If one fails, all
+exit with status 2 and "error: rank N failed: ..."."""
 
     p = sub.add_parser("rank", help="rank candidate models' features for a labeled target task by transferability",
                        description=rank_description, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from . import _checks
+from . import _checks, _dist
 from ._backend import BackendUnavailable, forced_backend
 from ._logme import add_rows, logme_from_grams, logme_op
 
@@ -141,13 +141,20 @@ class LogMEStream:
     N <= D, through F F^T, which does not stream). Classes are the distinct ids over all chunks.
     ``backend`` as :func:`logme`'s, chosen at the first update for its features' device; every
     later chunk must come on that device (labels are moved there).
+
+    ``group``: a torch.distributed process group (None: this process alone). Each rank feeds its
+    own rows (any number, none included: a rank may never call update) of the same models, and
+    :meth:`score` sums every rank's statistics, one all-reduce of the Gram matrices' lower
+    triangles, F^T Y and |y|^2 (the classes united over the ranks, in id order), so the scores
+    are those of all the rows in one process, to float64 rounding.
     """
 
-    def __init__(self, *, regression: bool = False, compat: str = "corrected", backend: str = "auto"):
+    def __init__(self, *, regression: bool = False, compat: str = "corrected", backend: str = "auto", group=None):
         if compat not in COMPAT:
             raise ValueError(f"compat: expected one of {list(COMPAT)}, got {compat!r}")
         forced_backend(backend)  # a name that is no backend fails here, not at the first update
         self.regression, self.compat, self.backend = regression, compat, backend
+        self.group = _dist.group_of(group)
         self.samples, self.many, self.chosen, self.device = 0, None, None, None
         self.grams: list[torch.Tensor] = []  # per model (native: the lower triangle, column ordered)
         self.projected: list[torch.Tensor] = []  # per model, F^T Y [D_m, K]
@@ -194,21 +201,40 @@ class LogMEStream:
         return torch.nn.functional.one_hot(columns, self.classes.numel()).double(), columns
 
     def score(self, *, return_params: bool = False):
-        """The scores so far, as :func:`logme` returns them (the stream can go on after)."""
-        if self.samples < 2:
-            raise ValueError(f"LogMEStream: expected at least 2 samples, got {self.samples}")
-        if not self.regression and int((self.y2 > 0).sum()) < 2:
+        """The scores so far, as :func:`logme` returns them (the stream can go on after). With a
+        ``group``, over every rank's rows: collective, every rank calls it and gets the same
+        scores; each model is solved on one rank (split by D^3) and its result shared."""
+        world = _dist.world(self.group)
+        if world > 1:
+            from .transferability_dist import stream_totals
+
+            samples, many, chosen, grams, projections, y2 = stream_totals(self)
+        else:
+            by_id = slice(None) if self.regression or self.classes is None else torch.argsort(self.classes)
+            samples, many, chosen, grams = self.samples, self.many, self.chosen, self.grams
+            projections = [B[:, by_id] for B in self.projected]  # the classes as logme() orders them
+            y2 = None if self.y2 is None else self.y2[by_id]
+        if samples < 2:
+            raise ValueError(f"LogMEStream: expected at least 2 samples, got {samples}")
+        if not self.regression and int((y2 > 0).sum()) < 2:
             raise ValueError("labels: expected at least two classes over all updates")
-        for H in self.grams:
-            if self.compat == "official" and self.samples <= H.shape[0]:
-                raise ValueError(f"compat='official' streams only when N > D (N = {self.samples}, D = {H.shape[0]}); "
+        for H in grams:
+            if self.compat == "official" and samples <= H.shape[0]:
+                raise ValueError(f"compat='official' streams only when N > D (N = {samples}, D = {H.shape[0]}); "
                                  "use compat='corrected' or logme() on the whole features")
-        by_id = slice(None) if self.regression else torch.argsort(self.classes)  # as logme() orders them
-        scores, params = logme_from_grams(self.chosen, self.grams, [B[:, by_id] for B in self.projected],
-                                          self.y2[by_id], self.samples, self.compat, return_params)
-        scores = scores if self.many else scores[0]
+        if world > 1:
+            from .transferability_dist import agreed, owned, shared_solutions
+
+            mine = owned([H.shape[0] ** 3 for H in grams], self.group)
+            solved = agreed(self.group, lambda: logme_from_grams(  # a solver's failure stops every rank
+                chosen, [grams[i] for i in mine], [projections[i] for i in mine], y2, samples, self.compat,
+                return_params) if mine else (None, []))
+            scores, params = shared_solutions(mine, *solved, len(grams), return_params, grams[0].device, self.group)
+        else:
+            scores, params = logme_from_grams(chosen, grams, projections, y2, samples, self.compat, return_params)
+        scores = scores if many else scores[0]
         if return_params:
-            return scores, (params if self.many else params[0])
+            return scores, (params if many else params[0])
         return scores
 
 

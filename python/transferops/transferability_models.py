@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import _dist
 from . import transferability as tr
 from . import transferability_stats as ts
 
@@ -346,15 +347,14 @@ def _one_pass(cand: _Candidate, data, N: int, layers, pooling: str, batch_size: 
             m.training = flag
 
 
-def _statistics(cand: _Candidate, data, N: int, y: torch.Tensor, classes: int, wanted: set, settings: dict) -> dict:
-    """{layer: FeatureStats} of one model over the data."""
-    from .transferability_collapse import etran_count
-
+def _statistics(cand: _Candidate, data, N: int, y: torch.Tensor, classes: int, wanted: set, lowest: int,
+                settings: dict) -> dict:
+    """{layer: FeatureStats} of one model over the data (``lowest``: ETran's sample count)."""
     stats: dict = {}
 
     def add(i, x, lo, hi, dtype):
         if i not in stats:
-            stats[i] = ts.FeatureStats(x.shape[1], classes, wanted, x.device, lowest=etran_count(N))
+            stats[i] = ts.FeatureStats(x.shape[1], classes, wanted, x.device, lowest=lowest)
         stats[i].update(x, tr._on_device(y[lo:hi], x.device), dtype)
 
     _one_pass(cand, data, N, add=add, **settings)
@@ -362,16 +362,16 @@ def _statistics(cand: _Candidate, data, N: int, y: torch.Tensor, classes: int, w
 
 
 def _posteriors(cand: _Candidate, data, N: int, y: torch.Tensor, stats: dict, settings: dict) -> dict:
-    """NCTI's second pass: {layer: its terms [3]}."""
+    """NCTI's second pass: {layer: its ts.Posteriors over the data}."""
     post = {i: ts.Posteriors(st, f"{cand.name} layer {i}") for i, st in stats.items()}
     _one_pass(cand, data, N, add=lambda i, x, lo, hi, dtype: post[i].update(x, tr._on_device(y[lo:hi], x.device)),
               **settings)
-    return {i: p.terms() for i, p in post.items()}
+    return post
 
 
 def rank_models(models, data, labels, *, scores=("logme", "hscore", "gbc_log"), layers="last", pooling: str = "mean",
                 batch_size: int = 32, max_length: int = 128, compat: str = "corrected", device=None,
-                progress: bool = True, backend: str = "auto") -> RankResult:
+                progress: bool = True, backend: str = "auto", group=None) -> RankResult:
     """Score candidate models on a labelled target set by running them over it once each.
 
     Parameters
@@ -396,6 +396,13 @@ def rank_models(models, data, labels, *, scores=("logme", "hscore", "gbc_log"), 
     pooling : over the tokens of a [B, T, D] output: "mean" over the attention mask (default),
         "cls" (the first unmasked token) or "last" (the last unmasked one), right or left
         padding alike. [B, C, H, W] outputs are averaged over H and W.
+    group : a torch.distributed process group, None (default) for this process alone. Each
+        rank passes the same models and its own shard of the samples (``data`` and ``labels``,
+        any number of them, none included), and every model's statistics are summed over the
+        ranks (one all-reduce per model) before its scores are taken, so the result is that of
+        all the samples in one process, to float64 rounding, and the same on every rank.
+        Collective: every rank calls it. An error on any rank raises
+        ``transferops._dist.RankFailure`` on every rank, naming the rank and its error.
 
     Each model runs in inference mode on its own device and dtype (``device``: where models
     given as folders go, default the CPU; each is loaded when its turn comes; a callable or a
@@ -404,6 +411,36 @@ def rank_models(models, data, labels, *, scores=("logme", "hscore", "gbc_log"), 
     positions; ``compat`` and ``backend`` are LogME's (see :func:`transferops.logme`; the
     other scores are torch code, "reference"). Returns a :class:`RankResult`.
     """
+    wanted_scores = ts.check_scores(scores)
+    rows, terms = candidate_rows(models, data, labels, scores=wanted_scores, layers=layers, pooling=pooling,
+                                 batch_size=batch_size, max_length=max_length, compat=compat, device=device,
+                                 progress=progress, backend=backend, group=group)
+    return ranked(wanted_scores, rows, terms)
+
+
+def ranked(scores: tuple, rows: list, terms: list) -> RankResult:
+    """The :class:`RankResult` of rows from :func:`candidate_rows`, NCTI (when asked for)
+    normalized over every row's raw terms, which meet on the first one's device."""
+    result = RankResult(scores, rows)
+    if terms:
+        from .transferability_collapse import ncti_combine
+
+        combined = ncti_combine(torch.stack([tr._on_device(t, terms[0].device) for t in terms]))
+        for row, value in zip(rows, combined):
+            row["ncti"] = float(value)
+    return result
+
+
+def candidate_rows(models, data, labels, *, scores, layers, pooling: str, batch_size: int, max_length: int,
+                   compat: str, device, progress: bool, backend: str, group=None) -> tuple[list, list]:
+    """:func:`rank_models`' work before NCTI's normalization over the candidates: its rows (one
+    per model and layer, every score but ncti) and, if ncti is asked for, each row's raw NCTI
+    terms [3] (else []). Rows of models scored apart (by ``transferops rank`` on several ranks)
+    join into one result through :func:`ranked`."""
+    from . import transferability_dist as td
+    from .transferability_collapse import etran_count
+
+    group = _dist.group_of(group)
     wanted_scores = ts.check_scores(scores)
     if pooling not in POOLINGS:
         raise ValueError(f"pooling: expected one of {list(POOLINGS)}, got {pooling!r}")
@@ -414,31 +451,50 @@ def rank_models(models, data, labels, *, scores=("logme", "hscore", "gbc_log"), 
         raise ValueError(f"compat: expected one of {list(tr.COMPAT)}, got {compat!r}")
     if not (layers in ("last", "all", "mean") or isinstance(layers, (int, list, tuple))):
         raise ValueError(f"layers: expected 'last', 'all', 'mean' or layer indices, got {layers!r}")
-    N = _data_size(data)
-    if N < 2:
-        raise ValueError(f"data: expected at least 2 samples, got {N}")
-    ids, y = tr._class_labels(labels, N)
     ts.check_backend(wanted_scores, backend)
-    wanted = ts.needs(wanted_scores)
-    settings = dict(layers=layers, pooling=pooling, batch_size=batch_size, max_length=max_length, progress=progress)
-    result = RankResult(wanted_scores)
-    terms = []
-    for name, model in _named(models):
-        cand = _candidate(model, name, device=device)
-        stats = _statistics(cand, data, N, y, ids.numel(), wanted, settings)
-        if "ncti" in wanted_scores:
-            terms += list(_posteriors(cand, data, N, y, stats, settings).values())
-        for layer, st in stats.items():
-            row = {"model": name, "layer": layer, "dim": st.dim}
-            for s in wanted_scores:
-                if s not in ts.SECOND_PASS:
-                    row[s] = ts.score(st, s, compat=compat, backend=backend)
-            result.rows.append(row)
-    if terms:  # normalized over every (model, layer) candidate
-        from .transferability_collapse import ncti_combine
+    items = _named(models)
+    world, me = _dist.world(group), _dist.rank(group)
 
-        # Models may run on different devices: their terms meet on the first one's.
-        combined = ncti_combine(torch.stack([tr._on_device(t, terms[0].device) for t in terms]))
-        for row, value in zip(result.rows, combined):
-            row["ncti"] = float(value)
-    return result
+    def shard():  # what may differ between ranks: checked on each, then agreed on
+        N = _data_size(data)
+        if world == 1 and N < 2:
+            raise ValueError(f"data: expected at least 2 samples, got {N}")
+        return (N, *tr._class_labels(labels, N, min_classes=2 if world == 1 else 0))
+
+    N, ids, y = td.agreed(group, shard)
+    classes, total = ids.numel(), N
+    if world > 1:
+        y, classes, total = td.shard_classes(ids, y, N, group)
+    wanted = ts.needs(wanted_scores)
+    settings = dict(layers=layers, pooling=pooling, batch_size=batch_size, max_length=max_length,
+                    progress=progress and me == 0)
+    mine: dict = {}  # model index -> (rows, terms) of the models this rank scores
+    for index, (name, model) in enumerate(items):
+        def first_pass():
+            cand = _candidate(model, name, device=device)
+            return cand, _statistics(cand, data, N, y, classes, wanted, etran_count(total), settings)
+
+        cand, stats = td.agreed(group, first_pass)
+        stats = td.summed_stats(stats, group, classes, wanted, etran_count(total))
+        post = {}
+        if "ncti" in wanted_scores:
+            post = td.agreed(group, lambda: _posteriors(cand, data, N, y, stats, settings))
+            td.summed_posteriors(post, group)
+
+        def score():  # on one rank per model, in turn
+            rows = []
+            for layer, st in stats.items():
+                row = {"model": name, "layer": layer, "dim": st.dim}
+                for s in wanted_scores:
+                    if s not in ts.SECOND_PASS:
+                        row[s] = ts.score(st, s, compat=compat, backend=backend)
+                rows.append(row)
+            return rows, [post[layer].terms() for layer in stats if layer in post]
+
+        scored = td.agreed(group, lambda: score() if index % world == me else None)
+        if scored is not None:
+            mine[index] = scored
+    if world > 1:
+        mine = td.share({i: (rows, [t.cpu() for t in terms]) for i, (rows, terms) in mine.items()}, group)
+    rows = [row for i in range(len(items)) for row in mine[i][0]]
+    return rows, [t for i in range(len(items)) for t in mine[i][1]]

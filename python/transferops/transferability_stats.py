@@ -97,6 +97,43 @@ class FeatureStats:
             self.fourth += (sq * sq).sum()
             self.sq_weighted += sq @ z
 
+    # ---- across processes -----------------------------------------------------------------------
+
+    def sums(self) -> list[torch.Tensor]:
+        """The statistics that are sums over samples (relative to :attr:`shift`), in a fixed
+        order: those of two sets of samples with the same shift add up to those of their union."""
+        return [t for t in (self.counts, self.class_sums, self.gram, self.class_sq, self.class_gram, self.fourth,
+                            self.sq_weighted) if t is not None]
+
+    def move_shift(self, x0: torch.Tensor) -> None:
+        """Re-express every sum relative to ``x0`` [D] instead of :attr:`shift` (in place), so that
+        statistics of other processes, moved to the same x0, can be added. With d = x0' - x0 (the
+        old shift less the new) each sample's x - x0 = z + d, and each sum expands exactly in the
+        old ones: sum (z + d)(z + d)^T = G + s d^T + d s^T + n d d^T, and so on. Statistics of no
+        sample (all zero) just take the new shift."""
+        x0 = x0.to(dtype=torch.float64, device=self.counts.device)
+        if self.shift is None or self.n == 0:
+            self.shift = x0
+            return
+        d = self.shift - x0
+        dd = float(d @ d)
+        s = self.class_sums.sum(0)
+        if self.fourth is not None:  # before the Gram matrix and z's sums move
+            trace, gd, sd = float(torch.trace(self.gram)), self.gram @ d, float(s @ d)
+            # |z + d|^2 = |z|^2 + 2 z.d + |d|^2, squared and summed term by term
+            self.fourth += (4 * float(d @ gd) + self.n * dd * dd + 4 * float(self.sq_weighted @ d) + 2 * dd * trace
+                            + 4 * dd * sd)
+            self.sq_weighted += trace * d + 2 * gd + 2 * sd * d + dd * s + self.n * dd * d
+        if self.gram is not None:
+            self.gram += torch.outer(s, d) + torch.outer(d, s) + self.n * torch.outer(d, d)
+        if self.class_sq is not None:
+            self.class_sq += 2 * d * self.class_sums + self.counts[:, None] * (d * d)
+        if self.class_gram is not None:
+            sd_c = self.class_sums[:, :, None] * d
+            self.class_gram += sd_c + sd_c.mT + self.counts[:, None, None] * torch.outer(d, d)
+        self.class_sums += self.counts[:, None] * d
+        self.shift = x0
+
     # ---- derived moments ----------------------------------------------------------------------
 
     def _present(self) -> torch.Tensor:
