@@ -31,7 +31,7 @@ def _child(target, rank, world, init_file, threads, results, args):
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=60))
         value, error = target(rank, world, *args), None
-    except BaseException:  # noqa: BLE001: reported to the parent, which fails the test
+    except BaseException:  # noqa: BLE001 (reported to the parent, which fails the test)
         value, error = None, traceback.format_exc()
     # pickled here, by value: the queue's own pickler would share tensors through file
     # descriptors that die with this process, which exits right away

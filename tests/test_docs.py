@@ -42,7 +42,7 @@ EXAMPLES = [pytest.param(path, line, code, id=f"{path.relative_to(ROOT)}:{line}"
 
 
 def test_every_document_has_a_running_example():
-    assert [p.name for p in DOCS[1:]] == ["adapters.md", "gpu.md", "merging.md", "ot.md", "transferability.md"]
+    assert [p.name for p in DOCS[1:]] == ["adapters.md", "distributed.md", "gpu.md", "merging.md", "ot.md", "transferability.md"]
     for path in DOCS:
         assert any(runs for _, _, runs in python_blocks(path)), f"{path.name}: no runnable ```python example"
 

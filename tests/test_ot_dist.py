@@ -144,7 +144,7 @@ def _errors(rank, world):
         try:
             ot.sinkhorn(args.pop("x"), args.pop("y"), args.pop("a"), args.pop("b"),
                         group=torch.distributed.group.WORLD, **args)
-        except Exception as e:  # noqa: BLE001: the test compares each rank's error
+        except Exception as e:  # noqa: BLE001 (the test compares each rank's error)
             errors.append(f"{type(e).__name__}: {e}")
     return errors
 

@@ -81,10 +81,10 @@ def split_balanced(sizes, parts: int) -> list[int]:
     return owner
 
 
-def from_environment(device: torch.device | str = "cpu"):
-    """The default group for a command started by ``torchrun`` (WORLD_SIZE > 1 in the
-    environment), initialized here if need be (NCCL for a CUDA device, else gloo); None for
-    a command run on its own."""
+def process_group(device: torch.device | str = "cpu"):
+    """The default group of a script or command started by ``torchrun`` (WORLD_SIZE > 1 in the
+    environment), initialized here if need be (NCCL for a CUDA device, each rank on its
+    LOCAL_RANK's GPU; else gloo); None when it runs on its own. Pass it as the ops' ``group=``."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     dist = torch.distributed
@@ -94,6 +94,9 @@ def from_environment(device: torch.device | str = "cpu"):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=TIMEOUT_S))
     return dist.group.WORLD
+
+
+from_environment = process_group  # TODO(rename): call sites move to process_group
 
 
 _calls: dict[tuple[int, ...], itertools.count] = {}  # agreements so far, per group (its ranks)

@@ -657,5 +657,12 @@ def sinkhorn_loss(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean"
     return value if batched else value[0]
 
 
-# OTDD builds on the solver above; it lives in its own module, and is this module's too.
-from ._otdd import dataset_distance  # noqa: E402, F401
+
+def __getattr__(name: str):
+    """``dataset_distance`` (OTDD) lives in transferops._otdd, which builds on this module; it is
+    this module's too, loaded on first access (no import cycle)."""
+    if name == "dataset_distance":
+        from ._otdd import dataset_distance
+
+        return dataset_distance
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
