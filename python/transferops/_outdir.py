@@ -8,6 +8,12 @@ staging folder of random name made inside it with mode 0700, so nothing planted 
 ``overwrite`` replaces and renames the staged files into place with termination signals held
 back, ``abort`` removes the staging folder (and the output folder, if this writer made it).
 Staging folders left by a killed writer are removed by the next writer that takes the lock.
+
+Several processes (the ranks of a merge across processes) write one output together: one of
+them holds the OutputFolder and creates every file; the others reach its staging folder through
+a :class:`StagingPeer`, which opens those files for writing (never creating one, following no
+symlink) and checks that each is the very file created (its device and inode). A peer that
+outlives the writer removes what the writer, killed, left behind.
 """
 from __future__ import annotations
 
@@ -19,9 +25,11 @@ import shutil
 import signal
 import stat
 import threading
+import time
 from pathlib import Path
 
 STAGING = ".transferops-staging-"
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SIGNALS = tuple(getattr(signal, s) for s in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, s))
 
 
@@ -82,7 +90,7 @@ class OutputFolder:
 
     def _open(self, overwrite: bool) -> None:
         try:
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            self.fd = os.open(self.path, _DIRECTORY)
         except OSError as e:
             why = "is a symbolic link; give the folder itself" if os.path.islink(self.path) else e.strerror
             raise OutputError(f"output {self.path}: {why}") from None
@@ -109,7 +117,7 @@ class OutputFolder:
             except FileExistsError:
                 continue
         self.stage = name
-        self.stage_fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+        self.stage_fd = os.open(name, _DIRECTORY, dir_fd=self.fd)
 
     def create(self, name: str):
         """A new file ``name`` of the staging folder, open for binary writing."""
@@ -134,11 +142,14 @@ class OutputFolder:
         return [self.path / name for name in names]
 
     def abort(self) -> None:
-        """Remove the staging folder, and the output folder if it was made here and is empty."""
-        self._close()
-        if self.made:
-            with contextlib.suppress(OSError):
-                os.rmdir(self.path)
+        """Remove the staging folder, and the output folder if it was made here and is empty,
+        with termination signals held back (so that the removal is not cut short: when one
+        process of several fails, a launcher such as torchrun terminates the others)."""
+        with held_signals():
+            self._close()
+            if self.made:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.path)
 
     def _close(self) -> None:
         if self.stage_fd is not None:
@@ -152,3 +163,68 @@ class OutputFolder:
             os.close(self.fd)  # releases the lock
             self.fd = None
 
+
+class StagingPeer:
+    """Another process's way into the staging folder ``stage`` of the OutputFolder at ``path``,
+    which ``made`` or not (a rank of a merge across processes; rank 0 holds the folder): the
+    files the folder's writer created there, opened for writing in place."""
+
+    def __init__(self, path: str | os.PathLike, stage: str, made: bool):
+        self.path, self.stage, self.made = Path(path), stage, made
+        self.fd = self.stage_fd = None
+        if not stage.startswith(STAGING) or "/" in stage:
+            raise OutputError(f"output {self.path}: {stage!r} is not a staging folder's name")
+        try:
+            self.fd = os.open(self.path, _DIRECTORY)
+            self.stage_fd = os.open(stage, _DIRECTORY, dir_fd=self.fd)
+        except OSError as e:
+            self.close()
+            raise OutputError(f"output {self.path}: cannot open the staging folder {stage} that rank 0 made: "
+                              f"{e.strerror} (across hosts, the output must lie on a filesystem every rank "
+                              "shares, at the same path)") from None
+
+    def open(self, name: str, identity: tuple[int, int]):
+        """File ``name`` of the staging folder, open for binary writing: the very file whose
+        (device, inode) is ``identity``, neither created nor truncated here."""
+        fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.stage_fd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != tuple(identity):
+            os.close(fd)
+            raise OutputError(f"output {self.path}: {self.stage}/{name} is not the file rank 0 created")
+        return os.fdopen(fd, "wb")
+
+    def close(self) -> None:
+        for fd in (self.stage_fd, self.fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.stage_fd = None
+
+    def abort(self, wait_s: float = 30.0) -> None:
+        """Close; wait (up to ``wait_s`` seconds) until the writer has let go of the folder's
+        lock, having aborted or been killed; then remove what it left, its staging folder and
+        the output folder if it made it and that is empty. Waiting also keeps this process
+        alive until the writer is done, so that a launcher that terminates the other processes
+        once one exits (torchrun) does not cut the writer's cleanup short."""
+        self.close()
+        try:
+            fd = os.open(self.path, _DIRECTORY)
+        except OSError:  # gone: the writer removed the folder it made
+            return
+        try:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        return  # the writer still holds it, and removes its staging folder itself
+                    time.sleep(0.02)
+            with held_signals():
+                with contextlib.suppress(FileNotFoundError):
+                    shutil.rmtree(self.stage, dir_fd=fd)
+                if self.made:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(self.path)
+        finally:
+            os.close(fd)

@@ -386,10 +386,16 @@ class ShardedWriter:
     """Writes tensors, in a fixed order announced up front, into shards of at most
     ``shard_bytes`` (one tensor never splits) plus an index when there is more than one shard,
     all created in ``folder``'s staging area; ``commit`` moves them into place and ``abort``
-    removes them, so a failed merge leaves no partial checkpoint."""
+    removes them, so a failed merge leaves no partial checkpoint.
+
+    Several processes may write one checkpoint: one creates the files (``made`` None), whose
+    :meth:`identities` the others pass as ``made``, with the same plan, size and metadata, and
+    a :class:`transferops._outdir.StagingPeer` as ``folder``; they then open those files and
+    write their tensors in place (headers and sizes already there), and ``close`` them when
+    done, before the first commits."""
 
     def __init__(self, folder, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_bytes: int,
-                 metadata: dict[str, str]):
+                 metadata: dict[str, str], *, made: dict[str, tuple[int, int]] | None = None):
         self.folder = folder
         shards: list[list[tuple[str, torch.dtype, tuple[int, ...], int]]] = [[]]
         used = 0
@@ -403,6 +409,17 @@ class ShardedWriter:
         n = len(shards)
         self.names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.files, self.where, self.weight_map, self.total = [], {}, {}, 0
+        try:
+            self._lay_out(shards, metadata, made)
+        except BaseException:
+            for f in self.files:
+                f.close()
+            raise
+
+    def _lay_out(self, shards: list, metadata: dict[str, str], made) -> None:
+        """Open each shard's file (created, with its header and its space reserved, where ``made``
+        is None) and note where each tensor goes."""
+        folder = self.folder
         for i, shard in enumerate(shards):
             header, offset = {"__metadata__": metadata}, 0
             for name, dtype, shape, nbytes in shard:
@@ -411,13 +428,16 @@ class ShardedWriter:
                 self.weight_map[name] = self.names[i]
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-            f = folder.create(self.names[i])
-            self.files.append(f)
-            f.write(struct.pack("<Q", len(raw)) + raw)
             base = 8 + len(raw)
             for name, dtype, shape, nbytes in shard:
                 self.where[name] = (i, base + header[name]["data_offsets"][0], nbytes, dtype)
             self.total += offset
+            if made is not None:
+                self.files.append(folder.open(self.names[i], made[self.names[i]]))
+                continue
+            f = folder.create(self.names[i])
+            self.files.append(f)
+            f.write(struct.pack("<Q", len(raw)) + raw)
             try:  # reserve the space now, so that a full disk fails here, before any work
                 os.posix_fallocate(f.fileno(), 0, base + offset)
             except OSError as e:
@@ -425,6 +445,10 @@ class ShardedWriter:
                     raise OSError(e.errno, f"{folder.path / self.names[i]}: cannot reserve {base + offset} bytes: "
                                            f"{e.strerror}") from None
                 f.truncate(base + offset)
+
+    def identities(self) -> dict[str, tuple[int, int]]:
+        """(device, inode) of each shard file, for the writers of other processes (``made``)."""
+        return {name: (st.st_dev, st.st_ino) for name, st in zip(self.names, (os.fstat(f.fileno()) for f in self.files))}
 
     def write(self, name: str, start_element: int, data: torch.Tensor) -> None:
         """Write ``data`` (flat, of the tensor's dtype) at element ``start_element`` of ``name``."""
@@ -440,13 +464,17 @@ class ShardedWriter:
             n = os.pwrite(fd, view, pos)
             view, pos = view[n:], pos + n
 
-    def commit(self, extra: list[str] = ()) -> list[Path]:
-        """Flush every shard, write the index, and move them all, with the ``extra`` files
-        staged beside them, into the output folder (the index last)."""
+    def close(self) -> None:
+        """Flush every shard to disk and close it."""
         for f in self.files:
             f.flush()
             os.fsync(f.fileno())
             f.close()
+
+    def commit(self, extra: list[str] = ()) -> list[Path]:
+        """Flush every shard, write the index, and move them all, with the ``extra`` files
+        staged beside them, into the output folder (the index last)."""
+        self.close()
         names = self.names + list(extra)
         if len(self.names) > 1:
             with self.folder.create(INDEX) as f:

@@ -120,7 +120,7 @@ def _merge(args) -> int:
 
     import torch
 
-    from . import _mergeconfig
+    from . import _dist, _mergeconfig
     from .merging_models import merge_files
 
     kw = _mergeconfig.load(args.config) if args.config else {}
@@ -141,21 +141,30 @@ def _merge(args) -> int:
         raise CLIError("--config gives per-tensor values (gradients or filters): set the method's arguments in "
                        f"the config, not as flags ({', '.join('--' + k for k in per_tensor if flags[k] is not None)})")
     base, models = kw.pop("base", None), kw.pop("models")
+    # Under torchrun (WORLD_SIZE > 1) the ranks merge together; rank 0 alone speaks, of its share.
+    ours = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    group = _dist.process_group(args.device or "cpu")
+    first, world = _dist.rank(group) == 0, _dist.world(group)
     started, last = time.perf_counter(), [0.0]
 
     def progress(done, total, name):
         now = time.perf_counter()
-        if args.quiet or (now - last[0] < 0.5 and done < total):
+        if args.quiet or not first or (now - last[0] < 0.5 and done < total):
             return
         last[0] = now
         rate = done / max(now - started, 1e-9) / 1e6
-        print(f"\r  merged {done / 1e6:,.0f} / {total / 1e6:,.0f} MB ({100 * done / max(total, 1):.0f}%, "
+        share = " of rank 0's share" if world > 1 else ""
+        print(f"\r  merged {done / 1e6:,.0f} / {total / 1e6:,.0f} MB{share} ({100 * done / max(total, 1):.0f}%, "
               f"{rate:,.0f} MB/s) {name[-40:]:<40}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
     paths = merge_files(base, models, args.output, max_memory=args.max_memory, shard_size=args.shard_size,
                         overwrite=args.overwrite, backend=args.backend, device=args.device or "cpu",
-                        progress=progress, **kw)
-    print(f"wrote {len(paths)} file(s) to {args.output} in {time.perf_counter() - started:.1f} s")
+                        progress=progress, group=group, **kw)
+    if group is not None and ours:  # else gloo's threads may abort the interpreter's exit (SIGABRT); a
+        torch.distributed.destroy_process_group()  # failure keeps the group: _run's exit needs its store
+    if first:
+        ranks = f" by {world} ranks" if world > 1 else ""
+        print(f"wrote {len(paths)} file(s) to {args.output}{ranks} in {time.perf_counter() - started:.1f} s")
     return 0
 
 
@@ -253,6 +262,11 @@ def _run(args) -> int:
         text = str(e) if not isinstance(e, OSError) or e.filename is None else f"{e.filename}: {e.strerror}"
         print(f"{prog}: error: {text}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a rank under torchrun failed: every rank prints it and exits 2 together
+        dist = sys.modules.get("transferops._dist")  # loaded by any command that has ranks
+        if dist is None or not isinstance(e, dist.RankFailure):
+            raise
+        return dist.failed(f"{prog}: error: {e}")
     except (Interrupted, KeyboardInterrupt) as e:
         signum = e.args[0] if isinstance(e, Interrupted) else signal.SIGINT
         print(f"{prog}: interrupted by {signal.Signals(signum).name}", file=sys.stderr)

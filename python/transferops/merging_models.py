@@ -15,6 +15,7 @@ top-k's included, and nothing goes back to the host but what is written to disk.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -93,10 +94,12 @@ def _merge_tensor(name: str, base_read, model_reads, numel: int, dtype: torch.dt
             emit(s, merged.view(-1))
 
 
-def _scope_majority(pieces, spec: MergeSpec, picked: str) -> int:
+def _scope_majority(pieces, spec: MergeSpec, picked: str, ranks=None) -> int:
     """The paper's sign for zero votes over a scope merged in pieces (model_reads, base_read,
     start, count, whole-tensor trims, weights): a counting pass, native or Triton where the
-    merge runs that backend (``picked``), torch otherwise."""
+    merge runs that backend (``picked``), torch otherwise. With ``ranks`` (a
+    transferops.merging_dist.Ranks of several processes), the counts of each rank's pieces
+    are summed across them."""
     total = 0
     for model_reads, base_read, s, c, trims, weights in pieces:
         models, base, piece = [read(s, c) for read in model_reads], base_read(s, c), replace(spec, offset=s, trims=trims)
@@ -112,22 +115,29 @@ def _scope_majority(pieces, spec: MergeSpec, picked: str) -> int:
                                               replace(piece, zero_sign=1), "signs")
         else:
             total += int(torch.sign(_reference_votes(_task_vectors(models, base), weights, piece)[3]).sum())
-    return _majority(int(total))
+    return _majority(int(total) if ranks is None else ranks.count(int(total)))
 
 
-def _streamed_select(kind: str, pieces, numel: int, tasks: int, key_dtype: torch.dtype, device: torch.device):
+def _streamed_select(kind: str, pieces, numel: int, tasks: int, key_dtype: torch.dtype, device: torch.device,
+                     ranks=None, mine=None):
     """The exact top-k select (see :mod:`transferops._topk`) over chunks (model_reads, base_read,
     start, count) in flat order, whose task values are theta_t - theta_0 in ``key_dtype``: the
-    native one (``kind``) or the device one."""
-    if kind == "native":
+    native one (``kind``) or the device one. With ``ranks`` (a transferops.merging_dist.Ranks
+    of several processes) each rank feeds the chunks ``mine`` flags to a radix select on sums
+    across the ranks (see transferops._topk.Shared), in torch on the CPU."""
+    if kind == "native" and ranks is None:
         return _topk.streamed(_model_passes(pieces), numel, tasks, max(c for *_, c in pieces))
+    starts = list(itertools.accumulate((c for *_, c in pieces), initial=0))[:-1]  # in the whole scope
 
     def chunks():
-        at = 0  # the chunk's first flat index in the whole scope
-        for model_reads, base_read, s, c in pieces:
-            yield [read(s, c).view(1, -1) for read in model_reads], base_read(s, c).view(1, -1), at
-            at += c
-    return _topk.device(chunks, numel, tasks, key_dtype, device)
+        for (model_reads, base_read, s, c), at, fed in zip(pieces, starts, mine or itertools.repeat(True)):
+            if fed:
+                yield at, lambda model_reads=model_reads, base_read=base_read, s=s, c=c: (
+                    [read(s, c).view(1, -1) for read in model_reads], base_read(s, c).view(1, -1))
+    shared = None if ranks is None else _topk.Shared(starts, ranks.total)
+    if kind == "native":
+        return _topk.spread(chunks, numel, tasks, key_dtype, shared)
+    return _topk.device(chunks, numel, tasks, key_dtype, device, shared)
 
 
 def _model_passes(pieces):
@@ -140,13 +150,15 @@ def _model_passes(pieces):
     return passes
 
 
-def _global_trims(items, spec: MergeSpec, chunk_of, weights_of, backend: str) -> tuple[dict, MergeSpec]:
+def _global_trims(items, spec: MergeSpec, chunk_of, weights_of, backend: str, ranks=None) -> tuple[dict, MergeSpec]:
     """One top-k threshold per task over all the float tensors of the model together (the TIES
     paper's choice), streamed chunk by chunk, split into per-tensor trims; and ``spec`` with
     the paper's zero-vote sign, when it asks for it, taken over the whole model too. The
     tensors are concatenated in sorted-name order, as the paper's code flattens them, so that
     the ties kept at the threshold (lowest position first) do not depend on file or dict order.
-    ``items`` holds (name, numel, dtype, device, reads), reads[0] the base's."""
+    ``items`` holds (name, numel, dtype, device, reads), reads[0] the base's. With ``ranks`` (a
+    transferops.merging_dist.Ranks of several processes) each rank reads only the tensors it
+    owns, and the counts are summed across the ranks: the same trims and sign on every rank."""
     if spec.density is None or not items:
         return {}, spec
     items = sorted(items, key=lambda item: item[0])
@@ -164,8 +176,9 @@ def _global_trims(items, spec: MergeSpec, chunk_of, weights_of, backend: str) ->
     total = sum(numel for _, numel, _, _, _ in items)
     chunked = [(name, reads, s, c) for name, numel, dtype, _, reads in items
                for s, c in _chunks(numel, chunk_of(numel, dtype, device))]
+    mine = None if ranks is None else [ranks.owns(name) for name, *_ in chunked]
     select = _streamed_select(kind, [(reads[1:], reads[0], s, c) for _, reads, s, c in chunked], total,
-                              len(items[0][4]) - 1, accs.pop(), device)
+                              len(items[0][4]) - 1, accs.pop(), device, ranks, mine)
     per_task = _topk.trims(select, total, spec)
     out, offset = {}, 0
     for name, numel, _, _, _ in items:
@@ -173,7 +186,8 @@ def _global_trims(items, spec: MergeSpec, chunk_of, weights_of, backend: str) ->
         offset += numel
     if spec.zero_sign is None:
         spec = replace(spec, zero_sign=_scope_majority(
-            [(reads[1:], reads[0], s, c, out[name], weights_of(name)) for name, reads, s, c in chunked], spec, picked))
+            [(reads[1:], reads[0], s, c, out[name], weights_of(name)) for name, reads, s, c in chunked
+             if ranks is None or ranks.owns(name)], spec, picked, ranks))
     return out, spec
 
 
@@ -275,14 +289,16 @@ def _check_base(plan: _Plan, has_base: bool) -> None:
         raise ValueError(f"base: method {plan.method!r} takes no base model (give the models only)")
 
 
-def _scope_trims(plan: _Plan, scope: str, items, chunk_of, backend: str) -> tuple[dict, MergeSpec | None]:
-    """Model-wide trims (``scope="global"``) and the spec they go with, or ({}, None)."""
+def _scope_trims(plan: _Plan, scope: str, items, chunk_of, backend: str, ranks=None) -> tuple[dict, MergeSpec | None]:
+    """Model-wide trims (``scope="global"``) and the spec they go with, or ({}, None); see
+    :func:`_global_trims` for ``ranks``."""
     if scope != "global":
         return {}, None
     if plan.tensorwise or plan.tensor_args is not None:
         raise ValueError("scope: 'global' takes one set of task-vector arguments for the whole model "
                          f"({'a tensor-wise method' if plan.tensorwise else 'tensor_args given'})")
-    return _global_trims(items, plan.spec, lambda n, d, dev: chunk_of(n, d, dev, plan.spec), plan.weights_of, backend)
+    return _global_trims(items, plan.spec, lambda n, d, dev: chunk_of(n, d, dev, plan.spec), plan.weights_of, backend,
+                         ranks)
 
 
 def _merge_tensorwise(plan: _Plan, name: str, base, models: list, backend: str) -> torch.Tensor:
@@ -507,7 +523,7 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
                 rescale=None, scope: str = "tensor",
                 params: dict | None = None, tensor_args=None, max_memory: int = 2 << 30, shard_size: int = 5 << 30, overwrite: bool = False, dtype=None,
                 out_dtype=None, model_files: bool = True, tokenizer_source=None, config_text: str | None = None,
-                backend: str = "auto", device="cpu", progress=None) -> list:
+                backend: str = "auto", device="cpu", progress=None, group=None) -> list:
     """:func:`merge` over safetensors checkpoints (files, or folders of shards with
     ``model.safetensors.index.json``), streamed tensor by tensor and in chunks of huge tensors
     so that the working memory stays under about ``max_memory`` bytes whatever the model size.
@@ -533,13 +549,21 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
     ``device``: where the chunks are merged, "cpu" or a CUDA device ("cuda", "cuda:1"): each is
     read from disk, moved there and merged there (Triton's passes, the exact top-k's included);
     only the merged chunks come back to the host, to be written. ``max_memory`` then bounds the
-    working memory on the device as well as on the host."""
+    working memory on the device as well as on the host.
+
+    ``group``: a torch.distributed process group (``torch.distributed.group.WORLD``: all
+    ranks) whose ranks merge together, each a disjoint share of the tensors balanced by bytes,
+    into the checkpoint one process writes, bit for bit (``scope="global"`` and random masks
+    included); call it on every rank with the same arguments, ``out`` on a filesystem they
+    share. Nothing is committed unless every rank succeeds; if one fails or dies, every other
+    raises transferops._dist.RankFailure naming it, and no output is left. ``progress`` then
+    counts this rank's share. See :mod:`transferops.merging_dist`."""
     import json
 
-    from . import __version__, _modelfiles
-    from ._outdir import OutputFolder
-    from ._safetensors import Checkpoint, ShardedWriter
+    from . import __version__, _modelfiles, merging_dist
+    from ._safetensors import Checkpoint
 
+    ranks = merging_dist.Ranks(group)
     method_args = _method_args(method, density=density, sign=sign, semantics=semantics, seed=seed, gamma=gamma,
                                epsilon=epsilon, normalize=normalize, rescale=rescale, params=params)
     _checks.choice(scope, "scope", SCOPES)
@@ -555,57 +579,64 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
     out_dtype = out_dtype or dtype
     if not models:
         raise ValueError("models: expected at least one fine-tuned checkpoint")
-    ckpts = []
+    ckpts, output = [], None
     try:
-        for path in [base, *models] if base is not None else models:
-            ckpts.append(Checkpoint(path))
-        b, ms = ckpts[0], ckpts[1:] if base is not None else ckpts
-        merging = _Plan(method, lam, weights, method_args, tensor_args, list(b.tensors), len(ms))
-        _check_base(merging, base is not None)
-        layout = lambda c: {name: (info.shape, info.dtype) for name, info in c.tensors.items()}
-        _check_compatible(layout(b), [layout(m) for m in ms], [f"models[{i}] ({m.path})" for i, m in enumerate(ms)])
-        T = len(ms)
-        compute = {n: dtype if dtype is not None and i.dtype in _DTYPES else i.dtype for n, i in b.tensors.items()}
-        written = {n: out_dtype if out_dtype is not None and i.dtype in _DTYPES else i.dtype
-                   for n, i in b.tensors.items()}
-        plan = [(n, written[n], i.shape) for n, i in b.tensors.items()]
-        args = {"lam": lam, "weights": _jsonable(weights), "density": density, "sign": sign, "semantics": semantics,
-                "seed": seed, "gamma": gamma, "epsilon": epsilon, "normalize": normalize, "rescale": rescale,
-                "scope": scope, "params": params,
-                "per_tensor": tensor_args is not None,
-                "dtype": None if dtype is None else str(dtype), "out_dtype": None if out_dtype is None else str(out_dtype)}
-        meta = {"format": "pt", "merged_by": f"transferops {__version__}", "merge_method": method,
-                "merge_args": json.dumps(args), "merge_inputs": json.dumps([str(c.path) for c in ckpts])}
+        with ranks.step():
+            for path in [base, *models] if base is not None else models:
+                ckpts.append(Checkpoint(path))
+            b, ms = ckpts[0], ckpts[1:] if base is not None else ckpts
+            merging = _Plan(method, lam, weights, method_args, tensor_args, list(b.tensors), len(ms))
+            _check_base(merging, base is not None)
+            layout = lambda c: {name: (info.shape, info.dtype) for name, info in c.tensors.items()}
+            _check_compatible(layout(b), [layout(m) for m in ms],
+                              [f"models[{i}] ({m.path})" for i, m in enumerate(ms)])
+            T = len(ms)
+            compute = {n: dtype if dtype is not None and i.dtype in _DTYPES else i.dtype for n, i in b.tensors.items()}
+            written = {n: out_dtype if out_dtype is not None and i.dtype in _DTYPES else i.dtype
+                       for n, i in b.tensors.items()}
+            args = {"lam": lam, "weights": _jsonable(weights), "density": density, "sign": sign,
+                    "semantics": semantics, "seed": seed, "gamma": gamma, "epsilon": epsilon, "normalize": normalize,
+                    "rescale": rescale, "scope": scope, "params": params, "per_tensor": tensor_args is not None,
+                    "dtype": None if dtype is None else str(dtype),
+                    "out_dtype": None if out_dtype is None else str(out_dtype)}
+            meta = {"format": "pt", "merged_by": f"transferops {__version__}", "merge_method": method,
+                    "merge_args": json.dumps(args), "merge_inputs": json.dumps([str(c.path) for c in ckpts])}
 
-        def per_element(dtype: torch.dtype) -> int:
-            # T + 1 chunks read and 1 written; T + 3 accumulation-dtype temporaries where the
-            # backend forms the task vectors before merging (the fused native and Triton passes have
-            # none; the latter's tie cut, where one is needed, about as much for one task at a time).
-            return (T + 2) * dtype.itemsize + (T + 3) * _accumulation_dtype(dtype).itemsize
+            def per_element(dtype: torch.dtype) -> int:
+                # T + 1 chunks read and 1 written; T + 3 accumulation-dtype temporaries where the
+                # backend forms the task vectors before merging (the fused native and Triton passes
+                # have none; the latter's tie cut, where one is needed, about as much for one task
+                # at a time).
+                return (T + 2) * dtype.itemsize + (T + 3) * _accumulation_dtype(dtype).itemsize
 
-        def chunk_of(numel: int, dtype: torch.dtype, device: torch.device, spec: MergeSpec) -> int:
-            return _chunk_elements(spec, numel, max(1024, max_memory // per_element(dtype)),
-                                   _paths(backend, device, dtype, spec)[1])
+            def chunk_of(numel: int, dtype: torch.dtype, device: torch.device, spec: MergeSpec) -> int:
+                return _chunk_elements(spec, numel, max(1024, max_memory // per_element(dtype)),
+                                       _paths(backend, device, dtype, spec)[1])
 
-        if merging.tensorwise:
-            for name, info in b.tensors.items():
-                need = info.numel * per_element(compute[name])
-                if info.dtype in _DTYPES and need > max_memory:
-                    raise ValueError(f"max_memory: {method} merges whole tensors, and {name!r} "
-                                     f"({tuple(info.shape)}) needs about {need} bytes; raise max_memory")
-
-        folder = OutputFolder(out, inputs=set().union(*(c.sources for c in ckpts)), overwrite=overwrite)
-        writer = None
-        try:
+            if merging.tensorwise:
+                for name, info in b.tensors.items():
+                    need = info.numel * per_element(compute[name])
+                    if info.dtype in _DTYPES and need > max_memory:
+                        raise ValueError(f"max_memory: {method} merges whole tensors, and {name!r} "
+                                         f"({tuple(info.shape)}) needs about {need} bytes; raise max_memory")
+            ranks.assign({n: i.nbytes for n, i in b.tensors.items()})
+            output = merging_dist.Output(ranks, out, inputs=set().union(*(c.sources for c in ckpts)),
+                                         overwrite=overwrite, plan=[(n, written[n], i.shape) for n, i in b.tensors.items()],
+                                         shard_size=shard_size, metadata=meta)
+        with ranks.step():
+            writer = output.open()
             items = [(name, info.numel, compute[name], device,
                       [lambda s, c, m=m, name=name: m.read(name, s, c).to(device=device, dtype=compute[name])
                        for m in ckpts])
                      for name, info in b.tensors.items() if info.dtype in _DTYPES]
-            trims, spec = _scope_trims(merging, scope, items, chunk_of, backend)
+            trims, spec = _scope_trims(merging, scope, items, chunk_of, backend, ranks if ranks.world > 1 else None)
             reads_of = {name: reads for name, _, _, _, reads in items}
-            writer = ShardedWriter(folder, plan, shard_size, meta)
-            total, done = sum(i.nbytes for i in b.tensors.values()), 0
+            total = sum(info.nbytes for name, info in b.tensors.items() if ranks.owns(name))
+            done = 0
             for name, info in b.tensors.items():
+                if not ranks.owns(name):
+                    continue
+                ranks.poll()
                 reads = reads_of.get(name)
                 if info.dtype not in _DTYPES:
                     writer.write(name, 0, b.read(name))
@@ -625,16 +656,15 @@ def merge_files(base, models, out, *, method: str, lam: float = 1.0, weights=Non
                 done += info.nbytes
                 if progress:
                     progress(done, total, name)
-            extra = _modelfiles.write(folder, b.path, None if tokenizer_source is None else Path(tokenizer_source),
+            extra = _modelfiles.write(output.folder, b.path, None if tokenizer_source is None else Path(tokenizer_source),
                                       out_dtype, method, args, [str(m.path) for m in ms],
-                                      config_text) if model_files else []
-            return writer.commit(extra)
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            else:
-                folder.abort()
-            raise
+                                      config_text) if model_files and ranks.rank == 0 else []
+            output.finish()
+        return output.commit(extra)
+    except BaseException:
+        if output is not None:
+            output.abort()
+        raise
     finally:
         for c in ckpts:
             c.close()

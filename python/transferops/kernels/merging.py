@@ -303,7 +303,7 @@ def fused_merge(tvs, weights, spec, base=None, out=None) -> torch.Tensor:
     numel = out.numel()
     if spec.trims is None and spec.density is not None:
         key_dtype = like.dtype if base is None else _accumulation_dtype(like.dtype)
-        select = _topk.device(lambda: [(rows, base_rows, spec.offset)], numel, len(rows), key_dtype, out.device)
+        select = _topk.device(lambda: [(spec.offset, lambda: (rows, base_rows))], numel, len(rows), key_dtype, out.device)
         spec = replace(spec, trims=tuple(_topk.trims(select, numel, spec)))
     keep_p = None if spec.della is None else della_probabilities(tvs, base, spec)
     if spec.rescale and spec.scales is None:
