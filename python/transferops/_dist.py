@@ -96,13 +96,12 @@ def process_group(device: torch.device | str = "cpu"):
     return dist.group.WORLD
 
 
-from_environment = process_group  # TODO(rename): call sites move to process_group
-
 
 _calls: dict[tuple[int, ...], itertools.count] = {}  # agreements so far, per group (its ranks)
 
 
-def _store():
+def store():
+    """The rendezvous store of the default group (a peer's death cannot block it)."""
     return torch.distributed.distributed_c10d._get_default_store()
 
 
@@ -111,7 +110,7 @@ def announce(group) -> None:
     :func:`agree` can tell, on the same host, that it died rather than runs late. Collective:
     call it on every rank at the start of the work."""
     if world(group) > 1:
-        _store().set(f"transferops/process/{torch.distributed.get_rank()}", f"{socket.gethostname()} {os.getpid()}")
+        store().set(f"transferops/process/{torch.distributed.get_rank()}", f"{socket.gethostname()} {os.getpid()}")
 
 
 def _gone(process: bytes | None) -> str | None:
@@ -144,8 +143,8 @@ def agree(group, error: str | None, *, timeout_s: float | None = None) -> None:
     ranks = [dist.get_global_rank(group, r) for r in range(world(group))]
     call = next(_calls.setdefault(tuple(ranks), itertools.count()))
     prefix = f"transferops/agree/{'-'.join(map(str, ranks))}"
-    store = _store()
-    store.set(f"{prefix}/{call}/{me}", "" if error is None else "!" + error)
+    kv = store()
+    kv.set(f"{prefix}/{call}/{me}", "" if error is None else "!" + error)
     deadline = time.monotonic() + (TIMEOUT_S if timeout_s is None else timeout_s)
     said: dict[int, str] = {}
     lost: dict[int, str] = {}
@@ -154,11 +153,11 @@ def agree(group, error: str | None, *, timeout_s: float | None = None) -> None:
             if r in said or r in lost:
                 continue
             key = f"{prefix}/{call}/{r}"
-            if store.check([key]):
-                said[r] = store.get(key).decode()
+            if kv.check([key]):
+                said[r] = kv.get(key).decode()
             else:
                 process = f"transferops/process/{r}"
-                why = _gone(store.get(process) if store.check([process]) else None)
+                why = _gone(kv.get(process) if kv.check([process]) else None)
                 if why is not None:
                     lost[r] = why
         if len(said) + len(lost) == len(ranks) or time.monotonic() > deadline:
@@ -171,4 +170,76 @@ def agree(group, error: str | None, *, timeout_s: float | None = None) -> None:
     if problems:
         raise RankFailure("; ".join(problems))
     if call:  # every rank has set this call's key, so has read the last call's: drop this rank's
-        store.delete_key(f"{prefix}/{call - 1}/{me}")
+        kv.delete_key(f"{prefix}/{call - 1}/{me}")
+
+
+def reason(e: BaseException) -> str:
+    """What a rank reports of its exception: a user's error as its message (which names the
+    argument or file), anything else with its type."""
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror}"
+    if isinstance(e, (ValueError, TypeError, OSError)):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+def agreed(group, work):
+    """``work()`` on this rank; with several ranks, an exception on any of them raises
+    :class:`RankFailure` on every one (naming the ranks and their messages; chained to this
+    rank's own exception) before the collectives that follow, which a failed rank would never
+    join. Collective."""
+    if world(group) == 1:
+        return work()
+    value = cause = None
+    try:
+        value = work()
+    except Exception as e:  # noqa: BLE001 (reported to every rank, then raised here too)
+        cause = e
+    try:
+        agree(group, None if cause is None else reason(cause))
+    except RankFailure as failure:
+        raise failure from cause
+    return value
+
+
+def gather_objects(obj, group) -> list:
+    """Every rank's picklable ``obj``, in rank order (tensors in it should be on the CPU)."""
+    if world(group) == 1:
+        return [obj]
+    out = [None] * world(group)
+    torch.distributed.all_gather_object(out, obj, group=group)
+    return out
+
+
+EXIT_WAIT_S = 10.0  # how long a failing rank of a command waits for its peers to exit too
+
+
+def failed(line: str) -> int:
+    """A command's end after a RankFailure: print ``line`` and return the exit status 2 or,
+    under torchrun, exit with it at the same moment as every other live rank. torchrun stops the remaining ranks (SIGTERM)
+    as soon as one exits with an error, which would cut their own error line (and cleanup)
+    short: so SIGTERM is ignored from here on, the ranks meet in the rendezvous store (those
+    that died are not waited for past EXIT_WAIT_S), and each leaves by os._exit, without the
+    interpreter's teardown, whose length varies by rank (and whose gloo threads may abort it).
+    The caller has cleaned up: a merge removed its output before raising."""
+    import signal
+    import sys
+    import threading
+
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not torch.distributed.is_initialized():  # no torchrun agent
+        print(line, file=sys.stderr)
+        return 2
+    if threading.current_thread() is threading.main_thread():  # where Python sets handlers
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # One write: the ranks share torchrun's stderr, and a line written in parts can interleave.
+    os.write(sys.stderr.fileno(), f"{line}\n".encode())
+    try:
+        kv = store()
+        if kv.add("transferops/exit", 1) == torch.distributed.get_world_size():
+            kv.set("transferops/exit/all", "")
+        kv.wait(["transferops/exit/all"], timedelta(seconds=EXIT_WAIT_S))
+    except RuntimeError:  # a peer that died, or the store with it (its rank 0): leave now
+        pass
+    os._exit(2)

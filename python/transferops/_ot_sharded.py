@@ -3,7 +3,8 @@ arguments of ``sinkhorn(..., group=)`` checked on every rank at once, y's blocks
 weights' defaults taken over all ranks; the iterations are transferops._ot_sweeps'.
 
 Every rank must reach the same collectives: an argument that one rank rejects is reported to
-all (each raises, naming that rank) instead of leaving the others waiting in an all-gather.
+all (each raises RankFailure naming that rank and its error) instead of leaving the others
+waiting in an all-gather.
 """
 from __future__ import annotations
 
@@ -14,23 +15,6 @@ import torch
 from . import _dist, _otdd, ot
 
 _DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-
-
-def collective(group, check):
-    """``check()`` on every rank; where it rejects an argument on some rank (TypeError,
-    ValueError, NotImplementedError), every rank raises: that rank its own error, the others a
-    RankFailure naming it."""
-    try:
-        out, error, caught = check(), None, None
-    except (TypeError, ValueError, NotImplementedError) as e:
-        out, error, caught = None, str(e), e
-    try:
-        _dist.agree(group, error)
-    except _dist.RankFailure:
-        if caught is not None:
-            raise caught from None
-        raise
-    return out
 
 
 def same_everywhere(group, what: str, values: list[int], device) -> None:
@@ -83,7 +67,7 @@ def sinkhorn(x, y, a, b, *, eps, cost, tol, max_iter, eps_scaling, reach, progre
     """transferops.ot.sinkhorn with ``group`` (see its docstring)."""
     group = _dist.group_of(group)
     batched = isinstance(x, torch.Tensor) and x.dim() == 3
-    xb, yb, a, b = collective(group, lambda: _local(x, y, a, b, cost))
+    xb, yb, a, b = _dist.agreed(group, lambda: _local(x, y, a, b, cost))
     B, n, m, d = xb.shape[0], xb.shape[1], yb.shape[1], xb.shape[2]
     same_everywhere(group, "x, y, a, b (batch, width, dtypes, weights given, y's points unless y_sharded)",
                     [B, d, _DTYPES.index(xb.dtype), _DTYPES.index(yb.dtype), a is None, b is None,
@@ -128,7 +112,7 @@ def dataset_distance(Xs, ys, Xt, yt, *, eps, inner, tol, max_iter, return_label_
         if Xs.requires_grad or Xt.requires_grad:
             raise NotImplementedError("dataset_distance: gradients across ranks (group=) are not implemented")
         return s, t
-    (Xs, ys, ids_s), (Xt, yt, ids_t) = collective(group, local)
+    (Xs, ys, ids_s), (Xt, yt, ids_t) = _dist.agreed(group, local)
     same_everywhere(group, "Xs, Xt (width, Xt's rows unless target_sharded)",
                     [Xs.shape[1], -1 if target_sharded else Xt.shape[0]], Xs.device)
     ys, ids_s = _global_classes(ys, ids_s, group)

@@ -266,7 +266,7 @@ def _joined(device):
     it so that a peer can tell when it dies."""
     from . import _dist
 
-    group = _dist.from_environment(device)
+    group = _dist.process_group(device)
     _dist.announce(group)
     return group
 
@@ -284,64 +284,19 @@ def _bytes(path: str) -> int:
         return 1
 
 
-def _agreed(group, work):
-    """``work()`` on this rank; under torchrun a failure on any rank ends every rank with one
-    ``error: rank N failed: ...`` line and exit status 2 (see :func:`_exit_together`), before
-    any waits on a rank that stopped."""
-    from . import _dist
-    from .transferability_dist import agreed
-
-    try:
-        return agreed(group, work)
-    except _dist.RankFailure as e:
-        _exit_together(str(e))
-
-
-EXIT_WAIT_S = 10.0  # how long a failing rank waits for its peers to be ready to exit too
-
-
-def _exit_together(message: str):
-    """Print the error and exit with status 2 at the same moment as every other live rank.
-    torchrun stops the remaining ranks (SIGTERM) as soon as it sees one exit with an error:
-    so SIGTERM is ignored from here on, the ranks meet in the rendezvous store (those that
-    died are not waited for past EXIT_WAIT_S), and each leaves by os._exit, without the
-    interpreter's teardown, whose length varies by rank. Nothing is left to clean up: no
-    output was written."""
-    import signal
-    import sys
-    import threading
-    from datetime import timedelta
-
-    import torch
-
-    if threading.current_thread() is threading.main_thread():  # where Python sets handlers
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # One write: the ranks share torchrun's stderr, and a line written in parts can interleave.
-    os.write(sys.stderr.fileno(), f"transferops rank: error: {message}\n".encode())
-    store = torch.distributed.distributed_c10d._get_default_store()
-    try:
-        if store.add("transferops/rank/exit", 1) == torch.distributed.get_world_size():
-            store.set("transferops/rank/exit/all", "")
-        store.wait(["transferops/rank/exit/all"], timedelta(seconds=EXIT_WAIT_S))
-    except RuntimeError:  # a peer that died, or the store with it (its rank 0): leave now
-        pass
-    os._exit(2)
-
-
 def _gathered(group, work) -> list:
-    """Every rank's result of ``work()`` (its share of the candidates), in rank order."""
-    from .transferability_dist import gather_objects
+    """Every rank's result of ``work()`` (its share of the candidates), in rank order; a failure
+    on any rank raises RankFailure on all (the CLI's ``error: rank N failed: ...``)."""
+    from . import _dist
 
-    return gather_objects(_agreed(group, work), group)
+    return _dist.gather_objects(_dist.agreed(group, work), group)
 
 
 def _on_first(group, output) -> None:
     """``output()`` (the table and the files) on the first rank only; its failure fails all."""
     from . import _dist
 
-    _agreed(group, lambda: output() if _dist.rank(group) == 0 else None)
+    _dist.agreed(group, lambda: output() if _dist.rank(group) == 0 else None)
 
 
 def _writable_outputs(args, group) -> None:

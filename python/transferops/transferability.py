@@ -223,10 +223,10 @@ class LogMEStream:
                 raise ValueError(f"compat='official' streams only when N > D (N = {samples}, D = {H.shape[0]}); "
                                  "use compat='corrected' or logme() on the whole features")
         if world > 1:
-            from .transferability_dist import agreed, owned, shared_solutions
+            from .transferability_dist import owned, shared_solutions
 
             mine = owned([H.shape[0] ** 3 for H in grams], self.group)
-            solved = agreed(self.group, lambda: logme_from_grams(  # a solver's failure stops every rank
+            solved = _dist.agreed(self.group, lambda: logme_from_grams(  # a solver's failure stops every rank
                 chosen, [grams[i] for i in mine], [projections[i] for i in mine], y2, samples, self.compat,
                 return_params) if mine else (None, []))
             scores, params = shared_solutions(mine, *solved, len(grams), return_params, grams[0].device, self.group)

@@ -21,42 +21,12 @@ from . import _dist
 from . import transferability_stats as ts
 
 
-def gather_objects(obj, group) -> list:
-    """Every rank's picklable ``obj``, in rank order (tensors in it should be on the CPU)."""
-    if _dist.world(group) == 1:
-        return [obj]
-    out = [None] * _dist.world(group)
-    torch.distributed.all_gather_object(out, obj, group=group)
-    return out
-
-
 def _device(where: torch.device | None, kind: str) -> torch.device:
     """Where a rank's sums go into the all-reduce: where they are, or, on a rank that has none,
     the device kind (``kind``, "cpu" or "cuda") of the ranks that do."""
     if where is not None:
         return where
     return torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
-
-
-def agreed(group, work):
-    """``work()`` on this rank; with several ranks, an exception on any of them raises
-    :class:`transferops._dist.RankFailure` on every one (naming the ranks and their messages)
-    before the collectives that follow, which a failed rank would never join."""
-    if _dist.world(group) == 1:
-        return work()
-    value = cause = None
-    try:
-        value = work()
-    except Exception as e:  # noqa: BLE001 (reported to every rank, then raised here too)
-        cause = e
-    try:
-        # A user's mistake (ValueError, TypeError) as its message names the argument; else its type too.
-        error = None if cause is None else str(cause) if isinstance(cause, (ValueError, TypeError)) \
-            else f"{type(cause).__name__}: {cause}"
-        _dist.agree(group, error)
-    except _dist.RankFailure as failure:
-        raise failure from cause
-    return value
 
 
 # ---- LogMEStream ------------------------------------------------------------------------------------
@@ -71,7 +41,7 @@ def stream_totals(stream) -> tuple:
               widths=[H.shape[0] for H in stream.grams], kind=None if stream.device is None else stream.device.type,
               ids=None if stream.regression or not stream.samples else stream.classes.cpu(),
               K=0 if stream.y2 is None else stream.y2.numel())
-    meta = gather_objects(me, group)
+    meta = _dist.gather_objects(me, group)
     fed = [m for m in meta if m["samples"]]
     if not fed:
         raise ValueError("LogMEStream: expected at least 2 samples over the group's ranks, got 0")
@@ -127,7 +97,7 @@ def owned(sizes, group) -> list[int]:
 def share(mine: dict, group) -> dict:
     """{index: value} of every rank, from each rank's own (picklable values, on the CPU)."""
     out = {}
-    for part in gather_objects(mine, group):
+    for part in _dist.gather_objects(mine, group):
         out.update(part)
     return out
 
@@ -148,7 +118,7 @@ def shared_solutions(mine: list[int], scores, params: list, count: int, with_par
 def shard_classes(ids: torch.Tensor, y: torch.Tensor, N: int, group) -> tuple[torch.Tensor, int, int]:
     """(this shard's class indices among every rank's classes [N], the number of classes, the
     total sample count), from its distinct ids and its indices among them (y)."""
-    meta = gather_objects((N, ids.cpu()), group)
+    meta = _dist.gather_objects((N, ids.cpu()), group)
     total = sum(n for n, _ in meta)
     union = torch.unique(torch.cat([i for _, i in meta]))
     if total < 2:
@@ -171,7 +141,7 @@ def summed_stats(stats: dict, group, classes: int, wanted: set, lowest: int) -> 
     me = dict(rank=torch.distributed.get_rank(), layers=mine, kind=None)
     if stats:
         me["kind"] = next(iter(stats.values())).counts.device.type
-    meta = gather_objects(me, group)
+    meta = _dist.gather_objects(me, group)
     fed = [m for m in meta if m["layers"]]
     first = fed[0]  # shard_classes saw at least 2 samples
     shapes = {layer: v["dim"] for layer, v in first["layers"].items()}
@@ -206,7 +176,7 @@ def summed_posteriors(post: dict, group) -> None:
     if _dist.world(group) == 1:
         return
     mine = {layer: (p.ncc.cpu(), p.n, [R.cpu() for R in p.R]) for layer, p in post.items()}
-    parts = gather_objects(mine, group)
+    parts = _dist.gather_objects(mine, group)
     for layer, p in post.items():
         p.ncc = sum(part[layer][0] for part in parts).to(p.ncc.device)
         p.n = sum(part[layer][1] for part in parts)

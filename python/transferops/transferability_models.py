@@ -461,7 +461,7 @@ def candidate_rows(models, data, labels, *, scores, layers, pooling: str, batch_
             raise ValueError(f"data: expected at least 2 samples, got {N}")
         return (N, *tr._class_labels(labels, N, min_classes=2 if world == 1 else 0))
 
-    N, ids, y = td.agreed(group, shard)
+    N, ids, y = _dist.agreed(group, shard)
     classes, total = ids.numel(), N
     if world > 1:
         y, classes, total = td.shard_classes(ids, y, N, group)
@@ -474,11 +474,11 @@ def candidate_rows(models, data, labels, *, scores, layers, pooling: str, batch_
             cand = _candidate(model, name, device=device)
             return cand, _statistics(cand, data, N, y, classes, wanted, etran_count(total), settings)
 
-        cand, stats = td.agreed(group, first_pass)
+        cand, stats = _dist.agreed(group, first_pass)
         stats = td.summed_stats(stats, group, classes, wanted, etran_count(total))
         post = {}
         if "ncti" in wanted_scores:
-            post = td.agreed(group, lambda: _posteriors(cand, data, N, y, stats, settings))
+            post = _dist.agreed(group, lambda: _posteriors(cand, data, N, y, stats, settings))
             td.summed_posteriors(post, group)
 
         def score():  # on one rank per model, in turn
@@ -491,7 +491,7 @@ def candidate_rows(models, data, labels, *, scores, layers, pooling: str, batch_
                 rows.append(row)
             return rows, [post[layer].terms() for layer in stats if layer in post]
 
-        scored = td.agreed(group, lambda: score() if index % world == me else None)
+        scored = _dist.agreed(group, lambda: score() if index % world == me else None)
         if scored is not None:
             mine[index] = scored
     if world > 1:
