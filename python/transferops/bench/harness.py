@@ -32,7 +32,7 @@ import torch
 import transferops
 from transferops._info import info_dict
 
-HOT_PATHS = ("merging", "transferability", "ot", "adapters")  # each names a module bench_<stem>, run in this order
+HOT_PATHS = ("merging", "transferability", "ot", "adapters", "dist")  # each names a module bench_<stem>, run in this order
 VERSIONED = ("torch", "triton", "numpy", "transferops", "peft", "mergekit", "pot", "geomloss")
 DTYPE_NAMES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
 # (rtol, atol) against the expected result: peers in bf16/f16 round their intermediate sums too.
