@@ -9,6 +9,7 @@ import contextlib
 import errno
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -232,3 +233,34 @@ def test_torchrun_cli_writes_what_one_process_writes_and_loads(llamas, tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ranks").state_dict()
     expected = AutoModelForCausalLM.from_pretrained(tmp_path / "alone").state_dict()
     assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+KILL_RANK_1 = """import os, signal, sys
+from transferops import _safetensors
+from transferops.cli import main
+if os.environ["RANK"] == "1":  # SIGKILLed once it has written its first tensor
+    write = _safetensors.ShardedWriter.write
+    def write_then_die(self, *args):
+        write(self, *args)
+        os.kill(os.getpid(), signal.SIGKILL)
+    _safetensors.ShardedWriter.write = write_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_torchrun_cli_with_a_killed_rank_exits_non_zero_naming_it_and_leaves_nothing(llamas, tmp_path):
+    """Under torchrun the agent stops the survivor (SIGTERM) when rank 1 dies: it removes its
+    output and says why."""
+    script = tmp_path / "kill_rank_1.py"
+    script.write_text(KILL_RANK_1)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    run = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                          str(script), "merge", "--method", "ties", "--density", "0.4", "--base", str(llamas[0]),
+                          *map(str, llamas[1:]), "-o", str(tmp_path / "out"), "--shard-size", "24KB", "-q"],
+                         env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    # Stopped by the agent, or (had it seen the loss first) by its own agreement
+    assert re.search(r"transferops merge: (interrupted by SIGTERM \(|error: )rank 1 was lost: its process",
+                     run.stderr), run.stderr
+    assert list(tmp_path.iterdir()) == [script]

@@ -129,6 +129,20 @@ def _gone(process: bytes | None) -> str | None:
     return None
 
 
+def lost() -> list[str]:
+    """"rank N was lost: ..." for each announced rank of the default group whose process is
+    known dead (same host): why torchrun stops this one (it SIGTERMs the others when one dies)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return []
+    kv, out = store(), []
+    for r in range(torch.distributed.get_world_size()):
+        key = f"transferops/process/{r}"
+        why = _gone(kv.get(key) if kv.check([key]) else None)
+        if why is not None:
+            out.append(f"rank {r} was lost: {why}")
+    return out
+
+
 def agree(group, error: str | None, *, timeout_s: float | None = None) -> None:
     """Every rank of ``group`` says whether its part succeeded (``error``: None, or what went
     wrong); returns on every rank if all did, else raises :class:`RankFailure` on every rank
@@ -237,7 +251,7 @@ def failed(line: str) -> int:
     os.write(sys.stderr.fileno(), f"{line}\n".encode())
     try:
         kv = store()
-        if kv.add("transferops/exit", 1) == torch.distributed.get_world_size():
+        if kv.add("transferops/exit", 1) >= torch.distributed.get_world_size() - len(lost()):  # the living
             kv.set("transferops/exit/all", "")
         kv.wait(["transferops/exit/all"], timedelta(seconds=EXIT_WAIT_S))
     except RuntimeError:  # a peer that died, or the store with it (its rank 0): leave now

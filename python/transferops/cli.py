@@ -269,7 +269,9 @@ def _run(args) -> int:
         return dist.failed(f"{prog}: error: {e}")
     except (Interrupted, KeyboardInterrupt) as e:
         signum = e.args[0] if isinstance(e, Interrupted) else signal.SIGINT
-        print(f"{prog}: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        dist = sys.modules.get("transferops._dist")  # under torchrun: a dead peer is why, if any
+        why = "".join(f" ({lost})" for lost in (dist.lost() if dist is not None else []))
+        print(f"{prog}: interrupted by {signal.Signals(signum).name}{why}", file=sys.stderr)
         return 128 + signum
     finally:
         for s, handler in previous.items():
