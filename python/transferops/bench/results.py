@@ -233,8 +233,9 @@ def headline_rows(results_dir: str | Path) -> list[dict]:
     files = sorted(Path(results_dir).glob("*.jsonl"))
     if not files:
         raise ResultsError(f"{results_dir}: no results files (*.jsonl)")
+    # "dist" times transferops against itself on fewer ranks, no peer: docs/distributed.md has its table
     rows = [r for f in files for r in read(f) if r["record"] == "row" and not r["quick"] and r["hot_path"]
-            and r["kind"] in ("ours", "peer") and r.get("matches") is not False]
+            and r["hot_path"] != "dist" and r["kind"] in ("ours", "peer") and r.get("matches") is not False]
     newest: dict[tuple, str] = {}
     for r in rows:  # dates are UTC ISO 8601: they sort as text
         key = (r["hot_path"], r["device"])
