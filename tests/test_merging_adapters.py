@@ -94,6 +94,11 @@ def _peft_merge(model, names, combination_type, weights, **kw):
         model.add_weighted_adapter(names, weights, "merged", combination_type=combination_type, **kw)
     try:
         model.set_adapter("merged")
+        for name, p in model.named_parameters():
+            # PEFT's SVD merges keep transposed views of Vh; a saved file holds them row-major,
+            # and on some CPUs (an AMD EPYC's GEMM) the layout changes the logits' last bit.
+            if ".merged" in name:
+                p.data = p.data.contiguous()
         state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name="merged").items()}
         return state, model.peft_config["merged"], _logits(model)
     finally:
