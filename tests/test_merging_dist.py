@@ -181,27 +181,31 @@ def test_a_rank_that_raises_fails_every_rank_naming_it_and_leaves_nothing(llamas
         assert list((tmp_path / parent).rglob("*")) == [], parent
 
 
-def _killed(rank, world, llamas, root, victim):
-    """A merge whose rank ``victim`` is SIGKILLed once it has written its first tensor."""
+def _killed(rank, world, llamas, root, victim, at):
+    """A merge whose rank ``victim`` is SIGKILLed once it has written its first tensor
+    (``at="write"``), or, rank 0, once it has made the output folder and its shard files,
+    before it shares their names (``at="start"``)."""
     from transferops import _safetensors
 
     if rank == victim:
-        write = _safetensors.ShardedWriter.write
+        method = "write" if at == "write" else "__init__"
+        original = getattr(_safetensors.ShardedWriter, method)
 
-        def write_then_die(self, *args):
-            write(self, *args)
+        def then_die(self, *args, **kwargs):
+            original(self, *args, **kwargs)
             os.kill(os.getpid(), signal.SIGKILL)
 
-        _safetensors.ShardedWriter.write = write_then_die
+        setattr(_safetensors.ShardedWriter, method, then_die)
     return _message(lambda: merge_files(llamas[0], llamas[1:], root / "out", method="ties", density=0.4,
                                         shard_size=16 << 10, group=torch.distributed.group.WORLD))
 
 
-@pytest.mark.parametrize("world,victim", [(3, 1), (2, 0)], ids=["rank1_of_3", "rank0_of_2"])
-def test_a_killed_rank_fails_the_others_naming_it_and_leaves_nothing(llamas, tmp_path, world, victim):
-    """Killed, rank 0 (which holds the output folder) leaves its staging folder to a survivor
-    to remove."""
-    outcomes = spawn_ranks(_killed, world, llamas, tmp_path, victim, timeout=90)
+@pytest.mark.parametrize("world,victim,at", [(3, 1, "write"), (2, 0, "write"), (2, 0, "start")],
+                         ids=["rank1_of_3", "rank0_of_2", "rank0_of_2_at_start"])
+def test_a_killed_rank_fails_the_others_naming_it_and_leaves_nothing(llamas, tmp_path, world, victim, at):
+    """Killed, rank 0 (which holds the output folder) leaves its staging folder, and the
+    output folder it made, to a survivor to remove."""
+    outcomes = spawn_ranks(_killed, world, llamas, tmp_path, victim, at, timeout=90)
     assert outcomes[victim].exitcode == -signal.SIGKILL
     for o in outcomes:
         if o.rank != victim:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import _dist
-from ._outdir import OutputFolder, StagingPeer
+from ._outdir import OutputError, OutputFolder, StagingPeer
 from ._safetensors import ShardedWriter
 
 _jobs: dict[tuple[int, ...], itertools.count] = {}  # merges run per group (its ranks), alike on each
@@ -51,7 +51,8 @@ class Ranks:
             dist = torch.distributed
             ranks = tuple(dist.get_global_rank(self.group, r) for r in range(self.world))
             job = next(_jobs.setdefault(ranks, itertools.count()))
-            self._stop_key = f"transferops/merge/{'-'.join(map(str, ranks))}/{job}/stopped"
+            key = f"transferops/merge/{'-'.join(map(str, ranks))}/{job}"
+            self._stop_key, self._stage_key = f"{key}/stopped", f"{key}/stage"
             self._nccl = dist.get_backend(self.group) == "nccl"
 
     def assign(self, sizes: dict[str, int]) -> None:
@@ -114,6 +115,20 @@ class Ranks:
         """The integer ``n`` summed over the ranks (as :meth:`total`)."""
         return int(self.total(torch.tensor([n], dtype=torch.int64))[0]) if self.world > 1 else n
 
+    def post_stage(self, stage: str, made: bool) -> None:
+        """Rank 0: record the staging folder it has just made, before anything else can fail,
+        so that a rank outliving it removes the folder even if it dies before :meth:`share`."""
+        if self.world > 1:
+            _dist.store().set(self._stage_key, f"{int(made)}{stage}")
+
+    def posted_stage(self) -> tuple[str, bool] | None:
+        """The staging folder rank 0 posted (its name, and whether rank 0 made the output
+        folder), or None."""
+        if self.world == 1 or not _dist.store().check([self._stage_key]):
+            return None
+        posted = _dist.store().get(self._stage_key).decode()
+        return posted[1:], posted[0] == "1"
+
     def share(self, obj):
         """Rank 0's ``obj`` on every rank (a collective)."""
         if self.world == 1:
@@ -138,6 +153,7 @@ class Output:
         if ranks.rank == 0:
             self.folder = OutputFolder(path, inputs=inputs, overwrite=overwrite)
             try:
+                ranks.post_stage(self.folder.stage, self.folder.made)
                 self.writer = ShardedWriter(self.folder, plan, shard_size, metadata)
             except BaseException:
                 self.folder.abort()
@@ -186,10 +202,14 @@ class Output:
     def abort(self) -> None:
         """Remove what this rank staged: rank 0 the staging folder (and the output folder if
         it made it); another rank closes its files, and removes the staging folder that rank
-        0 left if rank 0 is gone."""
+        0 left if rank 0 is gone (found by the name rank 0 posted, when it died before sharing
+        its files)."""
         if self.writer is not None:
             self.writer.abort()  # its folder's abort: rank 0's OutputFolder, or a StagingPeer
         elif self.peer is not None:
             self.peer.abort()
         elif self.folder is not None:
             self.folder.abort()
+        elif (posted := self.ranks.posted_stage()) is not None:
+            with contextlib.suppress(OutputError):  # rank 0 removed it: nothing left to open
+                StagingPeer(self.path, *posted).abort()
