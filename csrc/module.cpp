@@ -461,23 +461,35 @@ py::tuple sinkhorn_points(const py::buffer& x, const py::buffer& y, int64_t N, d
   return py::make_tuple(n_iter, error, transport, value);
 }
 
-// See cpu::sinkhorn_lse: x [n, d], y [m, d]; lw, pot [1, m] and out [1, n] float64.
-void sinkhorn_lse(const py::buffer& x, const py::buffer& y, double scale, const py::dict& blas, const py::buffer& lw,
-                  const py::buffer& pot, double eps, const py::buffer& out, const std::vector<double>& label_table,
-                  const std::vector<int64_t>& x_starts, const std::vector<int64_t>& y_starts) {
-  const BufferView xv = buffer_view(x, "x", false), yv = buffer_view(y, "y", false),
-                   lv = buffer_view(lw, "lw", false), pv = buffer_view(pot, "pot", false);
+// See cpu::sinkhorn_pass: x [n, d], y [m, d]; y_log_weights, y_pot [1, m] float64; out [1, n]
+// float64 (a half-step) or, given x_log_weights and x_pot [1, n] float64, [2, n] (the values).
+void sinkhorn_pass(const py::buffer& x, const py::buffer& y, double scale, const py::dict& blas, double eps,
+                   const py::buffer& out, const py::buffer& y_log_weights, const py::buffer& y_pot,
+                   const std::optional<py::buffer>& x_log_weights, const std::optional<py::buffer>& x_pot,
+                   const std::vector<double>& label_table, const std::vector<int64_t>& x_starts,
+                   const std::vector<int64_t>& y_starts) {
+  const BufferView xv = buffer_view(x, "x", false), yv = buffer_view(y, "y", false);
+  const int64_t n = xv.view.rows, m = yv.view.rows;
+  std::vector<BufferView> keep;  // the buffers' exports, held until the pass is done
+  auto row = [&](const py::buffer& b, int64_t len, const char* name) {
+    keep.push_back(buffer_view(b, name, false));
+    check_same_layout(keep.back().view, View2D{nullptr, DType::f64, 1, len, len}, name);
+    return keep.back().view.row<const double>(0);
+  };
+  cpu::PointPass pass{eps, row(y_log_weights, m, "y_log_weights"), row(y_pot, m, "y_pot")};
+  if (x_log_weights.has_value() != x_pot.has_value()) {
+    throw std::invalid_argument("sinkhorn_pass: x_log_weights and x_pot go together (the values pass)");
+  }
+  if (x_pot) {
+    pass.x_log_weights = row(*x_log_weights, n, "x_log_weights");
+    pass.x_pot = row(*x_pot, n, "x_pot");
+  }
   BufferView ov = buffer_view(out, "out", true);
-  const View2D row_m{nullptr, DType::f64, 1, yv.view.rows, yv.view.rows}, row_n{nullptr, DType::f64, 1, xv.view.rows,
-                                                                                  xv.view.rows};
-  check_same_layout(lv.view, row_m, "lw");
-  check_same_layout(pv.view, row_m, "pot");
-  check_same_layout(ov.view, row_n, "out");
+  check_same_layout(ov.view, View2D{nullptr, DType::f64, x_pot ? 2 : 1, n, n}, "out");
   const cpu::LabelCost labels = label_cost(label_table, x_starts, y_starts);
   const Gemm gemm = gemm_of(blas);
   py::gil_scoped_release release;
-  cpu::sinkhorn_lse(xv.view, yv.view, scale, gemm, lv.view.row<const double>(0), pv.view.row<const double>(0), eps,
-                    ov.view.row<double>(0), labels);
+  cpu::sinkhorn_pass(xv.view, yv.view, scale, gemm, pass, ov.view, labels);
 }
 
 // A contiguous buffer of `count` elements of dtype `want` (null for None), kept alive in `keep`.
@@ -709,10 +721,11 @@ PYBIND11_MODULE(_native, m) {
         py::arg("g"), py::arg("eps"), py::arg("lam"), py::arg("rho"), py::arg("tol"), py::arg("memory"),
         py::arg("max_iter"), py::arg("check_every"), py::arg("symmetric"), py::arg("schedule"),
         "stabilized kernel-domain Sinkhorn on cost matrices [B * N, M]");
-  m.def("sinkhorn_lse", &sinkhorn_lse, py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("blas"), py::arg("lw"),
-        py::arg("pot"), py::arg("eps"), py::arg("out"), py::arg("label_table") = std::vector<double>(),
+  m.def("sinkhorn_pass", &sinkhorn_pass, py::arg("x"), py::arg("y"), py::arg("scale"), py::arg("blas"), py::arg("eps"),
+        py::arg("out"), py::arg("y_log_weights"), py::arg("y_pot"), py::arg("x_log_weights") = py::none(),
+        py::arg("x_pot") = py::none(), py::arg("label_table") = std::vector<double>(),
         py::arg("x_starts") = std::vector<int64_t>(), py::arg("y_starts") = std::vector<int64_t>(),
-        "one half-step of sinkhorn_points: out_i = log sum_j exp(lw_j + (pot_j - C_ij) / eps)");
+        "one pass of sinkhorn_points: a half-step's log-sum-exps, or (given x's) the values per row");
   m.def("sinkhorn_points", &sinkhorn_points, py::arg("x"), py::arg("y"), py::arg("N"), py::arg("scale"), py::arg("blas"),
         py::arg("a"), py::arg("b"), py::arg("f"), py::arg("g"), py::arg("eps"), py::arg("lam"), py::arg("rho"),
         py::arg("tol"), py::arg("memory"), py::arg("max_iter"), py::arg("check_every"), py::arg("symmetric"),

@@ -4,6 +4,7 @@ same problem on one process: potentials, values and iteration counts to float64 
 import pytest
 import torch
 
+from _kit import require_backend
 from _ranks import run_ranks
 from transferops import ot
 
@@ -169,3 +170,59 @@ def test_group_arguments_are_checked():
     if not torch.distributed.is_initialized():
         with pytest.raises(ValueError, match="group: torch.distributed is not initialized"):
             ot.sinkhorn(x, y, eps=0.1, group=object())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("labeled", [False, True], ids=["plain", "labeled"])
+def test_native_passes_equal_the_torch_reference(dtype, labeled):
+    """The native sweeps (each a transferops._native.sinkhorn_pass) against the torch blocks they
+    stand in for, on odd sizes, non-contiguous points, zero weights and a batch: half-steps both
+    ways and the values. Tolerances: float64 to rounding; float32 tiles (GEMM in float32) to its
+    rounding times the potentials' size."""
+    require_backend("native")
+    from transferops._ot_sweeps import BlockSweeps, NativeSweeps
+    from transferops.ot import _Points
+
+    g = torch.Generator().manual_seed(3)
+    B = 1 if labeled else 2
+    x = torch.randn(B, 7, 67, generator=g, dtype=torch.float64).transpose(1, 2).to(dtype)  # [B, 67, 7], strided
+    y = torch.randn(B, 1030, 7, generator=g, dtype=torch.float64).to(dtype) + 0.5
+    labels = None
+    if labeled:
+        W = torch.rand(3, 4, generator=g, dtype=torch.float64)
+        labels = (torch.randint(0, 3, (67,), generator=g), torch.randint(0, 4, (1030,), generator=g), W)
+    points = _Points(x, y, 0.5, labels)
+    la, lb = torch.rand(B, 67, generator=g, dtype=torch.float64).log(), torch.rand(B, 1030, generator=g,
+                                                                                    dtype=torch.float64).log()
+    la[:, 5], lb[:, 1029] = -torch.inf, -torch.inf  # zero weights
+    f, gp = torch.randn(B, 67, generator=g, dtype=torch.float64), torch.randn(B, 1030, generator=g, dtype=torch.float64)
+    active = torch.ones(B, dtype=torch.int32)
+    ref, fast = BlockSweeps(_Points(x.double(), y.double(), 0.5, labels)), NativeSweeps(points)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-4)
+    for eps in (0.3, 5.0):
+        torch.testing.assert_close(fast.lse(gp, lb, eps, active), ref.lse(gp, lb, eps, active), **tol)
+        torch.testing.assert_close(fast.lse(f, la, eps, active, transposed=True),
+                                   ref.lse(f, la, eps, active, transposed=True), **tol)
+        for got, want in zip(fast.values(f, gp, la, lb, eps, active), ref.values(f, gp, la, lb, eps, active)):
+            torch.testing.assert_close(got, want, **tol)
+    if B > 1:  # an inactive problem is left out
+        assert torch.all(fast.lse(gp, lb, 0.3, torch.tensor([0, 1], dtype=torch.int32))[0] == 0)
+
+
+def test_native_pass_rejects_mismatched_buffers():
+    require_backend("native")
+    from transferops._backend import native_buffer, native_module, single_threaded_blas
+
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    w, out = torch.zeros(1, 4, dtype=torch.float64), torch.zeros(1, 5, dtype=torch.float64)
+    run = native_module().sinkhorn_pass
+    with single_threaded_blas() as blas:
+        with pytest.raises(ValueError, match="x_log_weights and x_pot go together"):
+            run(native_buffer(x), native_buffer(y), 1.0, blas, 0.5, native_buffer(out), native_buffer(w),
+                native_buffer(w), x_pot=native_buffer(torch.zeros(1, 5, dtype=torch.float64)))
+        with pytest.raises(ValueError, match=r"out: expected \[2, 5\] float64, got \[1, 5\]"):
+            run(native_buffer(x), native_buffer(y), 1.0, blas, 0.5, native_buffer(out), native_buffer(w),
+                native_buffer(w), x_log_weights=native_buffer(out), x_pot=native_buffer(out))
+        with pytest.raises(ValueError, match=r"y_pot: expected \[1, 4\] float64, got \[1, 5\]"):
+            run(native_buffer(x), native_buffer(y), 1.0, blas, 0.5, native_buffer(out), native_buffer(w),
+                native_buffer(out))

@@ -54,10 +54,19 @@ void sinkhorn_points(const View2D& x, const View2D& y, int64_t N, double scale, 
                      const View2D& b, const View2D& f, const View2D& g, const SinkhornSettings& s,
                      const LabelCost& labels, int64_t* n_iter, double* error, double* transport, double* value,
                      const std::function<void(int64_t, int64_t, double)>& progress);
-// One half-step of that solver: out_i = log sum_j exp(lw_j + (pot_j - C_ij) / eps) for the
-// points x_i [n, d] against y_j [m, d] (lw, pot [m]; C as above, labels optional), for drivers
-// that combine half-steps across processes. BLAS kept single-threaded by the caller, as above.
-void sinkhorn_lse(const View2D& x, const View2D& y, double scale, const Gemm& gemm, const double* lw, const double* pot,
-                  double eps, double* out, const LabelCost& labels);
+// One pass of that solver over the points x_i [n, d] against y_j [m, d], for drivers that combine
+// passes across processes (labels optional; BLAS kept single-threaded by the caller, as above).
+// With y's log-weights w_j and potential g_j only, a half-step: out[i] = log sum_j exp(w_j + (g_j
+// - C_ij) / eps) (out [1, n], float64). With x's log-weights and potential f_i too, the values of
+// the pair (out [2, n]): out[0][i] = sum_j P_ij C_ij and out[1][i] = a_i sum_j b_j h(z_ij) (see
+// entropy_term), z_ij = (f_i + g_j - C_ij) / eps, P_ij = a_i b_j e^z_ij, whose sums over i are
+// <C, P> and KL(P | a x b).
+struct PointPass {
+  double eps;
+  const double *y_log_weights, *y_pot;  // [m]
+  const double *x_log_weights = nullptr, *x_pot = nullptr;  // [n]: the values pass
+};
+void sinkhorn_pass(const View2D& x, const View2D& y, double scale, const Gemm& gemm, const PointPass& pass,
+                   const View2D& out, const LabelCost& labels);
 
 }  // namespace transferops::cpu

@@ -167,6 +167,50 @@ void lse_pass(const Gemm& g, const Cloud<T>& P, const Cloud<T>& Q, int64_t d, do
   for (int64_t i = 0; i < P.n; ++i) out[i] = mx[i] == neg_inf() ? neg_inf() : mx[i] + std::log(sum[i]);
 }
 
+// The values of the potentials F (P's points) and G (Q's), per point i of P: rows[i] = sum_j P_ij,
+// cost[i] = sum_j P_ij C_ij and entropy[i] = a_i sum_j b_j h(z_ij) (see entropy_term), z_ij = (F_i
+// + G_j - C_ij) / eps and P_ij = a_i b_j e^z_ij, in one pass over the tiles. Each row is one
+// thread's, so the sums do not depend on how the tiles were shared (column sums accumulated per
+// thread would: ot_eps would vary in its last bits from run to run).
+template <class T>
+void values_pass(const Gemm& gm, const Cloud<T>& P, const Cloud<T>& Q, int64_t d, double scale, const double* a,
+                 const double* b, const double* F, const double* G, double eps, double* rows, double* cost,
+                 double* entropy) {
+  std::fill(rows, rows + P.n, 0.0);
+  std::fill(cost, cost + P.n, 0.0);
+  std::fill(entropy, entropy + P.n, 0.0);
+  const int threads = max_threads();
+  std::vector<std::vector<double>> z(threads, std::vector<double>(kColBlock)), e(threads, std::vector<double>(kColBlock)),
+      cij(threads, std::vector<double>(kColBlock)), hs(threads, std::vector<double>(kColBlock));
+  for_each_tile(gm, P, Q, d, true, [&](int64_t, int64_t i0, int64_t ni, int64_t j0, int64_t nj, const T* tile,
+                                       int thread) {
+    double *zt = z[thread].data(), *et = e[thread].data(), *ct = cij[thread].data(), *ht = hs[thread].data();
+    for (int64_t rr = 0; rr < ni; ++rr) {
+      const int64_t i = i0 + rr;
+      if (a[i] == 0.0) continue;
+      const T* t = tile + rr * nj;
+      label_runs(P, Q, i, j0, nj, [&](int64_t lo, int64_t hi, double label) {
+        for (int64_t j = lo; j < hi; ++j) {
+          ct[j] = std::max(0.0, P.norms[i] + Q.norms[j0 + j] - 2.0 * scale * double(t[j])) + label;
+          zt[j] = std::min((F[i] + G[j0 + j] - ct[j]) / eps, ExpConstants<double>::highest);
+        }
+      });
+      exp_array(zt, et, nj);
+      entropy_terms(zt, et, b + j0, ht, nj);
+      double row = 0.0, row_cost = 0.0, row_entropy;
+      dots<1>(ht, 0, b + j0, nj, &row_entropy);
+      for (int64_t j = 0; j < nj; ++j) {
+        const double pij = a[i] * b[j0 + j] * et[j];
+        row += pij;
+        row_cost += pij * ct[j];
+      }
+      rows[i] += row;
+      cost[i] += row_cost;
+      entropy[i] += a[i] * row_entropy;
+    }
+  });
+}
+
 template <class T>
 struct PointProblem {
   Cloud<T> X, Y;
@@ -242,41 +286,9 @@ void solve_points(const Gemm& gm, PointProblem<T>& p, const SinkhornSettings& s,
     if (!s.symmetric) lse_pass(gm, p.Y, p.X, p.d, p.scale, la, F, s.eps, Lc, parallel);
     err = best;
   }
-  // Values: the row marginals of P, <C, P> and sum_j b_j h(z_ij) (see entropy_term), z_ij = (F_i
-  // + G_j - C_ij) / eps, in one more pass over the tiles. Each row is one thread's, so the sums do
-  // not depend on how the tiles were shared (column sums accumulated per thread would: ot_eps
-  // would vary in its last bits from run to run).
-  const int threads = max_threads();
-  std::vector<double> r(N, 0.0), cost_rows(N, 0.0), entropy_rows(N, 0.0);
-  std::vector<std::vector<double>> z(threads, std::vector<double>(kColBlock)), e(threads, std::vector<double>(kColBlock)),
-      cij(threads, std::vector<double>(kColBlock)), hs(threads, std::vector<double>(kColBlock));
-  for_each_tile(gm, p.X, p.Y, p.d, parallel, [&](int64_t, int64_t i0, int64_t ni, int64_t j0, int64_t nj, const T* tile,
-                                                 int thread) {
-    double *zt = z[thread].data(), *et = e[thread].data(), *ct = cij[thread].data(), *ht = hs[thread].data();
-    for (int64_t rr = 0; rr < ni; ++rr) {
-      const int64_t i = i0 + rr;
-      if (p.a[i] == 0.0) continue;
-      const T* t = tile + rr * nj;
-      label_runs(p.X, p.Y, i, j0, nj, [&](int64_t lo, int64_t hi, double label) {
-        for (int64_t j = lo; j < hi; ++j) {
-          ct[j] = std::max(0.0, p.X.norms[i] + p.Y.norms[j0 + j] - 2.0 * p.scale * double(t[j])) + label;
-          zt[j] = std::min((F[i] + G[j0 + j] - ct[j]) / s.eps, ExpConstants<double>::highest);
-        }
-      });
-      exp_array(zt, et, nj);
-      entropy_terms(zt, et, p.b + j0, ht, nj);
-      double row = 0.0, row_cost = 0.0, row_entropy;
-      dots<1>(ht, 0, p.b + j0, nj, &row_entropy);
-      for (int64_t j = 0; j < nj; ++j) {
-        const double pij = p.a[i] * p.b[j0 + j] * et[j];
-        row += pij;
-        row_cost += pij * ct[j];
-      }
-      r[i] += row;
-      cost_rows[i] += row_cost;
-      entropy_rows[i] += p.a[i] * row_entropy;
-    }
-  });
+  std::vector<double> r(N), cost_rows(N), entropy_rows(N);
+  values_pass(gm, p.X, p.Y, p.d, p.scale, p.a, p.b, F.data(), G.data(), s.eps, r.data(), cost_rows.data(),
+              entropy_rows.data());
   // The column marginals c_j = b_j e^(G_j / eps) sum_i a_i e^((F_i - C_ij) / eps) from the last
   // column pass, which saw the final F (Lc: its log-sums); symmetric problems have P = P^T.
   std::vector<double> cols(M);
@@ -360,34 +372,49 @@ void sinkhorn_points_impl(const View2D& x, const View2D& y, int64_t N, double sc
 namespace {
 
 template <class T>
-void lse_typed(const View2D& x, const View2D& y, double scale, const Gemm& gemm, const double* lw, const double* pot,
-               double eps, double* out, const LabelCost& labels) {
+void pass_typed(const View2D& x, const View2D& y, double scale, const Gemm& gemm, const PointPass& pass,
+                const View2D& out, const LabelCost& labels) {
   const int64_t n = x.rows, m = y.rows, d = x.cols;
   Cloud<T> P = cloud(x.row<const T>(0), n, x.row_stride, d, scale), Q = cloud(y.row<const T>(0), m, y.row_stride, d, scale);
   attach_labels(P, Q, labels);
-  std::vector<double> res(n);
-  lse_pass(gemm, P, Q, d, scale, std::vector<double>(lw, lw + m), std::vector<double>(pot, pot + m), eps, res, true);
-  std::copy(res.begin(), res.end(), out);
+  if (!pass.x_log_weights) {
+    std::vector<double> res(n);
+    lse_pass(gemm, P, Q, d, scale, std::vector<double>(pass.y_log_weights, pass.y_log_weights + m),
+             std::vector<double>(pass.y_pot, pass.y_pot + m), pass.eps, res, true);
+    std::copy(res.begin(), res.end(), out.row<double>(0));
+    return;
+  }
+  std::vector<double> a(n), b(m), rows(n);
+  for (int64_t i = 0; i < n; ++i) a[i] = std::exp(pass.x_log_weights[i]);
+  for (int64_t j = 0; j < m; ++j) b[j] = std::exp(pass.y_log_weights[j]);
+  values_pass(gemm, P, Q, d, scale, a.data(), b.data(), pass.x_pot, pass.y_pot, pass.eps, rows.data(), out.row<double>(0),
+              out.row<double>(1));
 }
 
 }  // namespace
 
-void sinkhorn_lse_impl(const View2D& x, const View2D& y, double scale, const Gemm& gemm, const double* lw,
-                       const double* pot, double eps, double* out, const LabelCost& labels) {
+void sinkhorn_pass_impl(const View2D& x, const View2D& y, double scale, const Gemm& gemm, const PointPass& pass,
+                        const View2D& out, const LabelCost& labels) {
   if (x.rows < 1 || y.rows < 1 || y.cols != x.cols || x.dtype != y.dtype) {
-    throw std::invalid_argument("sinkhorn_lse: x [n, d] and y [m, d] of one dtype, n, m >= 1");
+    throw std::invalid_argument("sinkhorn_pass: x [n, d] and y [m, d] of one dtype, n, m >= 1");
   }
   if (labels.table && (!valid_starts(labels.x_starts, labels.x_classes, x.rows) ||
                        !valid_starts(labels.y_starts, labels.y_classes, y.rows))) {
-    throw std::invalid_argument("sinkhorn_lse: labels need class runs 0 = starts[0] <= ... <= starts[K] = n");
+    throw std::invalid_argument("sinkhorn_pass: labels need class runs 0 = starts[0] <= ... <= starts[K] = n");
   }
-  if (!(eps > 0)) throw std::invalid_argument("sinkhorn_lse: eps must be positive");
+  if (!(pass.eps > 0)) throw std::invalid_argument("sinkhorn_pass: eps must be positive");
+  if ((pass.x_log_weights == nullptr) != (pass.x_pot == nullptr)) {
+    throw std::invalid_argument("sinkhorn_pass: x's log-weights and potential go together (the values pass)");
+  }
+  if (out.dtype != DType::f64 || out.cols != x.rows || out.rows != (pass.x_pot ? 2 : 1)) {
+    throw std::invalid_argument("sinkhorn_pass: out must be float64 [1, n] (a half-step) or [2, n] (the values)");
+  }
   if (x.dtype == DType::f32) {
-    lse_typed<float>(x, y, scale, gemm, lw, pot, eps, out, labels);
+    pass_typed<float>(x, y, scale, gemm, pass, out, labels);
   } else if (x.dtype == DType::f64) {
-    lse_typed<double>(x, y, scale, gemm, lw, pot, eps, out, labels);
+    pass_typed<double>(x, y, scale, gemm, pass, out, labels);
   } else {
-    throw std::invalid_argument("sinkhorn_lse: points must be float32 or float64");
+    throw std::invalid_argument("sinkhorn_pass: points must be float32 or float64");
   }
 }
 
@@ -410,13 +437,13 @@ void sinkhorn_points(const View2D& x, const View2D& y, int64_t N, double scale, 
       sinkhorn_points_impl(x, y, N, scale, gemm, a, b, f, g, s, labels, n_iter, error, transport, value, progress));
 }
 TRANSFEROPS_IF_AVX2(namespace avx2 {
-void sinkhorn_lse_impl(const View2D& x, const View2D& y, double scale, const Gemm& gemm, const double* lw,
-                       const double* pot, double eps, double* out, const LabelCost& labels);
+void sinkhorn_pass_impl(const View2D& x, const View2D& y, double scale, const Gemm& gemm, const PointPass& pass,
+                        const View2D& out, const LabelCost& labels);
 })
 
-void sinkhorn_lse(const View2D& x, const View2D& y, double scale, const Gemm& gemm, const double* lw, const double* pot,
-                  double eps, double* out, const LabelCost& labels) {
-  TRANSFEROPS_RUN_UP_TO_AVX2(sinkhorn_lse_impl(x, y, scale, gemm, lw, pot, eps, out, labels));
+void sinkhorn_pass(const View2D& x, const View2D& y, double scale, const Gemm& gemm, const PointPass& pass,
+                   const View2D& out, const LabelCost& labels) {
+  TRANSFEROPS_RUN_UP_TO_AVX2(sinkhorn_pass_impl(x, y, scale, gemm, pass, out, labels));
 }
 #endif  // TRANSFEROPS_ISA_BASE
 

@@ -5,7 +5,7 @@ across the ranks of a torch.distributed group.
 with the interface of transferops.kernels.ot.Sweeps: ``lse`` (one half-step's log-sum-exp for
 every row of the swept side, given the other side's potential and log-weights) and ``values``
 (the row sums of <C, P> and of the entropy term). Three implement it: the Triton sweeps (GPU),
-:class:`NativeSweeps` (the native CPU solver's tiled half-step, one call per update) and
+:class:`NativeSweeps` (the native CPU solver's tiled passes, one call per update) and
 :class:`BlockSweeps` (torch in blocks of rows, any device: the reference).
 
 Sharded (``group``): each rank holds rows of x (and their weights a) and all of y. The f
@@ -135,9 +135,9 @@ class BlockSweeps:
 
 
 class NativeSweeps(BlockSweeps):
-    """:class:`BlockSweeps` with the half-steps of the native online solver (CPU, float32 or
-    float64 points; tiles in the points' dtype, sums and potentials in float64). Labeled clouds
-    are sorted by class once, as the native solver takes them."""
+    """:class:`BlockSweeps` with the passes of the native online solver (half-steps and values;
+    CPU, float32 or float64 points; tiles in the points' dtype, sums and potentials in float64).
+    Labeled clouds are sorted by class once, as the native solver takes them."""
 
     def __init__(self, points: _Points):
         super().__init__(points)
@@ -154,25 +154,42 @@ class NativeSweeps(BlockSweeps):
         ox, oy = self.order or (slice(None), slice(None))
         self.sorted = (self.x[:, ox].contiguous(), self.y[:, oy].contiguous())
 
-    def lse(self, pot, log_w, eps, active, transposed=False):
+    def _pass(self, transposed: bool, eps, active, y_log_w, y_pot, x_log_w=None, x_pot=None) -> torch.Tensor:
+        """The native pass (transferops._native.sinkhorn_pass) of each active problem over the
+        sorted clouds, P the rows of x (of y if ``transposed``) and Q the other side: [B, 1, n],
+        a half-step's log-sum-exps; given P's log-weights and potential, [B, 2, n], each row's
+        share of <C, P> and of KL(P | a x b). Vectors in, rows out, in the caller's order."""
         P, Q = self.sorted[::-1] if transposed else self.sorted
-        out = torch.zeros(self.B, P.shape[1], dtype=torch.float64)
+        out = torch.zeros(self.B, 1 if x_pot is None else 2, P.shape[1], dtype=torch.float64)
         labels = {} if self.order is None else self.labels[transposed]
-        if self.order is not None:  # the other side's vectors in its sorted order
-            other = self.order[0 if transposed else 1]
-            pot, log_w = pot[:, other], log_w[:, other]
+        if self.order is not None:  # each side's vectors in its sorted order
+            mine, other = self.order[::-1] if transposed else self.order
+            y_log_w, y_pot = y_log_w[:, other], y_pot[:, other]
+            if x_pot is not None:
+                x_log_w, x_pot = x_log_w[:, mine], x_pot[:, mine]
+
+        def row(t, k):
+            return native_buffer(t[k:k + 1].contiguous())
+
         with single_threaded_blas() as blas:
             for k in range(self.B):
                 if active[k]:
-                    native_module().sinkhorn_lse(native_buffer(P[k]), native_buffer(Q[k]), self.points.scale, blas,
-                                                 native_buffer(log_w[k:k + 1].contiguous()),
-                                                 native_buffer(pot[k:k + 1].contiguous()), eps,
-                                                 native_buffer(out[k:k + 1]), **labels)
+                    given = {} if x_pot is None else dict(x_log_weights=row(x_log_w, k), x_pot=row(x_pot, k))
+                    native_module().sinkhorn_pass(native_buffer(P[k]), native_buffer(Q[k]), self.points.scale, blas,
+                                                  eps, native_buffer(out[k]), row(y_log_w, k), row(y_pot, k),
+                                                  **given, **labels)
         if self.order is not None:  # back to the caller's order
             unsorted = torch.empty_like(out)
-            unsorted[:, self.order[1 if transposed else 0]] = out
+            unsorted[..., mine] = out
             out = unsorted
         return out
+
+    def lse(self, pot, log_w, eps, active, transposed=False):
+        return self._pass(transposed, eps, active, log_w, pot)[:, 0]
+
+    def values(self, f, g, la, lb, eps, active):
+        rows = self._pass(False, eps, active, lb, g, la, f)
+        return rows[:, 0].sum(-1), rows[:, 1].sum(-1)
 
 
 def sharded(backend: str, group, rows: int):
