@@ -58,6 +58,12 @@ def all_sum(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
+def all_sum_each(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """Each of ``tensors`` (of one dtype, on one device) summed over the ranks by one all-reduce
+    of them all: flat tensors, in their order."""
+    return list(all_sum(torch.cat([t.reshape(-1) for t in tensors]), group).split([t.numel() for t in tensors]))
+
+
 def gather(t: torch.Tensor, group) -> torch.Tensor:
     """[world, *t.shape]: every rank's t, in rank order (reductions over it are then the same
     on every rank, bit for bit, whatever order the collective summed in)."""
@@ -96,7 +102,6 @@ def process_group(device: torch.device | str = "cpu"):
     return dist.group.WORLD
 
 
-
 _calls: dict[tuple[int, ...], itertools.count] = {}  # agreements so far, per group (its ranks)
 
 
@@ -113,11 +118,13 @@ def announce(group) -> None:
         store().set(f"transferops/process/{torch.distributed.get_rank()}", f"{socket.gethostname()} {os.getpid()}")
 
 
-def _gone(process: bytes | None) -> str | None:
-    """Why ``process`` ("host pid") is known dead, or None."""
-    if process is None:
+def _why_lost(kv, r: int) -> str | None:
+    """Why rank ``r`` of the default group is known dead (it announced itself on this host, and
+    its process is gone), or None."""
+    key = f"transferops/process/{r}"
+    if not kv.check([key]):
         return None
-    host, pid = process.decode().split()
+    host, pid = kv.get(key).decode().split()
     if host != socket.gethostname():
         return None
     try:
@@ -136,8 +143,7 @@ def lost() -> list[str]:
         return []
     kv, out = store(), []
     for r in range(torch.distributed.get_world_size()):
-        key = f"transferops/process/{r}"
-        why = _gone(kv.get(key) if kv.check([key]) else None)
+        why = _why_lost(kv, r)
         if why is not None:
             out.append(f"rank {r} was lost: {why}")
     return out
@@ -169,11 +175,8 @@ def agree(group, error: str | None, *, timeout_s: float | None = None) -> None:
             key = f"{prefix}/{call}/{r}"
             if kv.check([key]):
                 said[r] = kv.get(key).decode()
-            else:
-                process = f"transferops/process/{r}"
-                why = _gone(kv.get(process) if kv.check([process]) else None)
-                if why is not None:
-                    lost[r] = why
+            elif (why := _why_lost(kv, r)) is not None:
+                lost[r] = why
         if len(said) + len(lost) == len(ranks) or time.monotonic() > deadline:
             break
         time.sleep(0.02)
@@ -230,11 +233,12 @@ EXIT_WAIT_S = 10.0  # how long a failing rank of a command waits for its peers t
 
 def failed(line: str) -> int:
     """A command's end after a RankFailure: print ``line`` and return the exit status 2 or,
-    under torchrun, exit with it at the same moment as every other live rank. torchrun stops the remaining ranks (SIGTERM)
-    as soon as one exits with an error, which would cut their own error line (and cleanup)
-    short: so SIGTERM is ignored from here on, the ranks meet in the rendezvous store (those
-    that died are not waited for past EXIT_WAIT_S), and each leaves by os._exit, without the
-    interpreter's teardown, whose length varies by rank (and whose gloo threads may abort it).
+    under torchrun, exit with it at the same moment as every other live rank. torchrun stops
+    the remaining ranks (SIGTERM) as soon as one exits with an error, which would cut their own
+    error line (and cleanup) short: so SIGTERM is ignored from here on, the ranks meet in the
+    rendezvous store (those that died are not waited for past EXIT_WAIT_S), and each leaves by
+    os._exit, without the interpreter's teardown, whose length varies by rank (and whose gloo
+    threads may abort it).
     The caller has cleaned up: a merge removed its output before raising."""
     import signal
     import sys

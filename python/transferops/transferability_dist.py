@@ -72,20 +72,18 @@ def stream_totals(stream) -> tuple:
             B[:, columns] = stream.projected[i].to(device)
         else:
             parts.append(torch.zeros(lower[i].shape[1], **f64))
-        parts.append(B.reshape(-1))
+        parts.append(B)
     y2 = torch.zeros(K, **f64)
     if stream.samples:
         y2[columns] = stream.y2.to(device)
-    flat = _dist.all_sum(torch.cat(parts + [y2]), group)
-    grams, projections, at = [], [], 0
+    *summed, y2 = _dist.all_sum_each(parts + [y2], group)
+    grams, projections = [], []
     for i, D in enumerate(first["widths"]):
         H = torch.zeros(D, D, **f64)
-        H[lower[i][0], lower[i][1]] = flat[at:at + lower[i].shape[1]]
-        at += lower[i].shape[1]
+        H[lower[i][0], lower[i][1]] = summed[2 * i]
         grams.append(H + H.tril(-1).mT)
-        projections.append(flat[at:at + D * K].view(D, K))
-        at += D * K
-    return sum(m["samples"] for m in meta), first["many"], first["chosen"], grams, projections, flat[at:]
+        projections.append(summed[2 * i + 1].view(D, K))
+    return sum(m["samples"] for m in meta), first["many"], first["chosen"], grams, projections, y2
 
 
 def owned(sizes, group) -> list[int]:
@@ -161,11 +159,8 @@ def summed_stats(stats: dict, group, classes: int, wanted: set, lowest: int) -> 
             st.energy = energies.topk(min(lowest, energies.numel()), largest=False).values
         out[layer] = st
     sums = [t for st in out.values() for t in st.sums()]
-    flat = _dist.all_sum(torch.cat([t.to(device).reshape(-1) for t in sums]), group)
-    at = 0
-    for t in sums:
-        t.copy_(flat[at:at + t.numel()].view_as(t))
-        at += t.numel()
+    for t, total in zip(sums, _dist.all_sum_each([t.to(device) for t in sums], group)):
+        t.copy_(total.view_as(t))
     return out
 
 
