@@ -140,7 +140,7 @@ def _errors(rank, world):
     r = _rows(47, rank, world)
     errors = []
     for bad in ({"x": x[r, :4] if rank == 1 else x[r]}, {"y": y[:30] if rank == 2 else y, "b": b[:30] if rank == 2 else b},
-                {"eps": -1.0}, {"a": -a[r] if rank == 1 else a[r]}):
+                {"eps": -1.0}, {"a": -a[r] if rank == 1 else a[r]}, {"a": 0 * a[r], "reach": 1.0}):
         args = dict(x=x[r], y=y, a=a[r], b=b, eps=0.1) | bad
         try:
             ot.sinkhorn(args.pop("x"), args.pop("y"), args.pop("a"), args.pop("b"),
@@ -159,6 +159,7 @@ def test_an_argument_one_rank_rejects_raises_on_every_rank(monkeypatch):
         assert e[1].startswith("ValueError: x, y, a, b (batch, width"), e  # y's points differ
         assert e[2].startswith("ValueError: eps: "), e
         assert e[3].startswith("RankFailure: rank 1 failed: a: expected non-negative weights"), e
+        assert e[4] == "ValueError: a: expected a positive total mass over the ranks in every problem, got zero", e
 
 
 def test_group_arguments_are_checked():

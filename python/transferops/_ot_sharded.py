@@ -50,45 +50,28 @@ def gather_blocks(t: torch.Tensor, dim: int, group) -> tuple[torch.Tensor, int]:
 
 def _local(x, y, a, b, cost):
     """The arguments as one process checks them, on this rank's share."""
-    if cost not in ot.COSTS:
-        raise ValueError(f"cost: expected one of {list(ot.COSTS)}, got {cost!r}")
-    x, y = ot._points(x, "x"), ot._points(y, "y")
-    ot._check_pair(x, y)
-    if x.device != y.device:
-        raise ValueError(f"x, y: expected one device, got {x.device} and {y.device}")
-    xb, yb = (x, y) if x.dim() == 3 else (x[None], y[None])
+    xb, yb, batched = ot._clouds(x, y, cost)
     B = xb.shape[0]
-    a = None if a is None else ot._weights(a, (B, xb.shape[1]), x, "a", local=True)
-    b = None if b is None else ot._weights(b, (B, yb.shape[1]), y, "b", local=True)
-    return xb, yb, a, b
+    a = None if a is None else ot._weights(a, (B, xb.shape[1]), xb, "a", local=True)
+    b = None if b is None else ot._weights(b, (B, yb.shape[1]), yb, "b", local=True)
+    return xb, yb, a, b, batched
 
 
 def sinkhorn(x, y, a, b, *, eps, cost, tol, max_iter, eps_scaling, reach, progress, backend, group, y_sharded):
     """transferops.ot.sinkhorn with ``group`` (see its docstring)."""
     group = _dist.group_of(group)
-    batched = isinstance(x, torch.Tensor) and x.dim() == 3
-    xb, yb, a, b = _dist.agreed(group, lambda: _local(x, y, a, b, cost))
+    xb, yb, a, b, batched = _dist.agreed(group, lambda: _local(x, y, a, b, cost))
     B, n, m, d = xb.shape[0], xb.shape[1], yb.shape[1], xb.shape[2]
     same_everywhere(group, "x, y, a, b (batch, width, dtypes, weights given, y's points unless y_sharded)",
                     [B, d, _DTYPES.index(xb.dtype), _DTYPES.index(yb.dtype), a is None, b is None,
                      -1 if y_sharded else m], xb.device)
-    sizes = _dist.gather(torch.tensor(n, device=xb.device), group).tolist()
-    rows = sum(sizes)
+    rows = int(_dist.all_sum(torch.tensor(n, device=xb.device), group))
     a = torch.full((B, n), 1.0 / rows, dtype=torch.float64, device=xb.device) if a is None else a
     if y_sharded:
         yb, start = gather_blocks(yb, 1, group)
         b = None if b is None else gather_blocks(b, 1, group)[0]
-    if b is None:
-        b = torch.full((B, yb.shape[1]), 1.0 / yb.shape[1], dtype=torch.float64, device=xb.device)
-    mass = _dist.all_sum(a.detach().sum(-1), group)
-    if bool((mass <= 0).any()):
-        raise ValueError("a: expected a positive total mass over the ranks in every problem, got zero")
-    if bool((b.detach().sum(-1) <= 0).any()):
-        raise ValueError("b: expected a positive total mass in every problem, got zero")
     dtype = ot._working_dtype(xb.dtype, yb.dtype)
-    # Triton reads 16-bit points as they are, as on one process
-    keep = ot._runs_on_triton(backend, xb.device, dtype) and xb.dtype == yb.dtype and xb.dtype in _DTYPES[2:]
-    C = ot._Points(xb if keep else xb.to(dtype), yb if keep else yb.to(dtype), ot.COSTS[cost])
+    C = ot._online_points(xb, yb, dtype, ot._runs_on_triton(backend, xb.device, dtype), cost)
     large = ot._solved_online(B, rows, yb.shape[1], dtype)
     result = ot._solve(C, a, b, dtype=dtype, eps=eps, tol=tol, max_iter=max_iter, eps_scaling=eps_scaling,
                        reach=reach, batched=batched, backend=backend, log_plan_of=C.rows,

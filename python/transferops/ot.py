@@ -136,6 +136,26 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
                          f"got {tuple(x.shape)} and {tuple(y.shape)}")
 
 
+def _clouds(x, y, cost: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """sinkhorn's x, y and cost checked: the clouds as batches [B, N, d], [B, M, d], and whether
+    they came as one."""
+    if cost not in COSTS:
+        raise ValueError(f"cost: expected one of {list(COSTS)}, got {cost!r}")
+    x, y = _points(x, "x"), _points(y, "y")
+    _check_pair(x, y)
+    if x.device != y.device:
+        raise ValueError(f"x, y: expected one device, got {x.device} and {y.device}")
+    batched = x.dim() == 3
+    return (x, y, batched) if batched else (x[None], y[None], batched)
+
+
+def _online_points(xb: torch.Tensor, yb: torch.Tensor, dtype: torch.dtype, streams: bool, cost: str) -> _Points:
+    """The clouds as :class:`_Points` in the working ``dtype``, but as they are where Triton
+    ``streams`` 16-bit points (tl.dot in that dtype, float32 sums)."""
+    keep = streams and xb.dtype == yb.dtype and xb.dtype in (torch.bfloat16, torch.float16)
+    return _Points(xb if keep else xb.to(dtype), yb if keep else yb.to(dtype), COSTS[cost])
+
+
 def cost_matrix(x: torch.Tensor, y: torch.Tensor, cost: str = "sqeuclidean",
                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """C [.., N, M] in ``dtype``: scale * |x_i - y_j|^2 through |x|^2 + |y|^2 - 2 x.y (POT's
@@ -413,9 +433,11 @@ def _solve(C, a, b, *, dtype: torch.dtype, eps, tol, max_iter, eps_scaling, reac
     B, N, M = (C.x.shape[0], C.x.shape[1], C.y.shape[1]) if points else C.shape
     like = C.x if points else C
     a = _weights(a, (B, N), like, "a", local=group is not None)
+    mass = a.sum(-1) if group is None else _dist.all_sum(a.sum(-1).detach(), group)
+    if group is not None and bool((mass <= 0).any()):  # each rank's share may weigh nothing, not all
+        raise ValueError("a: expected a positive total mass over the ranks in every problem, got zero")
     b = _weights(b, (B, M), like, "b")
     if rho is None:
-        mass = _dist.all_sum(a.sum(-1).detach(), group) if group is not None else a.sum(-1)
         if bool(((mass - b.sum(-1)).abs() > 1e-6 * mass).any()):
             raise ValueError("a, b: balanced OT needs equal masses in each problem "
                              f"(got {mass.tolist()} and {b.sum(-1).tolist()}); pass reach= for unbalanced OT")
@@ -536,29 +558,20 @@ def sinkhorn(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean", tol
                                     group=group, y_sharded=y_sharded)
     if y_sharded:
         raise ValueError("y_sharded: blocks of y are for sharded problems: pass group= too")
-    if cost not in COSTS:
-        raise ValueError(f"cost: expected one of {list(COSTS)}, got {cost!r}")
-    x, y = _points(x, "x"), _points(y, "y")
-    _check_pair(x, y)
-    if x.device != y.device:
-        raise ValueError(f"x, y: expected one device, got {x.device} and {y.device}")
-    batched = x.dim() == 3
-    xb, yb = (x, y) if batched else (x[None], y[None])
-    dtype = _working_dtype(x.dtype, y.dtype)
-    streams = _runs_on_triton(backend, x.device, dtype)
+    symmetric = x is y and a is b
+    xb, yb, batched = _clouds(x, y, cost)
+    dtype = _working_dtype(xb.dtype, yb.dtype)
+    streams = _runs_on_triton(backend, xb.device, dtype)
     large = _solved_online(xb.shape[0], xb.shape[1], yb.shape[1], dtype)
-    online = streams or large
-    if online:
-        # Triton reads 16-bit points as they are (tl.dot in that dtype, float32 sums)
-        keep = streams and x.dtype == y.dtype and x.dtype in (torch.bfloat16, torch.float16)
-        C = _Points(xb if keep else xb.to(dtype), yb if keep else yb.to(dtype), COSTS[cost])
+    if streams or large:
+        C = _online_points(xb, yb, dtype, streams, cost)
         log_plan_of = C.rows
     else:
         # float32 work computes its costs in float32 too, unless gradients need float64 ones
-        C = cost_matrix(xb, yb, cost, torch.float64 if x.requires_grad or y.requires_grad else dtype)
+        C = cost_matrix(xb, yb, cost, torch.float64 if xb.requires_grad or yb.requires_grad else dtype)
         log_plan_of = lambda rows: C[:, rows]  # noqa: E731
     return _solve(C, a, b, dtype=dtype, eps=eps, tol=tol, max_iter=max_iter, eps_scaling=eps_scaling, reach=reach,
-                  batched=batched, backend=backend, log_plan_of=log_plan_of, symmetric=x is y and a is b,
+                  batched=batched, backend=backend, log_plan_of=log_plan_of, symmetric=symmetric,
                   progress=large if progress is None else progress)
 
 
@@ -655,7 +668,6 @@ def sinkhorn_loss(x, y, a=None, b=None, *, eps: float, cost: str = "sqeuclidean"
     value, _, _ = _ot_eps_op(xb, yb, a, b, _ot_checks.positive(eps, "eps"), COSTS[cost],
                              _ot_checks.positive(tol, "tol"), _ot_checks.max_iter(max_iter))
     return value if batched else value[0]
-
 
 
 def __getattr__(name: str):
