@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .._adapter_args import DROPOUT_STREAM, keep_below as dropout_keep_below
-from .philox import philox_draw
+from .philox import SEED_ARGS, philox_draw
 
 # Widest bottleneck the kernels hold in registers: [rows, r] tiles of pre-activations.
 MAX_RANK = 256
@@ -76,12 +76,7 @@ def _dropout(v, rows, cols, D, seed_lo, seed_hi, stream, keep_below, inv_keep):
     return tl.where(word.to(tl.int64) < keep_below, v * inv_keep, 0.0)
 
 
-# Integer arguments equal to 1 are specialized into constants, on which .to() does not compile:
-# the seed words and the stream take any value.
-_SEED_ARGS = ["seed_lo", "seed_hi", "stream"]
-
-
-@triton.jit(do_not_specialize=_SEED_ARGS)
+@triton.jit(do_not_specialize=SEED_ARGS)
 def _fwd_kernel(x, sx, res, sres, out, sout, a_out, mean_out, rstd_out, wdp, wu, bu, lw, lb, scale, colsum, bias_a,
                 N, D, E, R, eps, seed_lo, seed_hi, stream, keep_below, inv_keep,
                 LN: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, DROPOUT: tl.constexpr,
@@ -142,7 +137,7 @@ def _fwd_kernel(x, sx, res, sres, out, sout, a_out, mean_out, rstd_out, wdp, wu,
         tl.store(out + rows64[:, None] * sout + k[None, :], (base + u).to(out.dtype.element_ty), mask=m2)
 
 
-@triton.jit(do_not_specialize=_SEED_ARGS)
+@triton.jit(do_not_specialize=SEED_ARGS)
 def _bwd_rows_kernel(g, sg, x, sx, dx, sdx, add, sadd, a_in, ga_out, mean_in, rstd_in, wdp, wu, lw, scale, colsum,
                      bias_a, N, D, E, R, seed_lo, seed_hi, stream, keep_below, inv_keep,
                      LN: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, DROPOUT: tl.constexpr,
@@ -206,7 +201,7 @@ def _bwd_rows_kernel(g, sg, x, sx, dx, sdx, add, sadd, a_in, ga_out, mean_in, rs
             tl.store(dx + rows64[:, None] * sdx + k[None, :], gh.to(dx.dtype.element_ty), mask=m2)
 
 
-@triton.jit(do_not_specialize=_SEED_ARGS)
+@triton.jit(do_not_specialize=SEED_ARGS)
 def _bwd_cols_kernel(g, sg, x, sx, a_in, ga_in, mean_in, rstd_in, wd, lw, lb, p_uz, p_gu, p_wd, p_lw, p_lb,
                      N, D, E, R, rows_per, seed_lo, seed_hi, stream, keep_below, inv_keep,
                      LN: tl.constexpr, ACT: tl.constexpr, MODE: tl.constexpr, DROPOUT: tl.constexpr,

@@ -15,14 +15,12 @@ import triton.language as tl
 from .. import _checks, _topk
 from ..merging import _accumulation_dtype, _dare_args, _majority
 from .._selection import _at, _della_dim, _della_keep_probability
-from .philox import philox_draw
+from .philox import SEED_ARGS, philox_draw
 
 _MODES = {"merge": 0, "signs": 1, "l1": 2}
 
 
-# Integer arguments equal to 1 are specialized into constants, on which .to() does not compile:
-# the seed words and the stream take any value.
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "stream"])
+@triton.jit(do_not_specialize=SEED_ARGS)
 def _merge_kernel(first, offsets, strides, weights, den_weights, consts, out, out_stride, counters, partials, T, cols,
                   zero_up, seed_lo, seed_hi, stream, keep_below, rescale, index_offset, trims, keep_p, p_stride,
                   ELECT: tl.constexpr, COUNT: tl.constexpr, WBEFORE: tl.constexpr, DARE: tl.constexpr,

@@ -3,6 +3,11 @@ dropout); python/transferops/_philox.py and csrc/common/philox.h compute the sam
 import triton
 import triton.language as tl
 
+# The draws' integer arguments, for @triton.jit(do_not_specialize=...) of a kernel that takes
+# them: Triton specializes an integer argument equal to 1 into a constant, on which .to() does
+# not compile, and the seed words and the stream take any value.
+SEED_ARGS = ["seed_lo", "seed_hi", "stream"]
+
 
 @triton.jit
 def philox_draw(lo, hi, c2, c3, k0, k1):
